@@ -1,0 +1,147 @@
+"""Validate raw CSR parts and bring them to canonical form.
+
+Canonical means: indices sorted within each row, duplicates summed, explicit zeros dropped
+(unless asked to keep them), ``indptr`` int64 and ``indices`` in the store's index dtype.
+Every writer goes through :func:`canonical_block`, so every store is canonical.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import DTypeError, InvalidInputError, ShapeMismatchError
+from .layout import check_dim, check_value_dtype, index_dtype
+
+# scipy's compiled kernels do not cover float16; canonicalise in float32 and cast back.
+_SCIPY_UPCAST = {np.dtype(np.float16): np.dtype(np.float32)}
+
+
+def _as_int_array(a: Any, name: str) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.ndim != 1:
+        raise InvalidInputError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)):
+            raise InvalidInputError(f"{name} contains NaN or inf; it must hold integers")
+        if not np.array_equal(arr, np.floor(arr)):
+            raise InvalidInputError(f"{name} contains non-integer values")
+        arr = arr.astype(np.int64)
+    elif arr.dtype.kind == "b" or arr.dtype.kind not in "iu":
+        raise InvalidInputError(f"{name} must hold integers, got dtype {arr.dtype}")
+    return arr
+
+
+def check_parts(
+    data: Any, indices: Any, indptr: Any, n_cols: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Check CSR parts for structural validity; return them as numpy arrays.
+
+    Raises :class:`InvalidInputError` naming the first fault found.
+    """
+    n_cols = check_dim(n_cols, "n_cols")
+    indptr = _as_int_array(indptr, "indptr")
+    indices = _as_int_array(indices, "indices")
+    data = np.asarray(data)
+    if data.ndim != 1:
+        raise InvalidInputError(f"data must be 1-D, got shape {data.shape}")
+    check_value_dtype(data.dtype)
+    if indptr.size == 0:
+        raise InvalidInputError("indptr is empty; it needs n_rows + 1 entries starting at 0")
+    if indptr[0] != 0:
+        raise InvalidInputError(f"indptr must start at 0, starts at {indptr[0]}")
+    if indptr.size > 1 and np.any(np.diff(indptr) < 0):
+        bad = int(np.flatnonzero(np.diff(indptr) < 0)[0])
+        raise InvalidInputError(
+            f"indptr is not monotone: indptr[{bad + 1}]={indptr[bad + 1]} < "
+            f"indptr[{bad}]={indptr[bad]}"
+        )
+    if int(indptr[-1]) != indices.size or indices.size != data.size:
+        raise InvalidInputError(
+            f"indptr[-1]={int(indptr[-1])}, len(indices)={indices.size} and "
+            f"len(data)={data.size} must all be equal"
+        )
+    if indices.size:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0:
+            raise InvalidInputError(f"column index {lo} is negative")
+        if hi >= n_cols:
+            raise InvalidInputError(
+                f"column index {hi} is out of range for a matrix with {n_cols} columns"
+            )
+    return data, indices, indptr
+
+
+def canonical_parts(
+    data: np.ndarray,
+    indices: np.ndarray,
+    indptr: np.ndarray,
+    n_cols: int,
+    *,
+    keep_zeros: bool = False,
+    dtype: np.dtype | None = None,
+    copy: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Canonicalise checked CSR parts; never mutates the caller's arrays when ``copy``."""
+    out_dtype = np.dtype(dtype) if dtype is not None else data.dtype
+    work_dtype = _SCIPY_UPCAST.get(out_dtype, out_dtype)
+    n_rows = indptr.size - 1
+    # scipy works in place on its arrays: hand it copies so user input stays untouched.
+    m = sp.csr_matrix(
+        (
+            data.astype(work_dtype, copy=copy),
+            indices.astype(np.int64 if indices.dtype.itemsize > 4 else np.int32, copy=copy),
+            indptr.astype(np.int64, copy=copy),
+        ),
+        shape=(n_rows, n_cols),
+    )
+    if not m.has_canonical_format:
+        m.sum_duplicates()
+    if not keep_zeros:
+        m.eliminate_zeros()
+    ind = m.indices.astype(index_dtype(n_cols), copy=False)
+    ptr = m.indptr.astype(np.int64, copy=False)
+    vals = m.data.astype(out_dtype, copy=False)
+    return vals, ind, ptr
+
+
+def to_csr(X: Any) -> sp.csr_matrix:
+    """Any 2-D scipy sparse or array-like as a scipy CSR (no canonicalisation)."""
+    if sp.issparse(X):
+        if X.ndim != 2:
+            raise InvalidInputError(f"expected a 2-D matrix, got {X.ndim}-D")
+        return X.tocsr() if X.format != "csr" else X
+    arr = np.asarray(X)
+    if arr.ndim != 2:
+        raise InvalidInputError(f"expected a 2-D matrix, got an array of shape {arr.shape}")
+    check_value_dtype(arr.dtype)
+    return sp.csr_matrix(arr)
+
+
+def canonical_block(
+    X: Any,
+    n_cols: int | None = None,
+    *,
+    keep_zeros: bool = False,
+    dtype: np.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Turn one row block (scipy sparse, dense array) into canonical CSR parts."""
+    if not sp.issparse(X):
+        arr = np.asarray(X)
+        if arr.ndim != 2:
+            raise InvalidInputError(f"expected a 2-D matrix, got an array of shape {arr.shape}")
+        if arr.dtype.kind not in "biuf":
+            raise DTypeError(
+                f"dtype {arr.dtype} cannot be stored: only bool, integer and floating point "
+                "values are supported"
+            )
+    m = to_csr(X)
+    if n_cols is not None and m.shape[1] != n_cols:
+        raise ShapeMismatchError(
+            f"block has {m.shape[1]} columns but the store has {n_cols}; every block must "
+            "have the same number of columns"
+        )
+    data, indices, indptr = check_parts(m.data, m.indices, m.indptr, m.shape[1])
+    return canonical_parts(data, indices, indptr, m.shape[1], keep_zeros=keep_zeros, dtype=dtype)

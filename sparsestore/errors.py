@@ -1,0 +1,90 @@
+"""Exceptions raised by sparsestore.
+
+Every error the library raises on purpose is a :class:`SparseStoreError`, and also
+subclasses the builtin a caller would naturally catch (``ValueError``, ``KeyError``...),
+so ``except ValueError`` keeps working.  Messages name the problem and the fix.
+"""
+
+from __future__ import annotations
+
+
+class SparseStoreError(Exception):
+    """Base class of every error sparsestore raises deliberately."""
+
+
+class InvalidInputError(SparseStoreError, ValueError):
+    """Input data is malformed: wrong rank, bad indptr, out-of-range indices, NaN..."""
+
+
+class DTypeError(SparseStoreError, TypeError):
+    """A dtype cannot be stored (object, string, complex) or does not match the store."""
+
+
+class ShapeMismatchError(InvalidInputError):
+    """Shapes disagree: labels vs rows, appended columns vs the store's columns."""
+
+
+class StoreExistsError(SparseStoreError, FileExistsError):
+    """Refusing to overwrite an existing path without ``overwrite=True``."""
+
+
+class StoreNotFoundError(SparseStoreError, FileNotFoundError):
+    """No store (or no readable source file) at the given path."""
+
+
+class NotAStoreError(SparseStoreError, ValueError):
+    """The path holds something that is not a sparsestore / anndata CSR group."""
+
+
+class ReadOnlyError(SparseStoreError, PermissionError):
+    """A write was attempted on a store opened with ``mode="r"``."""
+
+
+class CorruptStoreError(SparseStoreError, ValueError):
+    """The store's structure is inconsistent (indptr, shape, labels, metadata)."""
+
+
+class ChecksumError(CorruptStoreError):
+    """A chunk's CRC32C does not match its bytes: the chunk is damaged on disk."""
+
+
+class OutOfRangeError(SparseStoreError, IndexError):
+    """A row or column index is outside the matrix."""
+
+
+class LabelError(SparseStoreError, KeyError):
+    """A label name is unknown, duplicated or otherwise unusable."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class LockError(SparseStoreError, RuntimeError):
+    """Another writer holds the store's write lock."""
+
+
+class UnsafeInputError(InvalidInputError):
+    """Input refused for safety: pickled objects, decompression bombs, absurd sizes."""
+
+
+class FormatError(InvalidInputError):
+    """A source file is corrupt, truncated or not in the format its name claims."""
+
+
+__all__ = [
+    "SparseStoreError",
+    "InvalidInputError",
+    "DTypeError",
+    "ShapeMismatchError",
+    "StoreExistsError",
+    "StoreNotFoundError",
+    "NotAStoreError",
+    "ReadOnlyError",
+    "CorruptStoreError",
+    "ChecksumError",
+    "OutOfRangeError",
+    "LabelError",
+    "LockError",
+    "UnsafeInputError",
+    "FormatError",
+]

@@ -1,0 +1,167 @@
+"""On-disk encoding: anndata's ``csr_matrix`` group, codecs, dtypes and chunk sizing.
+
+One place decides how a store looks on disk, so the writer, the reader and the validator
+cannot disagree.  The root group carries anndata's attrs (``encoding-type``,
+``encoding-version``, ``shape``) and our own bookkeeping under ``attrs["sparsestore"]``;
+``shape[0]`` is the commit point of every append.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from .errors import DTypeError, InvalidInputError, UnsafeInputError
+
+CSR_ENCODING = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
+DENSE_ENCODING = {"encoding-type": "array", "encoding-version": "0.2.0"}
+META_KEY = "sparsestore"
+FORMAT_VERSION = 1
+LABELS_GROUP = "labels"
+DENSE_ARRAY = "X"
+
+# Largest dimension we accept: far beyond any real matrix, far below int64 overflow in
+# indptr arithmetic.  ``2**62`` rows is refused as absurd rather than attempted.
+MAX_DIM = 2**48
+
+Compressor = Literal["lz4", "zstd", "blosclz", "zlib", "lz4hc", "none"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How arrays are chunked and compressed.
+
+    ``chunk_bytes`` sizes the nnz-axis chunks of ``data``/``indices`` (a few MB
+    uncompressed streams well: big enough to amortise decode calls, small enough to
+    shuffle at fine grain).  ``shard_bytes`` turns on zarr's sharding codec so a store on
+    object storage is a few large objects rather than many small ones.
+    """
+
+    compressor: Compressor = "lz4"
+    clevel: int = 5
+    shuffle: Literal["shuffle", "bitshuffle", "noshuffle"] = "shuffle"
+    chunk_bytes: int = 4 * 2**20
+    indptr_chunk: int = 2**18
+    dense_chunk_bytes: int = 4 * 2**20
+    shard_bytes: int | None = None
+    checksum: bool = True
+
+    def __post_init__(self) -> None:
+        if self.compressor not in ("lz4", "zstd", "blosclz", "zlib", "lz4hc", "none"):
+            raise InvalidInputError(
+                f"unknown compressor {self.compressor!r}; use one of lz4, zstd, blosclz, "
+                "zlib, lz4hc or none"
+            )
+        if not 0 <= self.clevel <= 9:
+            raise InvalidInputError(f"clevel must be in 0..9, got {self.clevel}")
+        if self.chunk_bytes < 1024 or self.indptr_chunk < 1 or self.dense_chunk_bytes < 1024:
+            raise InvalidInputError("chunk sizes must be positive (chunk_bytes >= 1 KiB)")
+        if self.shard_bytes is not None and self.shard_bytes < self.chunk_bytes:
+            raise InvalidInputError("shard_bytes must be at least chunk_bytes")
+
+    @classmethod
+    def from_options(cls, **options: Any) -> Layout:
+        """Build a layout from keyword options, naming any unknown one."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InvalidInputError(
+                f"unknown layout option(s) {unknown}; known options are {sorted(known)}"
+            )
+        return cls(**options)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def codecs(self) -> list[Any]:
+        """The bytes-to-bytes codecs of every array: Blosc, then a CRC32C over its output."""
+        out: list[Any] = []
+        if self.compressor != "none":
+            out.append(BloscCodec(cname=self.compressor, clevel=self.clevel, shuffle=self.shuffle))
+        if self.checksum:
+            out.append(Crc32cCodec())
+        return out
+
+    def nnz_chunk(self, itemsize: int) -> int:
+        """Elements per chunk of a 1-D nnz-axis array of this item size."""
+        return max(1024, self.chunk_bytes // max(1, itemsize))
+
+    def nnz_shard(self, itemsize: int) -> int | None:
+        if self.shard_bytes is None:
+            return None
+        chunk = self.nnz_chunk(itemsize)
+        return max(chunk, (self.shard_bytes // max(1, itemsize)) // chunk * chunk)
+
+    def dense_row_chunk(self, row_bytes: int) -> int:
+        return max(1, self.dense_chunk_bytes // max(1, row_bytes))
+
+
+@dataclass
+class Meta:
+    """Our bookkeeping in ``attrs["sparsestore"]`` (written with the commit)."""
+
+    format: Literal["csr", "dense"] = "csr"
+    format_version: int = FORMAT_VERSION
+    labels: list[str] = field(default_factory=list)
+    layout: dict[str, Any] = field(default_factory=dict)
+    # Rows in the store when the last append committed; equals shape[0].  Kept here as a
+    # cross-check so a hand-edited shape is caught by validation.
+    committed_nnz: int = 0
+    keep_zeros: bool = False
+    # False while a remote save is in progress (remote stores cannot be renamed into place).
+    complete: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Meta:
+        if not isinstance(obj, dict):
+            return cls()
+        known = {k: v for k, v in obj.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+# ---------------------------------------------------------------- dtypes
+
+def check_value_dtype(dtype: Any) -> np.dtype:
+    """Return ``dtype`` as numpy dtype if it is storable (real numeric or bool), else raise."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise DTypeError(f"cannot interpret {dtype!r} as a numpy dtype") from exc
+    if dt.kind not in "biuf" or dt.hasobject or dt.fields is not None:
+        raise DTypeError(
+            f"dtype {dt} cannot be stored: only bool, integer and floating point values are "
+            "supported; convert with X.astype(np.float32) (or encode strings as integer codes)"
+        )
+    if dt.kind == "f" and dt.itemsize > 8:
+        raise DTypeError(f"dtype {dt} (extended precision) is not portable; use float64")
+    return dt.newbyteorder("=") if dt.byteorder not in ("=", "|") else dt
+
+
+def check_label_dtype(dtype: Any, name: str) -> np.dtype:
+    try:
+        return check_value_dtype(dtype)
+    except DTypeError as exc:
+        raise DTypeError(f"label {name!r}: {exc}") from None
+
+
+def index_dtype(n_cols: int) -> np.dtype:
+    """int32 column indices while they fit, int64 beyond."""
+    return np.dtype(np.int32) if n_cols < 2**31 else np.dtype(np.int64)
+
+
+def check_dim(value: Any, what: str) -> int:
+    """Validate one dimension: a non-negative integer below :data:`MAX_DIM`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InvalidInputError(f"{what} must be an integer, got {value!r}")
+    value = int(value)
+    if value < 0:
+        raise InvalidInputError(f"{what} must be non-negative, got {value}")
+    if value > MAX_DIM:
+        raise UnsafeInputError(f"{what}={value} is absurdly large (limit {MAX_DIM})")
+    return value

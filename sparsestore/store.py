@@ -1,0 +1,838 @@
+"""SparseStore: a CSR (or dense) matrix in a zarr group, opened like an array.
+
+Write path: every writer (``save``, ``append``, ``convert``) streams row blocks through
+:meth:`SparseStore._append_blocks`, which writes ``data``/``indices``, then ``indptr`` and
+labels, and commits by rewriting the group attrs (``shape``) last, in one atomic metadata
+write.  Anything beyond the committed ``shape[0]`` rows is invisible to readers and is
+truncated by the next writer, so a crash never exposes or loses a committed row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from . import storage
+from .canonical import canonical_block
+from .chunks import ChunkCache, read_ranges, read_slice
+from .errors import (
+    CorruptStoreError,
+    DTypeError,
+    InvalidInputError,
+    LabelError,
+    NotAStoreError,
+    ReadOnlyError,
+    ShapeMismatchError,
+)
+from .indexing import normalize_rows, split_key
+from .labels import LabelArray, Labels
+from .layout import (
+    CSR_ENCODING,
+    DENSE_ARRAY,
+    DENSE_ENCODING,
+    LABELS_GROUP,
+    META_KEY,
+    Layout,
+    Meta,
+    check_dim,
+    check_label_dtype,
+    check_value_dtype,
+    index_dtype,
+)
+
+# (values, indices, local indptr) for CSR stores, or a dense ndarray; plus label rows.
+Parts = tuple[np.ndarray, np.ndarray, np.ndarray] | np.ndarray
+LabelBlock = Mapping[str, np.ndarray] | None
+
+
+class SparseStore:
+    """A matrix on disk: ``store[a:b]`` gives scipy CSR (numpy for dense stores).
+
+    Open with :func:`sparsestore.open`; build with :func:`sparsestore.save`,
+    :func:`sparsestore.create` or :func:`sparsestore.convert`.  The object sees the rows
+    committed when it was opened (a consistent snapshot); :meth:`refresh` looks again.
+    """
+
+    def __init__(
+        self,
+        group: Any,
+        *,
+        path: str,
+        mode: str = "r",
+        storage_options: dict[str, Any] | None = None,
+        lock: storage.WriteLock | None = None,
+    ) -> None:
+        self._group = group
+        self.path = path
+        self.mode = mode
+        self.storage_options = storage_options
+        self._lock = lock
+        self._load()
+
+    # ------------------------------------------------------------------ state
+    def _load(self) -> None:
+        g = self._group
+        attrs = dict(g.attrs)
+        meta = Meta.from_json(attrs.get(META_KEY))
+        enc = attrs.get("encoding-type")
+        if enc == "anndata" and "X" in g:
+            # An AnnData root: serve its X matrix (read-only; obs columns via convert).
+            self._group = g = g["X"]
+            attrs = dict(g.attrs)
+            meta = Meta.from_json(attrs.get(META_KEY))
+            enc = attrs.get("encoding-type")
+        if enc == "csr_matrix":
+            meta.format = "csr"
+        elif meta.format == "dense" and META_KEY in attrs:
+            pass
+        elif enc is not None:
+            raise NotAStoreError(
+                f"{self.path} holds an anndata {enc!r} element, not a CSR matrix; convert it "
+                "with sparsestore.convert(src, dst)"
+            )
+        else:
+            raise NotAStoreError(
+                f"{self.path} is a zarr group without a csr_matrix encoding; it is not a "
+                "sparsestore store"
+            )
+        self._meta = meta
+        shape = attrs.get("shape")
+        if not (isinstance(shape, (list, tuple)) and len(shape) == 2):
+            raise CorruptStoreError(f"{self.path}: attrs['shape'] must be [n_rows, n_cols], got {shape!r}")
+        try:
+            n_rows, n_cols = check_dim(shape[0], "n_rows"), check_dim(shape[1], "n_cols")
+        except InvalidInputError as exc:
+            raise CorruptStoreError(f"{self.path}: bad attrs['shape']: {exc}") from None
+        self._shape = (n_rows, n_cols)
+        self.layout = Layout.from_options(**meta.layout) if meta.layout else None
+        if meta.format == "csr":
+            for name in ("data", "indices", "indptr"):
+                if name not in g:
+                    raise CorruptStoreError(f"{self.path}: CSR group has no {name!r} array")
+            self._data, self._indices, self._indptr = g["data"], g["indices"], g["indptr"]
+            if self._indptr.shape[0] < n_rows + 1:
+                raise CorruptStoreError(
+                    f"{self.path}: indptr has {self._indptr.shape[0]} entries but shape says "
+                    f"{n_rows} rows (needs {n_rows + 1})"
+                )
+            end = read_slice(self._indptr, n_rows, n_rows + 1, name="indptr")
+            self._nnz = int(end[0])
+            if not 0 <= self._nnz <= min(self._data.shape[0], self._indices.shape[0]):
+                raise CorruptStoreError(
+                    f"{self.path}: indptr[-1]={self._nnz} but data holds "
+                    f"{self._data.shape[0]} and indices {self._indices.shape[0]} values"
+                )
+            self._dtype = np.dtype(self._data.dtype)
+        else:
+            if DENSE_ARRAY not in g:
+                raise CorruptStoreError(f"{self.path}: dense store has no {DENSE_ARRAY!r} array")
+            self._X = g[DENSE_ARRAY]
+            if self._X.ndim != 2 or self._X.shape[0] < n_rows or self._X.shape[1] != n_cols:
+                raise CorruptStoreError(f"{self.path}: X has shape {self._X.shape}, attrs say {shape}")
+            self._nnz = n_rows * n_cols
+            self._dtype = np.dtype(self._X.dtype)
+        arrays: dict[str, LabelArray] = {}
+        if meta.labels:
+            if LABELS_GROUP not in g:
+                raise CorruptStoreError(f"{self.path}: labels {meta.labels} listed but no labels group")
+            lg = g[LABELS_GROUP]
+            for name in meta.labels:
+                if name not in lg:
+                    raise CorruptStoreError(f"{self.path}: label {name!r} is listed but missing")
+                arr = lg[name]
+                if arr.shape[0] < n_rows:
+                    raise CorruptStoreError(
+                        f"{self.path}: label {name!r} has {arr.shape[0]} rows, store has {n_rows}"
+                    )
+                arrays[name] = LabelArray(arr, name, n_rows)
+        self._labels = Labels(arrays)
+
+    def refresh(self) -> SparseStore:
+        """Re-read the committed state (see rows appended by another process)."""
+        if self.mode == "r":
+            self._group = storage.open_group(
+                self.path, mode="r", storage_options=self.storage_options
+            )
+        self._load()
+        return self
+
+    # ----------------------------------------------------------- properties
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
+    @property
+    def n_rows(self) -> int:
+        return self._shape[0]
+
+    @property
+    def n_cols(self) -> int:
+        return self._shape[1]
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries (``n_rows * n_cols`` for a dense store)."""
+        return self._nnz
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def format(self) -> str:
+        """``"csr"`` or ``"dense"``."""
+        return self._meta.format
+
+    @property
+    def is_dense(self) -> bool:
+        return self._meta.format == "dense"
+
+    @property
+    def labels(self) -> Labels:
+        return self._labels
+
+    @property
+    def group(self) -> Any:
+        """The underlying zarr group (for advanced use; do not write to it directly)."""
+        return self._group
+
+    @property
+    def arrays(self) -> dict[str, Any]:
+        """The zarr arrays holding the matrix: data/indices/indptr, or X."""
+        if self.is_dense:
+            return {DENSE_ARRAY: self._X}
+        return {"data": self._data, "indices": self._indices, "indptr": self._indptr}
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def __len__(self) -> int:
+        return self._shape[0]
+
+    # -------------------------------------------------------------- reading
+    def indptr(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """``indptr[start:stop+1]`` as int64: the row pointers of rows ``[start, stop)``."""
+        stop = self.n_rows if stop is None else stop
+        if self.is_dense:
+            return np.arange(start, stop + 1, dtype=np.int64) * self.n_cols
+        return read_slice(self._indptr, start, stop + 1, name="indptr").astype(np.int64, copy=False)
+
+    def read_parts(
+        self, start: int, stop: int, caches: tuple[ChunkCache, ChunkCache] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Compact CSR parts ``(values, indices, local indptr)`` of rows ``[start, stop)``.
+
+        ``caches`` (one :class:`ChunkCache` for data, one for indices) lets a sequential
+        reader decode chunks shared by neighbouring blocks only once.
+        """
+        ptr = self.indptr(start, stop)
+        lo, hi = int(ptr[0]), int(ptr[-1])
+        if caches is None:
+            vals = read_slice(self._data, lo, hi, name="data")
+            ind = read_slice(self._indices, lo, hi, name="indices")
+        else:
+            vals = caches[0].read(lo, hi, self._nnz)
+            ind = caches[1].read(lo, hi, self._nnz)
+        return vals, ind, ptr - lo
+
+    def read_dense(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of a dense store."""
+        return read_slice(self._X, start, stop, name=DENSE_ARRAY)
+
+    def _rows_contiguous(self, start: int, stop: int) -> Any:
+        if self.is_dense:
+            return self.read_dense(start, stop)
+        vals, ind, ptr = self.read_parts(start, stop)
+        return sp.csr_matrix((vals, ind, ptr), shape=(stop - start, self.n_cols))
+
+    def take_parts(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Compact CSR parts of sorted, unique, validated ``rows`` (each chunk decoded once)."""
+        pos = np.union1d(rows, rows + 1)
+        ptr_vals = read_ranges(self._indptr, pos, pos + 1, name="indptr").astype(np.int64)
+        lo = ptr_vals[np.searchsorted(pos, rows)]
+        hi = ptr_vals[np.searchsorted(pos, rows + 1)]
+        vals = read_ranges(self._data, lo, hi, name="data")
+        ind = read_ranges(self._indices, lo, hi, name="indices")
+        ptr = np.zeros(rows.size + 1, dtype=np.int64)
+        np.cumsum(hi - lo, out=ptr[1:])
+        return vals, ind, ptr
+
+    def _rows_take(self, rows: np.ndarray) -> Any:
+        if rows.size == 0:
+            return self._rows_contiguous(0, 0)
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        if self.is_dense:
+            block = np.asarray(self._X.get_orthogonal_selection((uniq, slice(None))))
+        else:
+            vals, ind, ptr = self.take_parts(uniq)
+            block = sp.csr_matrix((vals, ind, ptr), shape=(uniq.size, self.n_cols))
+        if uniq.size == rows.size and np.array_equal(uniq, rows):
+            return block
+        return block[inverse]
+
+    def __getitem__(self, key: Any) -> Any:
+        rows, cols = split_key(key)
+        sel = normalize_rows(rows, self.n_rows)
+        if isinstance(sel, (int, np.integer)):
+            out = self._rows_contiguous(int(sel), int(sel) + 1)
+        elif isinstance(sel, slice):
+            start, stop, step = sel.indices(self.n_rows)
+            if step == 1:
+                out = self._rows_contiguous(start, max(start, stop))
+            else:
+                out = self._rows_take(np.arange(start, stop, step, dtype=np.int64))
+        else:
+            out = self._rows_take(sel)
+        if cols is not None:
+            out = self._select_cols(out, cols)
+        return out
+
+    def _select_cols(self, block: Any, cols: Any) -> Any:
+        csel = normalize_rows(cols, self.n_cols)
+        if isinstance(csel, (int, np.integer)):
+            csel = np.array([int(csel)])
+        if self.is_dense:
+            return block[:, csel]
+        out = sp.csr_matrix(block[:, csel])
+        out.sort_indices()
+        return out
+
+    def to_scipy(self) -> sp.csr_matrix:
+        """The whole matrix in memory (only for matrices that fit)."""
+        return self[:]
+
+    def __iter__(self) -> Iterator[Any]:
+        raise TypeError(
+            "iterating a store row by row is slow; use store[a:b] or sparsestore.DataLoader"
+        )
+
+    def to_dask(self, chunk_rows: int | None = None) -> Any:
+        """A lazy dask array of row blocks (scipy CSR chunks); see :mod:`sparsestore.dask`."""
+        from .dask import to_dask
+
+        return to_dask(self, chunk_rows=chunk_rows)
+
+    # ---------------------------------------------------------------- info
+    def info(self) -> dict[str, Any]:
+        """Shape, nnz, density, dtype, chunking, stored and raw bytes, compression ratio."""
+        n, m = self.shape
+        stored = 0
+        raw = 0
+        chunks: dict[str, Any] = {}
+        for name, arr in self.arrays.items():
+            stored += _nbytes_stored(arr)
+            chunks[name] = list(arr.chunks)
+        if self.is_dense:
+            raw += n * m * self.dtype.itemsize
+        else:
+            raw += self.nnz * (self.dtype.itemsize + np.dtype(self._indices.dtype).itemsize)
+            raw += (n + 1) * np.dtype(self._indptr.dtype).itemsize
+        labels = {}
+        for name, lab in self.labels.items():
+            stored += _nbytes_stored(lab._arr)
+            raw += int(np.prod(lab.shape)) * lab.dtype.itemsize
+            labels[name] = {"dtype": str(lab.dtype), "shape": list(lab.shape)}
+        cells = n * m
+        return {
+            "path": self.path,
+            "format": self.format,
+            "shape": [n, m],
+            "nnz": self.nnz,
+            "density": (self.nnz / cells) if cells else 0.0,
+            "dtype": str(self.dtype),
+            "chunks": chunks,
+            "layout": self._meta.layout,
+            "bytes_stored": stored,
+            "bytes_uncompressed": raw,
+            "compression_ratio": (raw / stored) if stored else float("nan"),
+            "labels": labels,
+        }
+
+    def __repr__(self) -> str:
+        n, m = self.shape
+        cells = n * m
+        dens = f"{self.nnz / cells:.3g}" if cells else "0"
+        labs = f", labels={list(self.labels)}" if len(self.labels) else ""
+        kind = "dense" if self.is_dense else f"nnz={self.nnz}, density={dens}"
+        return (
+            f"<SparseStore {self.path!r} shape={n}x{m} {kind}, dtype={self.dtype}{labs}, "
+            f"mode={self.mode!r}>"
+        )
+
+    # --------------------------------------------------------------- writing
+    def _check_writable(self) -> None:
+        if self.mode == "r":
+            raise ReadOnlyError(
+                f"{self.path} is open read-only; open it with sparsestore.open(path, mode='r+') "
+                "to append"
+            )
+
+    def append(self, X: Any, labels: Mapping[str, Any] | None = None) -> SparseStore:
+        """Append rows (any scipy sparse or 2-D array) and their labels, atomically.
+
+        Either every row lands (and is visible after the call), or none does.
+        """
+        self._check_writable()
+        from .ingest import matrix_shape, row_blocks
+
+        n_new, n_cols = matrix_shape(X)
+        if n_cols != self.n_cols:
+            raise ShapeMismatchError(
+                f"cannot append a block with {n_cols} columns to a store with {self.n_cols}"
+            )
+        src = getattr(X, "dtype", None)
+        if src is None:
+            src = np.asarray(X).dtype
+        self._check_append_dtype(np.dtype(src))
+        full_labels = self._check_labels(labels, n_new, creating=self.n_rows == 0)
+        self._append_blocks(
+            (block, _slice_labels(full_labels, a, b)) for a, b, block in row_blocks(X)
+        )
+        return self
+
+    def _check_append_dtype(self, src: np.dtype) -> None:
+        check_value_dtype(src)
+        if not np.can_cast(src, self.dtype, casting="safe"):
+            raise DTypeError(
+                f"cannot append {src} values to a {self.dtype} store without losing "
+                f"information; convert first with X.astype(np.{self.dtype.name})"
+            )
+
+    def _check_labels(
+        self, labels: Mapping[str, Any] | None, n_new: int, *, creating: bool
+    ) -> dict[str, np.ndarray]:
+        known = list(self.labels)
+        if labels is None:
+            if known:
+                raise LabelError(
+                    f"this store has labels {known}; pass labels={{name: array}} for the new rows"
+                )
+            return {}
+        if not isinstance(labels, Mapping):
+            raise LabelError("labels must be a mapping of name -> array with one entry per row")
+        out: dict[str, np.ndarray] = {}
+        for name, value in labels.items():
+            _check_label_name(name)
+            arr = value if hasattr(value, "shape") and hasattr(value, "dtype") else np.asarray(value)
+            if arr.ndim == 0 or arr.shape[0] != n_new:
+                raise ShapeMismatchError(
+                    f"label {name!r} has {0 if arr.ndim == 0 else arr.shape[0]} entries but there "
+                    f"are {n_new} rows; labels need one entry per row"
+                )
+            check_label_dtype(arr.dtype, name)
+            if name in self.labels:
+                have = self.labels[name]
+                if tuple(arr.shape[1:]) != tuple(have.shape[1:]):
+                    raise ShapeMismatchError(
+                        f"label {name!r} rows have shape {arr.shape[1:]}, the store's have "
+                        f"{have.shape[1:]}"
+                    )
+                if not np.can_cast(arr.dtype, have.dtype, casting="safe"):
+                    raise DTypeError(
+                        f"label {name!r}: cannot store {arr.dtype} in a {have.dtype} label "
+                        "without losing information"
+                    )
+            out[name] = arr
+        if known and set(out) != set(known):
+            raise LabelError(
+                f"labels must match the store's labels {sorted(known)} exactly; got {sorted(out)}"
+            )
+        if not known and out and not creating:
+            raise LabelError(
+                "this store has rows but no labels; labels can only be defined on an empty store"
+            )
+        return out
+
+    def _ensure_label_arrays(self, first: LabelBlock) -> None:
+        if not first or len(self.labels):
+            return
+        layout = self.layout or Layout()
+        lg = self._group.require_group(LABELS_GROUP)
+        for name, arr in first.items():
+            dt = np.dtype(arr.dtype)
+            tail = tuple(int(s) for s in arr.shape[1:])
+            row_bytes = max(1, int(np.prod(tail)) * dt.itemsize)
+            lg.create_array(
+                name,
+                shape=(0, *tail),
+                dtype=dt,
+                chunks=(layout.dense_row_chunk(row_bytes), *tail) if tail else
+                (max(1024, layout.chunk_bytes // dt.itemsize),),
+                compressors=layout.codecs(),
+                fill_value=0,
+            )
+        # Labels become visible only with the commit (attrs), like rows.
+        self._pending_labels = list(first)
+        self._labels = Labels({n: LabelArray(lg[n], n, 0) for n in first})
+
+    def _label_arrays(self) -> dict[str, Any]:
+        return {name: lab._arr for name, lab in self.labels.items()}
+
+    def _append_blocks(self, blocks: Iterable[tuple[Any, LabelBlock]], progress: Any = None) -> None:
+        """Write row blocks, then commit them all at once; roll back on any error."""
+        self._check_writable()
+        n0, nnz0 = self.n_rows, self.nnz
+        n, nnz = n0, nnz0
+        meta_labels = list(self._meta.labels)
+        self._pending_labels = meta_labels
+        try:
+            for block, labs in blocks:
+                if labs and not len(self.labels):
+                    self._ensure_label_arrays(labs)
+                if self.is_dense:
+                    arr = _dense_block(block, self.n_cols, self.dtype)
+                    m = arr.shape[0]
+                    if m:
+                        self._X.resize((n + m, self.n_cols))
+                        self._X[n : n + m] = arr
+                    k = m * self.n_cols
+                else:
+                    vals, ind, ptr = canonical_block(
+                        block, self.n_cols, dtype=self.dtype, keep_zeros=self._meta.keep_zeros
+                    )
+                    m, k = ptr.size - 1, vals.size
+                    if k:
+                        self._data.resize((nnz + k,))
+                        self._indices.resize((nnz + k,))
+                        self._data[nnz : nnz + k] = vals
+                        self._indices[nnz : nnz + k] = ind
+                    if m:
+                        self._indptr.resize((n + m + 1,))
+                        self._indptr[n + 1 : n + m + 1] = ptr[1:] + nnz
+                for name, arr in self._label_arrays().items():
+                    lab = np.asarray(labs[name]) if labs else None
+                    if lab is None or lab.shape[0] != m:
+                        raise ShapeMismatchError(f"label {name!r} block does not match its rows")
+                    if m:
+                        arr.resize((n + m, *arr.shape[1:]))
+                        arr[n : n + m] = lab
+                n, nnz = n + m, nnz + k
+                if progress is not None:
+                    progress.update(m)
+            self._commit(n, nnz, self._pending_labels)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._truncate(n0, nnz0)
+                self._load()
+            raise
+
+    def _commit(self, n_rows: int, nnz: int, labels: list[str], *, complete: bool = True) -> None:
+        meta = Meta.from_json(self._meta.to_json())
+        meta.labels = list(labels)
+        meta.committed_nnz = nnz if not self.is_dense else 0
+        meta.complete = complete
+        attrs = {"shape": [n_rows, self.n_cols], META_KEY: meta.to_json()}
+        self._group.attrs.update(attrs)
+        self._load()
+
+    def _truncate(self, n_rows: int, nnz: int) -> None:
+        """Drop anything written past the committed rows (after a failure or a crash)."""
+        if self.is_dense:
+            if self._X.shape[0] != n_rows:
+                self._X.resize((n_rows, self.n_cols))
+        else:
+            for arr in (self._data, self._indices):
+                if arr.shape[0] != nnz:
+                    arr.resize((nnz,))
+            if self._indptr.shape[0] != n_rows + 1:
+                self._indptr.resize((n_rows + 1,))
+        if LABELS_GROUP in self._group:
+            lg = self._group[LABELS_GROUP]
+            for name, arr in lg.arrays():
+                if name not in self._meta.labels:
+                    with contextlib.suppress(Exception):
+                        del lg[name]
+                elif arr.shape[0] != n_rows:
+                    arr.resize((n_rows, *arr.shape[1:]))
+
+    # --------------------------------------------------------------- closing
+    def close(self) -> None:
+        """Release the write lock (a no-op for read-only stores)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> SparseStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Pickle by reference: workers reopen the store from its path (read-only).
+        return (open, (self.path, "r", self.storage_options))
+
+
+# ------------------------------------------------------------------ helpers
+
+def _nbytes_stored(arr: Any) -> int:
+    try:
+        return int(arr.nbytes_stored())
+    except Exception:  # pragma: no cover - stores that cannot list
+        return 0
+
+
+def _check_label_name(name: Any) -> None:
+    if not isinstance(name, str) or not name or "/" in name or name.startswith((".", "__")):
+        raise LabelError(
+            f"label name {name!r} is not usable; use a non-empty string without '/' that does "
+            "not start with '.' or '__'"
+        )
+
+
+def _slice_labels(labels: dict[str, Any], a: int, b: int) -> dict[str, np.ndarray] | None:
+    if not labels:
+        return None
+    return {k: np.asarray(v[a:b]) for k, v in labels.items()}
+
+
+def _dense_block(block: Any, n_cols: int, dtype: np.dtype) -> np.ndarray:
+    arr = block.toarray() if sp.issparse(block) else np.asarray(block)
+    if arr.ndim != 2 or arr.shape[1] != n_cols:
+        raise ShapeMismatchError(f"block has shape {arr.shape}; the store has {n_cols} columns")
+    if not np.can_cast(arr.dtype, dtype, casting="safe"):
+        raise DTypeError(f"cannot store {arr.dtype} values in a {dtype} store without loss")
+    return arr.astype(dtype, copy=False)
+
+
+def _init_group(
+    where: str,
+    *,
+    n_cols: int,
+    dtype: np.dtype,
+    layout: Layout,
+    sparse: bool,
+    keep_zeros: bool,
+    complete: bool,
+    storage_options: dict[str, Any] | None,
+) -> Any:
+    import zarr
+
+    zstore = storage.zarr_store(where, read_only=False, storage_options=storage_options)
+    g = zarr.open_group(store=zstore, mode="w", zarr_format=3)
+    codecs = layout.codecs()
+    meta = Meta(
+        format="csr" if sparse else "dense",
+        layout=layout.to_json(),
+        keep_zeros=keep_zeros,
+        complete=complete,
+    )
+    if sparse:
+        idt = index_dtype(n_cols)
+        for name, dt in (("data", dtype), ("indices", idt)):
+            g.create_array(
+                name,
+                shape=(0,),
+                dtype=dt,
+                chunks=(layout.nnz_chunk(dt.itemsize),),
+                shards=(layout.nnz_shard(dt.itemsize),) if layout.shard_bytes else None,
+                compressors=codecs,
+                fill_value=0,
+            )
+        ip = g.create_array(
+            "indptr",
+            shape=(1,),
+            dtype=np.int64,
+            chunks=(layout.indptr_chunk,),
+            compressors=codecs,
+            fill_value=0,
+        )
+        ip[:] = np.zeros(1, dtype=np.int64)
+        attrs = {**CSR_ENCODING, "shape": [0, n_cols], META_KEY: meta.to_json()}
+    else:
+        rows = layout.dense_row_chunk(max(1, n_cols) * dtype.itemsize)
+        x = g.create_array(
+            DENSE_ARRAY,
+            shape=(0, n_cols),
+            dtype=dtype,
+            chunks=(rows, max(1, n_cols)),
+            compressors=codecs,
+            fill_value=0,
+        )
+        x.attrs.update(DENSE_ENCODING)
+        attrs = {"shape": [0, n_cols], META_KEY: meta.to_json()}
+    g.attrs.update(attrs)
+    return g
+
+
+# ------------------------------------------------------------------ public API
+
+def open(
+    path: str | os.PathLike[str],
+    mode: str = "r",
+    storage_options: dict[str, Any] | None = None,
+) -> SparseStore:
+    """Open a store: ``mode="r"`` read-only, ``"r+"`` to append (takes the write lock).
+
+    Reads stores written by sparsestore and CSR groups written by anndata (zarr v2 or v3).
+    """
+    if mode not in ("r", "r+"):
+        raise InvalidInputError(f"mode must be 'r' or 'r+', got {mode!r}")
+    p = storage.normalize(path)
+    if not storage.exists(p, storage_options):
+        raise_missing(p)
+    if not storage.is_remote(p) and not os.path.isdir(p):
+        raise NotAStoreError(f"{p} is a file, not a store directory; to import it use sparsestore.convert")
+    try:
+        group = storage.open_group(p, mode=mode, storage_options=storage_options)
+    except (NotAStoreError, CorruptStoreError):
+        raise
+    except Exception as exc:
+        raise NotAStoreError(f"{p} is not a zarr group ({type(exc).__name__}: {exc})") from exc
+    lock = storage.WriteLock(p).acquire() if mode == "r+" else None
+    try:
+        store = SparseStore(group, path=p, mode=mode, storage_options=storage_options, lock=lock)
+        if not store._meta.complete:
+            raise CorruptStoreError(
+                f"{p} is an incomplete store (its save was interrupted); delete it and save again"
+            )
+        if mode == "r+":
+            store._truncate(store.n_rows, store.nnz)
+        return store
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def raise_missing(path: str) -> None:
+    from .errors import StoreNotFoundError
+
+    raise StoreNotFoundError(f"no store at {path}; check the path or create one with sparsestore.save")
+
+
+def create(
+    path: str | os.PathLike[str],
+    n_cols: int,
+    dtype: Any = np.float32,
+    *,
+    sparse: bool = True,
+    keep_zeros: bool = False,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    **layout_options: Any,
+) -> SparseStore:
+    """Create an empty (0-row) store and open it for appending (``mode="r+"``)."""
+    layout = Layout.from_options(**layout_options)
+    n_cols = check_dim(n_cols, "n_cols")
+    dt = check_value_dtype(dtype)
+    p = storage.normalize(path)
+    with storage.staged(p, overwrite=overwrite, storage_options=storage_options) as where:
+        _init_group(where, n_cols=n_cols, dtype=dt, layout=layout, sparse=sparse,
+                    keep_zeros=keep_zeros, complete=True, storage_options=storage_options)
+    return open(p, mode="r+", storage_options=storage_options)
+
+
+def write_blocks(
+    path: str | os.PathLike[str],
+    blocks: Iterable[tuple[Any, LabelBlock]],
+    *,
+    n_cols: int,
+    dtype: Any,
+    sparse: bool = True,
+    keep_zeros: bool = False,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    progress: Any = None,
+    **layout_options: Any,
+) -> SparseStore:
+    """Build a new store from an iterable of ``(row block, labels block)``, atomically.
+
+    The one write path for :func:`save` and every ingest source: nothing appears at
+    ``path`` unless every block was written.
+    """
+    layout = Layout.from_options(**layout_options)
+    n_cols = check_dim(n_cols, "n_cols")
+    dt = check_value_dtype(dtype)
+    p = storage.normalize(path)
+    remote = storage.is_remote(p)
+    with storage.staged(p, overwrite=overwrite, storage_options=storage_options) as where:
+        # Remote stores are written in place: mark them incomplete until the one commit
+        # at the end of _append_blocks, so an interrupted save never opens as a store.
+        g = _init_group(where, n_cols=n_cols, dtype=dt, layout=layout, sparse=sparse,
+                        keep_zeros=keep_zeros, complete=not remote,
+                        storage_options=storage_options)
+        st = SparseStore(g, path=where, mode="r+", storage_options=storage_options)
+        st._append_blocks(blocks, progress=progress)
+    return open(p, mode="r", storage_options=storage_options)
+
+
+def save(
+    path: str | os.PathLike[str],
+    X: Any,
+    labels: Mapping[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+    sparse: bool = True,
+    keep_zeros: bool = False,
+    dtype: Any = None,
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = False,
+    **layout_options: Any,
+) -> SparseStore:
+    """Write ``X`` (any scipy sparse matrix/array, 2-D ndarray or memmap) as a new store.
+
+    Input is streamed in row blocks: a memmap bigger than memory is never loaded whole.
+    ``sparse=False`` keeps a dense matrix dense (slices give numpy).  Returns the store
+    opened read-only.
+    """
+    from .ingest import matrix_shape, row_blocks
+
+    if isinstance(X, SparseStore):
+        raise InvalidInputError("X is already a store; use sparsestore.convert to copy it")
+    n_rows, n_cols = matrix_shape(X)
+    check_dim(n_rows, "n_rows")
+    src_dtype = getattr(X, "dtype", None)
+    if src_dtype is None:
+        src_dtype = np.asarray(X).dtype
+    dt = check_value_dtype(dtype if dtype is not None else src_dtype)
+    labs = _check_full_labels(labels, n_rows)
+    bar = _progress(progress, n_rows, "save")
+    try:
+        return write_blocks(
+            path,
+            ((block, _slice_labels(labs, a, b)) for a, b, block in row_blocks(X)),
+            n_cols=n_cols, dtype=dt, sparse=sparse, keep_zeros=keep_zeros,
+            overwrite=overwrite, storage_options=storage_options, progress=bar,
+            **layout_options,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _check_full_labels(labels: Mapping[str, Any] | None, n_rows: int) -> dict[str, Any]:
+    if labels is None:
+        return {}
+    if not isinstance(labels, Mapping):
+        raise LabelError("labels must be a mapping of name -> array with one entry per row")
+    out = {}
+    for name, value in labels.items():
+        _check_label_name(name)
+        arr = value if hasattr(value, "shape") and hasattr(value, "dtype") else np.asarray(value)
+        if arr.ndim == 0 or arr.shape[0] != n_rows:
+            raise ShapeMismatchError(
+                f"label {name!r} has {0 if arr.ndim == 0 else arr.shape[0]} entries but the "
+                f"matrix has {n_rows} rows; labels need one entry per row"
+            )
+        check_label_dtype(arr.dtype, name)
+        out[name] = arr
+    return out
+
+
+def _progress(progress: Any, total: int, desc: str) -> Any:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="rows", disable=None)
