@@ -137,6 +137,9 @@ def canonical_block(
                 f"dtype {arr.dtype} cannot be stored: only bool, integer and floating point "
                 "values are supported"
             )
+        if arr.dtype in _SCIPY_UPCAST:  # scipy cannot even build a float16 matrix
+            arr = arr.astype(dtype if dtype is not None else _SCIPY_UPCAST[arr.dtype])
+        X = arr
     m = to_csr(X)
     if n_cols is not None and m.shape[1] != n_cols:
         raise ShapeMismatchError(

@@ -96,4 +96,5 @@ class Labels(Mapping[str, LabelArray]):
         return len(self._arrays)
 
     def __repr__(self) -> str:
-        return f"Labels({', '.join(f'{k}: {v.dtype}{list(v.shape)}' for k, v in self._arrays.items())})"
+        inner = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in self._arrays.items())
+        return f"Labels({inner})"

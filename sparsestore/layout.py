@@ -143,6 +143,21 @@ def check_value_dtype(dtype: Any) -> np.dtype:
     return dt.newbyteorder("=") if dt.byteorder not in ("=", "|") else dt
 
 
+def check_matrix_dtype(dtype: Any, *, sparse: bool) -> np.dtype:
+    """The dtype of a new store's values; float16 only for dense stores.
+
+    scipy.sparse has no float16 kernels, so a sparse float16 store could not hand back
+    the scipy CSR matrices it promises.
+    """
+    dt = check_value_dtype(dtype)
+    if sparse and dt == np.float16:
+        raise DTypeError(
+            "float16 is not supported by scipy.sparse; store sparse values as float32 "
+            "(X.astype(np.float32)), or save a dense matrix with sparse=False"
+        )
+    return dt
+
+
 def check_label_dtype(dtype: Any, name: str) -> np.dtype:
     try:
         return check_value_dtype(dtype)

@@ -49,7 +49,9 @@ def normalize(path: str | os.PathLike[str]) -> str:
 def zarr_store(path: str, *, read_only: bool, storage_options: dict[str, Any] | None = None):
     """The zarr store object for a normalised path or URL."""
     if is_remote(path):
-        return FsspecStore.from_url(path, storage_options=storage_options or {}, read_only=read_only)
+        return FsspecStore.from_url(
+            path, storage_options=storage_options or {}, read_only=read_only
+        )
     return LocalStore(path, read_only=read_only)
 
 

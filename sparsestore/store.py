@@ -41,6 +41,7 @@ from .layout import (
     Meta,
     check_dim,
     check_label_dtype,
+    check_matrix_dtype,
     check_value_dtype,
     index_dtype,
 )
@@ -103,7 +104,9 @@ class SparseStore:
         self._meta = meta
         shape = attrs.get("shape")
         if not (isinstance(shape, (list, tuple)) and len(shape) == 2):
-            raise CorruptStoreError(f"{self.path}: attrs['shape'] must be [n_rows, n_cols], got {shape!r}")
+            raise CorruptStoreError(
+                f"{self.path}: attrs['shape'] must be [n_rows, n_cols], got {shape!r}"
+            )
         try:
             n_rows, n_cols = check_dim(shape[0], "n_rows"), check_dim(shape[1], "n_cols")
         except InvalidInputError as exc:
@@ -133,13 +136,17 @@ class SparseStore:
                 raise CorruptStoreError(f"{self.path}: dense store has no {DENSE_ARRAY!r} array")
             self._X = g[DENSE_ARRAY]
             if self._X.ndim != 2 or self._X.shape[0] < n_rows or self._X.shape[1] != n_cols:
-                raise CorruptStoreError(f"{self.path}: X has shape {self._X.shape}, attrs say {shape}")
+                raise CorruptStoreError(
+                    f"{self.path}: X has shape {self._X.shape}, attrs say {shape}"
+                )
             self._nnz = n_rows * n_cols
             self._dtype = np.dtype(self._X.dtype)
         arrays: dict[str, LabelArray] = {}
         if meta.labels:
             if LABELS_GROUP not in g:
-                raise CorruptStoreError(f"{self.path}: labels {meta.labels} listed but no labels group")
+                raise CorruptStoreError(
+                    f"{self.path}: labels {meta.labels} listed but no labels group"
+                )
             lg = g[LABELS_GROUP]
             for name in meta.labels:
                 if name not in lg:
@@ -419,7 +426,7 @@ class SparseStore:
         out: dict[str, np.ndarray] = {}
         for name, value in labels.items():
             _check_label_name(name)
-            arr = value if hasattr(value, "shape") and hasattr(value, "dtype") else np.asarray(value)
+            arr = _as_label_array(value)
             if arr.ndim == 0 or arr.shape[0] != n_new:
                 raise ShapeMismatchError(
                     f"label {name!r} has {0 if arr.ndim == 0 else arr.shape[0]} entries but there "
@@ -474,7 +481,9 @@ class SparseStore:
     def _label_arrays(self) -> dict[str, Any]:
         return {name: lab._arr for name, lab in self.labels.items()}
 
-    def _append_blocks(self, blocks: Iterable[tuple[Any, LabelBlock]], progress: Any = None) -> None:
+    def _append_blocks(
+        self, blocks: Iterable[tuple[Any, LabelBlock]], progress: Any = None
+    ) -> None:
         """Write row blocks, then commit them all at once; roll back on any error."""
         self._check_writable()
         n0, nnz0 = self.n_rows, self.nnz
@@ -590,6 +599,11 @@ def _check_label_name(name: Any) -> None:
         )
 
 
+def _as_label_array(value: Any) -> Any:
+    """Keep array-likes with shape/dtype (memmaps, zarr, h5py) lazy; coerce the rest."""
+    return value if hasattr(value, "shape") and hasattr(value, "dtype") else np.asarray(value)
+
+
 def _slice_labels(labels: dict[str, Any], a: int, b: int) -> dict[str, np.ndarray] | None:
     if not labels:
         return None
@@ -682,7 +696,9 @@ def open(
     if not storage.exists(p, storage_options):
         raise_missing(p)
     if not storage.is_remote(p) and not os.path.isdir(p):
-        raise NotAStoreError(f"{p} is a file, not a store directory; to import it use sparsestore.convert")
+        raise NotAStoreError(
+            f"{p} is a file, not a store directory; to import it use sparsestore.convert"
+        )
     try:
         group = storage.open_group(p, mode=mode, storage_options=storage_options)
     except (NotAStoreError, CorruptStoreError):
@@ -708,7 +724,9 @@ def open(
 def raise_missing(path: str) -> None:
     from .errors import StoreNotFoundError
 
-    raise StoreNotFoundError(f"no store at {path}; check the path or create one with sparsestore.save")
+    raise StoreNotFoundError(
+        f"no store at {path}; check the path or create one with sparsestore.save"
+    )
 
 
 def create(
@@ -725,7 +743,7 @@ def create(
     """Create an empty (0-row) store and open it for appending (``mode="r+"``)."""
     layout = Layout.from_options(**layout_options)
     n_cols = check_dim(n_cols, "n_cols")
-    dt = check_value_dtype(dtype)
+    dt = check_matrix_dtype(dtype, sparse=sparse)
     p = storage.normalize(path)
     with storage.staged(p, overwrite=overwrite, storage_options=storage_options) as where:
         _init_group(where, n_cols=n_cols, dtype=dt, layout=layout, sparse=sparse,
@@ -753,7 +771,7 @@ def write_blocks(
     """
     layout = Layout.from_options(**layout_options)
     n_cols = check_dim(n_cols, "n_cols")
-    dt = check_value_dtype(dtype)
+    dt = check_matrix_dtype(dtype, sparse=sparse)
     p = storage.normalize(path)
     remote = storage.is_remote(p)
     with storage.staged(p, overwrite=overwrite, storage_options=storage_options) as where:
@@ -795,7 +813,7 @@ def save(
     src_dtype = getattr(X, "dtype", None)
     if src_dtype is None:
         src_dtype = np.asarray(X).dtype
-    dt = check_value_dtype(dtype if dtype is not None else src_dtype)
+    dt = check_matrix_dtype(dtype if dtype is not None else src_dtype, sparse=sparse)
     labs = _check_full_labels(labels, n_rows)
     bar = _progress(progress, n_rows, "save")
     try:
@@ -819,7 +837,7 @@ def _check_full_labels(labels: Mapping[str, Any] | None, n_rows: int) -> dict[st
     out = {}
     for name, value in labels.items():
         _check_label_name(name)
-        arr = value if hasattr(value, "shape") and hasattr(value, "dtype") else np.asarray(value)
+        arr = _as_label_array(value)
         if arr.ndim == 0 or arr.shape[0] != n_rows:
             raise ShapeMismatchError(
                 f"label {name!r} has {0 if arr.ndim == 0 else arr.shape[0]} entries but the "

@@ -19,7 +19,9 @@ from .scipy import scipy_row_blocks
 Block = tuple[int, int, Any]  # (first row, stop row, scipy CSR or dense ndarray)
 
 
-def row_blocks(X: Any, *, target_nnz: int = 8 * 2**20, target_bytes: int = 64 * 2**20) -> Iterator[Block]:
+def row_blocks(
+    X: Any, *, target_nnz: int = 8 * 2**20, target_bytes: int = 64 * 2**20
+) -> Iterator[Block]:
     """Row blocks of an in-memory matrix: scipy sparse (any format), ndarray or memmap."""
     if sp.issparse(X):
         return scipy_row_blocks(X, target_nnz=target_nnz)

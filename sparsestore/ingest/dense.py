@@ -10,7 +10,9 @@ import numpy as np
 from ..errors import InvalidInputError
 
 
-def dense_row_blocks(X: Any, *, target_bytes: int = 64 * 2**20) -> Iterator[tuple[int, int, np.ndarray]]:
+def dense_row_blocks(
+    X: Any, *, target_bytes: int = 64 * 2**20
+) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield ``(a, b, np.asarray(X[a:b]))`` with about ``target_bytes`` per block."""
     shape = getattr(X, "shape", None)
     if shape is None:

@@ -10,7 +10,9 @@ import scipy.sparse as sp
 from ..errors import InvalidInputError
 
 
-def scipy_row_blocks(X: sp.spmatrix | sp.sparray, *, target_nnz: int = 8 * 2**20) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+def scipy_row_blocks(
+    X: sp.spmatrix | sp.sparray, *, target_nnz: int = 8 * 2**20
+) -> Iterator[tuple[int, int, sp.csr_matrix]]:
     """Yield ``(a, b, X[a:b] as CSR)`` with roughly ``target_nnz`` stored entries each.
 
     CSR input is sliced directly.  COO and CSC are reordered by row once (a stable argsort
@@ -23,7 +25,7 @@ def scipy_row_blocks(X: sp.spmatrix | sp.sparray, *, target_nnz: int = 8 * 2**20
     if X.format == "csr":
         indptr = np.asarray(X.indptr, dtype=np.int64)
         bounds = _bounds(indptr, n_rows, target_nnz)
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             yield int(a), int(b), sp.csr_matrix(X[a:b])
         return
     coo = X.tocoo()
@@ -33,7 +35,7 @@ def scipy_row_blocks(X: sp.spmatrix | sp.sparray, *, target_nnz: int = 8 * 2**20
     starts = np.searchsorted(rows_sorted, np.arange(n_rows + 1), side="left").astype(np.int64)
     bounds = _bounds(starts, n_rows, target_nnz)
     cols, data = np.asarray(coo.col), np.asarray(coo.data)
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         s, e = starts[a], starts[b]
         sel = order[s:e]
         block = sp.coo_matrix(
