@@ -1,0 +1,543 @@
+"""DataLoader: epochs of batches streamed from a store, framework-agnostic.
+
+The loader asks :mod:`sparsestore.sampler` which row blocks this rank reads and in which
+order, lets :mod:`sparsestore.reader` decode them in background threads, and cuts batches
+out of the decoded units with numpy slicing.  A backend (:mod:`sparsestore.backends`)
+turns each compact :class:`Batch` into what the framework wants: scipy CSR for ``numpy``,
+``tf.sparse.SparseTensor`` for the TensorFlow adapter.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .backends import Backend, get_backend
+from .chunks import read_slice
+from .errors import InvalidInputError, LabelError
+from .indexing import normalize_rows
+from .reader import BlockReader, ColumnSelection, ScratchPool
+from .sampler import (
+    DEFAULT_MAX_BLOCK_ROWS,
+    BlockSampler,
+    bounds_from_indptr,
+    explicit_unit,
+    fixed_bounds,
+    num_batches,
+)
+from .store import SparseStore
+from .store import open as open_store
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """A backend-agnostic compact batch: CSR parts (or a dense block), labels and row ids."""
+
+    values: np.ndarray | None  # (nnz,) in the store's dtype; None for dense stores
+    indices: np.ndarray | None  # (nnz,) column ids, sorted and unique within each row
+    row_splits: np.ndarray | None  # (n_rows + 1,) int64, starts at 0
+    dense: np.ndarray | None  # (n_rows, n_cols) for dense stores, else None
+    labels: tuple[np.ndarray, ...]  # one array per requested label, aligned with the rows
+    rows: np.ndarray  # int64 global row ids, in batch order
+    n_cols: int  # columns after any column subset
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.rows.size)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.dense.size if self.dense is not None else self.values.size)
+
+    def to_scipy(self) -> sp.csr_matrix:
+        """The batch as a scipy CSR matrix (canonical)."""
+        if self.dense is not None:
+            return sp.csr_matrix(self.dense)
+        out = sp.csr_matrix(
+            (self.values, self.indices, self.row_splits), shape=(self.n_rows, self.n_cols)
+        )
+        out.has_canonical_format = True
+        return out
+
+    def slice(self, start: int, stop: int) -> Batch:
+        """Rows ``[start, stop)`` of this batch (views, no copy of values)."""
+        labels = tuple(lab[start:stop] for lab in self.labels)
+        rows = self.rows[start:stop]
+        if self.dense is not None:
+            return Batch(None, None, None, self.dense[start:stop], labels, rows, self.n_cols)
+        p0, p1 = int(self.row_splits[start]), int(self.row_splits[stop])
+        return Batch(
+            self.values[p0:p1], self.indices[p0:p1], self.row_splits[start : stop + 1] - p0,
+            None, labels, rows, self.n_cols,
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[Batch]) -> Batch:
+        """Rows of several batches, one after the other."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        labels = tuple(
+            np.concatenate([p.labels[i] for p in parts]) for i in range(len(first.labels))
+        )
+        rows = np.concatenate([p.rows for p in parts])
+        if first.dense is not None:
+            dense = np.concatenate([p.dense for p in parts])
+            return Batch(None, None, None, dense, labels, rows, first.n_cols)
+        splits = [np.zeros(1, np.int64)]
+        off = 0
+        for p in parts:
+            splits.append(p.row_splits[1:] + off)
+            off += int(p.row_splits[-1])
+        return Batch(
+            np.concatenate([p.values for p in parts]),
+            np.concatenate([p.indices for p in parts]),
+            np.concatenate(splits), None, labels, rows, first.n_cols,
+        )
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InvalidInputError(f"{name} must be an integer, got {value!r}")
+    if int(value) < minimum:
+        raise InvalidInputError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+class DataLoader:
+    """Batches of a store for training: shuffled by blocks, sharded by rank, resumable.
+
+    ``for batch in loader`` gives scipy CSR batches (``(X, labels...)`` when ``labels`` is
+    given; ndarrays for dense stores) through the ``backend``; :meth:`iter_batches` gives
+    the raw :class:`Batch` es adapters build on.  ``shuffle=True`` permutes row blocks and
+    then rows inside a buffer of ``shuffle_buffer_blocks`` blocks (see
+    :mod:`sparsestore.sampler` for the trade-off), reading each block whole.  ``rows``
+    restricts the loader to a subset of rows (index array or mask; visited in storage order
+    unless shuffled), ``columns`` to a subset of columns (slice, index array or mask;
+    batches hold only those, re-indexed).  ``sampler`` / ``batch_sampler`` take torch-style
+    iterables of row ids / lists of row ids instead and read them by random access.
+
+    A completed pass advances the epoch by one (so repeated passes reshuffle); call
+    :meth:`set_epoch` to choose it.  Ranks get disjoint, near-equal shares of the rows
+    (sizes differ by at most one row), so without ``drop_last`` their batch counts can
+    differ by one.
+    """
+
+    def __init__(
+        self,
+        store: SparseStore | str | os.PathLike[str],
+        batch_size: int = 1024,
+        shuffle: bool = False,
+        seed: int | None = None,
+        drop_last: bool = False,
+        labels: str | Sequence[str] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        sampler: Iterable[int] | None = None,
+        batch_sampler: Iterable[Sequence[int]] | None = None,
+        rows: Any = None,
+        columns: Any = None,
+        shuffle_buffer_blocks: int = 8,
+        block_rows: int | None = None,
+        block_chunks: int = 2,
+        num_workers: int = 2,
+        prefetch: int = 2,
+        backend: str | Backend = "numpy",
+    ) -> None:
+        if isinstance(store, (str, os.PathLike)):
+            store = open_store(store, mode="r")
+        if not isinstance(store, SparseStore):
+            raise InvalidInputError(
+                f"store must be a SparseStore or a path to one, got {type(store).__name__}"
+            )
+        self._store = store
+        self._batch_size = _check_int(batch_size, "batch_size", 1)
+        self._world_size = _check_int(world_size, "world_size", 1)
+        self._rank = _check_int(rank, "rank", 0)
+        if self._rank >= self._world_size:
+            raise InvalidInputError(
+                f"rank must be in [0, world_size={self._world_size}), got rank={rank}"
+            )
+        if not isinstance(shuffle, (bool, np.bool_)) or not isinstance(drop_last, (bool, np.bool_)):
+            raise InvalidInputError("shuffle and drop_last must be True or False")
+        self._shuffle, self._drop_last = bool(shuffle), bool(drop_last)
+        self._buffer_blocks = _check_int(shuffle_buffer_blocks, "shuffle_buffer_blocks", 1)
+        self._block_rows = None if block_rows is None else _check_int(block_rows, "block_rows", 1)
+        self._block_chunks = _check_int(block_chunks, "block_chunks", 1)
+        self._num_workers = _check_int(num_workers, "num_workers", 0)
+        self._prefetch = _check_int(prefetch, "prefetch", 1)
+        if sampler is not None and batch_sampler is not None:
+            raise InvalidInputError("pass sampler or batch_sampler, not both")
+        if (sampler is not None or batch_sampler is not None) and (shuffle or rows is not None):
+            raise InvalidInputError(
+                "sampler/batch_sampler decide the rows and their order: do not combine them "
+                "with shuffle=True or rows=; shuffle inside the sampler instead"
+            )
+        if batch_sampler is not None and drop_last:
+            raise InvalidInputError("drop_last has no effect with batch_sampler; leave it False")
+        self._sampler, self._batch_sampler = sampler, batch_sampler
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy) % 2**63 if shuffle else 0
+        self._seed = _check_int(seed, "seed", 0)
+        self._label_names = self._check_labels(labels)
+        self._rows = self._check_rows(rows)
+        self._columns = ColumnSelection.build(columns, store.n_cols)
+        self._backend = get_backend(backend)
+        n_total = store.n_rows if self._rows is None else int(self._rows.size)
+        r, w = self._rank, self._world_size
+        self._rank_rows = n_total * (r + 1) // w - n_total * r // w
+        self._bounds: list[np.ndarray] = []  # shared with with_shard() copies; filled lazily
+        self._block_sampler: BlockSampler | None = None
+        self._epoch = 0
+        self._consumed = 0
+        self._resume: int | None = None
+        self._last_reader: BlockReader | None = None
+        self._scratch = ScratchPool()
+        self._options = dict(
+            batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, labels=labels,
+            sampler=sampler, batch_sampler=batch_sampler, rows=rows, columns=columns,
+            shuffle_buffer_blocks=shuffle_buffer_blocks, block_rows=block_rows,
+            block_chunks=block_chunks, num_workers=num_workers, prefetch=prefetch,
+            backend=self._backend,
+        )
+
+    # ------------------------------------------------------------ validation
+    def _check_labels(self, labels: Any) -> tuple[str, ...]:
+        if labels is None:
+            return ()
+        names = (labels,) if isinstance(labels, str) else tuple(labels)
+        for name in names:
+            if not isinstance(name, str):
+                raise LabelError(f"label names must be strings, got {name!r}")
+            self._store.labels[name]  # raises LabelError naming the known labels
+        if len(set(names)) != len(names):
+            raise LabelError(f"labels lists a name twice: {list(names)}")
+        return names
+
+    def _check_rows(self, rows: Any) -> np.ndarray | None:
+        if rows is None:
+            return None
+        n = self._store.n_rows
+        sel = normalize_rows(rows, n)
+        if isinstance(sel, slice):
+            sel = np.arange(n, dtype=np.int64)[sel]
+        elif isinstance(sel, (int, np.integer)):
+            sel = np.array([int(sel)], dtype=np.int64)
+        uniq = np.unique(sel)
+        if uniq.size != sel.size:
+            raise InvalidInputError(
+                "rows contains duplicates; a row subset lists each row once (use sampler= to "
+                "repeat rows)"
+            )
+        return uniq
+
+    # ------------------------------------------------------------ properties
+    @property
+    def store(self) -> SparseStore:
+        return self._store
+
+    @property
+    def n_cols(self) -> int:
+        """Columns of the batches (after any column subset)."""
+        return self._store.n_cols if self._columns is None else self._columns.n_cols
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self._label_names
+
+    @property
+    def label_specs(self) -> tuple[tuple[str, np.dtype, tuple[int, ...]], ...]:
+        """``(name, dtype, per-row shape)`` of each requested label."""
+        out = []
+        for name in self._label_names:
+            lab = self._store.labels[name]
+            out.append((name, lab.dtype, tuple(int(s) for s in lab.shape[1:])))
+        return tuple(out)
+
+    @property
+    def is_dense(self) -> bool:
+        return self._store.is_dense
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._store.dtype
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def shuffle(self) -> bool:
+        return self._shuffle
+
+    @property
+    def drop_last(self) -> bool:
+        return self._drop_last
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def num_rows(self) -> int:
+        """Rows this rank yields per epoch (after ``drop_last``)."""
+        if self._is_explicit:
+            return self._explicit_num_rows()
+        if self._drop_last:
+            return len(self) * self._batch_size
+        return self._rank_rows
+
+    @property
+    def decoded_chunks(self) -> dict[str, int]:
+        """Storage chunks decoded by the latest pass, per array (empty before any pass)."""
+        return {} if self._last_reader is None else self._last_reader.decoded_chunks()
+
+    @property
+    def _is_explicit(self) -> bool:
+        return self._sampler is not None or self._batch_sampler is not None
+
+    # ------------------------------------------------------------ epochs
+    def __len__(self) -> int:
+        if self._is_explicit:
+            total = self._explicit_total_batches()
+            r, w = self._rank, self._world_size
+            return max(0, -(-(total - r) // w))
+        return num_batches(self._rank_rows, self._batch_size, self._drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch of the next pass (its shuffle order); forwards to samplers."""
+        epoch = _check_int(epoch, "epoch", 0)
+        if epoch != self._epoch:
+            self._resume = None
+        self._epoch = epoch
+        for s in (self._sampler, self._batch_sampler):
+            if s is not None and hasattr(s, "set_epoch"):
+                s.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the loader is: JSON-serialisable; :meth:`load_state_dict` resumes exactly."""
+        consumed = self._resume if self._resume is not None else self._consumed
+        return {
+            "version": STATE_VERSION,
+            "epoch": self._epoch,
+            "seed": self._seed,
+            "batches_consumed": int(consumed),
+            "batch_size": self._batch_size,
+            "shuffle": self._shuffle,
+            "drop_last": self._drop_last,
+            "rank": self._rank,
+            "world_size": self._world_size,
+            "num_rows": self._rank_rows if not self._is_explicit else None,
+            "batches_per_epoch": len(self),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the next pass yields exactly the remaining batches."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise InvalidInputError(
+                f"not a DataLoader state (expected a dict with version={STATE_VERSION})"
+            )
+        for key in ("batch_size", "shuffle", "drop_last", "world_size"):
+            if state.get(key) != getattr(self, f"_{key}"):
+                raise InvalidInputError(
+                    f"state was saved with {key}={state.get(key)!r} but this loader has "
+                    f"{key}={getattr(self, f'_{key}')!r}; build the loader with the same settings"
+                )
+        if not self._is_explicit and state.get("num_rows") != self._rank_rows:
+            raise InvalidInputError(
+                f"state was saved for {state.get('num_rows')} rows per rank, this loader has "
+                f"{self._rank_rows}: the store or the row subset changed"
+            )
+        epoch = _check_int(state.get("epoch"), "epoch", 0)
+        self._seed = _check_int(state.get("seed"), "seed", 0)
+        self._block_sampler = None  # re-plan with the restored seed
+        self.set_epoch(epoch)
+        self._resume = _check_int(state.get("batches_consumed"), "batches_consumed", 0)
+
+    def with_shard(self, rank: int, world_size: int) -> DataLoader:
+        """A loader with the same settings and seed reading another shard of the rows."""
+        other = DataLoader(self._store, seed=self._seed, rank=rank, world_size=world_size,
+                           **self._options)
+        other._bounds = self._bounds  # block boundaries do not depend on the shard
+        other._epoch = self._epoch
+        return other
+
+    # ------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[Any]:
+        it = self.iter_batches()
+        try:
+            for batch in it:
+                yield self._backend.convert(batch, self)
+        finally:
+            it.close()
+
+    def iter_batches(self) -> Iterator[Batch]:
+        """One pass (the rest of the epoch after :meth:`load_state_dict`) of raw batches."""
+        start = self._resume if self._resume is not None else 0
+        self._resume = None
+        epoch = self._epoch
+        self._consumed = start
+        reader = BlockReader(
+            self._store, label_names=self._label_names, columns=self._columns,
+            num_workers=self._num_workers, prefetch=self._prefetch,
+            piece_rows=None if self._is_explicit else self._batch_size, scratch=self._scratch,
+        )
+        self._last_reader = reader
+        gen = self._explicit_pass(reader, start) if self._is_explicit else \
+            self._block_pass(reader, epoch, start)
+        try:
+            for batch in gen:
+                self._consumed += 1
+                yield batch
+        finally:
+            gen.close()
+        self._epoch = epoch + 1
+        self._consumed = 0
+
+    def _sampler_for_blocks(self) -> BlockSampler:
+        if self._block_sampler is None:
+            if not self._bounds:
+                self._bounds.append(self._plan_bounds())
+            self._block_sampler = BlockSampler(
+                self._bounds[0], rows=self._rows, shuffle=self._shuffle, seed=self._seed,
+                buffer_blocks=self._buffer_blocks, rank=self._rank, world_size=self._world_size,
+            )
+        return self._block_sampler
+
+    def _plan_bounds(self) -> np.ndarray:
+        st = self._store
+        n = st.n_rows
+        if self._block_rows is not None:
+            return fixed_bounds(n, self._block_rows)
+        if st.is_dense:
+            return fixed_bounds(n, max(1, int(st.arrays["X"].chunks[0])))
+        ip = st.arrays["indptr"]
+        step = int(ip.chunks[0])
+        pieces = (
+            (p, read_slice(ip, p, min(p + step, n + 1), name="indptr"))
+            for p in range(0, n + 1, step)
+        )
+        target = int(st.arrays["data"].chunks[0]) * self._block_chunks
+        return bounds_from_indptr(pieces, n, target, DEFAULT_MAX_BLOCK_ROWS)
+
+    def _block_pass(self, reader: BlockReader, epoch: int, start: int) -> Iterator[Batch]:
+        bs, total = self._batch_size, len(self)
+        if start >= total:
+            return
+        plan = self._sampler_for_blocks().plan(epoch)
+        u0, off = plan.locate(start * bs)
+        emitted = start
+        carry: list[Batch] = []
+        carried = 0
+        stream = reader.stream(plan.units(u0))
+        try:
+            for pieces in stream:
+                for piece in pieces:
+                    n = piece.n_rows
+                    if off:  # resuming: skip whole pieces (the skip ends on the batch grid)
+                        off -= n
+                        continue
+                    if carried == 0 and n == bs:
+                        emitted += 1
+                        yield piece
+                    else:  # a piece at a unit boundary: pieces never straddle batches
+                        carry.append(piece)
+                        carried += n
+                        if carried == bs:
+                            emitted += 1
+                            yield Batch.concat(carry)
+                            carry, carried = [], 0
+                    if emitted >= total:
+                        return
+            if carried and emitted < total:
+                yield Batch.concat(carry)
+        finally:
+            stream.close()
+
+    # ------------------------------------------------------------ torch-style samplers
+    def _global_row_batches(self) -> Iterator[Any]:
+        if self._batch_sampler is not None:
+            yield from self._batch_sampler
+            return
+        it = iter(self._sampler)
+        while True:
+            chunk = list(islice(it, self._batch_size))
+            if not chunk or (self._drop_last and len(chunk) < self._batch_size):
+                return
+            yield chunk
+
+    def _rank_row_batches(self) -> Iterator[np.ndarray]:
+        r, w, n = self._rank, self._world_size, self._store.n_rows
+        for j, ids in enumerate(self._global_row_batches()):
+            if j % w != r:
+                continue
+            sel = normalize_rows(np.asarray(ids), n)
+            if isinstance(sel, slice):
+                sel = np.arange(n, dtype=np.int64)[sel]
+            yield np.atleast_1d(np.asarray(sel, dtype=np.int64))
+
+    def _explicit_pass(self, reader: BlockReader, start: int) -> Iterator[Batch]:
+        units = (explicit_unit(i, rows) for i, rows in
+                 enumerate(islice(self._rank_row_batches(), start, None)))
+        stream = reader.stream(units)
+        try:
+            for pieces in stream:
+                yield from pieces
+        finally:
+            stream.close()
+
+    def _explicit_total_batches(self) -> int:
+        src = self._batch_sampler if self._batch_sampler is not None else self._sampler
+        try:
+            n = len(src)  # type: ignore[arg-type]
+        except TypeError:
+            raise InvalidInputError(
+                "the sampler has no len(); give it __len__ to size the epoch"
+            ) from None
+        if self._batch_sampler is not None:
+            return n
+        return num_batches(n, self._batch_size, self._drop_last)
+
+    def _explicit_num_rows(self) -> int:
+        if self._batch_sampler is not None:
+            return sum(int(np.asarray(b).size) for b in self._rank_row_batches())
+        n, bs = len(self._sampler), self._batch_size  # type: ignore[arg-type]
+        total = self._explicit_total_batches()
+        mine = range(self._rank, total, self._world_size)
+        last = n - (total - 1) * bs if total else 0
+        return sum(bs if j < total - 1 else last for j in mine)
+
+    def __repr__(self) -> str:
+        return (
+            f"<DataLoader {self._store.path!r} batch_size={self._batch_size} "
+            f"shuffle={self._shuffle} rank={self._rank}/{self._world_size} "
+            f"epoch={self._epoch} batches={len(self)}>"
+        )
+
+
+__all__ = ["Batch", "DataLoader"]

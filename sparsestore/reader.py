@@ -1,0 +1,455 @@
+"""Decode row blocks once, in background threads, with bounded prefetch.
+
+The reader turns :class:`~sparsestore.sampler.UnitSpec` s into decoded, already ordered
+units (a :class:`~sparsestore.loader.Batch` holding all rows of the unit).  Every array
+(``data``, ``indices``, ``indptr``, labels) goes through one thread-safe
+:class:`SharedChunkCache` per pass: a chunk needed by two neighbouring units is decoded by
+whichever asks first while the other waits for it, so a sequential pass decodes every
+storage chunk exactly once even with several workers.  A shuffled pass reads blocks in
+random order; the chunk two neighbouring blocks share is then usually decoded twice (once
+per block), never more.  ``indptr`` and label chunks are small and cached up to a fixed
+byte budget, so they are decoded once per pass for stores whose row metadata fits in it.
+
+Memory is bounded by ``prefetch`` units in flight (plus the one being consumed), whatever
+the size of the matrix; threads are joined when iteration stops, however it stops.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+from zarr.core.buffer.cpu import NDBuffer
+
+from .chunks import ChunkCache, read_slice
+from .errors import InvalidInputError, OutOfRangeError
+from .sampler import UnitSpec
+
+if TYPE_CHECKING:
+    from .loader import Batch
+    from .store import SparseStore
+
+#: Byte budget of the ``indptr`` and of each label cache (row metadata, small per row).
+ROW_META_CACHE_BYTES = 64 * 2**20
+THREAD_PREFIX = "sparsestore-reader"
+
+
+class SharedChunkCache(ChunkCache):
+    """A :class:`ChunkCache` several threads can share; each chunk is decoded by one of them.
+
+    Concurrent requests for a chunk being decoded wait for that decode instead of
+    repeating it; the lock only guards the bookkeeping, decodes run in parallel.
+    """
+
+    def __init__(self, arr: Any, capacity: int = 4, name: str | None = None) -> None:
+        super().__init__(arr, capacity=capacity, name=name)
+        self._lock = threading.Lock()
+        self._inflight: dict[int, Future] = {}
+
+    def _get(self, k: int, limit: int) -> np.ndarray:
+        with self._lock:
+            hit = self._cache.get(k)
+            if hit is not None:
+                self._cache.move_to_end(k)
+                return hit
+            fut = self._inflight.get(k)
+            owner = fut is None
+            if owner:
+                fut = self._inflight[k] = Future()
+        if not owner:
+            return fut.result()
+        try:
+            lo = k * self.chunk
+            out = read_slice(self.arr, lo, min(lo + self.chunk, limit), name=self.name)
+        except BaseException as exc:
+            with self._lock:
+                del self._inflight[k]
+            fut.set_exception(exc)
+            raise
+        with self._lock:
+            self.decoded += 1
+            self._cache[k] = out
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+            del self._inflight[k]
+        fut.set_result(out)
+        return out
+
+    def read_parts(self, start: int, stop: int, limit: int) -> list[np.ndarray]:
+        """Elements ``[start, stop)`` as consecutive pieces (views of cached chunks + interior)."""
+        if stop <= start:
+            return []
+        c = self.chunk
+        k0, k1 = start // c, (stop - 1) // c
+        if k0 == k1:
+            return [self._get(k0, limit)[start - k0 * c : stop - k0 * c]]
+        parts = [self._get(k0, limit)[start - k0 * c :]]
+        if k1 > k0 + 1:
+            parts.append(read_slice(self.arr, (k0 + 1) * c, k1 * c, name=self.name))
+            with self._lock:
+                self.decoded += k1 - k0 - 1
+        parts.append(self._get(k1, limit)[: stop - k1 * c])
+        return parts
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Decode elements ``[start, stop)`` straight into ``out``, bypassing the cache.
+
+        One zarr call, so zarr decodes the chunks concurrently; for reads in random order
+        where neighbouring chunks are rarely needed again.
+        """
+        if stop <= start:
+            return
+        try:
+            self.arr.get_basic_selection(slice(start, stop), out=NDBuffer.from_numpy_array(out))
+        except ValueError:
+            read_slice(self.arr, start, stop, name=self.name)  # raises ChecksumError if damaged
+            raise
+        with self._lock:
+            self.decoded += (stop - 1) // self.chunk - start // self.chunk + 1
+
+    def read(self, start: int, stop: int, limit: int) -> np.ndarray:
+        """Elements ``[start, stop)``: boundary chunks via the cache, interior read directly."""
+        parts = self.read_parts(start, stop, limit)
+        if not parts:
+            return np.empty((0, *self.arr.shape[1:]), dtype=self.arr.dtype)
+        return _cat(parts)
+
+
+class ScratchPool:
+    """A few reusable buffers for the unit-sized concatenations of shuffled passes.
+
+    Allocating (and first touching) a fresh buffer of tens of MB per unit costs far more
+    than the copy into it; the pool keeps at most ``max_buffers`` for the next unit.
+    """
+
+    def __init__(self, max_buffers: int = 6) -> None:
+        self.max_buffers = max_buffers
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, dtype: Any, n: int) -> np.ndarray:
+        """A buffer view of ``n`` elements of ``dtype`` (contents undefined)."""
+        dtype = np.dtype(dtype)
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if buf.dtype == dtype and buf.size >= n:
+                    return self._free.pop(i)[:n]
+        return np.empty(max(n, 1), dtype=dtype)[:n]
+
+    def give(self, *bufs: np.ndarray) -> None:
+        """Return buffers from :meth:`take` once nothing refers to them any more."""
+        with self._lock:
+            for b in bufs:
+                self._free.append(b.base if b.base is not None else b)
+            self._free.sort(key=lambda b: b.nbytes, reverse=True)
+            del self._free[self.max_buffers :]
+
+
+# ------------------------------------------------------------------ columns
+
+@dataclass(frozen=True)
+class ColumnSelection:
+    """A validated column subset: ``keep`` (original ids, output order) and the inverse map."""
+
+    keep: np.ndarray
+    colmap: np.ndarray  # original column -> output column, -1 when dropped
+    monotone: bool  # output order follows original order (no re-sort needed)
+
+    @property
+    def n_cols(self) -> int:
+        return int(self.keep.size)
+
+    @classmethod
+    def build(cls, columns: Any, n_cols: int) -> ColumnSelection | None:
+        """From a slice, integer array or boolean mask; ``None`` means all columns."""
+        if columns is None:
+            return None
+        if isinstance(columns, slice):
+            keep = np.arange(n_cols, dtype=np.int64)[columns]
+        else:
+            arr = np.asarray(columns)
+            if arr.dtype == bool:
+                if arr.ndim != 1 or arr.shape[0] != n_cols:
+                    raise InvalidInputError(
+                        f"column mask has shape {arr.shape}; it must be 1-D of length {n_cols}"
+                    )
+                keep = np.flatnonzero(arr).astype(np.int64)
+            elif arr.size == 0:
+                keep = np.empty(0, np.int64)
+            elif arr.ndim != 1 or arr.dtype.kind not in "iu":
+                raise InvalidInputError(
+                    "columns must be a slice, a 1-D integer array or a boolean mask; got "
+                    f"{arr.dtype} array of shape {arr.shape}"
+                )
+            else:
+                keep = arr.astype(np.int64)
+                bad = (keep < -n_cols) | (keep >= n_cols)
+                if bad.any():
+                    raise OutOfRangeError(
+                        f"column {int(keep[bad][0])} is out of range for {n_cols} columns"
+                    )
+                keep = np.where(keep < 0, keep + n_cols, keep)
+        if np.unique(keep).size != keep.size:
+            raise InvalidInputError(
+                "columns contains duplicates; pass each column once (duplicate feature columns "
+                "would only repeat data)"
+            )
+        cdt = np.int32 if n_cols < 2**31 else np.int64
+        colmap = np.full(n_cols, -1, dtype=cdt)
+        colmap[keep] = np.arange(keep.size, dtype=cdt)
+        monotone = bool(keep.size < 2 or (np.diff(keep) > 0).all())
+        return cls(keep, colmap, monotone)
+
+    def apply_csr(
+        self, values: np.ndarray, indices: np.ndarray, ptr: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Keep only the selected columns, re-indexed and canonical within each row."""
+        mapped = self.colmap[indices]
+        keep = mapped >= 0
+        cs = np.zeros(keep.size + 1, dtype=np.int64)
+        np.cumsum(keep, out=cs[1:])
+        new_ptr = cs[ptr]
+        new_ind = mapped[keep].astype(indices.dtype, copy=False)
+        new_val = values[keep]
+        if not self.monotone and new_ind.size:
+            row = np.repeat(np.arange(ptr.size - 1, dtype=np.int64), np.diff(new_ptr))
+            order = np.lexsort((new_ind, row))
+            new_ind, new_val = new_ind[order], new_val[order]
+        return new_val, new_ind, new_ptr
+
+
+def gather_csr(
+    values: np.ndarray, indices: np.ndarray, ptr: np.ndarray, take: np.ndarray, n_cols: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``take`` (any order, repeats allowed) of a CSR.
+
+    scipy's compiled row indexing copies each row as one run: about 3x faster than a
+    numpy fancy-index gather of every value.
+    """
+    out = sp.csr_matrix((values, indices, ptr), shape=(ptr.size - 1, n_cols))[take]
+    return out.data, out.indices, out.indptr.astype(np.int64, copy=False)
+
+
+def _concat_ptr(ptrs: Sequence[np.ndarray]) -> np.ndarray:
+    if len(ptrs) == 1:
+        return ptrs[0]
+    out = [np.zeros(1, np.int64)]
+    off = 0
+    for p in ptrs:
+        out.append(p[1:] + off)
+        off += int(p[-1])
+    return np.concatenate(out)
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _cat_or_empty(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return _cat(parts) if parts else np.empty(0, dtype=dtype)
+
+
+# ------------------------------------------------------------------ reader
+
+class BlockReader:
+    """Decodes units of one pass; create one per pass (its caches count that pass)."""
+
+    def __init__(
+        self,
+        store: SparseStore,
+        *,
+        label_names: Sequence[str] = (),
+        columns: ColumnSelection | None = None,
+        num_workers: int = 2,
+        prefetch: int = 2,
+        piece_rows: int | None = None,
+        scratch: ScratchPool | None = None,
+    ) -> None:
+        self.store = store
+        self.piece_rows = piece_rows
+        self.scratch = scratch if scratch is not None else ScratchPool()
+        self.columns = columns
+        self.label_names = tuple(label_names)
+        self.num_workers = int(num_workers)
+        self.prefetch = max(1, int(prefetch))
+        self.n_cols = store.n_cols if columns is None else columns.n_cols
+        # Enough room that a chunk shared by two units in flight is still cached when the
+        # second one asks for it.
+        cap = 2 * (self.num_workers + self.prefetch) + 4
+        self.caches: dict[str, SharedChunkCache] = {}
+        if not store.is_dense:
+            arrs = store.arrays
+            self.caches["data"] = SharedChunkCache(arrs["data"], cap, "data")
+            self.caches["indices"] = SharedChunkCache(arrs["indices"], cap, "indices")
+            self.caches["indptr"] = SharedChunkCache(
+                arrs["indptr"], _meta_capacity(arrs["indptr"]), "indptr"
+            )
+        self._labels = [store.labels[n] for n in self.label_names]
+        self.label_caches = [
+            SharedChunkCache(lab._arr, _meta_capacity(lab._arr), f"labels/{lab.name}")
+            for lab in self._labels
+        ]
+
+    def decoded_chunks(self) -> dict[str, int]:
+        """Chunks decoded so far in this pass, per array (the "each chunk once" counter)."""
+        out = {name: c.decoded for name, c in self.caches.items()}
+        for lab, c in zip(self._labels, self.label_caches, strict=True):
+            out[f"labels/{lab.name}"] = c.decoded
+        return out
+
+    # -- one unit
+    def decode(self, unit: UnitSpec) -> list[Batch]:
+        """All rows of ``unit`` in emission order, as pieces cut on the batch grid.
+
+        Pieces end where the loader's batches end (``piece_rows`` apart in the rank's
+        stream), so full batches come out ready-made and each gather writes a batch-sized
+        output that stays in cache.
+        """
+        if unit.explicit:
+            return [self._decode_explicit(unit)]
+        src, labels = self._read_spans(unit.spans, scratch=unit.take is not None)
+        n = unit.n_rows
+        if self.piece_rows is None:
+            cuts = [0, n]
+        else:
+            first = (-unit.offset) % self.piece_rows
+            cuts = [0, *range(first or self.piece_rows, n, self.piece_rows), n]
+        pieces = [
+            self._piece(src, labels, unit, i, j) for i, j in zip(cuts[:-1], cuts[1:], strict=True)
+            if j > i
+        ]
+        if unit.take is not None and not isinstance(src, np.ndarray):
+            self.scratch.give(src.data, src.indices)  # every piece is a gathered copy
+        return pieces
+
+    def _read_spans(self, spans: np.ndarray, scratch: bool) -> tuple[Any, list[np.ndarray]]:
+        """Decode the spans (through the caches) and concatenate them, labels included."""
+        st = self.store
+        labels = [
+            _cat([cache.read(int(a), int(b), st.n_rows) for a, b in spans])
+            for cache in self.label_caches
+        ]
+        if st.is_dense:
+            return _cat([st.read_dense(int(a), int(b)) for a, b in spans]), labels
+        c_ptr, c_val, c_ind = self.caches["indptr"], self.caches["data"], self.caches["indices"]
+        ptrs = [c_ptr.read(int(a), int(b) + 1, st.n_rows + 1).astype(np.int64, copy=False)
+                for a, b in spans]
+        ptr = _concat_ptr([p - p[0] for p in ptrs])
+        nnz = int(ptr[-1])
+        if scratch:
+            # Random order: neighbouring chunks are rarely reused, so decode each span with
+            # one zarr call straight into reusable pool buffers (the pieces will be gathered
+            # copies; fresh unit-sized arrays would cost more in page faults than the copy).
+            values = self.scratch.take(st.dtype, nnz)
+            indices = self.scratch.take(c_ind.arr.dtype, nnz)
+            off = 0
+            for p in ptrs:
+                lo, hi = int(p[0]), int(p[-1])
+                c_val.read_into(lo, hi, values[off : off + hi - lo])
+                c_ind.read_into(lo, hi, indices[off : off + hi - lo])
+                off += hi - lo
+        else:
+            vals: list[np.ndarray] = []
+            inds: list[np.ndarray] = []
+            for p in ptrs:
+                lo, hi = int(p[0]), int(p[-1])
+                vals += c_val.read_parts(lo, hi, st.nnz)
+                inds += c_ind.read_parts(lo, hi, st.nnz)
+            values, indices = _cat_or_empty(vals, st.dtype), _cat_or_empty(inds, c_ind.arr.dtype)
+        csr = sp.csr_matrix((values, indices, ptr), shape=(ptr.size - 1, st.n_cols))
+        return csr, labels
+
+    def _piece(
+        self, src: Any, labels: list[np.ndarray], unit: UnitSpec, i: int, j: int
+    ) -> Batch:
+        from .loader import Batch
+
+        sel: Any = slice(i, j) if unit.take is None else unit.take[i:j]
+        labs = tuple(lab[sel] for lab in labels)
+        rows = unit.rows[i:j]
+        if isinstance(src, np.ndarray):
+            dense = src[sel]
+            if self.columns is not None:
+                dense = dense[:, self.columns.keep]
+            return Batch(None, None, None, dense, labs, rows, self.n_cols)
+        if unit.take is None:
+            p0, p1 = int(src.indptr[i]), int(src.indptr[j])
+            values, indices = src.data[p0:p1], src.indices[p0:p1]
+            ptr = src.indptr[i : j + 1].astype(np.int64) - p0
+        else:
+            # scipy's compiled row indexing copies each row as one run: ~3x faster than a
+            # numpy fancy-index gather of every value.
+            out = src[sel]
+            values, indices = out.data, out.indices
+            ptr = out.indptr.astype(np.int64, copy=False)
+        if self.columns is not None:
+            values, indices, ptr = self.columns.apply_csr(values, indices, ptr)
+        return Batch(values, indices, ptr, None, labs, rows, self.n_cols)
+
+    def _decode_explicit(self, unit: UnitSpec) -> Batch:
+        from .loader import Batch
+
+        st, rows = self.store, unit.rows
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        same = uniq.size == rows.size and np.array_equal(uniq, rows)
+        labels = tuple(lab.take(rows) for lab in self._labels)
+        if st.is_dense:
+            dense = np.asarray(
+                st.arrays["X"].get_orthogonal_selection((uniq, slice(None)))
+            ) if uniq.size else np.empty((0, st.n_cols), st.dtype)
+            if not same:
+                dense = dense[inverse]
+            if self.columns is not None:
+                dense = dense[:, self.columns.keep]
+            return Batch(None, None, None, dense, labels, rows, self.n_cols)
+        if uniq.size:
+            values, indices, ptr = st.take_parts(uniq)
+        else:
+            idt = st.arrays["indices"].dtype
+            values, indices = np.empty(0, st.dtype), np.empty(0, idt)
+            ptr = np.zeros(1, np.int64)
+        if not same:
+            values, indices, ptr = gather_csr(values, indices, ptr, inverse.ravel(), st.n_cols)
+        if self.columns is not None:
+            values, indices, ptr = self.columns.apply_csr(values, indices, ptr)
+        return Batch(values, indices, ptr, None, labels, rows, self.n_cols)
+
+    # -- a pass
+    def stream(self, units: Iterable[UnitSpec]) -> Iterator[list[Batch]]:
+        """Decoded units in order, ``prefetch`` ahead, on ``num_workers`` threads.
+
+        A generator: closing it (``break``, an exception, garbage collection) cancels the
+        queued work and joins the threads before returning.
+        """
+        if self.num_workers == 0:
+            for unit in units:
+                yield self.decode(unit)
+            return
+        ex = ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix=THREAD_PREFIX)
+        pending: deque[Future] = deque()
+        try:
+            for unit in units:
+                pending.append(ex.submit(self.decode, unit))
+                if len(pending) > self.prefetch:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+            pending.clear()
+            ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _meta_capacity(arr: Any) -> int:
+    chunk_bytes = int(np.prod(arr.chunks)) * np.dtype(arr.dtype).itemsize
+    return max(4, ROW_META_CACHE_BYTES // max(1, chunk_bytes))
+
+
+__all__ = ["BlockReader", "ColumnSelection", "SharedChunkCache", "THREAD_PREFIX", "gather_csr"]

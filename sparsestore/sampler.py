@@ -1,0 +1,279 @@
+"""Which rows, in which order: row blocks, block shuffling, a bounded shuffle buffer, sharding.
+
+Pure index math, no I/O: the loader streams ``indptr`` in and gets plans back.
+
+Shuffling that still reads sequentially
+---------------------------------------
+Rows are grouped into *blocks* aligned to the storage chunks of ``data`` (each block covers
+about ``target_nnz`` stored values, i.e. one or two chunks), so reading a block decodes
+whole chunks it mostly needs.  An epoch then
+
+1. permutes the ORDER of the blocks (seeded by ``seed`` and ``epoch``, the same on every
+   rank),
+2. deals the permuted row stream to ranks as ``world_size`` contiguous, near-equal pieces
+   (sizes differ by at most one row; the block at a cut is split between two ranks),
+3. groups each rank's blocks into *units* of ``buffer_blocks`` blocks and permutes all rows
+   inside a unit (the bounded shuffle buffer).
+
+Trade-off: a row can only land next to rows of the ``buffer_blocks - 1`` other blocks of its
+unit, so a larger buffer mixes better (rows of one block are spread over roughly
+``buffer_blocks`` batches) but holds ``buffer_blocks`` decoded blocks in memory per unit in
+flight.  Blocks are read whole, so the random order costs at most the chunk shared by two
+neighbouring blocks being decoded twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .chunks import range_positions
+from .errors import InvalidInputError
+
+#: Upper bound on rows per block whatever the nnz (very sparse rows, empty rows, dense).
+DEFAULT_MAX_BLOCK_ROWS = 1 << 18
+
+
+def cap_block_rows(bounds: np.ndarray, max_rows: int) -> np.ndarray:
+    """Split blocks longer than ``max_rows`` rows into near-equal pieces (vectorised)."""
+    bounds = np.asarray(bounds, dtype=np.int64)
+    if bounds.size < 2:
+        return bounds
+    lengths = np.diff(bounds)
+    pieces = np.maximum(1, -(-lengths // max_rows))
+    if (pieces == 1).all():
+        return bounds
+    # Extra cut j of block i (j = 1..pieces-1) at start + j * length // pieces.
+    extra = pieces - 1
+    blk = np.repeat(np.arange(lengths.size), extra)
+    j = range_positions(np.ones(lengths.size, np.int64), pieces)
+    cuts = bounds[:-1][blk] + j * lengths[blk] // pieces[blk]
+    return np.union1d(bounds, cuts)
+
+
+def fixed_bounds(n_rows: int, block_rows: int) -> np.ndarray:
+    """Block boundaries every ``block_rows`` rows: ``[0, b, 2b, ..., n_rows]``."""
+    if n_rows == 0:
+        return np.zeros(1, dtype=np.int64)
+    return np.append(np.arange(0, n_rows, block_rows, dtype=np.int64), np.int64(n_rows))
+
+
+def bounds_from_indptr(
+    pieces: Iterable[tuple[int, np.ndarray]],
+    n_rows: int,
+    target_nnz: int,
+    max_rows: int = DEFAULT_MAX_BLOCK_ROWS,
+) -> np.ndarray:
+    """Block boundaries cutting where ``indptr`` crosses each multiple of ``target_nnz``.
+
+    ``pieces`` yields ``(row0, indptr[row0:row0 + len])`` covering ``indptr[0:n_rows+1]`` in
+    order (chunk by chunk, so the whole indptr is never held).  With ``target_nnz`` equal to
+    a multiple of the ``data`` chunk length, every block starts in the chunk where the
+    previous one ended: neighbouring blocks share at most one chunk.
+    """
+    if target_nnz < 1:
+        raise InvalidInputError(f"target_nnz must be positive, got {target_nnz}")
+    cuts: list[np.ndarray] = [np.array([0, n_rows], dtype=np.int64)]
+    next_k = 1
+    for row0, piece in pieces:
+        piece = np.asarray(piece, dtype=np.int64)
+        if piece.size == 0:
+            continue
+        k_max = int(piece[-1]) // target_nnz
+        if k_max >= next_k:
+            targets = np.arange(next_k, k_max + 1, dtype=np.int64) * target_nnz
+            cuts.append(row0 + np.searchsorted(piece, targets, side="left"))
+            next_k = k_max + 1
+    bounds = np.unique(np.concatenate(cuts))
+    bounds = bounds[(bounds >= 0) & (bounds <= n_rows)]
+    return cap_block_rows(bounds, max_rows)
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """One unit of work for the reader: the rows it must decode and the order to emit them.
+
+    ``spans`` are sorted, disjoint global row ranges ``[a, b)`` to read; ``take`` indexes the
+    rows of the concatenated spans in emission order (``None``: all of them, in order);
+    ``rows`` are the emitted global row ids; ``offset`` is where the unit starts in the
+    rank's epoch stream.  ``explicit`` units (torch-style samplers) have
+    no spans: ``rows`` is read by random access.
+    """
+
+    index: int
+    spans: np.ndarray
+    take: np.ndarray | None
+    rows: np.ndarray
+    explicit: bool = False
+    offset: int = 0  # first row's position in the rank's epoch stream
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.rows.size)
+
+
+def explicit_unit(index: int, rows: np.ndarray) -> UnitSpec:
+    """A unit of arbitrary (validated) row ids, emitted in the given order."""
+    return UnitSpec(index, np.empty((0, 2), np.int64), None, rows, explicit=True)
+
+
+class EpochPlan:
+    """One rank's blocks for one epoch, grouped into units; lazily expands each unit."""
+
+    def __init__(
+        self,
+        starts: np.ndarray,
+        ends: np.ndarray,
+        *,
+        rows: np.ndarray | None,
+        buffer_blocks: int,
+        shuffle: bool,
+        seed: int,
+        epoch: int,
+        rank: int,
+    ) -> None:
+        self._starts, self._ends = starts, ends  # position-space ranges, plan order
+        self._rows = rows
+        self._k = buffer_blocks
+        self._shuffle = shuffle
+        self._seed, self._epoch, self._rank = seed, epoch, rank
+        self.n_units = -(-starts.size // buffer_blocks) if starts.size else 0
+        sizes = ends - starts
+        per_unit = np.add.reduceat(sizes, np.arange(0, sizes.size, buffer_blocks)) if sizes.size \
+            else np.zeros(0, np.int64)
+        #: first row offset (within this rank's epoch stream) of each unit, plus the total
+        self.unit_offsets = np.concatenate([[0], np.cumsum(per_unit)]).astype(np.int64)
+        self.n_rows = int(self.unit_offsets[-1])
+
+    def locate(self, offset: int) -> tuple[int, int]:
+        """``(unit, row within unit)`` of the ``offset``-th row of the epoch stream."""
+        if offset >= self.n_rows:
+            return self.n_units, 0
+        u = int(np.searchsorted(self.unit_offsets, offset, side="right")) - 1
+        return u, offset - int(self.unit_offsets[u])
+
+    def units(self, first: int = 0) -> Iterator[UnitSpec]:
+        for u in range(first, self.n_units):
+            yield self.unit(u)
+
+    def unit(self, u: int) -> UnitSpec:
+        """Expand unit ``u``: spans to read, local gather order and global row ids."""
+        sl = slice(u * self._k, (u + 1) * self._k)
+        ps, pe = self._starts[sl], self._ends[sl]
+        srt = np.argsort(ps, kind="stable")
+        ps, pe = ps[srt], pe[srt]
+        pos = range_positions(ps, pe)  # ascending: ranges are disjoint and sorted
+        g = pos if self._rows is None else self._rows[pos]
+        # One read span per range, merged when ranges touch in global rows.
+        a = g[np.concatenate([[0], np.cumsum(pe - ps)[:-1]])]
+        b = g[np.cumsum(pe - ps) - 1] + 1
+        brk = np.concatenate([[True], a[1:] != b[:-1]])
+        span_of_range = np.cumsum(brk) - 1
+        last_of_span = np.concatenate([brk[1:], [True]])
+        span_a, span_b = a[brk], b[last_of_span]
+        spans = np.stack([span_a, span_b], axis=1)
+        if self._rows is None:
+            local = None  # the spans hold exactly these rows, in order
+        else:
+            span_off = np.concatenate([[0], np.cumsum(span_b - span_a)[:-1]])
+            row_span = np.repeat(span_of_range, pe - ps)
+            local = span_off[row_span] + (g - span_a[row_span])
+        if self._shuffle:
+            rng = np.random.default_rng([self._seed, self._epoch, self._rank, u])
+            perm = rng.permutation(g.size)
+            take = perm if local is None else local[perm]
+            return UnitSpec(u, spans, take, g[perm], offset=int(self.unit_offsets[u]))
+        return UnitSpec(u, spans, local, g, offset=int(self.unit_offsets[u]))
+
+
+class BlockSampler:
+    """Plans epochs over row blocks: block order, rank shards, shuffle-buffer units.
+
+    ``bounds`` are global row block boundaries (``[0, ..., n_rows]``); ``rows`` an optional
+    sorted, unique subset of rows to use (blocks then hold only those rows).
+    """
+
+    def __init__(
+        self,
+        bounds: np.ndarray,
+        *,
+        rows: np.ndarray | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        buffer_blocks: int = 8,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if buffer_blocks < 1:
+            raise InvalidInputError(f"shuffle_buffer_blocks must be >= 1, got {buffer_blocks}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise InvalidInputError(
+                f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
+        bounds = np.asarray(bounds, dtype=np.int64)
+        pb = bounds if rows is None else np.searchsorted(rows, bounds, side="left")
+        keep = np.diff(pb) > 0
+        self.starts = pb[:-1][keep].astype(np.int64)
+        self.ends = pb[1:][keep].astype(np.int64)
+        self.rows = rows
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.buffer_blocks = int(buffer_blocks)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.total_rows = int((self.ends - self.starts).sum())
+        lo, hi = self._rank_range()
+        #: rows this rank gets per epoch (the same every epoch)
+        self.n_rows = hi - lo
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.starts.size)
+
+    def _rank_range(self) -> tuple[int, int]:
+        n, r, w = self.total_rows, self.rank, self.world_size
+        return n * r // w, n * (r + 1) // w
+
+    def block_order(self, epoch: int) -> np.ndarray:
+        """Permutation of blocks for ``epoch`` (identity without shuffle); rank-independent."""
+        if not self.shuffle:
+            return np.arange(self.n_blocks)
+        return np.random.default_rng([self.seed, int(epoch)]).permutation(self.n_blocks)
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """This rank's units for ``epoch``: reproducible from ``(seed, epoch)``."""
+        order = self.block_order(epoch)
+        s, e = self.starts[order], self.ends[order]
+        lo, hi = self._rank_range()
+        if hi > lo:
+            cum = np.concatenate([[0], np.cumsum(e - s)])
+            i0 = int(np.searchsorted(cum, lo, side="right")) - 1
+            i1 = int(np.searchsorted(cum, hi, side="left"))
+            s, e = s[i0:i1].copy(), e[i0:i1].copy()
+            s[0] += lo - cum[i0]
+            e[-1] -= cum[i1] - hi
+        else:
+            s = e = np.zeros(0, np.int64)
+        return EpochPlan(
+            s, e, rows=self.rows, buffer_blocks=self.buffer_blocks, shuffle=self.shuffle,
+            seed=self.seed, epoch=epoch, rank=self.rank,
+        )
+
+
+def num_batches(n_rows: int, batch_size: int, drop_last: bool) -> int:
+    """Batches from ``n_rows`` rows: torch's rule (last short batch kept unless drop_last)."""
+    return n_rows // batch_size if drop_last else -(-n_rows // batch_size)
+
+
+__all__ = [
+    "DEFAULT_MAX_BLOCK_ROWS",
+    "BlockSampler",
+    "EpochPlan",
+    "UnitSpec",
+    "bounds_from_indptr",
+    "cap_block_rows",
+    "explicit_unit",
+    "fixed_bounds",
+    "num_batches",
+]

@@ -1,0 +1,520 @@
+"""DataLoader against scipy/numpy oracles: coverage, order, sharding, resume, threads."""
+
+from __future__ import annotations
+
+import gc
+import json
+import tempfile
+import threading
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsestore
+from sparsestore.backends import NumpyBackend, available_backends, get_backend
+from sparsestore.errors import InvalidInputError, LabelError, OutOfRangeError, SparseStoreError
+from sparsestore.loader import Batch, DataLoader
+from sparsestore.reader import THREAD_PREFIX
+
+
+def reader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
+
+
+def check_pass(loader: DataLoader, X: sp.csr_matrix, y: np.ndarray | None = None) -> np.ndarray:
+    """Run one pass; check every batch against scipy and the labels; return the row order."""
+    seen = []
+    nb = 0
+    for b in loader.iter_batches():
+        assert isinstance(b, Batch)
+        nb += 1
+        assert b.row_splits[0] == 0 and b.row_splits.dtype == np.int64
+        got = b.to_scipy()
+        want = X[b.rows]
+        assert got.shape == want.shape
+        assert (got != want).nnz == 0
+        # canonical: sorted, unique indices in every row
+        for i in range(b.n_rows):
+            ind = b.indices[b.row_splits[i] : b.row_splits[i + 1]]
+            assert (np.diff(ind) > 0).all()
+        if y is not None:
+            np.testing.assert_array_equal(b.labels[0], y[b.rows])
+        seen.append(b.rows)
+    assert nb == len(loader)
+    return np.concatenate(seen) if seen else np.zeros(0, np.int64)
+
+
+def batch_sizes(loader: DataLoader) -> list[int]:
+    return [b.n_rows for b in loader.iter_batches()]
+
+
+# ------------------------------------------------------------------ coverage
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("bs", [1, 7, 256, 5000])
+def test_every_row_once_and_batches_match_scipy(small_store, shuffle, drop_last, bs):
+    store, X, labels = small_store
+    n = X.shape[0]
+    loader = DataLoader(store, batch_size=bs, shuffle=shuffle, seed=3, drop_last=drop_last,
+                        labels="y", shuffle_buffer_blocks=3)
+    if bs == 1 and shuffle:  # keep the per-row test cheap: check the order only
+        order = np.concatenate([b.rows for b in loader.iter_batches()])
+    else:
+        order = check_pass(loader, X, labels["y"])
+    if drop_last:
+        assert order.size == (n // bs) * bs
+        assert np.unique(order).size == order.size
+    else:
+        np.testing.assert_array_equal(np.sort(order), np.arange(n))
+    if not shuffle:
+        np.testing.assert_array_equal(order, np.arange(order.size))
+    sizes = batch_sizes(loader)
+    assert all(s == bs for s in sizes[:-1])
+    assert len(sizes) == len(loader)
+    assert loader.num_rows == sum(sizes)
+
+
+def test_numpy_backend_yields_csr_and_labels(small_store):
+    store, X, labels = small_store
+    loader = DataLoader(store, batch_size=500, shuffle=True, seed=1, labels=["y", "w"])
+    for xb, yb, wb in loader:
+        assert isinstance(xb, sp.csr_matrix) and xb.has_canonical_format
+        assert (xb != X[yb]).nnz == 0
+        np.testing.assert_array_equal(wb, labels["w"][yb])
+    plain = DataLoader(store, batch_size=500)
+    first = next(iter(plain))
+    assert isinstance(first, sp.csr_matrix)
+    assert (first != X[:500]).nnz == 0
+
+
+def _save(X, labels=None, **kw):
+    d = tempfile.mkdtemp()
+    return sparsestore.save(f"{d}/s.zarr", X, labels=labels, **kw)
+
+
+@settings(max_examples=25)
+@given(
+    n=st.integers(0, 120),
+    m=st.integers(1, 30),
+    density=st.floats(0, 0.5),
+    bs=st.integers(1, 50),
+    shuffle=st.booleans(),
+    drop_last=st.booleans(),
+    buffer_blocks=st.integers(1, 4),
+    block_rows=st.one_of(st.none(), st.integers(1, 40)),
+    seed=st.integers(0, 1000),
+)
+def test_roundtrip_random_stores(n, m, density, bs, shuffle, drop_last, buffer_blocks,
+                                 block_rows, seed):
+    X = sp.random(n, m, density=density, format="csr", dtype=np.float64,
+                  random_state=np.random.default_rng(seed))
+    y = np.arange(n, dtype=np.int32) * 3
+    store = _save(X, labels={"y": y}, chunk_bytes=1024)
+    loader = DataLoader(store, batch_size=bs, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                        labels="y", shuffle_buffer_blocks=buffer_blocks, block_rows=block_rows,
+                        num_workers=seed % 3)
+    order = check_pass(loader, X, y)
+    expect = (n // bs) * bs if drop_last else n
+    assert order.size == expect == loader.num_rows
+    assert np.unique(order).size == order.size
+
+
+def test_zero_row_and_all_empty_rows(tmp_path):
+    empty = sparsestore.create(tmp_path / "e.zarr", n_cols=5, dtype=np.float32)
+    loader = DataLoader(empty, batch_size=4, shuffle=True, seed=0)
+    assert len(loader) == 0 and list(loader) == [] and loader.num_rows == 0
+    Z = sp.csr_matrix((37, 6), dtype=np.float32)
+    zs = sparsestore.save(tmp_path / "z.zarr", Z)
+    loader = DataLoader(zs, batch_size=10, shuffle=True, seed=0)
+    order = check_pass(loader, Z)
+    np.testing.assert_array_equal(np.sort(order), np.arange(37))
+
+
+# ------------------------------------------------------------------ epochs and seeds
+
+
+def _order(loader):
+    return np.concatenate([b.rows for b in loader.iter_batches()])
+
+
+def test_epochs_differ_same_epoch_repeats(small_store):
+    store, _, _ = small_store
+    loader = DataLoader(store, batch_size=64, shuffle=True, seed=11)
+    loader.set_epoch(0)
+    e0 = _order(loader)
+    assert loader.epoch == 1  # a completed pass advances the epoch
+    e1 = _order(loader)
+    loader.set_epoch(0)
+    np.testing.assert_array_equal(_order(loader), e0)
+    assert not np.array_equal(e0, e1)
+    other = DataLoader(store, batch_size=64, shuffle=True, seed=11)
+    np.testing.assert_array_equal(_order(other), e0)
+    # seed=None draws a seed once: two passes of one epoch agree, and it is in the state
+    anon = DataLoader(store, batch_size=64, shuffle=True)
+    a = _order(anon)
+    anon.set_epoch(0)
+    np.testing.assert_array_equal(_order(anon), a)
+    assert anon.state_dict()["seed"] == anon.seed
+
+
+def test_early_break_does_not_advance_epoch(small_store):
+    store, _, _ = small_store
+    loader = DataLoader(store, batch_size=64, shuffle=True, seed=2)
+    for _ in loader:
+        break
+    assert loader.epoch == 0
+    full = _order(loader)  # a new pass restarts the epoch from its first batch
+    loader.set_epoch(0)
+    np.testing.assert_array_equal(full, _order(loader))
+
+
+# ------------------------------------------------------------------ sharding
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("world", [2, 3, 7])
+def test_ranks_disjoint_and_covering(small_store, shuffle, world):
+    store, X, labels = small_store
+    base = DataLoader(store, batch_size=100, shuffle=shuffle, seed=5, labels="y")
+    orders = []
+    for r in range(world):
+        ld = base.with_shard(r, world)
+        assert ld.rank == r and ld.world_size == world and ld.seed == base.seed
+        orders.append(check_pass(ld, X, labels["y"]))
+    allrows = np.concatenate(orders)
+    np.testing.assert_array_equal(np.sort(allrows), np.arange(X.shape[0]))
+    sizes = [o.size for o in orders]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_drop_last_per_rank(small_store):
+    store, _, _ = small_store  # 3000 rows, 7 ranks -> 428 or 429 rows each
+    for r in range(7):
+        ld = DataLoader(store, batch_size=100, drop_last=True, rank=r, world_size=7)
+        assert batch_sizes(ld) == [100] * 4 and len(ld) == 4
+        ld = DataLoader(store, batch_size=100, rank=r, world_size=7)
+        sizes = batch_sizes(ld)
+        assert sizes[:4] == [100] * 4 and sizes[4] in (28, 29) and len(sizes) == 5
+
+
+# ------------------------------------------------------------------ resume
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("stop_after", [0, 1, 5, 11, 12])
+def test_resume_equals_uninterrupted(small_store, shuffle, stop_after):
+    store, _, _ = small_store
+    kw = dict(batch_size=250, shuffle=shuffle, labels="y", rank=1, world_size=2,
+              shuffle_buffer_blocks=2)
+    ref = DataLoader(store, **kw, seed=9)
+    ref.set_epoch(4)
+    full = [b.rows for b in ref.iter_batches()]
+    assert len(full) == 6
+    first = DataLoader(store, **kw, seed=9)
+    first.set_epoch(4)
+    it = first.iter_batches()
+    got = [next(it).rows for _ in range(min(stop_after, 6))]
+    state = json.loads(json.dumps(first.state_dict()))
+    it.close()
+    assert state["batches_consumed"] == min(stop_after, 6) and state["epoch"] == 4
+    resumed = DataLoader(store, **kw)  # seed comes from the state
+    resumed.load_state_dict(state)
+    rest = [b.rows for b in resumed.iter_batches()]
+    for a, b in zip(got + rest, full, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert resumed.epoch == 5 and resumed.state_dict()["batches_consumed"] == 0
+
+
+def test_resume_across_epochs_with_set_epoch(small_store):
+    store, _, _ = small_store
+    ld = DataLoader(store, batch_size=300, shuffle=True, seed=1)
+    ld.set_epoch(2)
+    it = iter(ld)
+    next(it), next(it)
+    state = ld.state_dict()
+    it.close()
+    ref = DataLoader(store, batch_size=300, shuffle=True, seed=1)
+    ref.set_epoch(2)
+    want = [b.rows for b in ref.iter_batches()][2:]
+    again = DataLoader(store, batch_size=300, shuffle=True, seed=123)
+    again.load_state_dict(state)
+    again.set_epoch(2)  # the usual "set_epoch at the start of each epoch" keeps the resume
+    got = [b.rows for b in again.iter_batches()]
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_load_state_rejects_mismatch(small_store):
+    store, _, _ = small_store
+    state = DataLoader(store, batch_size=10).state_dict()
+    with pytest.raises(InvalidInputError, match="batch_size"):
+        DataLoader(store, batch_size=11).load_state_dict(state)
+    with pytest.raises(InvalidInputError):
+        DataLoader(store, batch_size=10).load_state_dict({"epoch": 1})
+    with pytest.raises(InvalidInputError, match="rows"):
+        DataLoader(store, batch_size=10, rows=np.arange(5)).load_state_dict(state)
+
+
+# ------------------------------------------------------------------ decoding and threads
+
+
+def test_sequential_pass_decodes_each_chunk_once(small_store):
+    store, X, _ = small_store
+    chunk = store.arrays["data"].chunks[0]
+    n_chunks = -(-X.nnz // chunk)
+    assert n_chunks > 10
+    for workers in (0, 1, 3):
+        loader = DataLoader(store, batch_size=37, labels="y", num_workers=workers,
+                            block_chunks=1)
+        check_pass(loader, X, None)
+        dec = loader.decoded_chunks
+        assert dec["data"] == n_chunks and dec["indices"] == -(-X.nnz // store.arrays[
+            "indices"].chunks[0])
+        assert dec["indptr"] == 1
+        assert dec["labels/y"] == -(-X.shape[0] // store.labels["y"]._arr.chunks[0]) == 2
+
+
+def test_shuffled_pass_decodes_boundary_chunks_at_most_twice(small_store):
+    store, X, _ = small_store
+    chunk = store.arrays["data"].chunks[0]
+    n_chunks = -(-X.nnz // chunk)
+    loader = DataLoader(store, batch_size=64, shuffle=True, seed=0, block_chunks=1,
+                        shuffle_buffer_blocks=2)
+    _order(loader)
+    n_blocks = loader._sampler_for_blocks().n_blocks
+    assert n_chunks <= loader.decoded_chunks["data"] <= n_chunks + n_blocks - 1
+
+
+@pytest.mark.parametrize("how", ["break", "exception", "gc"])
+def test_threads_stop_when_iteration_stops(small_store, how):
+    store, _, _ = small_store
+    loader = DataLoader(store, batch_size=16, shuffle=True, seed=0, num_workers=3, prefetch=4,
+                        block_chunks=1, shuffle_buffer_blocks=1)
+    if how == "break":
+        for i, _ in enumerate(loader):
+            if i == 2:
+                break
+    elif how == "exception":
+        with pytest.raises(RuntimeError):
+            for i, _ in enumerate(loader):
+                if i == 2:
+                    raise RuntimeError("boom")
+    else:
+        it = iter(loader)
+        next(it)
+        assert reader_threads()
+        del it
+    gc.collect()
+    assert reader_threads() == []
+
+
+def test_worker_error_propagates_and_threads_stop(small_store, monkeypatch):
+    store, _, _ = small_store
+    from sparsestore import reader
+
+    def broken(self, unit):
+        raise sparsestore.errors.ChecksumError("damaged chunk")
+
+    monkeypatch.setattr(reader.BlockReader, "decode", broken)
+    with pytest.raises(sparsestore.errors.ChecksumError):
+        list(DataLoader(store, batch_size=16, num_workers=2))
+    gc.collect()
+    assert reader_threads() == []
+
+
+# ------------------------------------------------------------------ subsets and samplers
+
+
+@pytest.mark.parametrize(
+    "cols",
+    [slice(10, 200, 3), np.array([5, 17, 250, 399]), np.array([399, 3, 120, 4, 0]),
+     np.arange(400) % 3 == 0, np.array([-1, 2])],
+)
+def test_column_subsets_match_scipy(small_store, cols):
+    store, X, _ = small_store
+    loader = DataLoader(store, batch_size=333, shuffle=True, seed=0, columns=cols)
+    want_cols = np.arange(400)[cols]
+    assert loader.n_cols == want_cols.size
+    for b in loader.iter_batches():
+        got = b.to_scipy()
+        want = X[b.rows][:, want_cols]
+        assert got.shape == want.shape and (got != want).nnz == 0
+        for i in range(b.n_rows):
+            assert (np.diff(b.indices[b.row_splits[i] : b.row_splits[i + 1]]) > 0).all()
+
+
+def test_row_subset(small_store):
+    store, X, labels = small_store
+    mask = np.zeros(X.shape[0], bool)
+    mask[::7] = True
+    mask[100:130] = True
+    for rows in (mask, np.flatnonzero(mask)[::-1].copy()):
+        for shuffle in (False, True):
+            ld = DataLoader(store, batch_size=50, rows=rows, shuffle=shuffle, seed=1,
+                            labels="y")
+            order = check_pass(ld, X, labels["y"])
+            np.testing.assert_array_equal(np.sort(order), np.flatnonzero(mask))
+            if not shuffle:
+                np.testing.assert_array_equal(order, np.flatnonzero(mask))
+    with pytest.raises(InvalidInputError):
+        DataLoader(store, rows=[1, 1, 2])
+
+
+def test_sampler_and_batch_sampler(small_store):
+    store, X, labels = small_store
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, X.shape[0], 1000).tolist()  # repeats allowed, any order
+    ld = DataLoader(store, batch_size=64, sampler=ids, labels="y")
+    order = check_pass(ld, X, labels["y"])
+    np.testing.assert_array_equal(order, ids)
+    assert ld.num_rows == 1000
+    batches = [[5, 3, 3], [2999], [], list(range(100, 0, -1))]
+    ld = DataLoader(store, batch_sampler=batches, labels="y")
+    got = [b.rows.tolist() for b in ld.iter_batches()]
+    assert got == batches
+    check_pass(ld, X, labels["y"])
+    # two ranks deal batches round-robin: disjoint, covering
+    parts = [
+        [b.rows.tolist() for b in DataLoader(store, batch_sampler=batches, rank=r,
+                                             world_size=2).iter_batches()]
+        for r in range(2)
+    ]
+    assert parts == [[batches[0], batches[2]], [batches[1], batches[3]]]
+    # drop_last with sampler, and resume skips consumed batches
+    ld = DataLoader(store, batch_size=300, sampler=ids, drop_last=True)
+    assert len(ld) == 3 and batch_sizes(ld) == [300] * 3
+    it = ld.iter_batches()
+    next(it)
+    state = ld.state_dict()
+    it.close()
+    again = DataLoader(store, batch_size=300, sampler=ids, drop_last=True)
+    again.load_state_dict(state)
+    rest = [b.rows for b in again.iter_batches()]
+    np.testing.assert_array_equal(np.concatenate(rest), ids[300:900])
+    with pytest.raises(OutOfRangeError):
+        list(DataLoader(store, sampler=[0, 5000]))
+
+
+def test_sampler_set_epoch_forwarded(small_store):
+    store, _, _ = small_store
+
+    class Sampler:
+        epoch = None
+
+        def __iter__(self):
+            return iter(range(10))
+
+        def __len__(self):
+            return 10
+
+        def set_epoch(self, e):
+            self.epoch = e
+
+    s = Sampler()
+    ld = DataLoader(store, batch_size=4, sampler=s)
+    ld.set_epoch(3)
+    assert s.epoch == 3 and len(ld) == 3
+
+
+# ------------------------------------------------------------------ dense stores
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_dense_store_batches_match_numpy(tmp_path, shuffle):
+    rng = np.random.default_rng(1)
+    A = rng.random((500, 12)).astype(np.float32)
+    y = rng.integers(0, 5, 500)
+    store = sparsestore.save(tmp_path / "d.zarr", A, labels={"y": y}, sparse=False,
+                             dense_chunk_bytes=2048)
+    ld = DataLoader(store, batch_size=64, shuffle=shuffle, seed=0, labels="y",
+                    columns=[0, 5, 11])
+    assert ld.is_dense and ld.n_cols == 3
+    for xb, yb in ld:
+        assert isinstance(xb, np.ndarray) and xb.dtype == np.float32
+        assert xb.shape == (yb.size, 3)
+    order = []
+    for b in ld.iter_batches():
+        np.testing.assert_array_equal(b.dense, A[b.rows][:, [0, 5, 11]])
+        np.testing.assert_array_equal(b.labels[0], y[b.rows])
+        assert b.values is None and b.row_splits is None
+        order.append(b.rows)
+    np.testing.assert_array_equal(np.sort(np.concatenate(order)), np.arange(500))
+    full = DataLoader(store, batch_size=100, sampler=[4, 1, 4])
+    np.testing.assert_array_equal(next(iter(full)), A[[4, 1, 4]])
+
+
+# ------------------------------------------------------------------ API surface
+
+
+def test_properties_and_path_input(small_store):
+    store, _, labels = small_store
+    ld = DataLoader(store.path, batch_size=128, labels=("w", "y"), drop_last=True)
+    assert ld.store.path == store.path and ld.n_cols == 400 and ld.batch_size == 128
+    assert ld.label_names == ("w", "y") and not ld.is_dense and ld.dtype == np.float32
+    assert ld.label_specs == (("w", np.dtype(np.float32), (2,)), ("y", np.dtype(np.int64), ()))
+    assert ld.num_rows == 23 * 128 and len(ld) == 23
+    json.dumps(ld.state_dict())
+    assert "DataLoader" in repr(ld)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc",
+    [
+        (dict(batch_size=0), InvalidInputError),
+        (dict(batch_size=2.5), InvalidInputError),
+        (dict(batch_size=True), InvalidInputError),
+        (dict(rank=2, world_size=2), InvalidInputError),
+        (dict(rank=-1), InvalidInputError),
+        (dict(world_size=0), InvalidInputError),
+        (dict(labels="nope"), LabelError),
+        (dict(labels=["y", "y"]), LabelError),
+        (dict(shuffle="yes"), InvalidInputError),
+        (dict(seed=-1), InvalidInputError),
+        (dict(shuffle_buffer_blocks=0), InvalidInputError),
+        (dict(sampler=[1], batch_sampler=[[1]]), InvalidInputError),
+        (dict(sampler=[1], shuffle=True), InvalidInputError),
+        (dict(columns=[1, 1]), InvalidInputError),
+        (dict(columns=[400]), OutOfRangeError),
+        (dict(columns=np.ones(3, bool)), InvalidInputError),
+        (dict(rows=[3000]), OutOfRangeError),
+        (dict(backend="nope"), InvalidInputError),
+        (dict(backend=object()), InvalidInputError),
+    ],
+)
+def test_bad_arguments(small_store, kwargs, exc):
+    store, _, _ = small_store
+    with pytest.raises(exc) as info:
+        DataLoader(store, **kwargs)
+    assert isinstance(info.value, SparseStoreError)
+
+
+def test_bad_store_argument():
+    with pytest.raises(InvalidInputError):
+        DataLoader(np.zeros((3, 3)))
+    with pytest.raises(sparsestore.errors.StoreNotFoundError):
+        DataLoader("/nonexistent/store.zarr")
+
+
+def test_backends(small_store):
+    store, X, _ = small_store
+    assert "numpy" in available_backends()
+    assert isinstance(get_backend("numpy"), NumpyBackend)
+    with pytest.raises(InvalidInputError, match="numpy"):
+        get_backend("no-such-backend")
+
+    class Sizes:
+        name = "sizes"
+
+        def convert(self, batch, loader):
+            return batch.n_rows, batch.nnz
+
+    ld = DataLoader(store, batch_size=1000, backend=Sizes())
+    out = list(ld)
+    assert [n for n, _ in out] == [1000] * 3 and sum(k for _, k in out) == X.nnz
+    assert list(DataLoader(store, batch_size=1000, backend=Sizes)) == out

@@ -1,0 +1,143 @@
+"""Sampler: pure index math checked against brute-force numpy oracles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sparsestore.errors import InvalidInputError
+from sparsestore.sampler import (
+    BlockSampler,
+    bounds_from_indptr,
+    cap_block_rows,
+    fixed_bounds,
+    num_batches,
+)
+
+
+def _pieces(indptr: np.ndarray, step: int):
+    for p in range(0, indptr.size, step):
+        yield p, indptr[p : p + step]
+
+
+def _epoch_rows(sampler: BlockSampler, epoch: int) -> np.ndarray:
+    """The rank's full row stream for an epoch, with each unit's spans/take checked."""
+    plan = sampler.plan(epoch)
+    out = []
+    for unit in plan.units():
+        span_rows = np.concatenate([np.arange(a, b) for a, b in unit.spans])
+        emitted = span_rows if unit.take is None else span_rows[unit.take]
+        np.testing.assert_array_equal(emitted, unit.rows)
+        assert (np.diff(unit.spans[:, 0]) > 0).all()  # sorted, disjoint spans
+        assert (unit.spans[1:, 0] > unit.spans[:-1, 1]).all() or len(unit.spans) == 1
+        out.append(unit.rows)
+    rows = np.concatenate(out) if out else np.zeros(0, np.int64)
+    assert rows.size == plan.n_rows == sampler.n_rows
+    return rows
+
+
+@given(
+    lengths=st.lists(st.integers(0, 50), min_size=0, max_size=300),
+    target=st.integers(1, 200),
+    step=st.integers(1, 64),
+    max_rows=st.integers(1, 400),
+)
+def test_bounds_from_indptr_cut_at_each_nnz_target(lengths, target, step, max_rows):
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    n = len(lengths)
+    b = bounds_from_indptr(_pieces(indptr, step), n, target, max_rows)
+    assert b[0] == 0 and b[-1] == n and (np.diff(b) > 0).all() or n == 0
+    assert (np.diff(b) <= max_rows).all()
+    # Oracle: every row where indptr first reaches a multiple of target is a boundary.
+    for k in range(1, int(indptr[-1]) // target + 1):
+        r = int(np.argmax(indptr >= k * target))
+        assert r in set(b.tolist())
+    if max_rows >= n:  # no extra cuts: each block's nnz crosses the next multiple
+        for a, c in zip(b[:-2], b[1:-1], strict=True):
+            assert indptr[c] // target > indptr[a] // target or indptr[c] % target == 0
+
+
+def test_cap_and_fixed_bounds():
+    np.testing.assert_array_equal(fixed_bounds(10, 4), [0, 4, 8, 10])
+    np.testing.assert_array_equal(fixed_bounds(0, 4), [0])
+    capped = cap_block_rows(np.array([0, 10, 11]), 3)
+    assert capped[0] == 0 and capped[-1] == 11 and (np.diff(capped) <= 3).all()
+    assert 10 in capped
+
+
+@given(
+    n=st.integers(0, 400),
+    block=st.integers(1, 60),
+    buffer_blocks=st.integers(1, 5),
+    world=st.integers(1, 5),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 2**32),
+    subset=st.booleans(),
+)
+def test_ranks_disjoint_cover_every_row_once(n, block, buffer_blocks, world, shuffle, seed,
+                                             subset):
+    rows = None
+    if subset:
+        rows = np.flatnonzero(np.random.default_rng(seed).random(n) < 0.6)
+    samplers = [
+        BlockSampler(fixed_bounds(n, block), rows=rows, shuffle=shuffle, seed=seed,
+                     buffer_blocks=buffer_blocks, rank=r, world_size=world)
+        for r in range(world)
+    ]
+    per_rank = [_epoch_rows(s, 3) for s in samplers]
+    everything = np.concatenate(per_rank)
+    expect = np.arange(n) if rows is None else rows
+    np.testing.assert_array_equal(np.sort(everything), expect)  # each row exactly once
+    sizes = [r.size for r in per_rank]
+    assert max(sizes) - min(sizes) <= 1  # near-equal
+    if not shuffle:
+        np.testing.assert_array_equal(everything, expect)  # storage order
+
+
+def test_shuffle_reproducible_and_different_per_epoch():
+    b = fixed_bounds(5000, 97)
+    s1 = BlockSampler(b, shuffle=True, seed=7, buffer_blocks=4)
+    s2 = BlockSampler(b, shuffle=True, seed=7, buffer_blocks=4)
+    e0, e0b, e1 = _epoch_rows(s1, 0), _epoch_rows(s2, 0), _epoch_rows(s1, 1)
+    np.testing.assert_array_equal(e0, e0b)
+    assert not np.array_equal(e0, e1)
+    other_seed = _epoch_rows(BlockSampler(b, shuffle=True, seed=8, buffer_blocks=4), 0)
+    assert not np.array_equal(e0, other_seed)
+    # Random enough for SGD: the first 500 rows come from all over the matrix, and the
+    # order is far from sorted (rank correlation with position is small).
+    assert np.ptp(e0[:500]) > 2500
+    assert abs(np.corrcoef(e0, np.arange(e0.size))[0, 1]) < 0.2
+
+
+def test_block_order_is_shared_by_ranks():
+    b = fixed_bounds(1000, 10)
+    orders = {tuple(BlockSampler(b, shuffle=True, seed=3, rank=r, world_size=4)
+                    .block_order(2)) for r in range(4)}
+    assert len(orders) == 1
+
+
+def test_locate_matches_stream_offsets():
+    s = BlockSampler(fixed_bounds(1000, 37), shuffle=True, seed=1, buffer_blocks=3)
+    plan = s.plan(0)
+    stream = _epoch_rows(s, 0)
+    for off in (0, 1, 110, 111, 500, 999):
+        u, k = plan.locate(off)
+        assert plan.unit(u).rows[k] == stream[off]
+    assert plan.locate(1000) == (plan.n_units, 0)
+
+
+def test_bad_arguments():
+    with pytest.raises(InvalidInputError):
+        BlockSampler(fixed_bounds(10, 2), rank=2, world_size=2)
+    with pytest.raises(InvalidInputError):
+        BlockSampler(fixed_bounds(10, 2), buffer_blocks=0)
+    with pytest.raises(InvalidInputError):
+        bounds_from_indptr([], 0, 0)
+
+
+def test_num_batches():
+    assert num_batches(10, 3, False) == 4
+    assert num_batches(10, 3, True) == 3
+    assert num_batches(0, 3, False) == 0
