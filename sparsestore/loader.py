@@ -146,7 +146,7 @@ class DataLoader:
         batch_sampler: Iterable[Sequence[int]] | None = None,
         rows: Any = None,
         columns: Any = None,
-        shuffle_buffer_blocks: int = 8,
+        shuffle_buffer_blocks: int = 4,
         block_rows: int | None = None,
         block_chunks: int = 2,
         num_workers: int = 2,
