@@ -1,0 +1,372 @@
+"""TensorFlow backend: a :class:`sparsestore.DataLoader` as a ``tf.data.Dataset``.
+
+Python hands TensorFlow each batch in its compact CSR form (values, column indices and
+``row_splits``: about 8 bytes per non-zero, O(1) Python work per batch) through
+``Dataset.from_generator`` with an exact ``output_signature``; the expansion to a COO
+``tf.sparse.SparseTensor`` (row ids from ``tf.ragged.row_splits_to_segment_ids``) runs
+inside the graph, in a ``Dataset.map``.  Indices come out int64 in canonical row-major
+order (the loader's rows hold sorted, unique column ids), so ``tf.sparse.reorder`` is a
+no-op and Keras / ``tf.sparse`` ops take them as they are.
+
+    import adapters.tensorflow as sstf
+    ds = sstf.to_dataset(sparsestore.DataLoader(store, 512, shuffle=True, labels="y"))
+    model.fit(ds, epochs=3)           # keras.Input(shape=(n_cols,), sparse=True)
+
+Each new pass over the dataset (each Keras epoch) is the loader's next epoch, so shuffled
+loaders reshuffle reproducibly from their seed.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from sparsestore.errors import DTypeError, InvalidInputError, ShapeMismatchError
+from sparsestore.loader import Batch, DataLoader
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+__all__ = ["AUTOTUNE", "TensorFlowBackend", "distribute", "element_spec", "to_dataset"]
+
+
+# ------------------------------------------------------------------ dtypes and specs
+
+
+def _tf_dtype(dtype: Any, what: str) -> tf.DType:
+    dtype = np.dtype(dtype)
+    if dtype.kind in "US":
+        return tf.string
+    try:
+        if dtype.kind == "O":
+            raise TypeError("object")
+        return tf.as_dtype(dtype)
+    except TypeError:
+        raise DTypeError(
+            f"{what} has dtype {dtype}, which TensorFlow cannot hold; store it as a numeric "
+            "dtype (e.g. float32, int64)"
+        ) from None
+
+
+def _check_sample_shape(sample_shape: Any, n_cols: int) -> tuple[int, ...] | None:
+    if sample_shape is None:
+        return None
+    try:
+        dims = tuple(int(d) for d in sample_shape)
+    except (TypeError, ValueError):
+        raise InvalidInputError(
+            f"sample_shape must be a tuple of positive ints such as (28, 28), got "
+            f"{sample_shape!r}"
+        ) from None
+    if not dims or any(d < 1 for d in dims):
+        raise InvalidInputError(f"sample_shape must hold positive ints, got {sample_shape!r}")
+    if int(np.prod(dims)) != n_cols:
+        raise ShapeMismatchError(
+            f"sample_shape {dims} holds {int(np.prod(dims))} values per row but the loader's "
+            f"rows have {n_cols} columns; choose dims whose product is {n_cols}"
+        )
+    return dims
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one loader's batches cross into TensorFlow: the wire signature and the expansion."""
+
+    n_cols: int
+    dense: bool
+    values_dtype: tf.DType
+    index_dtype: np.dtype  # int32 when every column id fits, else int64
+    label_specs: tuple[tf.TensorSpec, ...]
+    sample_shape: tuple[int, ...] | None
+
+    @classmethod
+    def for_loader(cls, loader: Any, sample_shape: Any = None) -> _Plan:
+        if not isinstance(loader, DataLoader):
+            raise InvalidInputError(
+                f"expected a sparsestore.DataLoader, got {type(loader).__name__}; build one "
+                "with sparsestore.DataLoader(store, batch_size=...)"
+            )
+        n_cols = int(loader.n_cols)
+        dense = bool(loader.is_dense)
+        index_dtype = np.dtype(np.int32 if n_cols <= np.iinfo(np.int32).max else np.int64)
+        if not dense:
+            stored = np.dtype(loader.store.arrays["indices"].dtype)
+            if not np.can_cast(stored, np.int32):
+                index_dtype = np.dtype(np.int64)
+        labels = tuple(
+            tf.TensorSpec(shape=(None, *tail), dtype=_tf_dtype(dt, f"label {name!r}"), name=name)
+            for name, dt, tail in loader.label_specs
+        )
+        return cls(
+            n_cols=n_cols,
+            dense=dense,
+            values_dtype=_tf_dtype(loader.dtype, "the store"),
+            index_dtype=index_dtype,
+            label_specs=labels,
+            sample_shape=_check_sample_shape(sample_shape, n_cols),
+        )
+
+    # -- host side: what crosses the boundary
+    def signature(self) -> tuple[tf.TensorSpec, ...]:
+        """The exact ``output_signature`` of the generator (compact parts, then labels)."""
+        if self.dense:
+            x = (tf.TensorSpec((None, self.n_cols), self.values_dtype, name="dense"),)
+        else:
+            x = (
+                tf.TensorSpec((None,), self.values_dtype, name="values"),
+                tf.TensorSpec((None,), tf.as_dtype(self.index_dtype), name="indices"),
+                tf.TensorSpec((None,), tf.int64, name="row_splits"),
+            )
+        return x + self.label_specs
+
+    def parts(self, batch: Batch) -> tuple[np.ndarray, ...]:
+        """The batch's compact arrays in :meth:`signature` order (no copy when dtypes match)."""
+        if self.dense:
+            return (batch.dense, *batch.labels)
+        return (
+            batch.values,
+            batch.indices.astype(self.index_dtype, copy=False),
+            batch.row_splits,
+            *batch.labels,
+        )
+
+    # -- graph side: compact parts -> SparseTensor / dense Tensor
+    def expand(self, *parts: tf.Tensor) -> Any:
+        """Build the element from the parts with TensorFlow ops (traced once by ``map``)."""
+        n_x = 1 if self.dense else 3
+        x = self._dense(parts[0]) if self.dense else self._sparse(*parts[:3])
+        labels = parts[n_x:]
+        return (x, *labels) if self.label_specs else x
+
+    def _dense(self, dense: tf.Tensor) -> tf.Tensor:
+        if self.sample_shape is None:
+            return dense
+        return tf.reshape(dense, (-1, *self.sample_shape))
+
+    def _sparse(self, values: tf.Tensor, indices: tf.Tensor, row_splits: tf.Tensor) -> Any:
+        n_rows = tf.shape(row_splits, out_type=tf.int64)[0] - 1
+        rows = tf.ragged.row_splits_to_segment_ids(row_splits, out_type=tf.int64)
+        cols = tf.cast(indices, tf.int64)
+        if self.sample_shape is None:
+            coords = tf.stack([rows, cols], axis=1)
+            tail: Sequence[int] = (self.n_cols,)
+        else:
+            tail = self.sample_shape
+            # (k, nnz) -> (nnz, k): row-major order of the flat column id is kept.
+            sub = tf.unravel_index(cols, tf.constant(tail, tf.int64))
+            coords = tf.concat([rows[:, None], tf.transpose(sub)], axis=1)
+        # A stack of a scalar and constants gives the static shape [None, *tail].
+        dense_shape = tf.stack([n_rows, *(tf.constant(d, tf.int64) for d in tail)])
+        return tf.sparse.SparseTensor(coords, values, dense_shape)
+
+
+def element_spec(loader: DataLoader, *, sample_shape: Sequence[int] | None = None) -> Any:
+    """The ``element_spec`` :func:`to_dataset` gives for ``loader`` (without building it)."""
+    plan = _Plan.for_loader(loader, sample_shape)
+    tail = plan.sample_shape or (plan.n_cols,)
+    x: Any = (
+        tf.TensorSpec((None, *tail), plan.values_dtype)
+        if plan.dense
+        else tf.SparseTensorSpec((None, *tail), plan.values_dtype)
+    )
+    return (x, *plan.label_specs) if plan.label_specs else x
+
+
+# ------------------------------------------------------------------ passes
+
+
+class _Passes:
+    """The generator factory: every call runs one pass (one epoch) of the loader.
+
+    A completed pass advances the loader's epoch itself; a pass cut short (``take``, a
+    dropped iterator) does not, so the next call moves it on: each new iteration of the
+    dataset is a new epoch.  An epoch chosen with ``loader.set_epoch`` or restored with
+    ``load_state_dict`` between passes is respected.
+    """
+
+    def __init__(self, loader: DataLoader, plan: _Plan) -> None:
+        self.loader = loader
+        self.plan = plan
+        self.last_epoch: int | None = None
+        self.completed = True
+
+    def __call__(self) -> Iterator[tuple[np.ndarray, ...]]:
+        loader, parts = self.loader, self.plan.parts
+        if not self.completed and loader.epoch == self.last_epoch:
+            loader.set_epoch(self.last_epoch + 1)
+        self.last_epoch = loader.epoch
+        self.completed = False
+        for batch in loader.iter_batches():
+            yield parts(batch)
+        self.completed = True
+
+
+def _check_prefetch(prefetch: Any) -> int | None:
+    if prefetch is None:
+        return None
+    if isinstance(prefetch, bool) or not isinstance(prefetch, (int, np.integer)):
+        raise InvalidInputError(
+            f"prefetch must be an int, tf.data.AUTOTUNE or None, got {prefetch!r}"
+        )
+    prefetch = int(prefetch)
+    if prefetch < 0 and prefetch != AUTOTUNE:
+        raise InvalidInputError(f"prefetch must be >= 0 or tf.data.AUTOTUNE, got {prefetch}")
+    return prefetch or None
+
+
+def _check_repeat(repeat_epochs: Any) -> int | None:
+    if repeat_epochs is None:
+        return None
+    if isinstance(repeat_epochs, bool) or not isinstance(repeat_epochs, (int, np.integer)) \
+            or repeat_epochs < 1:
+        raise InvalidInputError(
+            f"repeat_epochs must be a positive int or None (repeat forever), got "
+            f"{repeat_epochs!r}"
+        )
+    return int(repeat_epochs)
+
+
+def _shard(loader: DataLoader, input_context: Any) -> DataLoader:
+    """This input pipeline's share of the loader's rows (composed with its own rank)."""
+    try:
+        n = int(input_context.num_input_pipelines)
+        pid = int(input_context.input_pipeline_id)
+    except AttributeError:
+        raise InvalidInputError(
+            "input_context must be a tf.distribute.InputContext (it has num_input_pipelines "
+            f"and input_pipeline_id), got {type(input_context).__name__}"
+        ) from None
+    if n == 1:
+        return loader
+    return loader.with_shard(loader.rank * n + pid, loader.world_size * n)
+
+
+def _device_available(device: str) -> bool:
+    kind = (tf.DeviceSpec.from_string(device).device_type or "CPU").upper()
+    return bool(tf.config.list_logical_devices(kind))
+
+
+def to_dataset(
+    loader: DataLoader,
+    *,
+    input_context: tf.distribute.InputContext | None = None,
+    sample_shape: Sequence[int] | None = None,
+    prefetch: int | None = AUTOTUNE,
+    repeat_epochs: int | None = 1,
+    device: str | None = None,
+    cardinality: bool = True,
+) -> tf.data.Dataset:
+    """The loader's batches as a ``tf.data.Dataset``, equal to its own and in the same order.
+
+    Elements are ``tf.sparse.SparseTensor`` ``[batch, n_cols]`` (int64 canonical row-major
+    indices, the store's dtype, the batch's real row count) -- dense ``tf.Tensor`` for dense
+    stores -- or ``(x, labels...)`` when the loader has labels (one label gives Keras'
+    ``(x, y)``).  Options:
+
+    * ``input_context``: a ``tf.distribute.InputContext``; the dataset then reads only
+      pipeline ``input_pipeline_id`` of ``num_input_pipelines`` (through
+      ``loader.with_shard``).  ``loader.batch_size`` is the per-replica batch.
+    * ``sample_shape``: e.g. ``(r, c)``; each row (a flattened ``r x c`` sample) comes out
+      as ``[batch, r, c]``, the coordinates computed in graph from the column id.
+    * ``prefetch``: host-side ``Dataset.prefetch`` buffer (``None`` or 0: none).
+    * ``repeat_epochs``: passes per iteration of the dataset (``None``: forever, e.g. with
+      ``steps_per_epoch``); every pass is the loader's next epoch.
+    * ``device``: e.g. ``"/GPU:0"``: stage batches on that device with
+      ``tf.data.experimental.prefetch_to_device`` (the last step).  Skipped with a warning
+      when no such device exists, so one script runs on CPU-only hosts.
+    * ``cardinality``: declare ``len(loader)`` batches per pass so Keras knows the epoch
+      length.  Resume with ``load_state_dict`` *before* calling this (a resumed pass is
+      shorter; its dataset then has unknown cardinality) or pass ``cardinality=False``.
+    """
+    plan = _Plan.for_loader(loader, sample_shape)
+    prefetch = _check_prefetch(prefetch)
+    repeat = _check_repeat(repeat_epochs)
+    if input_context is not None:
+        loader = _shard(loader, input_context)
+    passes = _Passes(loader, plan)
+    ds = tf.data.Dataset.from_generator(passes, output_signature=plan.signature())
+    if cardinality and loader.state_dict()["batches_consumed"] == 0:
+        ds = ds.apply(tf.data.experimental.assert_cardinality(len(loader)))
+    if repeat is None:
+        ds = ds.repeat()
+    elif repeat > 1:
+        ds = ds.repeat(repeat)
+    # Pure TensorFlow ops with no data-dependent Python control flow: no autograph needed.
+    expand = tf.autograph.experimental.do_not_convert(plan.expand)
+    ds = ds.map(expand, num_parallel_calls=AUTOTUNE, deterministic=True)
+    if input_context is not None:
+        # Already sharded by rows: tf.distribute must not shard the batches again.
+        opts = tf.data.Options()
+        opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        ds = ds.with_options(opts)
+    if prefetch is not None:
+        ds = ds.prefetch(prefetch)
+    if device is not None:
+        if _device_available(device):
+            buffer = None if prefetch in (None, AUTOTUNE) else prefetch
+            ds = ds.apply(tf.data.experimental.prefetch_to_device(device, buffer_size=buffer))
+        else:
+            warnings.warn(
+                f"device {device!r} not found (visible: "
+                f"{[d.name for d in tf.config.list_logical_devices()]}); batches stay on the "
+                "host", RuntimeWarning, stacklevel=2,
+            )
+    return ds
+
+
+def distribute(
+    strategy: tf.distribute.Strategy, loader: DataLoader, **options: Any
+) -> tf.distribute.DistributedDataset:
+    """The loader through ``strategy.distribute_datasets_from_function``, sharded per pipeline.
+
+    ``loader.batch_size`` is the per-replica batch; ``options`` go to :func:`to_dataset`
+    (``device`` is left to the strategy, which places batches on its replicas itself).
+    """
+    if "input_context" in options or "device" in options:
+        raise InvalidInputError(
+            "distribute() sets input_context and device placement itself; pass neither"
+        )
+
+    def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        return to_dataset(loader, input_context=ctx, **options)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+# ------------------------------------------------------------------ backend plugin
+
+
+class TensorFlowBackend:
+    """``DataLoader(store, backend="tensorflow")``: eager ``SparseTensor`` batches.
+
+    Iterating the loader then gives what :func:`to_dataset` elements hold, built eagerly
+    with the same TensorFlow ops; use :func:`to_dataset` for training input pipelines.
+    """
+
+    name = "tensorflow"
+
+    def __init__(self, sample_shape: Sequence[int] | None = None) -> None:
+        self.sample_shape = None if sample_shape is None else tuple(sample_shape)
+        self._plans: weakref.WeakKeyDictionary[DataLoader, _Plan] = weakref.WeakKeyDictionary()
+
+    def _plan(self, loader: DataLoader) -> _Plan:
+        plan = self._plans.get(loader)
+        if plan is None:
+            plan = self._plans[loader] = _Plan.for_loader(loader, self.sample_shape)
+        return plan
+
+    def convert(self, batch: Batch, loader: DataLoader) -> Any:
+        plan = self._plan(loader)
+        parts = [
+            tf.convert_to_tensor(a, dtype=spec.dtype)
+            for a, spec in zip(plan.parts(batch), plan.signature(), strict=True)
+        ]
+        return plan.expand(*parts)
+
+    def __repr__(self) -> str:
+        return f"TensorFlowBackend(sample_shape={self.sample_shape})"

@@ -1,0 +1,205 @@
+"""Train a Keras model on a sparse store streamed through ``adapters.tensorflow``.
+
+A synthetic but learnable problem: sparse rows ``x`` and a binary label from a hidden
+linear model, ``y = [x . w > 0]`` (a few labels flipped as noise).  The store is written
+block by block (never whole in memory), the first rows train a
+``keras.Input(shape=(n_cols,), sparse=True) -> Dense -> Dense`` model and the last rows
+(``DataLoader(rows=...)``) validate it.  Prints rows/s, M nnz/s and peak RSS.
+
+    python examples/keras_train.py --rows 100000 --cols 2000 --epochs 3 --out keras_data
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ info lines quiet
+
+import numpy as np
+import psutil
+import scipy.sparse as sp
+
+import sparsestore
+
+BLOCK_ROWS = 20_000
+
+
+# ------------------------------------------------------------------ data
+
+
+def synthetic_blocks(
+    n_rows: int, n_cols: int, density: float, seed: int, noise: float = 0.02
+) -> Iterator[tuple[sp.csr_matrix, dict[str, np.ndarray]]]:
+    """Row blocks of a sparse matrix and labels ``y = [x . w > 0]`` from hidden weights ``w``."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(n_cols).astype(np.float32)
+    for start in range(0, n_rows, BLOCK_ROWS):
+        rows = min(BLOCK_ROWS, n_rows - start)
+        X = sp.random(rows, n_cols, density=density, format="csr", dtype=np.float32,
+                      random_state=rng, data_rvs=lambda k: rng.random(k, dtype=np.float32) + 0.5)
+        y = (X @ w > 0).astype(np.float32)
+        flip = rng.random(rows) < noise
+        y[flip] = 1.0 - y[flip]
+        yield X, {"y": y}
+
+
+def build_store(
+    path: str | Path, n_rows: int, n_cols: int, density: float = 0.01, seed: int = 0
+) -> sparsestore.SparseStore:
+    """Write the synthetic problem to ``path`` (overwriting), one block at a time."""
+    return sparsestore.write_blocks(
+        path, synthetic_blocks(n_rows, n_cols, density, seed), n_cols=n_cols,
+        dtype=np.float32, overwrite=True,
+    )
+
+
+def split_rows(store: sparsestore.SparseStore, val_fraction: float) -> tuple[slice, slice]:
+    """Train on the first rows, validate on the held-out last ``val_fraction`` of them."""
+    n_val = max(1, int(round(store.n_rows * val_fraction)))
+    cut = store.n_rows - n_val
+    return slice(0, cut), slice(cut, store.n_rows)
+
+
+def make_datasets(
+    store: sparsestore.SparseStore, batch_size: int = 512, seed: int = 0,
+    val_fraction: float = 0.1,
+) -> tuple[Any, Any, sparsestore.DataLoader]:
+    """Shuffled training dataset, sequential validation dataset, and the training loader."""
+    import adapters.tensorflow as sstf
+
+    train_rows, val_rows = split_rows(store, val_fraction)
+    train = sparsestore.DataLoader(store, batch_size, shuffle=True, seed=seed, labels="y",
+                                   rows=train_rows)
+    val = sparsestore.DataLoader(store, batch_size, labels="y", rows=val_rows)
+    return sstf.to_dataset(train), sstf.to_dataset(val), train
+
+
+# ------------------------------------------------------------------ model
+
+
+def build_model(n_cols: int, hidden: int = 64, seed: int = 0) -> Any:
+    """``Input(sparse=True) -> Dense(relu) -> Dense(sigmoid)``; the first matmul is sparse."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=(n_cols,), sparse=True, name="x")
+    h = keras.layers.Dense(hidden, activation="relu")(inputs)
+    out = keras.layers.Dense(1, activation="sigmoid")(h)
+    model = keras.Model(inputs, out)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="binary_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process, in MiB."""
+    return psutil.Process().memory_info().rss / 2**20
+
+
+@dataclass
+class Throughput:
+    rows: int
+    nnz: int
+    seconds: float
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def mnnz_per_s(self) -> float:
+        return self.nnz / self.seconds / 1e6 if self.seconds > 0 else float("nan")
+
+    def __str__(self) -> str:
+        return (f"{self.rows:,} rows, {self.nnz / 1e6:.2f} M nnz in {self.seconds:.2f} s: "
+                f"{self.rows_per_s:,.0f} rows/s, {self.mnnz_per_s:.2f} M nnz/s")
+
+
+def rows_nnz(store: sparsestore.SparseStore, rows: slice) -> tuple[int, int]:
+    """Rows and non-zeros of a contiguous row range (from indptr, nothing else read)."""
+    ip = store.indptr(rows.start, rows.stop)
+    return rows.stop - rows.start, int(ip[-1] - ip[0])
+
+
+def stream_epoch(ds: Any) -> Throughput:
+    """One pass of a dataset with no model: the input pipeline's own throughput."""
+    import tensorflow as tf
+
+    rows = nnz = 0
+    t0 = time.perf_counter()
+    for element in ds:
+        x = element[0] if isinstance(element, tuple) else element
+        rows += int(x.dense_shape[0]) if isinstance(x, tf.SparseTensor) else int(x.shape[0])
+        nnz += int(tf.size(x.values)) if isinstance(x, tf.SparseTensor) else int(tf.size(x))
+    return Throughput(rows, nnz, time.perf_counter() - t0)
+
+
+def train(
+    store: sparsestore.SparseStore, *, epochs: int = 3, batch_size: int = 512, hidden: int = 64,
+    seed: int = 0, val_fraction: float = 0.1, verbose: int = 2,
+) -> tuple[Any, Throughput]:
+    """Fit the model on the store; returns the Keras history and the training throughput."""
+    train_ds, val_ds, loader = make_datasets(store, batch_size, seed, val_fraction)
+    model = build_model(store.n_cols, hidden, seed)
+    train_rows, _ = split_rows(store, val_fraction)
+    n_rows, n_nnz = rows_nnz(store, train_rows)
+    t0 = time.perf_counter()
+    # shuffle=False: the loader already shuffles (Keras cannot shuffle a tf.data.Dataset).
+    history = model.fit(train_ds, epochs=epochs, validation_data=val_ds, shuffle=False,
+                        verbose=verbose)
+    seconds = time.perf_counter() - t0
+    return history, Throughput(n_rows * epochs, n_nnz * epochs, seconds)
+
+
+# ------------------------------------------------------------------ command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=100_000, help="rows of the synthetic matrix")
+    p.add_argument("--cols", type=int, default=2_000, help="columns (features)")
+    p.add_argument("--density", type=float, default=0.01, help="fraction of non-zeros")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=64, help="units of the hidden Dense layer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="keras_data", help="directory for the store (overwritten)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    path = Path(args.out) / "train.zarr"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    store = build_store(path, args.rows, args.cols, args.density, args.seed)
+    print(f"wrote {store!r} in {time.perf_counter() - t0:.1f} s")
+    history, tp = train(store, epochs=args.epochs, batch_size=args.batch_size,
+                        hidden=args.hidden, seed=args.seed)
+    loss = history.history["loss"]
+    print(f"loss {loss[0]:.4f} -> {loss[-1]:.4f}, "
+          f"val_accuracy {history.history['val_accuracy'][-1]:.3f}")
+    print(f"training: {tp}")
+    print(f"peak RSS {peak_rss_mb():.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""TensorFlow backend against oracles: scipy batches of the same loader, TF's own sparse ops."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+import scipy.sparse as sp  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import adapters.tensorflow as sstf  # noqa: E402
+import sparsestore  # noqa: E402
+from sparsestore.errors import (  # noqa: E402
+    DTypeError,
+    InvalidInputError,
+    ShapeMismatchError,
+    SparseStoreError,
+)
+
+pytestmark = pytest.mark.tf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def loader_pair(store, **kw):
+    """Two identical loaders: one feeds TensorFlow, the other is the scipy oracle."""
+    return sparsestore.DataLoader(store, **kw), sparsestore.DataLoader(store, **kw)
+
+
+def check_sparse(x, want: sp.csr_matrix) -> None:
+    """``x`` (a tf SparseTensor) holds exactly ``want``: canonical int64 COO, same dtype."""
+    assert isinstance(x, tf.SparseTensor)
+    assert x.indices.dtype == tf.int64
+    assert x.values.dtype == tf.as_dtype(want.dtype)
+    np.testing.assert_array_equal(x.dense_shape.numpy(), want.shape)
+    coo = want.tocoo()  # scipy: row-major order for a canonical CSR
+    np.testing.assert_array_equal(x.indices.numpy(), np.stack([coo.row, coo.col], axis=1))
+    np.testing.assert_array_equal(x.values.numpy(), coo.data)
+    # TensorFlow's own oracles: canonical order (reorder is a no-op) and the dense values.
+    r = tf.sparse.reorder(x)
+    np.testing.assert_array_equal(r.indices.numpy(), x.indices.numpy())
+    np.testing.assert_array_equal(tf.sparse.to_dense(x).numpy(), want.toarray())
+
+
+def rows_of(ds, label_index: int = 1) -> np.ndarray:
+    """Concatenated ``y`` labels (= row ids in ``small_store``) of one pass of ``ds``."""
+    return np.concatenate([el[label_index].numpy() for el in ds])
+
+
+# ------------------------------------------------------------------ equality with the loader
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("bs", [1, 257, 5000])
+def test_batches_equal_loader_batches(small_store, shuffle, bs):
+    store, X, labels = small_store
+    # bs=1: a short row range (empty rows 100..119 included) keeps it quick
+    kw = dict(rows=slice(90, 160)) if bs == 1 else {}
+    a, b = loader_pair(store, batch_size=bs, shuffle=shuffle, seed=7, labels=["y", "w"], **kw)
+    ds = sstf.to_dataset(a)
+    spec = ds.element_spec
+    assert spec[0] == tf.SparseTensorSpec([None, X.shape[1]], tf.float32)
+    assert spec[1].dtype == tf.int64 and spec[1].shape.as_list() == [None]
+    assert spec[2].dtype == tf.float32 and spec[2].shape.as_list() == [None, 2]
+    assert int(ds.cardinality()) == len(a)
+    n = 0
+    for (x, y, w), batch in zip(ds, b.iter_batches(), strict=True):
+        want = batch.to_scipy()
+        check_sparse(x, want)
+        check_sparse(x, X[batch.rows])
+        np.testing.assert_array_equal(y.numpy(), labels["y"][batch.rows])
+        np.testing.assert_array_equal(y.numpy(), batch.labels[0])
+        np.testing.assert_array_equal(w.numpy(), labels["w"][batch.rows])
+        n += 1
+    assert n == len(b)
+
+
+def test_no_labels_gives_bare_sparse_tensors(small_store):
+    store, X, _ = small_store
+    a, b = loader_pair(store, batch_size=700)
+    ds = sstf.to_dataset(a, prefetch=None)
+    assert isinstance(ds.element_spec, tf.SparseTensorSpec)
+    got = [x for x in ds]
+    assert len(got) == 5 and [int(x.dense_shape[0]) for x in got] == [700] * 4 + [200]
+    for x, batch in zip(got, b.iter_batches(), strict=True):
+        check_sparse(x, X[batch.rows])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int32, np.float16])
+def test_values_keep_the_store_dtype(tmp_path, rng, dtype):
+    X = sp.random(300, 50, density=0.1, format="csr", random_state=rng) * 100
+    if dtype == np.float16:  # sparse float16 is refused by the store: use a dense one
+        dense = X.toarray().astype(dtype)
+        store = sparsestore.save(tmp_path / "d.zarr", dense, sparse=False)
+        ds = sstf.to_dataset(sparsestore.DataLoader(store, batch_size=64))
+        got = np.concatenate([x.numpy() for x in ds])
+        assert got.dtype == np.float16
+        np.testing.assert_array_equal(got, dense)
+        return
+    X = X.astype(dtype)
+    X.eliminate_zeros()  # values rounded to 0 by the cast are not stored
+    store = sparsestore.save(tmp_path / "s.zarr", X)
+    ds = sstf.to_dataset(sparsestore.DataLoader(store, batch_size=64))
+    assert ds.element_spec.dtype == tf.as_dtype(dtype)
+    got = tf.sparse.concat(0, list(ds))
+    check_sparse(got, X.astype(dtype))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n_rows=st.integers(0, 60),
+    n_cols=st.integers(1, 40),
+    density=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+    bs=st.integers(1, 25),
+    shuffle=st.booleans(),
+    drop_last=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_roundtrip_property(tmp_path_factory, n_rows, n_cols, density, bs, shuffle, drop_last,
+                            seed):
+    rng = np.random.default_rng(seed)
+    X = sp.random(n_rows, n_cols, density=density, format="csr", dtype=np.float32,
+                  random_state=rng)
+    path = tmp_path_factory.mktemp("prop") / "p.zarr"
+    store = sparsestore.save(path, X, labels={"y": np.arange(n_rows)}, chunk_bytes=1024)
+    a, b = loader_pair(store, batch_size=bs, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                       labels="y")
+    ds = sstf.to_dataset(a)
+    got = list(ds)
+    want = list(b.iter_batches())
+    assert len(got) == len(want) == len(b)
+    for (x, y), batch in zip(got, want, strict=True):
+        check_sparse(x, X[batch.rows])
+        np.testing.assert_array_equal(y.numpy(), batch.rows)
+
+
+def test_compact_parts_cross_the_host_boundary(small_store):
+    """~8 bytes per non-zero: float32 values + int32 column ids + int64 row_splits per row."""
+    store, _, _ = small_store
+    plan = sstf._Plan.for_loader(sparsestore.DataLoader(store, labels="y"))
+    sig = plan.signature()
+    assert [s.dtype for s in sig] == [tf.float32, tf.int32, tf.int64, tf.int64]
+    assert [s.shape.as_list() for s in sig[:3]] == [[None]] * 3
+
+
+# ------------------------------------------------------------------ epochs
+
+
+def test_each_pass_is_a_new_reproducible_epoch(small_store):
+    store, _, _ = small_store
+    a, b = loader_pair(store, batch_size=256, shuffle=True, seed=3, labels="y")
+    ds_a, ds_b = sstf.to_dataset(a), sstf.to_dataset(b)
+    e0, e1 = rows_of(ds_a), rows_of(ds_a)
+    assert a.epoch == 2
+    n = store.n_rows
+    for order in (e0, e1):
+        np.testing.assert_array_equal(np.sort(order), np.arange(n))
+    assert not np.array_equal(e0, e1)
+    # Same seed -> the same epochs; and they are the loader's own epochs 0 and 1.
+    np.testing.assert_array_equal(rows_of(ds_b), e0)
+    np.testing.assert_array_equal(rows_of(ds_b), e1)
+    oracle = sparsestore.DataLoader(store, batch_size=256, shuffle=True, seed=3)
+    oracle.set_epoch(1)
+    np.testing.assert_array_equal(np.concatenate([bt.rows for bt in oracle.iter_batches()]), e1)
+
+
+def test_interrupted_pass_still_advances_epoch(small_store):
+    store, _, _ = small_store
+    loader = sparsestore.DataLoader(store, batch_size=256, shuffle=True, seed=5, labels="y")
+    ds = sstf.to_dataset(loader)
+    first = next(iter(ds))[1].numpy()
+    full = rows_of(ds)  # a new iteration: epoch 1, not a replay of epoch 0
+    oracle = sparsestore.DataLoader(store, batch_size=256, shuffle=True, seed=5)
+    orders = {}
+    for e in (0, 1):
+        oracle.set_epoch(e)
+        orders[e] = np.concatenate([bt.rows for bt in oracle.iter_batches()])
+    np.testing.assert_array_equal(first, orders[0][:256])
+    np.testing.assert_array_equal(full, orders[1])
+    # An explicit set_epoch between passes wins.
+    loader.set_epoch(0)
+    np.testing.assert_array_equal(rows_of(ds), orders[0])
+
+
+def test_repeat_epochs_and_infinite(small_store):
+    store, _, _ = small_store
+    loader = sparsestore.DataLoader(store, batch_size=1000, shuffle=True, seed=1, labels="y")
+    ds = sstf.to_dataset(loader, repeat_epochs=2)
+    assert int(ds.cardinality()) == 2 * len(loader)
+    rows = rows_of(ds)
+    n = store.n_rows
+    np.testing.assert_array_equal(np.sort(rows[:n]), np.arange(n))
+    np.testing.assert_array_equal(np.sort(rows[n:]), np.arange(n))
+    assert not np.array_equal(rows[:n], rows[n:])
+    inf = sstf.to_dataset(loader, repeat_epochs=None)
+    assert int(inf.cardinality()) == tf.data.INFINITE_CARDINALITY
+    assert len(list(inf.take(3 * len(loader) + 1))) == 3 * len(loader) + 1
+
+
+def test_resumed_loader_yields_the_remaining_batches(small_store):
+    store, X, _ = small_store
+    loader = sparsestore.DataLoader(store, batch_size=300, shuffle=True, seed=9, labels="y")
+    it = loader.iter_batches()
+    seen = [next(it).rows for _ in range(4)]
+    state = loader.state_dict()
+    it.close()
+    loader.load_state_dict(state)
+    rest = [bt.rows for bt in loader.iter_batches()]  # the oracle: the rest of epoch 0
+    resumed = sparsestore.DataLoader(store, batch_size=300, shuffle=True, seed=0, labels="y")
+    resumed.load_state_dict(state)
+    ds = sstf.to_dataset(resumed)
+    assert int(ds.cardinality()) == tf.data.UNKNOWN_CARDINALITY
+    got = [(x, y.numpy()) for x, y in ds]
+    assert len(got) == len(rest) and len(seen) + len(rest) == len(loader)
+    for (x, y), want in zip(got, rest, strict=True):
+        np.testing.assert_array_equal(y, want)
+        check_sparse(x, X[want])
+
+
+# ------------------------------------------------------------------ dense and 3-D samples
+
+
+def test_dense_store_streams_dense_tensors(tmp_path, rng):
+    X = rng.standard_normal((500, 24)).astype(np.float32)
+    y = rng.integers(0, 3, 500)
+    store = sparsestore.save(tmp_path / "dense.zarr", X, labels={"y": y}, sparse=False)
+    a, b = loader_pair(store, batch_size=64, shuffle=True, seed=2, labels="y")
+    ds = sstf.to_dataset(a)
+    assert ds.element_spec[0] == tf.TensorSpec([None, 24], tf.float32)
+    for (x, yy), batch in zip(ds, b.iter_batches(), strict=True):
+        assert isinstance(x, tf.Tensor)
+        np.testing.assert_array_equal(x.numpy(), X[batch.rows])
+        np.testing.assert_array_equal(yy.numpy(), y[batch.rows])
+    ds3 = sstf.to_dataset(sparsestore.DataLoader(store, batch_size=100), sample_shape=(4, 6))
+    got = np.concatenate([x.numpy() for x in ds3])
+    np.testing.assert_array_equal(got, X.reshape(500, 4, 6))
+
+
+def test_sample_shape_gives_3d_sparse_tensors(tmp_path, rng):
+    r, c = 5, 7
+    X = sp.random(400, r * c, density=0.2, format="csr", dtype=np.float32, random_state=rng)
+    store = sparsestore.save(tmp_path / "img.zarr", X, chunk_bytes=2048)
+    a, b = loader_pair(store, batch_size=48, shuffle=True, seed=4)
+    ds = sstf.to_dataset(a, sample_shape=(r, c))
+    assert ds.element_spec == tf.SparseTensorSpec([None, r, c], tf.float32)
+    for x, batch in zip(ds, b.iter_batches(), strict=True):
+        want = X[batch.rows].toarray().reshape(-1, r, c)
+        np.testing.assert_array_equal(x.dense_shape.numpy(), want.shape)
+        np.testing.assert_array_equal(tf.sparse.to_dense(x).numpy(), want)
+        np.testing.assert_array_equal(tf.sparse.reorder(x).indices.numpy(), x.indices.numpy())
+        np.testing.assert_array_equal(x.indices.numpy(), np.argwhere(want != 0))
+
+
+def test_bad_arguments_raise_clear_errors(small_store):
+    store, _, _ = small_store
+    loader = sparsestore.DataLoader(store, batch_size=10)
+    with pytest.raises(ShapeMismatchError, match="400"):
+        sstf.to_dataset(loader, sample_shape=(3, 7))
+    with pytest.raises(InvalidInputError, match="sample_shape"):
+        sstf.to_dataset(loader, sample_shape=(0, 400))
+    with pytest.raises(InvalidInputError, match="DataLoader"):
+        sstf.to_dataset(store)
+    with pytest.raises(InvalidInputError, match="prefetch"):
+        sstf.to_dataset(loader, prefetch=-5)
+    with pytest.raises(InvalidInputError, match="repeat_epochs"):
+        sstf.to_dataset(loader, repeat_epochs=0)
+    with pytest.raises(InvalidInputError, match="InputContext"):
+        sstf.to_dataset(loader, input_context=object())
+    with pytest.raises(SparseStoreError, match="label 'z'"):
+        sstf._tf_dtype(np.dtype(object), "label 'z'")
+    with pytest.raises(DTypeError, match="numeric"):
+        sstf._tf_dtype(np.dtype("datetime64[s]"), "label 'when'")
+
+
+# ------------------------------------------------------------------ distribution and devices
+
+
+def test_input_context_shards_are_disjoint_and_cover(small_store):
+    store, X, _ = small_store
+    n = store.n_rows
+    for base_world in (1, 2):
+        parts = []
+        for rank in range(base_world):
+            loader = sparsestore.DataLoader(store, batch_size=128, shuffle=True, seed=11,
+                                            labels="y", rank=rank, world_size=base_world)
+            for pid in range(3):
+                ctx = tf.distribute.InputContext(
+                    num_input_pipelines=3, input_pipeline_id=pid, num_replicas_in_sync=3
+                )
+                ds = sstf.to_dataset(loader, input_context=ctx)
+                opts = ds.options().experimental_distribute
+                assert opts.auto_shard_policy == tf.data.experimental.AutoShardPolicy.OFF
+                rows = []
+                for x, y in ds:
+                    check_sparse(x, X[y.numpy()])
+                    rows.append(y.numpy())
+                parts.append(np.concatenate(rows))
+        allrows = np.concatenate(parts)
+        assert allrows.size == n  # disjoint (no row twice) ...
+        np.testing.assert_array_equal(np.sort(allrows), np.arange(n))  # ... and covering
+        sizes = [p.size for p in parts]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_distribute_with_mirrored_strategy_on_cpu(small_store):
+    store, X, _ = small_store
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    loader = sparsestore.DataLoader(store, batch_size=512, labels="y")
+    dist = sstf.distribute(strategy, loader)
+    rows = []
+    for x, y in dist:
+        x = strategy.experimental_local_results(x)[0]
+        y = strategy.experimental_local_results(y)[0].numpy()
+        check_sparse(x, X[y])
+        rows.append(y)
+    np.testing.assert_array_equal(np.concatenate(rows), np.arange(store.n_rows))
+    with pytest.raises(InvalidInputError):
+        sstf.distribute(strategy, loader, device="/GPU:0")
+
+
+def test_prefetch_to_device_path(small_store):
+    store, X, _ = small_store
+    a, b = loader_pair(store, batch_size=512, shuffle=True, seed=8, labels="y")
+    ds = sstf.to_dataset(a, device="/CPU:0", prefetch=2)
+    n = 0
+    for (x, y), batch in zip(ds, b.iter_batches(), strict=True):
+        assert "CPU" in x.values.device
+        check_sparse(x, X[batch.rows])
+        np.testing.assert_array_equal(y.numpy(), batch.rows)
+        n += 1
+    assert n == len(b)
+    if not tf.config.list_logical_devices("GPU"):
+        with pytest.warns(RuntimeWarning, match="GPU"):
+            gpu = sstf.to_dataset(sparsestore.DataLoader(store, batch_size=512), device="/GPU:0")
+        assert sum(1 for _ in gpu) == 6  # still streams, from the host
+
+
+# ------------------------------------------------------------------ backend plugin
+
+
+def test_tensorflow_backend_by_name(small_store):
+    store, X, labels = small_store
+    a = sparsestore.DataLoader(store, batch_size=400, shuffle=True, seed=6, labels="w",
+                               backend="tensorflow")
+    b = sparsestore.DataLoader(store, batch_size=400, shuffle=True, seed=6, labels="w")
+    assert isinstance(a.backend, sstf.TensorFlowBackend) and a.backend.name == "tensorflow"
+    for (x, w), batch in zip(a, b.iter_batches(), strict=True):
+        check_sparse(x, X[batch.rows])
+        np.testing.assert_array_equal(w.numpy(), labels["w"][batch.rows])
+    plain = sparsestore.DataLoader(store, batch_size=1000,
+                                   backend=sstf.TensorFlowBackend(sample_shape=(20, 20)))
+    x = next(iter(plain))
+    np.testing.assert_array_equal(tf.sparse.to_dense(x).numpy(),
+                                  X[:1000].toarray().reshape(-1, 20, 20))
+
+
+# ------------------------------------------------------------------ keras
+
+
+def _keras_example():
+    """``examples/keras_train.py`` as a module (examples/ is not a package)."""
+    if "keras_train" in sys.modules:
+        return sys.modules["keras_train"]
+    spec = importlib.util.spec_from_file_location("keras_train", ROOT / "examples/keras_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["keras_train"] = mod  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_keras_fit_learns_from_a_sparse_store(tmp_path):
+    kt = _keras_example()
+    store = kt.build_store(tmp_path / "k.zarr", n_rows=4000, n_cols=300, density=0.03, seed=1)
+    train_ds, val_ds, loader = kt.make_datasets(store, batch_size=128, seed=1)
+    model = kt.build_model(store.n_cols, hidden=16, seed=1)
+    assert model.inputs[0].sparse and tuple(model.inputs[0].shape) == (None, 300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. "input ran out of data"
+        hist = model.fit(train_ds, epochs=4, validation_data=val_ds, shuffle=False, verbose=0)
+    loss = hist.history["loss"]
+    assert len(loss) == 4 and loss[-1] < 0.8 * loss[0]
+    assert hist.history["val_loss"][-1] < hist.history["val_loss"][0]
+    assert hist.history["val_accuracy"][-1] > 0.7  # labels from a hidden linear model
+    assert loader.epoch == 4  # every Keras epoch was a fresh loader epoch (new shuffle)
+    # predict() takes the same SparseTensors; its rows line up with the validation labels.
+    val = sparsestore.DataLoader(store, batch_size=500, rows=kt.split_rows(store, 0.1)[1])
+    pred = model.predict(sstf.to_dataset(val), verbose=0)
+    assert pred.shape == (400, 1)
+
+
+def test_keras_example_main_runs(tmp_path, capsys):
+    kt = _keras_example()
+    rc = kt.main(["--rows", "3000", "--cols", "200", "--epochs", "2", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "rows/s" in out and "M nnz/s" in out and "peak RSS" in out
+    assert sparsestore.open(tmp_path / "train.zarr").shape == (3000, 200)
