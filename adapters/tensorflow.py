@@ -185,25 +185,30 @@ class _Passes:
 
     A completed pass advances the loader's epoch itself; a pass cut short (``take``, a
     dropped iterator) does not, so the next call moves it on: each new iteration of the
-    dataset is a new epoch.  An epoch chosen with ``loader.set_epoch`` or restored with
-    ``load_state_dict`` between passes is respected.
+    dataset is a new epoch.  If the loader was changed since the cut (``set_epoch``,
+    ``load_state_dict``), the next pass follows the loader instead.
     """
 
     def __init__(self, loader: DataLoader, plan: _Plan) -> None:
         self.loader = loader
         self.plan = plan
-        self.last_epoch: int | None = None
         self.completed = True
+        self.stopped_at: dict[str, Any] | None = None  # loader state when a pass was cut
 
     def __call__(self) -> Iterator[tuple[np.ndarray, ...]]:
         loader, parts = self.loader, self.plan.parts
-        if not self.completed and loader.epoch == self.last_epoch:
-            loader.set_epoch(self.last_epoch + 1)
-        self.last_epoch = loader.epoch
-        self.completed = False
-        for batch in loader.iter_batches():
-            yield parts(batch)
-        self.completed = True
+        if not self.completed and loader.state_dict() == self.stopped_at:
+            loader.set_epoch(loader.epoch + 1)
+        self.completed, self.stopped_at = False, None
+        batches = loader.iter_batches()
+        try:
+            for batch in batches:
+                yield parts(batch)
+            self.completed = True
+        finally:
+            batches.close()
+            if not self.completed:
+                self.stopped_at = loader.state_dict()
 
 
 def _check_prefetch(prefetch: Any) -> int | None:
@@ -282,6 +287,9 @@ def to_dataset(
     * ``cardinality``: declare ``len(loader)`` batches per pass so Keras knows the epoch
       length.  Resume with ``load_state_dict`` *before* calling this (a resumed pass is
       shorter; its dataset then has unknown cardinality) or pass ``cardinality=False``.
+
+    ``loader.state_dict()`` counts the batches handed to TensorFlow, prefetched ones
+    included, so a checkpoint taken mid-epoch resumes up to ``prefetch`` batches late.
     """
     plan = _Plan.for_loader(loader, sample_shape)
     prefetch = _check_prefetch(prefetch)
@@ -326,6 +334,9 @@ def distribute(
 
     ``loader.batch_size`` is the per-replica batch; ``options`` go to :func:`to_dataset`
     (``device`` is left to the strategy, which places batches on its replicas itself).
+    Use it with a custom loop (``strategy.run``): Keras 3.15's ``model.fit`` under a
+    multi-replica strategy fails on any ``SparseTensor`` input (its first-batch build calls
+    ``strategy.reduce`` on the batch, and ``SparseTensor`` has no ``device``).
     """
     if "input_context" in options or "device" in options:
         raise InvalidInputError(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -175,7 +177,9 @@ def test_each_pass_is_a_new_reproducible_epoch(small_store):
 def test_interrupted_pass_still_advances_epoch(small_store):
     store, _, _ = small_store
     loader = sparsestore.DataLoader(store, batch_size=256, shuffle=True, seed=5, labels="y")
-    ds = sstf.to_dataset(loader)
+    # cardinality=False: the resumed pass at the end is shorter than a whole epoch
+    ds = sstf.to_dataset(loader, cardinality=False)
+    assert int(ds.cardinality()) == tf.data.UNKNOWN_CARDINALITY
     first = next(iter(ds))[1].numpy()
     full = rows_of(ds)  # a new iteration: epoch 1, not a replay of epoch 0
     oracle = sparsestore.DataLoader(store, batch_size=256, shuffle=True, seed=5)
@@ -188,6 +192,13 @@ def test_interrupted_pass_still_advances_epoch(small_store):
     # An explicit set_epoch between passes wins.
     loader.set_epoch(0)
     np.testing.assert_array_equal(rows_of(ds), orders[0])
+    # So does load_state_dict after a cut pass: the next pass resumes, it does not skip ahead.
+    it = iter(ds)
+    next(it)
+    del it
+    state = dict(loader.state_dict(), epoch=1, batches_consumed=3)
+    loader.load_state_dict(state)
+    np.testing.assert_array_equal(rows_of(ds), orders[1][3 * 256 :])
 
 
 def test_repeat_epochs_and_infinite(small_store):
@@ -324,6 +335,56 @@ def test_distribute_with_mirrored_strategy_on_cpu(small_store):
     np.testing.assert_array_equal(np.concatenate(rows), np.arange(store.n_rows))
     with pytest.raises(InvalidInputError):
         sstf.distribute(strategy, loader, device="/GPU:0")
+
+
+TWO_REPLICAS = """
+import sys
+import numpy as np, scipy.sparse as sp
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import sparsestore, adapters.tensorflow as sstf
+store = sparsestore.open(sys.argv[1])
+X = store[:]
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+assert strategy.num_replicas_in_sync == 2
+loader = sparsestore.DataLoader(store, batch_size=100, shuffle=True, seed=3, labels="y")
+w = np.random.default_rng(0).standard_normal((X.shape[1], 1)).astype(np.float32)
+with strategy.scope():
+    wv = tf.Variable(w)
+
+@tf.function
+def step(x, y):
+    def fn(x, y):  # a custom-loop step on each replica: the sparse matmul of its batch
+        return tf.sparse.sparse_dense_matmul(x, wv), y
+    return strategy.run(fn, args=(x, y))
+
+rows, devices = [], set()
+for x, y in sstf.distribute(strategy, loader):
+    for xs, ys in zip(strategy.experimental_local_results(x),
+                      strategy.experimental_local_results(y), strict=True):
+        devices.add(xs.values.device[-5:])
+        want = X[ys.numpy()]
+        assert np.array_equal(tf.sparse.to_dense(xs).numpy(), want.toarray())
+        rows.append(ys.numpy())
+    for p, ys in zip(*(strategy.experimental_local_results(v) for v in step(x, y))):
+        np.testing.assert_allclose(p.numpy(), X[ys.numpy()] @ w, rtol=1e-4, atol=1e-4)
+rows = np.concatenate(rows)
+assert np.array_equal(np.sort(rows), np.arange(X.shape[0])), "rows not covered exactly once"
+print("OK", sorted(devices))
+"""
+
+
+def test_distribute_over_two_mirrored_cpu_replicas(small_store, tmp_path):
+    """Two logical CPUs need a fresh TensorFlow runtime: run in a subprocess."""
+    store, _, _ = small_store
+    script = tmp_path / "two_replicas.py"
+    script.write_text(TWO_REPLICAS)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, str(script), store.path], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "OK ['CPU:0', 'CPU:1']" in res.stdout
 
 
 def test_prefetch_to_device_path(small_store):
