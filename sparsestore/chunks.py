@@ -42,21 +42,43 @@ def read_slice(arr: Any, start: int, stop: int, *, name: str | None = None) -> n
         raise locate_checksum_error(arr, start, stop, name) from exc
 
 
-def locate_checksum_error(arr: Any, start: int, stop: int, name: str | None) -> ChecksumError:
-    """Find which chunk of ``arr[start:stop]`` is damaged (slow path, errors only)."""
-    chunk = int(arr.chunks[0]) if arr.ndim == 1 else int(arr.chunks[0])
+def locate_checksum_error(
+    arr: Any, start: int, stop: int, name: str | None, chunk_ids: Any = None
+) -> ChecksumError:
+    """Find which chunk of ``arr[start:stop]`` (or of ``chunk_ids``) is damaged (errors only)."""
+    chunk = int(arr.chunks[0])
     label = name or arr.path or "array"
-    for k in range(start // chunk, max(start, stop - 1) // chunk + 1):
+    unit = "elements" if arr.ndim == 1 else "rows"
+    if chunk_ids is None:
+        chunk_ids = range(start // chunk, max(start, stop - 1) // chunk + 1)
+    for k in chunk_ids:
+        k = int(k)
         lo, hi = k * chunk, min((k + 1) * chunk, arr.shape[0])
         try:
             arr[lo:hi]
         except ValueError as exc:
             if _is_checksum_failure(exc):
                 return ChecksumError(
-                    f"checksum mismatch in array {label!r}, chunk {k} (elements {lo}:{hi}): "
+                    f"checksum mismatch in array {label!r}, chunk {k} ({unit} {lo}:{hi}): "
                     "the chunk is damaged on disk; restore the store from a copy"
                 )
     return ChecksumError(f"checksum mismatch reading array {label!r}[{start}:{stop}]")
+
+
+def read_rows(arr: Any, rows: np.ndarray, *, name: str | None = None) -> np.ndarray:
+    """``arr[rows]`` for sorted unique ``rows`` (zarr orthogonal selection, whole trailing axes).
+
+    Like :func:`read_slice`, a CRC32C failure becomes a :class:`ChecksumError` naming the chunk.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    sel = (rows,) + (slice(None),) * (arr.ndim - 1)
+    try:
+        return np.asarray(arr.get_orthogonal_selection(sel))
+    except ValueError as exc:
+        if not _is_checksum_failure(exc):
+            raise
+        ids = np.unique(rows // int(arr.chunks[0]))
+        raise locate_checksum_error(arr, 0, 0, name, chunk_ids=ids) from exc
 
 
 class ChunkCache:

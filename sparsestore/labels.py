@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .chunks import read_slice
+from .chunks import read_rows, read_slice
 from .errors import LabelError
 from .indexing import normalize_rows
 
@@ -58,7 +58,7 @@ class LabelArray:
         if hi - lo <= 4 * uniq.size:
             block = self.read(lo, hi)[uniq - lo]
         else:
-            block = np.asarray(self._arr.get_orthogonal_selection((uniq,)))
+            block = read_rows(self._arr, uniq, name=f"labels/{self.name}")
         return block[inverse]
 
     def __getitem__(self, key: Any) -> np.ndarray:

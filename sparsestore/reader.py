@@ -27,7 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 from zarr.core.buffer.cpu import NDBuffer
 
-from .chunks import ChunkCache, read_slice
+from .chunks import ChunkCache, read_rows, read_slice
 from .errors import InvalidInputError, OutOfRangeError
 from .sampler import UnitSpec
 
@@ -401,7 +401,7 @@ class BlockReader:
         labels = tuple(lab.take(rows) for lab in self._labels)
         if st.is_dense:
             dense = np.asarray(
-                st.arrays["X"].get_orthogonal_selection((uniq, slice(None)))
+                read_rows(st.arrays["X"], uniq, name="X")
             ) if uniq.size else np.empty((0, st.n_cols), st.dtype)
             if not same:
                 dense = dense[inverse]

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 
 from . import storage
 from .canonical import canonical_block
-from .chunks import ChunkCache, read_ranges, read_slice
+from .chunks import ChunkCache, read_ranges, read_rows, read_slice
 from .errors import (
     CorruptStoreError,
     DTypeError,
@@ -35,6 +35,7 @@ from .layout import (
     CSR_ENCODING,
     DENSE_ARRAY,
     DENSE_ENCODING,
+    FORMAT_VERSION,
     LABELS_GROUP,
     META_KEY,
     Layout,
@@ -79,13 +80,13 @@ class SparseStore:
     def _load(self) -> None:
         g = self._group
         attrs = dict(g.attrs)
-        meta = Meta.from_json(attrs.get(META_KEY))
+        meta = _read_meta(attrs, self.path)
         enc = attrs.get("encoding-type")
         if enc == "anndata" and "X" in g:
             # An AnnData root: serve its X matrix (read-only; obs columns via convert).
             self._group = g = g["X"]
             attrs = dict(g.attrs)
-            meta = Meta.from_json(attrs.get(META_KEY))
+            meta = _read_meta(attrs, self.path)
             enc = attrs.get("encoding-type")
         if enc == "csr_matrix":
             meta.format = "csr"
@@ -112,12 +113,16 @@ class SparseStore:
         except InvalidInputError as exc:
             raise CorruptStoreError(f"{self.path}: bad attrs['shape']: {exc}") from None
         self._shape = (n_rows, n_cols)
-        self.layout = Layout.from_options(**meta.layout) if meta.layout else None
+        try:
+            self.layout = Layout.from_options(**meta.layout) if meta.layout else None
+        except (InvalidInputError, TypeError) as exc:
+            raise CorruptStoreError(f"{self.path}: bad layout in attrs: {exc}") from None
         if meta.format == "csr":
             for name in ("data", "indices", "indptr"):
                 if name not in g:
                     raise CorruptStoreError(f"{self.path}: CSR group has no {name!r} array")
             self._data, self._indices, self._indptr = g["data"], g["indices"], g["indptr"]
+            _check_csr_arrays(self._data, self._indices, self._indptr, self.path)
             if self._indptr.shape[0] < n_rows + 1:
                 raise CorruptStoreError(
                     f"{self.path}: indptr has {self._indptr.shape[0]} entries but shape says "
@@ -130,11 +135,20 @@ class SparseStore:
                     f"{self.path}: indptr[-1]={self._nnz} but data holds "
                     f"{self._data.shape[0]} and indices {self._indices.shape[0]} values"
                 )
+            first = int(read_slice(self._indptr, 0, 1, name="indptr")[0])
+            if first != 0:
+                raise CorruptStoreError(f"{self.path}: indptr[0]={first}, must be 0")
+            if META_KEY in attrs and meta.committed_nnz != self._nnz:
+                raise CorruptStoreError(
+                    f"{self.path}: indptr[{n_rows}]={self._nnz} but the last commit recorded "
+                    f"nnz={meta.committed_nnz}; the store was modified outside sparsestore"
+                )
             self._dtype = np.dtype(self._data.dtype)
         else:
             if DENSE_ARRAY not in g:
                 raise CorruptStoreError(f"{self.path}: dense store has no {DENSE_ARRAY!r} array")
             self._X = g[DENSE_ARRAY]
+            _check_stored_dtype(self._X.dtype, DENSE_ARRAY, self.path)
             if self._X.ndim != 2 or self._X.shape[0] < n_rows or self._X.shape[1] != n_cols:
                 raise CorruptStoreError(
                     f"{self.path}: X has shape {self._X.shape}, attrs say {shape}"
@@ -149,9 +163,12 @@ class SparseStore:
                 )
             lg = g[LABELS_GROUP]
             for name in meta.labels:
-                if name not in lg:
+                if not hasattr(lg, "arrays") or name not in lg:
                     raise CorruptStoreError(f"{self.path}: label {name!r} is listed but missing")
                 arr = lg[name]
+                if not hasattr(arr, "dtype") or arr.ndim < 1:
+                    raise CorruptStoreError(f"{self.path}: label {name!r} is not an array")
+                _check_stored_dtype(arr.dtype, f"labels/{name}", self.path)
                 if arr.shape[0] < n_rows:
                     raise CorruptStoreError(
                         f"{self.path}: label {name!r} has {arr.shape[0]} rows, store has {n_rows}"
@@ -275,7 +292,7 @@ class SparseStore:
             return self._rows_contiguous(0, 0)
         uniq, inverse = np.unique(rows, return_inverse=True)
         if self.is_dense:
-            block = np.asarray(self._X.get_orthogonal_selection((uniq, slice(None))))
+            block = read_rows(self._X, uniq, name=DENSE_ARRAY)
         else:
             vals, ind, ptr = self.take_parts(uniq)
             block = sp.csr_matrix((vals, ind, ptr), shape=(uniq.size, self.n_cols))
@@ -583,6 +600,61 @@ class SparseStore:
 
 
 # ------------------------------------------------------------------ helpers
+
+def _read_meta(attrs: Mapping[str, Any], path: str) -> Meta:
+    """``attrs["sparsestore"]`` as :class:`Meta`, every field type-checked (data, never code)."""
+    raw = attrs.get(META_KEY)
+    if raw is None:
+        return Meta()
+    if not isinstance(raw, dict):
+        raise CorruptStoreError(f"{path}: attrs[{META_KEY!r}] must be a mapping, got {raw!r:.80}")
+    meta = Meta.from_json(raw)
+    fields = (
+        ("format", str), ("format_version", int), ("labels", list), ("layout", dict),
+        ("committed_nnz", int), ("keep_zeros", bool), ("complete", bool),
+    )
+    for fname, typ in fields:
+        value = getattr(meta, fname)
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise CorruptStoreError(
+                f"{path}: attrs[{META_KEY!r}][{fname!r}] should be {typ.__name__}, got "
+                f"{value!r:.80}; the store metadata is damaged"
+            )
+    if meta.format not in ("csr", "dense"):
+        raise CorruptStoreError(f"{path}: unknown store format {meta.format!r:.80}")
+    if meta.format_version > FORMAT_VERSION or meta.format_version < 1:
+        raise CorruptStoreError(
+            f"{path}: store format version {meta.format_version} is not supported (this "
+            f"sparsestore reads version {FORMAT_VERSION}); upgrade sparsestore"
+        )
+    if meta.committed_nnz < 0:
+        raise CorruptStoreError(f"{path}: negative committed nnz {meta.committed_nnz}")
+    for name in meta.labels:
+        try:
+            _check_label_name(name)
+        except LabelError as exc:
+            raise CorruptStoreError(f"{path}: bad label name in attrs: {exc}") from None
+    return meta
+
+
+def _check_stored_dtype(dtype: Any, name: str, path: str, kinds: str | None = None) -> None:
+    try:
+        dt = check_value_dtype(dtype)
+    except DTypeError as exc:
+        raise CorruptStoreError(f"{path}: array {name!r} has an unsupported dtype: {exc}") from None
+    if kinds is not None and dt.kind not in kinds:
+        raise CorruptStoreError(f"{path}: array {name!r} must hold integers, has dtype {dt}")
+
+
+def _check_csr_arrays(data: Any, indices: Any, indptr: Any, path: str) -> None:
+    """O(1) checks of the three CSR arrays: kinds, ranks and dtypes."""
+    for name, arr in (("data", data), ("indices", indices), ("indptr", indptr)):
+        if not hasattr(arr, "dtype") or arr.ndim != 1:
+            raise CorruptStoreError(f"{path}: {name!r} must be a 1-D array")
+    _check_stored_dtype(data.dtype, "data", path)
+    _check_stored_dtype(indices.dtype, "indices", path, kinds="iu")
+    _check_stored_dtype(indptr.dtype, "indptr", path, kinds="iu")
+
 
 def _nbytes_stored(arr: Any) -> int:
     try:
