@@ -174,7 +174,8 @@ def element_spec(loader: DataLoader, *, sample_shape: Sequence[int] | None = Non
         if plan.dense
         else tf.SparseTensorSpec((None, *tail), plan.values_dtype)
     )
-    return (x, *plan.label_specs) if plan.label_specs else x
+    labels = tuple(tf.TensorSpec(s.shape, s.dtype) for s in plan.label_specs)  # map drops names
+    return (x, *labels) if labels else x
 
 
 # ------------------------------------------------------------------ passes

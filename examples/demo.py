@@ -42,9 +42,9 @@ def print_info(store: sparsestore.SparseStore) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=200_000)
-    p.add_argument("--cols", type=int, default=5_000)
-    p.add_argument("--density", type=float, default=0.004)
+    p.add_argument("--rows", type=int, default=400_000)
+    p.add_argument("--cols", type=int, default=10_000)
+    p.add_argument("--density", type=float, default=0.002)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--out", default="demo_data", help="directory for the store (overwritten)")
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     print("2. streaming one epoch (shuffled) through sparsestore.DataLoader")
     import adapters.tensorflow as sstf
 
+    rss0 = kt.rss_mb()
     loader = sparsestore.DataLoader(store, args.batch_size, shuffle=True, seed=0)
     t0 = time.perf_counter()
     rows = nnz = 0
@@ -76,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   MISMATCH: streamed {tp.rows} rows / {tp.nnz} nnz, store has "
                   f"{store.n_rows} / {store.nnz}")
             return 1
-    print(f"   every row and non-zero arrived ({store.n_rows:,} rows, {store.nnz:,} nnz)")
+    print(f"   every row and non-zero arrived ({store.n_rows:,} rows, {store.nnz:,} nnz); "
+          f"RSS {rss0:,.0f} -> {kt.rss_mb():,.0f} MiB for a matrix of "
+          f"{_mib(store.info()['bytes_uncompressed'])}")
 
     print(f"3. training keras Input(sparse=True) -> Dense -> Dense for {args.epochs} epochs")
     history, train_tp = kt.train(store, epochs=args.epochs, batch_size=args.batch_size)

@@ -6,7 +6,7 @@ block by block (never whole in memory), the first rows train a
 ``keras.Input(shape=(n_cols,), sparse=True) -> Dense -> Dense`` model and the last rows
 (``DataLoader(rows=...)``) validate it.  Prints rows/s, M nnz/s and peak RSS.
 
-    python examples/keras_train.py --rows 100000 --cols 2000 --epochs 3 --out keras_data
+    python examples/keras_train.py --rows 100000 --cols 2000 --epochs 3 --out demo_data
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--hidden", type=int, default=64, help="units of the hidden Dense layer")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="keras_data", help="directory for the store (overwritten)")
+    p.add_argument("--out", default="demo_data", help="directory for the store (overwritten)")
     return p.parse_args(argv)
 
 

@@ -73,6 +73,7 @@ def test_batches_equal_loader_batches(small_store, shuffle, bs):
     assert spec[1].dtype == tf.int64 and spec[1].shape.as_list() == [None]
     assert spec[2].dtype == tf.float32 and spec[2].shape.as_list() == [None, 2]
     assert int(ds.cardinality()) == len(a)
+    assert sstf.element_spec(a) == spec
     n = 0
     for (x, y, w), batch in zip(ds, b.iter_batches(), strict=True):
         want = batch.to_scipy()
@@ -246,6 +247,7 @@ def test_dense_store_streams_dense_tensors(tmp_path, rng):
     a, b = loader_pair(store, batch_size=64, shuffle=True, seed=2, labels="y")
     ds = sstf.to_dataset(a)
     assert ds.element_spec[0] == tf.TensorSpec([None, 24], tf.float32)
+    assert sstf.element_spec(a) == ds.element_spec
     for (x, yy), batch in zip(ds, b.iter_batches(), strict=True):
         assert isinstance(x, tf.Tensor)
         np.testing.assert_array_equal(x.numpy(), X[batch.rows])
@@ -262,6 +264,7 @@ def test_sample_shape_gives_3d_sparse_tensors(tmp_path, rng):
     a, b = loader_pair(store, batch_size=48, shuffle=True, seed=4)
     ds = sstf.to_dataset(a, sample_shape=(r, c))
     assert ds.element_spec == tf.SparseTensorSpec([None, r, c], tf.float32)
+    assert sstf.element_spec(a, sample_shape=(r, c)) == ds.element_spec
     for x, batch in zip(ds, b.iter_batches(), strict=True):
         want = X[batch.rows].toarray().reshape(-1, r, c)
         np.testing.assert_array_equal(x.dense_shape.numpy(), want.shape)
