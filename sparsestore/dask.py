@@ -609,6 +609,7 @@ def from_dask(
     blocks = list(darr.to_delayed()[:, 0])
     lab_dask: dict[str, Any] = {}
     lab_np: dict[str, Any] = {}
+    order = list(labels or {})
     for name, value in (labels or {}).items():
         rows = value.shape[0] if hasattr(value, "shape") else len(value)
         if known and not np.isnan(rows) and rows != n_rows:
@@ -642,15 +643,19 @@ def from_dask(
             block, labs = res if lab_dask else (res, {})
             block = _as_block(block)
             stop = start + block.shape[0]
-            labs = dict(labs)
-            for k, v in lab_np.items():
-                if v.shape[0] < stop:
-                    raise ShapeMismatchError(
-                        f"label {k!r} has {v.shape[0]} entries, fewer than the array's rows"
-                    )
-                labs[k] = np.asarray(v[start:stop])
+            out = {}
+            for k in order:  # the caller's label order
+                if k in lab_np:
+                    v = lab_np[k]
+                    if v.shape[0] < stop:
+                        raise ShapeMismatchError(
+                            f"label {k!r} has {v.shape[0]} entries, fewer than the array's rows"
+                        )
+                    out[k] = np.asarray(v[start:stop])
+                else:
+                    out[k] = np.asarray(labs[k])
             start = stop
-            yield block, (labs or None)
+            yield block, (out or None)
         for k, v in lab_np.items():
             if v.shape[0] != start:
                 raise ShapeMismatchError(
