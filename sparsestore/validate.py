@@ -27,8 +27,8 @@ from .errors import (
 )
 from .layout import LABELS_GROUP, MAX_DIM, META_KEY, check_value_dtype
 
-# Row blocks of the deep pass cover at most this many stored entries (bounded memory).
-_BLOCK_NNZ = 2**20
+# Row blocks of the deep pass span at most this many data chunks (bounded memory).
+_BLOCK_CHUNKS = 4
 _MAX_PROBLEMS = 200
 
 
@@ -303,6 +303,7 @@ def _deep_csr(st: Any, report: ValidationReport, bar: _Progress) -> None:
     ind_c = _Chunks(arrs["indices"], "indices", report, bar)
     keep_zeros = st._meta.keep_zeros or META_KEY not in dict(st.group.attrs)
     reported = {"order": 0, "range": 0, "zero": 0}
+    block = _BLOCK_CHUNKS * max(data_c.chunk, ind_c.chunk)
 
     def note(kind: str, msg: str) -> None:
         reported[kind] += 1
@@ -324,7 +325,7 @@ def _deep_csr(st: Any, report: ValidationReport, bar: _Progress) -> None:
             report.add(f"indptr values in rows {r0}:{r0 + ptr.size - 1} exceed nnz={nnz}")
             continue
         # Cut the rows of this indptr chunk into blocks of bounded nnz.
-        marks = np.searchsorted(ptr, np.arange(ptr[0] + _BLOCK_NNZ, ptr[-1], _BLOCK_NNZ))
+        marks = np.searchsorted(ptr, np.arange(ptr[0] + block, ptr[-1], block))
         bounds = np.unique(np.concatenate([[0], marks, [ptr.size - 1]]))
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             local = ptr[a : b + 1]
