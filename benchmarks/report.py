@@ -1,0 +1,313 @@
+"""Turn the suite's results into ``results.md`` (tables, targets, machine) and two PNG charts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from .common import MiB
+
+TARGETS_DOC = {
+    "read": "issue 2: full read of the store >= 5x faster than load_npz of the compressed npz",
+    "keras": "issue 3: Keras epoch streaming from disk <= 1.1x the same batches cached in memory",
+    "shuffle": "issue 3: shuffled / sequential throughput >= 0.8",
+    "rss": "issue 3: peak RSS growth streaming a 4x larger matrix within 10% of the smaller",
+    "convert": "convert of the .npz shards: 2 workers >= 1.6x faster than 1",
+    "dask_scipy": "dask column sums from disk >= 0.5x scipy in memory",
+    "dask_anndata": "dask column sums >= 3x anndata's lazy dask path",
+}
+
+
+def ok(r: dict[str, Any] | None) -> bool:
+    return bool(r) and r.get("status") == "ok" and r.get("seconds", 0) > 0
+
+
+def mnnz_s(r: dict[str, Any]) -> float:
+    return r["nnz"] / r["seconds"] / 1e6
+
+
+def rows_s(r: dict[str, Any]) -> float:
+    return r["rows"] / r["seconds"]
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{digits}f}"
+
+
+def _status_note(r: dict[str, Any]) -> str:
+    if r.get("status") != "ok":
+        return f"**{r.get('status')}**: {r.get('reason', '')}"
+    frac = r.get("fraction")
+    if frac is not None and frac < 0.999:
+        return f"partial: {100 * frac:.0f}% of an epoch in the time budget"
+    return ""
+
+
+def _rss(r: dict[str, Any], isolated: bool) -> tuple[str, str]:
+    if not ok(r):
+        return "-", "-"
+    return _f(r["rss_growth_mib"], 0), (_f(r["peak_rss_mib"], 0) if isolated else "-")
+
+
+def best_baseline(results: dict[str, dict[str, Any]], group: str = "stream") -> dict | None:
+    cands = [r for r in results.values() if r["group"] == group and r["baseline"] and ok(r)]
+    return max(cands, key=mnnz_s) if cands else None
+
+
+def _ratio(a: dict | None, b: dict | None, fn: Any = mnnz_s) -> float | None:
+    if not ok(a) or not ok(b):
+        return None
+    return fn(a) / fn(b)
+
+
+def targets(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """``(target, measured, verdict)`` rows for the issues' acceptance numbers."""
+    g = results.get
+    rows: list[tuple[str, str, str]] = []
+
+    def add(key: str, value: float | None, good: bool | None, fmt: str = "{:.2f}x") -> None:
+        measured = "-" if value is None else fmt.format(value)
+        verdict = "n/a" if value is None else ("met" if good else "NOT met")
+        rows.append((TARGETS_DOC[key], measured, verdict))
+
+    r = _ratio(g("read_store_default"), g("read_npz"))
+    add("read", r, r is not None and r >= 5)
+    k = g("keras_fit")
+    v = k["stream_over_cached"] if ok(k) else None
+    add("keras", v, v is not None and v <= 1.1)
+    v = _ratio(g("ss_tf_shuffled"), g("ss_tf_seq"))
+    add("shuffle", v, v is not None and v >= 0.8)
+    if ok(k):
+        s = k["shuffled_over_sequential_throughput"]
+        rows.append(("... same in Keras fit (sequential / shuffled epoch time)", f"{s:.2f}x",
+                     "met" if s >= 0.8 else "NOT met"))
+    scal = sorted((r for r in results.values() if r["group"] == "scaling" and ok(r)),
+                  key=lambda r: r["rows"])
+    for a, b in zip(scal, scal[1:], strict=False):
+        grow = b["rss_growth_mib"] / max(a["rss_growth_mib"], 1e-9) - 1
+        rows.append((TARGETS_DOC["rss"] + f" ({a['name']} -> {b['name']})",
+                     f"{100 * grow:+.0f}% ({a['rss_growth_mib']:.0f} -> "
+                     f"{b['rss_growth_mib']:.0f} MiB)", "met" if grow <= 0.10 else "NOT met"))
+    if not scal:
+        add("rss", None, None)
+    v = _ratio(g("convert_w2"), g("convert_w1"))
+    add("convert", v, v is not None and v >= 1.6)
+    c = g("convert_w2")
+    if ok(c) and c.get("shard_max_bytes"):
+        rows.append(("convert peak RSS growth vs one shard decompressed",
+                     f"{c['rss_growth_mib'] * MiB / c['shard_max_bytes']:.1f}x "
+                     f"({c['rss_growth_mib']:.0f} MiB vs {c['shard_max_bytes'] / MiB:.1f} MiB)",
+                     "info"))
+    v = _ratio(g("dask_colsum_store"), g("dask_colsum_scipy"), rows_s)
+    add("dask_scipy", v, v is not None and v >= 0.5)
+    v = _ratio(g("dask_colsum_store"), g("dask_colsum_anndata"), rows_s)
+    add("dask_anndata", v, v is not None and v >= 3)
+    return rows
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in body]
+    return out + [""]
+
+
+def markdown(run: dict[str, Any]) -> str:
+    """The whole ``results.md``."""
+    results: dict[str, dict[str, Any]] = run["results"]
+    m, size, iso = run["machine"], run["size"], run["isolated"]
+    lines = [
+        "# sparsestore benchmarks",
+        "",
+        f"Command: `{run['command']}`  ",
+        f"Date: {run['date']} (suite wall time {run['wall_s']:.0f} s)  ",
+        f"Size `{size['name']}`: {size['n_rows']:,} x {size['n_cols']:,} float32, "
+        f"~{size['nnz_per_row']} nnz/row ({run['meta'].get('nnz', 0):,} nnz), "
+        f"batch size {run['batch_size']}; slow baselines cut after {size['time_budget']:.0f} s "
+        f"(then reported as partial).  ",
+        f"Machine: {m['cpu']}, {m['cores']} usable cores, {m['ram_gib']} GiB RAM, {m['os']}, "
+        f"Python {m['python']}, commit {m['commit'] or '?'}; load average at start "
+        f"{m['load_avg']}, at end {run.get('load_avg_end')}.  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
+        "",
+        ("Each case ran in a fresh subprocess; `RSS growth` is the peak RSS sampled every 5 ms "
+         "during the case (data loading included) minus the RSS after its library imports; "
+         "`process peak` is the subprocess's lifetime peak (ru_maxrss, imports included)."
+         if iso else
+         "All cases ran in one process (`--no-isolate`, the default for `--tiny`); `RSS growth` "
+         "is approximate there (memory freed by earlier cases is reused)."),
+        "Files were just written, so reads come from the page cache (warm): the numbers are "
+        "CPU cost of decoding and conversion, not disk speed.",
+        "",
+    ]
+    if run.get("noisy"):
+        lines += [f"**Noise warning**: {run['noisy']}", ""]
+
+    # -- streaming
+    best = best_baseline(results)
+    lines += ["## Streaming into TensorFlow (same matrix, batch 1024, one pass)", ""]
+    if best is not None:
+        lines += [f"Best baseline: **{best['label']}** ({mnnz_s(best):.2f} M nnz/s).", ""]
+    body = []
+    stream = [r for r in results.values() if r["group"] == "stream"]
+    stream.sort(key=lambda r: (not r["ours"], r["baseline"] is False and not r["ours"]))
+    for r in stream:
+        g, p = _rss(r, iso)
+        vs = _ratio(r, best) if best is not None else None
+        body.append([r["label"], _f(mnnz_s(r)) if ok(r) else "-",
+                     _f(rows_s(r), 0) if ok(r) else "-", g, p,
+                     "-" if vs is None else f"{vs:.2f}x", _status_note(r)])
+    lines += _table(["case", "M nnz/s", "rows/s", "RSS growth MiB", "process peak MiB",
+                     "vs best baseline", "note"], body)
+    z, zs = results.get("raw_zarr"), results.get("raw_zarrs")
+    sq = results.get("ss_tf_seq")
+    if ok(z) and ok(sq):
+        lines += [f"sparsestore -> TF sequential reaches {mnnz_s(sq) / mnnz_s(z):.0%} of the raw "
+                  "zarr decode ceiling (default codec pipeline)."]
+    if ok(z) and ok(zs):
+        lines += [f"zarrs codec pipeline vs default on local disk: raw decode "
+                  f"{mnnz_s(zs) / mnnz_s(z):.2f}x"
+                  + (f", loader {_ratio(results.get('ss_loader_seq_zarrs'), results.get('ss_loader_seq')):.2f}x"  # noqa: E501
+                     if ok(results.get("ss_loader_seq_zarrs")) and ok(results.get("ss_loader_seq"))
+                     else "") + "."]
+    lines += [""]
+
+    # -- io
+    lines += ["## Write, size and full read vs scipy .npz", ""]
+    wn, rn = results.get("write_npz"), results.get("read_npz")
+    body = []
+    for r in results.values():
+        if r["group"] != "io":
+            continue
+        ref = wn if r["name"].startswith("write") else rn
+        disk = r.get("disk_bytes")
+        body.append([r["label"], _f(mnnz_s(r)) if ok(r) else "-",
+                     _f(r["seconds"], 3) if ok(r) else "-",
+                     _f(disk / MiB, 1) if disk else "-",
+                     f"{disk / wn['disk_bytes']:.2f}x" if disk and ok(wn) else "-",
+                     "-" if _ratio(r, ref) is None else f"{_ratio(r, ref):.2f}x",
+                     _rss(r, iso)[0], _status_note(r)])
+    lines += _table(["case", "M nnz/s", "seconds", "disk MiB", "size vs npz",
+                     "speed vs npz", "RSS growth MiB", "note"], body)
+
+    # -- keras
+    k = results.get("keras_fit")
+    lines += ["## Keras model.fit epoch time", ""]
+    if ok(k):
+        lines += _table(
+            ["variant", "epoch s (median)", "rows/s", "vs cached"],
+            [["streamed from disk (sequential)", _f(k["seconds"], 3), _f(rows_s(k), 0),
+              f"{k['stream_over_cached']:.2f}x"],
+             ["same batches, ds.cache() in memory", _f(k["cached_seconds"], 3),
+              _f(k["rows"] / k["cached_seconds"], 0), "1.00x"],
+             ["streamed from disk (shuffled)", _f(k["shuffled_seconds"], 3),
+              _f(k["rows"] / k["shuffled_seconds"], 0),
+              f"{k['shuffled_seconds'] / k['cached_seconds']:.2f}x"]])
+    else:
+        lines += [_status_note(k) if k else "not run", ""]
+
+    # -- convert, dask
+    for group, title in (("convert", "Convert .npz shards"), ("dask", "Dask column sums")):
+        rs = [r for r in results.values() if r["group"] == group]
+        if not rs:
+            continue
+        lines += [f"## {title}", ""]
+        body = [[r["label"], _f(mnnz_s(r)) if ok(r) else "-", _f(rows_s(r), 0) if ok(r) else "-",
+                 _f(r["seconds"], 3) if ok(r) else "-", *_rss(r, iso), _status_note(r)]
+                for r in rs]
+        lines += _table(["case", "M nnz/s", "rows/s", "seconds", "RSS growth MiB",
+                         "process peak MiB", "note"], body)
+
+    # -- scaling
+    rs = sorted((r for r in results.values() if r["group"] == "scaling"),
+                key=lambda r: r.get("store_rows", 0))
+    if rs:
+        lines += ["## Scaling: the same streaming pass at x1, x4, x16 rows", ""]
+        body = [[r["label"], f"{r.get('store_rows', 0):,}", f"{r.get('store_nnz', 0):,}",
+                 _f(mnnz_s(r)) if ok(r) else "-", _f(rows_s(r), 0) if ok(r) else "-",
+                 *_rss(r, iso), _status_note(r)] for r in rs]
+        lines += _table(["case", "rows", "nnz", "M nnz/s", "rows/s", "RSS growth MiB",
+                         "process peak MiB", "note"], body)
+
+    # -- targets
+    lines += ["## Targets from the issues", ""]
+    lines += _table(["target", "measured", "verdict"], [list(t) for t in targets(results)])
+    if run.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in run["notes"]] + [""]
+    lines += ["## What each case does", ""]
+    lines += [f"- `{r['name']}`: {r['description']}" for r in results.values()]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ plots
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def throughput_png(run: dict[str, Any], path: Path) -> None:
+    """Horizontal bars: M nnz/s (log) and RSS growth of every streaming case that ran."""
+    plt = _plt()
+    rs = [r for r in run["results"].values() if r["group"] == "stream" and ok(r)]
+    rs.sort(key=mnnz_s)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 0.45 * max(4, len(rs)) + 1.5),
+                                   sharey=True, gridspec_kw={"width_ratios": [3, 1]})
+    colors = ["tab:blue" if r["ours"] else ("tab:gray" if r["baseline"] else "tab:green")
+              for r in rs]
+    y = range(len(rs))
+    vals = [mnnz_s(r) for r in rs]
+    ax1.barh(y, vals, color=colors)
+    ax1.set_xscale("log")
+    for i, v in enumerate(vals):
+        ax1.text(v, i, f" {v:.2f}", va="center", fontsize=8)
+    ax1.set_yticks(list(y), [r["label"] for r in rs], fontsize=8)
+    ax1.set_xlabel("M nnz/s (log scale; blue: sparsestore, gray: baselines, green: ceiling)")
+    ax2.barh(y, [r["rss_growth_mib"] for r in rs], color=colors)
+    ax2.set_xlabel("peak RSS growth (MiB)")
+    s = run["size"]
+    fig.suptitle(f"Streaming {s['n_rows']:,} x {s['n_cols']:,} (~{s['nnz_per_row']} nnz/row), "
+                 f"batch {run['batch_size']} -- {run['machine']['cpu']}, "
+                 f"{run['machine']['cores']} cores", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def scaling_png(run: dict[str, Any], path: Path) -> None:
+    """Throughput and peak RSS growth of the streaming pass against matrix rows."""
+    plt = _plt()
+    rs = sorted((r for r in run["results"].values() if r["group"] == "scaling" and ok(r)),
+                key=lambda r: r["store_rows"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [r["store_rows"] for r in rs]
+    ax1.plot(xs, [mnnz_s(r) for r in rs], "o-")
+    ax1.set_xscale("log")
+    ax1.set_xlabel("rows")
+    ax1.set_ylabel("M nnz/s")
+    ax1.set_ylim(bottom=0)
+    ax1.set_title("throughput")
+    ax2.plot(xs, [r["rss_growth_mib"] for r in rs], "o-", label="RSS growth during the pass")
+    if run["isolated"]:
+        ax2.plot(xs, [r["peak_rss_mib"] for r in rs], "s--", label="process peak RSS")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("rows")
+    ax2.set_ylabel("MiB")
+    ax2.set_ylim(bottom=0)
+    ax2.set_title("memory")
+    ax2.legend(fontsize=8)
+    fig.suptitle("sparsestore -> tf.data, sequential: x1, x4, x16 rows", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
