@@ -28,6 +28,7 @@ from .errors import (
     NotAStoreError,
     ReadOnlyError,
     ShapeMismatchError,
+    SparseStoreError,
 )
 from .indexing import normalize_rows, split_key
 from .labels import LabelArray, Labels
@@ -149,6 +150,7 @@ class SparseStore:
                 raise CorruptStoreError(f"{self.path}: dense store has no {DENSE_ARRAY!r} array")
             self._X = g[DENSE_ARRAY]
             _check_stored_dtype(self._X.dtype, DENSE_ARRAY, self.path)
+            check_codecs(self._X, DENSE_ARRAY, self.path)
             if self._X.ndim != 2 or self._X.shape[0] < n_rows or self._X.shape[1] != n_cols:
                 raise CorruptStoreError(
                     f"{self.path}: X has shape {self._X.shape}, attrs say {shape}"
@@ -169,6 +171,7 @@ class SparseStore:
                 if not hasattr(arr, "dtype") or arr.ndim < 1:
                     raise CorruptStoreError(f"{self.path}: label {name!r} is not an array")
                 _check_stored_dtype(arr.dtype, f"labels/{name}", self.path)
+                check_codecs(arr, f"labels/{name}", self.path)
                 if arr.shape[0] < n_rows:
                     raise CorruptStoreError(
                         f"{self.path}: label {name!r} has {arr.shape[0]} rows, store has {n_rows}"
@@ -646,11 +649,54 @@ def _check_stored_dtype(dtype: Any, name: str, path: str, kinds: str | None = No
         raise CorruptStoreError(f"{path}: array {name!r} must hold integers, has dtype {dt}")
 
 
+# Codecs a store may name: plain (de)compressors and checksums.  Anything else (a codec
+# that unpickles, or one registered by some installed plugin) is refused before any read.
+SAFE_CODECS = frozenset({
+    "bytes", "blosc", "crc32c", "zstd", "gzip", "transpose", "sharding_indexed",
+    "zlib", "lz4", "bz2", "lzma", "crc32", "adler32", "fletcher32", "jenkins_lookup3",
+    "shuffle", "delta",
+})
+
+
+def _codec_names(spec: Any) -> list[str]:
+    names: list[str] = []
+    for c in spec or ():
+        if not isinstance(c, dict):
+            names.append(repr(c))
+            continue
+        name = c.get("name", c.get("id"))
+        names.append(str(name))
+        conf = c.get("configuration") or {}
+        if isinstance(conf, dict):
+            names += _codec_names(conf.get("codecs")) + _codec_names(conf.get("index_codecs"))
+    return names
+
+
+def check_codecs(arr: Any, name: str, path: str) -> None:
+    """Refuse arrays whose metadata names a codec outside :data:`SAFE_CODECS`."""
+    try:
+        meta = arr.metadata.to_dict()
+    except Exception as exc:  # pragma: no cover - unreadable metadata
+        raise CorruptStoreError(f"{path}: array {name!r} metadata is unreadable: {exc}") from None
+    specs = list(meta.get("codecs") or ()) + list(meta.get("filters") or ())
+    if meta.get("compressor"):
+        specs.append(meta["compressor"])
+    for codec in _codec_names(specs):
+        short = codec[len("numcodecs."):] if codec.startswith("numcodecs.") else codec
+        if short not in SAFE_CODECS:
+            raise CorruptStoreError(
+                f"{path}: array {name!r} uses codec {codec!r:.60}, which sparsestore does not "
+                "read (allowed: " + ", ".join(sorted(SAFE_CODECS)) + "); re-encode the "
+                "store with a trusted tool"
+            )
+
+
 def _check_csr_arrays(data: Any, indices: Any, indptr: Any, path: str) -> None:
-    """O(1) checks of the three CSR arrays: kinds, ranks and dtypes."""
+    """O(1) checks of the three CSR arrays: kinds, ranks, dtypes and codecs."""
     for name, arr in (("data", data), ("indices", indices), ("indptr", indptr)):
         if not hasattr(arr, "dtype") or arr.ndim != 1:
             raise CorruptStoreError(f"{path}: {name!r} must be a 1-D array")
+        check_codecs(arr, name, path)
     _check_stored_dtype(data.dtype, "data", path)
     _check_stored_dtype(indices.dtype, "indices", path, kinds="iu")
     _check_stored_dtype(indptr.dtype, "indptr", path, kinds="iu")
@@ -779,7 +825,17 @@ def open(
         raise NotAStoreError(f"{p} is not a zarr group ({type(exc).__name__}: {exc})") from exc
     lock = storage.WriteLock(p).acquire() if mode == "r+" else None
     try:
-        store = SparseStore(group, path=p, mode=mode, storage_options=storage_options, lock=lock)
+        try:
+            store = SparseStore(
+                group, path=p, mode=mode, storage_options=storage_options, lock=lock
+            )
+        except SparseStoreError:
+            raise
+        except Exception as exc:  # zarr refusing damaged array metadata, unknown codecs...
+            raise CorruptStoreError(
+                f"{p}: the store's metadata cannot be read ({type(exc).__name__}: {exc}); "
+                "it is damaged or was not written by sparsestore/anndata"
+            ) from exc
         if not store._meta.complete:
             raise CorruptStoreError(
                 f"{p} is an incomplete store (its save was interrupted); delete it and save again"

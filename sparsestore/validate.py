@@ -370,7 +370,13 @@ def _deep_csr(st: Any, report: ValidationReport, bar: _Progress) -> None:
 def _raw_checks(
     group: Any, attrs: dict[str, Any], report: ValidationReport, *, deep: bool
 ) -> None:
-    """Best-effort findings when the store cannot even be opened (and, deep, every CRC)."""
+    """Best-effort findings when the store cannot even be opened (and, deep, every CRC).
+
+    Only arrays with a storable dtype and safe codecs are decoded: a hostile store never
+    gets to run a codec of its choosing.
+    """
+    from .store import check_codecs
+
     shape = attrs.get("shape")
     if not (
         isinstance(shape, (list, tuple))
@@ -379,28 +385,37 @@ def _raw_checks(
                 for s in shape)
     ):
         report.add(f"attrs['shape'] is not [n_rows, n_cols] of sane integers: {shape!r:.80}")
-    for name in ("data", "indices", "indptr"):
-        if attrs.get("encoding-type") == "csr_matrix" and name not in group:
-            report.add(f"array {name!r} is missing")
-        elif name in group:
-            arr = group[name]
-            try:
-                check_value_dtype(arr.dtype)
-            except SparseStoreError as exc:
-                report.add(f"array {name!r}: {exc}")
-
+    candidates: list[tuple[str, Any]] = []
+    for name in ("data", "indices", "indptr", "X"):
+        try:
+            if name in group:
+                candidates.append((name, group[name]))
+            elif attrs.get("encoding-type") == "csr_matrix" and name != "X":
+                report.add(f"array {name!r} is missing")
+        except Exception as exc:
+            report.add(f"array {name!r} cannot be opened ({type(exc).__name__}: {exc})")
+    try:
+        if LABELS_GROUP in group and hasattr(group[LABELS_GROUP], "arrays"):
+            candidates += [(f"labels/{k}", a) for k, a in group[LABELS_GROUP].arrays()]
+    except Exception as exc:
+        report.add(f"labels cannot be opened ({type(exc).__name__}: {exc})")
+    safe = []
+    for name, arr in candidates:
+        try:
+            if not hasattr(arr, "chunks") or arr.ndim < 1:
+                report.add(f"{name!r} is not an array")
+                continue
+            check_value_dtype(arr.dtype)
+            check_codecs(arr, name, report.path)
+        except SparseStoreError as exc:
+            report.add(f"array {name!r}: {exc}")
+            continue
+        safe.append((name, arr))
     if not deep:
         return
-    arrays = []
-    for name in ("data", "indices", "indptr", "X"):
-        if name in group and hasattr(group[name], "chunks"):
-            arrays.append((name, group[name]))
-    if LABELS_GROUP in group and hasattr(group[LABELS_GROUP], "arrays"):
-        arrays += [(f"labels/{k}", a) for k, a in group[LABELS_GROUP].arrays()]
     bar = _Progress(None, 0)
-    for name, arr in arrays:
-        if arr.ndim >= 1:
-            _sweep_rows(arr, name, int(arr.shape[0]), report, bar)
+    for name, arr in safe:
+        _sweep_rows(arr, name, int(arr.shape[0]), report, bar)
 
 
 __all__ = ["ValidationReport", "validate_store"]
