@@ -199,6 +199,8 @@ def markdown(run: dict[str, Any]) -> str:
     # -- keras
     k = results.get("keras_fit")
     lines += ["## Keras model.fit epoch time", ""]
+    if k:
+        lines += [f"{k['label']}: {k['description']}.", ""]
     if ok(k):
         lines += _table(
             ["variant", "epoch s (median)", "rows/s", "vs cached"],

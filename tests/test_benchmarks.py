@@ -1,0 +1,116 @@
+"""The benchmark suite runs end to end at ``--tiny`` (no speed thresholds here: CI only proves
+it works; the figures come from ``python -m benchmarks.run``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+from benchmarks import run as bench_run
+from benchmarks.common import CASES, Ctx, Skip, case, run_case
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """Width and height of a PNG, after checking its signature and every chunk's CRC."""
+    raw = path.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, kinds = 8, []
+    while pos < len(raw):
+        (length,) = struct.unpack(">I", raw[pos : pos + 4])
+        kind, body = raw[pos + 4 : pos + 8], raw[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", raw[pos + 8 + length : pos + 12 + length])
+        assert zlib.crc32(kind + body) == crc, f"bad CRC in {kind!r} chunk"
+        kinds.append(kind)
+        pos += 12 + length
+    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and b"IDAT" in kinds
+    ihdr = raw[16:24]
+    return struct.unpack(">II", ihdr)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench_out")
+    work = tmp_path_factory.mktemp("bench_work")
+    record = bench_run.main(["--tiny", "--out", str(out), "--work", str(work)])
+    return record, out
+
+
+def test_tiny_suite_writes_table_json_and_valid_pngs(tiny_run: tuple[dict, Path]) -> None:
+    record, out = tiny_run
+    md = (out / "results.md").read_text()
+    for heading in ("## Streaming into TensorFlow", "## Write, size and full read",
+                    "## Keras model.fit", "## Scaling", "## Targets from the issues"):
+        assert heading in md
+    assert record["machine"]["cpu"] in md and "usable cores" in md
+    for png in ("throughput.png", "scaling.png"):
+        w, h = _png_size(out / png)
+        assert w > 200 and h > 200
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["results"]) == set(CASES)
+
+
+def test_every_case_ran_or_was_skipped_with_a_reason(tiny_run: tuple[dict, Path]) -> None:
+    record, out = tiny_run
+    md = (out / "results.md").read_text()
+    assert set(record["results"]) == set(CASES)
+    for name, r in record["results"].items():
+        assert r["status"] in ("ok", "skipped"), f"{name}: {r.get('reason')}"
+        if r["status"] == "skipped":
+            assert r["reason"] and "skipped" in md
+            continue
+        assert r["rows"] > 0 and r["nnz"] > 0, name
+        for v in (r["nnz"] / r["seconds"], r["rows"] / r["seconds"], r["rss_growth_mib"] + 1):
+            assert math.isfinite(v) and v > 0, name
+        assert r["label"] in md and f"`{name}`" in md
+
+
+def test_streaming_cases_cover_whole_epochs(tiny_run: tuple[dict, Path]) -> None:
+    record, _ = tiny_run
+    size = bench_run.SIZES["tiny"]
+    nnz = record["meta"]["nnz"]
+    for name in ("ss_tf_seq", "ss_tf_shuffled", "ss_loader_seq", "tf_from_generator",
+                 "raw_zarr", "read_store_default", "read_npz"):
+        r = record["results"][name]
+        if r["status"] == "ok":  # every row and non-zero of the matrix went through once
+            assert (r["rows"], r["nnz"]) == (size.n_rows, nnz), name
+
+
+def test_missing_dependency_is_reported_as_skipped(tmp_path: Path) -> None:
+    @case("_test_missing", "stream", "needs a missing module", "test only")
+    def _missing(ctx: Ctx) -> dict:
+        from benchmarks.common import need
+
+        need("no_such_module_for_sparsestore_bench")
+        return {}
+
+    @case("_test_broken", "stream", "raises", "test only")
+    def _broken(ctx: Ctx) -> dict:
+        raise RuntimeError("boom")
+
+    try:
+        ctx = Ctx(work=str(tmp_path), size=bench_run.SIZES["tiny"])
+        r = run_case("_test_missing", ctx)
+        assert r["status"] == "skipped" and "no_such_module" in r["reason"]
+        r = run_case("_test_broken", ctx)
+        assert r["status"] == "error" and "boom" in r["reason"]
+        assert issubclass(Skip, Exception)
+    finally:
+        CASES.pop("_test_missing", None)
+        CASES.pop("_test_broken", None)
+
+
+def test_one_case_in_a_subprocess(tmp_path: Path) -> None:
+    """The isolated path: a case (no TensorFlow, to stay fast) in a fresh interpreter."""
+    out = tmp_path / "out"
+    record = bench_run.main(["--tiny", "--isolate", "--cases", "raw_zarr,read_npz",
+                             "--out", str(out), "--work", str(tmp_path / "work")])
+    assert set(record["results"]) == {"raw_zarr", "read_npz"}
+    for r in record["results"].values():
+        assert r["status"] == "ok", r.get("reason")
+        assert r["peak_rss_mib"] > 0 and r["nnz"] / r["seconds"] > 0
+    assert "fresh subprocess" in (out / "results.md").read_text()
