@@ -409,6 +409,8 @@ class SparseStore:
         from .ingest import matrix_shape, row_blocks
 
         n_new, n_cols = matrix_shape(X)
+        check_dim(n_new, "n_rows")
+        check_dim(self.n_rows + n_new, "n_rows after the append")
         if n_cols != self.n_cols:
             raise ShapeMismatchError(
                 f"cannot append a block with {n_cols} columns to a store with {self.n_cols}"
