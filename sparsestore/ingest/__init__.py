@@ -1,7 +1,9 @@
 """Sources that become stores: each yields canonical-able row blocks, never the whole matrix.
 
 :func:`row_blocks` dispatches on the type of an in-memory object; file formats live in
-their own modules (``npz``, ``mtx``, ...) and are reached through :func:`sparsestore.convert`.
+their own modules (``npz``, ``npy``, ``mtx``, ``svmlight``, ``anndata_io``) and are reached
+through :func:`sparsestore.convert`; COO triplets and dicts through :func:`from_coo` and
+:func:`from_dict`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import InvalidInputError
+from .coo import from_coo, from_dict
 from .dense import dense_row_blocks
 from .scipy import scipy_row_blocks
 
@@ -43,4 +46,12 @@ def matrix_shape(X: Any) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-__all__ = ["Block", "row_blocks", "matrix_shape", "dense_row_blocks", "scipy_row_blocks"]
+__all__ = [
+    "Block",
+    "dense_row_blocks",
+    "from_coo",
+    "from_dict",
+    "matrix_shape",
+    "row_blocks",
+    "scipy_row_blocks",
+]

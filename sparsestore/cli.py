@@ -1,0 +1,388 @@
+"""The ``sparsestore`` command: convert, info, validate, bench.
+
+Every failure the library reports on purpose (and OS errors) ends as one line,
+``sparsestore: error: ...``, on stderr with a non-zero exit status; no tracebacks.
+Progress bars go to stderr and only on a terminal (``--quiet`` turns them off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidInputError, SparseStoreError
+
+PROG = "sparsestore"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"4MiB"``, ``"4M"``, ``"512k"`` or ``"1048576"`` as bytes (binary multiples)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4MiB, 512KiB, 1048576)")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    return int(value * 1024 ** " kmgt".index(unit or " "))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+# ------------------------------------------------------------------ argument parsing
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Huge sparse matrices on disk (Zarr v3, anndata CSR), streamed into training.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    c = sub.add_parser("convert", help="convert files (npz, npy, mtx, svmlight, h5ad, zarr) "
+                       "into a store",
+                       description="Convert SRC file(s) into a new store at DST (atomic).")
+    c.add_argument("paths", nargs="+", metavar="SRC... DST",
+                   help="source file(s) or glob(s), then the destination store")
+    c.add_argument("--from", dest="format", metavar="FORMAT",
+                   help="source format: npz, npy, mtx, svmlight, h5ad, zarr (default: from "
+                   "the file name)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    c.add_argument("--workers", type=int, metavar="N",
+                   help="npz shards decompressed in parallel (default: up to 4)")
+    c.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    c.add_argument("--labels", action="append", metavar="NAMES",
+                   help="obs columns (h5ad/anndata zarr), label arrays (npz) or labels to copy "
+                   "(store); comma-separated, repeatable")
+    c.add_argument("--key", help="npz: the member holding a dense matrix")
+    c.add_argument("--dtype", help="value dtype of the new store (default: the source's)")
+    c.add_argument("--dense", action="store_true", help="keep a dense source dense")
+    c.add_argument("--n-features", type=int, metavar="N", help="svmlight: number of columns")
+    c.add_argument("--zero-based", choices=("auto", "yes", "no"), default=None,
+                   help="svmlight: whether indices start at 0 (default auto)")
+    c.add_argument("--max-bytes", type=parse_size, metavar="SIZE",
+                   help="npz: refuse a shard decompressing beyond SIZE (default 8GiB)")
+    c.add_argument("--tmp-dir", metavar="DIR", help="where to spill (mtx, svmlight, CSC h5ad)")
+    g = c.add_argument_group("layout")
+    g.add_argument("--compressor", choices=("lz4", "zstd", "blosclz", "zlib", "lz4hc", "none"))
+    g.add_argument("--clevel", type=int, metavar="0-9")
+    g.add_argument("--chunk-bytes", type=parse_size, metavar="SIZE",
+                   help="uncompressed bytes per data chunk (default 4MiB)")
+    g.add_argument("--shard-bytes", type=parse_size, metavar="SIZE",
+                   help="bytes per zarr shard (turns sharding on)")
+    g.add_argument("--no-checksum", action="store_true", help="no CRC32C per chunk")
+
+    i = sub.add_parser("info", help="describe a store",
+                       description="Shape, nnz, density, dtype, chunking, bytes and labels.")
+    i.add_argument("path", metavar="PATH")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.add_argument("--plot", metavar="FILE.png",
+                   help="draw the nnz-per-row histogram and a density map (streamed)")
+    i.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("validate", help="check a store's structure and every chunk",
+                       description="Check metadata, structure and every chunk's CRC32C.")
+    v.add_argument("path", metavar="PATH")
+    v.add_argument("--quick", action="store_true", help="metadata and structure only")
+    v.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    b = sub.add_parser("bench", help="stream one epoch through the DataLoader",
+                       description="Stream one epoch through sparsestore.DataLoader; print "
+                       "rows/s, M nnz/s and peak RSS.")
+    b.add_argument("path", metavar="PATH")
+    b.add_argument("--batch-size", type=int, default=1024, metavar="N")
+    b.add_argument("--shuffle", action="store_true")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", action="store_true", help="print JSON")
+    b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    return p
+
+
+def _progress_flag(args: argparse.Namespace) -> bool | None:
+    return False if getattr(args, "quiet", False) else None  # None: bar on a terminal only
+
+
+# ------------------------------------------------------------------ commands
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    if len(args.paths) < 2:
+        raise InvalidInputError("convert needs at least one SRC and a DST")
+    *srcs, dst = args.paths
+    layout: dict[str, Any] = {}
+    for name in ("compressor", "clevel", "chunk_bytes", "shard_bytes"):
+        if getattr(args, name) is not None:
+            layout[name] = getattr(args, name)
+    if args.no_checksum:
+        layout["checksum"] = False
+    labels = [n for item in (args.labels or []) for n in item.split(",") if n]
+    zero_based = {None: None, "auto": "auto", "yes": True, "no": False}[args.zero_based]
+    src: Any = srcs[0] if len(srcs) == 1 else srcs
+    t0 = time.perf_counter()
+    store = convert(
+        src, dst, format=args.format, overwrite=args.overwrite,
+        progress=_progress_flag(args), workers=args.workers, labels=labels or None,
+        key=args.key, dtype=args.dtype, sparse=not args.dense, n_features=args.n_features,
+        zero_based=zero_based, max_bytes=args.max_bytes, tmp_dir=args.tmp_dir, **layout,
+    )
+    dt = time.perf_counter() - t0
+    n, m = store.shape
+    labs = f", labels {list(store.labels)}" if len(store.labels) else ""
+    print(f"wrote {store.path}: {n} x {m}, nnz {store.nnz}, {store.dtype}{labs} "
+          f"in {dt:.1f} s")
+    return 0
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .store import open as open_store
+
+    store = open_store(args.path, mode="r")
+    info = store.info()
+    if args.plot:
+        info["plot"] = plot_store(store, args.plot, progress=_progress_flag(args))
+    if args.json:
+        print(json.dumps(_json_safe(info), indent=2))
+        return 0
+    n, m = info["shape"]
+    lines = [
+        f"path:        {info['path']}",
+        f"format:      {info['format']}",
+        f"shape:       {n} x {m}",
+        f"nnz:         {info['nnz']}",
+        f"density:     {info['density']:.4g}",
+        f"dtype:       {info['dtype']}",
+        "chunks:      " + ", ".join(f"{k} {v}" for k, v in info["chunks"].items()),
+    ]
+    if info.get("layout"):
+        lay = info["layout"]
+        lines.append("layout:      " + ", ".join(f"{k}={lay[k]}" for k in sorted(lay)))
+    ratio = info["compression_ratio"]
+    lines.append(
+        f"bytes:       {_human(info['bytes_stored'])} stored, "
+        f"{_human(info['bytes_uncompressed'])} uncompressed"
+        + (f" (ratio {ratio:.2f})" if ratio == ratio else "")
+    )
+    labs = info["labels"]
+    lines.append("labels:      " + (", ".join(f"{k} {v['dtype']}{v['shape']}"
+                                              for k, v in labs.items()) or "none"))
+    if args.plot:
+        lines.append(f"plot:        {info['plot']}")
+    print("\n".join(lines))
+    return 0
+
+
+def store_profile(
+    store: Any, *, grid: int = 256, progress: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """nnz per row (streamed) and a ``grid x grid`` nnz count map, by row blocks.
+
+    Each chunk of ``indices`` is decoded once; only one row block is in memory.  Returns
+    ``(lengths, counts)``: ``lengths[k]`` rows hold ``k`` entries; ``counts`` the map.
+    """
+    from .chunks import ChunkCache
+    from .ingest.base import make_progress
+
+    n, m = store.shape
+    gr, gc = max(1, min(grid, n)), max(1, min(grid, m))
+    counts = np.zeros(gr * gc, dtype=np.int64)
+    lengths = np.zeros(1, dtype=np.int64)  # bincount of row nnz, grown as needed
+    bar = make_progress(progress, n, "profile")
+    try:
+        step = 2**16
+        if store.is_dense:
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                block = store.read_dense(a, b)
+                nz = block != 0
+                lengths = _add_bincount(lengths, nz.sum(axis=1))
+                r, c = np.nonzero(nz)
+                counts += np.bincount(((r + a) * gr // n) * gc + c * gc // m,
+                                      minlength=gr * gc)
+                if bar is not None:
+                    bar.update(b - a)
+        else:
+            cache = ChunkCache(store.arrays["indices"], name="indices")
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                ptr = store.indptr(a, b)
+                per_row = np.diff(ptr)
+                lengths = _add_bincount(lengths, per_row)
+                ind = cache.read(int(ptr[0]), int(ptr[-1]), store.nnz).astype(np.int64)
+                rows = np.repeat(np.arange(a, b, dtype=np.int64), per_row)
+                counts += np.bincount((rows * gr // n) * gc + ind * gc // m, minlength=gr * gc)
+                if bar is not None:
+                    bar.update(b - a)
+    finally:
+        if bar is not None:
+            bar.close()
+    return lengths, counts.reshape(gr, gc)
+
+
+def _add_bincount(acc: np.ndarray, values: np.ndarray) -> np.ndarray:
+    bc = np.bincount(np.asarray(values, dtype=np.int64))
+    if bc.size > acc.size:
+        acc = np.concatenate([acc, np.zeros(bc.size - acc.size, dtype=np.int64)])
+    acc[: bc.size] += bc
+    return acc
+
+
+def _bin_sizes(n: int, bins: int) -> np.ndarray:
+    """How many of ``0..n-1`` fall in each bin ``k = i * bins // n``."""
+    k = np.arange(bins + 1, dtype=np.int64)
+    return np.diff(-(-k * n // bins))
+
+
+def plot_store(store: Any, out: str, *, grid: int = 256, progress: Any = None) -> str:
+    """Write a PNG with the nnz-per-row histogram and a density map of ``store``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    n, m = store.shape
+    lengths, counts = store_profile(store, grid=grid, progress=progress)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    if lengths.sum():
+        ax1.hist(np.arange(lengths.size), bins=min(60, lengths.size), weights=lengths,
+                 color="tab:blue")
+        ax1.set_yscale("log")
+    ax1.set_xlabel("stored entries per row")
+    ax1.set_ylabel("rows")
+    ax1.set_title(f"nnz per row ({n} rows, mean {store.nnz / max(1, n):.3g})")
+    gr, gc = counts.shape
+    dens = counts / np.outer(_bin_sizes(n, gr), _bin_sizes(m, gc)).clip(1)
+    shown = np.where(dens > 0, dens, np.nan)
+    if np.isfinite(shown).any():
+        vmin = float(np.nanmin(shown))
+        vmax = max(float(np.nanmax(shown)), vmin * 1.0001)
+        im = ax2.imshow(shown, aspect="auto", interpolation="nearest", cmap="viridis",
+                        norm=LogNorm(vmin=vmin, vmax=vmax), extent=(0, m, n, 0))
+        fig.colorbar(im, ax=ax2, label="density")
+    ax2.set_xlabel("column")
+    ax2.set_ylabel("row")
+    ax2.set_title(f"density map ({gr}x{gc} cells)")
+    fig.suptitle(os.path.basename(store.path.rstrip("/")))
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        from .validate import validate_store
+    except ImportError as exc:
+        raise SparseStoreError(
+            f"validation is not available in this installation ({exc})"
+        ) from None
+    report = validate_store(args.path, deep=not args.quick,
+                            progress=None if not args.quiet else False)
+    ok = bool(getattr(report, "ok", report))
+    summary = report.summary() if hasattr(report, "summary") else str(report)
+    print(summary, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak) * (1 if sys.platform == "darwin" else 1024)
+    except (ImportError, OSError):  # pragma: no cover - non-POSIX
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .loader import DataLoader
+    from .store import open as open_store
+
+    store = open_store(args.path, mode="r")
+    loader = DataLoader(store, batch_size=args.batch_size, shuffle=args.shuffle,
+                        seed=args.seed)
+    from .ingest.base import make_progress
+
+    bar = make_progress(_progress_flag(args), store.n_rows, "bench")
+    rows = nnz = batches = 0
+    t0 = time.perf_counter()
+    try:
+        for batch in loader.iter_batches():
+            rows += batch.n_rows
+            nnz += batch.nnz
+            batches += 1
+            if bar is not None:
+                bar.update(batch.n_rows)
+    finally:
+        if bar is not None:
+            bar.close()
+    dt = max(time.perf_counter() - t0, 1e-9)
+    result = {
+        "path": store.path, "rows": rows, "nnz": nnz, "batches": batches, "seconds": dt,
+        "rows_per_s": rows / dt, "mnnz_per_s": nnz / dt / 1e6,
+        "peak_rss_bytes": _peak_rss_bytes(), "batch_size": args.batch_size,
+        "shuffle": args.shuffle,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{rows} rows, {nnz} nnz in {batches} batches of {args.batch_size}"
+              f"{' (shuffled)' if args.shuffle else ''}: {dt:.2f} s, "
+              f"{result['rows_per_s']:,.0f} rows/s, {result['mnnz_per_s']:.1f} M nnz/s, "
+              f"peak RSS {_human(result['peak_rss_bytes'])}")
+    return 0
+
+
+COMMANDS = {"convert": cmd_convert, "info": cmd_info, "validate": cmd_validate,
+            "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (argparse exits 2 on bad usage)."""
+    parser = build_parser()
+    args = parser.parse_args(None if argv is None else list(argv))
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (SparseStoreError, OSError, ValueError, KeyError, TypeError) as exc:
+        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        msg = " ".join(msg.split()) or type(exc).__name__
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""``sparsestore.convert``: any supported file (or set of files) into a new store.
+
+The format comes from the file name (or ``format=``); the matching module in
+:mod:`sparsestore.ingest` turns the file into row blocks, and
+:func:`sparsestore.write_blocks` writes them atomically: nothing appears at ``dst`` unless
+the whole source was read without error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Executor
+from typing import Any
+
+import numpy as np
+
+from . import storage
+from .errors import FormatError, InvalidInputError, LabelError, StoreExistsError
+from .ingest.base import DEFAULT_MEMORY_BYTES, Source, expand_paths, row_bounds, write_source
+from .layout import Layout
+from .store import SparseStore
+
+# format name -> file name endings that select it (checked longest first).
+FORMATS: dict[str, tuple[str, ...]] = {
+    "npz": (".npz",),
+    "npy": (".npy",),
+    "mtx": (".mtx", ".mtx.gz", ".mtx.bz2", ".mm", ".mm.gz"),
+    "svmlight": (".svm", ".svmlight", ".libsvm", ".svm.gz", ".svmlight.gz", ".libsvm.gz"),
+    "h5ad": (".h5ad",),
+    "zarr": (".zarr",),
+}
+_ALIASES = {"libsvm": "svmlight", "svm": "svmlight", "mm": "mtx", "matrixmarket": "mtx",
+            "anndata": "h5ad", "store": "zarr", "sparsestore": "zarr"}
+
+
+def supported_formats() -> str:
+    return ", ".join(f"{name} ({'/'.join(ends)})" for name, ends in FORMATS.items())
+
+
+def detect_format(path: str) -> str:
+    """The format a file name implies; directories are zarr (anndata or store)."""
+    low = path.lower().rstrip("/")
+    best = ""
+    found = None
+    for name, ends in FORMATS.items():
+        for end in ends:
+            if low.endswith(end) and len(end) > len(best):
+                best, found = end, name
+    if found is not None:
+        return found
+    if os.path.isdir(path):
+        return "zarr"
+    raise FormatError(
+        f"cannot tell the format of {path!r} from its name; pass format= (or --from) with one "
+        f"of: {supported_formats()}"
+    )
+
+
+def _normalize_format(fmt: str) -> str:
+    f = str(fmt).lower().lstrip(".")
+    f = _ALIASES.get(f, f)
+    if f not in FORMATS:
+        raise FormatError(f"unknown format {fmt!r}; supported formats: {supported_formats()}")
+    return f
+
+
+def store_source(path: str, *, labels: Sequence[str] | None = None) -> Source:
+    """A :class:`Source` copying another store (sparsestore's or an anndata CSR group)."""
+    from .store import open as open_store
+
+    st = open_store(path, mode="r")
+    names = list(st.labels) if labels is None else list(labels)
+    for n in names:
+        if n not in st.labels:
+            raise LabelError(f"{path} has no label {n!r}; it has {sorted(st.labels)}")
+
+    def blocks() -> Iterator[tuple[Any, dict[str, np.ndarray] | None]]:
+        src = open_store(path, mode="r")
+        if src.is_dense:
+            step = max(1, (32 * 2**20) // max(1, src.n_cols * src.dtype.itemsize))
+            bounds: Iterator[tuple[int, int]] = (
+                (a, min(src.n_rows, a + step)) for a in range(0, src.n_rows, step)
+            )
+        else:
+            bounds = row_bounds(_IndptrView(src), src.n_rows)
+        for a, b in bounds:
+            labs = {n: src.labels[n].read(a, b) for n in names} or None
+            yield src[a:b], labs
+
+    return Source(name=path, n_cols=st.n_cols, dtype=st.dtype, blocks=blocks,
+                  n_rows=st.n_rows, labels=names, dense=st.is_dense)
+
+
+class _IndptrView:
+    """``store.indptr`` sliceable like an array (for :func:`row_bounds`)."""
+
+    def __init__(self, store: SparseStore) -> None:
+        self._s = store
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        return self._s.indptr(key.start, key.stop - 1)
+
+
+def _refuse(fmt: str, **given: Any) -> None:
+    bad = [k for k, v in given.items() if v is not None]
+    if bad:
+        raise InvalidInputError(
+            f"option(s) {bad} do not apply to {fmt} sources; drop them"
+        )
+
+
+def open_source(
+    src: Any,
+    *,
+    format: str | None = None,
+    labels: Sequence[str] | None = None,
+    key: str | None = None,
+    keys: Mapping[str, str] | None = None,
+    dtype: Any = None,
+    sparse: bool = True,
+    workers: int | None = None,
+    executor: Executor | None = None,
+    n_features: int | None = None,
+    zero_based: bool | str | None = None,
+    max_bytes: int | None = None,
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    tmp_dir: str | os.PathLike[str] | None = None,
+) -> Source:
+    """Describe ``src`` as a :class:`Source` (format from its name unless ``format=``)."""
+    if isinstance(labels, str):
+        labels = [labels]
+    if isinstance(src, (str, os.PathLike)):
+        first = os.fspath(src)
+    elif isinstance(src, Sequence) and src and isinstance(src[0], (str, os.PathLike)):
+        first = os.fspath(src[0])
+    else:
+        raise InvalidInputError(
+            f"src must be a path, a glob pattern or a list of paths, got {type(src).__name__}"
+        )
+    fmt = _normalize_format(format) if format is not None else detect_format(first)
+    if fmt not in ("svmlight",):
+        _refuse(fmt, n_features=n_features, zero_based=zero_based)
+    if fmt != "npz":
+        _refuse(fmt, key=key, keys=keys, max_bytes=max_bytes)
+    if fmt in ("npz", "npy", "svmlight"):
+        return _multi_file_source(fmt, src, labels=labels, key=key, keys=keys, dtype=dtype,
+                                  sparse=sparse, workers=workers, executor=executor,
+                                  n_features=n_features, zero_based=zero_based,
+                                  max_bytes=max_bytes, tmp_dir=tmp_dir)
+    paths = expand_paths(src, what=fmt)
+    if len(paths) != 1:
+        raise InvalidInputError(
+            f"{fmt} sources are converted one file at a time; got {len(paths)} paths"
+        )
+    path = paths[0]
+    if fmt == "mtx":
+        _refuse(fmt, labels=labels)
+        from .ingest.mtx import mtx_source
+
+        return mtx_source(path, dtype=dtype, memory_bytes=memory_bytes, tmp_dir=tmp_dir)
+    from .ingest.anndata_io import anndata_source, is_anndata_zarr
+
+    if fmt == "h5ad" or is_anndata_zarr(path):
+        return anndata_source(path, labels=labels, dtype=dtype, memory_bytes=memory_bytes,
+                              tmp_dir=tmp_dir)
+    return store_source(path, labels=labels)
+
+
+def _multi_file_source(fmt: str, src: Any, *, labels: Any, key: Any, keys: Any, dtype: Any,
+                       sparse: bool, workers: Any, executor: Any, n_features: Any,
+                       zero_based: Any, max_bytes: Any, tmp_dir: Any) -> Source:
+    if fmt == "npz":
+        from .ingest.npz import DEFAULT_MAX_BYTES, npz_source
+
+        return npz_source(src, key=key, keys=keys, labels=labels, workers=workers,
+                          executor=executor, dtype=dtype, sparse=sparse,
+                          max_bytes=DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
+    if fmt == "npy":
+        _refuse(fmt, labels=labels)
+        from .ingest.npy import npy_source
+
+        return npy_source(src, dtype=dtype)
+    _refuse(fmt, labels=labels)
+    from .ingest.svmlight import svmlight_source
+
+    return svmlight_source(src, n_features=n_features,
+                           zero_based="auto" if zero_based is None else zero_based,
+                           dtype=np.float64 if dtype is None else dtype, tmp_dir=tmp_dir)
+
+
+def convert(
+    src: Any,
+    dst: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    overwrite: bool = False,
+    progress: Any = None,
+    workers: int | None = None,
+    executor: Executor | None = None,
+    labels: Sequence[str] | None = None,
+    key: str | None = None,
+    keys: Mapping[str, str] | None = None,
+    dtype: Any = None,
+    sparse: bool = True,
+    n_features: int | None = None,
+    zero_based: bool | str | None = None,
+    max_bytes: int | None = None,
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    tmp_dir: str | os.PathLike[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    **layout_options: Any,
+) -> SparseStore:
+    """Convert a file, glob or list of files of any supported format into a new store.
+
+    Formats (from the name, or ``format=``): npz shards (scipy ``save_npz`` or
+    ``np.savez_compressed`` COO/CSR parts or dense), npy, Matrix Market, svmlight/libsvm,
+    h5ad, anndata zarr, or another store.  ``labels`` picks obs columns (anndata), label
+    members (npz) or labels to copy (store).  ``workers``/``executor`` decompress npz shards
+    in parallel.  ``progress=None`` shows a bar on a terminal.  Layout options
+    (``compressor=``, ``chunk_bytes=``...) go to the new store.  Atomic; returns the store
+    opened read-only.
+    """
+    Layout.from_options(**layout_options)  # name a bad option before reading anything
+    p = storage.normalize(dst)
+    if not overwrite and storage.exists(p, storage_options):
+        raise StoreExistsError(
+            f"{p} already exists; pass overwrite=True to replace it, or choose another path"
+        )
+    source = open_source(src, format=format, labels=labels, key=key, keys=keys, dtype=dtype,
+                         sparse=sparse, workers=workers, executor=executor,
+                         n_features=n_features, zero_based=zero_based, max_bytes=max_bytes,
+                         memory_bytes=memory_bytes, tmp_dir=tmp_dir)
+    return write_source(dst, source, dtype=dtype, sparse=sparse, overwrite=overwrite,
+                        progress=progress, storage_options=storage_options, **layout_options)
+
+
+__all__ = ["FORMATS", "convert", "detect_format", "open_source", "supported_formats"]

@@ -1,0 +1,420 @@
+"""Compressed ``.npz`` shards, decompressed in parallel and written in order.
+
+Three kinds of shard are understood, detected from their member names:
+
+* ``scipy.sparse.save_npz`` files (any of its formats; read with ``scipy.sparse.load_npz``);
+* ``np.savez_compressed`` files holding COO parts (``row``/``col``/``data`` + ``shape``) or
+  CSR parts (``data``/``indices``/``indptr`` + ``shape``), key names configurable;
+* ``np.savez_compressed`` files holding one dense 2-D array (``key=`` picks it).
+
+Before anything is written every shard's zip directory and array headers are read (no
+decompression): member sizes are checked against ``max_bytes`` (decompression bombs),
+column counts must agree, and the dtypes decide the store's.  Shards are then loaded by
+:func:`load_shard` -- a picklable top-level function, so any ``concurrent.futures``
+executor (threads by default, a dask ``client.get_executor()``...) can run it -- with at
+most ``workers`` shards in flight, and written in the given order.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..errors import FormatError, SparseStoreError, UnsafeInputError
+from .base import (
+    DEFAULT_BLOCK_NNZ,
+    Source,
+    check_n_cols,
+    csr_blocks,
+    expand_paths,
+    result_dtype,
+    write_source,
+)
+
+# Default limit on the decompressed size of one shard (sum of its members).
+DEFAULT_MAX_BYTES = 8 * 2**30
+_SCIPY_FORMATS = ("csr", "csc", "coo", "bsr", "dia")
+
+
+@dataclass(frozen=True)
+class NpzOptions:
+    """How to read a shard (picklable, so executors on other processes can use it)."""
+
+    key: str | None = None  # the dense array's member name (default: the only array)
+    keys: Mapping[str, str] = field(default_factory=dict)  # role -> member name
+    labels: tuple[str, ...] = ()  # members holding one label value per row
+    max_bytes: int = DEFAULT_MAX_BYTES
+    sparse: bool = True  # dense shards become CSR in the worker (smaller to hand back)
+
+    def name(self, role: str) -> str:
+        return self.keys.get(role, role)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What a shard's headers say, read without decompressing its data."""
+
+    path: str
+    kind: str  # "scipy" | "csr" | "coo" | "dense"
+    shape: tuple[int, int]
+    dtype: np.dtype
+    label_dtypes: tuple[tuple[str, np.dtype, tuple[int, ...]], ...] = ()
+
+
+# ------------------------------------------------------------------ safety checks
+
+def _open_zip(path: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if head[:1] == b"\x80":
+            raise UnsafeInputError(
+                f"{path} is a Python pickle, not an .npz file; pickled data is never loaded"
+            ) from None
+        if head[:6] == b"\x93NUMPY":
+            raise FormatError(
+                f"{path} is a .npy file, not an .npz archive; use format='npy'"
+            ) from None
+        raise FormatError(
+            f"{path} is not a valid .npz file (not a zip archive, or truncated)"
+        ) from None
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot open ({exc})") from None
+
+
+def check_zip_sizes(path: str, zf: zipfile.ZipFile, max_bytes: int) -> int:
+    """Refuse a shard whose members would decompress to more than ``max_bytes`` in total."""
+    total = 0
+    for info in zf.infolist():
+        total += int(info.file_size)
+        if total > max_bytes:
+            raise UnsafeInputError(
+                f"{path} would decompress to more than {max_bytes} bytes (member "
+                f"{info.filename!r} declares {info.file_size}); refusing a possible "
+                "decompression bomb. Raise max_bytes= if the file is trusted"
+            )
+    return total
+
+
+def _member_header(
+    path: str, zf: zipfile.ZipFile, member: str
+) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one ``.npy`` member from its header alone."""
+    try:
+        with zf.open(member + ".npy") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    except KeyError:
+        raise FormatError(f"{path} has no array named {member!r}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise FormatError(f"{path}: the header of {member!r} is unreadable ({exc})") from None
+    if dtype.hasobject:
+        raise UnsafeInputError(
+            f"{path}: array {member!r} holds Python objects (it would need unpickling); "
+            "refusing it. Save numeric arrays only"
+        )
+    return tuple(int(s) for s in shape), dtype
+
+
+def _small_member(path: str, npz: Any, member: str) -> np.ndarray:
+    try:
+        return np.asarray(npz[member])
+    except KeyError:
+        raise FormatError(f"{path} has no array named {member!r}") from None
+
+
+def _members(zf: zipfile.ZipFile) -> list[str]:
+    return [n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")]
+
+
+def _kind(path: str, members: list[str], opts: NpzOptions) -> str:
+    have = set(members)
+    if "format" in have and "shape" in have and opts.key is None and not opts.keys:
+        return "scipy"
+    if {opts.name("data"), opts.name("indices"), opts.name("indptr")} <= have:
+        return "csr"
+    if {opts.name("row"), opts.name("col"), opts.name("data")} <= have:
+        return "coo"
+    arrays = [m for m in members if m not in opts.labels]
+    if opts.key is not None:
+        if opts.key not in have:
+            raise FormatError(f"{path} has no array named {opts.key!r}; it holds {members}")
+        return "dense"
+    if len(arrays) == 1:
+        return "dense"
+    raise FormatError(
+        f"{path} holds arrays {members}: not a scipy.sparse.save_npz file, no COO "
+        "(row/col/data + shape) or CSR (data/indices/indptr + shape) parts, and more than "
+        "one array; pass key= to pick the dense matrix, or keys= to name the parts"
+    )
+
+
+def _shape_member(path: str, npz: Any, opts: NpzOptions) -> tuple[int, int]:
+    name = opts.name("shape")
+    shape = _small_member(path, npz, name)
+    if shape.shape != (2,) or shape.dtype.kind not in "iu" or int(shape.min()) < 0:
+        raise FormatError(f"{path}: {name!r} must hold two non-negative integers, got {shape}")
+    return int(shape[0]), int(shape[1])
+
+
+def scan_shard(path: str, opts: NpzOptions) -> ShardInfo:
+    """Read a shard's zip directory and array headers: kind, shape, dtype (no data)."""
+    try:
+        with _open_zip(path) as zf:
+            check_zip_sizes(path, zf, opts.max_bytes)
+            members = _members(zf)
+            kind = _kind(path, members, opts)
+            with np.load(path, allow_pickle=False) as npz:
+                if kind == "scipy":
+                    fmt = _small_member(path, npz, "format")
+                    fmt = fmt.item().decode() if fmt.dtype.kind == "S" else str(fmt.item())
+                    if fmt not in _SCIPY_FORMATS:
+                        raise FormatError(f"{path}: unknown scipy.sparse format {fmt!r}")
+                    shape = _shape_member(path, npz, opts)
+                    _, dtype = _member_header(path, zf, "data")
+                elif kind in ("csr", "coo"):
+                    shape = _shape_member(path, npz, opts)
+                    _, dtype = _member_header(path, zf, opts.name("data"))
+                else:
+                    key = opts.key or [m for m in members if m not in opts.labels][0]
+                    dshape, dtype = _member_header(path, zf, key)
+                    if len(dshape) != 2:
+                        raise FormatError(
+                            f"{path}: array {key!r} has shape {dshape}; a dense shard must be 2-D"
+                        )
+                    shape = (dshape[0], dshape[1])
+            labels = []
+            for lab in opts.labels:
+                lshape, ldt = _member_header(path, zf, lab)
+                if not lshape or lshape[0] != shape[0]:
+                    raise FormatError(
+                        f"{path}: label {lab!r} has shape {lshape} but the shard has "
+                        f"{shape[0]} rows"
+                    )
+                labels.append((lab, ldt, lshape[1:]))
+    except SparseStoreError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise _as_format_error(path, exc) from None
+    if dtype.kind not in "biuf":
+        raise FormatError(f"{path}: values of dtype {dtype} cannot be stored")
+    return ShardInfo(path, kind, shape, np.dtype(dtype), tuple(labels))
+
+
+def _as_format_error(path: str, exc: BaseException) -> SparseStoreError:
+    msg = str(exc)
+    if "pickle" in msg.lower():
+        return UnsafeInputError(
+            f"{path} contains pickled objects; refusing to unpickle (allow_pickle=False)"
+        )
+    return FormatError(f"{path} is corrupt or truncated ({type(exc).__name__}: {msg})")
+
+
+# ------------------------------------------------------------------ the per-shard work
+
+def load_shard(path: str, opts: NpzOptions) -> dict[str, np.ndarray]:
+    """Decompress one shard into plain numpy arrays (runs in an executor worker).
+
+    Returns ``{"data", "indices", "indptr", "shape"}`` (CSR parts) or ``{"dense",
+    "shape"}``, plus ``"label:<name>"`` arrays.  Top-level and picklable on purpose.
+    """
+    try:
+        with _open_zip(path) as zf:  # the size check comes before any decompression
+            check_zip_sizes(path, zf, opts.max_bytes)
+            kind = _kind(path, _members(zf), opts)
+        out: dict[str, np.ndarray] = {}
+        if kind == "scipy":
+            m = sp.load_npz(path)  # scipy itself calls np.load(allow_pickle=False)
+            out.update(_csr_parts(sp.csr_matrix(m)))
+        else:
+            with np.load(path, allow_pickle=False) as npz:
+                if kind == "dense":
+                    key = opts.key or [m for m in npz.files if m not in opts.labels][0]
+                    arr = _small_member(path, npz, key)
+                    if arr.ndim != 2:
+                        raise FormatError(f"{path}: array {key!r} must be 2-D, got {arr.shape}")
+                    if opts.sparse:
+                        out.update(_csr_parts(sp.csr_matrix(arr)))
+                    else:
+                        out["dense"] = arr
+                        out["shape"] = np.array(arr.shape, dtype=np.int64)
+                else:
+                    shape = _shape_member(path, npz, opts)
+                    data = _small_member(path, npz, opts.name("data"))
+                    if kind == "coo":
+                        row = _small_member(path, npz, opts.name("row"))
+                        col = _small_member(path, npz, opts.name("col"))
+                        m = sp.coo_matrix((data, (row, col)), shape=shape)
+                    else:
+                        ind = _small_member(path, npz, opts.name("indices"))
+                        ptr = _small_member(path, npz, opts.name("indptr"))
+                        m = sp.csr_matrix((data, ind, ptr), shape=shape)
+                        m.check_format(full_check=True)
+                    out.update(_csr_parts(sp.csr_matrix(m)))
+                for lab in opts.labels:
+                    out["label:" + lab] = _small_member(path, npz, lab)
+        if opts.labels and kind == "scipy":
+            with np.load(path, allow_pickle=False) as npz:
+                for lab in opts.labels:
+                    out["label:" + lab] = _small_member(path, npz, lab)
+        return out
+    except SparseStoreError:
+        raise
+    except (ValueError, TypeError, IndexError, OSError, EOFError, zipfile.BadZipFile,
+            zlib.error) as exc:
+        raise _as_format_error(path, exc) from None
+
+
+def _csr_parts(m: sp.csr_matrix) -> dict[str, np.ndarray]:
+    return {"data": m.data, "indices": m.indices, "indptr": m.indptr,
+            "shape": np.array(m.shape, dtype=np.int64)}
+
+
+# ------------------------------------------------------------------ the source
+
+def iter_shards(
+    paths: Sequence[str],
+    opts: NpzOptions,
+    *,
+    workers: int | None = None,
+    executor: Executor | None = None,
+) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """Loaded shards in the given order, at most ``workers`` decompressing at once.
+
+    Each next shard is submitted as soon as one is handed out, so ``workers`` shards load
+    while the caller writes the current one: about ``workers + 1`` shards in memory.
+    """
+    n_workers = _default_workers() if workers is None else max(1, int(workers))
+    own = executor is None
+    ex: Executor = ThreadPoolExecutor(n_workers, thread_name_prefix="sparsestore-npz") \
+        if own else executor  # type: ignore[assignment]
+    pending: collections.deque[tuple[str, Future[Any]]] = collections.deque()
+    todo = iter(paths)
+    try:
+        for path in todo:
+            pending.append((path, ex.submit(load_shard, path, opts)))
+            if len(pending) >= n_workers:
+                break
+        while pending:
+            path, fut = pending.popleft()
+            result = fut.result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, ex.submit(load_shard, nxt, opts)))
+            yield path, result
+            del result
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+        if own:
+            ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def npz_source(
+    src: Any,
+    *,
+    key: str | None = None,
+    keys: Mapping[str, str] | None = None,
+    labels: Sequence[str] | None = None,
+    workers: int | None = None,
+    executor: Executor | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    dtype: Any = None,
+    sparse: bool = True,
+    block_nnz: int = DEFAULT_BLOCK_NNZ,
+) -> Source:
+    """A :class:`Source` over ``.npz`` shards (a path, glob or list), rows concatenated."""
+    paths = expand_paths(src, what="npz")
+    if keys is not None and not isinstance(keys, Mapping):
+        raise FormatError("keys must map roles (row, col, data, indices, indptr, shape) to names")
+    opts = NpzOptions(key=key, keys=dict(keys or {}), labels=tuple(labels or ()),
+                      max_bytes=int(max_bytes), sparse=sparse)
+    infos = [scan_shard(p, opts) for p in paths]
+    n_cols = infos[0].shape[1]
+    for info in infos[1:]:
+        check_n_cols(info.path, info.shape[1], n_cols)
+        if info.label_dtypes and [(n, s) for n, _, s in info.label_dtypes] != [
+            (n, s) for n, _, s in infos[0].label_dtypes
+        ]:
+            raise FormatError(f"{info.path}: its labels' shapes differ from the first shard's")
+    dt = np.dtype(dtype) if dtype is not None else result_dtype([i.dtype for i in infos])
+    n_rows = sum(i.shape[0] for i in infos)
+    is_dense = all(i.kind == "dense" for i in infos)
+    expect = {i.path: i.shape for i in infos}
+
+    def blocks() -> Iterator[tuple[Any, dict[str, np.ndarray] | None]]:
+        for path, parts in iter_shards(paths, opts, workers=workers, executor=executor):
+            shape = tuple(int(s) for s in parts["shape"])
+            if shape != expect[path]:
+                raise FormatError(
+                    f"{path}: holds a {shape[0]}x{shape[1]} matrix but its header said "
+                    f"{expect[path]}; the file changed while being read"
+                )
+            labs = {k[6:]: v for k, v in parts.items() if k.startswith("label:")}
+            if "dense" in parts:
+                m: Any = parts["dense"]
+                step = max(1, (16 * 2**20) // max(1, m.shape[1] * m.itemsize))
+                pieces: Iterator[tuple[int, int, Any]] = (
+                    (a, min(a + step, m.shape[0]), m[a : a + step])
+                    for a in range(0, max(1, m.shape[0]), step)
+                )
+            else:
+                m = sp.csr_matrix((parts["data"], parts["indices"], parts["indptr"]),
+                                  shape=shape)
+                pieces = _with_bounds(csr_blocks(m, block_nnz))
+            del parts
+            for a, b, block in pieces:
+                yield block, ({k: v[a:b] for k, v in labs.items()} or None)
+
+    return Source(name=paths[0] if len(paths) == 1 else f"{len(paths)} npz shards",
+                  n_cols=n_cols, dtype=dt, blocks=blocks, n_rows=n_rows,
+                  labels=list(opts.labels), dense=is_dense)
+
+
+def _with_bounds(blocks: Iterator[Any]) -> Iterator[tuple[int, int, Any]]:
+    a = 0
+    for block in blocks:
+        yield a, a + block.shape[0], block
+        a += block.shape[0]
+
+
+def from_npz(dst: Any, src: Any, *, key: str | None = None,
+             keys: Mapping[str, str] | None = None, labels: Sequence[str] | None = None,
+             workers: int | None = None, executor: Executor | None = None,
+             max_bytes: int = DEFAULT_MAX_BYTES, dtype: Any = None, sparse: bool = True,
+             **options: Any) -> Any:
+    """Store ``.npz`` shards (see :func:`npz_source`); atomic, in the given order."""
+    source = npz_source(src, key=key, keys=keys, labels=labels, workers=workers,
+                        executor=executor, max_bytes=max_bytes, dtype=dtype, sparse=sparse)
+    return write_source(dst, source, sparse=sparse, **options)
+
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "NpzOptions",
+    "ShardInfo",
+    "check_zip_sizes",
+    "from_npz",
+    "iter_shards",
+    "load_shard",
+    "npz_source",
+    "scan_shard",
+]
