@@ -283,7 +283,8 @@ def _explode(block, block_info=None):
 
 
 def test_from_dask_is_atomic(tmp_path, small_csr):
-    darr = da.from_array(small_csr.toarray(), chunks=(300, 400)).map_blocks(_explode, dtype=np.float32)
+    darr = da.from_array(small_csr.toarray(), chunks=(300, 400))
+    darr = darr.map_blocks(_explode, dtype=np.float32)
     path = tmp_path / "never.zarr"
     with pytest.raises(RuntimeError, match="boom"):
         sparsestore.from_dask(path, darr, window=2)
