@@ -903,12 +903,12 @@ def write_blocks(
     n_cols = check_dim(n_cols, "n_cols")
     dt = check_matrix_dtype(dtype, sparse=sparse)
     p = storage.normalize(path)
-    remote = storage.is_remote(p)
     with storage.staged(p, overwrite=overwrite, storage_options=storage_options) as where:
-        # Remote stores are written in place: mark them incomplete until the one commit
-        # at the end of _append_blocks, so an interrupted save never opens as a store.
+        # Marked incomplete until the one commit at the end of _append_blocks: a remote
+        # store is written in place, and a local staging dir orphaned by a kill must not
+        # open as a store either.
         g = _init_group(where, n_cols=n_cols, dtype=dt, layout=layout, sparse=sparse,
-                        keep_zeros=keep_zeros, complete=not remote,
+                        keep_zeros=keep_zeros, complete=False,
                         storage_options=storage_options)
         st = SparseStore(g, path=where, mode="r+", storage_options=storage_options)
         st._append_blocks(blocks, progress=progress)
