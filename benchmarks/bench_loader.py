@@ -28,7 +28,8 @@ def _count_batch(b: Any) -> tuple[int, int]:
     return b.n_rows, b.nnz
 
 
-def _loader_pass(ctx: Ctx, pipeline: str | None = None, **kw: Any) -> dict[str, Any]:
+def _loader_pass(ctx: Ctx, pipeline: str | None = None, key: str = "store",
+                 **kw: Any) -> dict[str, Any]:
     if pipeline is not None:
         zarr = need("zarr")
         need(pipeline.split(".")[0])
@@ -36,10 +37,11 @@ def _loader_pass(ctx: Ctx, pipeline: str | None = None, **kw: Any) -> dict[str, 
     else:
         cfg = nullcontext()
     with cfg:
-        store = _store(ctx)
+        store = _store(ctx, key)
         loader = _loader(store, ctx, **kw)
         res = stream(loader.iter_batches(), _count_batch, float("inf"))
     res["fraction"] = res["rows"] / store.n_rows
+    res["store_rows"], res["store_nnz"] = store.n_rows, store.nnz
     return res
 
 
@@ -156,6 +158,10 @@ def _register_scaling(mult: int) -> None:
     case(f"scaling_x{mult}", "scaling", f"sparsestore -> tensorflow, sequential, x{mult} rows",
          f"ss_tf_seq on a store with {mult}x the scaling base rows (same columns and density)",
          ours=True, needs=TF_NEEDS)(lambda ctx: _tf_pass(ctx, key=f"scaling_x{mult}"))
+    case(f"scaling_loader_x{mult}", "scaling", f"sparsestore DataLoader (no TF), x{mult} rows",
+         f"ss_loader_seq on the x{mult} scaling store: separates the loader's memory from "
+         "TensorFlow's", ours=True, needs=("sparsestore.loader",))(
+        lambda ctx: _loader_pass(ctx, key=f"scaling_x{mult}"))
 
 
 for _m in (1, 4, 16):
