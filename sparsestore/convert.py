@@ -9,6 +9,8 @@ the whole source was read without error.
 from __future__ import annotations
 
 import os
+import sys
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any
@@ -236,3 +238,18 @@ def convert(
 
 
 __all__ = ["FORMATS", "convert", "detect_format", "open_source", "supported_formats"]
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`convert`.
+
+    ``sparsestore.convert`` is both this submodule and the function: once the submodule is
+    imported, Python binds the package attribute ``convert`` to the module, so the module
+    itself must behave like the function.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SparseStore:
+        return convert(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -128,16 +128,21 @@ def write_source(
     **layout_options: Any,
 ) -> Any:
     """Write ``source`` to a new store at ``dst`` through ``write_blocks`` (atomic)."""
+    from ..layout import Layout
     from ..store import write_blocks
 
+    dt = np.dtype(source.dtype if dtype is None else dtype)
+    # Appending less than a chunk at a time makes zarr rewrite the partial tail chunk on
+    # every block; whole-chunk-sized writes avoid most of that.
+    target = 2 * Layout.from_options(**layout_options).nnz_chunk(dt.itemsize)
     bar = make_progress(progress, source.n_rows, f"convert {os.path.basename(source.name)}")
     gen = source.blocks()
     try:
         return write_blocks(
             dst,
-            gen,
+            coalesce(gen, target),
             n_cols=source.n_cols,
-            dtype=source.dtype if dtype is None else dtype,
+            dtype=dt,
             sparse=sparse,
             overwrite=overwrite,
             storage_options=storage_options,
@@ -154,6 +159,53 @@ def write_source(
                 source.close()
         if bar is not None:
             bar.close()
+
+
+def coalesce(
+    pairs: Iterable[BlockPair], target_nnz: int, max_rows: int = 2**20
+) -> Iterator[BlockPair]:
+    """Join consecutive small sparse blocks (and their labels) into ~``target_nnz`` blocks.
+
+    Big blocks and dense blocks pass through unchanged; at most ``target_nnz`` entries
+    (or ``max_rows`` rows) are held back.
+    """
+    buf: list[Any] = []
+    labs: list[Mapping[str, np.ndarray] | None] = []
+    nnz = rows = 0
+
+    def flush() -> BlockPair:
+        nonlocal buf, labs, nnz, rows
+        if len(buf) == 1:
+            out: BlockPair = (buf[0], labs[0])
+        else:
+            joined = None
+            if labs[0] is not None:
+                joined = {k: np.concatenate([np.asarray(lab[k]) for lab in labs])  # type: ignore[index]
+                          for k in labs[0]}
+            out = (sp.vstack(buf, format="csr"), joined)
+        buf, labs, nnz, rows = [], [], 0, 0
+        return out
+
+    for block, lab in pairs:
+        joinable = sp.issparse(block) and block.ndim == 2
+        if buf and (not joinable or block.shape[1] != buf[0].shape[1]
+                    or _keys(lab) != _keys(labs[0])):
+            yield flush()
+        if not joinable or (not buf and block.nnz >= target_nnz):
+            yield block, lab
+            continue
+        buf.append(block)
+        labs.append(lab)
+        nnz += int(block.nnz)
+        rows += int(block.shape[0])
+        if nnz >= target_nnz or rows >= max_rows:
+            yield flush()
+    if buf:
+        yield flush()
+
+
+def _keys(lab: Mapping[str, Any] | None) -> tuple[str, ...] | None:
+    return None if lab is None else tuple(lab)
 
 
 def make_progress(progress: Any, total: int | None, desc: str) -> Any:
@@ -188,6 +240,7 @@ __all__ = [
     "DEFAULT_MEMORY_BYTES",
     "Source",
     "check_n_cols",
+    "coalesce",
     "csr_blocks",
     "expand_paths",
     "make_progress",

@@ -12,12 +12,14 @@ decompression): member sizes are checked against ``max_bytes`` (decompression bo
 column counts must agree, and the dtypes decide the store's.  Shards are then loaded by
 :func:`load_shard` -- a picklable top-level function, so any ``concurrent.futures``
 executor (threads by default, a dask ``client.get_executor()``...) can run it -- with at
-most ``workers`` shards in flight, and written in the given order.
+most ``workers`` shards in memory (one being written, ``workers - 1`` decompressing), and
+written in the given order.
 """
 
 from __future__ import annotations
 
 import collections
+import io
 import os
 import zipfile
 import zlib
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ..errors import FormatError, SparseStoreError, UnsafeInputError
+from ..errors import FormatError, InvalidInputError, SparseStoreError, UnsafeInputError
 from .base import (
     DEFAULT_BLOCK_NNZ,
     Source,
@@ -178,25 +180,25 @@ def scan_shard(path: str, opts: NpzOptions) -> ShardInfo:
             check_zip_sizes(path, zf, opts.max_bytes)
             members = _members(zf)
             kind = _kind(path, members, opts)
-            with np.load(path, allow_pickle=False) as npz:
-                if kind == "scipy":
-                    fmt = _small_member(path, npz, "format")
-                    fmt = fmt.item().decode() if fmt.dtype.kind == "S" else str(fmt.item())
-                    if fmt not in _SCIPY_FORMATS:
-                        raise FormatError(f"{path}: unknown scipy.sparse format {fmt!r}")
-                    shape = _shape_member(path, npz, opts)
-                    _, dtype = _member_header(path, zf, "data")
-                elif kind in ("csr", "coo"):
-                    shape = _shape_member(path, npz, opts)
-                    _, dtype = _member_header(path, zf, opts.name("data"))
-                else:
-                    key = opts.key or [m for m in members if m not in opts.labels][0]
-                    dshape, dtype = _member_header(path, zf, key)
-                    if len(dshape) != 2:
-                        raise FormatError(
-                            f"{path}: array {key!r} has shape {dshape}; a dense shard must be 2-D"
-                        )
-                    shape = (dshape[0], dshape[1])
+            npz = _Members(path, zf)
+            if kind == "scipy":
+                fmt = _small_member(path, npz, "format")
+                fmt = fmt.item().decode() if fmt.dtype.kind == "S" else str(fmt.item())
+                if fmt not in _SCIPY_FORMATS:
+                    raise FormatError(f"{path}: unknown scipy.sparse format {fmt!r}")
+                shape = _shape_member(path, npz, opts)
+                _, dtype = _member_header(path, zf, "data")
+            elif kind in ("csr", "coo"):
+                shape = _shape_member(path, npz, opts)
+                _, dtype = _member_header(path, zf, opts.name("data"))
+            else:
+                key = opts.key or [m for m in members if m not in opts.labels][0]
+                dshape, dtype = _member_header(path, zf, key)
+                if len(dshape) != 2:
+                    raise FormatError(
+                        f"{path}: array {key!r} has shape {dshape}; a dense shard must be 2-D"
+                    )
+                shape = (dshape[0], dshape[1])
             labels = []
             for lab in opts.labels:
                 lshape, ldt = _member_header(path, zf, lab)
@@ -226,6 +228,49 @@ def _as_format_error(path: str, exc: BaseException) -> SparseStoreError:
 
 # ------------------------------------------------------------------ the per-shard work
 
+class _Members:
+    """A shard's arrays by name: each member decompressed in one call, then ``np.load``
+    (``allow_pickle=False``) on the bytes.  One zlib call per member keeps the GIL free
+    while shards decompress in parallel threads."""
+
+    def __init__(self, path: str, zf: zipfile.ZipFile) -> None:
+        self.path, self.zf = path, zf
+        self.files = _members(zf)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        try:
+            info = self.zf.getinfo(name + ".npy")
+        except KeyError:
+            raise FormatError(f"{self.path} has no array named {name!r}") from None
+        with self.zf.open(info) as f:
+            # Never more than the declared (and size-checked) length, whatever the stream
+            # would inflate to; zipfile checks the CRC when the member ends.
+            raw = f.read(info.file_size)
+        if len(raw) != info.file_size:
+            raise FormatError(f"{self.path}: member {name!r} is truncated")
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+
+
+_SCIPY_CLASSES = {"csr": sp.csr_matrix, "csc": sp.csc_matrix, "bsr": sp.bsr_matrix}
+
+
+def _scipy_matrix(path: str, npz: _Members, opts: NpzOptions) -> sp.spmatrix:
+    """Rebuild a ``scipy.sparse.save_npz`` matrix from its members (as ``load_npz`` does)."""
+    fmt = _small_member(path, npz, "format")
+    fmt = fmt.item().decode() if fmt.dtype.kind == "S" else str(fmt.item())
+    shape = _shape_member(path, npz, opts)
+    data = _small_member(path, npz, "data")
+    if fmt in _SCIPY_CLASSES:
+        m = _SCIPY_CLASSES[fmt]((data, npz["indices"], npz["indptr"]), shape=shape)
+        m.check_format(full_check=True)
+        return m
+    if fmt == "coo":
+        return sp.coo_matrix((data, (npz["row"], npz["col"])), shape=shape)
+    if fmt == "dia":
+        return sp.dia_matrix((data, npz["offsets"]), shape=shape)
+    raise FormatError(f"{path}: unknown scipy.sparse format {fmt!r}")
+
+
 def load_shard(path: str, opts: NpzOptions) -> dict[str, np.ndarray]:
     """Decompress one shard into plain numpy arrays (runs in an executor worker).
 
@@ -233,44 +278,38 @@ def load_shard(path: str, opts: NpzOptions) -> dict[str, np.ndarray]:
     "shape"}``, plus ``"label:<name>"`` arrays.  Top-level and picklable on purpose.
     """
     try:
-        with _open_zip(path) as zf:  # the size check comes before any decompression
-            check_zip_sizes(path, zf, opts.max_bytes)
-            kind = _kind(path, _members(zf), opts)
-        out: dict[str, np.ndarray] = {}
-        if kind == "scipy":
-            m = sp.load_npz(path)  # scipy itself calls np.load(allow_pickle=False)
-            out.update(_csr_parts(sp.csr_matrix(m)))
-        else:
-            with np.load(path, allow_pickle=False) as npz:
-                if kind == "dense":
-                    key = opts.key or [m for m in npz.files if m not in opts.labels][0]
-                    arr = _small_member(path, npz, key)
-                    if arr.ndim != 2:
-                        raise FormatError(f"{path}: array {key!r} must be 2-D, got {arr.shape}")
-                    if opts.sparse:
-                        out.update(_csr_parts(sp.csr_matrix(arr)))
-                    else:
-                        out["dense"] = arr
-                        out["shape"] = np.array(arr.shape, dtype=np.int64)
+        with _open_zip(path) as zf:
+            check_zip_sizes(path, zf, opts.max_bytes)  # before any decompression
+            npz = _Members(path, zf)
+            kind = _kind(path, npz.files, opts)
+            out: dict[str, np.ndarray] = {}
+            if kind == "scipy":
+                out.update(_csr_parts(sp.csr_matrix(_scipy_matrix(path, npz, opts))))
+            elif kind == "dense":
+                key = opts.key or [m for m in npz.files if m not in opts.labels][0]
+                arr = _small_member(path, npz, key)
+                if arr.ndim != 2:
+                    raise FormatError(f"{path}: array {key!r} must be 2-D, got {arr.shape}")
+                if opts.sparse:
+                    out.update(_csr_parts(sp.csr_matrix(arr)))
                 else:
-                    shape = _shape_member(path, npz, opts)
-                    data = _small_member(path, npz, opts.name("data"))
-                    if kind == "coo":
-                        row = _small_member(path, npz, opts.name("row"))
-                        col = _small_member(path, npz, opts.name("col"))
-                        m = sp.coo_matrix((data, (row, col)), shape=shape)
-                    else:
-                        ind = _small_member(path, npz, opts.name("indices"))
-                        ptr = _small_member(path, npz, opts.name("indptr"))
-                        m = sp.csr_matrix((data, ind, ptr), shape=shape)
-                        m.check_format(full_check=True)
-                    out.update(_csr_parts(sp.csr_matrix(m)))
-                for lab in opts.labels:
-                    out["label:" + lab] = _small_member(path, npz, lab)
-        if opts.labels and kind == "scipy":
-            with np.load(path, allow_pickle=False) as npz:
-                for lab in opts.labels:
-                    out["label:" + lab] = _small_member(path, npz, lab)
+                    out["dense"] = arr
+                    out["shape"] = np.array(arr.shape, dtype=np.int64)
+            else:
+                shape = _shape_member(path, npz, opts)
+                data = _small_member(path, npz, opts.name("data"))
+                if kind == "coo":
+                    row = _small_member(path, npz, opts.name("row"))
+                    col = _small_member(path, npz, opts.name("col"))
+                    m: Any = sp.coo_matrix((data, (row, col)), shape=shape)
+                else:
+                    ind = _small_member(path, npz, opts.name("indices"))
+                    ptr = _small_member(path, npz, opts.name("indptr"))
+                    m = sp.csr_matrix((data, ind, ptr), shape=shape)
+                    m.check_format(full_check=True)
+                out.update(_csr_parts(sp.csr_matrix(m)))
+            for lab in opts.labels:
+                out["label:" + lab] = _small_member(path, npz, lab)
         return out
     except SparseStoreError:
         raise
@@ -293,21 +332,29 @@ def iter_shards(
     workers: int | None = None,
     executor: Executor | None = None,
 ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-    """Loaded shards in the given order, at most ``workers`` decompressing at once.
+    """Loaded shards in the given order, ``workers`` shards in memory at most.
 
-    Each next shard is submitted as soon as one is handed out, so ``workers`` shards load
-    while the caller writes the current one: about ``workers + 1`` shards in memory.
+    ``workers`` counts everything busy with the conversion: the caller writing one shard
+    plus ``workers - 1`` shards decompressing in the executor meanwhile.  ``workers=1``
+    reads shards one at a time in the calling thread (least memory, no overlap).
     """
-    n_workers = _default_workers() if workers is None else max(1, int(workers))
+    n_workers = _default_workers() if workers is None else int(workers)
+    if n_workers < 1:
+        raise InvalidInputError(f"workers must be at least 1, got {workers}")
+    if executor is None and n_workers == 1:
+        for path in paths:
+            yield path, load_shard(path, opts)
+        return
+    depth = max(1, n_workers - 1)
     own = executor is None
-    ex: Executor = ThreadPoolExecutor(n_workers, thread_name_prefix="sparsestore-npz") \
+    ex: Executor = ThreadPoolExecutor(depth, thread_name_prefix="sparsestore-npz") \
         if own else executor  # type: ignore[assignment]
     pending: collections.deque[tuple[str, Future[Any]]] = collections.deque()
     todo = iter(paths)
     try:
         for path in todo:
             pending.append((path, ex.submit(load_shard, path, opts)))
-            if len(pending) >= n_workers:
+            if len(pending) >= depth:
                 break
         while pending:
             path, fut = pending.popleft()
