@@ -559,7 +559,9 @@ class SparseStore:
         meta.committed_nnz = nnz if not self.is_dense else 0
         meta.complete = complete
         attrs = {"shape": [n_rows, self.n_cols], META_KEY: meta.to_json()}
-        self._group.attrs.update(attrs)
+        # One metadata write: zarr's attrs.update() writes zarr.json once per key, and a
+        # kill between those writes would commit a shape without its nnz.
+        self._group.update_attributes(attrs)
         self._load()
 
     def _truncate(self, n_rows: int, nnz: int) -> None:
@@ -795,7 +797,7 @@ def _init_group(
         )
         x.attrs.update(DENSE_ENCODING)
         attrs = {"shape": [0, n_cols], META_KEY: meta.to_json()}
-    g.attrs.update(attrs)
+    g.update_attributes(attrs)
     return g
 
 
