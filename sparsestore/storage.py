@@ -106,6 +106,12 @@ def staged(
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
         raise StoreNotFoundError(f"parent directory {parent} does not exist; create it first")
+    # Replacing a store that a writer has open would pull it from under that writer.
+    existing = (
+        WriteLock(path).acquire()
+        if os.path.isdir(path) and not os.path.islink(path)
+        and os.access(path, os.W_OK) else None
+    )
     name = os.path.basename(path)
     tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
@@ -124,6 +130,9 @@ def staged(
     except BaseException:
         remove(tmp)
         raise
+    finally:
+        if existing is not None:
+            existing.release()
 
 
 class WriteLock:
