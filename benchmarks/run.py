@@ -254,7 +254,8 @@ def _summary(r: dict[str, Any]) -> str:
     if r.get("status") != "ok":
         return f"{r.get('status')}: {r.get('reason', '')}"
     return (f"{r['nnz'] / r['seconds'] / 1e6:8.2f} M nnz/s {r['rows'] / r['seconds']:10.0f} "
-            f"rows/s  RSS +{r['rss_growth_mib']:.0f} MiB (peak {r['peak_rss_mib']:.0f})")
+            f"rows/s  RSS +{r['rss_growth_mib']:.0f} MiB (peak "
+            f"{r['rss_start_mib'] + r['rss_growth_mib']:.0f})")
 
 
 if __name__ == "__main__":
