@@ -141,7 +141,7 @@ def test_npz_many_small_shards_in_order(tmp_path):
 
 def test_npz_dense_key_custom_keys_labels_and_dtype_promotion(tmp_path):
     A = rand(20, 8, seed=1).toarray()
-    np.savez_compressed(tmp_path / "a.npz", M=A, other=np.zeros((3, 3)),
+    np.savez_compressed(tmp_path / "a.npz", M=np.asfortranarray(A), other=np.zeros((3, 3)),
                         y=np.arange(20, dtype=np.int64))
     B = rand(10, 8, seed=2, dtype=np.float64, fmt="coo")
     np.savez_compressed(tmp_path / "b.npz", M=B.toarray(), other=np.zeros(1),

@@ -28,7 +28,7 @@ BlockPair = tuple[Any, Mapping[str, np.ndarray] | None]
 
 # Stored entries per row block handed to the writer: big enough to amortise zarr calls,
 # small enough that the writer's canonicalisation copy stays small.
-DEFAULT_BLOCK_NNZ = 2 * 2**20
+DEFAULT_BLOCK_NNZ = 2**20
 # Bytes of COO entries a source may hold in memory before spilling to disk.
 DEFAULT_MEMORY_BYTES = 256 * 2**20
 
@@ -93,7 +93,19 @@ def open_text(path: str, encoding: str = "utf-8") -> IO[str]:
 
 
 def csr_blocks(X: Any, target_nnz: int = DEFAULT_BLOCK_NNZ) -> Iterator[sp.csr_matrix]:
-    """Cut one in-memory matrix into CSR row blocks of about ``target_nnz`` entries."""
+    """Cut one in-memory matrix into CSR row blocks of about ``target_nnz`` entries.
+
+    A CSR input is cut into views of its arrays (no copy of values or indices).
+    """
+    if sp.issparse(X) and X.format == "csr":
+        n = X.shape[0]
+        for a, b in row_bounds(X.indptr, n, target_nnz) if n else [(0, 0)]:
+            lo, hi = int(X.indptr[a]), int(X.indptr[b])
+            yield sp.csr_matrix(
+                (X.data[lo:hi], X.indices[lo:hi], X.indptr[a : b + 1] - lo),
+                shape=(b - a, X.shape[1]), copy=False,
+            )
+        return
     for _, _, block in scipy_row_blocks(X, target_nnz=target_nnz):
         yield block
 
@@ -132,9 +144,10 @@ def write_source(
     from ..store import write_blocks
 
     dt = np.dtype(source.dtype if dtype is None else dtype)
-    # Appending less than a chunk at a time makes zarr rewrite the partial tail chunk on
-    # every block; whole-chunk-sized writes avoid most of that.
-    target = 2 * Layout.from_options(**layout_options).nnz_chunk(dt.itemsize)
+    # Appending much less than a chunk at a time makes zarr rewrite the partial tail chunk
+    # on every block (measured: 64 shards of 0.3M nnz wrote ~2x slower); about one chunk
+    # per write avoids most of that while holding back only one chunk's worth of entries.
+    target = Layout.from_options(**layout_options).nnz_chunk(dt.itemsize)
     bar = make_progress(progress, source.n_rows, f"convert {os.path.basename(source.name)}")
     gen = source.blocks()
     try:

@@ -229,9 +229,8 @@ def _as_format_error(path: str, exc: BaseException) -> SparseStoreError:
 # ------------------------------------------------------------------ the per-shard work
 
 class _Members:
-    """A shard's arrays by name: each member decompressed in one call, then ``np.load``
-    (``allow_pickle=False``) on the bytes.  One zlib call per member keeps the GIL free
-    while shards decompress in parallel threads."""
+    """A shard's arrays by name, each member inflated in one bounded zlib call (which
+    releases the GIL, so shards decompress in parallel threads) and viewed without copy."""
 
     def __init__(self, path: str, zf: zipfile.ZipFile) -> None:
         self.path, self.zf = path, zf
@@ -248,7 +247,37 @@ class _Members:
             raw = f.read(info.file_size)
         if len(raw) != info.file_size:
             raise FormatError(f"{self.path}: member {name!r} is truncated")
-        return np.load(io.BytesIO(raw), allow_pickle=False)
+        return _npy_from_bytes(self.path, name, raw)
+
+
+def _npy_from_bytes(path: str, name: str, raw: bytes) -> np.ndarray:
+    """An ``.npy`` payload as an array viewing ``raw`` (no second copy of the data).
+
+    The header is parsed by numpy's own ``np.lib.format`` readers; object dtypes (which
+    would need unpickling) are refused.
+    """
+    f = io.BytesIO(raw)
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    if dtype.hasobject:
+        raise UnsafeInputError(
+            f"{path}: array {name!r} holds Python objects (it would need unpickling); "
+            "refusing it. Save numeric arrays only"
+        )
+    count = int(np.prod(shape, dtype=np.int64))
+    offset = f.tell()
+    if len(raw) - offset != count * dtype.itemsize:
+        raise FormatError(
+            f"{path}: array {name!r} holds {len(raw) - offset} bytes of data, its header "
+            f"needs {count * dtype.itemsize}"
+        )
+    arr = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
+    if fortran:
+        return arr.reshape(shape[::-1]).transpose()
+    return arr.reshape(shape)
 
 
 _SCIPY_CLASSES = {"csr": sp.csr_matrix, "csc": sp.csc_matrix, "bsr": sp.bsr_matrix}
