@@ -305,8 +305,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise SparseStoreError(
             f"validation is not available in this installation ({exc})"
         ) from None
-    report = validate_store(args.path, deep=not args.quick,
-                            progress=None if not args.quiet else False)
+    # True: validate's own bar, shown on a terminal only.
+    report = validate_store(args.path, deep=not args.quick, progress=not args.quiet)
     ok = bool(getattr(report, "ok", report))
     summary = report.summary() if hasattr(report, "summary") else str(report)
     print(summary, file=sys.stdout if ok else sys.stderr)
