@@ -107,6 +107,59 @@ def canonical_parts(
     return vals, ind, ptr
 
 
+def check_sparse_input(X: Any) -> None:
+    """Validate a scipy sparse matrix's raw structure before any scipy code touches it.
+
+    scipy trusts its attributes (``indptr``, ``indices``, ``row``...), which a caller can set
+    to anything; slicing a malformed matrix fails deep inside scipy, or worse.
+    """
+    if not sp.issparse(X):
+        return
+    if X.ndim != 2:
+        raise InvalidInputError(f"expected a 2-D matrix, got {X.ndim}-D")
+    n_rows, n_cols = check_dim(X.shape[0], "n_rows"), check_dim(X.shape[1], "n_cols")
+    fmt = X.format
+    try:
+        if fmt in ("csr", "csc"):
+            major, minor = (n_rows, n_cols) if fmt == "csr" else (n_cols, n_rows)
+            for name in ("indices", "indptr"):
+                arr = np.asarray(getattr(X, name))
+                if arr.dtype.kind not in "iu":
+                    raise InvalidInputError(
+                        f"{fmt} {name} must be an integer array, got dtype {arr.dtype}"
+                    )
+            indptr = check_parts(X.data, X.indices, X.indptr, minor)[2]
+            if indptr.size != major + 1:
+                raise InvalidInputError(
+                    f"{fmt} indptr has {indptr.size} entries; a {X.shape[0]}x{X.shape[1]} "
+                    f"matrix needs {major + 1}"
+                )
+        elif fmt == "coo":
+            data = np.asarray(X.data)
+            if data.ndim != 1:
+                raise InvalidInputError(f"coo data must be 1-D, got shape {data.shape}")
+            check_value_dtype(data.dtype)
+            for name, arr, size in (("row", X.row, n_rows), ("col", X.col, n_cols)):
+                arr = np.asarray(arr)
+                if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.size != data.size:
+                    raise InvalidInputError(
+                        f"coo {name} must be a 1-D integer array as long as data "
+                        f"({data.size}), got {arr.dtype} of shape {arr.shape}"
+                    )
+                if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= size):
+                    raise InvalidInputError(
+                        f"coo {name} index out of range: must be in [0, {size})"
+                    )
+        else:
+            check_value_dtype(X.dtype)
+            if fmt == "bsr":
+                X.check_format(full_check=True)
+    except (ValueError, TypeError, IndexError, OverflowError) as exc:
+        if isinstance(exc, InvalidInputError | DTypeError):
+            raise
+        raise InvalidInputError(f"malformed {fmt} matrix: {exc}") from None
+
+
 def to_csr(X: Any) -> sp.csr_matrix:
     """Any 2-D scipy sparse or array-like as a scipy CSR (no canonicalisation)."""
     if sp.issparse(X):

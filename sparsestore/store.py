@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import storage
-from .canonical import canonical_block
+from .canonical import canonical_block, check_sparse_input
 from .chunks import ChunkCache, read_ranges, read_rows, read_slice
 from .errors import (
     CorruptStoreError,
@@ -408,6 +408,7 @@ class SparseStore:
         self._check_writable()
         from .ingest import matrix_shape, row_blocks
 
+        X = _as_input(X)
         n_new, n_cols = matrix_shape(X)
         check_dim(n_new, "n_rows")
         check_dim(self.n_rows + n_new, "n_rows after the append")
@@ -713,6 +714,19 @@ def _nbytes_stored(arr: Any) -> int:
         return 0
 
 
+def _as_input(X: Any) -> Any:
+    """Check a matrix argument's structure up front; array-likes with shape/dtype stay lazy."""
+    if sp.issparse(X):
+        check_sparse_input(X)
+        return X
+    if hasattr(X, "shape") and hasattr(X, "dtype"):
+        return X
+    try:
+        return np.asarray(X)
+    except (ValueError, TypeError, OverflowError) as exc:  # ragged lists and the like
+        raise InvalidInputError(f"cannot read X as a 2-D matrix ({exc})") from None
+
+
 def _check_label_name(name: Any) -> None:
     if not isinstance(name, str) or not name or "/" in name or name.startswith((".", "__")):
         raise LabelError(
@@ -940,6 +954,7 @@ def save(
 
     if isinstance(X, SparseStore):
         raise InvalidInputError("X is already a store; use sparsestore.convert to copy it")
+    X = _as_input(X)
     n_rows, n_cols = matrix_shape(X)
     check_dim(n_rows, "n_rows")
     src_dtype = getattr(X, "dtype", None)
