@@ -1,0 +1,473 @@
+"""Reliability report: inject faults and hostile input, tabulate what happened.
+
+``python -m benchmarks.reliability_report [--quick]`` SIGKILLs writers during save, append
+and convert, flips bytes in every kind of chunk, and feeds malformed and hostile input; it
+writes a markdown table to ``benchmarks/results/reliability.md`` and prints it.  Every row
+states how many faults or inputs were tried and how many ended as the library promises
+(no store or exactly the committed rows; ChecksumError and a failed validate; a
+SparseStoreError with nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+import sparsestore
+from sparsestore.errors import ChecksumError, LockError, SparseStoreError
+from sparsestore.validate import validate_store
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import crash_worker as cw  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "reliability.md"
+PARALLEL = 3
+
+
+# ------------------------------------------------------------------ kills
+
+class Server:
+    """tests/crash_worker.py's fork server: one child per job, pids and exits reported."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "crash_worker.py"), "server"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+        )
+        assert self.proc.stdout.readline().strip() == "READY"
+        self.info: dict[str, dict[str, int]] = {"PID": {}, "EXIT": {}}
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.n = 0
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            kind, job, value = line.split()
+            with self.cond:
+                self.info[kind][job] = int(value)
+                self.cond.notify_all()
+
+    def _wait(self, kind: str, job: str) -> int:
+        with self.cond:
+            self.cond.wait_for(lambda: job in self.info[kind], timeout=300)
+            return self.info[kind][job]
+
+    def batch(self, jobs: list[dict], window: float | None, rng: Any) -> list[dict]:
+        started = []
+        for job in jobs:
+            self.n += 1
+            jid = f"j{self.n}"
+            t0 = time.monotonic()
+            self.proc.stdin.write(json.dumps({**job, "id": jid}) + "\n")
+            self.proc.stdin.flush()
+            pid = self._wait("PID", jid)
+            delay = None if window is None else float(rng.uniform(0, window))
+            started.append((job, jid, pid, t0, delay))
+        for _j, _i, pid, t0, delay in sorted(
+            started, key=lambda s: float("inf") if s[4] is None else s[3] + s[4]
+        ):
+            if delay is not None:
+                time.sleep(max(0.0, t0 + delay - time.monotonic()))
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        out = []
+        for job, jid, _pid, t0, _d in started:
+            status = self._wait("EXIT", jid)
+            killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            out.append({**job, "killed": killed, "seconds": time.monotonic() - t0})
+        return out
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def _full_ok(dst: Path, n_blocks: int, labels: bool) -> bool:
+    store = sparsestore.open(dst)
+    X, labs = cw.blocks(0, n_blocks)
+    if store.shape != X.shape or (store[:] != X).nnz:
+        return False
+    if labels and any(not np.array_equal(store.labels[k][:], v) for k, v in labs.items()):
+        return False
+    return validate_store(dst).ok
+
+
+def check_job(job: dict) -> str:
+    """``"absent"``, ``"complete"``, ``"k/n"`` blocks committed, or ``"FAIL: ..."``."""
+    dst = Path(job["path"])
+    side = Path(job["side"])
+    lines = side.read_text().splitlines() if side.exists() else []
+    try:
+        if job["op"] in ("save", "convert"):
+            if not dst.exists():
+                for p in dst.parent.iterdir():  # orphaned staging dirs must not open partial
+                    if p.name.startswith(f".{dst.name}."):
+                        try:
+                            sparsestore.open(p)
+                        except SparseStoreError:
+                            continue
+                        if not _full_ok(p, job["n_blocks"], job["op"] == "save"):
+                            return "FAIL: partial staging dir opens"
+                return "absent"
+            ok = _full_ok(dst, job["n_blocks"], job["op"] == "save")
+            return "complete" if ok else "FAIL: store differs"
+        reported = max([int(x.split()[1]) // cw.ROWS for x in lines if x.startswith("COMMITTED")]
+                       + [job["start"]])
+        k = cw.check_prefix(sparsestore.open(dst), job["stop"])
+        if k not in (reported, reported + 1) or not validate_store(dst).ok:
+            return f"FAIL: {k} blocks, {reported} reported"
+        with sparsestore.open(dst, mode="r+") as st:  # lock freed, tail cut, appends go on
+            st.append(*cw.block(k))
+        if cw.check_prefix(sparsestore.open(dst), k + 1) != k + 1:
+            return "FAIL: append after the kill"
+        return f"{k - job['start']}/{job['stop'] - job['start']}"
+    except Exception as exc:
+        return f"FAIL: {type(exc).__name__}: {exc}"
+
+
+def run_kills(tmp: Path, kills_per_op: int, rng: Any) -> list[tuple[str, str, str]]:
+    server = Server()
+    rows = []
+    try:
+        shard_dir = tmp / "shards"
+        shard_dir.mkdir()
+        shards = []
+        for s in range(0, 60, 10):
+            p = shard_dir / f"part{s:03d}.npz"
+            sp.save_npz(p, cw.blocks(s, s + 10)[0])
+            shards.append(str(p))
+        tpl = tmp / "tpl.zarr"
+        st = sparsestore.create(tpl, n_cols=cw.COLS, dtype=np.float32, **cw.LAYOUT)
+        st.append(*cw.blocks(0, 3))
+        st.close()
+        counter = iter(range(10**9))
+
+        def job(op: str) -> dict:
+            d = tmp / f"k{next(counter)}"
+            d.mkdir()
+            base = {"path": str(d / "s.zarr"), "side": str(d / "side.txt"), "op": op}
+            if op == "append":
+                shutil.copytree(tpl, d / "s.zarr")
+                return {**base, "start": 3, "stop": 9}
+            if op == "convert":
+                return {**base, "src": shards, "n_blocks": 60}
+            return {**base, "n_blocks": 60}
+
+        for op in ("save", "append", "convert"):
+            if op == "convert" and not _has_convert():
+                rows.append(("Kill -9 during convert", "0", "skipped: no sparsestore.convert"))
+                continue
+            calib = server.batch([job(op) for _ in range(PARALLEL)], None, rng)
+            window = 1.1 * max(j["seconds"] for j in calib)
+            outcomes: Counter[str] = Counter()
+            kills = 0
+            for _ in range(200):
+                if kills >= kills_per_op:
+                    break
+                for j in server.batch([job(op) for _ in range(PARALLEL)], window, rng):
+                    if j["killed"]:
+                        kills += 1
+                        outcomes[check_job(j)] += 1
+                    shutil.rmtree(Path(j["path"]).parent, ignore_errors=True)
+            fails = sum(v for k, v in outcomes.items() if k.startswith("FAIL"))
+            detail = ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items()))
+            verdict = "all consistent" if not fails else f"**{fails} INCONSISTENT**"
+            rows.append((f"Kill -9 during {op}", str(kills), f"{verdict} ({detail})"))
+    finally:
+        server.close()
+    return rows
+
+
+def _has_convert() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("sparsestore.convert") is not None
+
+
+# ------------------------------------------------------------- corruption
+
+def run_flips(tmp: Path, flips_per_array: int, rng: Any) -> list[tuple[str, str, str]]:
+    n = 2000
+    X = sp.random(n, 60, density=0.1, format="csr", dtype=np.float32, random_state=7)
+    labels = {"y": np.arange(n), "w": np.ones((n, 2), np.float32)}
+    sparsestore.save(tmp / "s.zarr", X, labels=labels, chunk_bytes=2048, indptr_chunk=128,
+                     dense_chunk_bytes=2048)
+    sparsestore.save(tmp / "sh.zarr", X, chunk_bytes=2048, shard_bytes=8192)
+    D = np.arange(n * 12, dtype=np.float32).reshape(n, 12)
+    sparsestore.save(tmp / "d.zarr", D, sparse=False, dense_chunk_bytes=2048)
+    cases = [("s.zarr", "data"), ("s.zarr", "indices"), ("s.zarr", "indptr"),
+             ("s.zarr", "labels/y"), ("s.zarr", "labels/w"), ("sh.zarr", "data"),
+             ("d.zarr", "X")]
+    rows = []
+    for store_name, array in cases:
+        files = sorted(p for p in (tmp / store_name / array / "c").rglob("*") if p.is_file())
+        read_detected = validate_detected = silent = 0
+        for t in range(flips_per_array):
+            work = tmp / f"flip{t}.zarr"
+            shutil.copytree(tmp / store_name, work)
+            victim = work / files[int(rng.integers(len(files)))].relative_to(tmp / store_name)
+            raw = bytearray(victim.read_bytes())
+            raw[int(rng.integers(len(raw)))] ^= int(rng.integers(1, 256))
+            victim.write_bytes(bytes(raw))
+            try:
+                st = sparsestore.open(work)
+                if array.startswith("labels/"):
+                    st.labels[array.split("/")[1]][:]
+                else:
+                    st[:]
+                silent += 1
+            except ChecksumError:
+                read_detected += 1
+            if not validate_store(work).ok:
+                validate_detected += 1
+            shutil.rmtree(work)
+        kind = {"sh.zarr": " (sharded)", "d.zarr": " (dense)"}.get(store_name, "")
+        outcome = (f"read raised ChecksumError {read_detected}/{flips_per_array}, validate "
+                   f"failed {validate_detected}/{flips_per_array}, silently wrong {silent}")
+        rows.append((f"Byte flip in `{array}` chunk{kind}", str(flips_per_array), outcome))
+    return rows
+
+
+# ---------------------------------------------------------- hostile input
+
+def _refused(fn) -> str:
+    try:
+        fn()
+    except SparseStoreError:
+        return "refused"
+    except Exception as exc:
+        return f"other: {type(exc).__name__}"
+    return "accepted"
+
+
+class _Marker:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def run_hostile(tmp: Path, n_fuzz: int, rng: Any) -> list[tuple[str, str, str]]:
+    rows = []
+    counter = iter(range(10**9))
+
+    def dst() -> Path:
+        return tmp / f"h{next(counter)}.zarr"
+
+    def leftovers() -> int:
+        return sum(1 for p in tmp.iterdir() if p.name.startswith(".h"))
+
+    # Malformed CSR parts, built raw (scipy's checks bypassed).
+    results: Counter[str] = Counter()
+    for _ in range(n_fuzz):
+        n_rows, n_cols, nnz = int(rng.integers(1, 6)), int(rng.integers(1, 6)), 6
+        indptr = np.sort(rng.integers(0, nnz + 1, n_rows + 1))
+        indptr[0], indptr[-1] = 0, nnz
+        indices = rng.integers(0, n_cols, nnz).astype(np.int32)
+        data = rng.random(nnz).astype(np.float32)
+        fault = rng.integers(8)
+        if fault == 0:
+            indptr[1:] = indptr[1:][::-1]
+        elif fault == 1:
+            indices[0] = -1
+        elif fault == 2:
+            indices[-1] = n_cols + 5
+        elif fault == 3:
+            indptr = indptr.astype(np.float64)
+            indptr[-1] = np.nan
+        elif fault == 4:
+            indices = indices[:-2]
+        elif fault == 5:
+            data = data.astype(object)
+        elif fault == 6:
+            indptr = indptr[:-1]
+        else:
+            indptr = indptr + 1
+        m = sp.csr_matrix((n_rows, n_cols), dtype=np.float32)
+        m.data, m.indices, m.indptr = data, indices, indptr
+        d = dst()
+        got = _refused(lambda m=m, d=d: sparsestore.save(d, m))
+        if got == "accepted":  # a mutation that left valid parts: must round-trip exactly
+            want = sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_cols))
+            want.sum_duplicates()
+            want.eliminate_zeros()
+            same = (sparsestore.open(d)[:] != want).nnz == 0
+            got = "refused" if same else "accepted but differs"
+            results["round-tripped"] += same
+        elif d.exists():
+            results["left a store"] += 1
+        results[got] += 1
+    results["left a staging dir"] += leftovers()
+    rows.append(("Malformed or random CSR parts, raw scipy (save)", str(n_fuzz),
+                 _fmt(results, n_fuzz,
+                      ok="refused with SparseStoreError or round-tripped exactly")))
+
+    # Absurd and negative sizes.
+    class Fake:
+        dtype = np.dtype(np.float32)
+
+        def __init__(self, shape):
+            self.shape = shape
+
+        def __array__(self, *a, **k):
+            raise AssertionError("materialised")
+
+    cases = [
+        lambda: sparsestore.save(dst(), Fake((2**62, 3))),
+        lambda: sparsestore.save(dst(), Fake((-1, 3))),
+        lambda: sparsestore.save(dst(), sp.coo_matrix(([1.0], ([0], [0])), shape=(2**62, 4))),
+        lambda: sparsestore.create(dst(), n_cols=2**62),
+        lambda: sparsestore.create(dst(), n_cols=-5),
+        lambda: sparsestore.create(dst(), n_cols=2.5),
+    ]
+    res = Counter(_refused(c) for c in cases)
+    rows.append(("Absurd / negative shapes (save, create)", str(len(cases)), _fmt(res, len(cases))))
+
+    # Pickles.
+    marker = tmp / "PWNED"
+    obj = np.array([[_Marker(str(marker)), 1.0]], dtype=object)
+    cases = [lambda: sparsestore.save(dst(), obj),
+             lambda: sparsestore.save(dst(), np.ones((1, 2)), labels={"y": obj[0]})]
+    if _has_convert():
+        from sparsestore.convert import convert
+
+        np.save(tmp / "evil.npy", obj, allow_pickle=True)
+        np.savez(tmp / "evil.npz", obj)
+        cases += [lambda: convert(tmp / "evil.npy", dst()),
+                  lambda: convert(tmp / "evil.npz", dst())]
+    res = Counter(_refused(c) for c in cases)
+    res["code ran"] += int(marker.exists())
+    rows.append(("Pickled object arrays / .npy / .npz", str(len(cases)), _fmt(res, len(cases))))
+
+    # Decompression bomb.
+    if _has_convert():
+        from sparsestore.convert import convert
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        from test_hostile import _bomb
+
+        _bomb(tmp / "bomb.npz", 2**28)
+        res = Counter([_refused(lambda: convert(tmp / "bomb.npz", dst(), max_bytes=2**24))])
+        size = (tmp / "bomb.npz").stat().st_size
+        rows.append((f"Decompression bomb (.npz, {size // 1024} KiB -> 256 MiB, limit 16 MiB)",
+                     "1", _fmt(res, 1)))
+
+    # Stores whose metadata names code.
+    good = tmp / "good.zarr"
+    sparsestore.save(good, sp.random(50, 6, density=0.3, format="csr", random_state=0))
+    edits = [
+        ("zarr.json", lambda o: o["attributes"].update({"encoding-type": "os.system"})),
+        ("zarr.json", lambda o: o["attributes"]["sparsestore"].update(format="pickle")),
+        ("zarr.json", lambda o: o["attributes"]["sparsestore"].update(
+            layout={"compressor": "__import__('os').system('id')"})),
+        ("zarr.json", lambda o: o["attributes"]["sparsestore"].update(labels=["../../etc"])),
+        ("zarr.json", lambda o: o["attributes"].update(shape=[2**62, 6])),
+        ("data/zarr.json", lambda o: o.update(codecs=[o["codecs"][0], {"name": "os.system"}])),
+        ("data/zarr.json", lambda o: o.update(codecs=[o["codecs"][0],
+                                                      {"name": "numcodecs.pickle"}])),
+        ("indptr/zarr.json", lambda o: o.update(data_type="object")),
+    ]
+    res = Counter()
+    for rel, fn in edits:
+        work = tmp / f"meta{next(counter)}.zarr"
+        shutil.copytree(good, work)
+        obj_ = json.loads((work / rel).read_text())
+        fn(obj_)
+        (work / rel).write_text(json.dumps(obj_))
+        res[_refused(lambda w=work: sparsestore.open(w))] += 1
+        try:
+            if validate_store(work).ok:
+                res["validate passed"] += 1
+        except SparseStoreError:
+            pass
+    rows.append(("Store metadata naming code / codecs / bad shapes", str(len(edits)),
+                 _fmt(res, len(edits))))
+
+    # Second writer.
+    path = tmp / "locked.zarr"
+    st = sparsestore.create(path, n_cols=3)
+    res = Counter()
+    for fn in (lambda: sparsestore.open(path, mode="r+"),
+               lambda: sparsestore.save(path, np.ones((1, 3)), overwrite=True)):
+        try:
+            fn()
+            res["accepted"] += 1
+        except LockError:
+            res["refused"] += 1
+    code = ("import sys, sparsestore\nfrom sparsestore.errors import LockError\n"
+            "try:\n    sparsestore.open(sys.argv[1], mode='r+')\nexcept LockError:\n"
+            "    sys.exit(7)\n")
+    rc = subprocess.run([sys.executable, "-c", code, str(path)], timeout=120).returncode
+    res["refused" if rc == 7 else "accepted"] += 1
+    st.close()
+    rows.append(("Second writer (same process, overwrite, other process)", "3",
+                 _fmt(res, 3, ok="refused with LockError")))
+    return rows
+
+
+def _fmt(res: Counter, total: int, ok: str = "refused with SparseStoreError") -> str:
+    good = res.get("refused", 0)
+    bad = {k: v for k, v in res.items() if k not in ("refused", "round-tripped") and v}
+    text = f"{good}/{total} {ok}"
+    if res.get("round-tripped"):
+        text += f" ({res['round-tripped']} valid after mutation, equal to scipy)"
+    if bad:
+        text += "; " + ", ".join(f"**{k}: {v}**" for k, v in sorted(bad.items()))
+    else:
+        text += ", nothing written, no code run"
+    return text
+
+
+# ------------------------------------------------------------------ main
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer faults (about a minute)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    kills, flips, fuzz = (20, 10, 80) if args.quick else (60, 40, 400)
+    rng = np.random.default_rng(2024)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="reliability-") as d:
+        tmp = Path(d)
+        (tmp / "kills").mkdir()
+        (tmp / "flips").mkdir()
+        (tmp / "hostile").mkdir()
+        rows = run_kills(tmp / "kills", kills, rng)
+        rows += run_flips(tmp / "flips", flips, rng)
+        rows += run_hostile(tmp / "hostile", fuzz, rng)
+    lines = [
+        "| Category | Faults / inputs tried | Outcome |",
+        "|---|---:|---|",
+        *(f"| {a} | {b} | {c} |" for a, b, c in rows),
+        "",
+        f"_{'--quick' if args.quick else 'full'} run, {time.monotonic() - t0:.0f} s; "
+        "`python -m benchmarks.reliability_report" + (" --quick" if args.quick else "") + "`_",
+    ]
+    text = "\n".join(lines) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    failed = any("**" in c for _, _, c in rows)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
