@@ -134,12 +134,6 @@ def test_decompression_bomb_is_refused_before_allocating(tmp_path):
     no_stray(tmp_path, "out.zarr")
 
 
-@pytest.mark.xfail(
-    reason="ingest/npz.py does not yet compare a member's .npy header (shape x itemsize) with "
-    "the member's declared file_size before np.load allocates; reported to the ingest owner",
-    raises=(MemoryError, AssertionError),
-    strict=False,
-)
 def test_npz_member_header_lying_about_its_size_is_refused(tmp_path):
     """A member whose .npy header claims 2**40 values but holds a few bytes."""
     convert = _convert()
