@@ -60,14 +60,15 @@ def rows_of(ds, label_index: int = 1) -> np.ndarray:
 # ------------------------------------------------------------------ equality with the loader
 
 
+@pytest.mark.parametrize("expand", ["host", "graph"])
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("bs", [1, 257, 5000])
-def test_batches_equal_loader_batches(small_store, shuffle, bs):
+def test_batches_equal_loader_batches(small_store, shuffle, bs, expand):
     store, X, labels = small_store
     # bs=1: a short row range (empty rows 100..119 included) keeps it quick
     kw = dict(rows=slice(90, 160)) if bs == 1 else {}
     a, b = loader_pair(store, batch_size=bs, shuffle=shuffle, seed=7, labels=["y", "w"], **kw)
-    ds = sstf.to_dataset(a)
+    ds = sstf.to_dataset(a, expand=expand)
     spec = ds.element_spec
     assert spec[0] == tf.SparseTensorSpec([None, X.shape[1]], tf.float32)
     assert spec[1].dtype == tf.int64 and spec[1].shape.as_list() == [None]
@@ -146,12 +147,38 @@ def test_roundtrip_property(tmp_path_factory, n_rows, n_cols, density, bs, shuff
 
 
 def test_compact_parts_cross_the_host_boundary(small_store):
-    """~8 bytes per non-zero: float32 values + int32 column ids + int64 row_splits per row."""
+    """expand='graph': ~8 bytes per non-zero (float32 values + int32 column ids) + row_splits."""
     store, _, _ = small_store
-    plan = sstf._Plan.for_loader(sparsestore.DataLoader(store, labels="y"))
+    plan = sstf._Plan.for_loader(sparsestore.DataLoader(store, labels="y"), expand="graph")
     sig = plan.signature()
     assert [s.dtype for s in sig] == [tf.float32, tf.int32, tf.int64, tf.int64]
     assert [s.shape.as_list() for s in sig[:3]] == [[None]] * 3
+
+
+def test_host_coo_parts_are_aligned_and_recycled(small_store):
+    """expand='host': int64 COO in 64-byte-aligned buffers that return to the pool when freed."""
+    store, X, _ = small_store
+    loader = sparsestore.DataLoader(store, batch_size=300)
+    plan = sstf._Plan.for_loader(loader)
+    sig = plan.signature()
+    assert [s.dtype for s in sig] == [tf.int64, tf.float32, tf.int64]
+    batch = next(iter(loader.iter_batches()))
+    coords, values, n_rows = plan.parts(batch)
+    assert coords.ctypes.data % 64 == 0 and values.ctypes.data % 64 == 0
+    coo = X[batch.rows].tocoo()
+    np.testing.assert_array_equal(coords, np.stack([coo.row, coo.col], axis=1))
+    np.testing.assert_array_equal(values, coo.data)
+    assert int(n_rows) == 300
+    base = coords.base  # the pooled byte buffer behind the aligned view
+    assert isinstance(base, np.ndarray) and base.dtype == np.uint8
+    assert len(plan.buffers._free) == 0
+    del coords, values
+    assert len(plan.buffers._free) == 2
+    again, _, _ = plan.parts(batch)  # the freed buffer is taken again, not a new one
+    assert again.base is base
+    assert len(plan.buffers._free) == 1
+    with pytest.raises(InvalidInputError, match="expand"):
+        sstf.to_dataset(loader, expand="gpu")
 
 
 # ------------------------------------------------------------------ epochs
@@ -257,12 +284,13 @@ def test_dense_store_streams_dense_tensors(tmp_path, rng):
     np.testing.assert_array_equal(got, X.reshape(500, 4, 6))
 
 
-def test_sample_shape_gives_3d_sparse_tensors(tmp_path, rng):
+@pytest.mark.parametrize("expand", ["host", "graph"])
+def test_sample_shape_gives_3d_sparse_tensors(tmp_path, rng, expand):
     r, c = 5, 7
     X = sp.random(400, r * c, density=0.2, format="csr", dtype=np.float32, random_state=rng)
     store = sparsestore.save(tmp_path / "img.zarr", X, chunk_bytes=2048)
     a, b = loader_pair(store, batch_size=48, shuffle=True, seed=4)
-    ds = sstf.to_dataset(a, sample_shape=(r, c))
+    ds = sstf.to_dataset(a, sample_shape=(r, c), expand=expand)
     assert ds.element_spec == tf.SparseTensorSpec([None, r, c], tf.float32)
     assert sstf.element_spec(a, sample_shape=(r, c)) == ds.element_spec
     for x, batch in zip(ds, b.iter_batches(), strict=True):
