@@ -279,9 +279,11 @@ class BlockReader:
         self.num_workers = int(num_workers)
         self.prefetch = max(1, int(prefetch))
         self.n_cols = store.n_cols if columns is None else columns.n_cols
-        # Enough room that a chunk shared by two units in flight is still cached when the
-        # second one asks for it.
-        cap = 2 * (self.num_workers + self.prefetch) + 4
+        # Units are decoded in order by ``num_workers`` threads and each caches only its two
+        # boundary chunks, so a chunk shared by units u and u+1 is still cached when u+1 asks
+        # for it with room for two chunks per running unit (plus slack).  Every cached chunk
+        # is resident memory, so no more than that.
+        cap = 2 * max(1, self.num_workers) + 2
         self.caches: dict[str, SharedChunkCache] = {}
         if not store.is_dense:
             arrs = store.arrays

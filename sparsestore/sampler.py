@@ -255,8 +255,11 @@ class BlockSampler:
             e[-1] -= cum[i1] - hi
         else:
             s = e = np.zeros(0, np.int64)
+        # Without shuffling a unit is one block: no buffer to mix, and units in flight
+        # (prefetch x unit bytes) stay small.
         return EpochPlan(
-            s, e, rows=self.rows, buffer_blocks=self.buffer_blocks, shuffle=self.shuffle,
+            s, e, rows=self.rows, buffer_blocks=self.buffer_blocks if self.shuffle else 1,
+            shuffle=self.shuffle,
             seed=self.seed, epoch=epoch, rank=self.rank,
         )
 
