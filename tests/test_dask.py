@@ -134,13 +134,13 @@ def test_compute_gives_scipy_csr_and_keeps_scipy_semantics(shared_store):
 def test_blocks_follow_data_chunks_and_decode_each_chunk_once(shared_store, monkeypatch):
     store, X = shared_store
     reads = []
-    orig = sdask.read_slice
+    orig = sdask._Chunks.read
 
-    def spy(arr, lo, hi, *, name=None):
-        reads.append((name, lo, hi))
-        return orig(arr, lo, hi, name=name)
+    def spy(self, k, lo, hi, room=0):
+        reads.append((self.name, lo, hi))
+        return orig(self, k, lo, hi, room)
 
-    monkeypatch.setattr(sdask, "read_slice", spy)
+    monkeypatch.setattr(sdask._Chunks, "read", spy)
     D = store.to_dask()
     reads.clear()  # planning reads indptr only; count the computation
     with dask.config.set(scheduler="sync"):
@@ -158,6 +158,103 @@ def test_blocks_follow_data_chunks_and_decode_each_chunk_once(shared_store, monk
         assert [lo for lo, _ in mine] == list(range(0, limit, chunk))
         assert all(hi == min(lo + chunk, limit) for lo, hi in mine)
     assert not [n for n, _, _ in reads if n not in ("data", "indices", "indptr")]
+
+
+LAYOUTS = {
+    "default": {},  # blosc + crc32c: decoded by sparsestore.dask itself
+    "sharded": {"shard_bytes": 65536},  # through zarr
+    "raw": {"compressor": "none", "checksum": False},
+    "zstd_nocrc": {"compressor": "zstd", "checksum": False},
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_layout_decodes_each_chunk_once(tmp_path, layout, monkeypatch):
+    rng = np.random.default_rng(3)
+    X = sp.random(2500, 300, density=0.04, format="csr", dtype=np.float64, random_state=rng)
+    store = sparsestore.save(tmp_path / "l.zarr", X, chunk_bytes=4096, **LAYOUTS[layout])
+    direct = sdask._Chunks(store.arrays["data"], "data").direct
+    assert (direct is None) == (layout == "sharded")
+    reads = []
+    orig = sdask._Chunks.read
+
+    def spy(self, k, lo, hi, room=0):
+        reads.append((self.name, k))
+        return orig(self, k, lo, hi, room)
+
+    monkeypatch.setattr(sdask._Chunks, "read", spy)
+    for chunk_rows in (None, 7, 1000):
+        D = store.to_dask(chunk_rows=chunk_rows)
+        reads.clear()
+        out, colsum, rowmax = dask.compute(D, D.sum(axis=0), D.max(axis=1))
+        assert (out != X).nnz == 0 and out.has_sorted_indices
+        np.testing.assert_allclose(colsum, X.toarray().sum(0), rtol=1e-12)
+        np.testing.assert_array_equal(rowmax, X.toarray().max(1))
+        for arr in ("data", "indices"):
+            ks = sorted(k for n, k in reads if n == arr)
+            assert ks == list(range(store.arrays[arr].nchunks)), (arr, chunk_rows)
+
+
+def test_each_block_needs_one_whole_chunk_and_a_head(shared_store):
+    """One task decodes data+indices of a chunk; a block depends on its own chunk, the
+    small head of the next one (all a cluster moves between workers) and indptr."""
+    store, X = shared_store
+    D = store.to_dask()
+    c = store.arrays["data"].chunks[0]
+    ends = X.indptr[np.cumsum(D.chunks[0])]
+    deps = D.__dask_graph__().get_all_dependencies()
+    blocks = [k for k in deps if k[0] == D.name]
+    assert len(blocks) == D.numblocks[0]
+    heads = 0
+    for key in blocks:
+        i = key[1]
+        kinds = sorted((k[0][len(D.name) + 1 :], k[1]) for k in deps[key])
+        expected = [("data+indices", i), ("indptr", 0)]
+        if ends[i] > (i + 1) * c and i + 1 < len(blocks):  # its last row straddles
+            expected.insert(1, ("data+indices-head", i + 1))
+            heads += 1
+        assert kinds == expected
+    assert heads >= len(blocks) // 2
+
+
+def test_blocks_are_independent_buffers(shared_store):
+    """Blocks share decoded chunks only read-only: writing into one leaves the rest alone."""
+    store, X = shared_store
+    D = store.to_dask()
+    bounds = np.r_[0, np.cumsum(D.chunks[0])]
+    blocks = dask.compute(*D.to_delayed().ravel())
+    for b in blocks[::2]:
+        b.data[:] = -1
+        b.indices[:] = 0
+    for i in range(1, len(blocks), 2):  # neighbours of the blocks written to
+        assert (blocks[i] != X[bounds[i] : bounds[i + 1]]).nnz == 0
+    assert (D.compute() != X).nnz == 0  # nothing is kept between computations
+
+
+def test_missing_chunk_reads_as_fill_value_like_zarr(tmp_path):
+    X = sp.random(2000, 50, density=0.1, format="csr", dtype=np.float32, random_state=1)
+    store = sparsestore.save(tmp_path / "m.zarr", X, chunk_bytes=4096)
+    (tmp_path / "m.zarr" / "data" / "c" / "2").unlink()
+    store = sparsestore.open(tmp_path / "m.zarr")
+    expected = np.asarray(store.arrays["data"][:])  # zarr: the fill value, 0
+    assert (expected == 0).sum() >= 1024
+    got = store.to_dask().compute()
+    np.testing.assert_array_equal(got.data, expected)
+
+
+def test_damaged_chunks_raise(tmp_path):
+    from sparsestore.errors import ChecksumError, CorruptStoreError
+
+    X = sp.random(2000, 50, density=0.1, format="csr", dtype=np.float32, random_state=1)
+    for opts, exc, match in (({}, ChecksumError, r"array 'indices', chunk 1\b"),
+                             ({"checksum": False}, CorruptStoreError, "Blosc header")):
+        path = tmp_path / f"d{len(opts)}.zarr"
+        sparsestore.save(path, X, chunk_bytes=4096, **opts)
+        victim = path / "indices" / "c" / "1"
+        raw = victim.read_bytes()
+        victim.write_bytes(raw[: len(raw) // 2])  # truncated
+        with pytest.raises(exc, match=match):
+            sparsestore.open(path).to_dask().sum(axis=0).compute()
 
 
 def test_chunk_rows_override(shared_store):
