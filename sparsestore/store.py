@@ -513,6 +513,10 @@ class SparseStore:
         n, nnz = n0, nnz0
         meta_labels = list(self._meta.labels)
         self._pending_labels = meta_labels
+        appenders = [] if self.is_dense else [
+            _WholeChunks(self._data, nnz0), _WholeChunks(self._indices, nnz0),
+            _WholeChunks(self._indptr, n0 + 1),
+        ]
         try:
             for block, labs in blocks:
                 if labs and not len(self.labels):
@@ -529,14 +533,9 @@ class SparseStore:
                         block, self.n_cols, dtype=self.dtype, keep_zeros=self._meta.keep_zeros
                     )
                     m, k = ptr.size - 1, vals.size
-                    if k:
-                        self._data.resize((nnz + k,))
-                        self._indices.resize((nnz + k,))
-                        self._data[nnz : nnz + k] = vals
-                        self._indices[nnz : nnz + k] = ind
-                    if m:
-                        self._indptr.resize((n + m + 1,))
-                        self._indptr[n + 1 : n + m + 1] = ptr[1:] + nnz
+                    appenders[0].add(vals)
+                    appenders[1].add(ind)
+                    appenders[2].add(ptr[1:] + nnz)
                 for name, arr in self._label_arrays().items():
                     lab = np.asarray(labs[name]) if labs else None
                     if lab is None or lab.shape[0] != m:
@@ -547,6 +546,8 @@ class SparseStore:
                 n, nnz = n + m, nnz + k
                 if progress is not None:
                     progress.update(m)
+            for app in appenders:
+                app.flush()
             self._commit(n, nnz, self._pending_labels)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -608,6 +609,51 @@ class SparseStore:
 
 
 # ------------------------------------------------------------------ helpers
+
+class _WholeChunks:
+    """Appends to a 1-D zarr array in whole chunks (whole shards when sharded).
+
+    A write ending inside a chunk makes the next write read, decode, merge and re-encode
+    that chunk: row blocks of arbitrary nnz did that on nearly every block (measured:
+    appends ~1.7x slower).  Less than one chunk is held back between blocks, and written
+    by :meth:`flush` before the commit.  The array grows ahead of the writes (up to 64
+    chunks), not by one metadata rewrite per chunk, and chunks are written without zarr's
+    all-fill-value scan (which took as long as compressing a float chunk).
+    """
+
+    def __init__(self, arr: Any, end: int) -> None:
+        self.arr, self.start, self.end = arr, end, end
+        self.step = int((getattr(arr, "shards", None) or arr.chunks)[0])
+        self.held: list[np.ndarray] = []
+        self.n_held = 0
+
+    def add(self, values: np.ndarray) -> None:
+        if values.size:
+            self.held.append(values)
+            self.n_held += values.size
+            stop = (self.end + self.n_held) // self.step * self.step
+            if stop > self.end:
+                self._write(stop, stop + min(stop - self.start, 64 * self.step))
+
+    def flush(self) -> None:
+        """Write what is held back and give the array its exact length."""
+        stop = self.end + self.n_held
+        if self.n_held or self.arr.shape[0] != stop:
+            self._write(stop, stop)
+
+    def _write(self, stop: int, size: int) -> None:
+        if self.arr.shape[0] < stop or size == stop:
+            self.arr.resize((size,))
+        k = stop - self.end
+        if k:
+            buf = self.held[0] if len(self.held) == 1 else np.concatenate(self.held)
+            out = self.arr.with_config({"write_empty_chunks": True}) \
+                if hasattr(self.arr, "with_config") else self.arr
+            out[self.end : stop] = buf[:k]
+            rest = buf[k:].copy()  # not a view pinning the whole block
+            self.held = [rest] if rest.size else []
+            self.n_held, self.end = rest.size, stop
+
 
 def _read_meta(attrs: Mapping[str, Any], path: str) -> Meta:
     """``attrs["sparsestore"]`` as :class:`Meta`, every field type-checked (data, never code)."""

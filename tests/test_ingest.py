@@ -9,7 +9,9 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import sys
 import tempfile
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -139,6 +141,75 @@ def test_npz_many_small_shards_in_order(tmp_path):
     same(store, sp.vstack(mats))
 
 
+class _Recorder(ThreadPoolExecutor):
+    """A thread pool that counts shards submitted and not yet consumed."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.submitted = 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.mark.parametrize("lookahead, sizes, workers, most", [
+    (0, [100] * 12, 2, 1),  # workers - 1 shards ahead at least
+    (250, [100] * 12, 2, 2),  # more while their sizes fit the lookahead
+    (250, [100] * 12, 4, 3),
+    (10**9, [100] * 12, 2, 11),
+    (350, [100, 300, 100, 100, 100, 100, 300, 100, 100, 100, 100, 100], 2, 3),
+    (10**9, None, 2, 1),  # sizes unknown: no lookahead
+])
+def test_npz_shards_ahead_of_the_writer_are_bounded(tmp_path, lookahead, sizes, workers, most):
+    from sparsestore.ingest.npz import iter_shards
+
+    mats = [rand(4, 6, seed=i) for i in range(12)]
+    paths = []
+    for i, m in enumerate(mats):
+        paths.append(str(tmp_path / f"p{i:02d}.npz"))
+        sp.save_npz(paths[-1], m)
+    with _Recorder(max(1, workers - 1)) as ex:
+        seen, ahead = [], []
+        for path, parts in iter_shards(paths, NpzOptions(), workers=workers, executor=ex,
+                                       sizes=sizes, lookahead_bytes=lookahead):
+            ahead.append(ex.submitted - len(seen) - 1)  # loaded beyond the one yielded
+            seen.append(path)
+            got = sp.csr_matrix((parts["data"], parts["indices"], parts["indptr"]),
+                                shape=tuple(parts["shape"]))
+            assert (got != mats[len(seen) - 1]).nnz == 0
+    assert seen == paths
+    assert max(ahead) == most
+
+
+def test_convert_writes_whole_chunks_until_the_last(tmp_path, monkeypatch):
+    import zarr
+
+    writes: dict[str, list[tuple[int, int]]] = {}
+    real = zarr.Array.__setitem__
+
+    def spy(self, key, value):
+        if isinstance(key, slice):
+            writes.setdefault(self.basename, []).append((key.start, key.stop))
+        return real(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", spy)
+    mats = [rand(20 + i % 4, 50, density=0.3, seed=i) for i in range(30)]
+    paths = []
+    for i, m in enumerate(mats):
+        paths.append(tmp_path / f"s{i:02d}.npz")
+        sp.save_npz(paths[-1], m)
+    store = sparsestore.convert(paths, tmp_path / "o.zarr", workers=2, chunk_bytes=1024)
+    same(store, sp.vstack(mats))
+    for name in ("data", "indices"):
+        chunk = store.arrays[name].chunks[0]
+        spans = writes[name]
+        assert len(spans) > 3
+        assert spans[0][0] == 0 and spans[-1][1] == store.nnz
+        for (a, b), (c, _) in zip(spans, spans[1:], strict=False):
+            assert b == c and a % chunk == 0 and b % chunk == 0  # no chunk written twice
+
+
 def test_npz_dense_key_custom_keys_labels_and_dtype_promotion(tmp_path):
     A = rand(20, 8, seed=1).toarray()
     np.savez_compressed(tmp_path / "a.npz", M=np.asfortranarray(A), other=np.zeros((3, 3)),
@@ -219,6 +290,87 @@ def test_npz_bad_shard_fails_cleanly_naming_the_file(tmp_path, bad):
         sparsestore.convert([*good[:2], p, good[2]], dst, workers=2, **kwargs)
     assert "bad.npz" in str(info.value)
     assert leftovers(dst) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_npz_decompressing_threads_yield_to_the_writer(tmp_path, monkeypatch):
+    import sparsestore.ingest.npz as npz
+
+    seen = []
+    real = npz.load_shard
+
+    def spy(path, opts):
+        tid = threading.get_native_id()
+        seen.append(os.getpriority(os.PRIO_PROCESS, tid))
+        return real(path, opts)
+
+    monkeypatch.setattr(npz, "load_shard", spy)
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"s{i}.npz")
+        sp.save_npz(paths[-1], rand(20, 10, seed=i))
+    sparsestore.convert(paths, tmp_path / "o.zarr", workers=2)
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen and all(p == min(19, mine + npz.DECODE_NICE) for p in seen)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+
+
+def test_npz_big_members_inflate_piecewise(tmp_path, monkeypatch):
+    import sparsestore.ingest.npz as npz
+
+    monkeypatch.setattr(npz, "_ONE_READ", 1000)
+    monkeypatch.setattr(npz, "_PIECE", 333)
+    mats = [rand(300, 40, density=0.2, seed=i) for i in range(3)]
+    mats.append(rand(300, 40, density=0.2, dtype=np.float64, seed=9, fmt="coo"))
+    paths = []
+    for i, m in enumerate(mats):
+        paths.append(tmp_path / f"s{i}.npz")
+        sp.save_npz(paths[-1], m)
+    for w in (1, 2):
+        store = sparsestore.convert(paths, tmp_path / f"o{w}.zarr", workers=w)
+        same(store, sp.vstack(mats))
+
+
+def test_npz_member_bigger_than_its_zip_entry_says_is_refused(tmp_path):
+    import io
+    import struct
+    import zipfile
+
+    def npy(a):
+        b = io.BytesIO()
+        np.lib.format.write_array(b, a)
+        return b.getvalue()
+
+    X = rand(50, 30, seed=3)
+    p = tmp_path / "lying.npz"
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("data.npy", npy(X.data))
+        zf.writestr("indices.npy", npy(X.indices))
+        zf.writestr("indptr.npy", npy(X.indptr))
+        zf.writestr("shape.npy", npy(np.array(X.shape, dtype=np.int64)))
+    raw = bytearray(p.read_bytes())
+    at = raw.index(b"PK\x01\x02")  # the first central directory entry: data.npy
+    name_len = struct.unpack_from("<H", raw, at + 28)[0]
+    assert raw[at + 46 : at + 46 + name_len] == b"data.npy"
+    size = struct.unpack_from("<I", raw, at + 24)[0]
+    struct.pack_into("<I", raw, at + 24, size - 8)  # declare 8 bytes (2 values) fewer
+    p.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match="lying.npz"):
+        sparsestore.convert([p], tmp_path / "o.zarr")
+    assert leftovers(tmp_path / "o.zarr") == []
+    with pytest.raises(FormatError, match="lying.npz"):  # the loader on its own, too
+        load_shard(str(p), NpzOptions())
+
+
+def test_csr_blocks_are_views_scipy_keeps():
+    from sparsestore.ingest.base import csr_blocks
+
+    X = rand(400, 30, density=0.3, seed=5)
+    blocks = list(csr_blocks(X, target_nnz=500))
+    assert len(blocks) > 4
+    assert all(np.shares_memory(b.data, X.data) and np.shares_memory(b.indices, X.indices)
+               for b in blocks)
+    assert (sp.vstack(blocks) != X).nnz == 0
 
 
 def test_npz_bomb_is_refused_before_decompressing(tmp_path, monkeypatch):

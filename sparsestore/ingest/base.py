@@ -102,12 +102,23 @@ def csr_blocks(X: Any, target_nnz: int = DEFAULT_BLOCK_NNZ) -> Iterator[sp.csr_m
         for a, b in row_bounds(X.indptr, n, target_nnz) if n else [(0, 0)]:
             lo, hi = int(X.indptr[a]), int(X.indptr[b])
             yield sp.csr_matrix(
-                (X.data[lo:hi], X.indices[lo:hi], X.indptr[a : b + 1] - lo),
+                (_view(X.data, lo, hi), _view(X.indices, lo, hi), X.indptr[a : b + 1] - lo),
                 shape=(b - a, X.shape[1]), copy=False,
             )
         return
     for _, _, block in scipy_row_blocks(X, target_nnz=target_nnz):
         yield block
+
+
+def _view(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """``a[lo:hi]`` as a view scipy keeps: it copies a slice of a much larger ndarray (its
+    ``_prune_array``), not one whose base is a memoryview."""
+    if isinstance(a, np.ndarray) and a.ndim == 1 and a.flags.c_contiguous and a.size:
+        try:
+            return np.asarray(memoryview(a)[lo:hi])
+        except (TypeError, ValueError):  # a dtype memoryview cannot express
+            pass
+    return a[lo:hi]
 
 
 def row_bounds(
@@ -144,10 +155,10 @@ def write_source(
     from ..store import write_blocks
 
     dt = np.dtype(source.dtype if dtype is None else dtype)
-    # Appending much less than a chunk at a time makes zarr rewrite the partial tail chunk
-    # on every block (measured: 64 shards of 0.3M nnz wrote ~2x slower); about one chunk
-    # per write avoids most of that while holding back only one chunk's worth of entries.
-    target = Layout.from_options(**layout_options).nnz_chunk(dt.itemsize)
+    # The store writes data/indices/indptr in whole chunks whatever the block sizes, so
+    # joining blocks only saves per-block work (canonical checks, label writes) for tiny
+    # blocks; a quarter chunk does that without copying blocks of that size or more.
+    target = max(1, Layout.from_options(**layout_options).nnz_chunk(dt.itemsize) // 4)
     bar = make_progress(progress, source.n_rows, f"convert {os.path.basename(source.name)}")
     gen = source.blocks()
     try:

@@ -11,16 +11,19 @@ Before anything is written every shard's zip directory and array headers are rea
 decompression): member sizes are checked against ``max_bytes`` (decompression bombs),
 column counts must agree, and the dtypes decide the store's.  Shards are then loaded by
 :func:`load_shard` -- a picklable top-level function, so any ``concurrent.futures``
-executor (threads by default, a dask ``client.get_executor()``...) can run it -- with at
-most ``workers`` shards in memory (one being written, ``workers - 1`` decompressing), and
-written in the given order.
+executor (threads by default, a dask ``client.get_executor()``...) can run it -- ahead of
+the writer by ``workers - 1`` shards, or more small ones up to ``lookahead_bytes`` of
+decompressed data (see :class:`ShardLoader`), and written in the given order.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import os
+import sys
+import threading
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -44,6 +47,9 @@ from .base import (
 
 # Default limit on the decompressed size of one shard (sum of its members).
 DEFAULT_MAX_BYTES = 8 * 2**30
+# Decompressed bytes of shards loaded ahead of the writer (beyond ``workers - 1``): about
+# two of the writer's bursts (one chunk of data and of indices each, default layout).
+DEFAULT_LOOKAHEAD_BYTES = 16 * 2**20
 _SCIPY_FORMATS = ("csr", "csc", "coo", "bsr", "dia")
 
 
@@ -70,6 +76,7 @@ class ShardInfo:
     shape: tuple[int, int]
     dtype: np.dtype
     label_dtypes: tuple[tuple[str, np.dtype, tuple[int, ...]], ...] = ()
+    nbytes: int = 0  # decompressed size (sum of the members' declared sizes)
 
 
 # ------------------------------------------------------------------ safety checks
@@ -177,7 +184,7 @@ def scan_shard(path: str, opts: NpzOptions) -> ShardInfo:
     """Read a shard's zip directory and array headers: kind, shape, dtype (no data)."""
     try:
         with _open_zip(path) as zf:
-            check_zip_sizes(path, zf, opts.max_bytes)
+            nbytes = check_zip_sizes(path, zf, opts.max_bytes)
             members = _members(zf)
             kind = _kind(path, members, opts)
             npz = _Members(path, zf)
@@ -214,7 +221,7 @@ def scan_shard(path: str, opts: NpzOptions) -> ShardInfo:
         raise _as_format_error(path, exc) from None
     if dtype.kind not in "biuf":
         raise FormatError(f"{path}: values of dtype {dtype} cannot be stored")
-    return ShardInfo(path, kind, shape, np.dtype(dtype), tuple(labels))
+    return ShardInfo(path, kind, shape, np.dtype(dtype), tuple(labels), nbytes)
 
 
 def _as_format_error(path: str, exc: BaseException) -> SparseStoreError:
@@ -228,9 +235,16 @@ def _as_format_error(path: str, exc: BaseException) -> SparseStoreError:
 
 # ------------------------------------------------------------------ the per-shard work
 
+# Members bigger than this are inflated piece by piece into one buffer of their declared
+# size: zlib's output grows in blocks joined at the end, so one read of a big member held
+# it twice at peak.  Smaller members are read at once (one copy less, measured faster).
+_ONE_READ = 16 * 2**20
+_PIECE = 2**20
+
+
 class _Members:
-    """A shard's arrays by name, each member inflated in one bounded zlib call (which
-    releases the GIL, so shards decompress in parallel threads) and viewed without copy."""
+    """A shard's arrays by name, each member inflated (zlib releases the GIL, so shards
+    decompress in parallel threads) and viewed without a further copy."""
 
     def __init__(self, path: str, zf: zipfile.ZipFile) -> None:
         self.path, self.zf = path, zf
@@ -241,22 +255,46 @@ class _Members:
             info = self.zf.getinfo(name + ".npy")
         except KeyError:
             raise FormatError(f"{self.path} has no array named {name!r}") from None
+        size = int(info.file_size)
+        raw: Any = None
+        pos = 0
         with self.zf.open(info) as f:
             # Never more than the declared (and size-checked) length, whatever the stream
-            # would inflate to; zipfile checks the CRC when the member ends.
-            raw = f.read(info.file_size)
-        if len(raw) != info.file_size:
-            raise FormatError(f"{self.path}: member {name!r} is truncated")
+            # would inflate to; reading its end makes zipfile check the CRC.
+            if size <= _ONE_READ:
+                raw = f.read(size)
+                pos = len(raw)
+            else:
+                raw = np.empty(size, dtype=np.uint8)
+                while pos < size:
+                    piece = f.read(min(_PIECE, size - pos))
+                    if not piece:
+                        break
+                    raw[pos : pos + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+                    pos += len(piece)
+            if pos != size:
+                raise FormatError(f"{self.path}: member {name!r} is truncated")
+            if f.read(1):
+                raise FormatError(
+                    f"{self.path}: member {name!r} inflates to more than the {size} bytes "
+                    "its zip entry declares"
+                )
         return _npy_from_bytes(self.path, name, raw)
 
 
-def _npy_from_bytes(path: str, name: str, raw: bytes) -> np.ndarray:
-    """An ``.npy`` payload as an array viewing ``raw`` (no second copy of the data).
+def _npy_from_bytes(path: str, name: str, raw: Any) -> np.ndarray:
+    """An ``.npy`` payload (bytes or a uint8 array) as an array viewing it, no copy.
 
     The header is parsed by numpy's own ``np.lib.format`` readers; object dtypes (which
     would need unpickling) are refused.
     """
-    f = io.BytesIO(raw)
+    view = memoryview(raw)
+    lead = bytes(view[:12])
+    end = len(lead)
+    if lead[:6] == b"\x93NUMPY" and len(lead) >= 10:  # magic, version, header length
+        end = 10 + int.from_bytes(lead[8:10], "little") if lead[6] == 1 else \
+            12 + int.from_bytes(lead[8:12], "little")
+    f = io.BytesIO(bytes(view[: min(end, len(view))]))
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
@@ -269,12 +307,14 @@ def _npy_from_bytes(path: str, name: str, raw: bytes) -> np.ndarray:
         )
     count = int(np.prod(shape, dtype=np.int64))
     offset = f.tell()
-    if len(raw) - offset != count * dtype.itemsize:
+    if len(view) - offset != count * dtype.itemsize:
         raise FormatError(
-            f"{path}: array {name!r} holds {len(raw) - offset} bytes of data, its header "
+            f"{path}: array {name!r} holds {len(view) - offset} bytes of data, its header "
             f"needs {count * dtype.itemsize}"
         )
-    arr = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
+    # Through the memoryview: the array's base is then not the uint8 buffer, whose larger
+    # element count made scipy's _prune_array take the array for a small view and copy it.
+    arr = np.frombuffer(view, dtype=dtype, count=count, offset=offset)
     if fortran:
         return arr.reshape(shape[::-1]).transpose()
     return arr.reshape(shape)
@@ -354,50 +394,120 @@ def _csr_parts(m: sp.csr_matrix) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------ the source
 
+class ShardLoader:
+    """Shards loaded in the given order, decompressing ahead of the consumer from creation.
+
+    ``workers=1`` (and no executor) loads each shard in the consuming thread when it is
+    asked for: one thread, no overlap, least memory.  Otherwise a pool of ``workers``
+    threads (or ``executor``) decompresses shards ahead of the consumer, ``workers`` at
+    once: ``workers - 1`` shards ahead at least, more while their decompressed ``sizes``
+    (bytes, from the zip headers) add up to ``lookahead_bytes`` at most.  The writer
+    stores whole zarr chunks, so it takes small shards in bursts; shards ready beforehand
+    keep both the writer and the decompressing threads busy.  Memory: the shard being
+    written plus that bound.
+
+    Our own pool's threads run ``DECODE_NICE`` steps lower in CPU priority (Linux), so
+    that the writer, whose zarr encode-and-store chain hops between threads and paces the
+    conversion, is not kept waiting behind them (measured: a few percent faster).  Call
+    :meth:`close` (or exhaust it) to stop it.
+    """
+
+    def __init__(self, paths: Sequence[str], opts: NpzOptions, *, workers: int | None = None,
+                 executor: Executor | None = None, sizes: Sequence[int] | None = None,
+                 lookahead_bytes: int = DEFAULT_LOOKAHEAD_BYTES) -> None:
+        n_workers = _default_workers() if workers is None else int(workers)
+        if n_workers < 1:
+            raise InvalidInputError(f"workers must be at least 1, got {workers}")
+        self.paths, self.opts = list(paths), opts
+        self.sizes = list(sizes) if sizes is not None else None  # unknown: no lookahead
+        self.lookahead_bytes = int(lookahead_bytes)
+        self.depth = max(1, n_workers - 1)
+        self.own = executor is None and n_workers > 1
+        self.ex: Executor | None = executor
+        if self.own:
+            self.ex = ThreadPoolExecutor(n_workers, thread_name_prefix="sparsestore-npz",
+                                         initializer=_background_priority)
+        self.pending: collections.deque[tuple[str, int, Future[Any]]] = collections.deque()
+        self.ahead = 0  # decompressed bytes of the shards in ``pending``
+        self.next = 0
+        self._fill()
+
+    def _fill(self) -> None:
+        if self.ex is None:
+            return
+        while self.next < len(self.paths) and (
+            len(self.pending) < self.depth
+            or (self.sizes is not None
+                and self.ahead + self.sizes[self.next] <= self.lookahead_bytes)
+        ):
+            path = self.paths[self.next]
+            size = self.sizes[self.next] if self.sizes is not None else 0
+            self.pending.append((path, size, self.ex.submit(load_shard, path, self.opts)))
+            self.ahead += size
+            self.next += 1
+
+    def __iter__(self) -> ShardLoader:
+        return self
+
+    def __next__(self) -> tuple[str, dict[str, np.ndarray]]:
+        if self.ex is None:
+            if self.next >= len(self.paths):
+                raise StopIteration
+            path = self.paths[self.next]
+            self.next += 1
+            return path, load_shard(path, self.opts)
+        if not self.pending:
+            self.close()
+            raise StopIteration
+        path, size, fut = self.pending.popleft()
+        try:
+            result = fut.result()
+        except BaseException:
+            self.close()
+            raise
+        self.ahead -= size
+        self._fill()
+        return path, result
+
+    def close(self) -> None:
+        """Cancel what has not started and stop our own pool (waits for running loads)."""
+        for _, _, fut in self.pending:
+            fut.cancel()
+        self.pending.clear()
+        self.next = len(self.paths)
+        if self.own and self.ex is not None:
+            self.ex.shutdown(wait=True, cancel_futures=True)
+
+
+# How much lower (``nice`` steps) our decompressing threads run than the writer.
+DECODE_NICE = 10
+
+
+def _background_priority() -> None:
+    """Pool initializer: lower this thread's CPU priority (Linux threads have their own)."""
+    if sys.platform.startswith("linux") and DECODE_NICE:
+        with contextlib.suppress(OSError, AttributeError):
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid,
+                           os.getpriority(os.PRIO_PROCESS, tid) + DECODE_NICE)
+
+
 def iter_shards(
     paths: Sequence[str],
     opts: NpzOptions,
     *,
     workers: int | None = None,
     executor: Executor | None = None,
+    sizes: Sequence[int] | None = None,
+    lookahead_bytes: int = DEFAULT_LOOKAHEAD_BYTES,
 ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-    """Loaded shards in the given order, ``workers`` shards in memory at most.
-
-    ``workers`` counts everything busy with the conversion: the caller writing one shard
-    plus ``workers - 1`` shards decompressing in the executor meanwhile.  ``workers=1``
-    reads shards one at a time in the calling thread (least memory, no overlap).
-    """
-    n_workers = _default_workers() if workers is None else int(workers)
-    if n_workers < 1:
-        raise InvalidInputError(f"workers must be at least 1, got {workers}")
-    if executor is None and n_workers == 1:
-        for path in paths:
-            yield path, load_shard(path, opts)
-        return
-    depth = max(1, n_workers - 1)
-    own = executor is None
-    ex: Executor = ThreadPoolExecutor(depth, thread_name_prefix="sparsestore-npz") \
-        if own else executor  # type: ignore[assignment]
-    pending: collections.deque[tuple[str, Future[Any]]] = collections.deque()
-    todo = iter(paths)
+    """``(path, parts)`` of every shard in the given order (see :class:`ShardLoader`)."""
+    loader = ShardLoader(paths, opts, workers=workers, executor=executor, sizes=sizes,
+                         lookahead_bytes=lookahead_bytes)
     try:
-        for path in todo:
-            pending.append((path, ex.submit(load_shard, path, opts)))
-            if len(pending) >= depth:
-                break
-        while pending:
-            path, fut = pending.popleft()
-            result = fut.result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append((nxt, ex.submit(load_shard, nxt, opts)))
-            yield path, result
-            del result
+        yield from loader
     finally:
-        for _, fut in pending:
-            fut.cancel()
-        if own:
-            ex.shutdown(wait=True, cancel_futures=True)
+        loader.close()
 
 
 def _default_workers() -> int:
@@ -416,6 +526,7 @@ def npz_source(
     dtype: Any = None,
     sparse: bool = True,
     block_nnz: int = DEFAULT_BLOCK_NNZ,
+    lookahead_bytes: int = DEFAULT_LOOKAHEAD_BYTES,
 ) -> Source:
     """A :class:`Source` over ``.npz`` shards (a path, glob or list), rows concatenated."""
     paths = expand_paths(src, what="npz")
@@ -435,34 +546,63 @@ def npz_source(
     n_rows = sum(i.shape[0] for i in infos)
     is_dense = all(i.kind == "dense" for i in infos)
     expect = {i.path: i.shape for i in infos}
+    sizes = [i.nbytes for i in infos]
 
     def blocks() -> Iterator[tuple[Any, dict[str, np.ndarray] | None]]:
-        for path, parts in iter_shards(paths, opts, workers=workers, executor=executor):
-            shape = tuple(int(s) for s in parts["shape"])
-            if shape != expect[path]:
-                raise FormatError(
-                    f"{path}: holds a {shape[0]}x{shape[1]} matrix but its header said "
-                    f"{expect[path]}; the file changed while being read"
-                )
-            labs = {k[6:]: v for k, v in parts.items() if k.startswith("label:")}
-            if "dense" in parts:
-                m: Any = parts["dense"]
-                step = max(1, (16 * 2**20) // max(1, m.shape[1] * m.itemsize))
-                pieces: Iterator[tuple[int, int, Any]] = (
-                    (a, min(a + step, m.shape[0]), m[a : a + step])
-                    for a in range(0, max(1, m.shape[0]), step)
-                )
-            else:
-                m = sp.csr_matrix((parts["data"], parts["indices"], parts["indptr"]),
-                                  shape=shape)
-                pieces = _with_bounds(csr_blocks(m, block_nnz))
-            del parts
-            for a, b, block in pieces:
-                yield block, ({k: v[a:b] for k, v in labs.items()} or None)
+        loader = ShardLoader(paths, opts, workers=workers, executor=executor, sizes=sizes,
+                             lookahead_bytes=lookahead_bytes)
+        try:
+            for path, parts in loader:
+                shape = tuple(int(s) for s in parts["shape"])
+                if shape != expect[path]:
+                    raise FormatError(
+                        f"{path}: holds a {shape[0]}x{shape[1]} matrix but its header said "
+                        f"{expect[path]}; the file changed while being read"
+                    )
+                labs = {k[6:]: v for k, v in parts.items() if k.startswith("label:")}
+                if "dense" in parts:
+                    pieces = _dense_pieces(parts["dense"])
+                else:
+                    pieces = _with_bounds(csr_blocks(
+                        sp.csr_matrix((parts["data"], parts["indices"], parts["indptr"]),
+                                      shape=shape), block_nnz))
+                del parts  # held by ``pieces`` only, which goes before the next shard
+                yield from _labelled(_last_copied(pieces), labs)
+                del pieces, labs
+        finally:
+            loader.close()
 
     return Source(name=paths[0] if len(paths) == 1 else f"{len(paths)} npz shards",
                   n_cols=n_cols, dtype=dt, blocks=blocks, n_rows=n_rows,
                   labels=list(opts.labels), dense=is_dense)
+
+
+def _dense_pieces(m: np.ndarray) -> Iterator[tuple[int, int, Any]]:
+    step = max(1, (16 * 2**20) // max(1, m.shape[1] * m.itemsize))
+    for a in range(0, max(1, m.shape[0]), step):
+        yield a, min(a + step, m.shape[0]), m[a : a + step]
+
+
+def _last_copied(pieces: Iterator[tuple[int, int, Any]]) -> Iterator[tuple[int, int, Any]]:
+    """The pieces of one shard, the last one copied if there were several.
+
+    The writer still holds the last block it got while it asks for the next (and, with
+    ``workers=1``, while the next shard decompresses): a view would pin the whole shard.
+    """
+    prev = next(pieces, None)
+    several = False
+    for cur in pieces:
+        yield prev  # type: ignore[misc]
+        prev, several = cur, True
+    if prev is not None:
+        a, b, block = prev
+        yield a, b, (block.copy() if several else block)
+
+
+def _labelled(pieces: Iterator[tuple[int, int, Any]], labs: dict[str, np.ndarray]
+              ) -> Iterator[tuple[Any, dict[str, np.ndarray] | None]]:
+    for a, b, block in pieces:
+        yield block, ({k: v[a:b] for k, v in labs.items()} or None)
 
 
 def _with_bounds(blocks: Iterator[Any]) -> Iterator[tuple[int, int, Any]]:
@@ -484,9 +624,11 @@ def from_npz(dst: Any, src: Any, *, key: str | None = None,
 
 
 __all__ = [
+    "DEFAULT_LOOKAHEAD_BYTES",
     "DEFAULT_MAX_BYTES",
     "NpzOptions",
     "ShardInfo",
+    "ShardLoader",
     "check_zip_sizes",
     "from_npz",
     "iter_shards",
