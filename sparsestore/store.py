@@ -419,15 +419,18 @@ class SparseStore:
         src = getattr(X, "dtype", None)
         if src is None:
             src = np.asarray(X).dtype
-        self._check_append_dtype(np.dtype(src))
+        self._check_append_dtype(np.dtype(src), sparse_input=sp.issparse(X))
         full_labels = self._check_labels(labels, n_new, creating=self.n_rows == 0)
         self._append_blocks(
             (block, _slice_labels(full_labels, a, b)) for a, b, block in row_blocks(X)
         )
         return self
 
-    def _check_append_dtype(self, src: np.dtype) -> None:
+    def _check_append_dtype(self, src: np.dtype, *, sparse_input: bool = False) -> None:
         check_value_dtype(src)
+        if sparse_input and src == np.float16:
+            # scipy.sparse has no float16 kernels: refuse before scipy raises a bare ValueError.
+            check_matrix_dtype(src, sparse=True)
         if not np.can_cast(src, self.dtype, casting="safe"):
             raise DTypeError(
                 f"cannot append {src} values to a {self.dtype} store without losing "
