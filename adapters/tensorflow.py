@@ -277,21 +277,23 @@ class _Passes:
 
     A completed pass advances the loader's epoch itself; a pass cut short (``take``, a
     dropped iterator) does not, so the next call moves it on: each new iteration of the
-    dataset is a new epoch.  If the loader was changed since the cut (``set_epoch``,
-    ``load_state_dict``), the next pass follows the loader instead.
+    dataset is a new epoch.  If the loader was changed since that pass began
+    (``set_epoch``, ``load_state_dict``), the next pass follows the loader instead.  The
+    decision compares ``loader.changes`` counters, so it does not depend on when TensorFlow
+    gets round to closing the abandoned generator.
     """
 
     def __init__(self, loader: DataLoader, plan: _Plan) -> None:
         self.loader = loader
         self.plan = plan
         self.completed = True
-        self.stopped_at: dict[str, Any] | None = None  # loader state when a pass was cut
+        self.changes_at_start = loader.changes
 
     def __call__(self) -> Iterator[tuple[np.ndarray, ...]]:
         loader, parts = self.loader, self.plan.parts
-        if not self.completed and loader.state_dict() == self.stopped_at:
+        if not self.completed and loader.changes == self.changes_at_start:
             loader.set_epoch(loader.epoch + 1)
-        self.completed, self.stopped_at = False, None
+        self.completed, self.changes_at_start = False, loader.changes
         batches = loader.iter_batches()
         try:
             for batch in batches:
@@ -299,8 +301,6 @@ class _Passes:
             self.completed = True
         finally:
             batches.close()
-            if not self.completed:
-                self.stopped_at = loader.state_dict()
 
 
 def _check_expand(expand: Any) -> str:

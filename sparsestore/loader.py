@@ -200,6 +200,7 @@ class DataLoader:
         self._epoch = 0
         self._consumed = 0
         self._resume: int | None = None
+        self._changes = 0  # counts set_epoch / load_state_dict calls (see `changes`)
         self._last_reader: BlockReader | None = None
         self._scratch = ScratchPool()
         self._options = dict(
@@ -313,6 +314,15 @@ class DataLoader:
         return self._rank_rows
 
     @property
+    def changes(self) -> int:
+        """How often the epoch or position was set (``set_epoch``, ``load_state_dict``).
+
+        Lets a wrapper that re-iterates the loader tell whether the user moved it between
+        passes without racing the clean-up of an abandoned pass.
+        """
+        return self._changes
+
+    @property
     def decoded_chunks(self) -> dict[str, int]:
         """Storage chunks decoded by the latest pass, per array (empty before any pass)."""
         return {} if self._last_reader is None else self._last_reader.decoded_chunks()
@@ -335,6 +345,7 @@ class DataLoader:
         if epoch != self._epoch:
             self._resume = None
         self._epoch = epoch
+        self._changes += 1
         for s in (self._sampler, self._batch_sampler):
             if s is not None and hasattr(s, "set_epoch"):
                 s.set_epoch(epoch)
