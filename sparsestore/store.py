@@ -427,10 +427,8 @@ class SparseStore:
         return self
 
     def _check_append_dtype(self, src: np.dtype, *, sparse_input: bool = False) -> None:
-        check_value_dtype(src)
-        if sparse_input and src == np.float16:
-            # scipy.sparse has no float16 kernels: refuse before scipy raises a bare ValueError.
-            check_matrix_dtype(src, sparse=True)
+        # Sparse input is held in scipy.sparse, which refuses float16 (as save does).
+        check_matrix_dtype(src, sparse=sparse_input)
         if not np.can_cast(src, self.dtype, casting="safe"):
             raise DTypeError(
                 f"cannot append {src} values to a {self.dtype} store without losing "

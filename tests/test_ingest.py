@@ -79,6 +79,14 @@ def rand(n, m, density=0.1, dtype=np.float32, seed=0, fmt="csr"):
 
 # ---------------------------------------------------------------------------- npz
 
+def save_shards(tmp_path, mats, name="s{:02d}.npz") -> list[Path]:
+    """``mats`` as scipy ``.npz`` files in ``tmp_path``, named in order (sorted = given)."""
+    paths = [tmp_path / name.format(i) for i in range(len(mats))]
+    for p, m in zip(paths, mats, strict=True):
+        sp.save_npz(p, m)
+    return paths
+
+
 @pytest.fixture
 def mixed_shards(tmp_path):
     """Eight shards of every npz kind, with their matrices in order."""
@@ -133,10 +141,7 @@ def test_npz_list_keeps_given_order_and_parallel_equals_sequential(tmp_path, mix
 
 def test_npz_many_small_shards_in_order(tmp_path):
     mats = [rand(3 + i % 5, 17, seed=i) for i in range(40)]
-    paths = []
-    for i, m in enumerate(mats):
-        paths.append(tmp_path / f"part-{i:03d}.npz")
-        sp.save_npz(paths[-1], m)
+    paths = save_shards(tmp_path, mats, "part-{:03d}.npz")
     store = sparsestore.convert(paths, tmp_path / "o.zarr", workers=2, chunk_bytes=2048)
     same(store, sp.vstack(mats))
 
@@ -165,10 +170,7 @@ def test_npz_shards_ahead_of_the_writer_are_bounded(tmp_path, lookahead, sizes, 
     from sparsestore.ingest.npz import iter_shards
 
     mats = [rand(4, 6, seed=i) for i in range(12)]
-    paths = []
-    for i, m in enumerate(mats):
-        paths.append(str(tmp_path / f"p{i:02d}.npz"))
-        sp.save_npz(paths[-1], m)
+    paths = [str(p) for p in save_shards(tmp_path, mats, "p{:02d}.npz")]
     with _Recorder(max(1, workers - 1)) as ex:
         seen, ahead = [], []
         for path, parts in iter_shards(paths, NpzOptions(), workers=workers, executor=ex,
@@ -195,10 +197,7 @@ def test_convert_writes_whole_chunks_until_the_last(tmp_path, monkeypatch):
 
     monkeypatch.setattr(zarr.Array, "__setitem__", spy)
     mats = [rand(20 + i % 4, 50, density=0.3, seed=i) for i in range(30)]
-    paths = []
-    for i, m in enumerate(mats):
-        paths.append(tmp_path / f"s{i:02d}.npz")
-        sp.save_npz(paths[-1], m)
+    paths = save_shards(tmp_path, mats)
     store = sparsestore.convert(paths, tmp_path / "o.zarr", workers=2, chunk_bytes=1024)
     same(store, sp.vstack(mats))
     for name in ("data", "indices"):
@@ -305,10 +304,7 @@ def test_npz_decompressing_threads_yield_to_the_writer(tmp_path, monkeypatch):
         return real(path, opts)
 
     monkeypatch.setattr(npz, "load_shard", spy)
-    paths = []
-    for i in range(4):
-        paths.append(tmp_path / f"s{i}.npz")
-        sp.save_npz(paths[-1], rand(20, 10, seed=i))
+    paths = save_shards(tmp_path, [rand(20, 10, seed=i) for i in range(4)], "s{}.npz")
     sparsestore.convert(paths, tmp_path / "o.zarr", workers=2)
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert seen and all(p == min(19, mine + npz.DECODE_NICE) for p in seen)
@@ -322,10 +318,7 @@ def test_npz_big_members_inflate_piecewise(tmp_path, monkeypatch):
     monkeypatch.setattr(npz, "_PIECE", 333)
     mats = [rand(300, 40, density=0.2, seed=i) for i in range(3)]
     mats.append(rand(300, 40, density=0.2, dtype=np.float64, seed=9, fmt="coo"))
-    paths = []
-    for i, m in enumerate(mats):
-        paths.append(tmp_path / f"s{i}.npz")
-        sp.save_npz(paths[-1], m)
+    paths = save_shards(tmp_path, mats, "s{}.npz")
     for w in (1, 2):
         store = sparsestore.convert(paths, tmp_path / f"o{w}.zarr", workers=w)
         same(store, sp.vstack(mats))
