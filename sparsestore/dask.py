@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import threading
 import uuid
 from collections import OrderedDict, deque
@@ -88,14 +87,13 @@ from typing import Any
 
 import dask
 import dask.array as da
-import numcodecs.blosc
 import numpy as np
 import scipy.sparse as sp
 from dask.array.dispatch import concatenate_lookup, nannumel_lookup, numel_lookup
 from dask.highlevelgraph import HighLevelGraph
 
 from . import storage
-from .chunks import locate_checksum_error, read_slice
+from .chunks import ChunkDecoder, read_slice
 from .errors import CorruptStoreError, InvalidInputError, ShapeMismatchError
 from .layout import DENSE_ARRAY
 
@@ -374,102 +372,20 @@ _OPEN_LOCK = threading.Lock()
 _OPEN_CAP = 32
 
 
-class _Chunks:
-    """Whole storage chunks of one 1-D zarr array, decoded in the calling thread.
+class _Chunks(ChunkDecoder):
+    """Whole storage chunks of one 1-D zarr array, decoded in the calling task.
 
-    For the codec chains sparsestore writes (``bytes``, then optionally Blosc, then
-    optionally CRC32C, unsharded) on a store with synchronous reads (local disk), a chunk
-    is fetched with ``store.get_sync``, its CRC32C checked and Blosc-decompressed straight
-    into the array handed back: no event-loop round trip, no worker-thread hop, no
-    intermediate copy.  Anything else (sharding, other codecs, remote stores) goes through
-    zarr.  Either way each call decodes exactly one storage chunk.
+    :class:`~sparsestore.chunks.ChunkDecoder` does the work (direct CRC32C + Blosc for the
+    layouts sparsestore writes on local disk, zarr otherwise); this adds the task's view:
+    elements ``[lo, hi)`` of chunk ``k`` with ``room`` spare slots after them for the row
+    block that starts in this chunk and ends past it.
     """
 
-    def __init__(self, arr: Any, name: str) -> None:
-        self.arr = arr
-        self.name = name
-        self.chunk = int(arr.chunks[0])
-        self.dtype = np.dtype(arr.dtype)
-        self.fill = arr.fill_value
-        self.direct = _direct_plan(arr)
-
-    def read(self, k: int, lo: int, hi: int, room: int = 0) -> np.ndarray:
+    def read(self, k: int, lo: int, hi: int, room: int = 0) -> np.ndarray:  # type: ignore[override]
         """Elements ``[lo, hi)`` (chunk ``k``) in a new array with ``room`` spare slots after."""
-        n = hi - lo
-        if self.direct is None:
-            got = read_slice(self.arr, lo, hi, name=self.name)
-            if not room:
-                return got
-            out = np.empty(n + room, dtype=self.dtype)
-            out[:n] = got
-            return out
-        store, prefix, steps, crc = self.direct
-        out = np.empty(max(self.chunk, n + room), dtype=self.dtype)
-        buf = store.get_sync(prefix + self.arr.metadata.encode_chunk_key((k,)))
-        if buf is None:  # never written: zarr's fill value
-            out[:n] = self.fill
-            return out[: n + room]
-        raw = buf.as_numpy_array()
-        want = self.chunk * self.dtype.itemsize
-        for step in steps:
-            if step == "crc32c":
-                if raw.size < 4 or crc(raw[:-4]) != _le(raw[-4:]):
-                    raise locate_checksum_error(self.arr, lo, hi, self.name, chunk_ids=[k])
-                raw = raw[:-4]
-            else:  # blosc, always the last step: straight into ``out``
-                # Blosc header: uncompressed bytes at 4:8, compressed bytes at 12:16.
-                if raw.size < 16 or (_le(raw[4:8]), _le(raw[12:16])) != (want, raw.size):
-                    raise CorruptStoreError(
-                        f"chunk {k} of array {self.name!r} has a bad Blosc header: the chunk "
-                        "is damaged; restore the store from a copy"
-                    )
-                numcodecs.blosc.decompress(raw, out)
-                return out[: n + room]
-        if raw.size != want:
-            raise CorruptStoreError(f"chunk {k} of array {self.name!r} is not {want} bytes")
-        out.view(np.uint8)[:want] = raw
-        return out[: n + room]
-
-
-def _le(b: np.ndarray) -> int:
-    return int.from_bytes(b.tobytes(), "little")
-
-
-def _direct_plan(arr: Any) -> tuple[Any, str, tuple[str, ...], Any] | None:
-    """How :class:`_Chunks` can decode ``arr`` itself, or None (then zarr does)."""
-    try:
-        import google_crc32c
-        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
-
-        md = arr.metadata
-        if md.zarr_format != 3 or arr.ndim != 1 or getattr(arr, "shards", None) is not None:
-            return None
-        codecs = list(md.codecs)
-        if not codecs or type(codecs[0]) is not BytesCodec:
-            return None
-        endian = codecs[0].endian
-        if np.dtype(arr.dtype).itemsize > 1 and endian is not None and (
-            getattr(endian, "value", endian) != sys.byteorder
-        ):
-            return None
-        steps = []
-        for c in codecs[1:]:
-            if type(c) is BloscCodec:
-                steps.append("blosc")
-            elif type(c) is Crc32cCodec:
-                steps.append("crc32c")
-            else:
-                return None
-        steps.reverse()  # decode order
-        if steps not in ([], ["crc32c"], ["blosc"], ["crc32c", "blosc"]):
-            return None
-        store = arr.store_path.store
-        if not callable(getattr(store, "get_sync", None)):
-            return None
-        prefix = arr.store_path.path
-        return store, (prefix + "/" if prefix else ""), tuple(steps), google_crc32c.value
-    except Exception:  # another zarr version or layout: zarr decodes
-        return None
+        out = np.empty(max(self.chunk, hi - lo + room, self.bounds(k)[1] - lo), self.dtype)
+        self.decode_into(k, out)
+        return out[: hi - lo + room]
 
 
 class _Source:
