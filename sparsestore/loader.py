@@ -19,10 +19,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from .backends import Backend, get_backend
+from .buffers import BufferPool
 from .chunks import read_slice
 from .errors import InvalidInputError, LabelError
 from .indexing import normalize_rows
-from .reader import BlockReader, ColumnSelection, ScratchPool
+from .reader import BlockReader, ColumnSelection
 from .sampler import (
     DEFAULT_MAX_BLOCK_ROWS,
     BlockSampler,
@@ -35,6 +36,8 @@ from .store import SparseStore
 from .store import open as open_store
 
 STATE_VERSION = 1
+#: Idle decode buffers a loader keeps for its next units and passes.
+POOL_IDLE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True, eq=False)
@@ -202,7 +205,8 @@ class DataLoader:
         self._resume: int | None = None
         self._changes = 0  # counts set_epoch / load_state_dict calls (see `changes`)
         self._last_reader: BlockReader | None = None
-        self._scratch = ScratchPool()
+        # Decoded chunks and blocks reuse this memory pass after pass (see buffers.py).
+        self._pool = BufferPool(max_free=256, max_idle_bytes=POOL_IDLE_BYTES)
         self._options = dict(
             batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, labels=labels,
             sampler=sampler, batch_sampler=batch_sampler, rows=rows, columns=columns,
@@ -416,7 +420,7 @@ class DataLoader:
         reader = BlockReader(
             self._store, label_names=self._label_names, columns=self._columns,
             num_workers=self._num_workers, prefetch=self._prefetch,
-            piece_rows=None if self._is_explicit else self._batch_size, scratch=self._scratch,
+            piece_rows=None if self._is_explicit else self._batch_size, pool=self._pool,
         )
         self._last_reader = reader
         gen = self._explicit_pass(reader, start) if self._is_explicit else \

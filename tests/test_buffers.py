@@ -1,0 +1,187 @@
+"""Recycled decode memory (BufferPool), direct chunk decoding (ChunkDecoder) and the pooled
+row gather: each checked against numpy / zarr / scipy as the oracle."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsestore
+from sparsestore.buffers import ALIGN, BufferPool, size_class
+from sparsestore.chunks import ChunkDecoder
+from sparsestore.errors import ChecksumError, CorruptStoreError
+from sparsestore.reader import gather_csr
+
+# ------------------------------------------------------------------ BufferPool
+
+
+def test_pool_arrays_are_aligned_writable_and_sized():
+    pool = BufferPool()
+    for shape, dtype in [((1000, 2), np.int64), (777, np.float32), ((3, 5, 7), np.float64)]:
+        a = pool.take(shape, dtype)
+        assert a.shape == (shape if isinstance(shape, tuple) else (shape,))
+        assert a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+        assert a.ctypes.data % ALIGN == 0
+        a[...] = 7
+        assert (a == 7).all()
+    assert pool.take(0, np.int32).shape == (0,)
+
+
+def test_pool_memory_returns_only_when_every_view_is_gone():
+    pool = BufferPool()
+    a = pool.take(10_000, np.float32)
+    addr = a.ctypes.data
+    view = a.reshape(100, 100)[5:10, ::2]  # views of views keep the block alive
+    del a
+    gc.collect()
+    assert pool.idle_blocks() == 0
+    b = pool.take(10_000, np.float32)
+    assert b.ctypes.data != addr  # still in use through `view`: not handed out twice
+    b[...] = 0.0
+    view[...] = 1.0  # writes through to the block `view` still owns, not to `b`
+    assert (b == 0.0).all()
+    del view
+    assert pool.idle_blocks() == 1
+    c = pool.take(9_900, np.float32)  # same size class: the freed block again
+    assert c.ctypes.data == addr and pool.reused == 1 and pool.allocated == 2
+
+
+def test_pool_keeps_at_most_its_idle_budget():
+    pool = BufferPool(max_free=3, max_idle_bytes=1 << 20)
+    arrays = [pool.take(100_000, np.uint8) for _ in range(5)]  # 5 x ~100 kB
+    del arrays
+    assert pool.idle_blocks() == 3
+    big = [pool.take(400_000, np.uint8) for _ in range(3)]  # 3 x ~400 kB > 1 MiB
+    del big
+    assert pool.idle_bytes() <= 1 << 20
+    assert pool.idle_blocks() <= 3
+
+
+@given(st.integers(1, 1 << 40))
+def test_size_class_slack_is_at_most_an_eighth(n):
+    c = size_class(n)
+    assert c >= n and (c <= 4096 or c - n <= n // 8 + 4096)
+
+
+# ------------------------------------------------------------------ ChunkDecoder
+
+
+@pytest.fixture(scope="module")
+def small_chunked(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dec")
+    X = sp.random(700, 90, density=0.07, format="csr", dtype=np.float32, random_state=3)
+    stores = {
+        "default": sparsestore.save(root / "d.zarr", X, chunk_bytes=4096, indptr_chunk=64),
+        "sharded": sparsestore.save(root / "s.zarr", X, chunk_bytes=4096, shard_bytes=16384,
+                                    indptr_chunk=64),
+        "raw": sparsestore.save(root / "r.zarr", X, chunk_bytes=4096, indptr_chunk=64,
+                                compressor="none", checksum=False),
+    }
+    return X, stores
+
+
+@pytest.mark.parametrize("layout", ["default", "sharded", "raw"])
+def test_decoder_equals_zarr_for_every_chunk(small_chunked, layout):
+    X, stores = small_chunked
+    store = stores[layout]
+    pool = BufferPool()
+    assert (store.arrays["data"].shards is not None) == (layout == "sharded")
+    for name in ("data", "indices", "indptr"):
+        arr = store.arrays[name]
+        dec = ChunkDecoder(arr, name)
+        assert dec.is_direct == (arr.shards is None)  # sharded arrays go through zarr
+        assert arr.shards is None or layout == "sharded"
+        n_chunks = -(-arr.shape[0] // dec.chunk)
+        assert n_chunks >= 3
+        for k in range(n_chunks):
+            lo, hi = dec.bounds(k)
+            want = np.asarray(arr[lo:hi])
+            np.testing.assert_array_equal(dec.read(k, pool=pool), want)
+            np.testing.assert_array_equal(dec.read(k), want)
+            exact = np.empty(hi - lo, dec.dtype)  # the last chunk also fits an exact buffer
+            if hi - lo == dec.chunk or k == n_chunks - 1:
+                dec.decode_into(k, exact, pool)
+                np.testing.assert_array_equal(exact, want)
+            room = dec.read(k, room=5)
+            assert room.shape == (hi - lo + 5,)
+            np.testing.assert_array_equal(room[: hi - lo], want)
+
+
+def test_decoder_names_the_damaged_chunk(small_chunked, tmp_path):
+    _, stores = small_chunked
+    path = shutil.copytree(stores["default"].path, tmp_path / "bad.zarr")
+    victim = path / "indices" / "c" / "2"
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x5A
+    victim.write_bytes(bytes(raw))
+    dec = ChunkDecoder(sparsestore.open(path).arrays["indices"], "indices")
+    with pytest.raises(ChecksumError, match=r"'indices', chunk 2\b"):
+        dec.read(2, pool=BufferPool())
+    dec.read(1)  # the others still decode
+    victim.write_bytes(bytes(raw[:10]))  # truncated below a Blosc header
+    with pytest.raises((ChecksumError, CorruptStoreError)):
+        dec.read(2)
+
+
+def test_decoder_gives_the_fill_value_for_an_unwritten_chunk(small_chunked, tmp_path):
+    _, stores = small_chunked
+    path = shutil.copytree(stores["raw"].path, tmp_path / "sparse.zarr")
+    (path / "data" / "c" / "1").unlink()
+    arr = sparsestore.open(path).arrays["data"]
+    dec = ChunkDecoder(arr, "data")
+    lo, hi = dec.bounds(1)
+    np.testing.assert_array_equal(dec.read(1, pool=BufferPool()), np.asarray(arr[lo:hi]))
+
+
+# ------------------------------------------------------------------ gather and loader memory
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_gather_csr_equals_scipy_row_indexing(data):
+    n_rows = data.draw(st.integers(1, 40))
+    density = data.draw(st.floats(0, 1))
+    seed = data.draw(st.integers(0, 2**16))
+    X = sp.random(n_rows, 9, density=density, format="csr", dtype=np.float64,
+                  random_state=seed)
+    take = np.asarray(data.draw(st.lists(st.integers(0, n_rows - 1), max_size=60)), np.int64)
+    v, i, p = gather_csr(X.data, X.indices, X.indptr, take, BufferPool())
+    want = X[take]
+    np.testing.assert_array_equal(p, want.indptr)
+    np.testing.assert_array_equal(i, want.indices)
+    np.testing.assert_array_equal(v, want.data)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_second_pass_reuses_the_first_pass_memory(tmp_path, shuffle):
+    X = sp.random(6000, 200, density=0.05, format="csr", dtype=np.float32, random_state=1)
+    store = sparsestore.save(tmp_path / "m.zarr", X, chunk_bytes=16384)
+    loader = sparsestore.DataLoader(store, batch_size=128, shuffle=shuffle, seed=2)
+    rows = []
+    for b in loader.iter_batches():
+        np.testing.assert_array_equal(b.to_scipy().toarray(), X[b.rows].toarray())
+        rows.append(b.rows)
+    first = loader._pool.allocated
+    for _b in loader.iter_batches():
+        pass
+    again = loader._pool.allocated - first
+    assert loader._pool.reused > first and again <= first // 4
+    assert np.array_equal(np.sort(np.concatenate(rows)), np.arange(X.shape[0]))
+
+
+def test_kept_batches_stay_valid_while_the_pool_recycles(tmp_path):
+    X = sp.random(3000, 50, density=0.1, format="csr", dtype=np.float32, random_state=4)
+    store = sparsestore.save(tmp_path / "k.zarr", X, chunk_bytes=8192)
+    loader = sparsestore.DataLoader(store, batch_size=100, shuffle=True, seed=0)
+    kept = list(loader.iter_batches())  # held while two more passes reuse freed memory
+    for _ in range(2):
+        for _b in loader.iter_batches():
+            pass
+    for b in kept:
+        np.testing.assert_array_equal(b.to_scipy().toarray(), X[b.rows].toarray())
