@@ -3,10 +3,11 @@
 Each batch crosses into TensorFlow through ``Dataset.from_generator`` with an exact
 ``output_signature``, in one of two forms (``expand=``):
 
-* ``"host"`` (default): the COO ``int64`` coordinates are written by numpy (one
-  ``np.repeat`` of the row ids and a strided copy of the column ids, C loops) into
-  64-byte-aligned buffers that TensorFlow takes over without copying and that are
-  recycled once TensorFlow drops them; the graph only wraps them in a ``SparseTensor``.
+* ``"host"`` (default): the COO ``int64`` coordinates are written by numpy (a cumulative
+  sum of row starts and a strided copy of the column ids, C loops) into 64-byte-aligned
+  :class:`~sparsestore.buffers.BufferPool` buffers that TensorFlow takes over without
+  copying and that are recycled once TensorFlow drops them; the graph only wraps them in
+  a ``SparseTensor``.
   Measured on 2 CPU cores this costs ~0.7 ms of CPU per 100k non-zeros, a third of the
   in-graph expansion below: TensorFlow's CPU kernels for ``repeat``/``stack`` on 100k
   elements cost ~1.5 ms, and fresh (page-faulting) buffers per batch another ~1.4 ms.
@@ -28,7 +29,6 @@ loaders reshuffle reproducibly from their seed.
 
 from __future__ import annotations
 
-import threading
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from sparsestore.buffers import BufferPool
 from sparsestore.errors import DTypeError, InvalidInputError, ShapeMismatchError
 from sparsestore.loader import Batch, DataLoader
 
@@ -84,47 +85,6 @@ def _check_sample_shape(sample_shape: Any, n_cols: int) -> tuple[int, ...] | Non
     return dims
 
 
-_ALIGN = 64  # TensorFlow aliases (does not copy) numpy buffers aligned to EIGEN_MAX_ALIGN_BYTES
-
-
-class _HostBuffers:
-    """Reusable 64-byte-aligned numpy buffers for the batches handed to TensorFlow.
-
-    ``from_generator`` aliases an aligned array instead of copying it, and keeps the array
-    alive until its tensor is freed; a ``weakref.finalize`` on the array then returns the
-    memory to this pool.  Reused buffers keep their pages mapped: a fresh multi-MB buffer
-    per batch page-faults on first touch, which costs more than filling it.  At most
-    ``max_free`` idle buffers are kept (memory stays bounded by the batches in flight).
-    """
-
-    def __init__(self, max_free: int = 32) -> None:
-        self.max_free = max_free
-        self._free: list[np.ndarray] = []
-        self._lock = threading.Lock()
-
-    def take(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        """An uninitialised, aligned array of ``shape`` and ``dtype``."""
-        dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        buf = None
-        with self._lock:
-            for i, b in enumerate(self._free):
-                if nbytes <= b.size - _ALIGN <= 2 * nbytes + 4096:
-                    buf = self._free.pop(i)
-                    break
-        if buf is None:
-            buf = np.empty(nbytes + nbytes // 8 + _ALIGN, np.uint8)  # slack for size jitter
-        off = (-buf.ctypes.data) % _ALIGN
-        out = buf[off : off + nbytes].view(dtype).reshape(shape)
-        weakref.finalize(out, self._give, buf)
-        return out
-
-    def _give(self, buf: np.ndarray) -> None:
-        with self._lock:
-            if len(self._free) < self.max_free:
-                self._free.append(buf)
-
-
 @dataclass(frozen=True)
 class _Plan:
     """How one loader's batches cross into TensorFlow: the wire signature and the expansion."""
@@ -136,7 +96,7 @@ class _Plan:
     label_specs: tuple[tf.TensorSpec, ...]
     sample_shape: tuple[int, ...] | None
     expand_on: str = "host"  # "host": numpy writes COO coordinates; "graph": TF ops do
-    buffers: _HostBuffers | None = None
+    buffers: BufferPool | None = None
 
     @property
     def tail(self) -> tuple[int, ...]:
@@ -169,7 +129,7 @@ class _Plan:
             label_specs=labels,
             sample_shape=_check_sample_shape(sample_shape, n_cols),
             expand_on=_check_expand(expand),
-            buffers=_HostBuffers() if expand == "host" and not dense else None,
+            buffers=BufferPool(max_free=64) if expand == "host" and not dense else None,
         )
 
     # -- host side: what crosses the boundary
@@ -207,9 +167,12 @@ class _Plan:
     def _host_coo(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, np.int64]:
         """``(coords, values, n_rows)``: int64 COO coordinates written by numpy, aligned."""
         assert self.buffers is not None
-        nnz, n_rows, tail = int(batch.values.size), batch.n_rows, self.tail
+        nnz, tail = int(batch.values.size), self.tail
         coords = self.buffers.take((nnz, 1 + len(tail)), np.int64)
-        coords[:, 0] = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(batch.row_splits))
+        rows = self.buffers.take(nnz, np.int64)  # contiguous: a strided cumsum is 3x slower
+        _row_ids(batch.row_splits, rows)
+        coords[:, 0] = rows
+        del rows
         if len(tail) == 1:
             coords[:, 1] = batch.indices
         else:  # row-major unravel of the flat column id, as tf.unravel_index would
@@ -217,7 +180,7 @@ class _Plan:
                 coords[:, j] = sub
         values = self.buffers.take((nnz,), batch.values.dtype)
         values[...] = batch.values
-        return coords, values, np.int64(n_rows)
+        return coords, values, np.int64(batch.n_rows)
 
     # -- graph side: the parts -> SparseTensor / dense Tensor
     def expand(self, *parts: tf.Tensor) -> Any:
@@ -267,6 +230,16 @@ def element_spec(loader: DataLoader, *, sample_shape: Sequence[int] | None = Non
     )
     labels = tuple(tf.TensorSpec(s.shape, s.dtype) for s in plan.label_specs)  # map drops names
     return (x, *labels) if labels else x
+
+
+def _row_ids(row_splits: np.ndarray, out: np.ndarray) -> None:
+    """Write each value's row id into ``out`` (``np.repeat(arange, diff(splits))``, but in
+    place: no nnz-sized temporaries, whose fresh pages cost more than the work)."""
+    out[:] = 0
+    if out.size:
+        starts = row_splits[1:-1]
+        np.add.at(out, starts[starts < out.size], 1)  # empty rows: several starts coincide
+        np.cumsum(out, out=out)
 
 
 # ------------------------------------------------------------------ passes
@@ -367,6 +340,7 @@ def to_dataset(
     device: str | None = None,
     cardinality: bool = True,
     expand: str = "host",
+    autotune: bool = False,
 ) -> tf.data.Dataset:
     """The loader's batches as a ``tf.data.Dataset``, equal to its own and in the same order.
 
@@ -388,6 +362,11 @@ def to_dataset(
       when no such device exists, so one script runs on CPU-only hosts.
     * ``expand``: ``"host"`` (default) or ``"graph"``: where the COO coordinates are
       built (see the module docstring; both give identical elements).
+    * ``autotune``: leave TensorFlow's autotuner on for this pipeline.  Off by default:
+      the loader already decodes and prefetches in its own threads and the map here is
+      trivial, while the autotuner's model thread made dropping an iterator (the end of
+      every Keras epoch) stall for up to ~0.3 s in 3 of 8 passes measured on 2 cores.
+      Turn it on when you add heavy ``map`` steps with ``AUTOTUNE`` after this dataset.
     * ``cardinality``: declare ``len(loader)`` batches per pass so Keras knows the epoch
       length.  Resume with ``load_state_dict`` *before* calling this (a resumed pass is
       shorter; its dataset then has unknown cardinality) or pass ``cardinality=False``.
@@ -411,11 +390,12 @@ def to_dataset(
     # Pure TensorFlow ops with no data-dependent Python control flow: no autograph needed.
     expand = tf.autograph.experimental.do_not_convert(plan.expand)
     ds = ds.map(expand, num_parallel_calls=AUTOTUNE, deterministic=True)
+    opts = tf.data.Options()
+    opts.autotune.enabled = bool(autotune)
     if input_context is not None:
         # Already sharded by rows: tf.distribute must not shard the batches again.
-        opts = tf.data.Options()
         opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        ds = ds.with_options(opts)
+    ds = ds.with_options(opts)
     if prefetch is not None:
         ds = ds.prefetch(prefetch)
     if device is not None:

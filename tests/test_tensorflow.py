@@ -169,14 +169,14 @@ def test_host_coo_parts_are_aligned_and_recycled(small_store):
     np.testing.assert_array_equal(coords, np.stack([coo.row, coo.col], axis=1))
     np.testing.assert_array_equal(values, coo.data)
     assert int(n_rows) == 300
-    base = coords.base  # the pooled byte buffer behind the aligned view
-    assert isinstance(base, np.ndarray) and base.dtype == np.uint8
-    assert len(plan.buffers._free) == 0
+    pool = plan.buffers
+    made, idle = pool.allocated, pool.idle_blocks()  # idle: the row-id scratch only
+    addr = coords.ctypes.data
     del coords, values
-    assert len(plan.buffers._free) == 2
-    again, _, _ = plan.parts(batch)  # the freed buffer is taken again, not a new one
-    assert again.base is base
-    assert len(plan.buffers._free) == 1
+    assert pool.idle_blocks() == idle + 2  # both returned once TensorFlow-side refs are gone
+    again, _, _ = plan.parts(batch)  # the freed memory is taken again, not new memory
+    assert again.ctypes.data == addr and pool.allocated == made
+    np.testing.assert_array_equal(again, np.stack([coo.row, coo.col], axis=1))
     with pytest.raises(InvalidInputError, match="expand"):
         sstf.to_dataset(loader, expand="gpu")
 
