@@ -40,9 +40,10 @@ class BufferPool:
     Each array is a :func:`numpy.frombuffer` view over a pooled block, so every slice of
     it keeps it alive (numpy stops collapsing view bases at a non-ndarray base); a
     ``weakref.finalize`` on it returns the block when the array and all its views are
-    gone.  Blocks come in :func:`size_class` sizes and a request takes an idle block of
-    its class.  Idle blocks beyond ``max_free`` blocks or ``max_idle_bytes`` bytes are
-    released, oldest first, so memory stays bounded by what is in flight plus that.
+    gone.  Blocks come in :func:`size_class` sizes and a request takes the smallest idle
+    block of its class or up to a quarter larger.  Idle blocks beyond ``max_free`` blocks
+    or ``max_idle_bytes`` bytes are released, oldest first, so memory stays bounded by
+    what is in flight plus that.
     """
 
     def __init__(self, max_free: int = 16, max_idle_bytes: int | None = None) -> None:
@@ -65,11 +66,16 @@ class BufferPool:
         size = size_class(nbytes) + ALIGN
         block = None
         with self._lock:
-            same = self._by_size.get(size)
-            if same:
+            # The smallest idle size that fits with at most 25% to spare: row blocks vary
+            # by a few percent and straddle class boundaries.
+            fits = [k for k in self._by_size if size <= k <= size + size // 4]
+            if fits:
+                same = self._by_size[min(fits)]
                 block = same.pop()  # the most recently freed: likeliest still in cache
+                if not same:
+                    del self._by_size[block.size]
                 del self._order[id(block)]
-                self._idle -= size
+                self._idle -= block.size
                 self.reused += 1
             else:
                 self.allocated += 1
@@ -92,7 +98,9 @@ class BufferPool:
             ):
                 _, old = self._order.popitem(last=False)
                 same = self._by_size[old.size]
-                same.remove(old) if len(same) > 1 else self._by_size.pop(old.size)
+                same.remove(old)
+                if not same:
+                    del self._by_size[old.size]
                 self._idle -= old.size
 
     def idle_blocks(self) -> int:

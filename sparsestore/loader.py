@@ -36,8 +36,6 @@ from .store import SparseStore
 from .store import open as open_store
 
 STATE_VERSION = 1
-#: Idle decode buffers a loader keeps for its next units and passes.
-POOL_IDLE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,7 +204,7 @@ class DataLoader:
         self._changes = 0  # counts set_epoch / load_state_dict calls (see `changes`)
         self._last_reader: BlockReader | None = None
         # Decoded chunks and blocks reuse this memory pass after pass (see buffers.py).
-        self._pool = BufferPool(max_free=256, max_idle_bytes=POOL_IDLE_BYTES)
+        self._pool = BufferPool(max_free=256, max_idle_bytes=self._working_set_bytes())
         self._options = dict(
             batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, labels=labels,
             sampler=sampler, batch_sampler=batch_sampler, rows=rows, columns=columns,
@@ -214,6 +212,29 @@ class DataLoader:
             block_chunks=block_chunks, num_workers=num_workers, prefetch=prefetch,
             backend=self._backend,
         )
+
+    def _working_set_bytes(self) -> int:
+        """Bytes a pass holds at once: units in flight plus the boundary-chunk caches.
+
+        The idle budget of the decode pool: a whole working set freed at once can wait
+        there for the next units, so a pass allocates nothing new once warm (what is
+        allocated beyond it would be freed and re-faulted, and fragments the heap).
+        Independent of the matrix size, so memory stays flat as the matrix grows.
+        """
+        st = self._store
+        if st.is_dense:
+            arr = st.arrays["X"]
+            chunk = int(np.prod(arr.chunks)) * arr.dtype.itemsize
+        else:
+            arrs = st.arrays
+            itemsize = arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize
+            chunk = int(arrs["data"].chunks[0]) * itemsize
+        unit = chunk * self._block_chunks
+        if self._shuffle:
+            unit *= 2 * self._buffer_blocks  # the unit's blocks, then its gathered batches
+        in_flight = self._prefetch + max(1, self._num_workers) + 1
+        caches = (2 * max(1, self._num_workers) + 2) * chunk
+        return max(32 * 2**20, in_flight * unit + caches)
 
     # ------------------------------------------------------------ validation
     def _check_labels(self, labels: Any) -> tuple[str, ...]:

@@ -52,6 +52,20 @@ def test_pool_memory_returns_only_when_every_view_is_gone():
     assert c.ctypes.data == addr and pool.reused == 1 and pool.allocated == 2
 
 
+def test_pool_reuses_a_block_up_to_a_quarter_larger_but_no_more():
+    pool = BufferPool()
+    a = pool.take(1_000_000, np.uint8)
+    addr = a.ctypes.data
+    del a
+    b = pool.take(900_000, np.uint8)  # fits with < 25% to spare: reused
+    assert b.ctypes.data == addr
+    del b
+    c = pool.take(500_000, np.uint8)  # would waste half of it: a new block
+    assert c.ctypes.data != addr and pool.idle_blocks() == 1
+    d = pool.take(1_100_000, np.uint8)  # too big for it
+    assert d.ctypes.data != addr and pool.allocated == 3
+
+
 def test_pool_keeps_at_most_its_idle_budget():
     pool = BufferPool(max_free=3, max_idle_bytes=1 << 20)
     arrays = [pool.take(100_000, np.uint8) for _ in range(5)]  # 5 x ~100 kB
