@@ -204,7 +204,7 @@ class DataLoader:
         self._changes = 0  # counts set_epoch / load_state_dict calls (see `changes`)
         self._last_reader: BlockReader | None = None
         # Decoded chunks and blocks reuse this memory pass after pass (see buffers.py).
-        self._pool = BufferPool(max_free=256, max_idle_bytes=self._working_set_bytes())
+        self._pool = BufferPool(max_free=4096, max_idle_bytes=self._working_set_bytes())
         self._options = dict(
             batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, labels=labels,
             sampler=sampler, batch_sampler=batch_sampler, rows=rows, columns=columns,
