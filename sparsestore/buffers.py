@@ -12,6 +12,7 @@ its own once nothing refers to the array (or any view of it) any more, so caller
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from collections import OrderedDict
@@ -59,8 +60,9 @@ class BufferPool:
     def take(self, shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
         """An uninitialised C-contiguous array of ``shape`` and ``dtype`` from the pool."""
         dtype = np.dtype(dtype)
-        shape = (int(shape),) if np.isscalar(shape) else tuple(int(d) for d in shape)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(
+            int(d) for d in shape)
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes == 0:
             return np.empty(shape, dtype)
         size = size_class(nbytes) + ALIGN
