@@ -231,7 +231,7 @@ class DataLoader:
             chunk = int(arrs["data"].chunks[0]) * itemsize
         unit = chunk * self._block_chunks
         if self._shuffle:
-            unit *= 2 * self._buffer_blocks  # the unit's blocks, then its gathered batches
+            unit *= self._buffer_blocks  # its batches are gathered as they are consumed
         in_flight = self._prefetch + max(1, self._num_workers) + 1
         caches = (2 * max(1, self._num_workers) + 2) * chunk
         return max(32 * 2**20, in_flight * unit + caches)

@@ -316,12 +316,15 @@ class BlockReader:
         return out
 
     # -- one unit
-    def decode(self, unit: UnitSpec) -> list[Batch]:
+    def decode(self, unit: UnitSpec) -> Iterable[Batch]:
         """All rows of ``unit`` in emission order, as pieces cut on the batch grid.
 
         Pieces end where the loader's batches end (``piece_rows`` apart in the rank's
-        stream), so full batches come out ready-made and each gather writes a batch-sized
-        output that stays in cache.
+        stream), so full batches come out ready-made.  A shuffled unit's pieces are
+        gathered lazily, by whoever iterates them (the consumer), each just before it is
+        used: its output is still in cache when the batch is consumed, and only the
+        unit's decoded rows (not a gathered copy of all of them) wait in the prefetch
+        queue.
         """
         if unit.explicit:
             return [self._decode_explicit(unit)]
@@ -332,11 +335,10 @@ class BlockReader:
         else:
             first = (-unit.offset) % self.piece_rows
             cuts = [0, *range(first or self.piece_rows, n, self.piece_rows), n]
-        pieces = [
-            self._piece(src, labels, unit, i, j) for i, j in zip(cuts[:-1], cuts[1:], strict=True)
-            if j > i
-        ]
-        return pieces
+        spans = [(i, j) for i, j in zip(cuts[:-1], cuts[1:], strict=True) if j > i]
+        if unit.take is not None:
+            return (self._piece(src, labels, unit, i, j) for i, j in spans)
+        return [self._piece(src, labels, unit, i, j) for i, j in spans]
 
     def _read_spans(self, spans: np.ndarray) -> tuple[Any, list[np.ndarray]]:
         """Decode the spans (through the caches) and concatenate them, labels included."""
@@ -418,7 +420,7 @@ class BlockReader:
         return Batch(values, indices, ptr, None, labels, rows, self.n_cols)
 
     # -- a pass
-    def stream(self, units: Iterable[UnitSpec]) -> Iterator[list[Batch]]:
+    def stream(self, units: Iterable[UnitSpec]) -> Iterator[Iterable[Batch]]:
         """Decoded units in order, ``prefetch`` ahead, on ``num_workers`` threads.
 
         A generator: closing it (``break``, an exception, garbage collection) cancels the
