@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,9 @@ class BufferPool:
         self._order: OrderedDict[int, np.ndarray] = OrderedDict()  # id -> block, oldest first
         self._idle = 0
         self._lock = threading.Lock()
+        # Finalizers only append here (atomic, no lock): one can run inside take() on the
+        # same thread (a garbage collection there), where taking the lock would deadlock.
+        self._returned: deque[np.ndarray] = deque()
         self.allocated = 0  # blocks created (a test and benchmark counter)
         self.reused = 0
 
@@ -68,6 +71,7 @@ class BufferPool:
         size = size_class(nbytes) + ALIGN
         block = None
         with self._lock:
+            self._drain()
             # The smallest idle size that fits with at most 25% to spare: row blocks vary
             # by a few percent and straddle class boundaries.
             fits = [k for k in self._by_size if size <= k <= size + size // 4]
@@ -90,29 +94,41 @@ class BufferPool:
         return flat.reshape(shape)
 
     def _give(self, block: np.ndarray) -> None:
-        with self._lock:
+        self._returned.append(block)
+        if self._lock.acquire(blocking=False):  # else the holder (or the next call) drains
+            try:
+                self._drain()
+            finally:
+                self._lock.release()
+
+    def _drain(self) -> None:
+        """File returned blocks as idle, then release the oldest beyond the budget (locked)."""
+        while self._returned:
+            block = self._returned.popleft()
             self._by_size.setdefault(block.size, []).append(block)
             self._order[id(block)] = block
             self._idle += block.size
-            cap = self.max_idle_bytes
-            while self._order and (
-                len(self._order) > self.max_free or (cap is not None and self._idle > cap)
-            ):
-                _, old = self._order.popitem(last=False)
-                same = self._by_size[old.size]
-                same.remove(old)
-                if not same:
-                    del self._by_size[old.size]
-                self._idle -= old.size
+        cap = self.max_idle_bytes
+        while self._order and (
+            len(self._order) > self.max_free or (cap is not None and self._idle > cap)
+        ):
+            _, old = self._order.popitem(last=False)
+            same = self._by_size[old.size]
+            same.remove(old)
+            if not same:
+                del self._by_size[old.size]
+            self._idle -= old.size
 
     def idle_blocks(self) -> int:
         """Number of idle blocks."""
         with self._lock:
+            self._drain()
             return len(self._order)
 
     def idle_bytes(self) -> int:
         """Bytes held by idle blocks (memory the pool keeps for reuse)."""
         with self._lock:
+            self._drain()
             return self._idle
 
 

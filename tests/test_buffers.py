@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -206,3 +207,22 @@ def test_kept_batches_stay_valid_while_the_pool_recycles(tmp_path):
             pass
     for b in kept:
         np.testing.assert_array_equal(b.to_scipy().toarray(), X[b.rows].toarray())
+
+
+def test_a_block_returned_while_the_pool_lock_is_held_does_not_deadlock():
+    """A finalizer can run in the thread that holds the pool's lock (a garbage collection
+    triggered by an allocation inside take); returning the block then must not block."""
+    pool = BufferPool()
+    block = np.empty(4096 + 64, np.uint8)
+
+    def finalizer_inside_take():
+        with pool._lock:  # what take() holds while it searches the idle blocks
+            pool._give(block)
+
+    t = threading.Thread(target=finalizer_inside_take, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive(), "returning a block under the pool's own lock deadlocked"
+    assert pool.idle_blocks() == 1  # filed by the next call
+    again = pool.take(4000, np.uint8)
+    assert again.base is not None and pool.reused == 1
