@@ -10,6 +10,9 @@ from .common import MiB
 
 TARGETS_DOC = {
     "read": "issue 2: full read of the store >= 5x faster than load_npz of the compressed npz",
+    "tf_slices": "issue 3: to SparseTensor from disk (sequential) >= 1.2x "
+                 "from_tensor_slices(SparseTensor).batch in memory",
+    "tf_gen": "issue 3: ... >= 2.5x a from_generator building COO from scipy in memory",
     "keras": "issue 3: Keras epoch streaming from disk <= 1.1x the same batches cached in memory",
     "shuffle": "issue 3: shuffled / sequential throughput >= 0.8",
     "rss": "issue 3: peak RSS growth streaming a 4x larger matrix within 10% of the smaller",
@@ -85,6 +88,10 @@ def targets(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
 
     r = _ratio(g("read_store_default"), g("read_npz"))
     add("read", r, r is not None and r >= 5)
+    v = _ratio(g("ss_tf_seq"), g("tf_from_tensor_slices"))
+    add("tf_slices", v, v is not None and v >= 1.2)
+    v = _ratio(g("ss_tf_seq"), g("tf_from_generator"))
+    add("tf_gen", v, v is not None and v >= 2.5)
     k = g("keras_fit")
     v = k["stream_over_cached"] if ok(k) else None
     add("keras", v, v is not None and v <= 1.1)
