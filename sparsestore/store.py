@@ -616,44 +616,58 @@ class _WholeChunks:
 
     A write ending inside a chunk makes the next write read, decode, merge and re-encode
     that chunk: row blocks of arbitrary nnz did that on nearly every block (measured:
-    appends ~1.7x slower).  Less than one chunk is held back between blocks, and written
-    by :meth:`flush` before the commit.  The array grows ahead of the writes (up to 64
-    chunks), not by one metadata rewrite per chunk, and chunks are written without zarr's
-    all-fill-value scan (which took as long as compressing a float chunk).
+    appends ~1.7x slower).  Values are copied into one chunk-sized buffer, allocated once
+    and reused, and a chunk is written when the buffer is full (whole chunks within one
+    block are written straight from the block).  So less than one chunk is held back
+    between blocks (written by :meth:`flush` before the commit), and not as a list of
+    blocks joined by a concatenation per chunk, which held a chunk twice and churned the
+    allocator.  The array grows ahead of the writes (up to 64 chunks), not by one
+    metadata rewrite per chunk, and chunks are written without zarr's all-fill-value
+    scan (which took as long as compressing a float chunk).  zarr has encoded a chunk
+    into new bytes when ``__setitem__`` returns, so the buffer is free again by then.
     """
 
     def __init__(self, arr: Any, end: int) -> None:
         self.arr, self.start, self.end = arr, end, end
         self.step = int((getattr(arr, "shards", None) or arr.chunks)[0])
-        self.held: list[np.ndarray] = []
-        self.n_held = 0
+        self.buf: np.ndarray | None = None  # values of [end, end + fill), chunk-aligned end
+        self.fill = 0
 
     def add(self, values: np.ndarray) -> None:
-        if values.size:
-            self.held.append(values)
-            self.n_held += values.size
-            stop = (self.end + self.n_held) // self.step * self.step
-            if stop > self.end:
-                self._write(stop, stop + min(stop - self.start, 64 * self.step))
+        pos, size = 0, int(values.size)
+        while pos < size:
+            stop = (self.end // self.step + 1) * self.step  # the end of the current chunk
+            if not self.fill and self.end % self.step == 0 and size - pos >= self.step:
+                k = (size - pos) // self.step * self.step  # whole chunks: no copy
+                self._write(self.end + k, values[pos : pos + k])
+                pos += k
+                continue
+            if self.buf is None:
+                self.buf = np.empty(self.step, dtype=self.arr.dtype)
+            take = min(stop - self.end - self.fill, size - pos)
+            self.buf[self.fill : self.fill + take] = values[pos : pos + take]
+            self.fill += take
+            pos += take
+            if self.end + self.fill == stop:
+                self._write(stop, self.buf[: self.fill])
 
     def flush(self) -> None:
-        """Write what is held back and give the array its exact length."""
-        stop = self.end + self.n_held
-        if self.n_held or self.arr.shape[0] != stop:
-            self._write(stop, stop)
+        """Write what is held back, give the array its exact length, free the buffer."""
+        stop = self.end + self.fill
+        if self.arr.shape[0] != stop:
+            self.arr.resize((stop,))
+        if self.fill:
+            self._write(stop, self.buf[: self.fill])  # type: ignore[index]
+        self.buf = None
 
-    def _write(self, stop: int, size: int) -> None:
-        if self.arr.shape[0] < stop or size == stop:
-            self.arr.resize((size,))
-        k = stop - self.end
-        if k:
-            buf = self.held[0] if len(self.held) == 1 else np.concatenate(self.held)
-            out = self.arr.with_config({"write_empty_chunks": True}) \
-                if hasattr(self.arr, "with_config") else self.arr
-            out[self.end : stop] = buf[:k]
-            rest = buf[k:].copy()  # not a view pinning the whole block
-            self.held = [rest] if rest.size else []
-            self.n_held, self.end = rest.size, stop
+    def _write(self, stop: int, values: np.ndarray) -> None:
+        if self.arr.shape[0] < stop:
+            self.arr.resize((stop + min(stop - self.start, 64 * self.step),))
+        # After any resize: a configured copy does not see the original's later resizes.
+        out = self.arr.with_config({"write_empty_chunks": True}) \
+            if hasattr(self.arr, "with_config") else self.arr
+        out[self.end : stop] = values
+        self.end, self.fill = stop, 0
 
 
 def _read_meta(attrs: Mapping[str, Any], path: str) -> Meta:
