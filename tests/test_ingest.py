@@ -209,6 +209,22 @@ def test_convert_writes_whole_chunks_until_the_last(tmp_path, monkeypatch):
             assert b == c and a % chunk == 0 and b % chunk == 0  # no chunk written twice
 
 
+@pytest.mark.parametrize("compressor", ["none", "lz4"])
+def test_convert_chunk_buffer_reuse_keeps_every_chunk(tmp_path, compressor):
+    # The writer reuses one buffer per array for every chunk: what zarr stored must not
+    # alias it (uncompressed chunks included), whatever the block sizes.
+    mats = [rand(7 + 13 * (i % 5), 50, density=0.3, seed=i) for i in range(25)]
+    mats.append(rand(400, 50, density=0.5, seed=99))  # blocks of several whole chunks
+    paths = save_shards(tmp_path, mats)
+    store = sparsestore.convert(paths, tmp_path / "o.zarr", workers=2, chunk_bytes=1024,
+                                compressor=compressor)
+    same(store, sp.vstack(mats))
+    w = sparsestore.open(tmp_path / "o.zarr", mode="r+")  # an append from a partial chunk
+    w.append(mats[3])
+    w.close()
+    same(sparsestore.open(tmp_path / "o.zarr"), sp.vstack([*mats, mats[3]]))
+
+
 def test_npz_dense_key_custom_keys_labels_and_dtype_promotion(tmp_path):
     A = rand(20, 8, seed=1).toarray()
     np.savez_compressed(tmp_path / "a.npz", M=np.asfortranarray(A), other=np.zeros((3, 3)),
@@ -296,14 +312,14 @@ def test_npz_decompressing_threads_yield_to_the_writer(tmp_path, monkeypatch):
     import sparsestore.ingest.npz as npz
 
     seen = []
-    real = npz.load_shard
+    real = npz.shard_units
 
-    def spy(path, opts):
+    def spy(*args, **kwargs):  # a shard is opened in the thread that decompresses it
         tid = threading.get_native_id()
         seen.append(os.getpriority(os.PRIO_PROCESS, tid))
-        return real(path, opts)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(npz, "load_shard", spy)
+    monkeypatch.setattr(npz, "shard_units", spy)
     paths = save_shards(tmp_path, [rand(20, 10, seed=i) for i in range(4)], "s{}.npz")
     sparsestore.convert(paths, tmp_path / "o.zarr", workers=2)
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
@@ -392,6 +408,207 @@ def test_npz_error_mid_way_commits_nothing_even_with_overwrite(tmp_path):
     again = sparsestore.open(tmp_path / "out.zarr")
     assert again.shape == old.shape  # the old store is untouched
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".out.zarr.")]
+
+
+# ------------------------------------------------------------------ npz: CSR shards streamed
+
+def _raw_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_npz_csr_shards_stream_in_units_never_whole(tmp_path, monkeypatch):
+    import sparsestore.ingest.npz as npz
+
+    monkeypatch.setattr(npz, "_PTR_WINDOW", 7)  # indptr inflated a few entries at a time
+    monkeypatch.setattr(npz, "DEFAULT_UNIT_BYTES", 64)  # members inflated as they are read
+    mats = [rand(120, 30, density=0.2, seed=i) for i in range(3)]
+    m = mats[1].tolil()
+    m[10:40] = 0  # empty rows, some units of empty rows only
+    mats[1] = m.tocsr()
+    paths = save_shards(tmp_path, mats)
+    widest = max(int(np.diff(m.indptr).max()) for m in mats)
+    units = [u for p in paths for kind, (u, _) in npz.shard_units(str(p), NpzOptions(),
+                                                                    unit_nnz=120)]
+    assert len(units) > 6 and all(u.nnz < 120 + widest for u in units)
+    assert (sp.vstack(units) != sp.vstack(mats)).nnz == 0
+    src = npz.npz_source([str(p) for p in paths], workers=1, unit_nnz=120, piece_nnz=50)
+    blocks = [b for b, _ in src.blocks()]
+    assert len(blocks) > 10 and all(b.nnz < 50 + widest for b in blocks)
+    assert (sp.vstack(blocks) != sp.vstack(mats)).nnz == 0
+    for w in (1, 2, 3):
+        store = npz.from_npz(tmp_path / f"o{w}.zarr", paths, workers=w, chunk_bytes=2048)
+        same(store, sp.vstack(mats))
+
+
+def test_npz_streamed_store_is_byte_identical_to_whole_shards(tmp_path):
+    mats = [rand(300 + 17 * i, 50, density=0.1, dtype=np.float64, seed=i) for i in range(9)]
+    mats.append(rand(0, 50, seed=99))  # an empty shard
+    mats.append(rand(40, 50, density=0.1, dtype=np.float64, seed=5, fmt="csc"))  # whole
+    paths = save_shards(tmp_path, mats)
+    with ThreadPoolExecutor(2) as ex:  # an executor loads whole shards, as before
+        sparsestore.convert(paths, tmp_path / "whole.zarr", executor=ex, chunk_bytes=4096)
+    ref = _raw_files(tmp_path / "whole.zarr")
+    for w in (1, 2):
+        sparsestore.convert(paths, tmp_path / f"s{w}.zarr", workers=w, chunk_bytes=4096)
+        assert _raw_files(tmp_path / f"s{w}.zarr") == ref
+
+
+def test_npz_streamed_pieces_carry_their_labels(tmp_path):
+    paths, mats, ys = [], [], []
+    for i in range(4):
+        X = rand(70 + i, 12, density=0.3, seed=i)
+        y = np.arange(X.shape[0], dtype=np.int32) + 1000 * i
+        paths.append(tmp_path / f"s{i}.npz")
+        np.savez_compressed(paths[-1], data=X.data, indices=X.indices, indptr=X.indptr,
+                            shape=np.array(X.shape), y=y)
+        mats.append(X)
+        ys.append(y)
+    for w in (1, 2):
+        store = sparsestore.convert(paths, tmp_path / f"o{w}.zarr", labels=["y"], workers=w)
+        same(store, sp.vstack(mats))
+        np.testing.assert_array_equal(store.labels["y"][:], np.concatenate(ys))
+
+
+def test_npz_streamer_bounds_the_bytes_ahead_of_the_writer(tmp_path):
+    import time
+
+    from sparsestore.ingest.npz import ShardStreamer
+
+    mats = [rand(200, 40, density=0.25, seed=i) for i in range(6)]
+    paths = [str(p) for p in save_shards(tmp_path, mats)]
+    budget = 3000
+    loader = ShardStreamer(paths, NpzOptions(), workers=3, unit_nnz=100,
+                           lookahead_bytes=budget)
+    most, units = 0, []
+    for path, (kind, (unit, _)) in loader:
+        assert kind == "unit" and path in paths
+        time.sleep(0.002)  # a slow writer: the workers run into the budget
+        with loader.cv:
+            most = max(most, loader.ahead)
+        units.append(unit)
+    size = max(u.data.nbytes + u.indices.nbytes + 8 * (u.shape[0] + 1) for u in units)
+    assert budget // 2 < most <= budget + 2 * size
+    assert (sp.vstack(units) != sp.vstack(mats)).nnz == 0
+    assert not any(t.is_alive() for t in loader.threads)
+
+
+def test_npz_streamer_closed_early_stops_its_workers(tmp_path):
+    from sparsestore.ingest.npz import ShardStreamer
+
+    paths = [str(p) for p in save_shards(tmp_path, [rand(100, 20, seed=i) for i in range(8)])]
+    loader = ShardStreamer(paths, NpzOptions(), workers=2, unit_nnz=10, lookahead_bytes=500)
+    next(loader)
+    loader.close()
+    assert not any(t.is_alive() for t in loader.threads)
+    with pytest.raises(StopIteration):
+        next(loader)
+
+
+@pytest.mark.parametrize("bad", ["corrupt", "truncated", "crc"])
+@pytest.mark.parametrize("inflated", ["at_once", "as_read"])
+def test_npz_streamed_member_damage_fails_naming_the_file(tmp_path, monkeypatch, bad,
+                                                          inflated):
+    import sparsestore.ingest.npz as npz
+
+    if inflated == "as_read":
+        monkeypatch.setattr(npz, "DEFAULT_UNIT_BYTES", 256)
+    good = save_shards(tmp_path, [rand(300, 30, density=0.3, seed=i) for i in range(2)])
+    p = tmp_path / "bad.npz"
+    raw = bytearray(good[0].read_bytes())
+    if bad == "corrupt":
+        _corrupt_copy(good[0], p)
+    elif bad == "truncated":
+        p.write_bytes(good[0].read_bytes()[:-300])
+    else:  # flip a bit of the CRC-32 the central directory keeps for data.npy
+        at = raw.index(b"PK\x01\x02")
+        while raw[at + 46 : at + 54] != b"data.npy":
+            at = raw.index(b"PK\x01\x02", at + 4)
+        raw[at + 16] ^= 1
+        p.write_bytes(bytes(raw))
+    dst = tmp_path / "out.zarr"
+    for w in (1, 2):
+        with pytest.raises(FormatError, match="bad.npz"):
+            sparsestore.convert([good[1], p], dst, workers=w)
+        assert leftovers(dst) == []
+
+
+def test_npz_stored_and_other_compressions(tmp_path):
+    import io
+    import zipfile
+
+    mats = [rand(80, 20, density=0.2, dtype=np.float64, seed=i) for i in range(4)]
+    paths = [tmp_path / f"s{i}.npz" for i in range(4)]
+    sp.save_npz(paths[0], mats[0], compressed=False)  # stored members, read into arrays
+    np.savez(paths[1], data=mats[1].data, indices=mats[1].indices, indptr=mats[1].indptr,
+             shape=np.array(mats[1].shape))
+    sp.save_npz(paths[2], mats[2])
+    with zipfile.ZipFile(paths[3], "w", zipfile.ZIP_BZIP2) as zf:  # zipfile reads these
+        for name, arr in (("data", mats[3].data), ("indices", mats[3].indices),
+                          ("indptr", mats[3].indptr), ("shape", np.array(mats[3].shape))):
+            b = io.BytesIO()
+            np.lib.format.write_array(b, arr)
+            zf.writestr(name + ".npy", b.getvalue())
+    for w in (1, 2):
+        same(sparsestore.convert(paths, tmp_path / f"o{w}.zarr", workers=w), sp.vstack(mats))
+
+
+def _csr_parts_file(path: Path, data, indices, indptr, shape) -> None:
+    np.savez_compressed(path, data=np.asarray(data), indices=np.asarray(indices),
+                        indptr=np.asarray(indptr), shape=np.array(shape))
+
+
+@pytest.mark.parametrize("fault", ["not_monotone", "index_range", "negative_index",
+                                   "ptr_end", "ptr_length", "ptr_start", "lengths",
+                                   "indices_2d", "float_indices"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_npz_malformed_csr_parts_fail_naming_the_file(tmp_path, fault, workers):
+    X = rand(50, 10, density=0.3, seed=1)
+    data, ind, ptr = X.data, X.indices.copy(), X.indptr.copy()
+    if fault == "not_monotone":
+        ptr[20] = ptr[30]
+    elif fault == "index_range":
+        ind[-1] = 10
+    elif fault == "negative_index":
+        ind[0] = -1
+    elif fault == "ptr_end":
+        ptr[-1] -= 1
+    elif fault == "ptr_length":
+        ptr = ptr[:-1]
+    elif fault == "ptr_start":
+        ptr = ptr + 1
+    elif fault == "lengths":
+        data = data[:-1]
+    elif fault == "indices_2d":
+        ind = ind[: ind.size // 2 * 2].reshape(2, -1)
+    elif fault == "float_indices":
+        ind = ind.astype(np.float64)
+    good = save_shards(tmp_path, [rand(30, 10, seed=i) for i in range(2)], "g{}.npz")
+    _csr_parts_file(tmp_path / "bad.npz", data, ind, ptr, X.shape)
+    dst = tmp_path / "out.zarr"
+    with pytest.raises(FormatError, match="bad.npz"):
+        sparsestore.convert([good[0], tmp_path / "bad.npz", good[1]], dst, workers=workers)
+    assert leftovers(dst) == []
+
+
+def test_npz_unsorted_duplicate_csr_parts_are_canonicalised(tmp_path):
+    indptr = np.array([0, 3, 3, 6])
+    indices = np.array([4, 1, 4, 0, 2, 0], dtype=np.int32)
+    data = np.array([1.0, 2.0, 3.0, 0.0, 5.0, 6.0])
+    _csr_parts_file(tmp_path / "a.npz", data, indices, indptr, (3, 5))
+    from sparsestore.ingest.npz import from_npz
+
+    store = from_npz(tmp_path / "o.zarr", [tmp_path / "a.npz"], workers=1)
+    expected = sp.csr_matrix((data, indices, indptr), shape=(3, 5))
+    same(store, expected)
+
+
+def test_coalesce_passes_a_big_block_through_after_what_it_holds():
+    small = [(rand(2, 6, density=0.5, seed=i), None) for i in range(3)]
+    big = rand(40, 6, density=0.5, seed=9)
+    out = list(coalesce(iter([*small, (big, None)]), target_nnz=20))
+    assert out[-1][0] is big  # not copied into a join with the small ones
+    assert (sp.vstack([b for b, _ in out]) != sp.vstack([b for b, _ in small] + [big])).nnz == 0
 
 
 # ---------------------------------------------------------------------------- npy

@@ -190,8 +190,8 @@ def coalesce(
 ) -> Iterator[BlockPair]:
     """Join consecutive small sparse blocks (and their labels) into ~``target_nnz`` blocks.
 
-    Big blocks and dense blocks pass through unchanged; at most ``target_nnz`` entries
-    (or ``max_rows`` rows) are held back.
+    Big blocks and dense blocks pass through unchanged (what is held goes first, on its
+    own); at most ``target_nnz`` entries (or ``max_rows`` rows) are held back.
     """
     buf: list[Any] = []
     labs: list[Mapping[str, np.ndarray] | None] = []
@@ -213,8 +213,8 @@ def coalesce(
     for block, lab in pairs:
         joinable = sp.issparse(block) and block.ndim == 2
         if buf and (not joinable or block.shape[1] != buf[0].shape[1]
-                    or _keys(lab) != _keys(labs[0])):
-            yield flush()
+                    or _keys(lab) != _keys(labs[0]) or block.nnz >= target_nnz):
+            yield flush()  # a big block is not copied to join what is held
         if not joinable or (not buf and block.nnz >= target_nnz):
             yield block, lab
             continue

@@ -9,11 +9,17 @@ Three kinds of shard are understood, detected from their member names:
 
 Before anything is written every shard's zip directory and array headers are read (no
 decompression): member sizes are checked against ``max_bytes`` (decompression bombs),
-column counts must agree, and the dtypes decide the store's.  Shards are then loaded by
-:func:`load_shard` -- a picklable top-level function, so any ``concurrent.futures``
-executor (threads by default, a dask ``client.get_executor()``...) can run it -- ahead of
-the writer by ``workers - 1`` shards, or more small ones up to ``lookahead_bytes`` of
-decompressed data (see :class:`ShardLoader`), and written in the given order.
+column counts must agree, and the dtypes decide the store's.  Shards are then written in
+the given order.  CSR shards (``save_npz``'s default format, or CSR parts) are streamed:
+their ``indptr``, ``indices`` and ``data`` members are inflated in step, a unit of rows
+(~4 MiB of values) at a time, by ``workers`` threads ahead of the writer within
+``lookahead_bytes`` of decoded data (see :class:`ShardStreamer`), so no bigger shard is
+ever whole in memory and the memory a conversion needs does not grow with the shards'
+size.  Other kinds are loaded
+whole by :func:`load_shard`; it is picklable, so with ``executor=`` (a thread or process
+pool, a dask ``client.get_executor()``...) every shard is loaded whole by it, ahead of
+the writer by ``workers - 1`` shards or up to ``lookahead_bytes`` (see
+:class:`ShardLoader`).
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ import collections
 import contextlib
 import io
 import os
+import struct
 import sys
 import threading
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +45,7 @@ from ..errors import FormatError, InvalidInputError, SparseStoreError, UnsafeInp
 from .base import (
     DEFAULT_BLOCK_NNZ,
     Source,
+    _view,
     check_n_cols,
     csr_blocks,
     expand_paths,
@@ -47,8 +55,11 @@ from .base import (
 
 # Default limit on the decompressed size of one shard (sum of its members).
 DEFAULT_MAX_BYTES = 8 * 2**30
-# Decompressed bytes of shards loaded ahead of the writer (beyond ``workers - 1``): about
-# two of the writer's bursts (one chunk of data and of indices each, default layout).
+# Decompressed bytes loaded ahead of the writer (besides the unit it is on): the writer
+# takes data in bursts (a chunk of values and one of indices at a time), faster than one
+# thread inflates it.  Measured on 64 shards of 20M nnz, 2 workers vs 1: float32, 1.45x
+# with 8 MiB, ~1.6x with 16 or 24 MiB; float64, 1.39x with 4 MiB, ~1.5x with 8 or 16 MiB.
+# With ``executor=``, whole shards beyond ``workers - 1``.
 DEFAULT_LOOKAHEAD_BYTES = 16 * 2**20
 _SCIPY_FORMATS = ("csr", "csc", "coo", "bsr", "dia")
 
@@ -350,36 +361,7 @@ def load_shard(path: str, opts: NpzOptions) -> dict[str, np.ndarray]:
         with _open_zip(path) as zf:
             check_zip_sizes(path, zf, opts.max_bytes)  # before any decompression
             npz = _Members(path, zf)
-            kind = _kind(path, npz.files, opts)
-            out: dict[str, np.ndarray] = {}
-            if kind == "scipy":
-                out.update(_csr_parts(sp.csr_matrix(_scipy_matrix(path, npz, opts))))
-            elif kind == "dense":
-                key = opts.key or [m for m in npz.files if m not in opts.labels][0]
-                arr = _small_member(path, npz, key)
-                if arr.ndim != 2:
-                    raise FormatError(f"{path}: array {key!r} must be 2-D, got {arr.shape}")
-                if opts.sparse:
-                    out.update(_csr_parts(sp.csr_matrix(arr)))
-                else:
-                    out["dense"] = arr
-                    out["shape"] = np.array(arr.shape, dtype=np.int64)
-            else:
-                shape = _shape_member(path, npz, opts)
-                data = _small_member(path, npz, opts.name("data"))
-                if kind == "coo":
-                    row = _small_member(path, npz, opts.name("row"))
-                    col = _small_member(path, npz, opts.name("col"))
-                    m: Any = sp.coo_matrix((data, (row, col)), shape=shape)
-                else:
-                    ind = _small_member(path, npz, opts.name("indices"))
-                    ptr = _small_member(path, npz, opts.name("indptr"))
-                    m = sp.csr_matrix((data, ind, ptr), shape=shape)
-                    m.check_format(full_check=True)
-                out.update(_csr_parts(sp.csr_matrix(m)))
-            for lab in opts.labels:
-                out["label:" + lab] = _small_member(path, npz, lab)
-        return out
+            return _load_parts(path, zf, npz, _kind(path, npz.files, opts), opts)
     except SparseStoreError:
         raise
     except (ValueError, TypeError, IndexError, OSError, EOFError, zipfile.BadZipFile,
@@ -387,9 +369,529 @@ def load_shard(path: str, opts: NpzOptions) -> dict[str, np.ndarray]:
         raise _as_format_error(path, exc) from None
 
 
+def _load_parts(path: str, zf: zipfile.ZipFile, npz: _Members, kind: str, opts: NpzOptions
+                ) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    if kind == "scipy":
+        out.update(_csr_parts(sp.csr_matrix(_scipy_matrix(path, npz, opts))))
+    elif kind == "dense":
+        key = opts.key or [m for m in npz.files if m not in opts.labels][0]
+        arr = _small_member(path, npz, key)
+        if arr.ndim != 2:
+            raise FormatError(f"{path}: array {key!r} must be 2-D, got {arr.shape}")
+        if opts.sparse:
+            out.update(_csr_parts(sp.csr_matrix(arr)))
+        else:
+            out["dense"] = arr
+            out["shape"] = np.array(arr.shape, dtype=np.int64)
+    else:
+        shape = _shape_member(path, npz, opts)
+        data = _small_member(path, npz, opts.name("data"))
+        if kind == "coo":
+            row = _small_member(path, npz, opts.name("row"))
+            col = _small_member(path, npz, opts.name("col"))
+            m: Any = sp.coo_matrix((data, (row, col)), shape=shape)
+        else:
+            ind = _small_member(path, npz, opts.name("indices"))
+            ptr = _small_member(path, npz, opts.name("indptr"))
+            m = sp.csr_matrix((data, ind, ptr), shape=shape)
+            m.check_format(full_check=True)
+        out.update(_csr_parts(sp.csr_matrix(m)))
+    for lab in opts.labels:
+        out["label:" + lab] = _small_member(path, npz, lab)
+    return out
+
+
 def _csr_parts(m: sp.csr_matrix) -> dict[str, np.ndarray]:
     return {"data": m.data, "indices": m.indices, "indptr": m.indptr,
             "shape": np.array(m.shape, dtype=np.int64)}
+
+
+# ------------------------------------------------------------------ CSR shards, streamed
+
+# Bytes of values per unit a streamed CSR shard is inflated in (a shard of 20M nnz in 64,
+# float64, is one unit; so is any member up to this size, inflated in one call).
+DEFAULT_UNIT_BYTES = 4 * 2**20
+# Bytes of values per block cut from a unit for the writer (views; with int32 indices,
+# 1.5 MiB of float64 entries): a quarter of a default chunk, which the writer takes as it
+# is (it joins smaller blocks by copying), and what its canonical copy of a block holds.
+DEFAULT_PIECE_BYTES = 2**20
+# indptr entries inflated at a time while looking for a unit's end.
+_PTR_WINDOW = 2**16
+
+Reserve = Callable[[int], None]
+
+
+def _no_reserve(nbytes: int) -> None:
+    pass
+
+
+class _NpyStream:
+    """One 1-D ``.npy`` member of a shard, read in order, ``n`` values at a time.
+
+    The member's raw bytes are read from the file with a handle of its own and inflated
+    here with ``zlib``: a member of at most ``DEFAULT_UNIT_BYTES`` all at once at its first
+    read of values (the arrays returned view that buffer), a bigger one a read at a time,
+    each read usually in one call.  Few, long calls matter: each drops and retakes the
+    GIL, and the writer's thread wants it too -- zipfile's own stream, read in pieces,
+    took ~15 calls per 3.6 MiB shard and made 2 workers ~10% slower than whole-shard
+    reads (its read-ahead of compressed bytes was also copied around on every call).
+    Stored members are read straight into the arrays.  Never more than the declared
+    size is inflated; the size and the CRC-32 are checked as zipfile would, and the
+    ``.npy`` header is parsed by numpy's own ``np.lib.format`` readers (object dtypes,
+    which would need unpickling, are refused) and must agree with the declared size.
+    """
+
+    def __init__(self, path: str, zf: zipfile.ZipFile, name: str) -> None:
+        self.path, self.name = path, name
+        try:
+            info = zf.getinfo(name + ".npy")
+        except KeyError:
+            raise FormatError(f"{path} has no array named {name!r}") from None
+        if not _plain(info):
+            raise FormatError(f"{path}: member {name!r} is encrypted or compressed with an "
+                              "unsupported method")
+        self.f = open(path, "rb")  # noqa: SIM115  (closed by finish() or close())
+        try:
+            self.f.seek(info.header_offset)
+            head = self.f.read(zipfile.sizeFileHeader)
+            if len(head) != zipfile.sizeFileHeader or head[:4] != zipfile.stringFileHeader:
+                raise FormatError(f"{path}: member {name!r} has a bad local header")
+            fields = struct.unpack(zipfile.structFileHeader, head)
+            self.f.seek(info.header_offset + zipfile.sizeFileHeader
+                        + fields[zipfile._FH_FILENAME_LENGTH]
+                        + fields[zipfile._FH_EXTRA_FIELD_LENGTH])
+            self.raw_left = int(info.compress_size)  # compressed bytes not read yet
+            self.size = int(info.file_size)
+            self.pos = 0  # decompressed bytes handed out
+            self.crc, self.expect_crc = 0, int(info.CRC)
+            self.ratio = self.raw_left / max(1, self.size)
+            deflated = info.compress_type == zipfile.ZIP_DEFLATED
+            self.z: Any = zlib.decompressobj(-15) if deflated else None
+            # Small enough to inflate the rest at once, at the first read of values.
+            self.at_once = deflated and self.size <= DEFAULT_UNIT_BYTES
+            self.whole: memoryview | None = None  # that rest, once inflated
+            self.whole_at = 0  # where it starts in the member
+            self.ready = False  # the header is read
+            lead = self._take(10)
+            hlen = int.from_bytes(lead[8:10], "little")
+            if lead[:6] == b"\x93NUMPY" and lead[6] != 1:
+                lead += self._take(2)
+                hlen = int.from_bytes(lead[8:12], "little")
+            f = io.BytesIO(bytes(lead) + self._take(min(hlen, 2**20)))
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            if dtype.hasobject:
+                raise UnsafeInputError(
+                    f"{path}: array {name!r} holds Python objects (it would need "
+                    "unpickling); refusing it. Save numeric arrays only"
+                )
+            if len(shape) != 1:
+                raise FormatError(f"{path}: array {name!r} must be 1-D, got shape {shape}")
+            self.dtype, self.count, self.done = np.dtype(dtype), int(shape[0]), 0
+            if self.size - self.pos != self.count * self.dtype.itemsize:
+                raise FormatError(
+                    f"{path}: array {name!r} holds {self.size - self.pos} bytes of data, "
+                    f"its header needs {self.count * self.dtype.itemsize}"
+                )
+            self.ready = True
+        except BaseException:
+            self.f.close()
+            raise
+
+    def _raw(self, n: int) -> bytes:
+        got = self.f.read(min(n, self.raw_left))
+        self.raw_left -= len(got)
+        if not got and n:
+            raise FormatError(f"{self.path}: member {self.name!r} is truncated")
+        return got
+
+    def _take(self, n: int) -> bytes:
+        """The next ``n`` decompressed bytes, as one bytes object (a small read)."""
+        parts = self._chunks(n)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _chunks(self, n: int) -> list[Any]:
+        """The next ``n`` decompressed bytes, in as few buffers as it came in."""
+        if n > self.size - self.pos:
+            raise FormatError(f"{self.path}: member {self.name!r} is truncated")
+        if self.at_once and self.ready and self.whole is None:
+            self.whole_at = self.pos
+            self.whole = memoryview(self._inflate(self.size - self.pos)[0])
+        if self.whole is not None:
+            at = self.pos - self.whole_at
+            out: list[Any] = [self.whole[at : at + n]]
+        elif self.z is None:  # stored
+            out = [self._raw(n)]
+            if len(out[0]) != n:
+                raise FormatError(f"{self.path}: member {self.name!r} is truncated")
+            self.crc = zlib.crc32(out[0], self.crc)
+        else:
+            out = self._inflate(n)
+        self.pos += n
+        return out
+
+    def _inflate(self, n: int) -> list[bytes]:
+        """Inflate the next ``n`` bytes (usually in one call)."""
+        out, got = [], 0
+        while got < n:
+            need = n - got
+            # About the compressed bytes that make ``need``, and a little more.
+            want = int(need * self.ratio * 1.05) + 2**12
+            tail = self.z.unconsumed_tail
+            chunk = tail if len(tail) >= want or not self.raw_left else \
+                tail + self._raw(want - len(tail))
+            if not chunk:
+                raise FormatError(f"{self.path}: member {self.name!r} is truncated")
+            data = self.z.decompress(chunk, need)  # never more than asked for
+            self.crc = zlib.crc32(data, self.crc)
+            out.append(data)
+            got += len(data)
+        if len(out) != 1 and self.at_once:
+            out = [b"".join(out)]
+        return out
+
+    def read(self, n: int) -> np.ndarray:
+        """The next ``n`` values, in an array of their own (scipy keeps it, no copy)."""
+        if n > self.count - self.done:
+            raise FormatError(
+                f"{self.path}: array {self.name!r} has {self.count} values, more are needed"
+            )
+        parts = self._chunks(n * self.dtype.itemsize)
+        self.done += n
+        if len(parts) == 1:  # a view of the buffer it was inflated into (read-only)
+            return np.frombuffer(parts[0], dtype=self.dtype, count=n)
+        out = np.empty(n, dtype=self.dtype)
+        raw, at = out.view(np.uint8), 0
+        for p in parts:
+            raw[at : at + len(p)] = np.frombuffer(p, dtype=np.uint8)
+            at += len(p)
+        return out
+
+    def finish(self) -> None:
+        """Check that the member ended where it said, with its CRC; close it."""
+        try:
+            extra = b""
+            while self.z is not None and not self.z.eof and not extra:
+                chunk = self.z.unconsumed_tail or self._raw(2**16)
+                if not chunk:
+                    break
+                extra = self.z.decompress(chunk, 1)  # one byte more is one too many
+            if self.done != self.count or extra or (self.z is not None and not self.z.eof):
+                raise FormatError(
+                    f"{self.path}: member {self.name!r} does not end where its zip entry "
+                    "says"
+                )
+            if self.crc != self.expect_crc:
+                raise FormatError(f"{self.path}: member {self.name!r} is corrupt (bad CRC-32)")
+        finally:
+            self.f.close()
+
+    def close(self) -> None:
+        self.whole = None
+        self.f.close()
+
+
+def _plain(info: zipfile.ZipInfo) -> bool:
+    """Stored or deflated, not encrypted: what ``_NpyStream`` reads itself."""
+    return not info.flag_bits & 0x1 and info.compress_type in (zipfile.ZIP_STORED,
+                                                              zipfile.ZIP_DEFLATED)
+
+
+def _csr_units(path: str, zf: zipfile.ZipFile, npz: _Members, opts: NpzOptions,
+               shape: tuple[int, int], unit_nnz: int | None, reserve: Reserve
+               ) -> Iterator[tuple[str, Any]]:
+    """A CSR shard's rows as ``("unit", (csr, labels))`` items of about ``unit_nnz``
+    entries (default: ``DEFAULT_UNIT_BYTES`` of values), at least one row each, and at
+    least one unit.  Its three members are inflated in step, so the shard is never whole
+    in memory; ``reserve(nbytes)`` is called before a unit is inflated.  Checked as
+    ``check_format(full_check=True)`` would, unit by unit."""
+    streams: list[_NpyStream] = []
+    try:
+        for role in ("indptr", "indices", "data"):
+            streams.append(_NpyStream(path, zf, opts.name(role)))
+        yield from _stream_units(path, npz, opts, shape, unit_nnz, reserve, *streams)
+    finally:
+        for s in streams:
+            s.close()
+
+
+def _stream_units(path: str, npz: _Members, opts: NpzOptions, shape: tuple[int, int],
+                  unit_nnz: int | None, reserve: Reserve, ptr: _NpyStream, ind: _NpyStream,
+                  dat: _NpyStream) -> Iterator[tuple[str, Any]]:
+    n_rows, n_cols = shape
+    for s, kinds in ((ptr, "iu"), (ind, "iu"), (dat, "biuf")):
+        if s.dtype.kind not in kinds:
+            raise FormatError(f"{path}: array {s.name!r} has unusable dtype {s.dtype}")
+    if ptr.count != n_rows + 1:
+        raise FormatError(f"{path}: indptr has {ptr.count} entries; {n_rows} rows need "
+                          f"{n_rows + 1}")
+    if ind.count != dat.count:
+        raise FormatError(f"{path}: {ind.count} indices but {dat.count} values")
+    if unit_nnz is None:
+        unit_nnz = max(1024, DEFAULT_UNIT_BYTES // dat.dtype.itemsize)
+    labs = {lab: _small_member(path, npz, lab) for lab in opts.labels}
+    if int(ptr.read(1)[0]) != 0:
+        raise FormatError(f"{path}: indptr does not start at 0")
+    pending = np.empty(0, dtype=np.int64)  # indptr[row + 1 :], as far as inflated
+    row = lo = 0  # rows and entries handed out so far
+    while True:
+        while (row + pending.size < n_rows and pending.size < _PTR_WINDOW
+               and (not pending.size or pending[-1] - lo < unit_nnz)):
+            more = ptr.read(min(_PTR_WINDOW, n_rows - row - pending.size)).astype(np.int64)
+            pending = np.concatenate([pending, more]) if pending.size else more
+        k = min(pending.size, int(np.searchsorted(pending, lo + unit_nnz)) + 1)
+        ends = pending[:k]
+        if k and (ends[0] < lo or (k > 1 and bool(np.any(ends[1:] < ends[:-1])))):
+            raise FormatError(f"{path}: indptr is not monotone")
+        hi = int(ends[-1]) if k else lo
+        if hi > ind.count:
+            raise FormatError(f"{path}: indptr points past the {ind.count} stored entries")
+        reserve((k + 1) * 8 + (hi - lo) * (ind.dtype.itemsize + dat.dtype.itemsize))
+        indices, data = ind.read(hi - lo), dat.read(hi - lo)
+        if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= n_cols):
+            raise FormatError(f"{path}: a column index is out of range [0, {n_cols})")
+        local = np.empty(k + 1, dtype=np.int64)
+        local[0] = 0
+        np.subtract(ends, lo, out=local[1:])
+        unit = sp.csr_matrix((data, indices, local), shape=(k, n_cols), copy=False)
+        del data, indices, local
+        yield "unit", (unit, {n: v[row : row + k] for n, v in labs.items()} or None)
+        del unit  # not pinned while the next unit inflates
+        row, lo, pending = row + k, hi, pending[k:]
+        if row >= n_rows:
+            break
+    if lo != ind.count:
+        raise FormatError(f"{path}: indptr ends at {lo} but {ind.count} entries are stored")
+    for s in (ptr, ind, dat):
+        s.finish()
+
+
+def _streamable(path: str, npz: _Members, kind: str, opts: NpzOptions) -> bool:
+    """Whether a shard is CSR parts that can be streamed (not whole CSC/COO/dense...),
+    stored or deflated."""
+    if kind == "scipy":
+        fmt = _small_member(path, npz, "format")
+        if (fmt.item().decode() if fmt.dtype.kind == "S" else str(fmt.item())) != "csr":
+            return False
+    elif kind != "csr":
+        return False
+    names = [opts.name(r) + ".npy" for r in ("indptr", "indices", "data")]
+    return all(n not in npz.zf.NameToInfo or _plain(npz.zf.getinfo(n)) for n in names)
+
+
+def shard_units(path: str, opts: NpzOptions, shape: tuple[int, int] | None = None,
+                unit_nnz: int | None = None, reserve: Reserve = _no_reserve
+                ) -> Iterator[tuple[str, Any]]:
+    """One shard as ``("unit", (rows, labels))`` items -- a CSR shard streamed in units
+    (see :func:`_csr_units`) -- or, for other kinds, one ``("whole", parts)`` item
+    (see :func:`load_shard`).  ``shape``: what the shard's headers said when scanned;
+    ``reserve(nbytes)`` is called before each item is decompressed."""
+    try:
+        with _open_zip(path) as zf:
+            total = check_zip_sizes(path, zf, opts.max_bytes)  # before any decompression
+            npz = _Members(path, zf)
+            kind = _kind(path, npz.files, opts)
+            if not _streamable(path, npz, kind, opts):
+                reserve(total)
+                yield "whole", _load_parts(path, zf, npz, kind, opts)
+                return
+            got = _shape_member(path, npz, opts)
+            if shape is not None and got != tuple(shape):
+                raise _changed(path, got, tuple(shape))
+            yield from _csr_units(path, zf, npz, opts, got, unit_nnz, reserve)
+    except SparseStoreError:
+        raise
+    except (ValueError, TypeError, IndexError, OSError, EOFError, zipfile.BadZipFile,
+            zlib.error) as exc:
+        raise _as_format_error(path, exc) from None
+
+
+def _changed(path: str, shape: tuple[int, ...], expect: tuple[int, ...]) -> FormatError:
+    return FormatError(f"{path}: holds a {shape[0]}x{shape[1]} matrix but its header said "
+                       f"{expect}; the file changed while being read")
+
+
+class _Slot:
+    """One shard's items, decoded by a worker and not yet taken by the consumer."""
+
+    __slots__ = ("done", "error", "items", "path")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.items: collections.deque[tuple[tuple[str, Any], int]] = collections.deque()
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class _Closed(Exception):
+    """The loader was closed while a worker waited for room."""
+
+
+class ShardStreamer:
+    """Shards' items (see :func:`shard_units`) in the given order, CSR shards in units.
+
+    ``workers=1`` reads each shard in the consuming thread when it is asked for: one
+    thread, no overlap, one unit at a time.  Otherwise ``workers`` threads take shards in
+    order and decompress them unit by unit ahead of the consumer, as long as the bytes
+    decoded (or being decoded) and not yet taken stay within ``lookahead_bytes``: a
+    worker reserves a unit's size (known from ``indptr``) before inflating it.  The shard
+    the consumer is on may always decode a unit when it has none waiting, so a unit
+    bigger than the budget cannot stall it.  Memory: the budget, a unit per worker at most
+    beyond it, and the unit the writer is on -- not whole shards, whatever their size.
+
+    The workers run ``DECODE_NICE`` steps lower in CPU priority (Linux), so that the
+    writer, whose zarr encode-and-store chain hops between threads and paces the
+    conversion, is not kept waiting behind them.
+    """
+
+    def __init__(self, paths: Sequence[str], opts: NpzOptions, *, workers: int | None = None,
+                 shapes: Sequence[tuple[int, int]] | None = None,
+                 unit_nnz: int | None = None,
+                 lookahead_bytes: int = DEFAULT_LOOKAHEAD_BYTES) -> None:
+        n_workers = _default_workers() if workers is None else int(workers)
+        if n_workers < 1:
+            raise InvalidInputError(f"workers must be at least 1, got {workers}")
+        self.paths, self.opts, self.unit_nnz = list(paths), opts, unit_nnz
+        self.shapes = list(shapes) if shapes is not None else [None] * len(self.paths)
+        self.budget = int(lookahead_bytes)
+        lock = threading.Lock()
+        self.cv = threading.Condition(lock)  # the consumer waits on this for items
+        self.room = threading.Condition(lock)  # the workers wait on this for budget
+        self.slots: collections.deque[_Slot] = collections.deque()  # started, in order
+        self.ahead = 0  # bytes reserved by the workers and not yet taken by the consumer
+        self.next = 0  # the next shard to start
+        self.closed = False
+        self.inline: Iterator[tuple[str, Any]] | None = None  # workers=1: the current shard
+        self.threads = [
+            threading.Thread(target=self._work, name=f"sparsestore-npz-{i}", daemon=True)
+            for i in range(n_workers if n_workers > 1 else 0)
+        ]
+        for t in self.threads:
+            t.start()
+
+    # ------------------------------------------------------------- workers
+    def _work(self) -> None:
+        _background_priority()
+        while True:
+            with self.cv:
+                # Start another shard only while the budget has room (or nothing waits).
+                while (not self.closed and self.next < len(self.paths) and self.slots
+                       and self.ahead >= self.budget):
+                    self.room.wait()
+                if self.closed or self.next >= len(self.paths):
+                    return
+                i = self.next
+                self.next += 1
+                slot = _Slot(self.paths[i])
+                self.slots.append(slot)
+            self._produce(slot, i)
+
+    def _produce(self, slot: _Slot, i: int) -> None:
+        reserved = 0
+
+        def reserve(nbytes: int) -> None:
+            nonlocal reserved
+            with self.cv:
+                while not self.closed and self.ahead + nbytes > self.budget and not (
+                    slot is self.slots[0] and not slot.items
+                ):
+                    self.room.wait()
+                if self.closed:
+                    raise _Closed
+                self.ahead += nbytes
+                reserved += nbytes
+
+        items = shard_units(self.paths[i], self.opts, self.shapes[i], self.unit_nnz,
+                            reserve)
+        try:
+            for item in items:
+                with self.cv:
+                    slot.items.append((item, reserved))
+                    reserved = 0
+                    self.cv.notify()
+                del item
+        except _Closed:
+            pass
+        except BaseException as exc:  # handed to the consumer, in order
+            slot.error = exc
+        finally:
+            items.close()
+            with self.cv:
+                self.ahead -= reserved  # reserved for an item that never came
+                slot.done = True
+                self.cv.notify()
+                self.room.notify_all()
+
+    # ------------------------------------------------------------- consumer
+    def __iter__(self) -> ShardStreamer:
+        return self
+
+    def __next__(self) -> tuple[str, tuple[str, Any]]:
+        if not self.threads:
+            return self._next_inline()
+        err: BaseException | None = None
+        with self.cv:
+            while not self.closed:
+                if not self.slots:
+                    if self.next >= len(self.paths):
+                        break
+                    self.cv.wait()
+                    continue
+                head = self.slots[0]
+                if head.items:
+                    item, size = head.items.popleft()
+                    self.ahead -= size
+                    self.room.notify_all()
+                    return head.path, item
+                if head.error is not None:
+                    err = head.error
+                    break
+                if head.done:
+                    self.slots.popleft()
+                    self.room.notify_all()  # a new head may go beyond the budget
+                    continue
+                self.cv.wait()
+        self.close()
+        if err is not None:
+            raise err
+        raise StopIteration
+
+    def _next_inline(self) -> tuple[str, tuple[str, Any]]:
+        while not self.closed:
+            if self.inline is None:
+                if self.next >= len(self.paths):
+                    break
+                i = self.next
+                self.next += 1
+                self.inline = shard_units(self.paths[i], self.opts, self.shapes[i],
+                                          self.unit_nnz)
+            try:
+                return self.paths[self.next - 1], next(self.inline)
+            except StopIteration:
+                self.inline = None
+            except BaseException:
+                self.close()
+                raise
+        self.close()
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop the workers (each finishes the piece it is inflating) and drop the rest."""
+        with self.cv:
+            self.closed = True
+            self.slots.clear()
+            self.cv.notify_all()
+            self.room.notify_all()
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join()
+        if self.inline is not None:
+            inline, self.inline = self.inline, None
+            inline.close()  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------ the source
@@ -526,9 +1028,17 @@ def npz_source(
     dtype: Any = None,
     sparse: bool = True,
     block_nnz: int = DEFAULT_BLOCK_NNZ,
+    unit_nnz: int | None = None,
+    piece_nnz: int | None = None,
     lookahead_bytes: int = DEFAULT_LOOKAHEAD_BYTES,
 ) -> Source:
-    """A :class:`Source` over ``.npz`` shards (a path, glob or list), rows concatenated."""
+    """A :class:`Source` over ``.npz`` shards (a path, glob or list), rows concatenated.
+
+    CSR shards are inflated in units of ``unit_nnz`` entries and written in blocks of
+    ``piece_nnz`` (defaults: ``DEFAULT_UNIT_BYTES`` and ``DEFAULT_PIECE_BYTES`` of
+    values); whole shards (other kinds, or all with ``executor=``) in blocks of
+    ``block_nnz``.
+    """
     paths = expand_paths(src, what="npz")
     if keys is not None and not isinstance(keys, Mapping):
         raise FormatError("keys must map roles (row, col, data, indices, indptr, shape) to names")
@@ -549,32 +1059,75 @@ def npz_source(
     sizes = [i.nbytes for i in infos]
 
     def blocks() -> Iterator[tuple[Any, dict[str, np.ndarray] | None]]:
-        loader = ShardLoader(paths, opts, workers=workers, executor=executor, sizes=sizes,
-                             lookahead_bytes=lookahead_bytes)
+        if executor is not None:  # whole shards, loaded by the caller's executor
+            shards = ShardLoader(paths, opts, workers=workers, executor=executor, sizes=sizes,
+                                 lookahead_bytes=lookahead_bytes)
+            try:
+                for path, parts in shards:
+                    yield from _whole_blocks(path, parts, expect[path], block_nnz)
+                    del parts
+            finally:
+                shards.close()
+            return
+        loader = ShardStreamer(paths, opts, workers=workers, shapes=[i.shape for i in infos],
+                               unit_nnz=unit_nnz, lookahead_bytes=lookahead_bytes)
         try:
-            for path, parts in loader:
-                shape = tuple(int(s) for s in parts["shape"])
-                if shape != expect[path]:
-                    raise FormatError(
-                        f"{path}: holds a {shape[0]}x{shape[1]} matrix but its header said "
-                        f"{expect[path]}; the file changed while being read"
-                    )
-                labs = {k[6:]: v for k, v in parts.items() if k.startswith("label:")}
-                if "dense" in parts:
-                    pieces = _dense_pieces(parts["dense"])
+            for path, (kind, value) in loader:
+                if kind == "unit":
+                    yield from _unit_blocks(*value, piece_nnz)
                 else:
-                    pieces = _with_bounds(csr_blocks(
-                        sp.csr_matrix((parts["data"], parts["indices"], parts["indptr"]),
-                                      shape=shape), block_nnz))
-                del parts  # held by ``pieces`` only, which goes before the next shard
-                yield from _labelled(_last_copied(pieces), labs)
-                del pieces, labs
+                    yield from _whole_blocks(path, value, expect[path], block_nnz)
+                del value  # not pinned while the next item is fetched
         finally:
             loader.close()
 
     return Source(name=paths[0] if len(paths) == 1 else f"{len(paths)} npz shards",
                   n_cols=n_cols, dtype=dt, blocks=blocks, n_rows=n_rows,
                   labels=list(opts.labels), dense=is_dense)
+
+
+def _whole_blocks(path: str, parts: dict[str, np.ndarray], expect: tuple[int, int],
+                  block_nnz: int) -> Iterator[tuple[Any, dict[str, np.ndarray] | None]]:
+    """A whole shard's parts (see :func:`load_shard`) as row blocks with their labels."""
+    shape = tuple(int(s) for s in parts["shape"])
+    if shape != expect:
+        raise _changed(path, shape, expect)
+    labs = {k[6:]: v for k, v in parts.items() if k.startswith("label:")}
+    if "dense" in parts:
+        pieces = _dense_pieces(parts["dense"])
+    else:
+        pieces = _with_bounds(csr_blocks(
+            sp.csr_matrix((parts["data"], parts["indices"], parts["indptr"]), shape=shape),
+            block_nnz))
+    del parts  # held by ``pieces`` only, which goes before the next shard
+    yield from _labelled(_last_copied(pieces), labs)
+
+
+def _unit_blocks(unit: sp.csr_matrix, labs: dict[str, np.ndarray] | None,
+                 piece_nnz: int | None) -> Iterator[tuple[Any, dict[str, np.ndarray] | None]]:
+    """A streamed unit as row blocks (views) of at least ``piece_nnz`` entries (but the
+    last), so that the writer's canonical copy of a block stays about that small, and it
+    takes the blocks as they are (it joins smaller ones by copying)."""
+    if piece_nnz is None:
+        piece_nnz = max(1024, DEFAULT_PIECE_BYTES // unit.data.itemsize)
+    yield from _labelled(_last_copied(_cut(unit, piece_nnz)), labs or {})
+
+
+def _cut(m: sp.csr_matrix, piece_nnz: int) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+    ptr, n = m.indptr, m.shape[0]
+    a = 0
+    while True:
+        b = min(n, max(a + 1, int(np.searchsorted(ptr, ptr[a] + piece_nnz)))) if n else 0
+        if a == 0 and b == n:
+            yield a, b, m
+            return
+        lo, hi = int(ptr[a]), int(ptr[b])
+        yield a, b, sp.csr_matrix(
+            (_view(m.data, lo, hi), _view(m.indices, lo, hi), ptr[a : b + 1] - lo),
+            shape=(b - a, m.shape[1]), copy=False)
+        if b >= n:
+            return
+        a = b
 
 
 def _dense_pieces(m: np.ndarray) -> Iterator[tuple[int, int, Any]]:
@@ -629,10 +1182,12 @@ __all__ = [
     "NpzOptions",
     "ShardInfo",
     "ShardLoader",
+    "ShardStreamer",
     "check_zip_sizes",
     "from_npz",
     "iter_shards",
     "load_shard",
     "npz_source",
     "scan_shard",
+    "shard_units",
 ]
