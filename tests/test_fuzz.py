@@ -61,16 +61,16 @@ def raw_parts(draw):
             indptr[1] = indptr[-1] + 1
         elif fault == "indptr_start":
             indptr = indptr + draw(st.integers(1, 3))
-        elif fault == "indptr_end":
+        elif fault == "indptr_end" and indptr.size:  # an earlier fault may have emptied it
             indptr = indptr.copy()
             indptr[-1] += draw(st.sampled_from([-1, 1, 5]))
         elif fault == "indptr_short":
             indptr = indptr[:-1]
-        elif fault == "indptr_long":
+        elif fault == "indptr_long" and indptr.size:
             indptr = np.append(indptr, indptr[-1])
         elif fault == "indptr_float":
             indptr = indptr.astype(np.float64) + draw(st.sampled_from([0.0, 0.5]))
-        elif fault == "indptr_nan":
+        elif fault == "indptr_nan" and indptr.size:
             indptr = indptr.astype(np.float64)
             indptr[-1] = np.nan
         elif fault == "indptr_empty":
