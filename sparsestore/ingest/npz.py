@@ -127,26 +127,36 @@ def check_zip_sizes(path: str, zf: zipfile.ZipFile, max_bytes: int) -> int:
     return total
 
 
+def _npy_header(f: Any, path: str, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` from an ``.npy`` header at ``f``'s position, read
+    by numpy's own ``np.lib.format`` readers; object dtypes (which would need unpickling)
+    are refused."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    if dtype.hasobject:
+        raise UnsafeInputError(
+            f"{path}: array {name!r} holds Python objects (it would need unpickling); "
+            "refusing it. Save numeric arrays only"
+        )
+    return shape, fortran, dtype
+
+
 def _member_header(
     path: str, zf: zipfile.ZipFile, member: str
 ) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of one ``.npy`` member from its header alone."""
     try:
         with zf.open(member + ".npy") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            shape, _fortran, dtype = _npy_header(f, path, member)
     except KeyError:
         raise FormatError(f"{path} has no array named {member!r}") from None
+    except UnsafeInputError:
+        raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise FormatError(f"{path}: the header of {member!r} is unreadable ({exc})") from None
-    if dtype.hasobject:
-        raise UnsafeInputError(
-            f"{path}: array {member!r} holds Python objects (it would need unpickling); "
-            "refusing it. Save numeric arrays only"
-        )
     return tuple(int(s) for s in shape), dtype
 
 
@@ -306,16 +316,7 @@ def _npy_from_bytes(path: str, name: str, raw: Any) -> np.ndarray:
         end = 10 + int.from_bytes(lead[8:10], "little") if lead[6] == 1 else \
             12 + int.from_bytes(lead[8:12], "little")
     f = io.BytesIO(bytes(view[: min(end, len(view))]))
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    if dtype.hasobject:
-        raise UnsafeInputError(
-            f"{path}: array {name!r} holds Python objects (it would need unpickling); "
-            "refusing it. Save numeric arrays only"
-        )
+    shape, fortran, dtype = _npy_header(f, path, name)
     count = int(np.prod(shape, dtype=np.int64))
     offset = f.tell()
     if len(view) - offset != count * dtype.itemsize:
@@ -479,16 +480,7 @@ class _NpyStream:
                 lead += self._take(2)
                 hlen = int.from_bytes(lead[8:12], "little")
             f = io.BytesIO(bytes(lead) + self._take(min(hlen, 2**20)))
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            if dtype.hasobject:
-                raise UnsafeInputError(
-                    f"{path}: array {name!r} holds Python objects (it would need "
-                    "unpickling); refusing it. Save numeric arrays only"
-                )
+            shape, _fortran, dtype = _npy_header(f, path, name)
             if len(shape) != 1:
                 raise FormatError(f"{path}: array {name!r} must be 1-D, got shape {shape}")
             self.dtype, self.count, self.done = np.dtype(dtype), int(shape[0]), 0
