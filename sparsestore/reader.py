@@ -260,10 +260,6 @@ def _cat(parts: list[np.ndarray]) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def _cat_or_empty(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
-    return _cat(parts) if parts else np.empty(0, dtype=dtype)
-
-
 # ------------------------------------------------------------------ reader
 
 class BlockReader:
