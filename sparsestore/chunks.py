@@ -97,14 +97,19 @@ class ChunkCache:
         self.name = name
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.decoded = 0  # chunks decoded through this cache (for tests and benchmarks)
+        self.decoder = ChunkDecoder(arr, name)
+
+    def _decode(self, k: int, limit: int, pool: BufferPool | None = None) -> np.ndarray:
+        """Chunk ``k``, cut at ``limit`` (the committed length)."""
+        lo = k * self.chunk
+        return self.decoder.read(k, pool=pool)[: max(0, min(lo + self.chunk, limit) - lo)]
 
     def _get(self, k: int, limit: int) -> np.ndarray:
         hit = self._cache.get(k)
         if hit is not None:
             self._cache.move_to_end(k)
             return hit
-        lo = k * self.chunk
-        out = read_slice(self.arr, lo, min(lo + self.chunk, limit), name=self.name)
+        out = self._decode(k, limit)
         self.decoded += 1
         self._cache[k] = out
         while len(self._cache) > self.capacity:

@@ -31,7 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .buffers import BufferPool
-from .chunks import ChunkCache, ChunkDecoder, read_rows
+from .chunks import ChunkCache, read_rows
 from .errors import InvalidInputError, OutOfRangeError
 from .sampler import UnitSpec
 
@@ -63,7 +63,6 @@ class SharedChunkCache(ChunkCache):
         self._lock = threading.Lock()
         self._inflight: dict[int, Future] = {}
         self.pool = pool if pool is not None else BufferPool()
-        self.decoder = ChunkDecoder(arr, name)
 
     def _get(self, k: int, limit: int) -> np.ndarray:
         with self._lock:
@@ -78,8 +77,7 @@ class SharedChunkCache(ChunkCache):
         if not owner:
             return fut.result()
         try:
-            lo = k * self.chunk
-            out = self.decoder.read(k, pool=self.pool)[: max(0, min(lo + self.chunk, limit) - lo)]
+            out = self._decode(k, limit, self.pool)
         except BaseException as exc:
             with self._lock:
                 del self._inflight[k]
