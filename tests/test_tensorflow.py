@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -227,6 +230,38 @@ def test_interrupted_pass_still_advances_epoch(small_store):
     state = dict(loader.state_dict(), epoch=1, batches_consumed=3)
     loader.load_state_dict(state)
     np.testing.assert_array_equal(rows_of(ds), orders[1][3 * 256 :])
+
+
+def test_dropped_iterator_closes_its_pass(small_store):
+    from sparsestore.reader import THREAD_PREFIX
+
+    def decoders() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
+
+    store, _, _ = small_store
+    loader = sparsestore.DataLoader(store, batch_size=128, labels="y")
+    ds = sstf.to_dataset(loader)
+    it = iter(ds)
+    next(it)
+    assert decoders(), "the pass should be decoding ahead on its own threads"
+    del it
+    deadline = time.monotonic() + 10
+    while decoders() and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert not decoders(), "TensorFlow dropped the iterator but the pass kept its threads"
+    # The loader is free again: the next iteration is a whole new epoch.
+    np.testing.assert_array_equal(np.sort(rows_of(ds)), np.arange(store.n_rows))
+    assert loader.epoch == 2
+
+
+def test_a_loader_with_no_batches_gives_an_empty_dataset(small_store):
+    store, _, _ = small_store
+    loader = sparsestore.DataLoader(store, batch_size=store.n_rows + 1, drop_last=True)
+    assert len(loader) == 0
+    ds = sstf.to_dataset(loader, repeat_epochs=3)
+    assert list(ds) == []
+    assert loader.epoch == 3
 
 
 def test_repeat_epochs_and_infinite(small_store):
