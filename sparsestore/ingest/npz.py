@@ -28,7 +28,6 @@ import collections
 import contextlib
 import io
 import os
-import struct
 import sys
 import threading
 import zipfile
@@ -430,57 +429,39 @@ def _no_reserve(nbytes: int) -> None:
 class _NpyStream:
     """One 1-D ``.npy`` member of a shard, read in order, ``n`` values at a time.
 
-    The member's raw bytes are read from the file with a handle of its own and inflated
-    here with ``zlib``: a member of at most ``DEFAULT_UNIT_BYTES`` all at once at its first
-    read of values (the arrays returned view that buffer), a bigger one a read at a time,
-    each read usually in one call.  Few, long calls matter: each drops and retakes the
-    GIL, and the writer's thread wants it too -- zipfile's own stream, read in pieces,
-    took ~15 calls per 3.6 MiB shard and made 2 workers ~10% slower than whole-shard
-    reads (its read-ahead of compressed bytes was also copied around on every call).
-    Stored members are read straight into the arrays.  Never more than the declared
-    size is inflated; the size and the CRC-32 are checked as zipfile would, and the
-    ``.npy`` header is parsed by numpy's own ``np.lib.format`` readers (object dtypes,
-    which would need unpickling, are refused) and must agree with the declared size.
+    Read through the standard library's own member stream (``ZipFile.open``), which
+    checks the local header, never inflates more than the declared size and checks the
+    CRC-32 when the member's last byte is read.  Reads are few and long: each inflate
+    drops and retakes the GIL, and the writer's thread wants it too (zipfile's stream read
+    in small pieces made 2 workers ~10% slower).  A member of at most
+    ``DEFAULT_UNIT_BYTES`` is read whole by one ``read`` at its first read of values (the
+    arrays returned view that buffer; the header is peeked with a handle of its own, whose
+    read-ahead would otherwise be joined to the values by a copy); a bigger one a read at
+    a time.  The ``.npy`` header is parsed by numpy's own ``np.lib.format`` readers
+    (object dtypes, which would need unpickling, are refused) and must agree with the
+    declared size.
     """
 
     def __init__(self, path: str, zf: zipfile.ZipFile, name: str) -> None:
-        self.path, self.name = path, name
+        self.path, self.name, self.zf = path, name, zf
         try:
-            info = zf.getinfo(name + ".npy")
+            self.info = zf.getinfo(name + ".npy")
         except KeyError:
             raise FormatError(f"{path} has no array named {name!r}") from None
-        if not _plain(info):
-            raise FormatError(f"{path}: member {name!r} is encrypted or compressed with an "
-                              "unsupported method")
-        self.f = open(path, "rb")  # noqa: SIM115  (closed by finish() or close())
+        if self.info.flag_bits & 0x1:
+            raise FormatError(f"{path}: member {name!r} is encrypted")
+        self.size = int(self.info.file_size)
+        self.whole: memoryview | None = None  # an at-once member, once read
+        self.f: Any = zf.open(self.info)  # closed by finish() or close()
         try:
-            self.f.seek(info.header_offset)
-            head = self.f.read(zipfile.sizeFileHeader)
-            if len(head) != zipfile.sizeFileHeader or head[:4] != zipfile.stringFileHeader:
-                raise FormatError(f"{path}: member {name!r} has a bad local header")
-            fields = struct.unpack(zipfile.structFileHeader, head)
-            self.f.seek(info.header_offset + zipfile.sizeFileHeader
-                        + fields[zipfile._FH_FILENAME_LENGTH]
-                        + fields[zipfile._FH_EXTRA_FIELD_LENGTH])
-            self.raw_left = int(info.compress_size)  # compressed bytes not read yet
-            self.size = int(info.file_size)
-            self.pos = 0  # decompressed bytes handed out
-            self.crc, self.expect_crc = 0, int(info.CRC)
-            self.ratio = self.raw_left / max(1, self.size)
-            deflated = info.compress_type == zipfile.ZIP_DEFLATED
-            self.z: Any = zlib.decompressobj(-15) if deflated else None
-            # Small enough to inflate the rest at once, at the first read of values.
-            self.at_once = deflated and self.size <= DEFAULT_UNIT_BYTES
-            self.whole: memoryview | None = None  # that rest, once inflated
-            self.whole_at = 0  # where it starts in the member
-            self.ready = False  # the header is read
-            lead = self._take(10)
-            hlen = int.from_bytes(lead[8:10], "little")
-            if lead[:6] == b"\x93NUMPY" and lead[6] != 1:
-                lead += self._take(2)
-                hlen = int.from_bytes(lead[8:12], "little")
-            f = io.BytesIO(bytes(lead) + self._take(min(hlen, 2**20)))
-            shape, _fortran, dtype = _npy_header(f, path, name)
+            head = self.f.read(10)
+            hlen = int.from_bytes(head[8:10], "little")
+            if head[:6] == b"\x93NUMPY" and head[6:7] != b"\x01":
+                head += self.f.read(2)
+                hlen = int.from_bytes(head[8:12], "little")
+            self.head = head + self.f.read(min(hlen, 2**20))
+            shape, _fortran, dtype = _npy_header(io.BytesIO(self.head), path, name)
+            self.pos = len(self.head)  # bytes read so far
             if len(shape) != 1:
                 raise FormatError(f"{path}: array {name!r} must be 1-D, got shape {shape}")
             self.dtype, self.count, self.done = np.dtype(dtype), int(shape[0]), 0
@@ -489,61 +470,29 @@ class _NpyStream:
                     f"{path}: array {name!r} holds {self.size - self.pos} bytes of data, "
                     f"its header needs {self.count * self.dtype.itemsize}"
                 )
-            self.ready = True
+            self.at_once = self.size <= DEFAULT_UNIT_BYTES
+            if self.at_once:  # read again whole, from the start, at the first read of values
+                self.f.close()
+                self.f = None
         except BaseException:
-            self.f.close()
+            if self.f is not None:
+                self.f.close()
             raise
 
-    def _raw(self, n: int) -> bytes:
-        got = self.f.read(min(n, self.raw_left))
-        self.raw_left -= len(got)
-        if not got and n:
-            raise FormatError(f"{self.path}: member {self.name!r} is truncated")
-        return got
-
-    def _take(self, n: int) -> bytes:
-        """The next ``n`` decompressed bytes, as one bytes object (a small read)."""
-        parts = self._chunks(n)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _chunks(self, n: int) -> list[Any]:
-        """The next ``n`` decompressed bytes, in as few buffers as it came in."""
-        if n > self.size - self.pos:
-            raise FormatError(f"{self.path}: member {self.name!r} is truncated")
-        if self.at_once and self.ready and self.whole is None:
-            self.whole_at = self.pos
-            self.whole = memoryview(self._inflate(self.size - self.pos)[0])
-        if self.whole is not None:
-            at = self.pos - self.whole_at
-            out: list[Any] = [self.whole[at : at + n]]
-        elif self.z is None:  # stored
-            out = [self._raw(n)]
-            if len(out[0]) != n:
-                raise FormatError(f"{self.path}: member {self.name!r} is truncated")
-            self.crc = zlib.crc32(out[0], self.crc)
+    def _bytes(self, n: int) -> Any:
+        """The next ``n`` bytes of values: a view of the whole member, or a fresh read."""
+        if self.at_once:
+            if self.whole is None:
+                with self.zf.open(self.info) as f:
+                    self.whole = memoryview(f.read(self.size))
+                if self.whole[: self.pos] != self.head:  # the file changed meanwhile
+                    raise FormatError(f"{self.path}: member {self.name!r} changed while read")
+            out = self.whole[self.pos : self.pos + n]
         else:
-            out = self._inflate(n)
+            out = self.f.read(n)
+        if len(out) != n:
+            raise FormatError(f"{self.path}: member {self.name!r} is truncated")
         self.pos += n
-        return out
-
-    def _inflate(self, n: int) -> list[bytes]:
-        """Inflate the next ``n`` bytes (usually in one call)."""
-        out, got = [], 0
-        while got < n:
-            need = n - got
-            # About the compressed bytes that make ``need``, and a little more.
-            want = int(need * self.ratio * 1.05) + 2**12
-            tail = self.z.unconsumed_tail
-            chunk = tail if len(tail) >= want or not self.raw_left else \
-                tail + self._raw(want - len(tail))
-            if not chunk:
-                raise FormatError(f"{self.path}: member {self.name!r} is truncated")
-            data = self.z.decompress(chunk, need)  # never more than asked for
-            self.crc = zlib.crc32(data, self.crc)
-            out.append(data)
-            got += len(data)
-        if len(out) != 1 and self.at_once:
-            out = [b"".join(out)]
         return out
 
     def read(self, n: int) -> np.ndarray:
@@ -552,43 +501,33 @@ class _NpyStream:
             raise FormatError(
                 f"{self.path}: array {self.name!r} has {self.count} values, more are needed"
             )
-        parts = self._chunks(n * self.dtype.itemsize)
+        out = np.frombuffer(self._bytes(n * self.dtype.itemsize), dtype=self.dtype, count=n)
         self.done += n
-        if len(parts) == 1:  # a view of the buffer it was inflated into (read-only)
-            return np.frombuffer(parts[0], dtype=self.dtype, count=n)
-        out = np.empty(n, dtype=self.dtype)
-        raw, at = out.view(np.uint8), 0
-        for p in parts:
-            raw[at : at + len(p)] = np.frombuffer(p, dtype=np.uint8)
-            at += len(p)
         return out
 
     def finish(self) -> None:
-        """Check that the member ended where it said, with its CRC; close it."""
+        """Check that every value was read (the CRC-32 was checked at the last byte)."""
         try:
-            extra = b""
-            while self.z is not None and not self.z.eof and not extra:
-                chunk = self.z.unconsumed_tail or self._raw(2**16)
-                if not chunk:
-                    break
-                extra = self.z.decompress(chunk, 1)  # one byte more is one too many
-            if self.done != self.count or extra or (self.z is not None and not self.z.eof):
+            if self.at_once and self.whole is None:
+                self._bytes(0)  # read it anyway: zipfile checks the size and CRC-32
+            if self.done != self.count:
                 raise FormatError(
                     f"{self.path}: member {self.name!r} does not end where its zip entry "
                     "says"
                 )
-            if self.crc != self.expect_crc:
-                raise FormatError(f"{self.path}: member {self.name!r} is corrupt (bad CRC-32)")
         finally:
-            self.f.close()
+            self.close()
 
     def close(self) -> None:
         self.whole = None
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
+            self.f = None
 
 
 def _plain(info: zipfile.ZipInfo) -> bool:
-    """Stored or deflated, not encrypted: what ``_NpyStream`` reads itself."""
+    """Stored or deflated, not encrypted: the members ``_NpyStream`` streams (others are
+    loaded whole)."""
     return not info.flag_bits & 0x1 and info.compress_type in (zipfile.ZIP_STORED,
                                                               zipfile.ZIP_DEFLATED)
 
