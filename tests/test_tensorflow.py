@@ -255,6 +255,22 @@ def test_dropped_iterator_closes_its_pass(small_store):
     assert loader.epoch == 2
 
 
+@pytest.mark.parametrize("where", ["first", "middle"])
+def test_a_damaged_chunk_fails_the_pass_with_its_name(small_store, where):
+    """The loader's ChecksumError reaches the TensorFlow caller (first batch or later)."""
+    store, _, _ = small_store
+    base = Path(store.path) / "data" / "c"
+    files = sorted((p for p in base.rglob("*") if p.is_file()), key=lambda p: int(p.name))
+    victim = files[0] if where == "first" else files[len(files) // 2]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x5A
+    victim.write_bytes(bytes(raw))
+    ds = sstf.to_dataset(sparsestore.DataLoader(sparsestore.open(store.path), batch_size=64))
+    with pytest.raises(tf.errors.OpError, match=rf"ChecksumError.*chunk {victim.name}\b"):
+        for _ in ds:
+            pass
+
+
 def test_a_loader_with_no_batches_gives_an_empty_dataset(small_store):
     store, _, _ = small_store
     loader = sparsestore.DataLoader(store, batch_size=store.n_rows + 1, drop_last=True)
