@@ -501,8 +501,9 @@ def to_dataset(
       length.  Resume with ``load_state_dict`` *before* calling this (a resumed pass is
       shorter; its dataset then has unknown cardinality) or pass ``cardinality=False``.
 
-    ``loader.state_dict()`` counts the batches handed to TensorFlow, prefetched ones
-    included, so a checkpoint taken mid-epoch resumes up to ``prefetch`` batches late.
+    ``loader.state_dict()`` counts the batches read from the loader, prefetched ones
+    included (TensorFlow's ``prefetch`` buffer and the ``AHEAD`` = 2 a pass prepares), so
+    a checkpoint taken mid-epoch resumes that many batches late.
     """
     plan = _Plan.for_loader(loader, sample_shape, expand)
     prefetch = _check_prefetch(prefetch)
