@@ -435,11 +435,14 @@ class _NpyStream:
     drops and retakes the GIL, and the writer's thread wants it too (zipfile's stream read
     in small pieces made 2 workers ~10% slower).  A member of at most
     ``DEFAULT_UNIT_BYTES`` is read whole by one ``read`` at its first read of values (the
-    arrays returned view that buffer; the header is peeked with a handle of its own, whose
-    read-ahead would otherwise be joined to the values by a copy); a bigger one a read at
-    a time.  The ``.npy`` header is parsed by numpy's own ``np.lib.format`` readers
-    (object dtypes, which would need unpickling, are refused) and must agree with the
-    declared size.
+    arrays returned view that buffer), a bigger one a read at a time.
+
+    The ``.npy`` header is peeked with a handle of its own (parsed by numpy's own
+    ``np.lib.format`` readers; object dtypes, which would need unpickling, are refused;
+    it must agree with the declared size), and the values are read by a second handle
+    whose first read takes the header again with them: zipfile inflates at least 4 KiB a
+    read, and what a header read left over would be joined to the next read by a copy of
+    a whole unit.
     """
 
     def __init__(self, path: str, zf: zipfile.ZipFile, name: str) -> None:
@@ -451,43 +454,40 @@ class _NpyStream:
         if self.info.flag_bits & 0x1:
             raise FormatError(f"{path}: member {name!r} is encrypted")
         self.size = int(self.info.file_size)
-        self.whole: memoryview | None = None  # an at-once member, once read
-        self.f: Any = zf.open(self.info)  # closed by finish() or close()
-        try:
-            head = self.f.read(10)
+        self.f: Any = None  # the values' handle, from the first read of values
+        self.whole: memoryview | None = None  # a member read at once
+        with zf.open(self.info) as f:
+            head = f.read(10)
             hlen = int.from_bytes(head[8:10], "little")
             if head[:6] == b"\x93NUMPY" and head[6:7] != b"\x01":
-                head += self.f.read(2)
+                head += f.read(2)
                 hlen = int.from_bytes(head[8:12], "little")
-            self.head = head + self.f.read(min(hlen, 2**20))
-            shape, _fortran, dtype = _npy_header(io.BytesIO(self.head), path, name)
-            self.pos = len(self.head)  # bytes read so far
-            if len(shape) != 1:
-                raise FormatError(f"{path}: array {name!r} must be 1-D, got shape {shape}")
-            self.dtype, self.count, self.done = np.dtype(dtype), int(shape[0]), 0
-            if self.size - self.pos != self.count * self.dtype.itemsize:
-                raise FormatError(
-                    f"{path}: array {name!r} holds {self.size - self.pos} bytes of data, "
-                    f"its header needs {self.count * self.dtype.itemsize}"
-                )
-            self.at_once = self.size <= DEFAULT_UNIT_BYTES
-            if self.at_once:  # read again whole, from the start, at the first read of values
-                self.f.close()
-                self.f = None
-        except BaseException:
-            if self.f is not None:
-                self.f.close()
-            raise
+            self.head = head + f.read(min(hlen, 2**20))
+        shape, _fortran, dtype = _npy_header(io.BytesIO(self.head), path, name)
+        self.pos = len(self.head)  # bytes of the member handed out (or skipped) so far
+        if len(shape) != 1:
+            raise FormatError(f"{path}: array {name!r} must be 1-D, got shape {shape}")
+        self.dtype, self.count, self.done = np.dtype(dtype), int(shape[0]), 0
+        if self.size - self.pos != self.count * self.dtype.itemsize:
+            raise FormatError(
+                f"{path}: array {name!r} holds {self.size - self.pos} bytes of data, "
+                f"its header needs {self.count * self.dtype.itemsize}"
+            )
+        self.at_once = self.size <= DEFAULT_UNIT_BYTES
 
     def _bytes(self, n: int) -> Any:
-        """The next ``n`` bytes of values: a view of the whole member, or a fresh read."""
-        if self.at_once:
-            if self.whole is None:
-                with self.zf.open(self.info) as f:
-                    self.whole = memoryview(f.read(self.size))
-                if self.whole[: self.pos] != self.head:  # the file changed meanwhile
-                    raise FormatError(f"{self.path}: member {self.name!r} changed while read")
+        """The next ``n`` bytes of values, viewing the buffer they were inflated into."""
+        if self.whole is not None:
             out = self.whole[self.pos : self.pos + n]
+        elif self.f is None:  # the first read: the header again, and the values
+            self.f = self.zf.open(self.info)
+            want = self.size if self.at_once else self.pos + n
+            got = memoryview(self.f.read(want))
+            if got[: self.pos] != self.head:
+                raise FormatError(f"{self.path}: member {self.name!r} changed while read")
+            if self.at_once:
+                self.whole = got
+            out = got[self.pos : self.pos + n]
         else:
             out = self.f.read(n)
         if len(out) != n:
@@ -506,11 +506,12 @@ class _NpyStream:
         return out
 
     def finish(self) -> None:
-        """Check that every value was read (the CRC-32 was checked at the last byte)."""
+        """Check that every value was read; zipfile checked the size and CRC-32 at the
+        last byte (a member with no values is read for that now)."""
         try:
-            if self.at_once and self.whole is None:
-                self._bytes(0)  # read it anyway: zipfile checks the size and CRC-32
-            if self.done != self.count:
+            if self.f is None:
+                self._bytes(0)
+            if self.done != self.count or self.pos != self.size:
                 raise FormatError(
                     f"{self.path}: member {self.name!r} does not end where its zip entry "
                     "says"
@@ -522,7 +523,6 @@ class _NpyStream:
         self.whole = None
         if self.f is not None:
             self.f.close()
-            self.f = None
 
 
 def _plain(info: zipfile.ZipInfo) -> bool:
