@@ -442,7 +442,11 @@ class _NpyStream:
     it must agree with the declared size), and the values are read by a second handle
     whose first read takes the header again with them: zipfile inflates at least 4 KiB a
     read, and what a header read left over would be joined to the next read by a copy of
-    a whole unit.
+    a whole unit.  Against the hand-written local-header parser and ``zlib`` inflater
+    this replaced (64 shards, 20M nnz, float64, interleaved in one process): workers=1
+    1.08 vs 1.08 s, workers=2 0.75 vs 0.72 s, the same bytes written; on 8 shards of
+    29 MiB, 2 workers peak a few MiB higher (zipfile reads ``n`` compressed bytes ahead
+    for ``n`` inflated ones).
     """
 
     def __init__(self, path: str, zf: zipfile.ZipFile, name: str) -> None:
