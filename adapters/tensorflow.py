@@ -29,9 +29,7 @@ loaders reshuffle reproducibly from their seed.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import queue
 import threading
 import warnings
 import weakref
@@ -47,7 +45,6 @@ from sparsestore.errors import DTypeError, InvalidInputError, ShapeMismatchError
 from sparsestore.loader import Batch, DataLoader
 
 AUTOTUNE = tf.data.AUTOTUNE
-AHEAD = 2  # batches whose parts a pass builds ahead of TensorFlow's requests
 
 __all__ = ["AUTOTUNE", "TensorFlowBackend", "distribute", "element_spec", "to_dataset"]
 
@@ -278,71 +275,17 @@ class _Passes:
         self._ids = itertools.count()
         self._lock = threading.Lock()
 
-    def run(self) -> Iterator[Any]:
-        """One pass: its batch count, then the parts of each of the loader's batches.
-
-        The count is the rest of the epoch after a ``load_state_dict``, else
-        ``len(loader)``; it is known once the first batch is read.  The batches are read
-        (shuffled ones gathered) and their parts built ``AHEAD`` batches in advance by a
-        thread of the pass's own: numpy releases the GIL while it copies, so that work
-        overlaps TensorFlow's and the consumer's instead of sitting between them.
-        """
-        loader = self.loader
+    def run(self) -> Iterator[tuple[np.ndarray, ...]]:
+        """One pass: the parts of each of the loader's batches."""
+        loader, parts = self.loader, self.plan.parts
         if not self.completed and loader.changes == self.changes_at_start:
             loader.set_epoch(loader.epoch + 1)
         self.completed, self.changes_at_start = False, loader.changes
-        out: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=AHEAD)
-        stop = threading.Event()
-        worker = threading.Thread(
-            target=self._produce, args=(out, stop), name="sparsestore-tf", daemon=True)
-        worker.start()
-        try:
-            while True:
-                kind, item = out.get()
-                if kind == "end":
-                    return
-                if kind == "error":
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while worker.is_alive():  # unblock a pending put, then wait for the thread
-                with contextlib.suppress(queue.Empty):
-                    out.get(timeout=0.05)
-            worker.join()
-
-    def _produce(self, out: queue.Queue[tuple[str, Any]], stop: threading.Event) -> None:
-        """The pass's thread: ``("item", count)``, ``("item", parts)``..., ``("end", None)``
-        (or ``("error", exc)``), each put as soon as there is room."""
-
-        def put(kind: str, item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    out.put((kind, item), timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        loader, parts = self.loader, self.plan.parts
         batches = loader.iter_batches()
         try:
-            first = next(batches, None)
-            if first is None:  # an empty pass: the loader has already booked it
-                self.completed = True
-                put("item", 0) and put("end", None)
-                return
-            n = len(loader) - loader.state_dict()["batches_consumed"] + 1
-            if not (put("item", n) and put("item", parts(first))):
-                return
-            del first
             for batch in batches:
-                if not put("item", parts(batch)):
-                    return
+                yield parts(batch)
             self.completed = True
-            put("end", None)
-        except BaseException as exc:  # handed to the consumer, raised there
-            put("error", exc)
         finally:
             batches.close()
 
@@ -350,14 +293,19 @@ class _Passes:
     def _open_pass(self) -> Iterator[tuple[np.int64, np.int64]]:
         """``(pass id, batch count)`` once per iteration of the dataset.
 
-        TensorFlow finalizes this generator when the iteration ends or its iterator is
-        dropped, which closes the pass.
+        The pass starts here (its first batch is read) so that its length is known: the
+        rest of the epoch after a ``load_state_dict``, else ``len(loader)``.  TensorFlow
+        finalizes this generator when the iteration ends or its iterator is dropped, which
+        closes the pass.
         """
         gen = self.run()
-        n = next(gen)
+        first = next(gen, None)
+        n = 0
+        if first is not None:
+            n = len(self.loader) - self.loader.state_dict()["batches_consumed"] + 1
         with self._lock:
             pid = next(self._ids)
-            self._open[pid] = _OpenPass(gen, n)
+            self._open[pid] = _OpenPass(gen, first, n)
         try:
             yield np.int64(pid), np.int64(n)
         finally:
@@ -388,15 +336,16 @@ class _Passes:
 
 
 class _OpenPass:
-    """One pass in progress: its generator and how many batches are left.  The last batch
-    also runs the generator to its end, which is where the loader books the pass as
-    complete (its next epoch)."""
+    """One pass in progress: its generator, the batch read ahead to start it, and how many
+    batches are left.  The last batch also runs the generator to its end, which is where
+    the loader books the pass as complete (its next epoch)."""
 
-    def __init__(self, gen: Iterator[Any], n: int) -> None:
-        self.gen, self.left = gen, n
+    def __init__(self, gen: Iterator[tuple[np.ndarray, ...]], first: Any, n: int) -> None:
+        self.gen, self.pending, self.left = gen, first, n
 
     def next(self) -> tuple[np.ndarray, ...]:
-        parts = next(self.gen, None)
+        parts = self.pending if self.pending is not None else next(self.gen, None)
+        self.pending = None
         self.left -= 1
         if parts is None or (self.left == 0 and next(self.gen, None) is not None):
             raise RuntimeError(
@@ -501,9 +450,8 @@ def to_dataset(
       length.  Resume with ``load_state_dict`` *before* calling this (a resumed pass is
       shorter; its dataset then has unknown cardinality) or pass ``cardinality=False``.
 
-    ``loader.state_dict()`` counts the batches read from the loader, prefetched ones
-    included (TensorFlow's ``prefetch`` buffer and the ``AHEAD`` = 2 a pass prepares), so
-    a checkpoint taken mid-epoch resumes that many batches late.
+    ``loader.state_dict()`` counts the batches handed to TensorFlow, prefetched ones
+    included, so a checkpoint taken mid-epoch resumes up to ``prefetch`` batches late.
     """
     plan = _Plan.for_loader(loader, sample_shape, expand)
     prefetch = _check_prefetch(prefetch)
