@@ -74,6 +74,18 @@ def check_parts(
     return data, indices, indptr
 
 
+def _is_canonical(
+    data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, n_cols: int, keep_zeros: bool
+) -> bool:
+    """Whether checked CSR parts are already canonical (sorted unique column ids in every
+    row) and, unless ``keep_zeros``, hold no explicit zeros: scipy's one-pass check, on a
+    matrix that shares the caller's arrays and is only read."""
+    if not keep_zeros and np.count_nonzero(data) != data.size:
+        return False
+    m = sp.csr_matrix((data, indices, indptr), shape=(indptr.size - 1, n_cols), copy=False)
+    return bool(m.has_canonical_format)
+
+
 def canonical_parts(
     data: np.ndarray,
     indices: np.ndarray,
@@ -88,6 +100,12 @@ def canonical_parts(
     out_dtype = np.dtype(dtype) if dtype is not None else data.dtype
     work_dtype = _SCIPY_UPCAST.get(out_dtype, out_dtype)
     n_rows = indptr.size - 1
+    if work_dtype == out_dtype and _is_canonical(data, indices, indptr, n_cols, keep_zeros):
+        # Nothing to change (the common case: scipy's own output): no copies.  The
+        # writer only reads these, then copies or encodes them into its chunks.
+        return (data.astype(out_dtype, copy=False),
+                indices.astype(index_dtype(n_cols), copy=False),
+                indptr.astype(np.int64, copy=False))
     # scipy works in place on its arrays: hand it copies so user input stays untouched.
     m = sp.csr_matrix(
         (
