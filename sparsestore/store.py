@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ import scipy.sparse as sp
 
 from . import storage
 from .canonical import canonical_block, check_sparse_input
-from .chunks import ChunkCache, read_ranges, read_rows, read_slice
+from .chunks import ChunkCache, ChunkEncoder, read_ranges, read_rows, read_slice
 from .errors import (
     CorruptStoreError,
     DTypeError,
@@ -506,17 +507,24 @@ class SparseStore:
         return {name: lab._arr for name, lab in self.labels.items()}
 
     def _append_blocks(
-        self, blocks: Iterable[tuple[Any, LabelBlock]], progress: Any = None
+        self, blocks: Iterable[tuple[Any, LabelBlock]], progress: Any = None,
+        encode_thread: bool = False,
     ) -> None:
-        """Write row blocks, then commit them all at once; roll back on any error."""
+        """Write row blocks, then commit them all at once; roll back on any error.
+
+        ``encode_thread``: compress full chunks on a thread of their own (for sources that
+        decode on other threads, so the writer's thread is the one everything waits for).
+        """
         self._check_writable()
         n0, nnz0 = self.n_rows, self.nnz
         n, nnz = n0, nnz0
         meta_labels = list(self._meta.labels)
         self._pending_labels = meta_labels
+        ex = ThreadPoolExecutor(1, thread_name_prefix="sparsestore-encode") \
+            if encode_thread and not self.is_dense else None
         appenders = [] if self.is_dense else [
-            _WholeChunks(self._data, nnz0), _WholeChunks(self._indices, nnz0),
-            _WholeChunks(self._indptr, n0 + 1),
+            _WholeChunks(self._data, nnz0, ex), _WholeChunks(self._indices, nnz0, ex),
+            _WholeChunks(self._indptr, n0 + 1, ex),
         ]
         try:
             for block, labs in blocks:
@@ -551,10 +559,16 @@ class SparseStore:
                 app.flush()
             self._commit(n, nnz, self._pending_labels)
         except BaseException:
+            for app in appenders:  # no chunk may land after the rollback
+                with contextlib.suppress(Exception):
+                    app.wait()
             with contextlib.suppress(Exception):
                 self._truncate(n0, nnz0)
                 self._load()
             raise
+        finally:
+            if ex is not None:
+                ex.shutdown(wait=True)
 
     def _commit(self, n_rows: int, nnz: int, labels: list[str], *, complete: bool = True) -> None:
         meta = Meta.from_json(self._meta.to_json())
@@ -625,13 +639,22 @@ class _WholeChunks:
     metadata rewrite per chunk, and chunks are written without zarr's all-fill-value
     scan (which took as long as compressing a float chunk).  zarr has encoded a chunk
     into new bytes when ``__setitem__`` returns, so the buffer is free again by then.
+
+    Given an executor (``encode_on``), a full buffer is encoded and stored there while a
+    second buffer fills, so the writer's thread does not wait for Blosc.
     """
 
-    def __init__(self, arr: Any, end: int) -> None:
+    def __init__(self, arr: Any, end: int, encode_on: Executor | None = None) -> None:
         self.arr, self.start, self.end = arr, end, end
         self.step = int((getattr(arr, "shards", None) or arr.chunks)[0])
         self.buf: np.ndarray | None = None  # values of [end, end + fill), chunk-aligned end
         self.fill = 0
+        # Encodes and stores chunks itself when it can (byte-identical to zarr's writes).
+        self.encoder = ChunkEncoder.for_array(arr)
+        # With an executor, a full buffer is encoded there while the other one fills.
+        self.encode_on = encode_on if self.encoder is not None else None
+        self.spare: np.ndarray | None = None
+        self.pending: Future | None = None  # the encode of ``spare``
 
     def add(self, values: np.ndarray) -> None:
         pos, size = 0, int(values.size)
@@ -649,24 +672,52 @@ class _WholeChunks:
             self.fill += take
             pos += take
             if self.end + self.fill == stop:
-                self._write(stop, self.buf[: self.fill])
+                if self.encode_on is not None and self.end % self.step == 0:
+                    self._write_behind(stop)
+                else:
+                    self._write(stop, self.buf[: self.fill])
 
     def flush(self) -> None:
-        """Write what is held back, give the array its exact length, free the buffer."""
+        """Write what is held back, give the array its exact length, free the buffers."""
+        self.wait()
         stop = self.end + self.fill
         if self.arr.shape[0] != stop:
             self.arr.resize((stop,))
         if self.fill:
             self._write(stop, self.buf[: self.fill])  # type: ignore[index]
-        self.buf = None
+        self.buf = self.spare = None
 
-    def _write(self, stop: int, values: np.ndarray) -> None:
+    def wait(self) -> None:
+        """Wait for the chunk being encoded behind (raising its error, if any)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def _grow(self, stop: int) -> None:
         if self.arr.shape[0] < stop:
             self.arr.resize((stop + min(stop - self.start, 64 * self.step),))
-        # After any resize: a configured copy does not see the original's later resizes.
-        out = self.arr.with_config({"write_empty_chunks": True}) \
-            if hasattr(self.arr, "with_config") else self.arr
-        out[self.end : stop] = values
+
+    def _write_behind(self, stop: int) -> None:
+        """Hand the full buffer to the executor and go on filling the spare one."""
+        self._grow(stop)
+        self.wait()  # the spare is free once its own encode is done
+        assert self.encoder is not None and self.encode_on is not None and self.buf is not None
+        full, k = self.buf, self.end // self.step
+        self.pending = self.encode_on.submit(self.encoder.write, k, full)
+        self.buf, self.spare = self.spare, full
+        self.end, self.fill = stop, 0
+
+    def _write(self, stop: int, values: np.ndarray) -> None:
+        self._grow(stop)
+        if self.encoder is not None and self.end % self.step == 0:
+            k0 = self.end // self.step
+            for i, lo in enumerate(range(0, values.size, self.step)):
+                self.encoder.write(k0 + i, values[lo : lo + self.step])
+        else:  # zarr merges a write that starts inside a stored chunk
+            # After any resize: a configured copy does not see the original's later resizes.
+            out = self.arr.with_config({"write_empty_chunks": True}) \
+                if hasattr(self.arr, "with_config") else self.arr
+            out[self.end : stop] = values
         self.end, self.fill = stop, 0
 
 
@@ -969,12 +1020,14 @@ def write_blocks(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
     progress: Any = None,
+    encode_thread: bool = False,
     **layout_options: Any,
 ) -> SparseStore:
     """Build a new store from an iterable of ``(row block, labels block)``, atomically.
 
     The one write path for :func:`save` and every ingest source: nothing appears at
-    ``path`` unless every block was written.
+    ``path`` unless every block was written.  ``encode_thread``: compress chunks on a
+    thread of their own, for block sources that decode on several threads.
     """
     layout = Layout.from_options(**layout_options)
     n_cols = check_dim(n_cols, "n_cols")
@@ -988,7 +1041,7 @@ def write_blocks(
                         keep_zeros=keep_zeros, complete=False,
                         storage_options=storage_options)
         st = SparseStore(g, path=where, mode="r+", storage_options=storage_options)
-        st._append_blocks(blocks, progress=progress)
+        st._append_blocks(blocks, progress=progress, encode_thread=encode_thread)
     return open(p, mode="r", storage_options=storage_options)
 
 

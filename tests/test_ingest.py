@@ -187,15 +187,24 @@ def test_npz_shards_ahead_of_the_writer_are_bounded(tmp_path, lookahead, sizes, 
 def test_convert_writes_whole_chunks_until_the_last(tmp_path, monkeypatch):
     import zarr
 
+    from sparsestore.chunks import ChunkEncoder
+
     writes: dict[str, list[tuple[int, int]]] = {}
     real = zarr.Array.__setitem__
+    real_encode = ChunkEncoder.write
 
-    def spy(self, key, value):
+    def spy(self, key, value):  # writes through zarr
         if isinstance(key, slice):
             writes.setdefault(self.basename, []).append((key.start, key.stop))
         return real(self, key, value)
 
+    def spy_encode(self, k, values):  # chunks the writer encodes itself
+        lo = k * self.chunk
+        writes.setdefault(self.arr.basename, []).append((lo, lo + values.size))
+        return real_encode(self, k, values)
+
     monkeypatch.setattr(zarr.Array, "__setitem__", spy)
+    monkeypatch.setattr(ChunkEncoder, "write", spy_encode)
     mats = [rand(20 + i % 4, 50, density=0.3, seed=i) for i in range(30)]
     paths = save_shards(tmp_path, mats)
     store = sparsestore.convert(paths, tmp_path / "o.zarr", workers=2, chunk_bytes=1024)

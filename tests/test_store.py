@@ -84,6 +84,43 @@ def test_roundtrip_any_format_matches_scipy(tmp_path_factory, inp, chunk_bytes):
         assert_csr_equal(store[coo.shape[0] - 1], want[coo.shape[0] - 1])
 
 
+def _chunk_bytes(root) -> dict[str, bytes]:
+    from pathlib import Path
+
+    root = Path(root)
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file() and "/c/" in p.as_posix()}
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"compressor": "zstd", "clevel": 3}, {"shuffle": "bitshuffle"}, {"checksum": False},
+    {"compressor": "none"}, {"dtype": np.float32}, {"dtype": np.int16},
+])
+def test_writer_encodes_chunks_byte_for_byte_as_zarr(tmp_path, monkeypatch, options):
+    """The writer's own chunk encoder (ChunkEncoder) stores exactly what zarr would."""
+    from sparsestore.chunks import ChunkEncoder
+
+    X = sp.random(3000, 700, density=0.03, format="csr", random_state=5) * 100
+    used = []
+    real = ChunkEncoder.write
+
+    def counted(self, k, values):
+        used.append(k)
+        return real(self, k, values)
+
+    monkeypatch.setattr(ChunkEncoder, "write", counted)
+    ours = sparsestore.save(tmp_path / "ours.zarr", X, chunk_bytes=4096, **options)
+    assert used, "the writer should encode these chunks itself"
+    monkeypatch.setattr(ChunkEncoder, "for_array", classmethod(lambda cls, arr: None))
+    sparsestore.save(tmp_path / "zarr.zarr", X, chunk_bytes=4096, **options)
+    mine, theirs = _chunk_bytes(tmp_path / "ours.zarr"), _chunk_bytes(tmp_path / "zarr.zarr")
+    assert len(mine) > 10 and mine.keys() == theirs.keys()
+    assert [k for k in mine if mine[k] != theirs[k]] == []
+    want = X.astype(options.get("dtype", X.dtype))
+    want.eliminate_zeros()
+    assert (ours[:] != want).nnz == 0
+
+
 def test_scipy_sparray_and_memmap(tmp_path, small_csr):
     arr = sp.csr_array(small_csr)
     assert_csr_equal(sparsestore.save(tmp_path / "a", arr)[:], small_csr)

@@ -49,6 +49,7 @@ class Source:
     labels: list[str] = field(default_factory=list)
     dense: bool = False  # the source is dense (a dense store keeps it as is with sparse=False)
     close: Callable[[], None] | None = None  # frees temporary files if blocks() never ran
+    threads: int = 1  # threads blocks() decodes on; > 1: the writer encodes on one more
 
 
 def expand_paths(src: Any, *, what: str = "source") -> list[str]:
@@ -171,6 +172,7 @@ def write_source(
             overwrite=overwrite,
             storage_options=storage_options,
             progress=bar,
+            encode_thread=source.threads > 1,
             **layout_options,
         )
     finally:

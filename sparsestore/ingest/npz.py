@@ -1016,9 +1016,12 @@ def npz_source(
         finally:
             loader.close()
 
+    threads = _default_workers() if workers is None else int(workers)
+    if executor is not None:
+        threads = 2
     return Source(name=paths[0] if len(paths) == 1 else f"{len(paths)} npz shards",
                   n_cols=n_cols, dtype=dt, blocks=blocks, n_rows=n_rows,
-                  labels=list(opts.labels), dense=is_dense)
+                  labels=list(opts.labels), dense=is_dense, threads=threads)
 
 
 def _whole_blocks(path: str, parts: dict[str, np.ndarray], expect: tuple[int, int],
