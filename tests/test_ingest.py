@@ -211,7 +211,7 @@ def test_convert_writes_whole_chunks_until_the_last(tmp_path, monkeypatch):
     same(store, sp.vstack(mats))
     for name in ("data", "indices"):
         chunk = store.arrays[name].chunks[0]
-        spans = writes[name]
+        spans = sorted(writes[name])  # a chunk may be encoded on the writer's encode thread
         assert len(spans) > 3
         assert spans[0][0] == 0 and spans[-1][1] == store.nnz
         for (a, b), (c, _) in zip(spans, spans[1:], strict=False):
