@@ -21,7 +21,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "none_nocrc": {"compressor": "none", "checksum": False},
 }
 
-READ_REPEATS = 2  # full reads are timed best-of-N (same for store and npz)
+READ_REPEATS = 5  # full reads (~0.1 s) are timed best-of-N (same for store and npz): one busy moment on a shared box halved the ratio at best-of-2
 
 
 def layout_path(ctx: Ctx, name: str) -> Path:

@@ -184,6 +184,23 @@ def test_host_coo_parts_are_aligned_and_recycled(small_store):
         sstf.to_dataset(loader, expand="gpu")
 
 
+def test_host_pool_keeps_a_bounded_amount_of_idle_memory(small_store):
+    """Batches of many sizes pass through; idle pooled memory stays within the budget of
+    HOST_IDLE_BATCHES average batches (it used to grow with the number of sizes seen)."""
+    store, X, _ = small_store
+    loader = sparsestore.DataLoader(store, batch_size=64, shuffle=True, seed=1)
+    plan = sstf._Plan.for_loader(loader)
+    pool = plan.buffers
+    per_batch = 64 * X.nnz / X.shape[0] * (3 * 8 + 4)
+    assert pool.max_idle_bytes == max(8 * 2**20, int(sstf.HOST_IDLE_BATCHES * per_batch))
+    pool.max_idle_bytes = int(4 * per_batch)  # small, so the bound is exercised here
+    held = [plan.parts(b) for b in loader.iter_batches()]  # all alive at once, then freed
+    sizes = {parts[1].size for parts in held}
+    assert len(sizes) > 5
+    del held
+    assert 0 < pool.idle_bytes() <= pool.max_idle_bytes
+
+
 # ------------------------------------------------------------------ epochs
 
 
