@@ -21,7 +21,9 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "none_nocrc": {"compressor": "none", "checksum": False},
 }
 
-READ_REPEATS = 5  # full reads (~0.1 s) are timed best-of-N (same for store and npz): one busy moment on a shared box halved the ratio at best-of-2
+# Full reads (~0.1 s) are timed best-of-N (same for store and npz): at best-of-2 one busy
+# moment on a shared box halved the ratio.
+READ_REPEATS = 5
 
 
 def layout_path(ctx: Ctx, name: str) -> Path:
