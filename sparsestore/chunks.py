@@ -88,21 +88,32 @@ def read_rows(arr: Any, rows: np.ndarray, *, name: str | None = None) -> np.ndar
 
 
 class ChunkCache:
-    """A small LRU of decoded whole chunks of one 1-D array."""
+    """A small LRU of decoded whole chunks of one 1-D array.
 
-    def __init__(self, arr: Any, capacity: int = 4, name: str | None = None) -> None:
+    Chunks (and :meth:`read` results) live in memory from ``pool`` when one is given, so
+    a pass recycles the same few chunk-sized buffers instead of page-faulting fresh ones.
+    """
+
+    def __init__(
+        self, arr: Any, capacity: int = 4, name: str | None = None,
+        pool: BufferPool | None = None,
+    ) -> None:
         self.arr = arr
         self.chunk = int(arr.chunks[0])
         self.capacity = capacity
         self.name = name
+        self.pool = pool
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.decoded = 0  # chunks decoded through this cache (for tests and benchmarks)
         self.decoder = ChunkDecoder(arr, name)
 
-    def _decode(self, k: int, limit: int, pool: BufferPool | None = None) -> np.ndarray:
+    def _decode(self, k: int, limit: int) -> np.ndarray:
         """Chunk ``k``, cut at ``limit`` (the committed length)."""
         lo = k * self.chunk
-        return self.decoder.read(k, pool=pool)[: max(0, min(lo + self.chunk, limit) - lo)]
+        return self.decoder.read(k, pool=self.pool)[: max(0, min(lo + self.chunk, limit) - lo)]
+
+    def _count(self, n: int) -> None:
+        self.decoded += n
 
     def _get(self, k: int, limit: int) -> np.ndarray:
         hit = self._cache.get(k)
@@ -110,31 +121,39 @@ class ChunkCache:
             self._cache.move_to_end(k)
             return hit
         out = self._decode(k, limit)
-        self.decoded += 1
+        self._count(1)
         self._cache[k] = out
         while len(self._cache) > self.capacity:
             self._cache.popitem(last=False)
         return out
 
-    def read(self, start: int, stop: int, limit: int) -> np.ndarray:
-        """Elements ``[start, stop)``; boundary chunks come from (and go to) the cache.
-
-        Interior chunks are read in one zarr call and not cached: no later block of the
-        same pass needs them.
-        """
+    def read_to(self, start: int, stop: int, out: np.ndarray, limit: int) -> None:
+        """Elements ``[start, stop)`` into ``out``: the two boundary chunks (which the
+        neighbouring blocks share) through the cache, interior chunks decoded straight
+        into ``out`` (no later block needs them, and no intermediate copy)."""
         if stop <= start:
-            return np.empty(0, dtype=self.arr.dtype)
+            return
         c = self.chunk
         k0, k1 = start // c, (stop - 1) // c
         if k0 == k1:
-            buf = self._get(k0, limit)
-            return buf[start - k0 * c : stop - k0 * c]
-        parts = [self._get(k0, limit)[start - k0 * c :]]
-        if k1 > k0 + 1:
-            parts.append(read_slice(self.arr, (k0 + 1) * c, k1 * c, name=self.name))
-            self.decoded += k1 - k0 - 1
-        parts.append(self._get(k1, limit)[: stop - k1 * c])
-        return np.concatenate(parts)
+            out[: stop - start] = self._get(k0, limit)[start - k0 * c : stop - k0 * c]
+            return
+        head = self._get(k0, limit)[start - k0 * c :]
+        pos = head.shape[0]
+        out[:pos] = head
+        for k in range(k0 + 1, k1):
+            self.decoder.decode_into(k, out[pos : pos + c], self.pool)
+            pos += c
+        self._count(k1 - k0 - 1)
+        out[pos : stop - start] = self._get(k1, limit)[: stop - k1 * c]
+
+    def read(self, start: int, stop: int, limit: int) -> np.ndarray:
+        """Elements ``[start, stop)`` in a new array (from the pool, if any)."""
+        shape = (max(0, stop - start), *self.decoder.tail)
+        out = np.empty(shape, self.arr.dtype) if self.pool is None else self.pool.take(
+            shape, self.arr.dtype)
+        self.read_to(start, stop, out, limit)
+        return out
 
 
 def read_ranges(

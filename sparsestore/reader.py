@@ -49,20 +49,21 @@ class SharedChunkCache(ChunkCache):
 
     Concurrent requests for a chunk being decoded wait for that decode instead of
     repeating it; the lock only guards the bookkeeping, decodes run in parallel.
-
-    Chunks are decoded by a :class:`~sparsestore.chunks.ChunkDecoder` into memory from
-    ``pool``, so a pass recycles the same few chunk-sized buffers instead of page-faulting
-    fresh ones.
+    Decoded memory always comes from a pool (its own unless one is given).
     """
 
     def __init__(
         self, arr: Any, capacity: int = 4, name: str | None = None,
         pool: BufferPool | None = None,
     ) -> None:
-        super().__init__(arr, capacity=capacity, name=name)
+        super().__init__(arr, capacity=capacity, name=name,
+                         pool=pool if pool is not None else BufferPool())
         self._lock = threading.Lock()
         self._inflight: dict[int, Future] = {}
-        self.pool = pool if pool is not None else BufferPool()
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.decoded += n
 
     def _get(self, k: int, limit: int) -> np.ndarray:
         with self._lock:
@@ -77,7 +78,7 @@ class SharedChunkCache(ChunkCache):
         if not owner:
             return fut.result()
         try:
-            out = self._decode(k, limit, self.pool)
+            out = self._decode(k, limit)
         except BaseException as exc:
             with self._lock:
                 del self._inflight[k]
@@ -90,33 +91,6 @@ class SharedChunkCache(ChunkCache):
                 self._cache.popitem(last=False)
             del self._inflight[k]
         fut.set_result(out)
-        return out
-
-    def read_to(self, start: int, stop: int, out: np.ndarray, limit: int) -> None:
-        """Elements ``[start, stop)`` into ``out``: the two boundary chunks (which the
-        neighbouring blocks share) through the cache, interior chunks decoded straight
-        into ``out`` (no later block needs them, and no intermediate copy)."""
-        if stop <= start:
-            return
-        c = self.chunk
-        k0, k1 = start // c, (stop - 1) // c
-        if k0 == k1:
-            out[: stop - start] = self._get(k0, limit)[start - k0 * c : stop - k0 * c]
-            return
-        head = self._get(k0, limit)[start - k0 * c :]
-        pos = head.shape[0]
-        out[:pos] = head
-        for k in range(k0 + 1, k1):
-            self.decoder.decode_into(k, out[pos : pos + c], self.pool)
-            pos += c
-        with self._lock:
-            self.decoded += k1 - k0 - 1
-        out[pos : stop - start] = self._get(k1, limit)[: stop - k1 * c]
-
-    def read(self, start: int, stop: int, limit: int) -> np.ndarray:
-        """Elements ``[start, stop)`` in a new array from the pool."""
-        out = self.pool.take((max(0, stop - start), *self.decoder.tail), self.arr.dtype)
-        self.read_to(start, stop, out, limit)
         return out
 
 
