@@ -348,8 +348,8 @@ class ChunkEncoder:
         for step in self.steps:
             if step == "blosc":
                 raw = self.blosc.encode(raw)
-            else:  # crc32c, appended little-endian
-                raw = bytes(raw) + (self.crc(raw) & 0xFFFFFFFF).to_bytes(4, "little")
+            else:  # crc32c, appended little-endian (join: one copy of the chunk)
+                raw = b"".join((raw, (self.crc(raw) & 0xFFFFFFFF).to_bytes(4, "little")))
         key = self.prefix + self.arr.metadata.encode_chunk_key((k,))
         self.store.set_sync(key, self.buffer.from_bytes(bytes(raw)))
 

@@ -383,7 +383,7 @@ class _Chunks(ChunkDecoder):
 
     def read(self, k: int, lo: int, hi: int, room: int = 0) -> np.ndarray:  # type: ignore[override]
         """Elements ``[lo, hi)`` (chunk ``k``) in a new array with ``room`` spare slots after."""
-        out = np.empty(max(self.chunk, hi - lo + room, self.bounds(k)[1] - lo), self.dtype)
+        out = np.empty(max(self.chunk, hi - lo + room), self.dtype)
         self.decode_into(k, out)
         return out[: hi - lo + room]
 
