@@ -672,10 +672,7 @@ class _WholeChunks:
             self.fill += take
             pos += take
             if self.end + self.fill == stop:
-                if self.encode_on is not None and self.end % self.step == 0:
-                    self._write_behind(stop)
-                else:
-                    self._write(stop, self.buf[: self.fill])
+                self._write(stop, self.buf[: self.fill], from_buf=True)
 
     def flush(self) -> None:
         """Write what is held back, give the array its exact length, free the buffers."""
@@ -697,22 +694,19 @@ class _WholeChunks:
         if self.arr.shape[0] < stop:
             self.arr.resize((stop + min(stop - self.start, 64 * self.step),))
 
-    def _write_behind(self, stop: int) -> None:
-        """Hand the full buffer to the executor and go on filling the spare one."""
-        self._grow(stop)
-        self.wait()  # the spare is free once its own encode is done
-        assert self.encoder is not None and self.encode_on is not None and self.buf is not None
-        full, k = self.buf, self.end // self.step
-        self.pending = self.encode_on.submit(self.encoder.write, k, full)
-        self.buf, self.spare = self.spare, full
-        self.end, self.fill = stop, 0
-
-    def _write(self, stop: int, values: np.ndarray) -> None:
+    def _write(self, stop: int, values: np.ndarray, from_buf: bool = False) -> None:
+        """Store ``values`` as elements ``[end, stop)``.  A full buffer (``from_buf``) goes
+        to the executor, if any, while the spare buffer fills."""
         self._grow(stop)
         if self.encoder is not None and self.end % self.step == 0:
             k0 = self.end // self.step
-            for i, lo in enumerate(range(0, values.size, self.step)):
-                self.encoder.write(k0 + i, values[lo : lo + self.step])
+            if from_buf and self.encode_on is not None:
+                self.wait()  # the spare is free once its own encode is done
+                self.pending = self.encode_on.submit(self.encoder.write, k0, self.buf)
+                self.buf, self.spare = self.spare, self.buf
+            else:
+                for i, lo in enumerate(range(0, values.size, self.step)):
+                    self.encoder.write(k0 + i, values[lo : lo + self.step])
         else:  # zarr merges a write that starts inside a stored chunk
             # After any resize: a configured copy does not see the original's later resizes.
             out = self.arr.with_config({"write_empty_chunks": True}) \
