@@ -48,6 +48,19 @@ class ChecksumError(CorruptStoreError):
     """A chunk's CRC32C does not match its bytes: the chunk is damaged on disk."""
 
 
+class MissingChunkError(CorruptStoreError):
+    """A chunk that committed rows need is absent from storage (deleted or never synced)."""
+
+
+class MisplacedChunkError(CorruptStoreError):
+    """A chunk is intact but is not the one committed at its position (moved, copied from
+    another store, or left by a different version of the store)."""
+
+
+class StoreChangedError(SparseStoreError, RuntimeError):
+    """The store was replaced (saved over) after this handle opened it."""
+
+
 class OutOfRangeError(SparseStoreError, IndexError):
     """A row or column index is outside the matrix."""
 
@@ -82,6 +95,9 @@ __all__ = [
     "ReadOnlyError",
     "CorruptStoreError",
     "ChecksumError",
+    "MissingChunkError",
+    "MisplacedChunkError",
+    "StoreChangedError",
     "OutOfRangeError",
     "LabelError",
     "LockError",
