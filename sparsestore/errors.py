@@ -61,6 +61,10 @@ class StoreChangedError(SparseStoreError, RuntimeError):
     """The store was replaced (saved over) after this handle opened it."""
 
 
+class NeedsUpgradeError(SparseStoreError, RuntimeError):
+    """The store predates the chunk manifest; ``sparsestore upgrade PATH`` adds it."""
+
+
 class OutOfRangeError(SparseStoreError, IndexError):
     """A row or column index is outside the matrix."""
 
@@ -98,6 +102,7 @@ __all__ = [
     "MissingChunkError",
     "MisplacedChunkError",
     "StoreChangedError",
+    "NeedsUpgradeError",
     "OutOfRangeError",
     "LabelError",
     "LockError",
