@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numcodecs.blosc
 import numpy as np
 
-from .errors import ChecksumError, CorruptStoreError
+from .errors import ChecksumError, CorruptStoreError, SparseStoreError
 
 if TYPE_CHECKING:
     from .buffers import BufferPool
@@ -42,6 +41,8 @@ def read_slice(arr: Any, start: int, stop: int, *, name: str | None = None) -> n
     """``arr[start:stop]`` as numpy, turning a CRC32C failure into :class:`ChecksumError`."""
     try:
         return np.asarray(arr[start:stop])
+    except SparseStoreError:
+        raise
     except ValueError as exc:
         if not _is_checksum_failure(exc):
             raise
@@ -80,6 +81,8 @@ def read_rows(arr: Any, rows: np.ndarray, *, name: str | None = None) -> np.ndar
     sel = (rows,) + (slice(None),) * (arr.ndim - 1)
     try:
         return np.asarray(arr.get_orthogonal_selection(sel))
+    except SparseStoreError:
+        raise
     except ValueError as exc:
         if not _is_checksum_failure(exc):
             raise
@@ -315,7 +318,7 @@ class ChunkEncoder:
     def for_array(cls, arr: Any) -> ChunkEncoder | None:
         """An encoder for ``arr``, or None when zarr must write it (see the class doc)."""
         plan = _direct_plan(arr)
-        if plan is None or not callable(getattr(plan[0], "set_sync", None)):
+        if plan is None or not getattr(plan[0], "supports_sync", False):
             return None
         try:
             from numcodecs import Blosc
@@ -359,18 +362,10 @@ def _le(b: np.ndarray) -> int:
 
 
 def _fetch(store: Any, key: str, pool: BufferPool | None) -> np.ndarray | None:
-    """A chunk's stored bytes, or None when it was never written."""
-    root = getattr(store, "root", None)
-    if pool is not None and isinstance(root, Path):  # local disk: read into reused memory
-        try:
-            with open(root / key, "rb", buffering=0) as f:
-                size = f.seek(0, 2)
-                f.seek(0)
-                buf = pool.take(size, np.uint8)
-                got = f.readinto(buf)
-        except FileNotFoundError:
-            return None
-        return buf[:got]
+    """A chunk's stored bytes (checked against the manifest), or None when not covered."""
+    read_chunk = getattr(store, "read_chunk", None)
+    if read_chunk is not None:
+        return read_chunk(key, pool)
     got = store.get_sync(key)
     return None if got is None else got.as_numpy_array()
 
@@ -404,7 +399,7 @@ def _direct_plan(arr: Any) -> tuple[Any, str, tuple[str, ...], Any] | None:
         if steps not in ([], ["crc32c"], ["blosc"], ["crc32c", "blosc"]):
             return None
         store = arr.store_path.store
-        if not callable(getattr(store, "get_sync", None)):
+        if not getattr(store, "supports_sync", callable(getattr(store, "get_sync", None))):
             return None
         prefix = arr.store_path.path
         return store, (prefix + "/" if prefix else ""), tuple(steps), google_crc32c.value

@@ -19,7 +19,10 @@ from .errors import DTypeError, InvalidInputError, UnsafeInputError
 CSR_ENCODING = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
 DENSE_ENCODING = {"encoding-type": "array", "encoding-version": "0.2.0"}
 META_KEY = "sparsestore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 2 added the chunk manifest (see integrity.py); version 1 stores still open.
+FIRST_MANIFEST_VERSION = 2
+NAN_POLICIES = ("raise", "keep")
 LABELS_GROUP = "labels"
 DENSE_ARRAY = "X"
 
@@ -113,6 +116,12 @@ class Meta:
     keep_zeros: bool = False
     # False while a remote save is in progress (remote stores cannot be renamed into place).
     complete: bool = True
+    # New with every save/create: a reader notices its store was replaced under it.
+    generation: str = ""
+    # Per-array chunk tags and fingerprints (integrity.Manifest), committed with shape.
+    manifest: dict[str, Any] = field(default_factory=dict)
+    # What appends do with NaN/inf values: "raise" (refuse the block) or "keep".
+    nan_policy: str = "raise"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,7 +19,6 @@ import numpy as np
 from . import storage
 from .chunks import read_slice
 from .errors import (
-    ChecksumError,
     CorruptStoreError,
     NotAStoreError,
     SparseStoreError,
@@ -45,6 +44,8 @@ class ValidationReport:
     shape: tuple[int, int] | None = None
     nnz: int | None = None
     format: str | None = None
+    # What could not be checked (not a failure): e.g. a store without a chunk manifest.
+    notes: list[str] = field(default_factory=list)
 
     def add(self, problem: str) -> None:
         self.ok = False
@@ -64,7 +65,8 @@ class ValidationReport:
             f"{self.path}: {'OK' if self.ok else 'FAILED'} ({self.checked_chunks} chunks "
             f"checked{', deep' if self.deep else ', metadata only'})"
         )
-        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+        return "\n".join([head, *(f"  - {p}" for p in self.problems),
+                          *(f"  note: {n}" for n in self.notes)])
 
     def raise_if_failed(self) -> None:
         """Raise :class:`CorruptStoreError` listing the problems, if any."""
@@ -113,7 +115,7 @@ class _Chunks:
         hi = min(lo + self.chunk, self.arr.shape[0])
         try:
             out = read_slice(self.arr, lo, hi, name=self.name)
-        except ChecksumError as exc:
+        except SparseStoreError as exc:
             self.bad.add(k)
             self.report.damaged_chunks.append(f"{self.name}/{k}")
             self.report.add(str(exc))
@@ -226,6 +228,12 @@ def validate_store(
         _raw_checks(group, attrs, report, deep=deep)
         return report
     report.shape, report.nnz, report.format = st.shape, st.nnz, st.format
+    if not st.verified:
+        report.notes.append(
+            "no chunk manifest (written by an older sparsestore, or by anndata): a missing, "
+            "moved or replaced chunk cannot be told from a valid one; run `sparsestore "
+            f"upgrade {path}` to add one"
+        )
     if not st._meta.complete:
         report.add("the store is incomplete: its save was interrupted; delete it and save again")
     if enc == "csr_matrix" and attrs.get("encoding-version") != "0.1.0":
@@ -262,7 +270,7 @@ def _sweep_rows(arr: Any, name: str, n_rows: int, report: ValidationReport, bar:
         hi = min(lo + c, n_rows)
         try:
             read_slice(arr, lo, hi, name=name)
-        except ChecksumError as exc:
+        except SparseStoreError as exc:
             report.damaged_chunks.append(f"{name}/{lo // c}")
             report.add(str(exc))
             continue

@@ -1,0 +1,564 @@
+"""The chunk manifest: every committed chunk bound to its array and position.
+
+A CRC inside a chunk proves its bytes are intact, not that they belong where they are: a
+chunk deleted, moved, or copied from another store reads back as valid data.  So every
+commit records, per array, a 4-byte *tag* of each stored object (the object's trailing
+CRC32C when the codec chain ends in one, else the CRC32C of the whole object), the CRC32C
+of the committed prefix of a partly filled last object, a fingerprint of the array's
+metadata, and a generation id that changes whenever a store is saved anew.
+
+:class:`VerifiedStore` wraps the zarr store of every opened store: each chunk read is
+checked against the manifest (absent -> :class:`MissingChunkError`, another tag ->
+:class:`MisplacedChunkError`, another generation on disk -> :class:`StoreChangedError`),
+and each chunk write records its tag for the next commit.  A tag is the object's last 4
+bytes, so the check costs no extra pass over the data.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import google_crc32c
+import numcodecs.blosc
+import numpy as np
+from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import WrapperStore
+
+from .errors import CorruptStoreError, MisplacedChunkError, MissingChunkError, StoreChangedError
+
+if TYPE_CHECKING:
+    from .buffers import BufferPool
+
+#: Largest decoded chunk a store may declare: beyond this its metadata is damaged.
+MAX_CHUNK_BYTES = 2**31
+
+
+def new_generation() -> str:
+    """A fresh id for a newly saved store."""
+    return uuid.uuid4().hex
+
+
+def crc32c(raw: Any) -> int:
+    """CRC32C of a bytes-like object or a contiguous numpy array (no copy)."""
+    if isinstance(raw, np.ndarray):
+        raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    return google_crc32c.value(raw) & 0xFFFFFFFF
+
+
+def _trailer(raw: np.ndarray) -> int:
+    return int.from_bytes(raw[-4:].tobytes(), "little") if raw.size >= 4 else -1
+
+
+def split_chunk_key(key: str) -> tuple[str, int, bool] | None:
+    """``"labels/y/c/3/0"`` -> ``("labels/y", 3, True)``; None for keys that are not chunks.
+
+    The flag says whether the trailing chunk coordinates are all 0 (the only chunk along
+    every axis but the first, as in every array sparsestore writes).
+    """
+    i = key.rfind("/c/")
+    if i < 0:
+        return None
+    coords = key[i + 3 :].split("/")
+    if not coords[0].isdigit():
+        return None
+    return key[:i], int(coords[0]), all(c == "0" for c in coords[1:])
+
+
+def _codec_dicts(meta: Mapping[str, Any]) -> tuple[list[dict], bool]:
+    """The array's codec specs, and whether its objects are shards."""
+    codecs = [c for c in meta.get("codecs") or () if isinstance(c, dict)]
+    if codecs and codecs[0].get("name") == "sharding_indexed":
+        conf = codecs[0].get("configuration") or {}
+        return list(conf.get("index_codecs") or ()), True
+    return codecs, False
+
+
+def trailer_tagged(meta: Mapping[str, Any]) -> bool:
+    """Whether an object's tag is its trailing CRC32C (chains ending in crc32c)."""
+    codecs, _ = _codec_dicts(meta)
+    return bool(codecs) and codecs[-1].get("name") == "crc32c"
+
+
+def fingerprint(meta: Mapping[str, Any]) -> str:
+    """A digest of everything in an array's metadata but its (growing) length."""
+    meta = dict(meta)
+    shape = list(meta.pop("shape", ()))
+    meta["trailing_shape"] = shape[1:]
+    text = json.dumps(meta, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def array_meta(arr: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(arr.metadata.to_dict(), default=str))
+
+
+@dataclass
+class ArrayManifest:
+    """The committed tags of one array's stored objects (chunks, or shards)."""
+
+    chunk: int  # rows (elements) per stored object
+    length: int  # committed rows (elements)
+    tags: np.ndarray  # uint32, one per object holding committed rows
+    tail: int | None  # CRC32C of the committed rows of the last object, when partial
+    fingerprint: str
+    trailer: bool
+    # Bound at open from the array itself (not stored): how to decode a whole object.
+    steps: tuple[str, ...] | None = None
+    row_bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "chunk": self.chunk,
+            "length": self.length,
+            "tags": base64.b64encode(self.tags.astype("<u4").tobytes()).decode(),
+            "tail": self.tail,
+            "fingerprint": self.fingerprint,
+            "trailer": self.trailer,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> ArrayManifest:
+        try:
+            tags = np.frombuffer(base64.b64decode(obj["tags"], validate=True), "<u4")
+            out = cls(int(obj["chunk"]), int(obj["length"]), tags.astype(np.uint32),
+                      None if obj["tail"] is None else int(obj["tail"]),
+                      str(obj["fingerprint"]), bool(obj["trailer"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptStoreError(f"{where}: the chunk manifest is damaged ({exc})") from None
+        if out.chunk < 1 or out.length < 0 or out.tags.size != n_objects(out.length, out.chunk):
+            raise CorruptStoreError(f"{where}: the chunk manifest is inconsistent")
+        return out
+
+    @property
+    def full(self) -> int:
+        """Objects wholly inside the committed rows (never rewritten by appends)."""
+        return self.length // self.chunk
+
+
+def n_objects(length: int, chunk: int) -> int:
+    return 0 if length <= 0 else (length - 1) // chunk + 1
+
+
+@dataclass
+class Manifest:
+    """Every committed array's tags, the store's generation and its column count."""
+
+    generation: str
+    n_cols: int
+    arrays: dict[str, ArrayManifest]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"generation": self.generation, "n_cols": self.n_cols,
+                "arrays": {k: v.to_json() for k, v in self.arrays.items()}}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> Manifest:
+        if not isinstance(obj, dict) or not isinstance(obj.get("arrays"), dict):
+            raise CorruptStoreError(f"{where}: the chunk manifest is damaged")
+        try:
+            gen, n_cols = str(obj["generation"]), int(obj["n_cols"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptStoreError(f"{where}: the chunk manifest is damaged ({exc})") from None
+        arrays = {str(k): ArrayManifest.from_json(v, where) for k, v in obj["arrays"].items()}
+        return cls(gen, n_cols, arrays)
+
+    def bind(self, arrays: Mapping[str, Any], where: str) -> None:
+        """Check each array's metadata against its fingerprint; learn how to decode it."""
+        if set(arrays) != set(self.arrays):
+            raise CorruptStoreError(
+                f"{where}: the store's arrays {sorted(arrays)} are not the committed ones "
+                f"{sorted(self.arrays)}; the store was modified outside sparsestore"
+            )
+        for name, arr in arrays.items():
+            am = self.arrays[name]
+            meta = array_meta(arr)
+            if fingerprint(meta) != am.fingerprint:
+                raise CorruptStoreError(
+                    f"{where}: the metadata of array {name!r} (zarr.json: data type, chunk "
+                    "shape, codecs...) differs from what was committed, so its bytes would be "
+                    "read as something they are not; restore the store's zarr.json from a copy"
+                )
+            step = int((getattr(arr, "shards", None) or arr.chunks)[0])
+            if step != am.chunk or arr.shape[0] < am.length:
+                raise CorruptStoreError(f"{where}: array {name!r} does not match its manifest")
+            am.row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
+            am.steps = _decode_steps(meta, arr)
+
+
+def _decode_steps(meta: Mapping[str, Any], arr: Any) -> tuple[str, ...] | None:
+    """Decode order of an unsharded bytes[+blosc][+crc32c] chain in native byte order."""
+    codecs, sharded = _codec_dicts(meta)
+    if sharded or not codecs or codecs[0].get("name") != "bytes":
+        return None
+    endian = (codecs[0].get("configuration") or {}).get("endian")
+    if np.dtype(arr.dtype).itemsize > 1 and endian not in (None, _native()):
+        return None
+    names = [c.get("name") for c in codecs[1:]]
+    if names not in ([], ["blosc"], ["crc32c"], ["blosc", "crc32c"]):
+        return None
+    return tuple(reversed(names))
+
+
+def _native() -> str:
+    import sys
+
+    return sys.byteorder
+
+
+def decode_object(raw: np.ndarray, steps: tuple[str, ...]) -> bytes | None:
+    """A whole stored chunk's decoded bytes for a plain chain, or None if undecodable."""
+    for step in steps:
+        if step == "crc32c":
+            if raw.size < 4 or crc32c(raw[:-4]) != _trailer(raw):
+                return None
+            raw = raw[:-4]
+        else:
+            try:
+                return numcodecs.blosc.decompress(raw)
+            except Exception:  # damaged: the caller reports the chunk
+                return None
+    return raw.tobytes()
+
+
+def _as_np(buf: Any) -> np.ndarray | None:
+    return None if buf is None else buf.as_numpy_array().view(np.uint8)
+
+
+class VerifiedStore(WrapperStore):
+    """A zarr store that checks every chunk read against the committed manifest and
+    records the tag of every chunk written (see the module docstring)."""
+
+    def __init__(self, store: Any, prefix: str = "") -> None:
+        super().__init__(store)
+        self.manifest: Manifest | None = None
+        self.prefix = prefix  # path of the matrix group inside the store
+        self.label = str(getattr(store, "root", store))
+        self.written: dict[str, dict[int, int | None]] = {}
+        self._trailer: dict[str, bool] = {}
+
+    def _with_store(self, store: Any) -> VerifiedStore:
+        out = type(self)(store, self.prefix)
+        out.manifest, out.label = self.manifest, self.label
+        return out
+
+    # ------------------------------------------------------------ manifest
+    def install(self, manifest: Manifest | None, prefix: str = "") -> None:
+        self.manifest, self.prefix = manifest, (prefix + "/" if prefix else "")
+        self.written = {}
+
+    @property
+    def supports_sync(self) -> bool:
+        return callable(getattr(self._store, "get_sync", None))
+
+    @property
+    def root(self) -> Path | None:
+        root = getattr(self._store, "root", None)
+        return root if isinstance(root, Path) else None
+
+    def _ref(self, key: str) -> tuple[str, ArrayManifest, int] | None:
+        if self.manifest is None or not key.startswith(self.prefix):
+            return None
+        parts = split_chunk_key(key[len(self.prefix):])
+        if parts is None:
+            return None
+        name, k, _ = parts
+        am = self.manifest.arrays.get(name)
+        if am is None or k >= am.tags.size:
+            return None
+        return name, am, k
+
+    def _verdict(self, am: ArrayManifest, k: int, raw: np.ndarray | None, whole: bool) -> str:
+        """"ok", "missing" or "misplaced" for an object's bytes (or its index suffix)."""
+        if raw is None:
+            return "missing"
+        if am.trailer:
+            tag = _trailer(raw)
+        elif whole:
+            tag = crc32c(raw)
+        else:
+            return "ok"  # a part of an object without a trailing tag: nothing to compare
+        if tag == int(am.tags[k]):
+            return "ok"
+        if whole and k == am.tags.size - 1 and am.tail is not None and am.steps is not None:
+            # An append since this handle opened rewrote the last, partly filled object:
+            # its committed rows must be the same bytes.
+            dec = decode_object(raw, am.steps)
+            n = (am.length - k * am.chunk) * am.row_bytes
+            if dec is not None and len(dec) >= n and crc32c(dec[:n]) == am.tail:
+                return "ok"
+        return "misplaced"
+
+    def _recheck(self, name: str, am: ArrayManifest, k: int, raw: np.ndarray | None,
+                 verdict: str, root_json: bytes | None) -> None:
+        """Raise the error for a failed check, after looking at what is committed now."""
+        current = _manifest_in(root_json)
+        if current is not None and self.manifest is not None:
+            if current.generation != self.manifest.generation:
+                raise StoreChangedError(
+                    f"{self.label} was replaced by another store since it was opened here; "
+                    "open it again (sparsestore.open) to read the new one"
+                )
+            now = current.arrays.get(name)
+            if (raw is not None and now is not None and k >= am.full and k < now.tags.size
+                    and am.trailer and _trailer(raw) == int(now.tags[k])):
+                return  # the partly filled object, rewritten by a committed append
+        lo = k * am.chunk
+        where = f"chunk {k} of array {name!r} (rows/elements {lo}:{min(lo + am.chunk, am.length)})"
+        if verdict == "missing":
+            raise MissingChunkError(
+                f"{self.label}: {where} is missing from storage; the store is damaged: restore "
+                "it from a copy (`sparsestore validate` lists every missing chunk)"
+            )
+        raise MisplacedChunkError(
+            f"{self.label}: {where} holds a chunk that was not committed at that position (it "
+            "was moved, copied from another store, or changed outside sparsestore); restore "
+            "the store from a copy"
+        )
+
+    def _root_key(self) -> str:
+        return self.prefix + "zarr.json"
+
+    def check_sync(self, key: str, raw: np.ndarray | None, whole: bool = True) -> None:
+        """Check a chunk read synchronously (raises on failure)."""
+        ref = self._ref(key)
+        if ref is None:
+            return
+        name, am, k = ref
+        verdict = self._verdict(am, k, raw, whole)
+        if verdict != "ok":
+            root = self._store.get_sync(self._root_key()) if self.supports_sync else None
+            self._recheck(name, am, k, raw, verdict,
+                          None if root is None else root.to_bytes())
+
+    async def _check(self, key: str, buf: Any, byte_range: Any) -> None:
+        ref = self._ref(key)
+        if ref is None:
+            return
+        name, am, k = ref
+        if isinstance(byte_range, (RangeByteRequest, OffsetByteRequest)):
+            verdict = "missing" if buf is None else "ok"  # inside a shard: its index is checked
+        else:
+            verdict = self._verdict(am, k, _as_np(buf), byte_range is None)
+        if verdict != "ok":
+            root = await self._store.get(self._root_key(), default_buffer_prototype())
+            self._recheck(name, am, k, _as_np(buf), verdict,
+                          None if root is None else root.to_bytes())
+
+    # ---------------------------------------------------------------- reads
+    async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+        prototype = prototype or default_buffer_prototype()
+        buf = await self._store.get(key, prototype, byte_range)
+        await self._check(key, buf, byte_range)
+        return buf
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Iterable[Any]) -> list[Any]:
+        key_ranges = list(key_ranges)
+        out = await self._store.get_partial_values(prototype, key_ranges)
+        for (key, byte_range), buf in zip(key_ranges, out, strict=True):
+            await self._check(key, buf, byte_range)
+        return out
+
+    async def _get_many(self, requests: Iterable[Any]) -> Any:
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
+
+    def get_sync(self, key: str, *, prototype: Any = None, byte_range: Any = None) -> Any:
+        buf = self._store.get_sync(key, prototype=prototype, byte_range=byte_range)
+        if byte_range is None or isinstance(byte_range, SuffixByteRequest):
+            self.check_sync(key, _as_np(buf), byte_range is None)
+        elif buf is None:
+            self.check_sync(key, None)
+        return buf
+
+    def read_chunk(self, key: str, pool: BufferPool | None = None) -> np.ndarray | None:
+        """A whole stored object's bytes, checked; on local disk read into ``pool`` memory.
+
+        None only for objects the manifest does not cover (never-written chunks of stores
+        without a manifest, or beyond the committed rows): those read as the fill value.
+        """
+        root = self.root
+        raw: np.ndarray | None
+        if pool is not None and root is not None:
+            try:
+                with open(root / key, "rb", buffering=0) as f:
+                    size = f.seek(0, 2)
+                    f.seek(0)
+                    buf = pool.take(size, np.uint8)
+                    raw = buf[: f.readinto(buf)]
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                raw = None
+        else:
+            raw = _as_np(self._store.get_sync(key))
+        self.check_sync(key, raw)
+        return raw
+
+    # --------------------------------------------------------------- writes
+    def _record(self, key: str, raw: Any, meta_json: bytes | None) -> None:
+        if not key.startswith(self.prefix):
+            return
+        parts = split_chunk_key(key[len(self.prefix):])
+        if parts is None:
+            return
+        name, k, _ = parts
+        if raw is None:
+            self.written.setdefault(name, {})[k] = None
+            return
+        trailer = self._trailer.get(name)
+        if trailer is None:
+            meta = json.loads(meta_json) if meta_json else {}
+            trailer = self._trailer[name] = trailer_tagged(meta)
+        data = np.frombuffer(raw, np.uint8) if not isinstance(raw, np.ndarray) else raw
+        self.written.setdefault(name, {})[k] = _trailer(data) if trailer else crc32c(data)
+
+    def _meta_key(self, key: str) -> str | None:
+        if not key.startswith(self.prefix):
+            return None
+        parts = split_chunk_key(key[len(self.prefix):])
+        if parts is None or parts[0] in self._trailer:
+            return None
+        return self.prefix + parts[0] + "/zarr.json"
+
+    async def set(self, key: str, value: Any) -> None:
+        mk = self._meta_key(key)
+        meta = None
+        if mk is not None:
+            got = await self._store.get(mk, default_buffer_prototype())
+            meta = None if got is None else got.to_bytes()
+        await self._store.set(key, value)
+        self._record(key, value.as_numpy_array().view(np.uint8), meta)
+
+    async def set_if_not_exists(self, key: str, value: Any) -> None:
+        if not await self._store.exists(key):
+            await self.set(key, value)
+
+    async def _set_many(self, values: Iterable[tuple[str, Any]]) -> None:
+        for key, value in values:
+            await self.set(key, value)
+
+    def set_sync(self, key: str, value: Any) -> None:
+        mk = self._meta_key(key)
+        meta = None
+        if mk is not None:
+            got = self._store.get_sync(mk)
+            meta = None if got is None else got.to_bytes()
+        self._store.set_sync(key, value)
+        self._record(key, value.as_numpy_array().view(np.uint8), meta)
+
+    async def delete(self, key: str) -> None:
+        await self._store.delete(key)
+        self._record(key, None, None)
+
+    def delete_sync(self, key: str) -> None:
+        self._store.delete_sync(key)
+        self._record(key, None, None)
+
+    async def delete_dir(self, prefix: str) -> None:
+        await self._store.delete_dir(prefix)
+        name = prefix[len(self.prefix):].rstrip("/") if prefix.startswith(self.prefix) else None
+        if name is not None:
+            self.written.pop(name, None)
+            self._trailer.pop(name, None)
+
+
+def _manifest_in(root_json: bytes | None) -> Manifest | None:
+    """The manifest committed in a group's zarr.json bytes, if readable."""
+    if not root_json:
+        return None
+    try:
+        attrs = json.loads(root_json).get("attributes") or {}
+        return Manifest.from_json(attrs["sparsestore"]["manifest"], "")
+    except Exception:  # unreadable or absent: no second opinion to offer
+        return None
+
+
+# ------------------------------------------------------------------ commit side
+
+def build_manifest(
+    arrays: Mapping[str, tuple[Any, int]],
+    store: VerifiedStore,
+    *,
+    generation: str,
+    n_cols: int,
+    old: Manifest | None,
+    scan: bool = False,
+) -> Manifest:
+    """The manifest of the rows about to be committed.
+
+    ``arrays``: name -> (zarr array, committed rows).  Each object's tag comes from this
+    writer's own writes, else from the previous commit; ``scan`` (upgrading a store that
+    has no manifest yet) reads the tags of the objects already stored.  An object that
+    committed rows need but nobody wrote is an error: nothing may be committed over a hole.
+    """
+    import zarr
+
+    out: dict[str, ArrayManifest] = {}
+    for name, (arr, length) in arrays.items():
+        meta = array_meta(arr)
+        step = int((getattr(arr, "shards", None) or arr.chunks)[0])
+        trailer = trailer_tagged(meta)
+        n = 0 if any(int(d) == 0 for d in arr.shape[1:]) else n_objects(length, step)
+        written = store.written.get(name, {})
+        prev = old.arrays.get(name) if old is not None else None
+        tags = np.empty(n, np.uint32)
+        for k in range(n):
+            if k in written:
+                tag = written[k]
+            elif prev is not None and k < prev.tags.size:
+                tag = int(prev.tags[k])
+            elif scan:
+                raw = _as_np(store._store.get_sync(_chunk_key(arr, k)))
+                tag = None if raw is None else (_trailer(raw) if trailer else crc32c(raw))
+            else:
+                tag = None
+            if tag is None:
+                raise CorruptStoreError(
+                    f"{store.label}: chunk {k} of array {name!r} holds committed rows but was "
+                    "not written; the write is not committed"
+                )
+            tags[k] = tag
+        tail = None
+        if n and length % step:
+            raw_arr = zarr.open_array(store=store._store, path=store.prefix + name, mode="r")
+            lo = (n - 1) * step
+            tail = crc32c(np.ascontiguousarray(raw_arr[lo:length]).view(np.uint8).reshape(-1))
+        out[name] = ArrayManifest(step, length, tags, tail, fingerprint(meta), trailer)
+    return Manifest(generation, n_cols, out)
+
+
+def _chunk_key(arr: Any, k: int) -> str:
+    """Store key of object ``k`` along the first axis (paths relative to the store root)."""
+    return f"{arr.path}/{arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))}"
+
+
+def check_chunk_size(arr: Any, name: str, where: str) -> None:
+    """Refuse chunk shapes whose decoded size is absurd, before anything is allocated."""
+    chunks = tuple(int(c) for c in ((getattr(arr, "shards", None) or arr.chunks)))
+    nbytes = int(np.prod(chunks, dtype=object)) * np.dtype(arr.dtype).itemsize
+    if nbytes > MAX_CHUNK_BYTES or min(chunks, default=1) < 1:
+        raise CorruptStoreError(
+            f"{where}: array {name!r} declares chunks of shape {chunks} ({nbytes} bytes "
+            "decoded), which no store sparsestore writes has; its zarr.json is damaged"
+        )
+
+
+def check_row_pointers(ptr: np.ndarray, nnz: int, where: str, first_row: int = 0) -> np.ndarray:
+    """Refuse ``indptr`` values that are not non-decreasing within ``[0, nnz]`` (before
+    scipy, or an index into ``data``, sees them); returns ``ptr``."""
+    if ptr.size and (
+        int(ptr[0]) < 0 or int(ptr[-1]) > nnz or (ptr.size > 1 and (np.diff(ptr) < 0).any())
+    ):
+        bad = np.flatnonzero(np.diff(ptr) < 0) if ptr.size > 1 else np.empty(0)
+        row = first_row + (int(bad[0]) if bad.size else 0)
+        raise CorruptStoreError(
+            f"{where}: indptr is damaged near row {row} (values must rise from 0 to nnz={nnz}, "
+            f"got {ptr[:4].tolist()}...); restore the store from a copy"
+        )
+    return ptr
