@@ -12,11 +12,19 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import DTypeError, InvalidInputError, ShapeMismatchError
+from .errors import DTypeError, InvalidInputError, ShapeMismatchError, UnsafeInputError
 from .layout import check_dim, check_value_dtype, index_dtype
 
 # scipy's compiled kernels do not cover float16; canonicalise in float32 and cast back.
 _SCIPY_UPCAST = {np.dtype(np.float16): np.dtype(np.float32)}
+
+# What to do with NaN and infinite values: refuse them (the default) or store them.
+NAN_POLICIES = ("raise", "keep")
+
+# A store's indptr takes 8 bytes a row and is written in full, so a declared row count must
+# be backed by data: at most ROW_ALLOWANCE rows, plus ROWS_PER_ENTRY rows per stored entry.
+ROW_ALLOWANCE = 2**31
+ROWS_PER_ENTRY = 2**10
 
 
 def _as_int_array(a: Any, name: str) -> np.ndarray:
@@ -32,6 +40,62 @@ def _as_int_array(a: Any, name: str) -> np.ndarray:
     elif arr.dtype.kind == "b" or arr.dtype.kind not in "iu":
         raise InvalidInputError(f"{name} must hold integers, got dtype {arr.dtype}")
     return arr
+
+
+def check_nan_policy(nan_policy: Any) -> str:
+    """Validate a ``nan_policy`` option: ``"raise"`` refuses NaN/inf values, ``"keep"``
+    stores them."""
+    if not isinstance(nan_policy, str) or nan_policy not in NAN_POLICIES:
+        raise InvalidInputError(
+            f"nan_policy must be 'raise' (refuse NaN and infinite values) or 'keep' (store "
+            f"them), got {nan_policy!r}"
+        )
+    return nan_policy
+
+
+def check_finite(
+    data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, *, first_row: int | None = None
+) -> None:
+    """Refuse NaN and infinite floating values, naming the first one's row and column.
+
+    One sum is the test (NaN and inf survive it); the element-wise test only runs when the
+    sum is not finite, which finite values alone rarely make (by overflowing it).
+    ``first_row``: the block's first row in the matrix, for the message.
+    """
+    if data.dtype.kind != "f" or data.size == 0:
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(data)):
+            return
+    bad = ~np.isfinite(data)
+    if not bad.any():
+        return
+    k = int(np.argmax(bad))
+    row = int(np.searchsorted(indptr, k, side="right")) - 1
+    where = f"row {first_row + row}" if first_row is not None else f"row {row} of the block"
+    raise InvalidInputError(
+        f"{where}, column {int(indices[k])} holds {data[k]} (as {data.dtype}): NaN and "
+        "infinite values are refused; clean the data, or pass nan_policy='keep' to store them"
+    )
+
+
+def check_row_count(n_rows: int, nnz: int, what: str) -> None:
+    """Refuse a declared row count that the stored entries cannot back.
+
+    Every row costs 8 bytes of ``indptr``, written in full, so a header declaring 10**12
+    rows for one entry would mean 8 TB of pointers: more than ``ROW_ALLOWANCE`` rows plus
+    ``ROWS_PER_ENTRY`` rows per entry raises :class:`UnsafeInputError`, before anything of
+    that size is allocated.
+    """
+    limit = ROW_ALLOWANCE + ROWS_PER_ENTRY * max(0, int(nnz))
+    if n_rows > limit:
+        raise UnsafeInputError(
+            f"{what} declares {n_rows} rows for {nnz} stored entries: its indptr alone (8 bytes "
+            f"a row) would take {8 * (n_rows + 1) / 2**30:.3g} GiB; refusing more than "
+            f"{ROW_ALLOWANCE} rows plus {ROWS_PER_ENTRY} per entry ({limit} here). Check the "
+            "declared row count, "
+            "or store only the rows that hold entries, with their row ids as a label"
+        )
 
 
 def check_parts(
@@ -197,8 +261,16 @@ def canonical_block(
     *,
     keep_zeros: bool = False,
     dtype: np.dtype | None = None,
+    nan_policy: str = "raise",
+    first_row: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Turn one row block (scipy sparse, dense array) into canonical CSR parts."""
+    """Turn one row block (scipy sparse, dense array) into canonical CSR parts.
+
+    ``nan_policy="raise"`` refuses NaN and infinite values (as stored, so also those a cast
+    to ``dtype`` or a sum of duplicates makes), naming the first one's row (``first_row``:
+    the block's first row in the matrix) and column; ``"keep"`` stores them.
+    """
+    check_nan_policy(nan_policy)
     if not sp.issparse(X):
         arr = np.asarray(X)
         if arr.ndim != 2:
@@ -218,4 +290,13 @@ def canonical_block(
             "have the same number of columns"
         )
     data, indices, indptr = check_parts(m.data, m.indices, m.indptr, m.shape[1])
-    return canonical_parts(data, indices, indptr, m.shape[1], keep_zeros=keep_zeros, dtype=dtype)
+    if nan_policy == "raise" and data.dtype.kind == "f" and np.dtype(
+        dtype if dtype is not None else data.dtype
+    ).kind != "f":
+        check_finite(data, indices, indptr, first_row=first_row)  # a cast would hide it
+    vals, ind, ptr = canonical_parts(
+        data, indices, indptr, m.shape[1], keep_zeros=keep_zeros, dtype=dtype
+    )
+    if nan_policy == "raise":
+        check_finite(vals, ind, ptr, first_row=first_row)
+    return vals, ind, ptr
