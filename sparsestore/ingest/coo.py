@@ -4,8 +4,11 @@ Entries may come in any order, with duplicates (summed, as scipy does).  :class:
 keeps up to ``memory_bytes`` of entries in memory; beyond that it appends them to one
 temporary file per row bucket (``np.save`` records, ``allow_pickle=False``), then reads the
 buckets back in row order, each as one CSR block.  A bucket that is itself too big is
-split again the same way, so memory stays bounded whatever the entry order.
-Matrix Market files and CSC anndata matrices use the same path.
+split again the same way, so memory stays bounded whatever the entry order.  Blocks are
+bounded in rows as well as entries, so a shape declaring far more rows than the entries
+fill costs no memory; one declaring more than
+:func:`~sparsestore.canonical.check_row_count` allows is refused.  Matrix Market files and
+CSC anndata matrices use the same path.
 """
 
 from __future__ import annotations
@@ -21,16 +24,16 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ..canonical import _as_int_array
+from ..canonical import _as_int_array, check_row_count
 from ..errors import DTypeError, InvalidInputError, ShapeMismatchError
 from ..layout import check_dim, check_value_dtype, index_dtype
 from .base import (
     DEFAULT_BLOCK_NNZ,
     DEFAULT_MEMORY_BYTES,
     Source,
-    csr_blocks,
     write_source,
 )
+from .scipy import coo_row_blocks
 
 # Entries handed to CooSpill.add at once when the input is one big array.
 _ADD_STEP = 4 * 2**20
@@ -55,6 +58,7 @@ class CooSpill:
         source: str = "COO input",
         error: type[InvalidInputError] = InvalidInputError,
         casting: str = "safe",
+        check_rows: bool = True,
     ) -> None:
         self.n_rows = check_dim(shape[0], "n_rows")
         self.n_cols = check_dim(shape[1], "n_cols")
@@ -64,6 +68,7 @@ class CooSpill:
         self.source = source
         self.error = error
         self.casting = casting
+        self.check_rows = check_rows
         self._col_dtype = index_dtype(self.n_cols)
         self._entry_bytes = 8 + self._col_dtype.itemsize + self.dtype.itemsize
         self._n_buckets = max(1, min(max_buckets, self.n_rows))
@@ -143,8 +148,13 @@ class CooSpill:
 
     # ------------------------------------------------------------ reading back
     def blocks(self, target_nnz: int = DEFAULT_BLOCK_NNZ) -> Iterator[tuple[int, int, Any]]:
-        """Yield ``(a, b, csr)`` covering rows ``0..n_rows`` in order, duplicates summed."""
+        """Yield ``(a, b, csr)`` covering rows ``0..n_rows`` in order, duplicates summed.
+
+        Refuses (:class:`UnsafeInputError`) a row count the entries added cannot back.
+        """
         try:
+            if self.check_rows:
+                check_row_count(self.n_rows, self.nnz_added, self.source)
             if self._dir is None:
                 r, c, d = self._take_buffer()
                 yield from self._emit(0, self.n_rows, r, c, d, target_nnz)
@@ -174,6 +184,7 @@ class CooSpill:
         sub = CooSpill(
             (b0 - a0, self.n_cols), self.dtype, memory_bytes=self.memory_bytes,
             tmp_dir=self._dir, source=self.source, error=self.error, casting="unsafe",
+            check_rows=False,
         )
         try:
             for r, c, d in _iter_records(path):
@@ -187,12 +198,9 @@ class CooSpill:
     def _emit(
         self, a0: int, b0: int, r: np.ndarray, c: np.ndarray, d: np.ndarray, target_nnz: int
     ) -> Iterator[tuple[int, int, Any]]:
-        m = sp.coo_matrix((d, (r, c)), shape=(b0 - a0, self.n_cols))
-        del r, c, d
-        a = a0
-        for block in csr_blocks(m, target_nnz):
-            yield a, a + block.shape[0], block
-            a += block.shape[0]
+        for a, b, block in coo_row_blocks(r, c, d, (b0 - a0, self.n_cols),
+                                          target_nnz=target_nnz):
+            yield a0 + a, a0 + b, block
 
     def _emit_empty(self, a0: int, b0: int) -> Iterator[tuple[int, int, Any]]:
         step = max(1, DEFAULT_BLOCK_NNZ // 4)

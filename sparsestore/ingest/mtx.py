@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import itertools
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
 
-from ..errors import FormatError
+from ..canonical import check_row_count
+from ..errors import FormatError, UnsafeInputError
+from ..layout import MAX_DIM
 from .base import DEFAULT_MEMORY_BYTES, Source, open_text, write_source
 from .coo import CooSpill
 
 _FIELDS = {"real": np.float64, "double": np.float64, "integer": np.int64, "pattern": np.float32}
 _SYMMETRIES = ("general", "symmetric", "skew-symmetric")
+# What reading a (possibly compressed) text file can raise on a damaged file.
+_READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class MtxHeader:
 def _read_header(f: IO[str], path: str) -> MtxHeader:
     try:
         banner = f.readline()
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except _READ_ERRORS as exc:
         raise FormatError(f"{path}: cannot read the Matrix Market banner ({exc})") from None
     tokens = banner.strip().split()
     if len(tokens) != 5 or tokens[0].lower() != "%%matrixmarket" or tokens[1].lower() != "matrix":
@@ -75,7 +80,7 @@ def _read_header(f: IO[str], path: str) -> MtxHeader:
             break
         else:
             raise FormatError(f"{path}: the size line is missing (file truncated?)")
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except _READ_ERRORS as exc:
         raise FormatError(f"{path}: cannot read the header ({exc})") from None
     want = 3 if fmt == "coordinate" else 2
     try:
@@ -87,6 +92,11 @@ def _read_header(f: IO[str], path: str) -> MtxHeader:
             f"{path}, line {line_no}: bad size line {s!r}; expected {want} non-negative integers"
         )
     n_rows, n_cols = nums[0], nums[1]
+    if max(nums) > MAX_DIM:
+        raise UnsafeInputError(
+            f"{path}, line {line_no}: size line {s!r} declares more than {MAX_DIM} rows, "
+            "columns or entries"
+        )
     nnz = nums[2] if fmt == "coordinate" else n_rows * n_cols
     if sym != "general" and n_rows != n_cols:
         raise FormatError(f"{path}: a {sym} matrix must be square, header says {n_rows}x{n_cols}")
@@ -113,13 +123,13 @@ def _entry_chunks(
     while True:
         try:
             lines = list(itertools.islice(f, chunk_entries))
-        except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
+        except (*_READ_ERRORS, ValueError) as exc:
             raise FormatError(f"{path}: cannot read entries near line {line} ({exc})") from None
         if not lines:
             break
         try:
             arr = np.loadtxt(lines, dtype=dt, comments="%", ndmin=2)
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:
             raise FormatError(
                 f"{path}: malformed entry between lines {line} and {line + len(lines) - 1} "
                 f"({exc})"
@@ -153,10 +163,17 @@ def mtx_source(
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     tmp_dir: str | os.PathLike[str] | None = None,
 ) -> Source:
-    """A :class:`Source` reading a Matrix Market file once, in entry chunks."""
+    """A :class:`Source` reading a Matrix Market file once, in entry chunks.
+
+    Memory follows the entries, not the declared shape; a size line declaring more rows
+    than its entries can back (see :func:`~sparsestore.canonical.check_row_count`) is
+    refused here, before any entry is read.
+    """
     p = os.fspath(path)
     header = read_header(p)
     n_rows, n_cols = header.shape
+    mirrored = header.format == "coordinate" and header.symmetry != "general"
+    check_row_count(n_rows, header.nnz * (2 if mirrored else 1), p)
     dt = np.dtype(dtype) if dtype is not None else np.dtype(_FIELDS[header.field])
 
     def blocks() -> Iterator[tuple[Any, None]]:
@@ -190,18 +207,18 @@ def mtx_source(
 
 def _indices(col: np.ndarray, n: int, what: str, path: str) -> np.ndarray:
     """1-based Matrix Market indices as checked 0-based int64."""
-    idx = col.astype(np.int64)
-    if col.dtype.kind == "f" and not np.array_equal(idx, col):
+    if col.dtype.kind == "f" and not (np.isfinite(col).all()
+                                      and np.array_equal(col, np.floor(col))):
         raise FormatError(f"{path}: a {what} index is not an integer")
-    if idx.size:
-        lo, hi = int(idx.min()), int(idx.max())
+    if col.size:
+        lo, hi = col.min(), col.max()
         if lo < 1 or hi > n:
-            bad = lo if lo < 1 else hi
+            bad = int(lo if lo < 1 else hi)
             raise FormatError(
                 f"{path}: {what} index {bad} is outside 1..{n} (Matrix Market indices are "
                 "1-based)"
             )
-    return idx - 1
+    return col.astype(np.int64) - 1
 
 
 def from_mtx(dst: Any, path: str | os.PathLike[str], *, dtype: Any = None,

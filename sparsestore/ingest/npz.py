@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from ..canonical import check_row_count
 from ..errors import FormatError, InvalidInputError, SparseStoreError, UnsafeInputError
 from .base import (
     DEFAULT_BLOCK_NNZ,
@@ -51,6 +52,7 @@ from .base import (
     result_dtype,
     write_source,
 )
+from .scipy import MAX_BLOCK_ROWS, coo_row_blocks
 
 # Default limit on the decompressed size of one shard (sum of its members).
 DEFAULT_MAX_BYTES = 8 * 2**30
@@ -214,10 +216,14 @@ def scan_shard(path: str, opts: NpzOptions) -> ShardInfo:
                 if fmt not in _SCIPY_FORMATS:
                     raise FormatError(f"{path}: unknown scipy.sparse format {fmt!r}")
                 shape = _shape_member(path, npz, opts)
-                _, dtype = _member_header(path, zf, "data")
+                dshape, dtype = _member_header(path, zf, "data")
+                if fmt != "csr":  # its row count is only declared: backed by the data?
+                    check_row_count(shape[0], int(np.prod(dshape, dtype=np.int64)), path)
             elif kind in ("csr", "coo"):
                 shape = _shape_member(path, npz, opts)
-                _, dtype = _member_header(path, zf, opts.name("data"))
+                dshape, dtype = _member_header(path, zf, opts.name("data"))
+                if kind == "coo":
+                    check_row_count(shape[0], int(np.prod(dshape, dtype=np.int64)), path)
             else:
                 key = opts.key or [m for m in members if m not in opts.labels][0]
                 dshape, dtype = _member_header(path, zf, key)
@@ -354,7 +360,8 @@ def _scipy_matrix(path: str, npz: _Members, opts: NpzOptions) -> sp.spmatrix:
 def load_shard(path: str, opts: NpzOptions) -> dict[str, np.ndarray]:
     """Decompress one shard into plain numpy arrays (runs in an executor worker).
 
-    Returns ``{"data", "indices", "indptr", "shape"}`` (CSR parts) or ``{"dense",
+    Returns ``{"data", "indices", "indptr", "shape"}`` (CSR parts), ``{"row", "col",
+    "data", "shape"}`` (COO parts sorted by row, see :func:`_row_parts`) or ``{"dense",
     "shape"}``, plus ``"label:<name>"`` arrays.  Top-level and picklable on purpose.
     """
     try:
@@ -373,7 +380,7 @@ def _load_parts(path: str, zf: zipfile.ZipFile, npz: _Members, kind: str, opts: 
                 ) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     if kind == "scipy":
-        out.update(_csr_parts(sp.csr_matrix(_scipy_matrix(path, npz, opts))))
+        out.update(_row_parts(_scipy_matrix(path, npz, opts)))
     elif kind == "dense":
         key = opts.key or [m for m in npz.files if m not in opts.labels][0]
         arr = _small_member(path, npz, key)
@@ -396,10 +403,22 @@ def _load_parts(path: str, zf: zipfile.ZipFile, npz: _Members, kind: str, opts: 
             ptr = _small_member(path, npz, opts.name("indptr"))
             m = sp.csr_matrix((data, ind, ptr), shape=shape)
             m.check_format(full_check=True)
-        out.update(_csr_parts(sp.csr_matrix(m)))
+        out.update(_row_parts(m))
     for lab in opts.labels:
         out["label:" + lab] = _small_member(path, npz, lab)
     return out
+
+
+def _row_parts(m: Any) -> dict[str, np.ndarray]:
+    """CSR parts of a whole shard; or, when its declared rows outnumber its entries and
+    ``MAX_BLOCK_ROWS``, its COO parts sorted by row (``row``, ``col``, ``data``), so that no
+    indptr is built for rows the data does not fill (cut into blocks by the consumer)."""
+    if m.format == "csr" or m.shape[0] <= max(MAX_BLOCK_ROWS, m.nnz):
+        return _csr_parts(sp.csr_matrix(m))
+    coo = m.tocoo()
+    order = np.argsort(coo.row, kind="stable")
+    return {"row": coo.row[order], "col": coo.col[order], "data": coo.data[order],
+            "shape": np.array(m.shape, dtype=np.int64)}
 
 
 def _csr_parts(m: sp.csr_matrix) -> dict[str, np.ndarray]:
@@ -1033,6 +1052,9 @@ def _whole_blocks(path: str, parts: dict[str, np.ndarray], expect: tuple[int, in
     labs = {k[6:]: v for k, v in parts.items() if k.startswith("label:")}
     if "dense" in parts:
         pieces = _dense_pieces(parts["dense"])
+    elif "row" in parts:
+        pieces = coo_row_blocks(parts["row"], parts["col"], parts["data"], shape,
+                                target_nnz=block_nnz, rows_sorted=True)
     else:
         pieces = _with_bounds(csr_blocks(
             sp.csr_matrix((parts["data"], parts["indices"], parts["indptr"]), shape=shape),
