@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..canonical import check_row_count
 from ..errors import FormatError, LabelError
 from .base import (
     DEFAULT_BLOCK_NNZ,
@@ -69,6 +70,65 @@ def _is_sparse(elem: Any) -> bool:
     return _enc(elem) in ("csr_matrix", "csc_matrix")
 
 
+def _is_array(elem: Any) -> bool:
+    return hasattr(elem, "shape") and hasattr(elem, "dtype")
+
+
+def _sparse_x(path: str, X: Any) -> tuple[str, tuple[int, int], np.dtype]:
+    """Kind, shape and dtype of a sparse ``X`` group, its structure checked against its
+    shape from array headers and two ``indptr`` entries, before anything reads it."""
+    enc = _enc(X)
+    if _is_array(X) or not hasattr(X, "keys"):
+        raise FormatError(
+            f"{path}: X is tagged {enc!r} but is an array, not a group of data, indices and "
+            "indptr arrays"
+        )
+    parts = {}
+    for name in ("data", "indices", "indptr"):
+        if name not in X or not _is_array(X[name]) or len(X[name].shape) != 1:
+            raise FormatError(f"{path}: X ({enc}) has no 1-D {name!r} array")
+        parts[name] = X[name]
+    raw = _attrs(X).get("shape")
+    try:
+        shape = tuple(int(s) for s in raw)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        shape = ()
+    if len(shape) != 2 or min(shape) < 0:
+        raise FormatError(f"{path}: X ({enc}) has shape attribute {raw!r}, not two sizes")
+    data, indices, indptr = parts["data"], parts["indices"], parts["indptr"]
+    kind = "csr" if enc == "csr_matrix" else "csc"
+    major = shape[0] if kind == "csr" else shape[1]
+    nnz = int(data.shape[0])
+    if int(indptr.shape[0]) != major + 1 or int(indices.shape[0]) != nnz:
+        raise FormatError(
+            f"{path}: X ({enc}, shape {shape}) has {indptr.shape[0]} indptr entries (needs "
+            f"{major + 1}), {indices.shape[0]} indices and {nnz} values (must be equal)"
+        )
+    if np.dtype(indptr.dtype).kind not in "iu" or np.dtype(indices.dtype).kind not in "iu":
+        raise FormatError(f"{path}: X's indptr and indices must hold integers")
+    with _reading(path, "X/indptr"):
+        first, last = (int(np.asarray(indptr[k : k + 1])[0]) for k in (0, major))
+    if first != 0 or last != nnz:
+        raise FormatError(
+            f"{path}: X/indptr runs from {first} to {last}; it must run from 0 to the {nnz} "
+            "stored values"
+        )
+    if kind == "csc":  # rows are only declared: the COO path cuts them, if data backs them
+        check_row_count(shape[0], nnz, path)
+    return kind, (shape[0], shape[1]), np.dtype(data.dtype)
+
+
+@contextlib.contextmanager
+def _reading(path: str, what: str) -> Iterator[None]:
+    """Report what the reading library (h5py, zarr, anndata) refuses in a read of the file
+    as a :class:`FormatError` naming the file and the part read."""
+    try:
+        yield
+    except (ValueError, IndexError, KeyError, OSError) as exc:
+        raise FormatError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") \
+            from None
+
+
 def _x_info(path: str, root: Any) -> tuple[str, tuple[int, int], np.dtype]:
     """Kind (``csr``/``csc``/``dense``), shape and dtype of ``X``."""
     if _enc(root) not in (None, "anndata"):
@@ -77,13 +137,7 @@ def _x_info(path: str, root: Any) -> tuple[str, tuple[int, int], np.dtype]:
         raise FormatError(f"{path} has no X matrix (an AnnData object with X=None?)")
     X = root["X"]
     if _is_sparse(X):
-        from anndata.io import sparse_dataset
-
-        try:
-            ds = sparse_dataset(X)
-        except Exception as exc:
-            raise FormatError(f"{path}: X is not a readable sparse matrix ({exc})") from None
-        kind, shape, dtype = ds.format, tuple(int(s) for s in ds.shape), np.dtype(ds.dtype)
+        kind, shape, dtype = _sparse_x(path, X)
     elif hasattr(X, "shape") and hasattr(X, "dtype"):
         if len(X.shape) != 2:
             raise FormatError(f"{path}: X has shape {tuple(X.shape)}; it must be 2-D")
@@ -172,20 +226,26 @@ def anndata_source(
                 step = max(1, (32 * 2**20) // row_bytes)
                 for a in range(0, shape[0], step):
                     b = min(shape[0], a + step)
-                    yield np.asarray(X[a:b]), labs(a, b)
+                    with _reading(p, f"X rows {a}-{b}"):
+                        dense = np.asarray(X[a:b])
+                    yield dense, labs(a, b)
                 return
             from anndata.io import sparse_dataset
 
-            ds = sparse_dataset(X)
+            with _reading(p, "X"):
+                ds = sparse_dataset(X)
             if kind == "csr":
                 for a, b in row_bounds(X["indptr"], shape[0], block_nnz):
-                    yield ds[a:b], labs(a, b)
+                    with _reading(p, f"X rows {a}-{b}"):
+                        rows = ds[a:b]
+                    yield rows, labs(a, b)
                 return
             spill = CooSpill(shape, dt, memory_bytes=memory_bytes, tmp_dir=tmp_dir,
                              source=p, error=FormatError, casting="unsafe")
             with spill:
                 for c0, c1 in row_bounds(X["indptr"], shape[1], block_nnz):
-                    part = ds[:, c0:c1].tocoo()
+                    with _reading(p, f"X columns {c0}-{c1}"):
+                        part = ds[:, c0:c1].tocoo()
                     spill.add(part.row, part.col.astype(np.int64) + c0, part.data)
                     del part
                 for a, b, block in spill.blocks(block_nnz):

@@ -15,6 +15,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import FormatError, InvalidInputError
+from ..layout import MAX_DIM
 from .base import Source, expand_paths, open_text, write_source
 
 
@@ -33,6 +35,47 @@ class _Block:
     indptr: np.ndarray
     y: np.ndarray
     qid: np.ndarray | None
+
+
+def _number(tok: str, dtype: type, what: str) -> Any:
+    """One token as numpy parses it in a chunk, or a ValueError saying what is wrong."""
+    try:
+        return np.array([tok], dtype=dtype)[0]
+    except (ValueError, OverflowError):
+        kind = "an integer in the int64 range" if dtype is np.int64 else "a number"
+        raise ValueError(f"{what}: {tok!r} is not {kind}") from None
+
+
+def _check_line(toks: list[str]) -> None:
+    """Parse one line's tokens one by one, raising ValueError at the first bad one."""
+    _number(toks[0], np.float64, "bad label")
+    rest = toks[1:]
+    if rest and rest[0].startswith("qid:"):
+        _number(rest[0][4:], np.int64, "bad qid")
+        rest = rest[1:]
+    for t in rest:
+        if t.count(":") != 1:
+            raise ValueError(f"feature {t!r} is not of the form index:value")
+        i, v = t.split(":")
+        if int(_number(i, np.int64, f"bad index:value pair {t!r}, index")) < 0:
+            raise ValueError(f"bad index:value pair {t!r}: negative feature index")
+        _number(v, np.float64, f"bad index:value pair {t!r}, value")
+
+
+def _bad_line(lines: list[str], path: str, first_line: int, exc: Exception) -> FormatError:
+    """The error for a chunk that did not parse, naming its first bad line (found again
+    line by line: only failures pay for it)."""
+    for k, raw in enumerate(lines):
+        toks = raw.split("#", 1)[0].split()
+        if not toks:
+            continue
+        try:
+            _check_line(toks)
+        except ValueError as err:
+            return FormatError(f"{path}, line {first_line + k}: {err}")
+    return FormatError(
+        f"{path}, lines {first_line}-{first_line + len(lines) - 1}: cannot parse them ({exc})"
+    )
 
 
 def _parse_lines(lines: list[str], path: str, first_line: int, dtype: np.dtype) -> _Block:
@@ -62,31 +105,19 @@ def _parse_lines(lines: list[str], path: str, first_line: int, dtype: np.dtype) 
         feats.extend(rest)
         counts.append(len(rest))
     n = len(ys)
+    joined = " ".join(feats)
+    pairs = joined.replace(":", " ").split()
     try:
         y = np.array(ys, dtype=np.float64)
         qid = np.array(qids, dtype=np.int64) if has_qid else None
-    except ValueError as exc:
-        raise FormatError(
-            f"{path}, lines {first_line}-{first_line + len(lines) - 1}: bad label or qid ({exc})"
-        ) from None
-    joined = " ".join(feats)
-    if joined.count(":") != len(feats) or any(t.count(":") != 1 for t in feats):
-        bad = next((t for t in feats if t.count(":") != 1), "?")
-        raise FormatError(
-            f"{path}, lines {first_line}-{first_line + len(lines) - 1}: feature {bad!r} is not "
-            "of the form index:value"
-        )
-    pairs = joined.replace(":", " ").split()
-    try:
+        if len(pairs) != 2 * len(feats) or any(t.count(":") != 1 for t in feats):
+            raise ValueError("a feature is not of the form index:value")
         idx = np.array(pairs[0::2], dtype=np.int64)
         vals = np.array(pairs[1::2], dtype=np.float64).astype(dtype, copy=False)
-    except ValueError as exc:
-        raise FormatError(
-            f"{path}, lines {first_line}-{first_line + len(lines) - 1}: bad index:value pair "
-            f"({exc})"
-        ) from None
-    if idx.size and int(idx.min()) < 0:
-        raise FormatError(f"{path}: negative feature index {int(idx.min())}")
+        if idx.size and int(idx.min()) < 0:
+            raise ValueError(f"negative feature index {int(idx.min())}")
+    except (ValueError, OverflowError) as exc:
+        raise _bad_line(lines, path, first_line, exc) from None
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.asarray(counts, dtype=np.int64), out=indptr[1:])
     return _Block(vals, idx, indptr, y, qid)
@@ -107,7 +138,7 @@ def _parsed_blocks(
                     line += len(lines)
                     if block.y.size:
                         yield path, block
-        except (OSError, EOFError, UnicodeDecodeError) as exc:
+        except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
             raise FormatError(f"{path}: cannot read it as svmlight text ({exc})") from None
 
 
@@ -174,6 +205,11 @@ def svmlight_source(
                 bmin, bmax = int(block.indices.min()), int(block.indices.max())
                 lo = bmin if lo is None else min(lo, bmin)
                 hi = max(hi, bmax)
+                if n_features is None and hi >= MAX_DIM:
+                    raise FormatError(
+                        f"{path}: feature index {hi} is beyond the largest column count a "
+                        f"store allows ({MAX_DIM})"
+                    )
             out = os.path.join(spill, f"block-{k:08d}.npz")
             arrays = {"values": block.values, "indices": block.indices,
                       "indptr": block.indptr, "y": block.y}
@@ -215,7 +251,7 @@ def _first_has_qid(paths: Sequence[str]) -> bool:
                     toks = raw.split("#", 1)[0].split()
                     if toks:
                         return len(toks) > 1 and toks[1].startswith("qid:")
-        except (OSError, EOFError, UnicodeDecodeError) as exc:
+        except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
             raise FormatError(f"{path}: cannot read it as svmlight text ({exc})") from None
     return False
 
