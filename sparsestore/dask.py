@@ -94,7 +94,8 @@ from dask.highlevelgraph import HighLevelGraph
 
 from . import storage
 from .chunks import ChunkDecoder, read_slice
-from .errors import CorruptStoreError, InvalidInputError, ShapeMismatchError
+from .errors import CorruptStoreError, InvalidInputError, ShapeMismatchError, StoreChangedError
+from .integrity import check_row_pointers
 from .layout import DENSE_ARRAY
 
 __all__ = ["CSCBlock", "CSRBlock", "as_blocks", "from_dask", "to_dask"]
@@ -394,7 +395,7 @@ class _Source:
     def __init__(self, store: Any, token: str) -> None:
         self.path = store.path
         self.storage_options = store.storage_options
-        self.group_path = store.group.path or ""
+        self.generation = store.generation
         self.token = token
         arrays = store.arrays
         self.expect = {k: (str(a.dtype), tuple(a.chunks)) for k, a in arrays.items()}
@@ -407,7 +408,7 @@ class _Source:
 
     def _key(self, name: str) -> tuple:
         opts = json.dumps(self.storage_options, sort_keys=True, default=str)
-        return (self.path, opts, self.group_path, name, self.token)
+        return (self.path, opts, name, self.token)
 
     def prime(self, arrays: Mapping[str, Any]) -> None:
         """Let tasks in this process use the arrays the caller already has open."""
@@ -426,10 +427,15 @@ class _Source:
             if got is not None:
                 _OPEN.move_to_end(key)
         if got is None or got.arr.shape[0] < need:
-            g = storage.open_group(self.path, mode="r", storage_options=self.storage_options)
-            if self.group_path:
-                g = g[self.group_path]
-            arr = g[name]
+            from .store import open as open_store
+
+            st = open_store(self.path, storage_options=self.storage_options)
+            if st.generation != self.generation:
+                raise StoreChangedError(
+                    f"{self.path} was replaced by another store since this dask array was "
+                    "made; call store.to_dask() again"
+                )
+            arr = st.arrays[name]
             if (str(arr.dtype), tuple(arr.chunks)) != self.expect[name] or arr.shape[0] < need:
                 raise CorruptStoreError(
                     f"{self.path} changed since this dask array was made (array {name!r}); "
@@ -491,6 +497,9 @@ def _csr_block(
         lo, hi = max(r0, a), min(r1, b)
         parts.append(p[0][lo - a : hi - a])
     ptr = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if ptr.size > 1 and (np.diff(ptr) < 0).any() or int(ptr[-1] - ptr[0]) != data.size:
+        check_row_pointers(ptr, int(ptr[0]) + data.size, "indptr of a dask block", r0)
+        raise CorruptStoreError(f"rows {r0}:{r1 - 1}: indptr does not match the values read")
     # Rebased in a fresh array of the indices' dtype (what scipy would convert it to).
     dt = indices.dtype if indices.dtype.kind == "i" else np.dtype(np.int64)
     if int(ptr[-1] - ptr[0]) > np.iinfo(dt).max:

@@ -77,14 +77,45 @@ def _codec_dicts(meta: Mapping[str, Any]) -> tuple[list[dict], bool]:
     codecs = [c for c in meta.get("codecs") or () if isinstance(c, dict)]
     if codecs and codecs[0].get("name") == "sharding_indexed":
         conf = codecs[0].get("configuration") or {}
-        return list(conf.get("index_codecs") or ()), True
+        return [c for c in conf.get("codecs") or () if isinstance(c, dict)], True
     return codecs, False
 
 
 def trailer_tagged(meta: Mapping[str, Any]) -> bool:
-    """Whether an object's tag is its trailing CRC32C (chains ending in crc32c)."""
+    """Whether a chunk's tag is its trailing CRC32C (chains ending in crc32c; for shards,
+    the inner chunks' chain)."""
     codecs, _ = _codec_dicts(meta)
     return bool(codecs) and codecs[-1].get("name") == "crc32c"
+
+
+_EMPTY = 2**64 - 1  # a shard index's offset for an inner chunk that was not stored
+
+
+def per_object(meta: Mapping[str, Any]) -> int:
+    """Chunks per stored object along the first axis: 1, or the inner chunks of a shard."""
+    codecs = [c for c in meta.get("codecs") or () if isinstance(c, dict)]
+    if codecs and codecs[0].get("name") == "sharding_indexed":
+        conf = codecs[0].get("configuration") or {}
+        inner = int((conf.get("chunk_shape") or [1])[0])
+        outer = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        return max(1, outer // max(1, inner))
+    return 1
+
+
+def inner_tags(raw: np.ndarray, per: int, trailer: bool) -> list[int | None]:
+    """The tag of each inner chunk of a shard (index at its end), None where absent."""
+    size = per * 16 + 4
+    if raw.size < size:
+        return [None] * per
+    index = np.frombuffer(raw[-size:-4].tobytes(), "<u8").reshape(per, 2)
+    out: list[int | None] = []
+    for off, n in index.tolist():
+        if off == _EMPTY or off + n > raw.size - size or n < 4:
+            out.append(None)
+        else:
+            piece = raw[off : off + n]
+            out.append(_trailer(piece) if trailer else crc32c(piece))
+    return out
 
 
 def fingerprint(meta: Mapping[str, Any]) -> str:
@@ -104,12 +135,13 @@ def array_meta(arr: Any) -> dict[str, Any]:
 class ArrayManifest:
     """The committed tags of one array's stored objects (chunks, or shards)."""
 
-    chunk: int  # rows (elements) per stored object
+    chunk: int  # rows (elements) per chunk
     length: int  # committed rows (elements)
-    tags: np.ndarray  # uint32, one per object holding committed rows
+    tags: np.ndarray  # uint32, one per chunk holding committed rows
     tail: int | None  # CRC32C of the committed rows of the last object, when partial
     fingerprint: str
     trailer: bool
+    per_object: int = 1  # chunks per stored object (inner chunks of a shard)
     # Bound at open from the array itself (not stored): how to decode a whole object.
     steps: tuple[str, ...] | None = None
     row_bytes: int = 0
@@ -122,6 +154,7 @@ class ArrayManifest:
             "tail": self.tail,
             "fingerprint": self.fingerprint,
             "trailer": self.trailer,
+            "per_object": self.per_object,
         }
 
     @classmethod
@@ -130,10 +163,12 @@ class ArrayManifest:
             tags = np.frombuffer(base64.b64decode(obj["tags"], validate=True), "<u4")
             out = cls(int(obj["chunk"]), int(obj["length"]), tags.astype(np.uint32),
                       None if obj["tail"] is None else int(obj["tail"]),
-                      str(obj["fingerprint"]), bool(obj["trailer"]))
+                      str(obj["fingerprint"]), bool(obj["trailer"]),
+                      int(obj.get("per_object", 1)))
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptStoreError(f"{where}: the chunk manifest is damaged ({exc})") from None
-        if out.chunk < 1 or out.length < 0 or out.tags.size != n_objects(out.length, out.chunk):
+        if (out.chunk < 1 or out.per_object < 1 or out.length < 0
+                or out.tags.size != n_objects(out.length, out.chunk)):
             raise CorruptStoreError(f"{where}: the chunk manifest is inconsistent")
         return out
 
@@ -186,8 +221,7 @@ class Manifest:
                     "shape, codecs...) differs from what was committed, so its bytes would be "
                     "read as something they are not; restore the store's zarr.json from a copy"
                 )
-            step = int((getattr(arr, "shards", None) or arr.chunks)[0])
-            if step != am.chunk or arr.shape[0] < am.length:
+            if int(arr.chunks[0]) != am.chunk or arr.shape[0] < am.length:
                 raise CorruptStoreError(f"{where}: array {name!r} does not match its manifest")
             am.row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
             am.steps = _decode_steps(meta, arr)
@@ -242,11 +276,12 @@ class VerifiedStore(WrapperStore):
         self.prefix = prefix  # path of the matrix group inside the store
         self.label = str(getattr(store, "root", store))
         self.written: dict[str, dict[int, int | None]] = {}
-        self._trailer: dict[str, bool] = {}
+        self._kinds: dict[str, tuple[bool, int]] = {}  # array -> (trailer tag, per object)
+        self._offsets: dict[str, dict[int, int]] = {}  # shard key -> inner chunk by offset
 
     def _with_store(self, store: Any) -> VerifiedStore:
         out = type(self)(store, self.prefix)
-        out.manifest, out.label = self.manifest, self.label
+        out.manifest, out.label, out.prefix = self.manifest, self.label, self.prefix
         return out
 
     # ------------------------------------------------------------ manifest
@@ -264,6 +299,7 @@ class VerifiedStore(WrapperStore):
         return root if isinstance(root, Path) else None
 
     def _ref(self, key: str) -> tuple[str, ArrayManifest, int] | None:
+        """(array, its manifest, object index) for a chunk key the manifest covers."""
         if self.manifest is None or not key.startswith(self.prefix):
             return None
         parts = split_chunk_key(key[len(self.prefix):])
@@ -271,12 +307,12 @@ class VerifiedStore(WrapperStore):
             return None
         name, k, _ = parts
         am = self.manifest.arrays.get(name)
-        if am is None or k >= am.tags.size:
+        if am is None or k * am.per_object >= am.tags.size:
             return None
         return name, am, k
 
     def _verdict(self, am: ArrayManifest, k: int, raw: np.ndarray | None, whole: bool) -> str:
-        """"ok", "missing" or "misplaced" for an object's bytes (or its index suffix)."""
+        """"ok", "missing" or "misplaced" for chunk ``k``'s bytes."""
         if raw is None:
             return "missing"
         if am.trailer:
@@ -288,13 +324,80 @@ class VerifiedStore(WrapperStore):
         if tag == int(am.tags[k]):
             return "ok"
         if whole and k == am.tags.size - 1 and am.tail is not None and am.steps is not None:
-            # An append since this handle opened rewrote the last, partly filled object:
-            # its committed rows must be the same bytes.
+            # An append since this handle opened rewrote the last, partly filled chunk: its
+            # committed rows must be the same bytes.
             dec = decode_object(raw, am.steps)
             n = (am.length - k * am.chunk) * am.row_bytes
             if dec is not None and len(dec) >= n and crc32c(dec[:n]) == am.tail:
                 return "ok"
         return "misplaced"
+
+    def _failure(self, key: str, am: ArrayManifest, s: int, raw: np.ndarray | None,
+                 byte_range: Any) -> tuple[str, int, np.ndarray | None] | None:
+        """The first failing (verdict, chunk, its bytes) of a read of object ``s``, or None.
+
+        A shard is read as its index (a suffix), then inner chunks (ranges): the index says
+        which inner chunk a range is, and each is checked against its own tag.
+        """
+        if am.per_object == 1:
+            if isinstance(byte_range, (RangeByteRequest, OffsetByteRequest)):
+                return None if raw is not None else ("missing", s, None)
+            verdict = self._verdict(am, s, raw, byte_range is None)
+            return None if verdict == "ok" else (verdict, s, raw)
+        per, first = am.per_object, s * am.per_object
+        if raw is None:
+            return "missing", first, None
+        if byte_range is None:
+            for i, tag in enumerate(inner_tags(raw, per, am.trailer)):
+                k = first + i
+                if k < am.tags.size and tag != int(am.tags[k]):
+                    return ("missing" if tag is None else "misplaced"), k, None
+            return None
+        if isinstance(byte_range, SuffixByteRequest):
+            size = per * 16 + 4
+            if raw.size < size:
+                return "misplaced", first, None
+            index = np.frombuffer(raw[-size:-4].tobytes(), "<u8").reshape(per, 2).tolist()
+            if len(self._offsets) > 4096:
+                self._offsets.clear()
+            self._offsets[key] = {off: i for i, (off, _) in enumerate(index)}
+            for i, (off, _) in enumerate(index):
+                if first + i < am.tags.size and off == _EMPTY:
+                    return "missing", first + i, None
+            return None
+        if isinstance(byte_range, RangeByteRequest):
+            i = self._offsets.get(key, {}).get(byte_range.start)
+            if i is None or first + i >= am.tags.size:
+                return None
+            verdict = self._verdict(am, first + i, raw, True)
+            return None if verdict == "ok" else (verdict, first + i, raw)
+        return None
+
+    def check_sync(self, key: str, raw: np.ndarray | None, byte_range: Any = None) -> None:
+        """Check a chunk read synchronously (raises on failure)."""
+        ref = self._ref(key)
+        if ref is None:
+            return
+        name, am, s = ref
+        bad = self._failure(key, am, s, raw, byte_range)
+        if bad is not None:
+            root = self._store.get_sync(self._root_key()) if self.supports_sync else None
+            self._recheck(name, am, bad[1], bad[2], bad[0],
+                          None if root is None else root.to_bytes())
+
+    async def _check(self, key: str, buf: Any, byte_range: Any) -> None:
+        ref = self._ref(key)
+        if ref is None:
+            return
+        name, am, s = ref
+        bad = self._failure(key, am, s, _as_np(buf), byte_range)
+        if bad is not None:
+            root = await self._store.get(self._root_key(), default_buffer_prototype())
+            self._recheck(name, am, bad[1], bad[2], bad[0],
+                          None if root is None else root.to_bytes())
+
+    def _root_key(self) -> str:
+        return self.prefix + "zarr.json"
 
     def _recheck(self, name: str, am: ArrayManifest, k: int, raw: np.ndarray | None,
                  verdict: str, root_json: bytes | None) -> None:
@@ -323,35 +426,6 @@ class VerifiedStore(WrapperStore):
             "the store from a copy"
         )
 
-    def _root_key(self) -> str:
-        return self.prefix + "zarr.json"
-
-    def check_sync(self, key: str, raw: np.ndarray | None, whole: bool = True) -> None:
-        """Check a chunk read synchronously (raises on failure)."""
-        ref = self._ref(key)
-        if ref is None:
-            return
-        name, am, k = ref
-        verdict = self._verdict(am, k, raw, whole)
-        if verdict != "ok":
-            root = self._store.get_sync(self._root_key()) if self.supports_sync else None
-            self._recheck(name, am, k, raw, verdict,
-                          None if root is None else root.to_bytes())
-
-    async def _check(self, key: str, buf: Any, byte_range: Any) -> None:
-        ref = self._ref(key)
-        if ref is None:
-            return
-        name, am, k = ref
-        if isinstance(byte_range, (RangeByteRequest, OffsetByteRequest)):
-            verdict = "missing" if buf is None else "ok"  # inside a shard: its index is checked
-        else:
-            verdict = self._verdict(am, k, _as_np(buf), byte_range is None)
-        if verdict != "ok":
-            root = await self._store.get(self._root_key(), default_buffer_prototype())
-            self._recheck(name, am, k, _as_np(buf), verdict,
-                          None if root is None else root.to_bytes())
-
     # ---------------------------------------------------------------- reads
     async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
         prototype = prototype or default_buffer_prototype()
@@ -372,10 +446,7 @@ class VerifiedStore(WrapperStore):
 
     def get_sync(self, key: str, *, prototype: Any = None, byte_range: Any = None) -> Any:
         buf = self._store.get_sync(key, prototype=prototype, byte_range=byte_range)
-        if byte_range is None or isinstance(byte_range, SuffixByteRequest):
-            self.check_sync(key, _as_np(buf), byte_range is None)
-        elif buf is None:
-            self.check_sync(key, None)
+        self.check_sync(key, _as_np(buf), byte_range)
         return buf
 
     def read_chunk(self, key: str, pool: BufferPool | None = None) -> np.ndarray | None:
@@ -401,28 +472,32 @@ class VerifiedStore(WrapperStore):
         return raw
 
     # --------------------------------------------------------------- writes
-    def _record(self, key: str, raw: Any, meta_json: bytes | None) -> None:
+    def _record(self, key: str, raw: np.ndarray | None, meta_json: bytes | None) -> None:
+        """Remember the tag(s) of a stored (or deleted, ``raw`` None) object."""
         if not key.startswith(self.prefix):
             return
         parts = split_chunk_key(key[len(self.prefix):])
         if parts is None:
             return
-        name, k, _ = parts
-        if raw is None:
-            self.written.setdefault(name, {})[k] = None
-            return
-        trailer = self._trailer.get(name)
-        if trailer is None:
+        name, s, _ = parts
+        kind = self._kinds.get(name)
+        if kind is None:
             meta = json.loads(meta_json) if meta_json else {}
-            trailer = self._trailer[name] = trailer_tagged(meta)
-        data = np.frombuffer(raw, np.uint8) if not isinstance(raw, np.ndarray) else raw
-        self.written.setdefault(name, {})[k] = _trailer(data) if trailer else crc32c(data)
+            kind = self._kinds[name] = (trailer_tagged(meta), per_object(meta))
+        trailer, per = kind
+        written = self.written.setdefault(name, {})
+        if per == 1:
+            written[s] = None if raw is None else (_trailer(raw) if trailer else crc32c(raw))
+        else:
+            tags = [None] * per if raw is None else inner_tags(raw, per, trailer)
+            for i, tag in enumerate(tags):
+                written[s * per + i] = tag
 
     def _meta_key(self, key: str) -> str | None:
         if not key.startswith(self.prefix):
             return None
         parts = split_chunk_key(key[len(self.prefix):])
-        if parts is None or parts[0] in self._trailer:
+        if parts is None or parts[0] in self._kinds:
             return None
         return self.prefix + parts[0] + "/zarr.json"
 
@@ -465,7 +540,7 @@ class VerifiedStore(WrapperStore):
         name = prefix[len(self.prefix):].rstrip("/") if prefix.startswith(self.prefix) else None
         if name is not None:
             self.written.pop(name, None)
-            self._trailer.pop(name, None)
+            self._kinds.pop(name, None)
 
 
 def _manifest_in(root_json: bytes | None) -> Manifest | None:
@@ -502,8 +577,9 @@ def build_manifest(
     out: dict[str, ArrayManifest] = {}
     for name, (arr, length) in arrays.items():
         meta = array_meta(arr)
-        step = int((getattr(arr, "shards", None) or arr.chunks)[0])
+        step, per = int(arr.chunks[0]), per_object(meta)
         trailer = trailer_tagged(meta)
+        scanned: dict[int, list[int | None]] = {}
         n = 0 if any(int(d) == 0 for d in arr.shape[1:]) else n_objects(length, step)
         written = store.written.get(name, {})
         prev = old.arrays.get(name) if old is not None else None
@@ -514,8 +590,12 @@ def build_manifest(
             elif prev is not None and k < prev.tags.size:
                 tag = int(prev.tags[k])
             elif scan:
-                raw = _as_np(store._store.get_sync(_chunk_key(arr, k)))
-                tag = None if raw is None else (_trailer(raw) if trailer else crc32c(raw))
+                s = k // per
+                if s not in scanned:
+                    raw = _as_np(store._store.get_sync(_chunk_key(arr, s)))
+                    scanned = {s: [None] * per if raw is None else inner_tags(raw, per, trailer)
+                               if per > 1 else [_trailer(raw) if trailer else crc32c(raw)]}
+                tag = scanned[s][k % per]
             else:
                 tag = None
             if tag is None:
@@ -529,7 +609,7 @@ def build_manifest(
             raw_arr = zarr.open_array(store=store._store, path=store.prefix + name, mode="r")
             lo = (n - 1) * step
             tail = crc32c(np.ascontiguousarray(raw_arr[lo:length]).view(np.uint8).reshape(-1))
-        out[name] = ArrayManifest(step, length, tags, tail, fingerprint(meta), trailer)
+        out[name] = ArrayManifest(step, length, tags, tail, fingerprint(meta), trailer, per)
     return Manifest(generation, n_cols, out)
 
 
@@ -549,14 +629,17 @@ def check_chunk_size(arr: Any, name: str, where: str) -> None:
         )
 
 
-def check_row_pointers(ptr: np.ndarray, nnz: int, where: str, first_row: int = 0) -> np.ndarray:
+def check_row_pointers(ptr: np.ndarray, nnz: int, where: str, first_row: int = 0,
+                       row_of: np.ndarray | None = None) -> np.ndarray:
     """Refuse ``indptr`` values that are not non-decreasing within ``[0, nnz]`` (before
-    scipy, or an index into ``data``, sees them); returns ``ptr``."""
+    scipy, or an index into ``data``, sees them); returns ``ptr``.  ``row_of`` maps a
+    position in ``ptr`` to its row when they are not consecutive."""
     if ptr.size and (
         int(ptr[0]) < 0 or int(ptr[-1]) > nnz or (ptr.size > 1 and (np.diff(ptr) < 0).any())
     ):
         bad = np.flatnonzero(np.diff(ptr) < 0) if ptr.size > 1 else np.empty(0)
-        row = first_row + (int(bad[0]) if bad.size else 0)
+        pos = int(bad[0]) if bad.size else 0
+        row = int(row_of[pos]) if row_of is not None else first_row + pos
         raise CorruptStoreError(
             f"{where}: indptr is damaged near row {row} (values must rise from 0 to nnz={nnz}, "
             f"got {ptr[:4].tolist()}...); restore the store from a copy"

@@ -33,6 +33,7 @@ import scipy.sparse as sp
 from .buffers import BufferPool
 from .chunks import ChunkCache, read_rows
 from .errors import InvalidInputError, OutOfRangeError
+from .integrity import check_row_pointers
 from .sampler import UnitSpec
 
 if TYPE_CHECKING:
@@ -318,8 +319,9 @@ class BlockReader:
         if st.is_dense:
             return _cat([st.read_dense(int(a), int(b)) for a, b in spans]), labels
         c_ptr, c_val, c_ind = self.caches["indptr"], self.caches["data"], self.caches["indices"]
-        ptrs = [c_ptr.read(int(a), int(b) + 1, st.n_rows + 1).astype(np.int64, copy=False)
-                for a, b in spans]
+        ptrs = [check_row_pointers(
+            c_ptr.read(int(a), int(b) + 1, st.n_rows + 1).astype(np.int64, copy=False),
+            st.nnz, st.path, int(a)) for a, b in spans]
         ptr = _concat_ptr([p - p[0] for p in ptrs])
         nnz = int(ptr[-1])
         # Decoded into pooled memory (reused pass after pass: fresh unit-sized arrays cost
