@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import storage
+from .canonical import check_nan_policy
 from .errors import FormatError, InvalidInputError, LabelError, StoreExistsError
 from .ingest.base import DEFAULT_MEMORY_BYTES, Source, expand_paths, row_bounds, write_source
 from .layout import Layout
@@ -211,6 +212,7 @@ def convert(
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     tmp_dir: str | os.PathLike[str] | None = None,
     storage_options: dict[str, Any] | None = None,
+    nan_policy: str = "raise",
     **layout_options: Any,
 ) -> SparseStore:
     """Convert a file, glob or list of files of any supported format into a new store.
@@ -220,10 +222,13 @@ def convert(
     h5ad, anndata zarr, or another store.  ``labels`` picks obs columns (anndata), label
     members (npz) or labels to copy (store).  ``workers``/``executor`` decompress npz shards
     in parallel.  ``progress=None`` shows a bar on a terminal.  Layout options
-    (``compressor=``, ``chunk_bytes=``...) go to the new store.  Atomic; returns the store
+    (``compressor=``, ``chunk_bytes=``...) go to the new store.  ``nan_policy="raise"``
+    refuses NaN and infinite values (naming the first one's row and column), ``"keep"``
+    stores them; the store keeps the choice for its appends.  Atomic; returns the store
     opened read-only.
     """
     Layout.from_options(**layout_options)  # name a bad option before reading anything
+    check_nan_policy(nan_policy)
     p = storage.normalize(dst)
     if not overwrite and storage.exists(p, storage_options):
         raise StoreExistsError(
@@ -234,7 +239,8 @@ def convert(
                          n_features=n_features, zero_based=zero_based, max_bytes=max_bytes,
                          memory_bytes=memory_bytes, tmp_dir=tmp_dir)
     return write_source(dst, source, dtype=dtype, sparse=sparse, overwrite=overwrite,
-                        progress=progress, storage_options=storage_options, **layout_options)
+                        progress=progress, storage_options=storage_options,
+                        nan_policy=nan_policy, **layout_options)
 
 
 __all__ = ["FORMATS", "convert", "detect_format", "open_source", "supported_formats"]

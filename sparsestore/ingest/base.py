@@ -149,9 +149,13 @@ def write_source(
     overwrite: bool = False,
     progress: Any = None,
     storage_options: dict[str, Any] | None = None,
+    nan_policy: str = "raise",
     **layout_options: Any,
 ) -> Any:
-    """Write ``source`` to a new store at ``dst`` through ``write_blocks`` (atomic)."""
+    """Write ``source`` to a new store at ``dst`` through ``write_blocks`` (atomic).
+
+    ``nan_policy``: ``"raise"`` refuses NaN and infinite values, ``"keep"`` stores them.
+    """
     from ..layout import Layout
     from ..store import write_blocks
 
@@ -173,6 +177,7 @@ def write_source(
             storage_options=storage_options,
             progress=bar,
             encode_thread=source.threads > 1,
+            nan_policy=nan_policy,
             **layout_options,
         )
     finally:
