@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from . import errors
 from .layout import Layout
-from .store import SparseStore, create, open, save, write_blocks
+from .store import SparseStore, create, open, save, upgrade, write_blocks
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "errors",
     "open",
     "save",
+    "upgrade",
     "write_blocks",
 ]
 

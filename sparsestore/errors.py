@@ -88,6 +88,41 @@ class FormatError(InvalidInputError):
     """A source file is corrupt, truncated or not in the format its name claims."""
 
 
+class StorageError(SparseStoreError, OSError):
+    """The operating system refused a read or write (full disk, read-only mount...).
+
+    ``errno`` and ``filename`` are those of the refused call; ``str()`` names the store,
+    what happened and what to do.
+    """
+
+    def __str__(self) -> str:  # the message, without OSError's "[Errno n] ...: 'file'"
+        return str(self.strerror) if self.strerror else super().__str__()
+
+
+class DiskFullError(StorageError):
+    """No space left on the device, or the disk quota is used up (ENOSPC, EDQUOT)."""
+
+
+class FileTooLargeError(StorageError):
+    """A file grew past the process's file size limit (RLIMIT_FSIZE) or the file system's."""
+
+
+class ReadOnlyStorageError(StorageError, PermissionError):
+    """The store lives on a read-only file system (EROFS), so it cannot be written."""
+
+
+class StoreBusyError(StorageError):
+    """The path is busy (EBUSY): a mount point or in use, so it cannot be renamed or replaced."""
+
+
+class LockFileError(StorageError):
+    """The store's lock file is a symbolic link, which is refused (it could point anywhere)."""
+
+
+class LockFileIsDirectoryError(LockFileError, IsADirectoryError):
+    """The store's lock file path is a directory, so the store cannot be locked."""
+
+
 __all__ = [
     "SparseStoreError",
     "InvalidInputError",
@@ -108,4 +143,11 @@ __all__ = [
     "LockError",
     "UnsafeInputError",
     "FormatError",
+    "StorageError",
+    "DiskFullError",
+    "FileTooLargeError",
+    "ReadOnlyStorageError",
+    "StoreBusyError",
+    "LockFileError",
+    "LockFileIsDirectoryError",
 ]

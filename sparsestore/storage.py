@@ -8,14 +8,18 @@ until the last step, and deleted on failure.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zarr
 from zarr.storage import FsspecStore, LocalStore
 
@@ -27,6 +31,10 @@ except ImportError:  # pragma: no cover - non-POSIX
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".sparsestore.lock"
+
+# zarr's LocalStore writes a key to ``<key without suffix>.<uuid4 hex>.partial`` and renames
+# it into place; a writer killed in between leaves that file behind.
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial\Z")
 
 
 def _strip_file_url(path: str) -> str:
@@ -47,12 +55,17 @@ def normalize(path: str | os.PathLike[str]) -> str:
 
 
 def zarr_store(path: str, *, read_only: bool, storage_options: dict[str, Any] | None = None):
-    """The zarr store object for a normalised path or URL."""
+    """The zarr store object for a normalised path or URL, checking chunks against the
+    store's manifest once one is installed (:class:`~sparsestore.integrity.VerifiedStore`)."""
+    from .integrity import VerifiedStore
+
     if is_remote(path):
-        return FsspecStore.from_url(
+        inner = FsspecStore.from_url(
             path, storage_options=storage_options or {}, read_only=read_only
         )
-    return LocalStore(path, read_only=read_only)
+    else:
+        inner = LocalStore(path, read_only=read_only)
+    return VerifiedStore(inner)
 
 
 def _fs(path: str, storage_options: dict[str, Any] | None):
@@ -121,26 +134,119 @@ def staged(
             os.rename(path, old)
             try:
                 os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)
+            except BaseException as exc:
+                _undo(exc, os.rename, old, path,
+                      hint=f"the previous store is at {old}; rename it back to {path}")
                 raise
-            remove(old)
+            with contextlib.suppress(OSError):  # the new store is in place either way
+                remove(old)
         else:
             os.rename(tmp, path)
-    except BaseException:
-        remove(tmp)
+    except BaseException as exc:
+        _undo(exc, remove, tmp, hint=f"delete the partial copy {tmp}")
         raise
     finally:
         if existing is not None:
             existing.release()
 
 
+def _undo(exc: BaseException, fn: Any, *args: Any, hint: str) -> None:
+    """Run a rollback step; if it fails, note that on ``exc`` instead of replacing it."""
+    try:
+        fn(*args)
+    except Exception as failed:
+        if hasattr(exc, "add_note"):  # Python >= 3.11
+            exc.add_note(f"rolling back also failed ({type(failed).__name__}: {failed}); {hint}")
+
+
+def remove_partials(path: str) -> int:
+    """Delete the ``*.<uuid>.partial`` files killed writers left in the local store at ``path``.
+
+    Only regular files with zarr's temporary name, found without following links, and only
+    in a zarr store; call it holding the write lock, so no live writer owns one.  Returns
+    how many were removed.
+    """
+    if not any(os.path.isfile(os.path.join(path, m)) for m in ("zarr.json", ".zgroup")):
+        return 0
+    removed, todo = 0, [path]
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(entry.path)
+                elif _PARTIAL.search(entry.name) and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
+
+
+def settle(timeout: float = 120.0) -> None:
+    """Wait for the zarr writes still in flight before a rollback.
+
+    When one chunk write of a zarr call fails, zarr raises at once and leaves the call's
+    other writes running; landing after the rollback, they would take back the space it
+    gave and leave chunks past the commit point.  Waits for the tasks running now only.
+    """
+    try:
+        from zarr.core import sync as zsync
+
+        loop = zsync.loop[0]
+    except (ImportError, AttributeError, IndexError):  # another zarr: nothing to wait for
+        return
+    if loop is None or not loop.is_running():
+        return
+
+    async def drain() -> None:
+        me = asyncio.current_task()
+        running = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if running:
+            await asyncio.wait(running, timeout=timeout)
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout + 5)
+
+
+def shrink(arr: Any, n: int) -> None:
+    """Cut a zarr array to ``n`` entries along its first axis, giving back the space written
+    past them (by a failed or killed append).
+
+    zarr deletes the chunks past ``n``; the chunk holding entry ``n`` is rewritten with fill
+    values after it, as it was before anything was written past ``n``.  A kill at any point
+    leaves entries ``[0, n)`` intact: that chunk is replaced whole, never emptied first.
+    """
+    old, tail = int(arr.shape[0]), tuple(arr.shape[1:])
+    if old == n:
+        return
+    step = int((getattr(arr, "shards", None) or arr.chunks)[0])
+    start = n // step * step
+    whole = None
+    if old > n > start:
+        try:
+            whole = np.full((step, *tail), arr.fill_value, dtype=arr.dtype)
+        except (TypeError, ValueError):  # a fill value numpy cannot broadcast: keep the tail
+            whole = None
+    if whole is None:
+        arr.resize((n, *tail))
+        return
+    whole[: n - start] = arr[start:n]
+    arr.resize((start + step, *tail))  # deletes the chunks past the one holding entry n
+    arr.with_config({"write_empty_chunks": True})[start : start + step] = whole
+    arr.resize((n, *tail))
+
+
 class WriteLock:
     """An exclusive, non-blocking writer lock on a local store (``flock`` on a file inside).
 
     The kernel drops the lock when its holder dies, so a killed writer never leaves a
-    stale lock behind.  Remote stores are not locked (object stores have no such
-    primitive); one writer at a time is then the caller's responsibility.
+    stale lock behind; the temporary files such a writer left are removed by the next
+    holder.  The lock file is never followed through a symbolic link (which could create or
+    lock a file outside the store).  Remote stores are not locked (object stores have no
+    such primitive); one writer at a time is then the caller's responsibility.
     """
 
     def __init__(self, path: str) -> None:
@@ -151,16 +257,21 @@ class WriteLock:
         if is_remote(self.path) or fcntl is None:
             return self
         lock_file = os.path.join(self.path, LOCK_NAME)
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        # A symlink fails with ELOOP, a directory with EISDIR (see oserrors).
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(lock_file, flags, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
             raise LockError(
                 f"{self.path} is open for writing by another writer; close it (or wait for it "
                 "to finish) before appending, or open with mode='r' to read"
             ) from None
         self._fd = fd
+        remove_partials(self.path)
         return self
 
     def release(self) -> None:

@@ -19,24 +19,34 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import storage
-from .canonical import canonical_block, check_sparse_input
+from .canonical import canonical_block, check_nan_policy, check_sparse_input
 from .chunks import ChunkCache, ChunkEncoder, read_ranges, read_rows, read_slice
 from .errors import (
     CorruptStoreError,
     DTypeError,
     InvalidInputError,
     LabelError,
+    NeedsUpgradeError,
     NotAStoreError,
     ReadOnlyError,
     ShapeMismatchError,
     SparseStoreError,
 )
 from .indexing import normalize_rows, split_key
+from .integrity import (
+    Manifest,
+    VerifiedStore,
+    build_manifest,
+    check_chunk_size,
+    check_row_pointers,
+    new_generation,
+)
 from .labels import LabelArray, Labels
 from .layout import (
     CSR_ENCODING,
     DENSE_ARRAY,
     DENSE_ENCODING,
+    FIRST_MANIFEST_VERSION,
     FORMAT_VERSION,
     LABELS_GROUP,
     META_KEY,
@@ -48,6 +58,7 @@ from .layout import (
     check_value_dtype,
     index_dtype,
 )
+from .oserrors import os_errors
 
 # (values, indices, local indptr) for CSR stores, or a dense ndarray; plus label rows.
 Parts = tuple[np.ndarray, np.ndarray, np.ndarray] | np.ndarray
@@ -130,6 +141,10 @@ class SparseStore:
                     f"{self.path}: indptr has {self._indptr.shape[0]} entries but shape says "
                     f"{n_rows} rows (needs {n_rows + 1})"
                 )
+            self._install_manifest(g, meta, attrs, n_cols, {
+                "data": (self._data, meta.committed_nnz), "indices": (
+                    self._indices, meta.committed_nnz), "indptr": (self._indptr, n_rows + 1),
+            })
             end = read_slice(self._indptr, n_rows, n_rows + 1, name="indptr")
             self._nnz = int(end[0])
             if not 0 <= self._nnz <= min(self._data.shape[0], self._indices.shape[0]):
@@ -152,10 +167,12 @@ class SparseStore:
             self._X = g[DENSE_ARRAY]
             _check_stored_dtype(self._X.dtype, DENSE_ARRAY, self.path)
             check_codecs(self._X, DENSE_ARRAY, self.path)
+            check_chunk_size(self._X, DENSE_ARRAY, self.path)
             if self._X.ndim != 2 or self._X.shape[0] < n_rows or self._X.shape[1] != n_cols:
                 raise CorruptStoreError(
                     f"{self.path}: X has shape {self._X.shape}, attrs say {shape}"
                 )
+            self._install_manifest(g, meta, attrs, n_cols, {DENSE_ARRAY: (self._X, n_rows)})
             self._nnz = n_rows * n_cols
             self._dtype = np.dtype(self._X.dtype)
         arrays: dict[str, LabelArray] = {}
@@ -179,6 +196,64 @@ class SparseStore:
                     )
                 arrays[name] = LabelArray(arr, name, n_rows)
         self._labels = Labels(arrays)
+
+    def _install_manifest(
+        self, g: Any, meta: Meta, attrs: Mapping[str, Any], n_cols: int,
+        arrays: dict[str, tuple[Any, int]],
+    ) -> None:
+        """Check the arrays against the committed manifest (metadata fingerprints, lengths)
+        and have every later chunk read checked against it."""
+        self._manifest: Manifest | None = None
+        if meta.labels and LABELS_GROUP in g and hasattr(g[LABELS_GROUP], "arrays"):
+            lg = g[LABELS_GROUP]
+            for name in meta.labels:
+                if name in lg and hasattr(lg[name], "dtype"):
+                    arrays[f"{LABELS_GROUP}/{name}"] = (lg[name], self._shape[0])
+        for name, (arr, _) in arrays.items():
+            check_chunk_size(arr, name, self.path)
+        if META_KEY in attrs and meta.format_version >= FIRST_MANIFEST_VERSION:
+            if not meta.manifest:
+                raise CorruptStoreError(
+                    f"{self.path}: the store has no chunk manifest, which its format version "
+                    f"{meta.format_version} requires; restore it from a copy"
+                )
+            man = Manifest.from_json(meta.manifest, self.path)
+            if man.n_cols != n_cols:
+                raise CorruptStoreError(
+                    f"{self.path}: attrs['shape'] says {n_cols} columns but the store was "
+                    f"committed with {man.n_cols}; its zarr.json was edited"
+                )
+            if man.generation != meta.generation:
+                raise CorruptStoreError(f"{self.path}: the chunk manifest is from another store")
+            expected = set(arrays) | {f"{LABELS_GROUP}/{n}" for n in meta.labels}
+            if set(man.arrays) != expected:
+                raise CorruptStoreError(
+                    f"{self.path}: the store's arrays {sorted(expected)} are not the committed "
+                    f"ones {sorted(man.arrays)}; it was modified outside sparsestore"
+                )
+            man.bind({k: a for k, (a, _) in arrays.items()}, self.path)
+            for name, (_, length) in arrays.items():
+                if man.arrays[name].length != length:
+                    raise CorruptStoreError(
+                        f"{self.path}: array {name!r} has {length} entries by the store's "
+                        f"attrs, but the last commit recorded {man.arrays[name].length}; the "
+                        "store was modified outside sparsestore"
+                    )
+            self._manifest = man
+        store = g.store
+        if isinstance(store, VerifiedStore):
+            store.install(self._manifest, g.path)
+
+    @property
+    def generation(self) -> str:
+        """Id of this save of the store (empty for stores written before it existed)."""
+        return self._meta.generation
+
+    @property
+    def verified(self) -> bool:
+        """Whether every chunk read is checked against a committed manifest (stores written
+        before the manifest existed, and anndata's, are not: see :func:`upgrade`)."""
+        return self._manifest is not None
 
     def refresh(self) -> SparseStore:
         """Re-read the committed state (see rows appended by another process)."""
@@ -249,7 +324,8 @@ class SparseStore:
         stop = self.n_rows if stop is None else stop
         if self.is_dense:
             return np.arange(start, stop + 1, dtype=np.int64) * self.n_cols
-        return read_slice(self._indptr, start, stop + 1, name="indptr").astype(np.int64, copy=False)
+        ptr = read_slice(self._indptr, start, stop + 1, name="indptr").astype(np.int64, copy=False)
+        return check_row_pointers(ptr, self._nnz, self.path, start)
 
     def read_parts(
         self, start: int, stop: int, caches: tuple[ChunkCache, ChunkCache] | None = None
@@ -285,6 +361,8 @@ class SparseStore:
         ptr_vals = read_ranges(self._indptr, pos, pos + 1, name="indptr").astype(np.int64)
         lo = ptr_vals[np.searchsorted(pos, rows)]
         hi = ptr_vals[np.searchsorted(pos, rows + 1)]
+        check_row_pointers(np.stack([lo, hi], 1).ravel(), self._nnz, self.path,
+                           row_of=np.repeat(rows, 2))
         vals = read_ranges(self._data, lo, hi, name="data")
         ind = read_ranges(self._indices, lo, hi, name="indices")
         ptr = np.zeros(rows.size + 1, dtype=np.int64)
@@ -401,6 +479,7 @@ class SparseStore:
                 "to append"
             )
 
+    @os_errors("append to")
     def append(self, X: Any, labels: Mapping[str, Any] | None = None) -> SparseStore:
         """Append rows (any scipy sparse or 2-D array) and their labels, atomically.
 
@@ -532,14 +611,17 @@ class SparseStore:
                     self._ensure_label_arrays(labs)
                 if self.is_dense:
                     arr = _dense_block(block, self.n_cols, self.dtype)
+                    if self._meta.nan_policy == "raise":
+                        _check_dense_finite(arr, n)
                     m = arr.shape[0]
                     if m:
                         self._X.resize((n + m, self.n_cols))
-                        self._X[n : n + m] = arr
+                        _writable(self._X)[n : n + m] = arr
                     k = m * self.n_cols
                 else:
                     vals, ind, ptr = canonical_block(
-                        block, self.n_cols, dtype=self.dtype, keep_zeros=self._meta.keep_zeros
+                        block, self.n_cols, dtype=self.dtype, keep_zeros=self._meta.keep_zeros,
+                        nan_policy=self._meta.nan_policy, first_row=n,
                     )
                     m, k = ptr.size - 1, vals.size
                     appenders[0].add(vals)
@@ -551,7 +633,7 @@ class SparseStore:
                         raise ShapeMismatchError(f"label {name!r} block does not match its rows")
                     if m:
                         arr.resize((n + m, *arr.shape[1:]))
-                        arr[n : n + m] = lab
+                        _writable(arr)[n : n + m] = lab
                 n, nnz = n + m, nnz + k
                 if progress is not None:
                     progress.update(m)
@@ -570,11 +652,33 @@ class SparseStore:
             if ex is not None:
                 ex.shutdown(wait=True)
 
-    def _commit(self, n_rows: int, nnz: int, labels: list[str], *, complete: bool = True) -> None:
+    def _commit(
+        self, n_rows: int, nnz: int, labels: list[str], *, complete: bool = True,
+        scan: bool = False,
+    ) -> None:
+        """Publish rows ``[0, n_rows)`` with their manifest in one metadata write.
+
+        ``scan``: take the tags of chunks this writer did not write from storage (only
+        :func:`upgrade` does, after checking every chunk).
+        """
         meta = Meta.from_json(self._meta.to_json())
+        meta.generation = meta.generation or new_generation()
         meta.labels = list(labels)
         meta.committed_nnz = nnz if not self.is_dense else 0
         meta.complete = complete
+        meta.format_version = FORMAT_VERSION
+        if self.is_dense:
+            lengths = {DENSE_ARRAY: (self._X, n_rows)}
+        else:
+            lengths = {"data": (self._data, nnz), "indices": (self._indices, nnz),
+                       "indptr": (self._indptr, n_rows + 1)}
+        for name, arr in self._label_arrays().items():
+            if name in labels:
+                lengths[f"{LABELS_GROUP}/{name}"] = (arr, n_rows)
+        meta.manifest = build_manifest(
+            lengths, self._group.store, generation=meta.generation, n_cols=self.n_cols,
+            old=self._manifest, scan=scan,
+        ).to_json()
         attrs = {"shape": [n_rows, self.n_cols], META_KEY: meta.to_json()}
         # One metadata write: zarr's attrs.update() writes zarr.json once per key, and a
         # kill between those writes would commit a shape without its nnz.
@@ -583,23 +687,21 @@ class SparseStore:
 
     def _truncate(self, n_rows: int, nnz: int) -> None:
         """Drop anything written past the committed rows (after a failure or a crash)."""
+        storage.settle()
         if self.is_dense:
-            if self._X.shape[0] != n_rows:
-                self._X.resize((n_rows, self.n_cols))
+            storage.shrink(self._X, n_rows)
         else:
             for arr in (self._data, self._indices):
-                if arr.shape[0] != nnz:
-                    arr.resize((nnz,))
-            if self._indptr.shape[0] != n_rows + 1:
-                self._indptr.resize((n_rows + 1,))
+                storage.shrink(arr, nnz)
+            storage.shrink(self._indptr, n_rows + 1)
         if LABELS_GROUP in self._group:
             lg = self._group[LABELS_GROUP]
             for name, arr in lg.arrays():
                 if name not in self._meta.labels:
                     with contextlib.suppress(Exception):
                         del lg[name]
-                elif arr.shape[0] != n_rows:
-                    arr.resize((n_rows, *arr.shape[1:]))
+                else:
+                    storage.shrink(arr, n_rows)
 
     # --------------------------------------------------------------- closing
     def close(self) -> None:
@@ -624,6 +726,13 @@ class SparseStore:
 
 
 # ------------------------------------------------------------------ helpers
+
+def _writable(arr: Any) -> Any:
+    """``arr`` writing every chunk, all-fill ones included: the manifest needs each chunk
+    of the committed rows stored, so a missing one is damage, never an empty chunk.  Take
+    it after any resize (a configured copy does not see the original's later resizes)."""
+    return arr.with_config({"write_empty_chunks": True})
+
 
 class _WholeChunks:
     """Appends to a 1-D zarr array in whole chunks (whole shards when sharded).
@@ -708,10 +817,7 @@ class _WholeChunks:
                 for i, lo in enumerate(range(0, values.size, self.step)):
                     self.encoder.write(k0 + i, values[lo : lo + self.step])
         else:  # zarr merges a write that starts inside a stored chunk
-            # After any resize: a configured copy does not see the original's later resizes.
-            out = self.arr.with_config({"write_empty_chunks": True}) \
-                if hasattr(self.arr, "with_config") else self.arr
-            out[self.end : stop] = values
+            _writable(self.arr)[self.end : stop] = values
         self.end, self.fill = stop, 0
 
 
@@ -726,6 +832,7 @@ def _read_meta(attrs: Mapping[str, Any], path: str) -> Meta:
     fields = (
         ("format", str), ("format_version", int), ("labels", list), ("layout", dict),
         ("committed_nnz", int), ("keep_zeros", bool), ("complete", bool),
+        ("generation", str), ("manifest", dict), ("nan_policy", str),
     )
     for fname, typ in fields:
         value = getattr(meta, fname)
@@ -861,6 +968,17 @@ def _dense_block(block: Any, n_cols: int, dtype: np.dtype) -> np.ndarray:
     return arr.astype(dtype, copy=False)
 
 
+def _check_dense_finite(arr: np.ndarray, first_row: int) -> None:
+    if arr.dtype.kind == "f" and arr.size:
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            r, c = (int(v[0]) for v in np.nonzero(bad))
+            raise InvalidInputError(
+                f"row {first_row + r}, column {c} holds {arr[r, c]}: NaN and infinite values "
+                "are refused; clean the data, or pass nan_policy='keep' to store them"
+            )
+
+
 def _init_group(
     where: str,
     *,
@@ -871,6 +989,7 @@ def _init_group(
     keep_zeros: bool,
     complete: bool,
     storage_options: dict[str, Any] | None,
+    nan_policy: str = "raise",
 ) -> Any:
     import zarr
 
@@ -882,6 +1001,8 @@ def _init_group(
         layout=layout.to_json(),
         keep_zeros=keep_zeros,
         complete=complete,
+        generation=new_generation(),
+        nan_policy=nan_policy,
     )
     if sparse:
         idt = index_dtype(n_cols)
@@ -903,8 +1024,9 @@ def _init_group(
             compressors=codecs,
             fill_value=0,
         )
-        ip[:] = np.zeros(1, dtype=np.int64)
-        attrs = {**CSR_ENCODING, "shape": [0, n_cols], META_KEY: meta.to_json()}
+        _writable(ip)[:] = np.zeros(1, dtype=np.int64)
+        lengths = {"data": (g["data"], 0), "indices": (g["indices"], 0), "indptr": (ip, 1)}
+        attrs = {**CSR_ENCODING, "shape": [0, n_cols]}
     else:
         rows = layout.dense_row_chunk(max(1, n_cols) * dtype.itemsize)
         x = g.create_array(
@@ -916,13 +1038,18 @@ def _init_group(
             fill_value=0,
         )
         x.attrs.update(DENSE_ENCODING)
-        attrs = {"shape": [0, n_cols], META_KEY: meta.to_json()}
-    g.update_attributes(attrs)
+        lengths = {DENSE_ARRAY: (x, 0)}
+        attrs = {"shape": [0, n_cols]}
+    meta.manifest = build_manifest(
+        lengths, g.store, generation=meta.generation, n_cols=n_cols, old=None
+    ).to_json()
+    g.update_attributes({**attrs, META_KEY: meta.to_json()})
     return g
 
 
 # ------------------------------------------------------------------ public API
 
+@os_errors("open")
 def open(
     path: str | os.PathLike[str],
     mode: str = "r",
@@ -965,12 +1092,72 @@ def open(
                 f"{p} is an incomplete store (its save was interrupted); delete it and save again"
             )
         if mode == "r+":
+            if not store.verified:
+                raise NeedsUpgradeError(
+                    f"{p} was written without a chunk manifest (by an older sparsestore, or "
+                    f"by anndata); run `sparsestore upgrade {p}` (sparsestore.upgrade) once "
+                    "before appending to it"
+                )
             store._truncate(store.n_rows, store.nnz)
         return store
     except BaseException:
         if lock is not None:
             lock.release()
         raise
+
+
+def upgrade(
+    path: str | os.PathLike[str],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Add the chunk manifest to a store written before it existed (format version 1).
+
+    Every committed chunk is decoded first (a damaged store is refused, not blessed);
+    chunks zarr never stored (all fill value) are written out, since from now on a missing
+    chunk is an error.  Returns what was done; a store that has a manifest is left as is.
+    """
+    from zarr.core.sync import sync
+
+    from .validate import validate_store
+
+    p = storage.normalize(path)
+    store = open(p, mode="r", storage_options=storage_options)
+    if store.verified:
+        return {"path": p, "upgraded": False, "written_chunks": 0}
+    if META_KEY not in store.group.attrs:
+        raise NotAStoreError(
+            f"{p} was written by anndata, not sparsestore; copy it into a store with "
+            "sparsestore.convert(src, dst)"
+        )
+    report = validate_store(p, storage_options=storage_options, progress=progress)
+    if not report.ok:
+        raise CorruptStoreError(f"cannot upgrade a damaged store:\n{report.summary()}")
+    lock = storage.WriteLock(p).acquire()
+    try:
+        group = storage.open_group(p, mode="r+", storage_options=storage_options)
+        st = SparseStore(group, path=p, mode="r+", storage_options=storage_options, lock=lock)
+        lengths = {DENSE_ARRAY: st.n_rows} if st.is_dense else {
+            "data": st.nnz, "indices": st.nnz, "indptr": st.n_rows + 1}
+        arrays = {name: st.arrays[name] for name in lengths}
+        for name, lab in st.labels.items():
+            arrays[f"{LABELS_GROUP}/{name}"] = lab._arr
+            lengths[f"{LABELS_GROUP}/{name}"] = st.n_rows
+        inner = group.store._store if isinstance(group.store, VerifiedStore) else group.store
+        written = 0
+        for name, arr in arrays.items():
+            c = int((getattr(arr, "shards", None) or arr.chunks)[0])
+            for k in range(0, (lengths[name] + c - 1) // c):
+                key = f"{arr.path}/{arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))}"
+                if not sync(inner.exists(key)):
+                    lo, hi = k * c, min((k + 1) * c, arr.shape[0])
+                    _writable(arr)[lo:hi] = arr[lo:hi]
+                    written += 1
+        st._commit(st.n_rows, st.nnz, list(st._meta.labels), scan=True)
+    finally:
+        lock.release()
+    return {"path": p, "upgraded": True, "written_chunks": written}
 
 
 def raise_missing(path: str) -> None:
@@ -981,6 +1168,7 @@ def raise_missing(path: str) -> None:
     )
 
 
+@os_errors("create")
 def create(
     path: str | os.PathLike[str],
     n_cols: int,
@@ -990,19 +1178,26 @@ def create(
     keep_zeros: bool = False,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
+    nan_policy: str = "raise",
     **layout_options: Any,
 ) -> SparseStore:
-    """Create an empty (0-row) store and open it for appending (``mode="r+"``)."""
+    """Create an empty (0-row) store and open it for appending (``mode="r+"``).
+
+    ``nan_policy``: what appends do with NaN/inf values, ``"raise"`` or ``"keep"``.
+    """
     layout = Layout.from_options(**layout_options)
+    check_nan_policy(nan_policy)
     n_cols = check_dim(n_cols, "n_cols")
     dt = check_matrix_dtype(dtype, sparse=sparse)
     p = storage.normalize(path)
     with storage.staged(p, overwrite=overwrite, storage_options=storage_options) as where:
         _init_group(where, n_cols=n_cols, dtype=dt, layout=layout, sparse=sparse,
-                    keep_zeros=keep_zeros, complete=True, storage_options=storage_options)
+                    keep_zeros=keep_zeros, complete=True, storage_options=storage_options,
+                    nan_policy=nan_policy)
     return open(p, mode="r+", storage_options=storage_options)
 
 
+@os_errors("write")
 def write_blocks(
     path: str | os.PathLike[str],
     blocks: Iterable[tuple[Any, LabelBlock]],
@@ -1015,6 +1210,7 @@ def write_blocks(
     storage_options: dict[str, Any] | None = None,
     progress: Any = None,
     encode_thread: bool = False,
+    nan_policy: str = "raise",
     **layout_options: Any,
 ) -> SparseStore:
     """Build a new store from an iterable of ``(row block, labels block)``, atomically.
@@ -1022,8 +1218,11 @@ def write_blocks(
     The one write path for :func:`save` and every ingest source: nothing appears at
     ``path`` unless every block was written.  ``encode_thread``: compress chunks on a
     thread of their own, for block sources that decode on several threads.
+    ``nan_policy``: ``"raise"`` refuses NaN/inf values (the block's row and column named),
+    ``"keep"`` stores them; appends follow the store's policy.
     """
     layout = Layout.from_options(**layout_options)
+    check_nan_policy(nan_policy)
     n_cols = check_dim(n_cols, "n_cols")
     dt = check_matrix_dtype(dtype, sparse=sparse)
     p = storage.normalize(path)
@@ -1033,12 +1232,13 @@ def write_blocks(
         # open as a store either.
         g = _init_group(where, n_cols=n_cols, dtype=dt, layout=layout, sparse=sparse,
                         keep_zeros=keep_zeros, complete=False,
-                        storage_options=storage_options)
+                        storage_options=storage_options, nan_policy=nan_policy)
         st = SparseStore(g, path=where, mode="r+", storage_options=storage_options)
         st._append_blocks(blocks, progress=progress, encode_thread=encode_thread)
     return open(p, mode="r", storage_options=storage_options)
 
 
+@os_errors("save")
 def save(
     path: str | os.PathLike[str],
     X: Any,
@@ -1050,13 +1250,15 @@ def save(
     dtype: Any = None,
     storage_options: dict[str, Any] | None = None,
     progress: bool = False,
+    nan_policy: str = "raise",
     **layout_options: Any,
 ) -> SparseStore:
     """Write ``X`` (any scipy sparse matrix/array, 2-D ndarray or memmap) as a new store.
 
     Input is streamed in row blocks: a memmap bigger than memory is never loaded whole.
-    ``sparse=False`` keeps a dense matrix dense (slices give numpy).  Returns the store
-    opened read-only.
+    ``sparse=False`` keeps a dense matrix dense (slices give numpy).  ``nan_policy``:
+    ``"raise"`` (default) refuses NaN/inf values, naming the first; ``"keep"`` stores them.
+    Returns the store opened read-only.
     """
     from .ingest import matrix_shape, row_blocks
 
@@ -1077,7 +1279,7 @@ def save(
             ((block, _slice_labels(labs, a, b)) for a, b, block in row_blocks(X)),
             n_cols=n_cols, dtype=dt, sparse=sparse, keep_zeros=keep_zeros,
             overwrite=overwrite, storage_options=storage_options, progress=bar,
-            **layout_options,
+            nan_policy=nan_policy, **layout_options,
         )
     finally:
         if bar is not None:

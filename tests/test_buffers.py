@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +18,7 @@ import sparsestore
 from sparsestore import reader
 from sparsestore.buffers import ALIGN, BufferPool, size_class
 from sparsestore.chunks import ChunkDecoder
-from sparsestore.errors import ChecksumError, CorruptStoreError
+from sparsestore.errors import ChecksumError, CorruptStoreError, MissingChunkError
 from sparsestore.reader import gather_csr
 
 # ------------------------------------------------------------------ BufferPool
@@ -145,10 +146,21 @@ def test_decoder_names_the_damaged_chunk(small_chunked, tmp_path):
         dec.read(2)
 
 
-def test_decoder_gives_the_fill_value_for_an_unwritten_chunk(small_chunked, tmp_path):
+def test_decoder_refuses_a_missing_chunk_and_matches_zarr_without_a_manifest(
+    small_chunked, tmp_path
+):
+    """A chunk the manifest lists is never read as the fill value; a store without one (as
+    anndata writes them) reads an unwritten chunk as zarr does."""
     _, stores = small_chunked
     path = shutil.copytree(stores["raw"].path, tmp_path / "sparse.zarr")
     (path / "data" / "c" / "1").unlink()
+    dec = ChunkDecoder(sparsestore.open(path).arrays["data"], "data")
+    with pytest.raises(MissingChunkError, match="chunk 1 of array 'data'"):
+        dec.read(1, pool=BufferPool())
+    g = zarr.open_group(str(path), mode="r+")
+    meta = dict(g.attrs["sparsestore"])
+    meta.update(format_version=1, manifest={}, generation="")
+    g.attrs["sparsestore"] = meta
     arr = sparsestore.open(path).arrays["data"]
     dec = ChunkDecoder(arr, "data")
     lo, hi = dec.bounds(1)
