@@ -29,7 +29,12 @@ import numpy as np
 import scipy.sparse as sp
 
 import sparsestore
-from sparsestore.errors import ChecksumError, LockError, SparseStoreError
+from sparsestore.errors import (
+    CorruptStoreError,
+    LockError,
+    SparseStoreError,
+    StoreChangedError,
+)
 from sparsestore.validate import validate_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,21 +231,169 @@ def run_flips(tmp: Path, flips_per_array: int, rng: Any) -> list[tuple[str, str,
             raw[int(rng.integers(len(raw)))] ^= int(rng.integers(1, 256))
             victim.write_bytes(bytes(raw))
             try:
-                st = sparsestore.open(work)
-                if array.startswith("labels/"):
-                    st.labels[array.split("/")[1]][:]
-                else:
-                    st[:]
+                _read_back(work, array)
                 silent += 1
-            except ChecksumError:
+            except CorruptStoreError:  # ChecksumError, or a damaged tag: MisplacedChunkError
                 read_detected += 1
             if not validate_store(work).ok:
                 validate_detected += 1
             shutil.rmtree(work)
         kind = {"sh.zarr": " (sharded)", "d.zarr": " (dense)"}.get(store_name, "")
-        outcome = (f"read raised ChecksumError {read_detected}/{flips_per_array}, validate "
-                   f"failed {validate_detected}/{flips_per_array}, silently wrong {silent}")
+        outcome = (f"read raised ChecksumError/MisplacedChunkError {read_detected}/"
+                   f"{flips_per_array}, validate failed {validate_detected}/{flips_per_array}, "
+                   f"silently wrong {silent}")
         rows.append((f"Byte flip in `{array}` chunk{kind}", str(flips_per_array), outcome))
+    return rows
+
+
+def _read_back(path: Path, array: str) -> None:
+    """Read everything ``array`` holds (a label, or the matrix)."""
+    st = sparsestore.open(path)
+    if array.startswith("labels/"):
+        st.labels[array.split("/")[1]][:]
+    else:
+        st[:]
+
+
+def _chunk_files(store: Path, array: str) -> list[Path]:
+    return sorted(p for p in (store / array / "c").rglob("*") if p.is_file())
+
+
+def run_damage(tmp: Path, tries: int, rng: Any) -> list[tuple[str, str, str]]:
+    """Chunks deleted, moved, or copied in from another store; array metadata edited; a
+    store saved over while a reader has it open."""
+    n, m = 4000, 300
+    X = sp.random(n, m, density=0.05, format="csr", dtype=np.float32, random_state=0)
+    X.data += 1
+    Y = sp.random(n, m, density=0.05, format="csr", dtype=np.float32, random_state=5)
+    Y.data += 1
+    lay = {"chunk_bytes": 4096, "indptr_chunk": 256, "dense_chunk_bytes": 4096}
+    labels = {"y": np.arange(n)}
+    D = np.arange(n * 12, dtype=np.float32).reshape(n, 12) + 1
+    sparsestore.save(tmp / "s.zarr", X, labels=labels, **lay)
+    sparsestore.save(tmp / "o.zarr", Y, labels={"y": np.arange(n)[::-1].copy()}, **lay)
+    sparsestore.save(tmp / "sh.zarr", X, shard_bytes=16384, **lay)
+    sparsestore.save(tmp / "d.zarr", D, sparse=False, **lay)
+    sparsestore.save(tmp / "kz.zarr", X, keep_zeros=True, **lay)
+    sparsestore.save(tmp / "nc.zarr", X, checksum=False, **lay)
+    truth = {"s.zarr": X, "sh.zarr": X, "d.zarr": D, "kz.zarr": X, "nc.zarr": X}
+    cases = [("s.zarr", "data"), ("s.zarr", "indices"), ("s.zarr", "indptr"),
+             ("s.zarr", "labels/y"), ("sh.zarr", "data"), ("d.zarr", "X"),
+             ("kz.zarr", "data"), ("nc.zarr", "data")]
+    rows = []
+
+    def attempt(store_name: str, array: str, damage) -> str:
+        work = tmp / "work.zarr"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(tmp / store_name, work)
+        damage(work)
+        try:
+            st = sparsestore.open(work)
+            got = st.labels["y"][:] if array == "labels/y" else st[:]
+            want = labels["y"] if array == "labels/y" else truth[store_name]
+            same = np.array_equal(got, want) if isinstance(got, np.ndarray) else \
+                (got != want).nnz == 0
+            verdict = "same" if same else "silent"
+        except CorruptStoreError as exc:
+            verdict = type(exc).__name__
+        if not validate_store(work).ok:
+            verdict += "+validate"
+        shutil.rmtree(work)
+        return verdict
+
+    def row(label: str, results: Counter) -> None:
+        total = sum(results.values())
+        silent = sum(v for k, v in results.items() if k.startswith("silent"))
+        caught = sum(v for k, v in results.items() if k.endswith("+validate")
+                     and not k.startswith(("silent", "same")))
+        kinds = ", ".join(f"{k.split('+')[0]}: {v}" for k, v in sorted(results.items()))
+        outcome = (f"read raised and validate failed {caught}/{total} ({kinds}), silently "
+                   f"wrong {silent}")
+        if silent or caught != total:
+            outcome = f"**{outcome}**"
+        rows.append((label, str(total), outcome))
+
+    kind = {"sh.zarr": " (sharded)", "d.zarr": " (dense)", "kz.zarr": " (keep_zeros)",
+            "nc.zarr": " (checksum=False)"}
+    for store_name, array in cases:
+        files = _chunk_files(tmp / store_name, array)
+        res: Counter = Counter()
+        for _ in range(tries):
+            victim = files[int(rng.integers(len(files)))].relative_to(tmp / store_name)
+            res[attempt(store_name, array, lambda w, v=victim: (w / v).unlink())] += 1
+        row(f"Chunk file deleted: `{array}`{kind.get(store_name, '')}", res)
+    for store_name, array in cases:
+        files = _chunk_files(tmp / store_name, array)
+        res = Counter()
+        for t in range(tries):
+            a, b = (int(i) for i in rng.choice(len(files), 2, replace=False))
+            src_rel, dst_rel = (f.relative_to(tmp / store_name) for f in (files[a], files[b]))
+            other = tmp / "o.zarr" / dst_rel
+            how = t % 3 if store_name == "s.zarr" and other.exists() else 0
+
+            def damage(w, s=src_rel, d=dst_rel, how=how, other=other):
+                if how == 0:  # another position of the same array
+                    shutil.copyfile(w / s, w / d)
+                elif how == 1:  # the same position of another store
+                    shutil.copyfile(other, w / d)
+                else:  # a symlink to it
+                    (w / d).unlink()
+                    os.symlink(other, w / d)
+
+            res[attempt(store_name, array, damage)] += 1
+        row(f"Chunk moved / from another store / symlinked: `{array}`"
+            f"{kind.get(store_name, '')}", res)
+
+    def meta_edit(array: str, fn):
+        def damage(w):
+            f = w / array / "zarr.json"
+            meta = json.loads(f.read_text())
+            fn(meta)
+            f.write_text(json.dumps(meta))
+        return damage
+
+    def grid(shape):
+        return lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=shape)
+
+    def shape_attr(w):
+        f = w / "zarr.json"
+        meta = json.loads(f.read_text())
+        meta["attributes"]["shape"] = [n, m + 50]
+        f.write_text(json.dumps(meta))
+
+    edits = [
+        ("data", meta_edit("data", lambda m: m.update(data_type="int32"))),
+        ("data", meta_edit("data", lambda m: m.update(data_type="uint32"))),
+        ("data", meta_edit("data", lambda m: m["codecs"][0]["configuration"].update(
+            endian="big"))),
+        ("labels/y", meta_edit("labels/y", lambda m: m.update(data_type="float64"))),
+        ("data", meta_edit("data", lambda m: m.update(codecs=m["codecs"][:-1]))),
+        ("data", meta_edit("data", grid([2048]))),
+        ("data", meta_edit("data", grid([2**40]))),
+        ("data", shape_attr),
+    ]
+    res = Counter(attempt("s.zarr", a, fn) for a, fn in edits)
+    row("Array metadata edited (dtype, endian, labels dtype, codecs, chunk shape, n_cols)", res)
+
+    res = Counter()
+    for rows_b in (n // 4, n, 2 * n):
+        shutil.rmtree(tmp / "ow.zarr", ignore_errors=True)
+        sparsestore.save(tmp / "ow.zarr", X, labels=labels, **lay)
+        old = sparsestore.open(tmp / "ow.zarr")
+        B = sp.random(rows_b, m, density=0.05, format="csr", dtype=np.float32, random_state=9)
+        sparsestore.save(tmp / "ow.zarr", B, labels={"y": np.zeros(rows_b, np.int64)},
+                         overwrite=True, **lay)
+        for read in (lambda o=old: o[:], lambda o=old: o.labels["y"][:]):
+            try:
+                read()
+                res["silent"] += 1
+            except StoreChangedError:
+                res["refused"] += 1
+    total = sum(res.values())
+    outcome = (f"{res['refused']}/{total} reads (matrix, labels) raised StoreChangedError, "
+               f"silently wrong {res['silent']}")
+    rows.append(("Store saved over while a reader has it open (B smaller, equal, larger)",
+                 str(total), outcome if not res["silent"] else f"**{outcome}**"))
     return rows
 
 
@@ -450,8 +603,10 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "kills").mkdir()
         (tmp / "flips").mkdir()
         (tmp / "hostile").mkdir()
+        (tmp / "damage").mkdir()
         rows = run_kills(tmp / "kills", kills, rng)
         rows += run_flips(tmp / "flips", flips, rng)
+        rows += run_damage(tmp / "damage", flips, rng)
         rows += run_hostile(tmp / "hostile", fuzz, rng)
     lines = [
         "| Category | Faults / inputs tried | Outcome |",

@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--quick", action="store_true", help="metadata and structure only")
     v.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
+    u = sub.add_parser("upgrade", help="add the chunk manifest to a store written before it",
+                       description="Check every chunk of a store written by an older "
+                       "sparsestore, then add the manifest that lets every read detect a "
+                       "missing, moved or replaced chunk (needed before appending to it).")
+    u.add_argument("path", metavar="PATH")
+    u.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
     b = sub.add_parser("bench", help="stream one epoch through the DataLoader",
                        description="Stream one epoch through sparsestore.DataLoader; print "
                        "rows/s, M nnz/s and peak RSS.")
@@ -318,6 +325,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from .store import upgrade
+
+    done = upgrade(args.path, progress=not args.quiet)
+    if not done["upgraded"]:
+        print(f"{done['path']}: already has a chunk manifest; nothing to do")
+    else:
+        extra = (f"; {done['written_chunks']} all-zero chunk(s) that were never stored are "
+                 "now written out" if done["written_chunks"] else "")
+        print(f"{done['path']}: every chunk checked, manifest added{extra}")
+    return 0
+
+
 def _peak_rss_bytes() -> int:
     try:
         import resource
@@ -370,7 +390,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"convert": cmd_convert, "info": cmd_info, "validate": cmd_validate,
-            "bench": cmd_bench}
+            "upgrade": cmd_upgrade, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,9 +6,8 @@ no store behind (no destination, no staging directory, no spill directory).
 
 from __future__ import annotations
 
-import json
-
 import gzip
+import json
 import os
 import pickle
 import sys

@@ -374,3 +374,16 @@ def test_appends_keep_old_handles_exact_and_all_fill_chunks_stored(tmp_path):
     chunk_file(path, "labels/y", 0).unlink()
     with pytest.raises(MissingChunkError):
         sparsestore.open(path).labels["y"][:]
+
+
+def test_cli_upgrade_and_validate_note(fresh):
+    from sparsestore.cli import main
+
+    path, X = fresh("s")
+    _unseal(path)
+    assert main(["validate", "-q", str(path)]) == 0
+    assert main(["upgrade", "-q", str(path)]) == 0
+    assert sparsestore.open(path).verified
+    assert main(["upgrade", "-q", str(path)]) == 0  # nothing to do
+    chunk_file(path, "indices", 3).unlink()
+    assert main(["validate", "-q", str(path)]) == 1
