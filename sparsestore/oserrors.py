@@ -33,19 +33,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _disk_full(action: str, path: str, exc: OSError) -> StorageError:
     what = "the disk quota is used up" if exc.errno == errno.EDQUOT else "the disk is full"
+    writing = f" (writing {exc.filename})" if exc.filename else ""
     return DiskFullError(
-        exc.errno, f"cannot {action} {path}: {what} (writing {exc.filename}); free space on "
-        "that file system (or raise the quota) and retry; nothing past the last commit is kept",
+        exc.errno, f"cannot {action} {path}: {what}{writing}; free space on that file system "
+        "(or raise the quota) and retry; nothing past the last commit is kept",
         exc.filename,
     )
 
 
 def _too_large(action: str, path: str, exc: OSError) -> StorageError:
     return FileTooLargeError(
-        exc.errno, f"cannot {action} {path}: {exc.filename} would exceed the largest file "
-        "allowed (the process's file size limit, RLIMIT_FSIZE / `ulimit -f`, or the file "
-        "system's maximum); raise the limit (or pick a smaller chunk_bytes/shard_bytes) "
-        "and retry",
+        exc.errno, f"cannot {action} {path}: {exc.filename or 'a file'} would exceed the "
+        "largest file allowed (the process's file size limit, RLIMIT_FSIZE / `ulimit -f`, or "
+        "the file system's maximum); raise the limit (or pick a smaller chunk_bytes/"
+        "shard_bytes) and retry",
         exc.filename,
     )
 
@@ -60,9 +61,9 @@ def _read_only(action: str, path: str, exc: OSError) -> StorageError:
 
 def _busy(action: str, path: str, exc: OSError) -> StorageError:
     return StoreBusyError(
-        exc.errno, f"cannot {action} {path}: {exc.filename} is busy (a mount point, or in use "
-        "by another program), so it cannot be renamed or replaced; save to a path inside it "
-        "or elsewhere, or unmount it, and retry",
+        exc.errno, f"cannot {action} {path}: {exc.filename or path} is busy (a mount point, "
+        "or in use by another program), so it cannot be renamed or replaced; save to a path "
+        "inside it or elsewhere, or unmount it, and retry",
         exc.filename,
     )
 

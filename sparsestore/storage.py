@@ -1,4 +1,5 @@
-"""Where a store lives: local paths and fsspec URLs, atomic creation, the writer lock.
+"""Where a store lives: local paths and fsspec URLs, atomic creation, the writer lock, and
+cutting arrays back to their committed length after a failed or killed write.
 
 Local stores are built in a hidden sibling directory and renamed into place, so an
 interrupted ``save`` leaves no store at all and never clobbers an existing one.  Remote
@@ -14,6 +15,7 @@ import errno
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,10 +197,10 @@ def settle(timeout: float = 120.0) -> None:
     try:
         from zarr.core import sync as zsync
 
-        loop = zsync.loop[0]
+        loop, io_thread = zsync.loop[0], zsync.iothread[0]
     except (ImportError, AttributeError, IndexError):  # another zarr: nothing to wait for
         return
-    if loop is None or not loop.is_running():
+    if loop is None or not loop.is_running() or threading.current_thread() is io_thread:
         return
 
     async def drain() -> None:

@@ -1197,7 +1197,7 @@ def create(
     return open(p, mode="r+", storage_options=storage_options)
 
 
-@os_errors("write")
+@os_errors("save")
 def write_blocks(
     path: str | os.PathLike[str],
     blocks: Iterable[tuple[Any, LabelBlock]],
