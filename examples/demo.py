@@ -3,18 +3,27 @@
 Everything printed is measured on this machine: the store in ``./demo_data`` is written
 fresh (overwritten), one epoch is streamed through ``adapters.tensorflow.to_dataset`` (and
 checked: every row and non-zero arrives), then the small Keras model of
-``examples/keras_train.py`` trains on it with a held-out validation range.
+``examples/keras_train.py`` trains on it with a held-out validation range.  It ends with a
+summary (rows/s, M nnz/s, peak RSS, where the store is) and what to try next.
+
+TensorFlow's C++ start-up lines (absl's "All log messages before absl::InitializeLog()"
+preamble, the oneDNN notice) are dropped: ``TF_CPP_MIN_LOG_LEVEL`` does not reach them, so
+the import runs with stderr captured and anything else it printed is passed on.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+# Before TensorFlow loads: its C++ INFO and WARNING lines off, Keras on TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
@@ -25,6 +34,78 @@ import sparsestore  # noqa: E402
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
+
+
+# absl's preamble and glog-style INFO/WARNING lines ("I0000 00:00:1796... 5475 port.cc:153] ...").
+_TF_NOISE = re.compile(rb"WARNING: All log messages before absl::InitializeLog\(\)"
+                       rb"|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow and Keras with the C++ log lines they print at import dropped.
+
+    Those lines go straight to file descriptor 2, before ``TF_CPP_MIN_LOG_LEVEL`` applies,
+    so fd 2 points at a temporary file during the import; lines that are not TensorFlow's
+    start-up log (a Python warning, an error) are written to stderr afterwards.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import keras  # noqa: F401
+            import tensorflow  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured if not _TF_NOISE.match(line)]
+            if kept:
+                sys.stderr.buffer.write(b"".join(kept))
+                sys.stderr.flush()
+
+
+def _shown(path: Path | str) -> str:
+    """``path`` relative to the working directory when it is below it, else absolute."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+def print_summary(store: sparsestore.SparseStore, out: Path, tps: dict[str, kt.Throughput],
+                  epochs: int, accuracy: float, tf_mib: float) -> None:
+    """What a newcomer should take away, and what to run next."""
+    info = store.info()
+    n, m = info["shape"]
+    print()
+    print("Summary")
+    print(f"  store      {_shown(store.path)}: {n:,} x {m:,} {info['dtype']}, "
+          f"{info['nnz'] / 1e6:.2f} M non-zeros, {_mib(info['bytes_stored'])} on disk "
+          f"({_mib(info['bytes_uncompressed'])} raw)")
+    what = {"read": "DataLoader, shuffled, scipy CSR batches",
+            "to TF": "the same batches as tf.SparseTensor, through tf.data",
+            "training": f"Keras fit, {epochs} epochs, held-out accuracy {accuracy:.3f}"}
+    for name, tp in tps.items():
+        print(f"  {name:<10} {tp.rows_per_s:>11,.0f} rows/s  {tp.mnnz_per_s:6.2f} M nnz/s  "
+              f"({what[name]})")
+    print(f"  memory     peak RSS {kt.peak_rss_mb():,.0f} MiB, ~{tf_mib:,.0f} MiB of it "
+          f"TensorFlow + Keras themselves")
+    print("             (the matrix is streamed chunk by chunk, never loaded whole)")
+    bin_dir = Path(sys.executable).parent
+    cli = bin_dir / "sparsestore"
+    cli_cmd = _shown(cli) if cli.exists() else f"{_shown(sys.executable)} -m sparsestore.cli"
+    store_path = _shown(store.path)
+    demo = f"{_shown(sys.executable)} {_shown(__file__)}"
+    print("Try next")
+    for cmd, why in [
+        (f"{cli_cmd} info {store_path}", "shape, chunking, compression"),
+        (f"{cli_cmd} bench {store_path} --shuffle", "the loader alone, one epoch"),
+        (f"{demo} --rows 2000000 --epochs 1 --out {_shown(out)}", "5x the rows"),
+        ("make test", "adds the test stack, runs ruff + pytest"),
+    ]:
+        print(f"  {cmd:<58}  # {why}")
+    print("  README.md: the Python API (sparsestore.save/open, DataLoader, to_dataset), "
+          "converting your own files")
 
 
 def print_info(store: sparsestore.SparseStore) -> None:
@@ -59,9 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     print_info(store)
 
     print("2. streaming one epoch (shuffled) through sparsestore.DataLoader")
+    rss_before_tf = kt.rss_mb()
+    import_tensorflow_quietly()
     import adapters.tensorflow as sstf
 
     rss0 = kt.rss_mb()
+    tf_mib = rss0 - rss_before_tf
     loader = sparsestore.DataLoader(store, args.batch_size, shuffle=True, seed=0)
     t0 = time.perf_counter()
     rows = nnz = 0
@@ -87,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   loss {h['loss'][0]:.4f} -> {h['loss'][-1]:.4f}; held-out accuracy "
           f"{h['val_accuracy'][-1]:.3f}")
     print(f"   training throughput:       {train_tp}")
-    print(f"4. memory: peak RSS {kt.peak_rss_mb():,.0f} MiB (TensorFlow included); "
-          f"now {kt.rss_mb():,.0f} MiB; store on disk {_mib(store.info()['bytes_stored'])}")
+    print_summary(store, out, {"read": np_tp, "to TF": tf_tp, "training": train_tp},
+                  args.epochs, h["val_accuracy"][-1], tf_mib)
     return 0
 
 
