@@ -32,7 +32,13 @@ from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteReques
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import WrapperStore
 
-from .errors import CorruptStoreError, MisplacedChunkError, MissingChunkError, StoreChangedError
+from .errors import (
+    ChecksumError,
+    CorruptStoreError,
+    MisplacedChunkError,
+    MissingChunkError,
+    StoreChangedError,
+)
 
 if TYPE_CHECKING:
     from .buffers import BufferPool
@@ -286,8 +292,9 @@ class VerifiedStore(WrapperStore):
 
     # ------------------------------------------------------------ manifest
     def install(self, manifest: Manifest | None, prefix: str = "") -> None:
+        """Check reads against ``manifest`` from now on.  Tags recorded for writes stay:
+        they describe the bytes on disk until the commit that publishes them."""
         self.manifest, self.prefix = manifest, (prefix + "/" if prefix else "")
-        self.written = {}
 
     @property
     def supports_sync(self) -> bool:
@@ -415,6 +422,12 @@ class VerifiedStore(WrapperStore):
                 return  # the partly filled object, rewritten by a committed append
         lo = k * am.chunk
         where = f"chunk {k} of array {name!r} (rows/elements {lo}:{min(lo + am.chunk, am.length)})"
+        if raw is not None and am.trailer and (raw.size < 4 or crc32c(raw[:-4]) != _trailer(raw)):
+            raise ChecksumError(  # not even self-consistent: damaged, not misplaced
+                f"checksum mismatch in array {name!r}, chunk {k} (elements {lo}:"
+                f"{min(lo + am.chunk, am.length)}): the chunk is damaged on disk; restore the "
+                "store from a copy"
+            )
         if verdict == "missing":
             raise MissingChunkError(
                 f"{self.label}: {where} is missing from storage; the store is damaged: restore "
@@ -482,7 +495,10 @@ class VerifiedStore(WrapperStore):
         name, s, _ = parts
         kind = self._kinds.get(name)
         if kind is None:
-            meta = json.loads(meta_json) if meta_json else {}
+            if not meta_json:  # an array without metadata: nothing can be read from it
+                self.written.pop(name, None)
+                return
+            meta = json.loads(meta_json)
             kind = self._kinds[name] = (trailer_tagged(meta), per_object(meta))
         trailer, per = kind
         written = self.written.setdefault(name, {})
@@ -501,12 +517,19 @@ class VerifiedStore(WrapperStore):
             return None
         return self.prefix + parts[0] + "/zarr.json"
 
-    async def set(self, key: str, value: Any) -> None:
+    async def _meta_of(self, key: str) -> bytes | None:
+        """The array's zarr.json, when this key's array is not known yet."""
         mk = self._meta_key(key)
-        meta = None
-        if mk is not None:
-            got = await self._store.get(mk, default_buffer_prototype())
-            meta = None if got is None else got.to_bytes()
+        got = None if mk is None else await self._store.get(mk, default_buffer_prototype())
+        return None if got is None else got.to_bytes()
+
+    def _meta_of_sync(self, key: str) -> bytes | None:
+        mk = self._meta_key(key)
+        got = None if mk is None else self._store.get_sync(mk)
+        return None if got is None else got.to_bytes()
+
+    async def set(self, key: str, value: Any) -> None:
+        meta = await self._meta_of(key)
         await self._store.set(key, value)
         self._record(key, value.as_numpy_array().view(np.uint8), meta)
 
@@ -519,21 +542,19 @@ class VerifiedStore(WrapperStore):
             await self.set(key, value)
 
     def set_sync(self, key: str, value: Any) -> None:
-        mk = self._meta_key(key)
-        meta = None
-        if mk is not None:
-            got = self._store.get_sync(mk)
-            meta = None if got is None else got.to_bytes()
+        meta = self._meta_of_sync(key)
         self._store.set_sync(key, value)
         self._record(key, value.as_numpy_array().view(np.uint8), meta)
 
     async def delete(self, key: str) -> None:
+        meta = await self._meta_of(key)
         await self._store.delete(key)
-        self._record(key, None, None)
+        self._record(key, None, meta)
 
     def delete_sync(self, key: str) -> None:
+        meta = self._meta_of_sync(key)
         self._store.delete_sync(key)
-        self._record(key, None, None)
+        self._record(key, None, meta)
 
     async def delete_dir(self, prefix: str) -> None:
         await self._store.delete_dir(prefix)
@@ -620,7 +641,7 @@ def _chunk_key(arr: Any, k: int) -> str:
 
 def check_chunk_size(arr: Any, name: str, where: str) -> None:
     """Refuse chunk shapes whose decoded size is absurd, before anything is allocated."""
-    chunks = tuple(int(c) for c in ((getattr(arr, "shards", None) or arr.chunks)))
+    chunks = tuple(int(c) for c in (getattr(arr, "shards", None) or arr.chunks))
     nbytes = int(np.prod(chunks, dtype=object)) * np.dtype(arr.dtype).itemsize
     if nbytes > MAX_CHUNK_BYTES or min(chunks, default=1) < 1:
         raise CorruptStoreError(

@@ -684,6 +684,8 @@ class SparseStore:
         # kill between those writes would commit a shape without its nnz.
         self._group.update_attributes(attrs)
         self._load()
+        with contextlib.suppress(AttributeError):  # the manifest now holds every tag written
+            self._group.store.written.clear()
 
     def _truncate(self, n_rows: int, nnz: int) -> None:
         """Drop anything written past the committed rows (after a failure or a crash)."""

@@ -387,3 +387,38 @@ def test_cli_upgrade_and_validate_note(fresh):
     assert main(["upgrade", "-q", str(path)]) == 0  # nothing to do
     chunk_file(path, "indices", 3).unlink()
     assert main(["validate", "-q", str(path)]) == 1
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("killed", [False, True])
+def test_failed_append_then_append_again(tmp_path, monkeypatch, sparse, killed):
+    """A failed append rolls back; a killed one (no rollback) leaves its chunks for the next
+    writer to cut, rewriting the last partly filled chunks.  Either way the next append
+    commits the tags of what is on disk, and everything reads back exactly."""
+    from sparsestore.store import SparseStore
+
+    path = tmp_path / "f.zarr"
+    X, y = _matrix(), _labels()["y"]
+    D = X.toarray()
+    w = sparsestore.create(path, n_cols=M, sparse=sparse, **LAYOUT)
+    src = X if sparse else D
+    w.append(src[:1500], labels={"y": y[:1500]})
+
+    def blocks():
+        yield src[1500:2500], {"y": y[1500:2500]}
+        raise RuntimeError("source failed")
+
+    with monkeypatch.context() as m:
+        if killed:  # as if the process died: nothing cleans up
+            m.setattr(SparseStore, "_truncate", lambda *a, **k: None)
+            m.setattr(SparseStore, "_load", lambda *a, **k: None)
+        with pytest.raises(RuntimeError, match="source failed"):
+            w._append_blocks(blocks())
+    w.close()
+    with sparsestore.open(path, mode="r+") as again:  # a fresh writer cuts the tail first
+        again.append(src[1500:], labels={"y": y[1500:]})
+    s = sparsestore.open(path)
+    got = s[:]
+    assert np.array_equal(got, D) if not sparse else (got != X).nnz == 0
+    assert np.array_equal(s.labels["y"][:], y)
+    assert validate_store(path).ok
