@@ -92,7 +92,6 @@ import scipy.sparse as sp
 from dask.array.dispatch import concatenate_lookup, nannumel_lookup, numel_lookup
 from dask.highlevelgraph import HighLevelGraph
 
-from . import storage
 from .chunks import ChunkDecoder, read_slice
 from .errors import CorruptStoreError, InvalidInputError, ShapeMismatchError, StoreChangedError
 from .integrity import check_row_pointers
