@@ -397,6 +397,126 @@ def run_damage(tmp: Path, tries: int, rng: Any) -> list[tuple[str, str, str]]:
     return rows
 
 
+# ------------------------------------------------------------ environment
+
+def _du(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _digest(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".sparsestore.lock"}
+
+
+_EFBIG_CHILD = """
+import json, resource, signal, sys
+import numpy as np, scipy.sparse as sp, sparsestore
+from sparsestore.errors import FileTooLargeError
+path, big, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+st = sparsestore.open(path, "r+")
+X = sp.load_npz(big)
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+try:
+    st.append(X, labels={"y": np.arange(st.n_rows, st.n_rows + X.shape[0])})
+    out = "appended"
+except FileTooLargeError as exc:
+    out = "refused" if exc.errno == 27 and isinstance(exc, OSError) else "wrong errno"
+except Exception as exc:
+    out = type(exc).__name__
+print(json.dumps(out))
+"""
+
+
+def run_environment(tmp: Path, tries: int, rng: Any) -> list[tuple[str, str, str]]:
+    """Appends that run out of disk space (a zarr write budget) or past RLIMIT_FSIZE: the
+    error is a SparseStoreError that is also the OSError, and the store is byte for byte
+    what it was (space given back), or the append fit and every row reads back."""
+    import zarr.storage._local as local
+
+    from sparsestore.errors import DiskFullError
+
+    n, m = 2000, 200
+    X = sp.random(n, m, density=0.05, format="csr", dtype=np.float32, random_state=1)
+    B = sp.random(6000, m, density=0.05, format="csr", dtype=np.float32, random_state=2)
+    base = tmp / "base.zarr"
+    sparsestore.save(base, X, labels={"y": np.arange(n)}, chunk_bytes=256 * 1024)
+    sparsestore.open(base, "r+").close()
+    sp.save_npz(tmp / "big.npz", B)
+    both = sp.vstack([X, B], format="csr")
+
+    def verdict(path: Path, before: dict[str, str], outcome: str) -> str:
+        st = sparsestore.open(path)
+        if outcome == "refused":
+            exact = st.n_rows == n and (st[:] != X).nnz == 0 and _digest(path) == before
+            return "refused" if exact and validate_store(path).ok else "damaged"
+        if outcome == "appended":
+            return "appended" if (st[:] != both).nnz == 0 else "damaged"
+        return outcome
+
+    res: Counter = Counter()
+    put = local._put
+    for _ in range(tries):
+        work = tmp / "full.zarr"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(base, work)
+        before = _digest(work)
+        cap = _du(work) + int(rng.integers(0, 300_000))  # a file system with that much free
+
+        def limited(path, value, exclusive=False, work=work, cap=cap):
+            path = Path(path)
+            if work in path.parents:
+                old = path.stat().st_size if path.exists() else 0
+                if _du(work) - old + len(value) > cap:
+                    raise OSError(28, os.strerror(28), str(path))
+            return put(path, value, exclusive)
+
+        local._put = limited
+        try:
+            with sparsestore.open(work, "r+") as st:
+                st.append(B, labels={"y": np.arange(n, n + B.shape[0])})
+            outcome = "appended"
+        except DiskFullError as exc:
+            outcome = "refused" if exc.errno == 28 else "wrong errno"
+        except Exception as exc:
+            outcome = type(exc).__name__
+        finally:
+            local._put = put
+        res[verdict(work, before, outcome)] += 1
+    rows = [("Disk full during append (ENOSPC at a random point)", str(tries),
+             _env_outcome(res, "DiskFullError"))]
+
+    res = Counter()
+    for _ in range(tries):
+        work = tmp / "fsize.zarr"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(base, work)
+        before = _digest(work)
+        limit = int(rng.integers(20_000, 300_000))
+        proc = subprocess.run([sys.executable, "-c", _EFBIG_CHILD, str(work),
+                               str(tmp / "big.npz"), str(limit)],
+                              capture_output=True, text=True, timeout=300)
+        outcome = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 \
+            else f"exit {proc.returncode}"
+        res[verdict(work, before, outcome)] += 1
+    rows.append(("File-size limit during append (RLIMIT_FSIZE, random limit)", str(tries),
+                 _env_outcome(res, "FileTooLargeError")))
+    return rows
+
+
+def _env_outcome(res: Counter, cls: str) -> str:
+    total = sum(res.values())
+    bad = {k: v for k, v in res.items() if k not in ("refused", "appended")}
+    text = (f"{res['refused']}/{total} raised {cls} (an OSError, errno kept) with the store "
+            f"byte-identical to before, {res['appended']}/{total} fit and read back exactly")
+    if bad:
+        text += "; " + ", ".join(f"**{k}: {v}**" for k, v in sorted(bad.items()))
+    return text
+
+
 # ---------------------------------------------------------- hostile input
 
 def _refused(fn) -> str:
@@ -604,9 +724,11 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "flips").mkdir()
         (tmp / "hostile").mkdir()
         (tmp / "damage").mkdir()
+        (tmp / "env").mkdir()
         rows = run_kills(tmp / "kills", kills, rng)
         rows += run_flips(tmp / "flips", flips, rng)
         rows += run_damage(tmp / "damage", flips, rng)
+        rows += run_environment(tmp / "env", max(6, flips // 2), rng)
         rows += run_hostile(tmp / "hostile", fuzz, rng)
     lines = [
         "| Category | Faults / inputs tried | Outcome |",
