@@ -31,6 +31,8 @@ import keras_train as kt  # noqa: E402
 
 import sparsestore  # noqa: E402
 
+DEFAULT_OUT = "demo_data"
+
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
@@ -96,11 +98,12 @@ def print_summary(store: sparsestore.SparseStore, out: Path, tps: dict[str, kt.T
     cli_cmd = _shown(cli) if cli.exists() else f"{_shown(sys.executable)} -m sparsestore.cli"
     store_path = _shown(store.path)
     demo = f"{_shown(sys.executable)} {_shown(__file__)}"
+    out_arg = "" if out == Path(DEFAULT_OUT) else f" --out {_shown(out)}"
     print("Try next")
     for cmd, why in [
         (f"{cli_cmd} info {store_path}", "shape, chunking, compression"),
         (f"{cli_cmd} bench {store_path} --shuffle", "the loader alone, one epoch"),
-        (f"{demo} --rows 2000000 --epochs 1 --out {_shown(out)}", "5x the rows"),
+        (f"{demo} --rows 2000000 --epochs 1{out_arg}", "5x the rows"),
         ("make test", "adds the test stack, runs ruff + pytest"),
     ]:
         print(f"  {cmd:<58}  # {why}")
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--density", type=float, default=0.002)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--out", default="demo_data", help="directory for the store (overwritten)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="directory for the store (overwritten)")
     args = p.parse_args(argv)
 
     out = Path(args.out)
