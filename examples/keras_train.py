@@ -24,7 +24,6 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ info lines quiet
 
 import numpy as np
-import psutil
 import scipy.sparse as sp
 
 import sparsestore
@@ -109,8 +108,12 @@ def peak_rss_mb() -> float:
 
 
 def rss_mb() -> float:
-    """Current resident memory of this process, in MiB."""
-    return psutil.Process().memory_info().rss / 2**20
+    """Current resident memory of this process, in MiB (Linux; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return peak_rss_mb()
 
 
 @dataclass
