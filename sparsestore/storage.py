@@ -237,8 +237,15 @@ def shrink(arr: Any, n: int) -> None:
         return
     whole[: n - start] = arr[start:n]
     arr.resize((start + step, *tail))  # deletes the chunks past the one holding entry n
-    arr.with_config({"write_empty_chunks": True})[start : start + step] = whole
-    arr.resize((n, *tail))
+    try:
+        arr.with_config({"write_empty_chunks": True})[start : start + step] = whole
+    except OSError:
+        # The OS refuses the rewrite (e.g. the chunk is past RLIMIT_FSIZE): the chunk keeps
+        # its bytes past n, which no read sees (the manifest covers the committed rows only)
+        # and the next append overwrites; the other arrays are still cut.
+        pass
+    finally:
+        arr.resize((n, *tail))
 
 
 class WriteLock:

@@ -354,6 +354,27 @@ def test_file_size_limit_append(tmp_path):
                   {k: np.concatenate([labels[k], _labels(300, 998)[k]]) for k in labels})
 
 
+def test_file_size_limit_below_the_last_chunk_rolls_back_exactly(tmp_path):
+    """The limit is below the size the partly filled last chunk already has: the append
+    fails writing it, and the rollback (which cannot rewrite that chunk either) still gives
+    back every byte: the store is what it was."""
+    p = tmp_path / "s.zarr"
+    X, labels = _matrix(4000, 0), _labels(4000, 0)
+    sparsestore.save(p, X, labels=labels, chunk_bytes=1024 * 1024).close()
+    sparsestore.open(p, "r+").close()
+    before = _files(p)
+    limit = 16 * 1024
+    assert max(os.path.getsize(p / f) for f in before) > limit
+    big, small = _matrix(3000, 1), _matrix(300, 2)
+    sp.save_npz(tmp_path / "big.npz", big)
+    sp.save_npz(tmp_path / "small.npz", small)
+    out = _child("_efbig_child", p, tmp_path / "big.npz", tmp_path / "small.npz", limit)
+    assert out["error"]["classes"][0] == "FileTooLargeError"
+    assert out["files"] == before
+    _assert_holds(p, sp.vstack([X, small], format="csr"),
+                  {k: np.concatenate([labels[k], _labels(300, 4000)[k]]) for k in labels})
+
+
 # ------------------------------------------------------------------ EROFS
 
 def _enter_lock_readonly(monkeypatch: pytest.MonkeyPatch) -> None:
