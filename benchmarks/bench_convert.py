@@ -42,7 +42,7 @@ from .common import Ctx, MiB, RssSampler, case, make_matrix, need, rmtree
 def _convert(ctx: Ctx, workers: int) -> dict[str, Any]:
     import sparsestore
 
-    convert = need("sparsestore.convert", "convert")
+    convert = need("sparsestore.conversion", "convert")
     paths = shard_paths(ctx)
     dst = Path(ctx.work) / f"converted_w{workers}"
     times = []
@@ -65,7 +65,7 @@ REPS = 3
 def _register(workers: int) -> None:
     case(f"convert_w{workers}", "convert", f"convert .npz shards -> store, workers={workers}",
          f"sparsestore.convert(<compressed .npz row shards>, dst, workers={workers})",
-         ours=True, needs=("sparsestore.convert",))(lambda ctx: _convert(ctx, workers))
+         ours=True, needs=("sparsestore.conversion",))(lambda ctx: _convert(ctx, workers))
 
 
 for _w in (1, 2):
@@ -151,7 +151,7 @@ def _rss_child(shards: str, dst: str, workers: int) -> dict[str, Any]:
     import zarr  # noqa: F401
 
     import sparsestore
-    import sparsestore.convert  # noqa: F401
+    import sparsestore.conversion  # noqa: F401
     import sparsestore.ingest.npz  # noqa: F401
 
     paths = sorted(str(p) for p in Path(shards).glob("*.npz"))

@@ -202,7 +202,7 @@ def run_kills(tmp: Path, kills_per_op: int, rng: Any) -> list[tuple[str, str, st
 def _has_convert() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("sparsestore.convert") is not None
+    return importlib.util.find_spec("sparsestore.conversion") is not None
 
 
 # ------------------------------------------------------------- corruption
@@ -619,7 +619,7 @@ def run_hostile(tmp: Path, n_fuzz: int, rng: Any) -> list[tuple[str, str, str]]:
     cases = [lambda: sparsestore.save(dst(), obj),
              lambda: sparsestore.save(dst(), np.ones((1, 2)), labels={"y": obj[0]})]
     if _has_convert():
-        from sparsestore.convert import convert
+        from sparsestore.conversion import convert
 
         np.save(tmp / "evil.npy", obj, allow_pickle=True)
         np.savez(tmp / "evil.npz", obj)
@@ -631,7 +631,7 @@ def run_hostile(tmp: Path, n_fuzz: int, rng: Any) -> list[tuple[str, str, str]]:
 
     # Decompression bomb.
     if _has_convert():
-        from sparsestore.convert import convert
+        from sparsestore.conversion import convert
 
         sys.path.insert(0, str(ROOT / "tests"))
         from test_hostile import _bomb

@@ -30,7 +30,7 @@ def __getattr__(name: str):  # lazy: keep ``import sparsestore`` light
 
         return DataLoader
     if name in ("convert",):
-        from .convert import convert
+        from .conversion import convert
 
         return convert
     if name in ("from_dask",):

@@ -132,7 +132,7 @@ def _progress_flag(args: argparse.Namespace) -> bool | None:
 # ------------------------------------------------------------------ commands
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .conversion import convert
 
     if len(args.paths) < 2:
         raise InvalidInputError("convert needs at least one SRC and a DST")

@@ -1,4 +1,4 @@
-"""``sparsestore.convert``: any supported file (or set of files) into a new store.
+""":func:`sparsestore.convert`: any supported file (or set of files) into a new store.
 
 The format comes from the file name (or ``format=``); the matching module in
 :mod:`sparsestore.ingest` turns the file into row blocks, and
@@ -9,8 +9,6 @@ the whole source was read without error.
 from __future__ import annotations
 
 import os
-import sys
-import types
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any
@@ -244,18 +242,3 @@ def convert(
 
 
 __all__ = ["FORMATS", "convert", "detect_format", "open_source", "supported_formats"]
-
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as :func:`convert`.
-
-    ``sparsestore.convert`` is both this submodule and the function: once the submodule is
-    imported, Python binds the package attribute ``convert`` to the module, so the module
-    itself must behave like the function.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> SparseStore:
-        return convert(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -94,7 +94,7 @@ def run_job(job: dict) -> None:
         store.close()
         _note(side, "DONE")
     elif op == "convert":
-        from sparsestore.convert import convert
+        from sparsestore.conversion import convert
 
         convert(job["src"], path, **LAYOUT)
         _note(side, "DONE")
@@ -107,7 +107,7 @@ def serve() -> None:
     import threading
 
     import sparsestore  # noqa: F401  (import once, before forking)
-    import sparsestore.convert  # noqa: F401
+    import sparsestore.conversion  # noqa: F401
 
     lock = threading.Lock()
     running: dict[int, str] = {}

@@ -278,7 +278,7 @@ def shards(tmp_path_factory):
 
 
 def test_kill_during_convert(server, tmp_path, shards, counter):
-    if importlib.util.find_spec("sparsestore.convert") is None:
+    if importlib.util.find_spec("sparsestore.conversion") is None:
         pytest.skip("sparsestore.convert is not implemented yet")
     rng = np.random.default_rng(3)
 

@@ -47,9 +47,9 @@ class Marker:
 
 
 def _convert():
-    if importlib.util.find_spec("sparsestore.convert") is None:
+    if importlib.util.find_spec("sparsestore.conversion") is None:
         pytest.skip("sparsestore.convert is not implemented yet")
-    from sparsestore.convert import convert
+    from sparsestore.conversion import convert
 
     return convert
 

@@ -1014,7 +1014,7 @@ def test_anndata_written_by_anndata_is_read_via_its_csr_group(tmp_path, adata):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         a.write_zarr(tmp_path / "a.zarr")
-    from sparsestore.convert import detect_format
+    from sparsestore.conversion import detect_format
     from sparsestore.ingest.anndata_io import is_anndata_zarr
 
     assert detect_format(str(tmp_path / "a.zarr")) == "zarr"
@@ -1062,8 +1062,9 @@ def test_convert_dispatch_errors(tmp_path):
 
 
 def test_convert_is_the_function_even_after_importing_the_module(tmp_path):
-    import sparsestore.convert as mod  # noqa: F401 - binds the package attribute
+    import sparsestore.conversion as mod
 
+    assert sparsestore.convert is mod.convert
     np.save(tmp_path / "a.npy", np.eye(2))
     s = sparsestore.convert(tmp_path / "a.npy", tmp_path / "o.zarr")
     same(s, np.eye(2))
