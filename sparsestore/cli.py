@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidInputError, SparseStoreError
+from .progress import make_bar
 
 PROG = "sparsestore"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -180,6 +180,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     store = open_store(args.path, mode="r")
     info = store.info()
     if args.plot:
+        from .plot import plot_store
+
         info["plot"] = plot_store(store, args.plot, progress=_progress_flag(args))
     if args.json:
         print(json.dumps(_json_safe(info), indent=2))
@@ -210,104 +212,6 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines.append(f"plot:        {info['plot']}")
     print("\n".join(lines))
     return 0
-
-
-def store_profile(
-    store: Any, *, grid: int = 256, progress: Any = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """nnz per row (streamed) and a ``grid x grid`` nnz count map, by row blocks.
-
-    Each chunk of ``indices`` is decoded once; only one row block is in memory.  Returns
-    ``(lengths, counts)``: ``lengths[k]`` rows hold ``k`` entries; ``counts`` the map.
-    """
-    from .chunks import ChunkCache
-    from .ingest.base import make_progress
-
-    n, m = store.shape
-    gr, gc = max(1, min(grid, n)), max(1, min(grid, m))
-    counts = np.zeros(gr * gc, dtype=np.int64)
-    lengths = np.zeros(1, dtype=np.int64)  # bincount of row nnz, grown as needed
-    bar = make_progress(progress, n, "profile")
-    try:
-        step = 2**16
-        if store.is_dense:
-            for a in range(0, n, step):
-                b = min(n, a + step)
-                block = store.read_dense(a, b)
-                nz = block != 0
-                lengths = _add_bincount(lengths, nz.sum(axis=1))
-                r, c = np.nonzero(nz)
-                counts += np.bincount(((r + a) * gr // n) * gc + c * gc // m,
-                                      minlength=gr * gc)
-                if bar is not None:
-                    bar.update(b - a)
-        else:
-            cache = ChunkCache(store.arrays["indices"], name="indices")
-            for a in range(0, n, step):
-                b = min(n, a + step)
-                ptr = store.indptr(a, b)
-                per_row = np.diff(ptr)
-                lengths = _add_bincount(lengths, per_row)
-                ind = cache.read(int(ptr[0]), int(ptr[-1]), store.nnz).astype(np.int64)
-                rows = np.repeat(np.arange(a, b, dtype=np.int64), per_row)
-                counts += np.bincount((rows * gr // n) * gc + ind * gc // m, minlength=gr * gc)
-                if bar is not None:
-                    bar.update(b - a)
-    finally:
-        if bar is not None:
-            bar.close()
-    return lengths, counts.reshape(gr, gc)
-
-
-def _add_bincount(acc: np.ndarray, values: np.ndarray) -> np.ndarray:
-    bc = np.bincount(np.asarray(values, dtype=np.int64))
-    if bc.size > acc.size:
-        acc = np.concatenate([acc, np.zeros(bc.size - acc.size, dtype=np.int64)])
-    acc[: bc.size] += bc
-    return acc
-
-
-def _bin_sizes(n: int, bins: int) -> np.ndarray:
-    """How many of ``0..n-1`` fall in each bin ``k = i * bins // n``."""
-    k = np.arange(bins + 1, dtype=np.int64)
-    return np.diff(-(-k * n // bins))
-
-
-def plot_store(store: Any, out: str, *, grid: int = 256, progress: Any = None) -> str:
-    """Write a PNG with the nnz-per-row histogram and a density map of ``store``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-
-    n, m = store.shape
-    lengths, counts = store_profile(store, grid=grid, progress=progress)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    if lengths.sum():
-        ax1.hist(np.arange(lengths.size), bins=min(60, lengths.size), weights=lengths,
-                 color="tab:blue")
-        ax1.set_yscale("log")
-    ax1.set_xlabel("stored entries per row")
-    ax1.set_ylabel("rows")
-    ax1.set_title(f"nnz per row ({n} rows, mean {store.nnz / max(1, n):.3g})")
-    gr, gc = counts.shape
-    dens = counts / np.outer(_bin_sizes(n, gr), _bin_sizes(m, gc)).clip(1)
-    shown = np.where(dens > 0, dens, np.nan)
-    if np.isfinite(shown).any():
-        vmin = float(np.nanmin(shown))
-        vmax = max(float(np.nanmax(shown)), vmin * 1.0001)
-        im = ax2.imshow(shown, aspect="auto", interpolation="nearest", cmap="viridis",
-                        norm=LogNorm(vmin=vmin, vmax=vmax), extent=(0, m, n, 0))
-        fig.colorbar(im, ax=ax2, label="density")
-    ax2.set_xlabel("column")
-    ax2.set_ylabel("row")
-    ax2.set_title(f"density map ({gr}x{gc} cells)")
-    fig.suptitle(os.path.basename(store.path.rstrip("/")))
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -345,8 +249,10 @@ def _peak_rss_bytes() -> int:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(peak) * (1 if sys.platform == "darwin" else 1024)
     except (ImportError, OSError):  # pragma: no cover - non-POSIX
-        import psutil
-
+        try:
+            import psutil  # optional: only where the resource module is missing
+        except ImportError:
+            return 0
         return int(psutil.Process().memory_info().rss)
 
 
@@ -357,21 +263,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     store = open_store(args.path, mode="r")
     loader = DataLoader(store, batch_size=args.batch_size, shuffle=args.shuffle,
                         seed=args.seed)
-    from .ingest.base import make_progress
-
-    bar = make_progress(_progress_flag(args), store.n_rows, "bench")
     rows = nnz = batches = 0
     t0 = time.perf_counter()
-    try:
+    with make_bar(_progress_flag(args), store.n_rows, "bench") as bar:
         for batch in loader.iter_batches():
             rows += batch.n_rows
             nnz += batch.nnz
             batches += 1
-            if bar is not None:
-                bar.update(batch.n_rows)
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update(batch.n_rows)
     dt = max(time.perf_counter() - t0, 1e-9)
     result = {
         "path": store.path, "rows": rows, "nnz": nnz, "batches": batches, "seconds": dt,

@@ -14,7 +14,8 @@ import scipy.io as sio
 import scipy.sparse as sp
 
 import sparsestore
-from sparsestore.cli import main, parse_size, store_profile
+from sparsestore.cli import main, parse_size
+from sparsestore.plot import store_profile
 
 
 @pytest.fixture
