@@ -290,10 +290,6 @@ class WriteLock:
                 os.close(self._fd)
             self._fd = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None or is_remote(self.path)
-
 
 def open_group(path: str, *, mode: str, storage_options: dict[str, Any] | None = None):
     """Open the zarr group at ``path`` (v2 or v3), raising our errors for missing paths."""
