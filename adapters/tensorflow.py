@@ -7,10 +7,8 @@ Each batch crosses into TensorFlow through one ``tf.numpy_function`` call (see
   sum of row starts and a strided copy of the column ids, C loops) into 64-byte-aligned
   :class:`~sparsestore.buffers.BufferPool` buffers that TensorFlow takes over without
   copying and that are recycled once TensorFlow drops them; the graph only wraps them in
-  a ``SparseTensor``.
-  Measured on 2 CPU cores this costs ~0.7 ms of CPU per 100k non-zeros, a third of the
-  in-graph expansion below: TensorFlow's CPU kernels for ``repeat``/``stack`` on 100k
-  elements cost ~1.5 ms, and fresh (page-faulting) buffers per batch another ~1.4 ms.
+  a ``SparseTensor``.  This costs about a third of the CPU of the in-graph expansion below
+  (TensorFlow's ``repeat``/``stack`` kernels and fresh buffers per batch).
 * ``"graph"``: the compact CSR parts (values, int32 column ids, ``row_splits``: ~8 bytes
   per non-zero instead of 20) cross the boundary and TensorFlow ops expand them
   (``tf.ragged.row_splits_to_segment_ids``) in a ``Dataset.map``.
@@ -225,8 +223,8 @@ class _Plan:
 
 def _host_pool(loader: DataLoader, sample_shape: tuple[int, ...] | None) -> BufferPool:
     """The pool the host COO parts come from, its idle memory bounded by ``HOST_IDLE_BATCHES``
-    average batches: batches' sizes vary, so an unbounded pool kept gathering idle blocks
-    of ever more sizes (measured: +40 MiB over 700 batches of the 80M-nnz matrix)."""
+    average batches: batches' sizes vary, so an unbounded pool would keep gathering idle
+    blocks of ever more sizes."""
     st = loader.store
     per_row = st.nnz / max(1, st.n_rows)
     coord_cols = 1 + (len(sample_shape) if sample_shape is not None else 1)
@@ -273,13 +271,10 @@ class _Passes:
     gets round to closing the abandoned pass.
 
     Batches cross with one ``tf.numpy_function`` call each (``Dataset.range(n).map``),
-    which returns the plan's parts as they are: their dtypes and shapes are the plan's by
-    construction.  Yielding the batches from ``Dataset.from_generator`` instead costs its
-    Python checks on every element; measured interleaved on the 20M-nnz benchmark matrix,
-    this path streams 9-25% more non-zeros per second (15-16% in the final runs).
-    ``from_generator`` is still used for what it does well: one ``(pass id, batch
-    count)`` per iteration, and closing the pass when TensorFlow finalizes that iteration
-    (end of pass or dropped iterator).
+    returning the plan's parts as they are (dtypes and shapes fixed by the plan): cheaper
+    than ``Dataset.from_generator``'s checks on every element.  ``from_generator`` only
+    yields one ``(pass id, batch count)`` per iteration and closes the pass when TensorFlow
+    finalizes that iteration (end of pass or dropped iterator).
     """
 
     def __init__(self, loader: DataLoader, plan: _Plan) -> None:
