@@ -27,6 +27,7 @@ loaders reshuffle reproducibly from their seed.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import warnings
@@ -38,9 +39,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from sparsestore.batch import Batch
 from sparsestore.buffers import BufferPool
 from sparsestore.errors import DTypeError, InvalidInputError, ShapeMismatchError
-from sparsestore.loader import Batch, DataLoader
+from sparsestore.loader import DataLoader
 
 AUTOTUNE = tf.data.AUTOTUNE
 HOST_IDLE_BATCHES = 8  # idle host COO memory the dataset keeps, in average batches
@@ -260,15 +262,53 @@ def _row_ids(row_splits: np.ndarray, out: np.ndarray) -> None:
 # ------------------------------------------------------------------ passes
 
 
+class _Moves:
+    """Counts the calls that set a loader's epoch or position (``set_epoch``,
+    ``load_state_dict``), seen through wrappers installed on that loader instance.
+
+    Counting calls, rather than comparing the loader's state, does not depend on when
+    TensorFlow gets round to closing an abandoned pass, and sees a ``set_epoch`` to the
+    epoch the loader already has.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @classmethod
+    def of(cls, loader: DataLoader) -> _Moves:
+        """The counter of ``loader``, its wrappers installed on first use (one per loader)."""
+        with _MOVES_LOCK:
+            moves = _MOVES.get(loader)
+            if moves is None:
+                moves = _MOVES[loader] = cls()
+                for name in ("set_epoch", "load_state_dict"):
+                    setattr(loader, name, moves._counted(getattr(loader, name)))
+        return moves
+
+    def _counted(self, method: Any) -> Any:
+        """``method``, counting each call before making it."""
+
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return method(*args, **kwargs)
+
+        return call
+
+
+# Loaders seen by the adapter -> their counters (the counters hold no reference to them).
+_MOVES: weakref.WeakKeyDictionary[DataLoader, _Moves] = weakref.WeakKeyDictionary()
+_MOVES_LOCK = threading.Lock()
+
+
 class _Passes:
     """The loader's passes as a dataset: every iteration of it runs one pass (one epoch).
 
     A completed pass advances the loader's epoch itself; a pass cut short (``take``, a
     dropped iterator) does not, so the next one moves it on: each new iteration of the
     dataset is a new epoch.  If the loader was changed since that pass began
-    (``set_epoch``, ``load_state_dict``), the next pass follows the loader instead.  The
-    decision compares ``loader.changes`` counters, so it does not depend on when TensorFlow
-    gets round to closing the abandoned pass.
+    (``set_epoch``, ``load_state_dict``), the next pass follows the loader instead: the
+    adapter counts those calls itself (:class:`_Moves`).
 
     Batches cross with one ``tf.numpy_function`` call each (``Dataset.range(n).map``),
     returning the plan's parts as they are (dtypes and shapes fixed by the plan): cheaper
@@ -281,7 +321,8 @@ class _Passes:
         self.loader = loader
         self.plan = plan
         self.completed = True
-        self.changes_at_start = loader.changes
+        self.moves = _Moves.of(loader)
+        self.moves_at_start = self.moves.count
         self._open: dict[int, _OpenPass] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -289,9 +330,9 @@ class _Passes:
     def run(self) -> Iterator[tuple[np.ndarray, ...]]:
         """One pass: the parts of each of the loader's batches."""
         loader, parts = self.loader, self.plan.parts
-        if not self.completed and loader.changes == self.changes_at_start:
+        if not self.completed and self.moves.count == self.moves_at_start:
             loader.set_epoch(loader.epoch + 1)
-        self.completed, self.changes_at_start = False, loader.changes
+        self.completed, self.moves_at_start = False, self.moves.count
         batches = loader.iter_batches()
         try:
             for batch in batches:

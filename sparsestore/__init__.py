@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from . import errors
 from .layout import Layout
-from .store import SparseStore, create, open, save, upgrade, write_blocks
+from .store import SparseStore, open
+from .writer import create, save, upgrade, write_blocks
 
 __version__ = "0.1.0"
 

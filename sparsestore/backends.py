@@ -1,4 +1,4 @@
-"""Backend plugins: turn a compact :class:`~sparsestore.loader.Batch` into framework objects.
+"""Backend plugins: turn a compact :class:`~sparsestore.batch.Batch` into framework objects.
 
 Backends are found by name in the ``sparsestore.backends`` entry-point group (the
 TensorFlow one lives in ``adapters.tensorflow``); ``numpy`` is built in and works even
@@ -16,7 +16,8 @@ import scipy.sparse as sp
 from .errors import InvalidInputError
 
 if TYPE_CHECKING:
-    from .loader import Batch, DataLoader
+    from .batch import Batch
+    from .loader import DataLoader
 
 GROUP = "sparsestore.backends"
 

@@ -1,4 +1,8 @@
-"""Turn numpy-style row/column keys into slices or validated index arrays."""
+"""Turn numpy-style row/column keys into slices or validated index arrays.
+
+The one place index keys are checked: store slicing, label slicing, the loader's row
+subsets and samplers, and the reader's column subsets all ask :func:`normalize_rows`.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ import numpy as np
 from .errors import InvalidInputError, OutOfRangeError
 
 
-def normalize_rows(key: Any, n: int) -> int | slice | np.ndarray:
-    """Validate a 1-axis key against length ``n``.
+def normalize_rows(key: Any, n: int, axis: str = "row") -> int | slice | np.ndarray:
+    """Validate a 1-axis key against length ``n`` (``axis`` names the positions in errors).
 
     Returns a non-negative ``int``, a ``slice``, or an int64 array of non-negative
     positions (booleans masks become positions).  Raises :class:`OutOfRangeError` for
@@ -19,11 +23,11 @@ def normalize_rows(key: Any, n: int) -> int | slice | np.ndarray:
     if isinstance(key, slice):
         return key
     if isinstance(key, (bool, np.bool_)):
-        raise InvalidInputError("a bare boolean is not a valid row index; use a mask array")
+        raise InvalidInputError(f"a bare boolean is not a valid {axis} index; use a mask array")
     if isinstance(key, (int, np.integer)):
         i = int(key)
         if not -n <= i < n:
-            raise OutOfRangeError(f"row {i} is out of range for {n} rows")
+            raise OutOfRangeError(f"{axis} {i} is out of range for {n} {axis}s")
         return i + n if i < 0 else i
     if key is Ellipsis:
         return slice(None)
@@ -38,13 +42,13 @@ def normalize_rows(key: Any, n: int) -> int | slice | np.ndarray:
         return np.empty(0, dtype=np.int64)
     if arr.dtype.kind not in "iu" or arr.ndim != 1:
         raise InvalidInputError(
-            f"row index must be an int, slice, 1-D integer array or boolean mask; got "
+            f"{axis} index must be an int, slice, 1-D integer array or boolean mask; got "
             f"{arr.dtype} array of shape {arr.shape}"
         )
     arr = arr.astype(np.int64, copy=False)
     if arr.min() < -n or arr.max() >= n:
         bad = int(arr[(arr < -n) | (arr >= n)][0])
-        raise OutOfRangeError(f"row {bad} is out of range for {n} rows")
+        raise OutOfRangeError(f"{axis} {bad} is out of range for {n} {axis}s")
     return np.where(arr < 0, arr + n, arr)
 
 

@@ -1,4 +1,5 @@
-"""Row-aligned label arrays stored beside the matrix, sliceable like numpy."""
+"""Row-aligned label arrays stored beside the matrix, sliceable like numpy, and the checks
+every writer applies to the labels it is given."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from .chunks import read_rows, read_slice
-from .errors import LabelError
+from .errors import DTypeError, LabelError, ShapeMismatchError
 from .indexing import normalize_rows
+from .layout import check_label_dtype, check_label_name
 
 
 class LabelArray:
@@ -98,3 +100,79 @@ class Labels(Mapping[str, LabelArray]):
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in self._arrays.items())
         return f"Labels({inner})"
+
+
+# ------------------------------------------------------------------ checks of given labels
+
+def as_label_array(value: Any) -> Any:
+    """Keep array-likes with shape/dtype (memmaps, zarr, h5py) lazy; coerce the rest."""
+    return value if hasattr(value, "shape") and hasattr(value, "dtype") else np.asarray(value)
+
+
+def _check_mapping(labels: Any) -> None:
+    if not isinstance(labels, Mapping):
+        raise LabelError("labels must be a mapping of name -> array with one entry per row")
+
+
+def _check_label(name: Any, value: Any, n_rows: int, rows_text: str) -> Any:
+    """One given label: a usable name, one entry per row, a storable dtype."""
+    check_label_name(name)
+    arr = as_label_array(value)
+    if arr.ndim == 0 or arr.shape[0] != n_rows:
+        raise ShapeMismatchError(
+            f"label {name!r} has {0 if arr.ndim == 0 else arr.shape[0]} entries but "
+            f"{rows_text}; labels need one entry per row"
+        )
+    check_label_dtype(arr.dtype, name)
+    return arr
+
+
+def check_labels(labels: Mapping[str, Any] | None, n_rows: int) -> dict[str, Any]:
+    """The labels of a new matrix of ``n_rows`` rows, checked (array-likes stay lazy)."""
+    if labels is None:
+        return {}
+    _check_mapping(labels)
+    rows_text = f"the matrix has {n_rows} rows"
+    return {name: _check_label(name, value, n_rows, rows_text) for name, value in labels.items()}
+
+
+def check_append_labels(
+    labels: Mapping[str, Any] | None, n_new: int, have: Labels, *, creating: bool
+) -> dict[str, Any]:
+    """The labels of ``n_new`` appended rows, checked against the store's labels ``have``.
+
+    ``creating``: the store has no rows yet, so the append may define its labels.
+    """
+    known = list(have)
+    if labels is None:
+        if known:
+            raise LabelError(
+                f"this store has labels {known}; pass labels={{name: array}} for the new rows"
+            )
+        return {}
+    _check_mapping(labels)
+    out: dict[str, Any] = {}
+    for name, value in labels.items():
+        arr = _check_label(name, value, n_new, f"there are {n_new} rows")
+        if name in have:
+            old = have[name]
+            if tuple(arr.shape[1:]) != tuple(old.shape[1:]):
+                raise ShapeMismatchError(
+                    f"label {name!r} rows have shape {arr.shape[1:]}, the store's have "
+                    f"{old.shape[1:]}"
+                )
+            if not np.can_cast(arr.dtype, old.dtype, casting="safe"):
+                raise DTypeError(
+                    f"label {name!r}: cannot store {arr.dtype} in a {old.dtype} label "
+                    "without losing information"
+                )
+        out[name] = arr
+    if known and set(out) != set(known):
+        raise LabelError(
+            f"labels must match the store's labels {sorted(known)} exactly; got {sorted(out)}"
+        )
+    if not known and out and not creating:
+        raise LabelError(
+            "this store has rows but no labels; labels can only be defined on an empty store"
+        )
+    return out

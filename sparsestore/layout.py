@@ -8,13 +8,20 @@ cannot disagree.  The root group carries anndata's attrs (``encoding-type``,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from .errors import DTypeError, InvalidInputError, UnsafeInputError
+from .errors import (
+    CorruptStoreError,
+    DTypeError,
+    InvalidInputError,
+    LabelError,
+    UnsafeInputError,
+)
 
 CSR_ENCODING = {"encoding-type": "csr_matrix", "encoding-version": "0.1.0"}
 DENSE_ENCODING = {"encoding-type": "array", "encoding-version": "0.2.0"}
@@ -189,3 +196,115 @@ def check_dim(value: Any, what: str) -> int:
     if value > MAX_DIM:
         raise UnsafeInputError(f"{what}={value} is absurdly large (limit {MAX_DIM})")
     return value
+
+
+def check_label_name(name: Any) -> None:
+    """Refuse a label name that cannot be an array's name in the labels group."""
+    if not isinstance(name, str) or not name or "/" in name or name.startswith((".", "__")):
+        raise LabelError(
+            f"label name {name!r} is not usable; use a non-empty string without '/' that does "
+            "not start with '.' or '__'"
+        )
+
+
+# ---------------------------------------------------------------- reading the metadata
+
+def read_meta(attrs: Mapping[str, Any], path: str) -> Meta:
+    """``attrs["sparsestore"]`` as :class:`Meta`, every field type-checked (data, never code)."""
+    raw = attrs.get(META_KEY)
+    if raw is None:
+        return Meta()
+    if not isinstance(raw, dict):
+        raise CorruptStoreError(f"{path}: attrs[{META_KEY!r}] must be a mapping, got {raw!r:.80}")
+    meta = Meta.from_json(raw)
+    fields = (
+        ("format", str), ("format_version", int), ("labels", list), ("layout", dict),
+        ("committed_nnz", int), ("keep_zeros", bool), ("complete", bool),
+        ("generation", str), ("manifest", dict), ("nan_policy", str),
+    )
+    for fname, typ in fields:
+        value = getattr(meta, fname)
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise CorruptStoreError(
+                f"{path}: attrs[{META_KEY!r}][{fname!r}] should be {typ.__name__}, got "
+                f"{value!r:.80}; the store metadata is damaged"
+            )
+    if meta.format not in ("csr", "dense"):
+        raise CorruptStoreError(f"{path}: unknown store format {meta.format!r:.80}")
+    if meta.format_version > FORMAT_VERSION or meta.format_version < 1:
+        raise CorruptStoreError(
+            f"{path}: store format version {meta.format_version} is not supported (this "
+            f"sparsestore reads version {FORMAT_VERSION}); upgrade sparsestore"
+        )
+    if meta.committed_nnz < 0:
+        raise CorruptStoreError(f"{path}: negative committed nnz {meta.committed_nnz}")
+    for name in meta.labels:
+        try:
+            check_label_name(name)
+        except LabelError as exc:
+            raise CorruptStoreError(f"{path}: bad label name in attrs: {exc}") from None
+    return meta
+
+
+def check_stored_dtype(dtype: Any, name: str, path: str, kinds: str | None = None) -> None:
+    """Refuse a stored array whose dtype sparsestore cannot hold (or not of ``kinds``)."""
+    try:
+        dt = check_value_dtype(dtype)
+    except DTypeError as exc:
+        raise CorruptStoreError(f"{path}: array {name!r} has an unsupported dtype: {exc}") from None
+    if kinds is not None and dt.kind not in kinds:
+        raise CorruptStoreError(f"{path}: array {name!r} must hold integers, has dtype {dt}")
+
+
+# Codecs a store may name: plain (de)compressors and checksums.  Anything else (a codec
+# that unpickles, or one registered by some installed plugin) is refused before any read.
+SAFE_CODECS = frozenset({
+    "bytes", "blosc", "crc32c", "zstd", "gzip", "transpose", "sharding_indexed",
+    "zlib", "lz4", "bz2", "lzma", "crc32", "adler32", "fletcher32", "jenkins_lookup3",
+    "shuffle", "delta",
+})
+
+
+def _codec_names(spec: Any) -> list[str]:
+    """Names of the codecs in a metadata codec list, nested (sharding) ones included."""
+    names: list[str] = []
+    for c in spec or ():
+        if not isinstance(c, dict):
+            names.append(repr(c))
+            continue
+        name = c.get("name", c.get("id"))
+        names.append(str(name))
+        conf = c.get("configuration") or {}
+        if isinstance(conf, dict):
+            names += _codec_names(conf.get("codecs")) + _codec_names(conf.get("index_codecs"))
+    return names
+
+
+def check_codecs(arr: Any, name: str, path: str) -> None:
+    """Refuse arrays whose metadata names a codec outside :data:`SAFE_CODECS`."""
+    try:
+        meta = arr.metadata.to_dict()
+    except Exception as exc:  # pragma: no cover - unreadable metadata
+        raise CorruptStoreError(f"{path}: array {name!r} metadata is unreadable: {exc}") from None
+    specs = list(meta.get("codecs") or ()) + list(meta.get("filters") or ())
+    if meta.get("compressor"):
+        specs.append(meta["compressor"])
+    for codec in _codec_names(specs):
+        short = codec[len("numcodecs."):] if codec.startswith("numcodecs.") else codec
+        if short not in SAFE_CODECS:
+            raise CorruptStoreError(
+                f"{path}: array {name!r} uses codec {codec!r:.60}, which sparsestore does not "
+                "read (allowed: " + ", ".join(sorted(SAFE_CODECS)) + "); re-encode the "
+                "store with a trusted tool"
+            )
+
+
+def check_csr_arrays(data: Any, indices: Any, indptr: Any, path: str) -> None:
+    """O(1) checks of the three CSR arrays: kinds, ranks, dtypes and codecs."""
+    for name, arr in (("data", data), ("indices", indices), ("indptr", indptr)):
+        if not hasattr(arr, "dtype") or arr.ndim != 1:
+            raise CorruptStoreError(f"{path}: {name!r} must be a 1-D array")
+        check_codecs(arr, name, path)
+    check_stored_dtype(data.dtype, "data", path)
+    check_stored_dtype(indices.dtype, "indices", path, kinds="iu")
+    check_stored_dtype(indptr.dtype, "indptr", path, kinds="iu")

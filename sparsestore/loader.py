@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from .backends import Backend, get_backend
+from .batch import Batch
 from .buffers import BufferPool
 from .chunks import read_slice
 from .errors import InvalidInputError, LabelError
@@ -36,73 +35,6 @@ from .store import SparseStore
 from .store import open as open_store
 
 STATE_VERSION = 1
-
-
-@dataclass(frozen=True, eq=False)
-class Batch:
-    """A backend-agnostic compact batch: CSR parts (or a dense block), labels and row ids."""
-
-    values: np.ndarray | None  # (nnz,) in the store's dtype; None for dense stores
-    indices: np.ndarray | None  # (nnz,) column ids, sorted and unique within each row
-    row_splits: np.ndarray | None  # (n_rows + 1,) int64, starts at 0
-    dense: np.ndarray | None  # (n_rows, n_cols) for dense stores, else None
-    labels: tuple[np.ndarray, ...]  # one array per requested label, aligned with the rows
-    rows: np.ndarray  # int64 global row ids, in batch order
-    n_cols: int  # columns after any column subset
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.rows.size)
-
-    @property
-    def nnz(self) -> int:
-        return int(self.dense.size if self.dense is not None else self.values.size)
-
-    def to_scipy(self) -> sp.csr_matrix:
-        """The batch as a scipy CSR matrix (canonical)."""
-        if self.dense is not None:
-            return sp.csr_matrix(self.dense)
-        out = sp.csr_matrix(
-            (self.values, self.indices, self.row_splits), shape=(self.n_rows, self.n_cols)
-        )
-        out.has_canonical_format = True
-        return out
-
-    def slice(self, start: int, stop: int) -> Batch:
-        """Rows ``[start, stop)`` of this batch (views, no copy of values)."""
-        labels = tuple(lab[start:stop] for lab in self.labels)
-        rows = self.rows[start:stop]
-        if self.dense is not None:
-            return Batch(None, None, None, self.dense[start:stop], labels, rows, self.n_cols)
-        p0, p1 = int(self.row_splits[start]), int(self.row_splits[stop])
-        return Batch(
-            self.values[p0:p1], self.indices[p0:p1], self.row_splits[start : stop + 1] - p0,
-            None, labels, rows, self.n_cols,
-        )
-
-    @staticmethod
-    def concat(parts: Sequence[Batch]) -> Batch:
-        """Rows of several batches, one after the other."""
-        if len(parts) == 1:
-            return parts[0]
-        first = parts[0]
-        labels = tuple(
-            np.concatenate([p.labels[i] for p in parts]) for i in range(len(first.labels))
-        )
-        rows = np.concatenate([p.rows for p in parts])
-        if first.dense is not None:
-            dense = np.concatenate([p.dense for p in parts])
-            return Batch(None, None, None, dense, labels, rows, first.n_cols)
-        splits = [np.zeros(1, np.int64)]
-        off = 0
-        for p in parts:
-            splits.append(p.row_splits[1:] + off)
-            off += int(p.row_splits[-1])
-        return Batch(
-            np.concatenate([p.values for p in parts]),
-            np.concatenate([p.indices for p in parts]),
-            np.concatenate(splits), None, labels, rows, first.n_cols,
-        )
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
@@ -201,7 +133,6 @@ class DataLoader:
         self._epoch = 0
         self._consumed = 0
         self._resume: int | None = None
-        self._changes = 0  # counts set_epoch / load_state_dict calls (see `changes`)
         self._last_reader: BlockReader | None = None
         # Decoded chunks and blocks reuse this memory pass after pass (see buffers.py).
         self._pool = BufferPool(max_free=4096, max_idle_bytes=self._working_set_bytes())
@@ -330,22 +261,16 @@ class DataLoader:
         return self._backend
 
     @property
-    def num_rows(self) -> int:
-        """Rows this rank yields per epoch (after ``drop_last``)."""
+    def num_rows(self) -> int | None:
+        """Rows this rank yields per epoch (after ``drop_last``); None with a
+        ``batch_sampler``, whose batch sizes are known only by iterating it (a pass)."""
+        if self._batch_sampler is not None:
+            return None
         if self._is_explicit:
-            return self._explicit_num_rows()
+            return self._sampler_num_rows()
         if self._drop_last:
             return len(self) * self._batch_size
         return self._rank_rows
-
-    @property
-    def changes(self) -> int:
-        """How often the epoch or position was set (``set_epoch``, ``load_state_dict``).
-
-        Lets a wrapper that re-iterates the loader tell whether the user moved it between
-        passes without racing the clean-up of an abandoned pass.
-        """
-        return self._changes
 
     @property
     def decoded_chunks(self) -> dict[str, int]:
@@ -370,7 +295,6 @@ class DataLoader:
         if epoch != self._epoch:
             self._resume = None
         self._epoch = epoch
-        self._changes += 1
         for s in (self._sampler, self._batch_sampler):
             if s is not None and hasattr(s, "set_epoch"):
                 s.set_epoch(epoch)
@@ -559,9 +483,8 @@ class DataLoader:
             return n
         return num_batches(n, self._batch_size, self._drop_last)
 
-    def _explicit_num_rows(self) -> int:
-        if self._batch_sampler is not None:
-            return sum(int(np.asarray(b).size) for b in self._rank_row_batches())
+    def _sampler_num_rows(self) -> int:
+        """Rows of this rank's batches of a ``sampler`` (from its length alone)."""
         n, bs = len(self._sampler), self._batch_size  # type: ignore[arg-type]
         total = self._explicit_total_batches()
         mine = range(self._rank, total, self._world_size)

@@ -1,7 +1,7 @@
 """Decode row blocks once, in background threads, with bounded prefetch.
 
 The reader turns :class:`~sparsestore.sampler.UnitSpec` s into decoded, already ordered
-units (a :class:`~sparsestore.loader.Batch` holding all rows of the unit).  Every array
+units (a :class:`~sparsestore.batch.Batch` holding all rows of the unit).  Every array
 (``data``, ``indices``, ``indptr``, labels) goes through one thread-safe
 :class:`SharedChunkCache` per pass: a chunk needed by two neighbouring units is decoded by
 whichever asks first while the other waits for it, so a sequential pass decodes every
@@ -30,14 +30,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
+from .batch import Batch
 from .buffers import BufferPool
 from .chunks import ChunkCache, read_rows
-from .errors import InvalidInputError, OutOfRangeError
+from .errors import InvalidInputError
+from .indexing import normalize_rows
 from .integrity import check_row_pointers
 from .sampler import UnitSpec
 
 if TYPE_CHECKING:
-    from .loader import Batch
     from .store import SparseStore
 
 #: Byte budget of the ``indptr`` and of each label cache (row metadata, small per row).
@@ -118,27 +119,12 @@ class ColumnSelection:
             keep = np.arange(n_cols, dtype=np.int64)[columns]
         else:
             arr = np.asarray(columns)
-            if arr.dtype == bool:
-                if arr.ndim != 1 or arr.shape[0] != n_cols:
-                    raise InvalidInputError(
-                        f"column mask has shape {arr.shape}; it must be 1-D of length {n_cols}"
-                    )
-                keep = np.flatnonzero(arr).astype(np.int64)
-            elif arr.size == 0:
-                keep = np.empty(0, np.int64)
-            elif arr.ndim != 1 or arr.dtype.kind not in "iu":
+            if arr.ndim != 1 and not (arr.dtype == bool or arr.size == 0):
                 raise InvalidInputError(
                     "columns must be a slice, a 1-D integer array or a boolean mask; got "
                     f"{arr.dtype} array of shape {arr.shape}"
                 )
-            else:
-                keep = arr.astype(np.int64)
-                bad = (keep < -n_cols) | (keep >= n_cols)
-                if bad.any():
-                    raise OutOfRangeError(
-                        f"column {int(keep[bad][0])} is out of range for {n_cols} columns"
-                    )
-                keep = np.where(keep < 0, keep + n_cols, keep)
+            keep = np.asarray(normalize_rows(arr, n_cols, axis="column"), dtype=np.int64)
         if np.unique(keep).size != keep.size:
             raise InvalidInputError(
                 "columns contains duplicates; pass each column once (duplicate feature columns "
@@ -341,8 +327,6 @@ class BlockReader:
     def _piece(
         self, src: Any, labels: list[np.ndarray], unit: UnitSpec, i: int, j: int
     ) -> Batch:
-        from .loader import Batch
-
         sel: Any = slice(i, j) if unit.take is None else unit.take[i:j]
         labs = tuple(lab[sel] for lab in labels)
         rows = unit.rows[i:j]
@@ -362,8 +346,6 @@ class BlockReader:
         return Batch(values, indices, ptr, None, labs, rows, self.n_cols)
 
     def _decode_explicit(self, unit: UnitSpec) -> Batch:
-        from .loader import Batch
-
         st, rows = self.store, unit.rows
         uniq, inverse = np.unique(rows, return_inverse=True)
         same = uniq.size == rows.size and np.array_equal(uniq, rows)

@@ -8,7 +8,6 @@ by a few chunks however large the store is.
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,13 +17,9 @@ import numpy as np
 
 from . import storage
 from .chunks import read_slice
-from .errors import (
-    CorruptStoreError,
-    NotAStoreError,
-    SparseStoreError,
-    StoreNotFoundError,
-)
-from .layout import LABELS_GROUP, MAX_DIM, META_KEY, check_value_dtype
+from .errors import CorruptStoreError, NotAStoreError, SparseStoreError
+from .layout import LABELS_GROUP, MAX_DIM, META_KEY, check_codecs, check_value_dtype
+from .store import SparseStore, open_group
 
 # Row blocks of the deep pass span at most this many data chunks (bounded memory).
 _BLOCK_CHUNKS = 4
@@ -165,19 +160,6 @@ def _n_chunks(arr: Any, stop: int) -> int:
     return 0 if stop <= 0 else (stop - 1) // int(arr.chunks[0]) + 1
 
 
-def _open_group(path: str, storage_options: dict[str, Any] | None) -> Any:
-    if not storage.exists(path, storage_options):
-        raise StoreNotFoundError(f"no store at {path}; check the path")
-    if not storage.is_remote(path) and not os.path.isdir(path):
-        raise NotAStoreError(f"{path} is a file, not a store directory")
-    try:
-        return storage.open_group(path, mode="r", storage_options=storage_options)
-    except SparseStoreError:
-        raise
-    except Exception as exc:
-        raise NotAStoreError(f"{path} is not a zarr group ({type(exc).__name__}: {exc})") from exc
-
-
 def validate_store(
     store_or_path: Any,
     *,
@@ -193,14 +175,12 @@ def validate_store(
     within each row.  Raises :class:`StoreNotFoundError` / :class:`NotAStoreError` only
     when there is no store to check.
     """
-    from .store import SparseStore
-
     if isinstance(store_or_path, SparseStore):
         path = store_or_path.path
         storage_options = storage_options or store_or_path.storage_options
     else:
         path = storage.normalize(store_or_path)
-    group = _open_group(path, storage_options)
+    group = open_group(path, "r", storage_options)
     report = ValidationReport(path=path, deep=deep)
 
     attrs = dict(group.attrs)
@@ -383,8 +363,6 @@ def _raw_checks(
     Only arrays with a storable dtype and safe codecs are decoded: a hostile store never
     gets to run a codec of its choosing.
     """
-    from .store import check_codecs
-
     shape = attrs.get("shape")
     if not (
         isinstance(shape, (list, tuple))
