@@ -29,28 +29,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .blocks import cap_block_rows, entry_bounds
 from .chunks import range_positions
 from .errors import InvalidInputError
 
 #: Upper bound on rows per block whatever the nnz (very sparse rows, empty rows, dense).
 DEFAULT_MAX_BLOCK_ROWS = 1 << 18
-
-
-def cap_block_rows(bounds: np.ndarray, max_rows: int) -> np.ndarray:
-    """Split blocks longer than ``max_rows`` rows into near-equal pieces (vectorised)."""
-    bounds = np.asarray(bounds, dtype=np.int64)
-    if bounds.size < 2:
-        return bounds
-    lengths = np.diff(bounds)
-    pieces = np.maximum(1, -(-lengths // max_rows))
-    if (pieces == 1).all():
-        return bounds
-    # Extra cut j of block i (j = 1..pieces-1) at start + j * length // pieces.
-    extra = pieces - 1
-    blk = np.repeat(np.arange(lengths.size), extra)
-    j = range_positions(np.ones(lengths.size, np.int64), pieces)
-    cuts = bounds[:-1][blk] + j * lengths[blk] // pieces[blk]
-    return np.union1d(bounds, cuts)
 
 
 def fixed_bounds(n_rows: int, block_rows: int) -> np.ndarray:
@@ -76,16 +60,16 @@ def bounds_from_indptr(
     if target_nnz < 1:
         raise InvalidInputError(f"target_nnz must be positive, got {target_nnz}")
     cuts: list[np.ndarray] = [np.array([0, n_rows], dtype=np.int64)]
-    next_k = 1
+    last = np.zeros(1, dtype=np.int64)  # the previous piece's last indptr entry
     for row0, piece in pieces:
         piece = np.asarray(piece, dtype=np.int64)
         if piece.size == 0:
             continue
-        k_max = int(piece[-1]) // target_nnz
-        if k_max >= next_k:
-            targets = np.arange(next_k, k_max + 1, dtype=np.int64) * target_nnz
-            cuts.append(row0 + np.searchsorted(piece, targets, side="left"))
-            next_k = k_max + 1
+        # Led by the previous piece's end, so a multiple reached at this piece's first row
+        # cuts there, and one reached before does not cut again.
+        cuts.append(row0 - 1 + entry_bounds(np.concatenate([last, piece]), target_nnz,
+                                            ends=False))
+        last = piece[-1:]
     bounds = np.unique(np.concatenate(cuts))
     bounds = bounds[(bounds >= 0) & (bounds <= n_rows)]
     return cap_block_rows(bounds, max_rows)

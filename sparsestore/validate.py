@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import storage
+from .blocks import entry_bounds
 from .chunks import read_slice
 from .errors import CorruptStoreError, NotAStoreError, SparseStoreError
 from .layout import LABELS_GROUP, MAX_DIM, META_KEY, check_codecs, check_value_dtype
@@ -313,8 +314,7 @@ def _deep_csr(st: Any, report: ValidationReport, bar: _Progress) -> None:
             report.add(f"indptr values in rows {r0}:{r0 + ptr.size - 1} exceed nnz={nnz}")
             continue
         # Cut the rows of this indptr chunk into blocks of bounded nnz.
-        marks = np.searchsorted(ptr, np.arange(ptr[0] + block, ptr[-1], block))
-        bounds = np.unique(np.concatenate([[0], marks, [ptr.size - 1]]))
+        bounds = entry_bounds(ptr, block)
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             local = ptr[a : b + 1]
             lo, hi = int(local[0]), int(local[-1])

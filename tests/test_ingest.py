@@ -10,9 +10,7 @@ import gzip
 import json
 import os
 import pickle
-import sys
 import tempfile
-import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,23 +52,20 @@ def same(store, expected) -> None:
 
 
 def leftovers(dst: Path) -> list[str]:
-    """What a failed conversion may have left: dst itself, staging dirs, spill dirs."""
+    """What a failed conversion may have left: dst itself, staging dirs, and anything in
+    the test's private temp dir (spill directories)."""
     out = [str(dst)] if os.path.lexists(dst) else []
     out += [p.name for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.")]
-    out += [n for n in os.listdir(tempfile.gettempdir()) if n.startswith("sparsestore-spill-")
-            and os.path.getmtime(os.path.join(tempfile.gettempdir(), n)) > _T0]
-    return out
-
-
-_T0 = 0.0
+    return out + sorted(os.listdir(tempfile.gettempdir()))
 
 
 @pytest.fixture(autouse=True)
-def _mark_start():
-    global _T0
-    import time
-
-    _T0 = time.time()
+def _private_tempdir(tmp_path_factory, monkeypatch):
+    """An empty temp dir of the test's own, so what is in it at the end the test left."""
+    d = str(tmp_path_factory.mktemp("tmpdir"))
+    monkeypatch.setenv("TMPDIR", d)
+    monkeypatch.setattr(tempfile, "tempdir", d)
+    return d
 
 
 def rand(n, m, density=0.1, dtype=np.float32, seed=0, fmt="csr"):
@@ -148,7 +143,7 @@ def test_npz_many_small_shards_in_order(tmp_path):
 
 
 class _Recorder(ThreadPoolExecutor):
-    """A thread pool that counts shards submitted and not yet consumed."""
+    """A thread pool that counts shards submitted."""
 
     def __init__(self, n: int) -> None:
         super().__init__(n)
@@ -159,29 +154,26 @@ class _Recorder(ThreadPoolExecutor):
         return super().submit(fn, *args, **kwargs)
 
 
-@pytest.mark.parametrize("lookahead, sizes, workers, most", [
-    (0, [100] * 12, 2, 1),  # workers - 1 shards ahead at least
-    (250, [100] * 12, 2, 2),  # more while their sizes fit the lookahead
-    (250, [100] * 12, 4, 3),
-    (10**9, [100] * 12, 2, 11),
-    (350, [100, 300, 100, 100, 100, 100, 300, 100, 100, 100, 100, 100], 2, 3),
-    (10**9, None, 2, 1),  # sizes unknown: no lookahead
+@pytest.mark.parametrize("lookahead, workers, most", [
+    (0, 2, 1),  # workers - 1 shards ahead at least
+    (0, 4, 3),
+    (10**9, 2, 11),  # all, while their sizes fit the lookahead
 ])
-def test_npz_shards_ahead_of_the_writer_are_bounded(tmp_path, lookahead, sizes, workers, most):
-    from sparsestore.ingest.npz import iter_shards
+def test_npz_shards_ahead_of_the_writer_are_bounded(tmp_path, lookahead, workers, most):
+    import time
+
+    from sparsestore.ingest.npz import npz_source
 
     mats = [rand(4, 6, seed=i) for i in range(12)]
     paths = [str(p) for p in save_shards(tmp_path, mats, "p{:02d}.npz")]
-    with _Recorder(max(1, workers - 1)) as ex:
-        seen, ahead = [], []
-        for path, parts in iter_shards(paths, NpzOptions(), workers=workers, executor=ex,
-                                       sizes=sizes, lookahead_bytes=lookahead):
-            ahead.append(ex.submitted - len(seen) - 1)  # loaded beyond the one yielded
-            seen.append(path)
-            got = sp.csr_matrix((parts["data"], parts["indices"], parts["indptr"]),
-                                shape=tuple(parts["shape"]))
-            assert (got != mats[len(seen) - 1]).nnz == 0
-    assert seen == paths
+    with _Recorder(2) as ex:
+        src = npz_source(paths, workers=workers, executor=ex, lookahead_bytes=lookahead)
+        got, ahead = [], []
+        for block, _ in src.blocks():
+            time.sleep(0.02)  # a slow writer: the reader runs into its bounds
+            got.append(block)
+            ahead.append(ex.submitted - len(got))  # submitted beyond those written
+    assert (sp.vstack(got) != sp.vstack(mats)).nnz == 0
     assert max(ahead) == most
 
 
@@ -317,39 +309,6 @@ def test_npz_bad_shard_fails_cleanly_naming_the_file(tmp_path, bad):
     assert leftovers(dst) == []
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
-def test_npz_decompressing_threads_yield_to_the_writer(tmp_path, monkeypatch):
-    import sparsestore.ingest.npz as npz
-
-    seen = []
-    real = npz.shard_units
-
-    def spy(*args, **kwargs):  # a shard is opened in the thread that decompresses it
-        tid = threading.get_native_id()
-        seen.append(os.getpriority(os.PRIO_PROCESS, tid))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(npz, "shard_units", spy)
-    paths = save_shards(tmp_path, [rand(20, 10, seed=i) for i in range(4)], "s{}.npz")
-    sparsestore.convert(paths, tmp_path / "o.zarr", workers=2)
-    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert seen and all(p == min(19, mine + npz.DECODE_NICE) for p in seen)
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
-
-
-def test_npz_big_members_inflate_piecewise(tmp_path, monkeypatch):
-    import sparsestore.ingest.npz as npz
-
-    monkeypatch.setattr(npz, "_ONE_READ", 1000)
-    monkeypatch.setattr(npz, "_PIECE", 333)
-    mats = [rand(300, 40, density=0.2, seed=i) for i in range(3)]
-    mats.append(rand(300, 40, density=0.2, dtype=np.float64, seed=9, fmt="coo"))
-    paths = save_shards(tmp_path, mats, "s{}.npz")
-    for w in (1, 2):
-        store = sparsestore.convert(paths, tmp_path / f"o{w}.zarr", workers=w)
-        same(store, sp.vstack(mats))
-
-
 def test_npz_member_bigger_than_its_zip_entry_says_is_refused(tmp_path):
     import io
     import struct
@@ -381,11 +340,11 @@ def test_npz_member_bigger_than_its_zip_entry_says_is_refused(tmp_path):
         load_shard(str(p), NpzOptions())
 
 
-def test_csr_blocks_are_views_scipy_keeps():
-    from sparsestore.ingest.base import csr_blocks
+def test_csr_views_are_views_scipy_keeps():
+    from sparsestore.blocks import csr_views
 
     X = rand(400, 30, density=0.3, seed=5)
-    blocks = list(csr_blocks(X, target_nnz=500))
+    blocks = [b for _, _, b in csr_views(X, target_nnz=500)]
     assert len(blocks) > 4
     assert all(np.shares_memory(b.data, X.data) and np.shares_memory(b.indices, X.indices)
                for b in blocks)
@@ -446,7 +405,7 @@ def test_npz_csr_shards_stream_in_units_never_whole(tmp_path, monkeypatch):
     mats[1] = m.tocsr()
     paths = save_shards(tmp_path, mats)
     widest = max(int(np.diff(m.indptr).max()) for m in mats)
-    units = [u for p in paths for kind, (u, _) in npz.shard_units(str(p), NpzOptions(),
+    units = [u for p in paths for kind, (u, _) in npz.shard_items(str(p), NpzOptions(),
                                                                     unit_nnz=120)]
     assert len(units) > 6 and all(u.nnz < 120 + widest for u in units)
     assert (sp.vstack(units) != sp.vstack(mats)).nnz == 0
@@ -464,7 +423,7 @@ def test_npz_streamed_store_is_byte_identical_to_whole_shards(tmp_path):
     mats.append(rand(0, 50, seed=99))  # an empty shard
     mats.append(rand(40, 50, density=0.1, dtype=np.float64, seed=5, fmt="csc"))  # whole
     paths = save_shards(tmp_path, mats)
-    with ThreadPoolExecutor(2) as ex:  # an executor loads whole shards, as before
+    with ThreadPoolExecutor(2) as ex:  # an executor loads whole shards
         sparsestore.convert(paths, tmp_path / "whole.zarr", executor=ex, chunk_bytes=4096)
     ref = _raw_files(tmp_path / "whole.zarr")
     for w in (1, 2):
@@ -488,34 +447,40 @@ def test_npz_streamed_pieces_carry_their_labels(tmp_path):
         np.testing.assert_array_equal(store.labels["y"][:], np.concatenate(ys))
 
 
-def test_npz_streamer_bounds_the_bytes_ahead_of_the_writer(tmp_path):
-    import time
+def _units_reader(paths, workers, unit_nnz, lookahead_bytes):
+    from sparsestore.ingest.npz import Reader, shard_items
 
-    from sparsestore.ingest.npz import ShardStreamer
+    def produce(i, reserve):
+        return shard_items(paths[i], NpzOptions(), None, unit_nnz, reserve)
+
+    return Reader(len(paths), produce, workers=workers, lookahead_bytes=lookahead_bytes)
+
+
+def test_npz_reader_bounds_the_bytes_ahead_of_the_writer(tmp_path):
+    import time
 
     mats = [rand(200, 40, density=0.25, seed=i) for i in range(6)]
     paths = [str(p) for p in save_shards(tmp_path, mats)]
     budget = 3000
-    loader = ShardStreamer(paths, NpzOptions(), workers=3, unit_nnz=100,
-                           lookahead_bytes=budget)
-    most, units = 0, []
-    for path, (kind, (unit, _)) in loader:
-        assert kind == "unit" and path in paths
+    loader = _units_reader(paths, 3, 100, budget)
+    most, units, order = 0, [], []
+    for i, (kind, (unit, _)) in loader:
+        assert kind == "unit"
+        order.append(i)
         time.sleep(0.002)  # a slow writer: the workers run into the budget
         with loader.cv:
             most = max(most, loader.ahead)
         units.append(unit)
     size = max(u.data.nbytes + u.indices.nbytes + 8 * (u.shape[0] + 1) for u in units)
     assert budget // 2 < most <= budget + 2 * size
+    assert order == sorted(order) and set(order) == set(range(len(paths)))
     assert (sp.vstack(units) != sp.vstack(mats)).nnz == 0
     assert not any(t.is_alive() for t in loader.threads)
 
 
-def test_npz_streamer_closed_early_stops_its_workers(tmp_path):
-    from sparsestore.ingest.npz import ShardStreamer
-
+def test_npz_reader_closed_early_stops_its_workers(tmp_path):
     paths = [str(p) for p in save_shards(tmp_path, [rand(100, 20, seed=i) for i in range(8)])]
-    loader = ShardStreamer(paths, NpzOptions(), workers=2, unit_nnz=10, lookahead_bytes=500)
+    loader = _units_reader(paths, 2, 10, 500)
     next(loader)
     loader.close()
     assert not any(t.is_alive() for t in loader.threads)
@@ -877,35 +842,50 @@ def _write_svm(path, X, y, *, qid=None, one_based=True, comments=True):
             f.write(f"{float(y[i])!r} {q}{feats}{'  # row' if comments else ''}\n")
 
 
+def _sklearn(path, **kwargs):
+    """scikit-learn's reading of svmlight file(s): the oracle."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    if isinstance(path, list):
+        got = datasets.load_svmlight_files([str(p) for p in path], **kwargs)
+        return sp.vstack(got[0::2], format="csr"), np.concatenate(got[1::2])
+    return datasets.load_svmlight_file(str(path), **kwargs)
+
+
 def test_svmlight_labels_qid_and_bases(tmp_path):
     X = rand(250, 30, density=0.15, seed=2, dtype=np.float64)
     y = np.random.default_rng(0).standard_normal(250)
     q = np.repeat(np.arange(25), 10)
     _write_svm(tmp_path / "a.svm", X, y, qid=q)
     auto = sparsestore.convert(tmp_path / "a.svm", tmp_path / "a.zarr")
-    same(auto, X[:, : auto.n_cols])
-    assert auto.n_cols == X.indices.max() + 1
-    np.testing.assert_array_equal(auto.labels["y"][:], y)
-    np.testing.assert_array_equal(auto.labels["qid"][:], q)
+    Xs, ys, qs = _sklearn(tmp_path / "a.svm", query_id=True)
+    same(auto, Xs)
+    np.testing.assert_array_equal(auto.labels["y"][:], ys)
+    np.testing.assert_array_equal(auto.labels["qid"][:], qs)
     fixed = sparsestore.convert(tmp_path / "a.svm", tmp_path / "b.zarr", n_features=30,
                                 zero_based=False)
-    same(fixed, X)
+    same(fixed, _sklearn(tmp_path / "a.svm", n_features=30, zero_based=False)[0])
     _write_svm(tmp_path / "z.libsvm", X, y, one_based=False, comments=False)
     zero = sparsestore.convert(tmp_path / "z.libsvm", tmp_path / "z.zarr", n_features=30,
                                zero_based=True)
-    same(zero, X)
+    Xs, ys = _sklearn(tmp_path / "z.libsvm", n_features=30, zero_based=True)
+    same(zero, Xs)
+    np.testing.assert_array_equal(zero.labels["y"][:], ys)
     assert list(zero.labels) == ["y"]
 
 
-def test_svmlight_against_sklearn_style_auto_zero_based(tmp_path):
+@pytest.mark.parametrize("text", ["1 0:1.5 3:2\n0 2:1\n", "1 1:1.5 3:2\n-1 2:1\n",
+                                  "1 qid:3 1:1.5\n2 qid:3\n0 qid:4 7:-2 # c\n",
+                                  "# only a comment\n\n1 2:0.5\n-1 1:2 2:1e-3\n"])
+def test_svmlight_auto_zero_based_as_sklearn(tmp_path, text):
     # An index 0 anywhere means zero-based; otherwise one-based (scikit-learn's rule).
-    (tmp_path / "a.svmlight").write_text("1 0:1.5 3:2\n0 2:1\n")
-    s = sparsestore.convert(tmp_path / "a.svmlight", tmp_path / "a.zarr")
-    np.testing.assert_array_equal(s[:].toarray(), [[1.5, 0, 0, 2], [0, 0, 1, 0]])
-    (tmp_path / "b.svmlight").write_text("1 1:1.5 3:2\n-1 2:1\n")
-    s = sparsestore.convert(tmp_path / "b.svmlight", tmp_path / "b.zarr")
-    np.testing.assert_array_equal(s[:].toarray(), [[1.5, 0, 2], [0, 1, 0]])
-    np.testing.assert_array_equal(s.labels["y"][:], [1, -1])
+    p = tmp_path / "a.svmlight"
+    p.write_text(text)
+    s = sparsestore.convert(p, tmp_path / "a.zarr")
+    got = _sklearn(p, query_id="qid" in text)
+    same(s, got[0])
+    np.testing.assert_array_equal(s.labels["y"][:], got[1])
+    if "qid" in text:
+        np.testing.assert_array_equal(s.labels["qid"][:], got[2])
 
 
 def test_svmlight_streams_many_chunks_and_files(tmp_path):
@@ -920,9 +900,11 @@ def test_svmlight_streams_many_chunks_and_files(tmp_path):
         src = svmlight_source(str(tmp_path / "p*.svm"), n_features=nf, zero_based=False,
                               chunk_lines=7, tmp_dir=tmp_path)
         store = write_source(tmp_path / f"o{nf}.zarr", src)
-        same(store, X[:, : store.n_cols])
-        np.testing.assert_array_equal(store.labels["y"][:], y)
-    assert not [p for p in os.listdir(tmp_path) if p.startswith("sparsestore-svm-")]
+        Xs, ys = _sklearn([tmp_path / "p1.svm", tmp_path / "p2.svm"], n_features=nf,
+                          zero_based=False)
+        same(store, Xs)
+        np.testing.assert_array_equal(store.labels["y"][:], ys)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("sparsestore-")]
 
 
 @pytest.mark.parametrize("text,match", [
@@ -940,6 +922,9 @@ def test_svmlight_bad_files(tmp_path, text, match):
         sparsestore.convert(p, dst, n_features=3, zero_based=False)
     assert "bad.svm" in str(info.value)
     assert leftovers(dst) == []
+    if match != "qid":  # scikit-learn takes lines with and without qid in one file
+        with pytest.raises(ValueError):
+            _sklearn(p, n_features=3, zero_based=False)
 
 
 # ---------------------------------------------------------------------------- anndata

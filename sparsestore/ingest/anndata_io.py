@@ -27,7 +27,6 @@ from .base import (
     DEFAULT_MEMORY_BYTES,
     Source,
     row_bounds,
-    write_source,
 )
 from .coo import CooSpill
 
@@ -272,14 +271,4 @@ def is_anndata_zarr(path: str) -> bool:
     return False
 
 
-def from_anndata(dst: Any, path: str | os.PathLike[str], *,
-                 labels: Sequence[str] | None = None, dtype: Any = None,
-                 tmp_dir: Any = None, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-                 block_nnz: int = DEFAULT_BLOCK_NNZ, **options: Any) -> Any:
-    """Store an anndata file's ``X`` with ``obs`` columns ``labels`` as labels."""
-    src = anndata_source(path, labels=labels, dtype=dtype, tmp_dir=tmp_dir,
-                         memory_bytes=memory_bytes, block_nnz=block_nnz)
-    return write_source(dst, src, **options)
-
-
-__all__ = ["anndata_source", "from_anndata", "is_anndata_zarr", "open_root"]
+__all__ = ["anndata_source", "is_anndata_zarr", "open_root"]

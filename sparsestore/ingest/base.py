@@ -14,6 +14,8 @@ import glob as _glob
 import gzip
 import io
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -21,8 +23,9 @@ from typing import IO, Any
 import numpy as np
 import scipy.sparse as sp
 
+from ..blocks import entry_bounds
 from ..errors import FormatError, InvalidInputError, StoreNotFoundError
-from .scipy import scipy_row_blocks
+from ..progress import make_bar
 
 BlockPair = tuple[Any, Mapping[str, np.ndarray] | None]
 
@@ -93,51 +96,63 @@ def open_text(path: str, encoding: str = "utf-8") -> IO[str]:
     return io.TextIOWrapper(opener(path, "rb"), encoding=encoding, newline=None)
 
 
-def csr_blocks(X: Any, target_nnz: int = DEFAULT_BLOCK_NNZ) -> Iterator[sp.csr_matrix]:
-    """Cut one in-memory matrix into CSR row blocks of about ``target_nnz`` entries.
-
-    A CSR input is cut into views of its arrays (no copy of values or indices).
-    """
-    if sp.issparse(X) and X.format == "csr":
-        n = X.shape[0]
-        for a, b in row_bounds(X.indptr, n, target_nnz) if n else [(0, 0)]:
-            lo, hi = int(X.indptr[a]), int(X.indptr[b])
-            yield sp.csr_matrix(
-                (_view(X.data, lo, hi), _view(X.indices, lo, hi), X.indptr[a : b + 1] - lo),
-                shape=(b - a, X.shape[1]), copy=False,
-            )
-        return
-    for _, _, block in scipy_row_blocks(X, target_nnz=target_nnz):
-        yield block
-
-
-def _view(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """``a[lo:hi]`` as a view scipy keeps: it copies a slice of a much larger ndarray (its
-    ``_prune_array``), not one whose base is a memoryview."""
-    if isinstance(a, np.ndarray) and a.ndim == 1 and a.flags.c_contiguous and a.size:
-        try:
-            return np.asarray(memoryview(a)[lo:hi])
-        except (TypeError, ValueError):  # a dtype memoryview cannot express
-            pass
-    return a[lo:hi]
-
-
 def row_bounds(
     indptr: Any, n_rows: int, target_nnz: int = DEFAULT_BLOCK_NNZ, max_rows: int = 2**18
 ) -> Iterator[tuple[int, int]]:
-    """Row ranges of about ``target_nnz`` entries, reading a lazy ``indptr`` piece by piece.
-
-    ``indptr`` is anything sliceable (zarr, h5py, numpy); at most ``max_rows + 1`` entries
-    are read at a time, so a billion-row pointer array is never loaded whole.
-    """
-    a = 0
-    while a < n_rows:
+    """Row ranges cut by :func:`~sparsestore.blocks.entry_bounds`, reading a lazy ``indptr``
+    (zarr, h5py, numpy: anything sliceable) ``max_rows + 1`` entries at a time, so a
+    billion-row pointer array is never loaded whole."""
+    for a in range(0, n_rows, max_rows):
         hi = min(n_rows, a + max_rows)
-        ptr = np.asarray(indptr[a : hi + 1], dtype=np.int64)
-        k = int(np.searchsorted(ptr, ptr[0] + target_nnz, side="right")) - 1
-        b = min(hi, a + max(1, k))
-        yield a, b
-        a = b
+        bounds = entry_bounds(np.asarray(indptr[a : hi + 1], dtype=np.int64), target_nnz)
+        for lo, up in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            yield a + lo, a + up
+
+
+class Spill:
+    """A private temporary directory of ``np.save`` records (``allow_pickle=False``).
+
+    Created at the first :meth:`append` under ``tmp_dir`` (default: the system temp dir);
+    :meth:`close` removes it.  A file holds groups of arrays appended one after another.
+    """
+
+    def __init__(self, tmp_dir: str | os.PathLike[str] | None = None) -> None:
+        self.tmp_dir = tmp_dir
+        self.dir: str | None = None
+
+    def path(self, name: str) -> str:
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="sparsestore-spill-", dir=self.tmp_dir)
+        return os.path.join(self.dir, name)
+
+    def append(self, name: str, arrays: Iterable[np.ndarray]) -> None:
+        """Append one group of arrays to file ``name``."""
+        with open(self.path(name), "ab") as f:
+            for arr in arrays:
+                np.save(f, arr, allow_pickle=False)
+
+    def size(self, name: str) -> int | None:
+        """File ``name``'s size in bytes, ``None`` if nothing was appended to it."""
+        if self.dir is None:
+            return None
+        try:
+            return os.path.getsize(os.path.join(self.dir, name))
+        except FileNotFoundError:
+            return None
+
+    def groups(self, name: str, k: int) -> Iterator[list[np.ndarray]]:
+        """The groups of ``k`` arrays appended to ``name``, in order; the file goes after."""
+        path = self.path(name)
+        with open(path, "rb") as f:
+            end = os.fstat(f.fileno()).st_size
+            while f.tell() < end:
+                yield [np.load(f, allow_pickle=False) for _ in range(k)]
+        os.remove(path)
+
+    def close(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
 
 
 def write_source(
@@ -164,7 +179,7 @@ def write_source(
     # joining blocks only saves per-block work (canonical checks, label writes) for tiny
     # blocks; a quarter chunk does that without copying blocks of that size or more.
     target = max(1, Layout.from_options(**layout_options).nnz_chunk(dt.itemsize) // 4)
-    bar = make_progress(progress, source.n_rows, f"convert {os.path.basename(source.name)}")
+    bar = make_bar(progress, source.n_rows, f"convert {os.path.basename(source.name)}")
     gen = source.blocks()
     try:
         return write_blocks(
@@ -188,8 +203,7 @@ def write_source(
         if source.close is not None:
             with contextlib.suppress(Exception):
                 source.close()
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 def coalesce(
@@ -239,18 +253,6 @@ def _keys(lab: Mapping[str, Any] | None) -> tuple[str, ...] | None:
     return None if lab is None else tuple(lab)
 
 
-def make_progress(progress: Any, total: int | None, desc: str) -> Any:
-    """A tqdm bar in rows: ``None`` shows it on a terminal only, ``False`` never."""
-    if progress is False:
-        return None
-    if progress is not None and progress is not True:
-        return progress  # a caller-made bar (anything with update/close)
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="rows", unit_scale=True,
-                disable=None if progress is None else False)
-
-
 def check_n_cols(name: str, n_cols: int, expected: int) -> None:
     """Refuse a file whose column count differs from the first file's."""
     if n_cols != expected:
@@ -270,11 +272,10 @@ __all__ = [
     "DEFAULT_BLOCK_NNZ",
     "DEFAULT_MEMORY_BYTES",
     "Source",
+    "Spill",
     "check_n_cols",
     "coalesce",
-    "csr_blocks",
     "expand_paths",
-    "make_progress",
     "open_text",
     "result_dtype",
     "row_bounds",

@@ -2,7 +2,7 @@
 
 Entries may come in any order, with duplicates (summed, as scipy does).  :class:`CooSpill`
 keeps up to ``memory_bytes`` of entries in memory; beyond that it appends them to one
-temporary file per row bucket (``np.save`` records, ``allow_pickle=False``), then reads the
+temporary file per row bucket (a :class:`~sparsestore.ingest.base.Spill`), then reads the
 buckets back in row order, each as one CSR block.  A bucket that is itself too big is
 split again the same way, so memory stays bounded whatever the entry order.  Blocks are
 bounded in rows as well as entries, so a shape declaring far more rows than the entries
@@ -16,24 +16,17 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
+from ..blocks import coo_row_blocks
 from ..canonical import _as_int_array, check_row_count
 from ..errors import DTypeError, InvalidInputError, ShapeMismatchError
 from ..layout import check_dim, check_value_dtype, index_dtype
-from .base import (
-    DEFAULT_BLOCK_NNZ,
-    DEFAULT_MEMORY_BYTES,
-    Source,
-    write_source,
-)
-from .scipy import coo_row_blocks
+from .base import DEFAULT_BLOCK_NNZ, DEFAULT_MEMORY_BYTES, Source, Spill, write_source
 
 # Entries handed to CooSpill.add at once when the input is one big array.
 _ADD_STEP = 4 * 2**20
@@ -75,7 +68,7 @@ class CooSpill:
         self._rows_per_bucket = max(1, math.ceil(self.n_rows / self._n_buckets))
         self._buf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._buffered = 0
-        self._dir: str | None = None
+        self._spill = Spill(tmp_dir)
         self.nnz_added = 0
 
     # ------------------------------------------------------------ adding
@@ -125,26 +118,18 @@ class CooSpill:
             return parts[0]
         return tuple(np.concatenate(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
 
-    def _bucket_path(self, b: int) -> str:
-        assert self._dir is not None
-        return os.path.join(self._dir, f"bucket-{b:05d}.npy")
-
     def _flush(self) -> None:
         """Append the buffered entries to their row buckets' spill files."""
         r, c, d = self._take_buffer()
         if r.size == 0:
             return
-        if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="sparsestore-spill-", dir=self.tmp_dir)
         bucket = r // self._rows_per_bucket
         order = np.argsort(bucket, kind="stable")
         bucket = bucket[order]
         edges = np.searchsorted(bucket, np.arange(self._n_buckets + 1), side="left")
         for b in np.flatnonzero(np.diff(edges)):
             sel = order[edges[b] : edges[b + 1]]
-            with open(self._bucket_path(int(b)), "ab") as f:
-                for arr in (r[sel], c[sel], d[sel]):
-                    np.save(f, arr, allow_pickle=False)
+            self._spill.append(f"bucket-{b:05d}.npy", (r[sel], c[sel], d[sel]))
 
     # ------------------------------------------------------------ reading back
     def blocks(self, target_nnz: int = DEFAULT_BLOCK_NNZ) -> Iterator[tuple[int, int, Any]]:
@@ -155,7 +140,7 @@ class CooSpill:
         try:
             if self.check_rows:
                 check_row_count(self.n_rows, self.nnz_added, self.source)
-            if self._dir is None:
+            if self._spill.dir is None:
                 r, c, d = self._take_buffer()
                 yield from self._emit(0, self.n_rows, r, c, d, target_nnz)
                 return
@@ -165,31 +150,32 @@ class CooSpill:
                 b0 = min(self.n_rows, a0 + self._rows_per_bucket)
                 if a0 >= b0:
                     break
-                path = self._bucket_path(b)
-                if not os.path.exists(path):
+                name = f"bucket-{b:05d}.npy"
+                size = self._spill.size(name)
+                if size is None:
                     yield from self._emit_empty(a0, b0)
-                elif os.path.getsize(path) > 2 * self.memory_bytes and b0 - a0 > 1:
-                    yield from self._split(path, a0, b0, target_nnz)
+                elif size > 2 * self.memory_bytes and b0 - a0 > 1:
+                    yield from self._split(name, a0, b0, target_nnz)
                 else:
-                    r, c, d = _read_records(path)
-                    os.remove(path)
+                    parts = list(self._spill.groups(name, 3))
+                    r, c, d = (np.concatenate(p) for p in zip(*parts, strict=True))
+                    del parts
                     yield from self._emit(a0, b0, r - a0, c, d, target_nnz)
         finally:
             self.close()
 
     def _split(
-        self, path: str, a0: int, b0: int, target_nnz: int
+        self, name: str, a0: int, b0: int, target_nnz: int
     ) -> Iterator[tuple[int, int, Any]]:
         """A bucket too big for memory: spill it again into finer buckets under it."""
         sub = CooSpill(
             (b0 - a0, self.n_cols), self.dtype, memory_bytes=self.memory_bytes,
-            tmp_dir=self._dir, source=self.source, error=self.error, casting="unsafe",
+            tmp_dir=self._spill.dir, source=self.source, error=self.error, casting="unsafe",
             check_rows=False,
         )
         try:
-            for r, c, d in _iter_records(path):
+            for r, c, d in self._spill.groups(name, 3):
                 sub.add(r - a0, c, d)
-            os.remove(path)
             for a, b, block in sub.blocks(target_nnz):
                 yield a + a0, b + a0, block
         finally:
@@ -211,30 +197,13 @@ class CooSpill:
     def close(self) -> None:
         """Remove the spill directory and drop buffered entries."""
         self._buf, self._buffered = [], 0
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        self._spill.close()
 
     def __enter__(self) -> CooSpill:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _iter_records(path: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        while f.tell() < size:
-            r = np.load(f, allow_pickle=False)
-            c = np.load(f, allow_pickle=False)
-            d = np.load(f, allow_pickle=False)
-            yield r, c, d
-
-
-def _read_records(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    parts = list(_iter_records(path))
-    return tuple(np.concatenate(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- sources

@@ -22,7 +22,7 @@ import numpy as np
 from ..canonical import check_row_count
 from ..errors import FormatError, UnsafeInputError
 from ..layout import MAX_DIM
-from .base import DEFAULT_MEMORY_BYTES, Source, open_text, write_source
+from .base import DEFAULT_MEMORY_BYTES, Source, open_text
 from .coo import CooSpill
 
 _FIELDS = {"real": np.float64, "double": np.float64, "integer": np.int64, "pattern": np.float32}
@@ -221,12 +221,4 @@ def _indices(col: np.ndarray, n: int, what: str, path: str) -> np.ndarray:
     return col.astype(np.int64) - 1
 
 
-def from_mtx(dst: Any, path: str | os.PathLike[str], *, dtype: Any = None,
-             tmp_dir: Any = None, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-             **options: Any) -> Any:
-    """Store a Matrix Market file (streamed; see :func:`mtx_source`)."""
-    src = mtx_source(path, dtype=dtype, tmp_dir=tmp_dir, memory_bytes=memory_bytes)
-    return write_source(dst, src, **options)
-
-
-__all__ = ["MtxHeader", "from_mtx", "mtx_source", "read_header"]
+__all__ = ["MtxHeader", "mtx_source", "read_header"]

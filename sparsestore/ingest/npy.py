@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from ..blocks import dense_row_blocks
 from ..errors import FormatError, UnsafeInputError
-from .base import Source, check_n_cols, expand_paths, result_dtype, write_source
-from .dense import dense_row_blocks
+from .base import Source, check_n_cols, expand_paths, result_dtype
 
 # Bytes of dense rows read per block (the CSR of a block is smaller still).
 _BLOCK_BYTES = 32 * 2**20
@@ -65,10 +65,4 @@ def npy_source(src: Any, *, dtype: Any = None, block_bytes: int = _BLOCK_BYTES) 
                   n_cols=n_cols, dtype=dt, blocks=blocks, n_rows=n_rows, dense=True)
 
 
-def from_npy(dst: Any, src: Any, *, dtype: Any = None, sparse: bool = True,
-             **options: Any) -> Any:
-    """Store dense ``.npy`` file(s); ``sparse=False`` keeps a dense store."""
-    return write_source(dst, npy_source(src, dtype=dtype), sparse=sparse, **options)
-
-
-__all__ = ["from_npy", "npy_source", "open_npy"]
+__all__ = ["npy_source", "open_npy"]

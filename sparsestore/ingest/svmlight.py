@@ -5,16 +5,15 @@ Lines are parsed ``chunk_lines`` at a time into CSR row blocks; the target becom
 ``labels["qid"]`` (int64).  With ``n_features`` given and ``zero_based`` True/False the
 file is written as it is parsed.  Otherwise (the defaults, like scikit-learn's
 ``load_svmlight_file``) the column count or index base is only known after the last line,
-so parsed blocks are spilled to a temporary directory (``np.save``, ``allow_pickle=False``)
-and written from there: one parse, bounded memory, one extra pass over local disk.
+so parsed blocks are spilled to a temporary directory (a
+:class:`~sparsestore.ingest.base.Spill`) and written from there: one parse, bounded memory,
+one extra pass over local disk.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import shutil
-import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import scipy.sparse as sp
 
 from ..errors import FormatError, InvalidInputError
 from ..layout import MAX_DIM
-from .base import Source, expand_paths, open_text, write_source
+from .base import Source, Spill, expand_paths, open_text
 
 
 @dataclass
@@ -196,11 +195,11 @@ def svmlight_source(
                       labels=label_names)
 
     # One parse into a spill directory: the column count / base is known at the end.
-    spill = tempfile.mkdtemp(prefix="sparsestore-svm-", dir=tmp_dir)
-    files: list[tuple[str, str]] = []
+    spill = Spill(tmp_dir)
+    names: list[str] = []  # the file each spilled block came from
     lo, hi = None, -1
     try:
-        for k, (path, block) in enumerate(_parsed_blocks(paths, chunk_lines, dt)):
+        for path, block in _parsed_blocks(paths, chunk_lines, dt):
             if block.indices.size:
                 bmin, bmax = int(block.indices.min()), int(block.indices.max())
                 lo = bmin if lo is None else min(lo, bmin)
@@ -210,15 +209,11 @@ def svmlight_source(
                         f"{path}: feature index {hi} is beyond the largest column count a "
                         f"store allows ({MAX_DIM})"
                     )
-            out = os.path.join(spill, f"block-{k:08d}.npz")
-            arrays = {"values": block.values, "indices": block.indices,
-                      "indptr": block.indptr, "y": block.y}
-            if block.qid is not None:
-                arrays["qid"] = block.qid
-            np.savez(out, **arrays)
-            files.append((path, out))
+            qid = block.qid if block.qid is not None else np.empty(0, dtype=np.int64)
+            spill.append("blocks.npy", (block.values, block.indices, block.indptr, block.y, qid))
+            names.append(path)
     except BaseException:
-        shutil.rmtree(spill, ignore_errors=True)
+        spill.close()
         raise
     if zero_based == "auto":
         base = 0 if (lo == 0 or lo is None) else 1
@@ -228,18 +223,17 @@ def svmlight_source(
 
     def spilled_blocks() -> Iterator[tuple[Any, dict]]:
         try:
-            for path, out in files:
-                with np.load(out, allow_pickle=False) as z:
-                    block = _Block(z["values"], z["indices"], z["indptr"], z["y"],
-                                   z["qid"] if "qid" in z.files else None)
-                os.remove(out)
+            if not names:
+                return
+            groups = spill.groups("blocks.npy", 5)
+            for path, (values, indices, indptr, y, qid) in zip(names, groups, strict=True):
+                block = _Block(values, indices, indptr, y, qid if qid.size else None)
                 yield to_pair(block, base, n_cols, path)
         finally:
-            shutil.rmtree(spill, ignore_errors=True)
+            spill.close()
 
     return Source(name=_name(paths), n_cols=n_cols, dtype=dt, blocks=spilled_blocks,
-                  labels=label_names,
-                  close=lambda: shutil.rmtree(spill, ignore_errors=True))
+                  labels=label_names, close=spill.close)
 
 
 def _first_has_qid(paths: Sequence[str]) -> bool:
@@ -260,13 +254,4 @@ def _name(paths: Sequence[str]) -> str:
     return paths[0] if len(paths) == 1 else f"{len(paths)} svmlight files"
 
 
-def from_svmlight(dst: Any, src: Any, *, n_features: int | None = None,
-                  zero_based: bool | str = "auto", dtype: Any = np.float64,
-                  tmp_dir: Any = None, **options: Any) -> Any:
-    """Store svmlight file(s), targets as ``labels["y"]`` (see :func:`svmlight_source`)."""
-    src_ = svmlight_source(src, n_features=n_features, zero_based=zero_based, dtype=dtype,
-                           tmp_dir=tmp_dir)
-    return write_source(dst, src_, **options)
-
-
-__all__ = ["from_svmlight", "svmlight_source"]
+__all__ = ["svmlight_source"]
