@@ -56,21 +56,21 @@ def raw_parts(draw):
     data = _cast(vals, draw(st.sampled_from(["float32", "float64", "int32", "int64", "bool"])))
     for fault in draw(st.lists(st.sampled_from(MUTATIONS), max_size=2)):
         event(f"fault: {fault}")
-        if fault == "indptr_nonmono" and indptr.size > 2:
+        if fault == "indptr_nonmono" and indptr.ndim == 1 and indptr.size > 2:
             indptr = indptr.copy()
             indptr[1] = indptr[-1] + 1
         elif fault == "indptr_start":
             indptr = indptr + draw(st.integers(1, 3))
-        elif fault == "indptr_end" and indptr.size:  # an earlier fault may have emptied it
+        elif fault == "indptr_end" and indptr.ndim == 1 and indptr.size:  # not emptied/2-D
             indptr = indptr.copy()
             indptr[-1] += draw(st.sampled_from([-1, 1, 5]))
         elif fault == "indptr_short":
             indptr = indptr[:-1]
-        elif fault == "indptr_long" and indptr.size:
+        elif fault == "indptr_long" and indptr.ndim == 1 and indptr.size:
             indptr = np.append(indptr, indptr[-1])
         elif fault == "indptr_float":
             indptr = indptr.astype(np.float64) + draw(st.sampled_from([0.0, 0.5]))
-        elif fault == "indptr_nan" and indptr.size:
+        elif fault == "indptr_nan" and indptr.ndim == 1 and indptr.size:
             indptr = indptr.astype(np.float64)
             indptr[-1] = np.nan
         elif fault == "indptr_empty":
