@@ -24,7 +24,8 @@ Python (make PY=python3.11 ...), or install from the open ranges: pip install -e
 pip_install = @echo '$(PIP_INSTALL) -c $(1) -e ".[$(2)]"'; \
 	$(PIP_INSTALL) -c $(1) -e ".[$(2)]" || { $(NO_WHEEL_HINT); }
 
-.PHONY: setup setup-demo demo test lint bench bench-quick lock clean
+.PHONY: setup setup-demo demo test lint bench bench-quick lock clean test-torch test-jax \
+	test-backends
 
 $(BIN)/python:
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "sparsestore needs \
@@ -59,6 +60,25 @@ lint: setup
 
 test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The JAX and PyTorch backends' tests, each after installing its framework into $(VENV).
+# Pinned here, not in the lock files: `make demo` and `make test` never download them. The
+# CPU wheel of torch 2.13.0 (192 MB, 750 MB installed; PyPI's default torch is a ~3 GB CUDA
+# build) must be on pip's find-links / index; jax + jaxlib 0.10.2: 89 MB, 380 MB installed.
+TORCH_PIN ?= torch==2.13.0
+JAX_PIN ?= jax==0.10.2 jaxlib==0.10.2
+# $(call pip_framework,PINS): install exact versions without moving any locked package.
+pip_framework = $(PIP_INSTALL) -c requirements/dev.txt $(1)
+
+test-torch: setup
+	$(call pip_framework,$(TORCH_PIN))
+	$(BIN)/python -m pytest tests/test_torch.py $(PYTEST_ARGS)
+
+test-jax: setup
+	$(call pip_framework,$(JAX_PIN))
+	$(BIN)/python -m pytest tests/test_jax.py $(PYTEST_ARGS)
+
+test-backends: test-torch test-jax
 
 bench: setup
 	$(BIN)/python -m benchmarks.run

@@ -1,0 +1,262 @@
+"""JAX backend: a :class:`sparsestore.DataLoader`'s batches as ``jax.experimental.sparse`` arrays.
+
+``DataLoader(store, backend="jax")`` yields ``BCOO`` ``[batch, n_cols]`` matrices (``BCSR``
+with ``JaxBackend(format="bcsr")``; dense ``jax.Array`` for dense stores) and labels as
+``jax.Array``, as ``(x, labels...)`` when the loader has labels.  The COO row ids are
+expanded on the host with numpy (one ``repeat`` over the row lengths) and the arrays go to
+the device in one ``jax.device_put`` per batch.
+
+    import adapters.jax as ssjax
+    loader = ssjax.sharded_loader(store, batch_size=512, shuffle=True, labels="y")
+    for x, y in ssjax.prefetch_to_device(loader, size=2):   # x: BCOO, y: jax.Array
+        params = step(params, x, y)
+
+JAX keeps 32-bit types unless ``jax_enable_x64`` is on: values and labels are cast to
+JAX's canonical dtype (``int64`` labels come out ``int32``, ``float64`` as ``float32``).
+Each batch has its own number of non-zeros, so a ``jit``-ed step would compile once per
+distinct ``nse``; ``JaxBackend(pad_nnz=True)`` pads each batch up to the next power of
+two with out-of-bounds entries (``BCOO``'s padding convention: ``todense``, ``@`` and
+``sum_duplicates`` ignore them), so a pass compiles a handful of shapes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+from jax.experimental import sparse as jsparse
+
+from sparsestore.errors import DTypeError, InvalidInputError
+from sparsestore.loader import DataLoader
+
+if TYPE_CHECKING:
+    from sparsestore.loader import Batch
+
+__all__ = ["JaxBackend", "prefetch_to_device", "sharded_loader", "to_py_dataset"]
+
+FORMATS = ("bcoo", "bcsr")
+
+
+def _jax_dtype(dtype: Any, what: str) -> np.dtype:
+    """JAX's canonical dtype for ``dtype`` (32-bit without x64); a clear error if none."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biuf":
+        raise DTypeError(
+            f"{what} has dtype {dtype}, which JAX cannot hold; store it as a numeric dtype"
+        )
+    return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+
+
+def _index_dtype(n_rows: int, n_cols: int) -> np.dtype:
+    """int32 coordinates when every id (and the padding id ``n``) fits, else int64."""
+    return np.dtype(np.int32 if max(n_rows, n_cols) < np.iinfo(np.int32).max else np.int64)
+
+
+def _padded(nse: int) -> int:
+    """The next power of two at or above ``nse`` (at least 1): few distinct jit shapes."""
+    return 1 << (max(1, int(nse)) - 1).bit_length()
+
+
+class JaxBackend:
+    """``DataLoader(store, backend="jax")``: ``BCOO`` (or ``BCSR``) batches, labels as arrays.
+
+    ``format``: ``"bcoo"`` (default) or ``"bcsr"``; ``pad_nnz``: pad the non-zeros to a
+    power of two (``BCOO`` only) so ``jit`` sees few shapes; ``device``: where
+    ``jax.device_put`` puts the arrays (default: JAX's default device).
+    """
+
+    name = "jax"
+
+    def __init__(self, format: str = "bcoo", pad_nnz: bool = False, device: Any = None) -> None:
+        if format not in FORMATS:
+            raise InvalidInputError(f"format must be one of {FORMATS}, got {format!r}")
+        if pad_nnz and format != "bcoo":
+            raise InvalidInputError("pad_nnz applies to BCOO batches; use format='bcoo'")
+        self.format, self.pad_nnz, self.device = format, bool(pad_nnz), device
+        self._dtypes: weakref.WeakKeyDictionary[DataLoader, tuple] = weakref.WeakKeyDictionary()
+
+    def _plan(self, loader: DataLoader) -> tuple[np.dtype, tuple[np.dtype, ...]]:
+        """The value and label dtypes JAX will hold, checked once per loader."""
+        plan = self._dtypes.get(loader)
+        if plan is None:
+            labels = tuple(_jax_dtype(dt, f"label {name!r}") for name, dt, _ in loader.label_specs)
+            plan = self._dtypes[loader] = (_jax_dtype(loader.dtype, "the store"), labels)
+        return plan
+
+    def host_parts(self, batch: Batch, loader: DataLoader) -> tuple[np.ndarray, ...]:
+        """The numpy arrays one batch becomes on the device (x's parts, then the labels)."""
+        vdt, ldts = self._plan(loader)
+        labels = tuple(np.asarray(lab, dtype=dt) for lab, dt in zip(batch.labels, ldts,
+                                                                    strict=True))
+        if batch.dense is not None:
+            return (np.asarray(batch.dense, dtype=vdt), *labels)
+        n, m = batch.n_rows, batch.n_cols
+        idt = _index_dtype(n, m)
+        values = np.asarray(batch.values, dtype=vdt)
+        cols = np.asarray(batch.indices, dtype=idt)
+        if self.format == "bcsr":
+            return (values, cols, np.asarray(batch.row_splits, dtype=idt), *labels)
+        nnz = values.size
+        size = _padded(nnz) if self.pad_nnz else nnz
+        coords = np.empty((size, 2), dtype=idt)
+        coords[:nnz, 0] = np.repeat(np.arange(n, dtype=idt), np.diff(batch.row_splits))
+        coords[:nnz, 1] = cols
+        if size > nnz:  # BCOO padding: out-of-bounds coordinates with zero values
+            coords[nnz:] = (n, m)
+            values = np.concatenate([values, np.zeros(size - nnz, dtype=vdt)])
+        return (values, coords, *labels)
+
+    def assemble(self, parts: tuple[Any, ...], shape: tuple[int, int], dense: bool,
+                 n_labels: int) -> Any:
+        """The framework objects from device arrays: ``x`` or ``(x, labels...)``."""
+        labels = parts[len(parts) - n_labels:]
+        if dense:
+            x = parts[0]
+        elif self.format == "bcsr":
+            x = jsparse.BCSR((parts[0], parts[1], parts[2]), shape=shape,
+                             indices_sorted=True, unique_indices=True)
+        else:
+            x = jsparse.BCOO((parts[0], parts[1]), shape=shape, indices_sorted=True,
+                             unique_indices=not self.pad_nnz)
+        return (x, *labels) if n_labels else x
+
+    def convert(self, batch: Batch, loader: DataLoader) -> Any:
+        parts = jax.device_put(self.host_parts(batch, loader), self.device)
+        return self.assemble(tuple(parts), (batch.n_rows, batch.n_cols), batch.dense is not None,
+                             len(batch.labels))
+
+    def __repr__(self) -> str:
+        return f"JaxBackend(format={self.format!r}, pad_nnz={self.pad_nnz}, device={self.device})"
+
+
+def _backend_of(loader: DataLoader) -> JaxBackend:
+    backend = loader.backend
+    return backend if isinstance(backend, JaxBackend) else JaxBackend()
+
+
+_DONE = object()
+
+
+class _Failure:
+    """An exception raised on the prefetch thread, re-raised on the consumer's."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def prefetch_to_device(loader: DataLoader, size: int = 2, device: Any = None) -> Iterator[Any]:
+    """One pass of the loader with ``size`` batches already on ``device``, staged by a thread.
+
+    A background thread reads the loader's raw batches and ``jax.device_put`` s them
+    (asynchronous on accelerators), keeping at most ``size`` ready ahead of the consumer,
+    so host decoding and the transfer overlap the training step.  Batches are those of the
+    loader's JAX backend (a plain ``JaxBackend()`` if it has another one).  Errors (e.g.
+    :class:`~sparsestore.errors.ChecksumError`) re-raise in the consumer; closing the
+    iterator early stops the thread and closes the pass.
+    """
+    if not isinstance(loader, DataLoader):
+        raise InvalidInputError(f"expected a sparsestore.DataLoader, got {type(loader).__name__}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise InvalidInputError(f"size must be a positive int, got {size!r}")
+    backend = _backend_of(loader)
+    target = device if device is not None else backend.device
+    ready: queue.Queue[Any] = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        batches = loader.iter_batches()
+        try:
+            for batch in batches:
+                parts = jax.device_put(backend.host_parts(batch, loader), target)
+                item = backend.assemble(tuple(parts), (batch.n_rows, batch.n_cols),
+                                        batch.dense is not None, len(batch.labels))
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # handed to the consumer
+            put(_Failure(exc))
+        finally:
+            batches.close()
+
+    thread = threading.Thread(target=work, name="sparsestore-jax-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def sharded_loader(store: Any, backend: Any = "jax", **options: Any) -> DataLoader:
+    """A loader of this JAX process's rows: rank ``process_index()`` of ``process_count()``."""
+    if "rank" in options or "world_size" in options:
+        raise InvalidInputError("sharded_loader sets rank and world_size from jax; pass neither")
+    return DataLoader(store, rank=jax.process_index(), world_size=jax.process_count(),
+                      backend=backend, **options)
+
+
+def to_py_dataset(loader: DataLoader, **kwargs: Any) -> Any:
+    """The loader as a ``keras.utils.PyDataset`` for ``model.fit`` on Keras' JAX backend.
+
+    Keras takes a Python generator only with ``steps_per_epoch`` and cannot restart it per
+    epoch; this adapter gives it ``len(loader)`` and serves index ``i`` from the running
+    pass (Keras asks in order with ``shuffle=False`` and no workers), starting the loader's
+    next epoch at index 0.  Cost: one Python call per batch, nothing copied.
+    """
+    import keras
+
+    class LoaderPyDataset(keras.utils.PyDataset):
+        """Sequential PyDataset over a streaming loader (indices must come in order)."""
+
+        def __init__(self) -> None:
+            super().__init__(**kwargs)
+            self._it: Iterator[Any] | None = None
+            self._next = 0
+
+        def __len__(self) -> int:
+            return len(loader)
+
+        def __getitem__(self, index: int) -> Any:
+            if index == 0 or self._it is None:
+                if self._it is not None:
+                    self._it.close()
+                self._it, self._next = iter(loader), 0
+            if index != self._next:
+                raise InvalidInputError(
+                    f"batch {index} asked out of order (expected {self._next}): the loader "
+                    "streams; pass shuffle=False to fit and leave workers at 0"
+                )
+            self._next += 1
+            item = next(self._it)
+            if self._next == len(self):  # finish the pass: the loader moves to its next epoch
+                for _ in self._it:
+                    pass
+                self._it = None
+            return item
+
+        def on_epoch_end(self) -> None:
+            if self._it is not None:
+                self._it.close()
+            self._it = None
+
+    return LoaderPyDataset()

@@ -1,0 +1,286 @@
+"""PyTorch backend: a :class:`sparsestore.DataLoader` as torch sparse tensors and datasets.
+
+``DataLoader(store, backend="torch")`` yields ``torch.sparse_csr_tensor`` batches
+``[batch, n_cols]`` (``TorchBackend(layout="coo")``: coalesced ``sparse_coo_tensor``; dense
+tensors for dense stores) and labels as tensors, as ``(x, labels...)`` with labels.  The
+tensors share memory with the loader's numpy arrays (``torch.from_numpy``): no copy.
+
+:class:`SparseIterableDataset` plugs a loader into ``torch.utils.data.DataLoader``:
+
+    import adapters.torch as sstorch
+    ds = sstorch.SparseIterableDataset(sparsestore.DataLoader(store, 512, shuffle=True,
+                                                              labels="y", seed=0))
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, pin_memory=True)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for x, y in dl:   # x: sparse CSR [512, n_cols], y: tensor
+            ...
+
+Each torch worker reads its own disjoint share of the loader's (rank's) rows
+(``loader.with_shard(rank * k + worker, world_size * k)``), so workers never overlap and
+together read every row of the rank once.  Workers get the dataset by ``fork`` (Linux's
+default start method up to Python 3.13; pass ``multiprocessing_context="fork"`` otherwise):
+the loader's threads and locks do not pickle.  :class:`SparseMapDataset` is a map-style
+view (``__getitems__`` reads a whole batch of row ids at once) for torch samplers, and it
+pickles (the store reopens from its path), so any start method works with it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.utils.data as tud
+
+from sparsestore.errors import DTypeError, InvalidInputError
+from sparsestore.loader import DataLoader
+
+if TYPE_CHECKING:
+    from sparsestore.loader import Batch
+    from sparsestore.store import SparseStore
+
+__all__ = ["SparseIterableDataset", "SparseMapDataset", "TorchBackend", "collate_batches",
+           "shard_of", "to_torch"]
+
+LAYOUTS = ("csr", "coo")
+STATE_VERSION = 1
+
+# torch warns once per process that CSR support is "beta"; the adapter uses only its
+# construction, to_dense, pinning and matmul, which are stable.  Batches crossing from
+# worker processes are rebuilt without invariant checks (the reader guarantees them).
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled",
+                        module="torch.multiprocessing.reductions")
+
+
+def _tensor(a: np.ndarray, what: str) -> torch.Tensor:
+    """``a`` as a tensor sharing its memory (a copy only when numpy cannot share it)."""
+    if a.dtype.kind not in "biuf":
+        raise DTypeError(f"{what} has dtype {a.dtype}, which torch cannot hold; store it numeric")
+    if not a.flags.writeable or not a.flags.c_contiguous:  # from_numpy warns on read-only
+        a = np.ascontiguousarray(a).copy()
+    return torch.from_numpy(a)
+
+
+def to_torch(batch: Batch, layout: str = "csr") -> Any:
+    """One raw loader batch as a torch tensor (its labels not included)."""
+    if batch.dense is not None:
+        return _tensor(batch.dense, "the store")
+    return _sparse(batch.values, batch.indices, batch.row_splits,
+                   (batch.n_rows, batch.n_cols), layout)
+
+
+def _sparse(values: np.ndarray, indices: np.ndarray, row_splits: np.ndarray,
+            shape: tuple[int, int], layout: str) -> torch.Tensor:
+    """CSR parts as a torch sparse CSR or (coalesced) COO tensor, sharing their memory."""
+    vals = _tensor(values, "the store")
+    if layout == "csr":
+        crow = torch.from_numpy(np.asarray(row_splits, dtype=np.int64))
+        col = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        return torch.sparse_csr_tensor(crow, col, vals, size=shape, check_invariants=False)
+    coords = np.empty((2, vals.numel()), dtype=np.int64)
+    coords[0] = np.repeat(np.arange(shape[0], dtype=np.int64), np.diff(row_splits))
+    coords[1] = indices
+    # Canonical rows (sorted, unique column ids) make row-major COO already coalesced.
+    return torch.sparse_coo_tensor(torch.from_numpy(coords), vals, size=shape,
+                                   is_coalesced=True, check_invariants=False)
+
+
+class TorchBackend:
+    """``DataLoader(store, backend="torch")``: sparse CSR (or COO) batches, labels as tensors."""
+
+    name = "torch"
+
+    def __init__(self, layout: str = "csr") -> None:
+        if layout not in LAYOUTS:
+            raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
+
+    def convert(self, batch: Batch, loader: DataLoader) -> Any:
+        x = to_torch(batch, self.layout)
+        if not batch.labels:
+            return x
+        labels = tuple(_tensor(np.asarray(lab), f"label {name!r}")
+                       for lab, name in zip(batch.labels, loader.label_names, strict=True))
+        return (x, *labels)
+
+    def __repr__(self) -> str:
+        return f"TorchBackend(layout={self.layout!r})"
+
+
+def _torch_backend(loader: DataLoader) -> TorchBackend:
+    backend = loader.backend
+    return backend if isinstance(backend, TorchBackend) else TorchBackend()
+
+
+def shard_of(loader: DataLoader, worker: int, num_workers: int) -> DataLoader:
+    """The rows torch worker ``worker`` of ``num_workers`` reads: its slice of this rank's."""
+    if num_workers == 1:
+        return loader
+    return loader.with_shard(loader.rank * num_workers + worker,
+                             loader.world_size * num_workers)
+
+
+def _round_robin(counts: Sequence[int], seen: int) -> list[int]:
+    """Batches each worker had delivered after ``seen`` batches of torch's round-robin."""
+    done = [0] * len(counts)
+    left = seen
+    while left > 0:
+        active = [w for w, n in enumerate(counts) if done[w] < n]
+        if not active:
+            break
+        for w in active:
+            if left == 0:
+                break
+            done[w] += 1
+            left -= 1
+    return done
+
+
+class SparseIterableDataset(tud.IterableDataset):
+    """A loader as a torch ``IterableDataset``: use ``DataLoader(ds, batch_size=None)``.
+
+    Yields what the loader's torch backend gives (a ``TorchBackend(layout)`` unless the
+    loader already has one).  With ``num_workers=k`` each worker iterates a copy of the
+    loader restricted to its share of the rows; worker copies cannot advance the epoch
+    here, so call :meth:`set_epoch` before each epoch (as with torch's
+    ``DistributedSampler``).  ``len(ds)`` is the batches per epoch for ``num_workers``
+    (constructor argument, ``0`` by default: the loader's own count).
+    """
+
+    def __init__(self, loader: DataLoader, layout: str | None = None,
+                 num_workers: int = 0) -> None:
+        if not isinstance(loader, DataLoader):
+            raise InvalidInputError(
+                f"expected a sparsestore.DataLoader, got {type(loader).__name__}"
+            )
+        super().__init__()
+        self.loader = loader
+        self.backend = TorchBackend(layout) if layout else _torch_backend(loader)
+        self.num_workers = int(num_workers)
+        self._seen = 0
+        self._resume: dict[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise InvalidInputError(
+            "SparseIterableDataset reaches torch workers by fork (the default start method "
+            "on Linux up to Python 3.13): its loader holds threads and locks that do not "
+            "pickle; pass multiprocessing_context='fork' to torch.utils.data.DataLoader"
+        )
+
+    def _counts(self, k: int) -> list[int]:
+        return [len(shard_of(self.loader, w, k)) for w in range(k)]
+
+    def __len__(self) -> int:
+        k = max(1, self.num_workers)
+        return len(self.loader) if k == 1 else sum(self._counts(k))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the next epoch (its shuffle order) for this process and future workers."""
+        self.loader.set_epoch(epoch)
+        self._resume = None
+        self._seen = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        info = tud.get_worker_info()
+        k, w = (1, 0) if info is None else (info.num_workers, info.id)
+        state, seen = self._resume, 0
+        if state is not None:
+            if state["num_workers"] != k:
+                raise InvalidInputError(
+                    f"state was saved with num_workers={state['num_workers']} but the torch "
+                    f"DataLoader runs {k}; resume with the same number of workers"
+                )
+            seen = int(state["batches_seen"])
+            if info is None:
+                self._resume = None  # used up here; worker copies drop theirs with them
+        # torch takes batches from workers 0, 1, ... in turn: after `seen` batches the
+        # next one is shard seen % k's, so resumed worker w reads shard (w + seen) % k.
+        shard = (w + seen) % k
+        loader = shard_of(self.loader, shard, k)
+        if state is not None:
+            inner = loader.state_dict()
+            inner.update(epoch=state["epoch"], seed=state["seed"],
+                         batches_consumed=_round_robin(self._counts(k), seen)[shard])
+            loader.load_state_dict(inner)
+        self._seen = seen
+        batches = loader.iter_batches()
+        try:
+            for batch in batches:
+                self._seen += 1
+                yield self.backend.convert(batch, loader)
+        finally:
+            batches.close()
+        self._seen = 0  # a completed pass: the loader moved on to the next epoch
+
+    def state_dict(self, batches_seen: int | None = None, num_workers: int | None = None
+                   ) -> dict[str, Any]:
+        """Where the epoch is; :meth:`load_state_dict` then yields exactly the rest.
+
+        Without workers the dataset counts the batches itself.  With ``num_workers=k``
+        only the consumer knows how many arrived: pass ``batches_seen``, the epoch's
+        batches received so far (those before a resume included).  torch takes batches
+        from the workers in turn, so each worker's position, and which worker must go
+        first to keep the order, follow from it.
+        """
+        k = max(1, self.num_workers if num_workers is None else int(num_workers))
+        seen = self._seen if batches_seen is None else int(batches_seen)
+        return {"version": STATE_VERSION, "epoch": self.loader.epoch, "seed": self.loader.seed,
+                "batches_seen": seen, "num_workers": k}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next iteration (in every worker) skips what was already delivered.
+
+        With workers it applies to every iteration until :meth:`set_epoch` is called.
+        """
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise InvalidInputError("not a SparseIterableDataset state")
+        self.loader.set_epoch(int(state["epoch"]))
+        self._resume = dict(state)
+
+
+class SparseMapDataset(tud.Dataset):
+    """Map-style rows of a store: ``ds[i]`` one row, ``__getitems__(ids)`` a whole batch.
+
+    With ``torch.utils.data.DataLoader(ds, batch_size=B, sampler=..., collate_fn=
+    collate_batches)`` each batch is one random-access read of the store (``store[ids]``)
+    turned into a sparse tensor (and label tensors): any torch sampler works.
+    """
+
+    def __init__(self, store: SparseStore, labels: str | Sequence[str] | None = None,
+                 layout: str = "csr") -> None:
+        if layout not in LAYOUTS:
+            raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.store, self.layout = store, layout
+        self.label_names = () if labels is None else (
+            (labels,) if isinstance(labels, str) else tuple(labels))
+        for name in self.label_names:
+            store.labels[name]  # raises LabelError naming the known labels
+
+    def __len__(self) -> int:
+        return int(self.store.n_rows)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: Sequence[int]) -> Any:
+        ids = np.asarray(indices, dtype=np.int64)
+        labels = tuple(np.asarray(self.store.labels[n][ids]) for n in self.label_names)
+        if self.store.is_dense:
+            x = _tensor(np.ascontiguousarray(self.store[ids]), "the store")
+        else:
+            X = self.store[ids]
+            x = _sparse(X.data, X.indices, X.indptr, (ids.size, int(self.store.n_cols)),
+                        self.layout)
+        if not labels:
+            return x
+        return (x, *(_tensor(lab, f"label {n!r}") for lab, n in zip(labels, self.label_names,
+                                                                     strict=True)))
+
+
+def collate_batches(batch: Any) -> Any:
+    """``collate_fn`` for :class:`SparseMapDataset`: its batches arrive already assembled."""
+    return batch
