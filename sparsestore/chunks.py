@@ -1,25 +1,28 @@
-"""Reading ranges of 1-D chunked arrays so that each storage chunk is decoded once.
+"""Chunk I/O: every storage chunk sparsestore reads or writes itself goes through here.
 
-``data`` and ``indices`` are chunked along nnz.  A row selection becomes a list of nnz
-ranges; :func:`read_ranges` groups the chunks those ranges touch into contiguous runs,
-reads each run with one zarr call (zarr decodes every chunk in it exactly once, in its
-threads), and gathers the ranges from the decoded buffers.  :class:`ChunkCache` keeps the
-few chunks shared by neighbouring row blocks so a sequential pass decodes each once.
+``data`` and ``indices`` are chunked along nnz.  :class:`ChunkDecoder` decodes one whole
+chunk into a buffer the caller owns and :class:`ChunkEncoder` stores one, both directly for
+the codec chains sparsestore writes and through zarr otherwise; the zarr internals they need
+live in :mod:`sparsestore.zarr_compat`, which turns the direct paths off outside the zarr
+releases it supports.  :class:`ChunkCache` (and :class:`SharedChunkCache`, its thread-safe
+form for the reader's workers) keeps the few chunks shared by neighbouring row blocks so a
+sequential pass decodes each once.  :func:`read_ranges` reads scattered nnz ranges, each
+touched chunk once, through zarr; damage raises :class:`ChecksumError` /
+:class:`CorruptStoreError` naming the chunk on every path.
 """
 
 from __future__ import annotations
 
-import sys
+import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import Future
+from typing import Any
 
-import numcodecs.blosc
 import numpy as np
 
+from . import zarr_compat as zc
+from .buffers import BufferPool
 from .errors import ChecksumError, CorruptStoreError, SparseStoreError
-
-if TYPE_CHECKING:
-    from .buffers import BufferPool
 
 
 def range_positions(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -33,10 +36,6 @@ def range_positions(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, lengths)
 
 
-def _is_checksum_failure(exc: BaseException) -> bool:
-    return "checksum" in str(exc).lower()
-
-
 def read_slice(arr: Any, start: int, stop: int, *, name: str | None = None) -> np.ndarray:
     """``arr[start:stop]`` as numpy, turning a CRC32C failure into :class:`ChecksumError`."""
     try:
@@ -44,7 +43,7 @@ def read_slice(arr: Any, start: int, stop: int, *, name: str | None = None) -> n
     except SparseStoreError:
         raise
     except ValueError as exc:
-        if not _is_checksum_failure(exc):
+        if not zc.is_checksum_failure(exc):
             raise
         raise locate_checksum_error(arr, start, stop, name) from exc
 
@@ -64,7 +63,7 @@ def locate_checksum_error(
         try:
             arr[lo:hi]
         except ValueError as exc:
-            if _is_checksum_failure(exc):
+            if zc.is_checksum_failure(exc):
                 return ChecksumError(
                     f"checksum mismatch in array {label!r}, chunk {k} ({unit} {lo}:{hi}): "
                     "the chunk is damaged on disk; restore the store from a copy"
@@ -84,7 +83,7 @@ def read_rows(arr: Any, rows: np.ndarray, *, name: str | None = None) -> np.ndar
     except SparseStoreError:
         raise
     except ValueError as exc:
-        if not _is_checksum_failure(exc):
+        if not zc.is_checksum_failure(exc):
             raise
         ids = np.unique(rows // int(arr.chunks[0]))
         raise locate_checksum_error(arr, 0, 0, name, chunk_ids=ids) from exc
@@ -130,6 +129,10 @@ class ChunkCache:
             self._cache.popitem(last=False)
         return out
 
+    def get(self, k: int, limit: int) -> np.ndarray:
+        """Chunk ``k``'s elements below ``limit`` (the committed length), decoded once."""
+        return self._get(k, limit)
+
     def read_to(self, start: int, stop: int, out: np.ndarray, limit: int) -> None:
         """Elements ``[start, stop)`` into ``out``: the two boundary chunks (which the
         neighbouring blocks share) through the cache, interior chunks decoded straight
@@ -156,6 +159,56 @@ class ChunkCache:
         out = np.empty(shape, self.arr.dtype) if self.pool is None else self.pool.take(
             shape, self.arr.dtype)
         self.read_to(start, stop, out, limit)
+        return out
+
+
+class SharedChunkCache(ChunkCache):
+    """A :class:`ChunkCache` several threads can share; each chunk is decoded by one of them.
+
+    Concurrent requests for a chunk being decoded wait for that decode instead of
+    repeating it; the lock only guards the bookkeeping, decodes run in parallel.
+    Decoded memory always comes from a pool (its own unless one is given).
+    """
+
+    def __init__(
+        self, arr: Any, capacity: int = 4, name: str | None = None,
+        pool: BufferPool | None = None,
+    ) -> None:
+        super().__init__(arr, capacity=capacity, name=name,
+                         pool=pool if pool is not None else BufferPool())
+        self._lock = threading.Lock()
+        self._inflight: dict[int, Future] = {}
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.decoded += n
+
+    def _get(self, k: int, limit: int) -> np.ndarray:
+        with self._lock:
+            hit = self._cache.get(k)
+            if hit is not None:
+                self._cache.move_to_end(k)
+                return hit
+            fut = self._inflight.get(k)
+            owner = fut is None
+            if owner:
+                fut = self._inflight[k] = Future()
+        if not owner:
+            return fut.result()
+        try:
+            out = self._decode(k, limit)
+        except BaseException as exc:
+            with self._lock:
+                del self._inflight[k]
+            fut.set_exception(exc)
+            raise
+        with self._lock:
+            self.decoded += 1
+            self._cache[k] = out
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+            del self._inflight[k]
+        fut.set_result(out)
         return out
 
 
@@ -224,7 +277,7 @@ class ChunkDecoder:
         self.tail = tuple(int(d) for d in arr.shape[1:])  # trailing axes (labels may have them)
         self.dtype = np.dtype(arr.dtype)
         self.fill = arr.fill_value
-        self.direct = _direct_plan(arr)
+        self.direct = zc.direct_plan(arr)
 
     @property
     def is_direct(self) -> bool:
@@ -258,23 +311,22 @@ class ChunkDecoder:
             self.decode_into(k, whole, pool)
             out[:n] = whole[:n]
             return
-        raw = _fetch(store, prefix + self.arr.metadata.encode_chunk_key((k,)), pool)
+        raw = zc.fetch(store, zc.chunk_key(self.arr, prefix, k), pool)
         if raw is None:  # never written: zarr's fill value
             out[:n] = self.fill
             return
         for step in steps:
             if step == "crc32c":
-                if raw.size < 4 or crc(raw[:-4]) != _le(raw[-4:]):
+                if raw.size < 4 or crc(raw[:-4]) != zc.le32(raw[-4:]):
                     raise locate_checksum_error(self.arr, lo, hi, self.name, chunk_ids=[k])
                 raw = raw[:-4]
             else:  # blosc, always the last step: straight into ``out``
-                # Blosc header: uncompressed bytes at 4:8, compressed bytes at 12:16.
-                if raw.size < 16 or (_le(raw[4:8]), _le(raw[12:16])) != (want, raw.size):
+                if zc.blosc_sizes(raw) != (want, raw.size):
                     raise CorruptStoreError(
                         f"chunk {k} of array {self.name!r} has a bad Blosc header: the chunk "
                         "is damaged; restore the store from a copy"
                     )
-                numcodecs.blosc.decompress(raw, dest[:want])
+                zc.blosc_decompress(raw, dest[:want])
                 return
         if raw.size != want:
             raise CorruptStoreError(f"chunk {k} of array {self.name!r} is not {want} bytes")
@@ -317,25 +369,12 @@ class ChunkEncoder:
     @classmethod
     def for_array(cls, arr: Any) -> ChunkEncoder | None:
         """An encoder for ``arr``, or None when zarr must write it (see the class doc)."""
-        plan = _direct_plan(arr)
+        plan = zc.direct_plan(arr)
         if plan is None or not getattr(plan[0], "supports_sync", False):
             return None
         try:
-            from numcodecs import Blosc
-            from zarr.codecs import BloscCodec
-            from zarr.core.buffer import default_buffer_prototype
-
-            blosc = None
-            for codec in arr.metadata.codecs:
-                if type(codec) is BloscCodec:
-                    cfg = codec.to_dict()["configuration"]
-                    shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[cfg["shuffle"]]
-                    blosc = Blosc.from_config({
-                        "cname": cfg["cname"], "clevel": cfg["clevel"], "shuffle": shuffle,
-                        "blocksize": cfg["blocksize"], "typesize": cfg["typesize"],
-                    })
-            return cls(arr, plan, blosc, default_buffer_prototype().buffer)
-        except Exception:  # another zarr/numcodecs version: zarr writes
+            return cls(arr, plan, zc.blosc_codec(arr), zc.buffer_class())
+        except Exception:  # zarr internals not as expected: zarr writes
             return None
 
     def write(self, k: int, values: np.ndarray) -> None:
@@ -353,55 +392,4 @@ class ChunkEncoder:
                 raw = self.blosc.encode(raw)
             else:  # crc32c, appended little-endian (join: one copy of the chunk)
                 raw = b"".join((raw, (self.crc(raw) & 0xFFFFFFFF).to_bytes(4, "little")))
-        key = self.prefix + self.arr.metadata.encode_chunk_key((k,))
-        self.store.set_sync(key, self.buffer.from_bytes(bytes(raw)))
-
-
-def _le(b: np.ndarray) -> int:
-    return int.from_bytes(b.tobytes(), "little")
-
-
-def _fetch(store: Any, key: str, pool: BufferPool | None) -> np.ndarray | None:
-    """A chunk's stored bytes (checked against the manifest), or None when not covered."""
-    read_chunk = getattr(store, "read_chunk", None)
-    if read_chunk is not None:
-        return read_chunk(key, pool)
-    got = store.get_sync(key)
-    return None if got is None else got.as_numpy_array()
-
-
-def _direct_plan(arr: Any) -> tuple[Any, str, tuple[str, ...], Any] | None:
-    """How :class:`ChunkDecoder` can decode ``arr`` itself, or None (then zarr does)."""
-    try:
-        import google_crc32c
-        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
-
-        md = arr.metadata
-        if md.zarr_format != 3 or arr.ndim != 1 or getattr(arr, "shards", None) is not None:
-            return None
-        codecs = list(md.codecs)
-        if not codecs or type(codecs[0]) is not BytesCodec:
-            return None
-        endian = codecs[0].endian
-        if np.dtype(arr.dtype).itemsize > 1 and endian is not None and (
-            getattr(endian, "value", endian) != sys.byteorder
-        ):
-            return None
-        steps = []
-        for c in codecs[1:]:
-            if type(c) is BloscCodec:
-                steps.append("blosc")
-            elif type(c) is Crc32cCodec:
-                steps.append("crc32c")
-            else:
-                return None
-        steps.reverse()  # decode order
-        if steps not in ([], ["crc32c"], ["blosc"], ["crc32c", "blosc"]):
-            return None
-        store = arr.store_path.store
-        if not getattr(store, "supports_sync", callable(getattr(store, "get_sync", None))):
-            return None
-        prefix = arr.store_path.path
-        return store, (prefix + "/" if prefix else ""), tuple(steps), google_crc32c.value
-    except Exception:  # another zarr version or layout: zarr decodes
-        return None
+        zc.store_bytes(self.store, zc.chunk_key(self.arr, self.prefix, k), raw, self.buffer)

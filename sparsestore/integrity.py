@@ -28,9 +28,6 @@ from typing import TYPE_CHECKING, Any
 import google_crc32c
 import numcodecs.blosc
 import numpy as np
-from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-from zarr.core.buffer import default_buffer_prototype
-from zarr.storage import WrapperStore
 
 from .errors import (
     ChecksumError,
@@ -38,6 +35,13 @@ from .errors import (
     MisplacedChunkError,
     MissingChunkError,
     StoreChangedError,
+)
+from .zarr_compat import (
+    OffsetByteRequest,
+    RangeByteRequest,
+    SuffixByteRequest,
+    WrapperStore,
+    default_buffer_prototype,
 )
 
 if TYPE_CHECKING:

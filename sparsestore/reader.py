@@ -3,12 +3,13 @@
 The reader turns :class:`~sparsestore.sampler.UnitSpec` s into decoded, already ordered
 units (a :class:`~sparsestore.batch.Batch` holding all rows of the unit).  Every array
 (``data``, ``indices``, ``indptr``, labels) goes through one thread-safe
-:class:`SharedChunkCache` per pass: a chunk needed by two neighbouring units is decoded by
-whichever asks first while the other waits for it, so a sequential pass decodes every
-storage chunk exactly once even with several workers.  A shuffled pass reads blocks in
-random order; the chunk two neighbouring blocks share is then usually decoded twice (once
-per block), never more.  ``indptr`` and label chunks are small and cached up to a fixed
-byte budget, so they are decoded once per pass for stores whose row metadata fits in it.
+:class:`~sparsestore.chunks.SharedChunkCache` per pass: a chunk needed by two neighbouring
+units is decoded by whichever asks first while the other waits for it, so a sequential pass
+decodes every storage chunk exactly once even with several workers.  A shuffled pass reads
+blocks in random order; the chunk two neighbouring blocks share is then usually decoded
+twice (once per block), never more.  ``indptr`` and label chunks are small and cached up to
+a fixed byte budget, so they are decoded once per pass for stores whose row metadata fits
+in it.
 
 Memory is bounded by ``prefetch`` units in flight (plus the one being consumed), whatever
 the size of the matrix; threads are joined when iteration stops, however it stops.  Chunks
@@ -20,7 +21,6 @@ pass of 20M nnz went from ~140 to ~250-340 M nnz/s on 2 cores).
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,7 +32,7 @@ import scipy.sparse as sp
 
 from .batch import Batch
 from .buffers import BufferPool
-from .chunks import ChunkCache, read_rows
+from .chunks import SharedChunkCache, read_rows
 from .errors import InvalidInputError
 from .indexing import normalize_rows
 from .integrity import check_row_pointers
@@ -44,56 +44,6 @@ if TYPE_CHECKING:
 #: Byte budget of the ``indptr`` and of each label cache (row metadata, small per row).
 ROW_META_CACHE_BYTES = 64 * 2**20
 THREAD_PREFIX = "sparsestore-reader"
-
-
-class SharedChunkCache(ChunkCache):
-    """A :class:`ChunkCache` several threads can share; each chunk is decoded by one of them.
-
-    Concurrent requests for a chunk being decoded wait for that decode instead of
-    repeating it; the lock only guards the bookkeeping, decodes run in parallel.
-    Decoded memory always comes from a pool (its own unless one is given).
-    """
-
-    def __init__(
-        self, arr: Any, capacity: int = 4, name: str | None = None,
-        pool: BufferPool | None = None,
-    ) -> None:
-        super().__init__(arr, capacity=capacity, name=name,
-                         pool=pool if pool is not None else BufferPool())
-        self._lock = threading.Lock()
-        self._inflight: dict[int, Future] = {}
-
-    def _count(self, n: int) -> None:
-        with self._lock:
-            self.decoded += n
-
-    def _get(self, k: int, limit: int) -> np.ndarray:
-        with self._lock:
-            hit = self._cache.get(k)
-            if hit is not None:
-                self._cache.move_to_end(k)
-                return hit
-            fut = self._inflight.get(k)
-            owner = fut is None
-            if owner:
-                fut = self._inflight[k] = Future()
-        if not owner:
-            return fut.result()
-        try:
-            out = self._decode(k, limit)
-        except BaseException as exc:
-            with self._lock:
-                del self._inflight[k]
-            fut.set_exception(exc)
-            raise
-        with self._lock:
-            self.decoded += 1
-            self._cache[k] = out
-            while len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)
-            del self._inflight[k]
-        fut.set_result(out)
-        return out
 
 
 # ------------------------------------------------------------------ columns

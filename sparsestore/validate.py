@@ -8,7 +8,6 @@ by a few chunks however large the store is.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +16,7 @@ import numpy as np
 
 from . import storage
 from .blocks import entry_bounds
-from .chunks import read_slice
+from .chunks import ChunkCache, read_slice
 from .errors import CorruptStoreError, NotAStoreError, SparseStoreError
 from .layout import LABELS_GROUP, MAX_DIM, META_KEY, check_codecs, check_value_dtype
 from .store import SparseStore, open_group
@@ -92,25 +91,22 @@ class _Progress:
 
 
 class _Chunks:
-    """Decoded whole chunks of one 1-D array, each decoded once; damaged ones are recorded."""
+    """A :class:`~sparsestore.chunks.ChunkCache` that records a damaged chunk (once) and
+    answers None for it instead of raising, and counts each chunk checked once."""
 
     def __init__(self, arr: Any, name: str, report: ValidationReport, bar: _Progress) -> None:
         self.arr, self.name, self.report, self.bar = arr, name, report, bar
-        self.chunk = int(arr.chunks[0])
+        self.cache = ChunkCache(arr, capacity=3, name=name)
+        self.chunk = self.cache.chunk
         self.bad: set[int] = set()
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.seen: set[int] = set()
 
     def get(self, k: int) -> np.ndarray | None:
+        """Chunk ``k``'s elements, or None when it is damaged (reported the first time)."""
         if k in self.bad:
             return None
-        hit = self._cache.get(k)
-        if hit is not None:
-            return hit
-        lo = k * self.chunk
-        hi = min(lo + self.chunk, self.arr.shape[0])
         try:
-            out = read_slice(self.arr, lo, hi, name=self.name)
+            out = self.cache.get(k, self.arr.shape[0])
         except SparseStoreError as exc:
             self.bad.add(k)
             self.report.damaged_chunks.append(f"{self.name}/{k}")
@@ -127,9 +123,6 @@ class _Chunks:
             self.seen.add(k)
             self.report.checked_chunks += 1
             self.bar.update()
-        self._cache[k] = out
-        while len(self._cache) > 3:
-            self._cache.popitem(last=False)
         return out
 
     def read(self, start: int, stop: int) -> np.ndarray | None:
@@ -154,7 +147,6 @@ class _Chunks:
         for k in range(0, (stop - 1) // self.chunk + 1):
             if k not in self.seen and k not in self.bad:
                 self.get(k)
-                self._cache.pop(k, None)
 
 
 def _n_chunks(arr: Any, stop: int) -> int:

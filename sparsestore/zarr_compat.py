@@ -1,0 +1,178 @@
+"""The zarr internals sparsestore relies on, in one place, behind one version check.
+
+The direct chunk paths (:class:`~sparsestore.chunks.ChunkDecoder`,
+:class:`~sparsestore.chunks.ChunkEncoder`) read and write chunk bytes themselves, which needs
+zarr internals: ``arr.store_path.store``, ``metadata.encode_chunk_key``, the stores'
+``get_sync``/``set_sync``, the codec classes and zarr's Blosc configuration, and the Blosc
+header layout.  :data:`SUPPORTED` says whether the installed zarr is in the range these were
+checked against (pyproject's pin); outside it :func:`direct_plan` gives None and zarr does
+all the work.  :class:`~sparsestore.integrity.VerifiedStore` wraps stores with the classes
+re-exported here.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import TYPE_CHECKING, Any
+
+import numcodecs.blosc
+import numpy as np
+import zarr
+from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import WrapperStore
+
+if TYPE_CHECKING:
+    from .buffers import BufferPool
+
+#: The zarr releases the direct paths were checked against (pyproject: zarr>=3.1.6,<4).
+ZARR_RANGE = ((3, 1, 6), (4,))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """``"3.2.0rc1"`` -> ``(3, 2, 0)``: the leading numeric release parts."""
+    parts = []
+    for p in text.split("."):
+        m = re.match(r"\d+", p)
+        if m is None:
+            break
+        parts.append(int(m.group()))
+        if m.end() != len(p):
+            break
+    return tuple(parts)
+
+
+#: Whether the direct chunk paths may run; False leaves every chunk to zarr.
+SUPPORTED = ZARR_RANGE[0] <= _version(zarr.__version__) < ZARR_RANGE[1]
+
+#: A codec chain the direct paths handle, as decode steps.
+Plan = tuple[Any, str, tuple[str, ...], Any]
+
+#: Blosc header fields (little-endian uint32): uncompressed and compressed byte counts.
+BLOSC_NBYTES = slice(4, 8)
+BLOSC_CBYTES = slice(12, 16)
+BLOSC_HEADER = 16
+
+
+class ZarrCompatError(Exception):
+    """A zarr internal did not behave as :mod:`sparsestore.zarr_compat` expects."""
+
+
+def is_checksum_failure(exc: BaseException) -> bool:
+    """Whether zarr's error is a CRC32C mismatch (zarr raises a plain ValueError for it)."""
+    return "checksum" in str(exc).lower()
+
+
+def le32(b: np.ndarray) -> int:
+    """A little-endian unsigned integer from bytes."""
+    return int.from_bytes(b.tobytes(), "little")
+
+
+def blosc_sizes(raw: np.ndarray) -> tuple[int, int] | None:
+    """``(uncompressed, compressed)`` byte counts from a Blosc header, None when too short."""
+    if raw.size < BLOSC_HEADER:
+        return None
+    return le32(raw[BLOSC_NBYTES]), le32(raw[BLOSC_CBYTES])
+
+
+def blosc_decompress(raw: Any, dest: Any = None) -> Any:
+    """numcodecs Blosc decompression, into ``dest`` when given."""
+    return numcodecs.blosc.decompress(raw) if dest is None else numcodecs.blosc.decompress(
+        raw, dest)
+
+
+def chunk_key(arr: Any, prefix: str, k: int) -> str:
+    """The store key of chunk ``k`` of a 1-D array."""
+    return prefix + arr.metadata.encode_chunk_key((k,))
+
+
+def fetch(store: Any, key: str, pool: BufferPool | None) -> np.ndarray | None:
+    """A chunk's stored bytes (checked against the manifest), or None when not covered."""
+    read_chunk = getattr(store, "read_chunk", None)
+    if read_chunk is not None:
+        return read_chunk(key, pool)
+    got = store.get_sync(key)
+    return None if got is None else got.as_numpy_array()
+
+
+def buffer_class() -> Any:
+    """zarr's default Buffer class, which the stores' ``set_sync`` takes."""
+    return default_buffer_prototype().buffer
+
+
+def store_bytes(store: Any, key: str, raw: Any, buffer: Any) -> None:
+    """Write ``raw`` under ``key`` through the store's synchronous path (``buffer``: see
+    :func:`buffer_class`)."""
+    store.set_sync(key, buffer.from_bytes(bytes(raw)))
+
+
+def direct_plan(arr: Any) -> Plan | None:
+    """``(store, key prefix, decode steps, crc32c)`` for a chain sparsestore can decode
+    itself (``bytes``, then optionally Blosc, then optionally CRC32C, unsharded, 1-D, a
+    store with synchronous reads), or None (then zarr does)."""
+    if not SUPPORTED:
+        return None
+    try:
+        import google_crc32c
+        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+
+        md = arr.metadata
+        if md.zarr_format != 3 or arr.ndim != 1 or getattr(arr, "shards", None) is not None:
+            return None
+        codecs = list(md.codecs)
+        if not codecs or type(codecs[0]) is not BytesCodec:
+            return None
+        endian = codecs[0].endian
+        if np.dtype(arr.dtype).itemsize > 1 and endian is not None and (
+            getattr(endian, "value", endian) != sys.byteorder
+        ):
+            return None
+        steps = []
+        for c in codecs[1:]:
+            if type(c) is BloscCodec:
+                steps.append("blosc")
+            elif type(c) is Crc32cCodec:
+                steps.append("crc32c")
+            else:
+                return None
+        steps.reverse()  # decode order
+        if steps not in ([], ["crc32c"], ["blosc"], ["crc32c", "blosc"]):
+            return None
+        store = arr.store_path.store
+        if not getattr(store, "supports_sync", callable(getattr(store, "get_sync", None))):
+            return None
+        prefix = arr.store_path.path
+        return store, (prefix + "/" if prefix else ""), tuple(steps), google_crc32c.value
+    except Exception:  # a layout or zarr internal not as expected: zarr decodes
+        return None
+
+
+def blosc_codec(arr: Any) -> Any:
+    """numcodecs ``Blosc`` built from ``arr``'s Blosc codec configuration (as zarr builds it),
+    or None when it has none; :class:`ZarrCompatError` when the configuration is unreadable."""
+    try:
+        from numcodecs import Blosc
+        from zarr.codecs import BloscCodec
+
+        blosc = None
+        for codec in arr.metadata.codecs:
+            if type(codec) is BloscCodec:
+                cfg = codec.to_dict()["configuration"]
+                shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[cfg["shuffle"]]
+                blosc = Blosc.from_config({
+                    "cname": cfg["cname"], "clevel": cfg["clevel"], "shuffle": shuffle,
+                    "blocksize": cfg["blocksize"], "typesize": cfg["typesize"],
+                })
+        return blosc
+    except Exception as exc:
+        raise ZarrCompatError(f"cannot rebuild zarr's Blosc codec: {exc}") from exc
+
+
+__all__ = [
+    "BLOSC_CBYTES", "BLOSC_HEADER", "BLOSC_NBYTES", "SUPPORTED", "ZARR_RANGE", "ByteRequest",
+    "OffsetByteRequest", "Plan", "RangeByteRequest", "SuffixByteRequest", "WrapperStore",
+    "ZarrCompatError", "blosc_codec", "blosc_decompress", "blosc_sizes", "buffer_class",
+    "chunk_key", "default_buffer_prototype", "direct_plan", "fetch", "is_checksum_failure",
+    "le32", "store_bytes",
+]
