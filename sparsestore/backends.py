@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .loader import DataLoader
 
 GROUP = "sparsestore.backends"
+_EXTRAS = {"tensorflow": "tf", "jax": "jax", "torch": "torch"}  # backend -> pip extra
 
 
 @runtime_checkable
@@ -79,8 +80,8 @@ def get_backend(name_or_obj: Any) -> Backend:
         target = eps[0].load()
     except ImportError as exc:
         raise InvalidInputError(
-            f"backend {name_or_obj!r} could not be loaded ({exc}); install its framework, e.g. "
-            f"pip install 'sparsestore[tf]' for tensorflow"
+            f"backend {name_or_obj!r} could not be loaded ({exc}); install its framework: "
+            f"pip install 'sparsestore[{_EXTRAS.get(name_or_obj, name_or_obj)}]'"
         ) from exc
     return target() if isinstance(target, type) else target
 
