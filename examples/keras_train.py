@@ -16,48 +16,19 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ info lines quiet
 
-import numpy as np
-import scipy.sparse as sp
 
 import sparsestore
 
-BLOCK_ROWS = 20_000
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import BLOCK_ROWS, build_store, synthetic_blocks  # noqa: E402, F401
 
 # ------------------------------------------------------------------ data
-
-
-def synthetic_blocks(
-    n_rows: int, n_cols: int, density: float, seed: int, noise: float = 0.02
-) -> Iterator[tuple[sp.csr_matrix, dict[str, np.ndarray]]]:
-    """Row blocks of a sparse matrix and labels ``y = [x . w > 0]`` from hidden weights ``w``."""
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal(n_cols).astype(np.float32)
-    for start in range(0, n_rows, BLOCK_ROWS):
-        rows = min(BLOCK_ROWS, n_rows - start)
-        X = sp.random(rows, n_cols, density=density, format="csr", dtype=np.float32,
-                      random_state=rng, data_rvs=lambda k: rng.random(k, dtype=np.float32) + 0.5)
-        y = (X @ w > 0).astype(np.float32)
-        flip = rng.random(rows) < noise
-        y[flip] = 1.0 - y[flip]
-        yield X, {"y": y}
-
-
-def build_store(
-    path: str | Path, n_rows: int, n_cols: int, density: float = 0.01, seed: int = 0
-) -> sparsestore.SparseStore:
-    """Write the synthetic problem to ``path`` (overwriting), one block at a time."""
-    return sparsestore.write_blocks(
-        path, synthetic_blocks(n_rows, n_cols, density, seed), n_cols=n_cols,
-        dtype=np.float32, overwrite=True,
-    )
 
 
 def split_rows(store: sparsestore.SparseStore, val_fraction: float) -> tuple[slice, slice]:

@@ -14,36 +14,21 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import scipy.sparse as sp
 import torch
 
 import adapters.torch as sstorch
 import sparsestore
 
-BLOCK_ROWS = 20_000
-
-
-def synthetic_blocks(n_rows: int, n_cols: int, density: float, seed: int
-                     ) -> Iterator[tuple[sp.csr_matrix, dict[str, np.ndarray]]]:
-    """Row blocks and labels ``y = [x . w > median]`` from hidden weights ``w``: learnable."""
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal(n_cols).astype(np.float32)
-    for start in range(0, n_rows, BLOCK_ROWS):
-        rows = min(BLOCK_ROWS, n_rows - start)
-        X = sp.random(rows, n_cols, density=density, format="csr", dtype=np.float32,
-                      random_state=rng, data_rvs=lambda k: rng.random(k, dtype=np.float32) + 0.5)
-        yield X, {"y": (X @ w > 0).astype(np.float32)}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import synthetic  # noqa: E402
 
 
 def build_store(path: str | Path, n_rows: int, n_cols: int, density: float = 0.03,
                 seed: int = 0) -> sparsestore.SparseStore:
-    """Write the synthetic problem to ``path`` (overwriting), one block at a time."""
-    return sparsestore.write_blocks(path, synthetic_blocks(n_rows, n_cols, density, seed),
-                                    n_cols=n_cols, dtype=np.float32, overwrite=True)
+    """The examples' synthetic problem (examples/synthetic.py), without label noise."""
+    return synthetic.build_store(path, n_rows, n_cols, density, seed, noise=0.0)
 
 
 def train(store: sparsestore.SparseStore, epochs: int = 3, workers: int = 2,
