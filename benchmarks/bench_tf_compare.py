@@ -1,74 +1,315 @@
-"""Issue 3's TensorFlow throughput ratios, interleaved in one process (the fairest
-comparison on a shared machine): sparsestore's sequential and shuffled ``to_dataset``
-against TensorFlow's in-memory ``from_tensor_slices(SparseTensor).batch`` and a
-``from_generator`` building COO from scipy, on the same matrix.  Each round times one pass
-of each (iterator teardown excluded, as in ``benchmarks.run``); medians are reported::
+"""TensorFlow ratios measured three ways (issue 17, measurement part; issue 3's ratios).
 
-    python -m benchmarks.bench_tf_compare /tmp/work/store.zarr [rounds]
+sparsestore's ``to_dataset`` (sequential and shuffled loaders) against the idiom
+``tf.data.Dataset.from_tensor_slices(SparseTensor).batch(1024)`` on the same matrix, each
+pass timed
 
-(the store of a ``benchmarks.run`` setup; the in-memory matrix is read from it).
+* ``eager``: a Python ``for`` loop over the dataset (what a hand-written loop sees);
+* ``graph``: ``ds.reduce`` summing the values inside one ``tf.function`` (no Python per
+  batch: the pipeline's own cost);
+* ``keras``: one ``model.fit(..., epochs=1, shuffle=False, verbose=0)`` epoch of a tiny
+  model (``keras.Input(shape=(n_cols,), sparse=True) -> Dense(1)``) with labels, the
+  idiom being ``from_tensor_slices((SparseTensor, y)).batch(1024)``.
+
+Each ratio is ``idiom seconds / sparsestore seconds`` (> 1: sparsestore faster), the
+shuffled stream compared with the same sequential idiom.  Both sides alternate within each
+round (order reversed every other round), several rounds in one process, medians.
+
+Also: the 1 -> 2 core scaling of the stream and of the idiom (in-graph pass; every thread
+of the process pinned with ``sched_setaffinity`` to ``{0}`` vs ``{0, 1}``, alternating in the
+same run) and the stream's CPU time per non-zero (``time.process_time``, all threads).
+
+Two matrices: ``dense100`` (~100 nnz/row, issue 3's shape, fewer rows) and ``sparse2``
+(~2 nnz/row, 500k rows: per-row costs dominate)::
+
+    python -m benchmarks.bench_tf_compare [--quick | --tiny] [--rounds N] [--work DIR]
+                                          [--out benchmarks/results]
+
+writes ``tf_compare.json`` and ``tf_compare.md`` to ``--out``.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-from .baselines import coo_signature, csr_batches, to_sparse_tensor
-from .common import BATCH_SIZE, coo_parts
+import numpy as np
+import scipy.sparse as sp
+
+from .common import BATCH_SIZE, coo_parts, dump_json, machine_info, matrix_blocks, rmtree
+
+# name -> (rows, cols, nnz per row) per mode
+MATRICES: dict[str, dict[str, tuple[int, int, int]]] = {
+    "full": {"dense100": (100_000, 30_000, 100), "sparse2": (500_000, 50_000, 2)},
+    "quick": {"dense100": (50_000, 30_000, 100), "sparse2": (500_000, 50_000, 2)},
+    "tiny": {"dense100": (3_000, 1_000, 20), "sparse2": (6_000, 2_000, 2)},
+}
+ROUNDS = {"full": 9, "quick": 3, "tiny": 1}
+KERAS_ROUNDS = {"full": 5, "quick": 2, "tiny": 1}
+SIDES = ("idiom", "seq", "shuffled")
 
 
-def main(argv: list[str]) -> dict[str, Any]:
-    if not argv:
-        raise SystemExit(__doc__)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# ------------------------------------------------------------------ affinity
+
+
+def set_cores(cores: set[int]) -> None:
+    """Pin every thread of this process (``sched_setaffinity`` is per thread on Linux)."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cores)
+    os.sched_setaffinity(0, cores)
+
+
+# ------------------------------------------------------------------ timing
+
+
+def _timed(fn: Any) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of ``fn()``."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _eager(ds: Any) -> Any:
+    def run() -> None:
+        for _b in ds:
+            pass
+
+    return run
+
+
+def _graph(tf: Any, ds: Any) -> Any:
+    """One pass of ``ds`` in a ``tf.function``: ``reduce`` summing the values."""
+
+    @tf.function
+    def run() -> Any:
+        return ds.reduce(tf.constant(0.0, tf.float32),
+                         lambda acc, x: acc + tf.reduce_sum(x.values))
+
+    return run
+
+
+def _keras(keras: Any, n_cols: int, ds: Any) -> Any:
+    keras.utils.set_random_seed(0)
+    inp = keras.Input(shape=(n_cols,), sparse=True)
+    model = keras.Model(inp, keras.layers.Dense(1)(inp))
+    model.compile(optimizer="sgd", loss="mse", jit_compile=False)
+
+    def run() -> None:
+        model.fit(ds, epochs=1, shuffle=False, verbose=0)
+
+    return run
+
+
+def _interleaved(fns: dict[str, Any], rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Warm each once, then ``rounds`` rounds of all, order reversed every other round."""
+    for fn in fns.values():
+        fn()
+    out: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in fns}
+    keys = list(fns)
+    for r in range(rounds):
+        for k in keys if r % 2 == 0 else keys[::-1]:
+            wall, cpu = _timed(fns[k])
+            out[k]["wall"].append(wall)
+            out[k]["cpu"].append(cpu)
+    return out
+
+
+def _med(d: dict[str, list[float]]) -> dict[str, float]:
+    return {k: statistics.median(v) for k, v in d.items()}
+
+
+# ------------------------------------------------------------------ one matrix
+
+
+def bench_matrix(name: str, shape: tuple[int, int, int], work: Path, rounds: int,
+                 keras_rounds: int, log: Any = print) -> dict[str, Any]:
+    import keras
     import tensorflow as tf
 
     import adapters.tensorflow as sstf
     import sparsestore
+    from sparsestore.loader import DataLoader
 
-    rounds = int(argv[1]) if len(argv) > 1 else 5
-    store = sparsestore.open(argv[0])
-    X = store[:]
-    idx, vals, shape = coo_parts(X)
-    cases = {
-        "from_tensor_slices": tf.data.Dataset.from_tensor_slices(
-            tf.sparse.SparseTensor(idx, vals, shape)).batch(BATCH_SIZE).prefetch(tf.data.AUTOTUNE),
-        "from_generator": tf.data.Dataset.from_generator(
-            lambda: csr_batches(X, BATCH_SIZE), output_signature=coo_signature(tf, X.dtype)
-        ).map(to_sparse_tensor(tf)).prefetch(tf.data.AUTOTUNE),
-        "ours_sequential": sstf.to_dataset(sparsestore.DataLoader(store, BATCH_SIZE)),
-        "ours_shuffled": sstf.to_dataset(
-            sparsestore.DataLoader(store, BATCH_SIZE, shuffle=True, seed=0)),
-    }
+    n_rows, n_cols, per_row = shape
+    blocks = list(matrix_blocks(n_rows, n_cols, per_row))
+    X = sp.vstack([b for b, _ in blocks], format="csr")
+    y = np.concatenate([lab["y"] for _, lab in blocks])[:, None]
+    path = work / f"{name}.zarr"
+    store = sparsestore.write_blocks(path, blocks, n_cols=n_cols, dtype=np.float32,
+                                     overwrite=True)
+    del blocks
+    nnz = int(X.nnz)
+    log(f"{name}: {n_rows:,} x {n_cols:,}, {nnz:,} nnz ({nnz / n_rows:.1f}/row)")
+    idx, vals, dshape = coo_parts(X)
+    st = tf.sparse.SparseTensor(idx, vals, dshape)
     del idx, vals
-    for ds in cases.values():  # trace and warm every pipeline once
-        next(iter(ds))
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(rounds):
-        for k, ds in cases.items():
-            it = iter(ds)
-            t0 = time.perf_counter()
-            for _b in it:
-                pass
-            times[k].append(time.perf_counter() - t0)
-            del it
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{X.shape[0]:,} x {X.shape[1]:,}, {X.nnz:,} nnz, batch {BATCH_SIZE}; "
-          f"median of {rounds} interleaved rounds; load average {os.getloadavg()}")
-    for k, s in med.items():
-        print(f"  {k:20s} {X.nnz / s / 1e6:8.1f} M nnz/s")
-    ratios = {
-        "sequential_vs_from_tensor_slices": med["from_tensor_slices"] / med["ours_sequential"],
-        "sequential_vs_from_generator": med["from_generator"] / med["ours_sequential"],
-        "shuffled_vs_sequential": med["ours_sequential"] / med["ours_shuffled"],
+
+    def idiom(labels: bool) -> Any:
+        el = (st, tf.constant(y)) if labels else st
+        return (tf.data.Dataset.from_tensor_slices(el).batch(BATCH_SIZE)
+                .prefetch(tf.data.AUTOTUNE))
+
+    def ours(shuffle: bool, labels: bool) -> Any:
+        return sstf.to_dataset(DataLoader(store, BATCH_SIZE, shuffle=shuffle, seed=0,
+                                          labels="y" if labels else None))
+
+    plain = {"idiom": idiom(False), "seq": ours(False, False), "shuffled": ours(True, False)}
+    with_y = {"idiom": idiom(True), "seq": ours(False, True), "shuffled": ours(True, True)}
+    graph_fns = {k: _graph(tf, ds) for k, ds in plain.items()}
+
+    res: dict[str, Any] = {"shape": [n_rows, n_cols], "nnz": nnz,
+                           "nnz_per_row": nnz / n_rows, "rounds": rounds,
+                           "keras_rounds": keras_rounds, "seconds": {}, "cpu_seconds": {}}
+    ways = {
+        "eager": (lambda: {k: _eager(ds) for k, ds in plain.items()}, rounds),
+        "graph": (lambda: graph_fns, rounds),
+        "keras": (lambda: {k: _keras(keras, n_cols, ds) for k, ds in with_y.items()},
+                  keras_rounds),
     }
-    for k, v in ratios.items():
-        print(f"  {k:34s} {v:.2f}x")
-    return {"seconds": med, "ratios": ratios}
+    for way, (make, n) in ways.items():
+        t = _interleaved(make(), n)
+        res["seconds"][way] = {k: _med({"w": v["wall"]})["w"] for k, v in t.items()}
+        res["cpu_seconds"][way] = {k: _med({"c": v["cpu"]})["c"] for k, v in t.items()}
+        log(f"  {way:6s} " + "  ".join(
+            f"{k} {s:.3f} s" for k, s in res["seconds"][way].items()))
+    res["ratios"] = {
+        way: {side: s["idiom"] / s[side] for side in ("seq", "shuffled")}
+        for way, s in res["seconds"].items()
+    }
+    res["cpu_ns_per_nnz"] = {
+        f"{side}_{way}": res["cpu_seconds"][way][side] / nnz * 1e9
+        for way in ("eager", "graph") for side in SIDES
+    }
+
+    # 1 -> 2 cores: in-graph passes, the whole process pinned, alternating in this run
+    usable = os.sched_getaffinity(0)
+    if {0, 1} <= usable:
+        masks = {"1": {0}, "2": {0, 1}}
+        times: dict[str, list[float]] = {f"{side}_{c}": [] for side in ("idiom", "seq")
+                                         for c in masks}
+        try:
+            for r in range(rounds):
+                for c in (list(masks) if r % 2 == 0 else list(masks)[::-1]):
+                    set_cores(masks[c])
+                    for side in ("idiom", "seq"):
+                        times[f"{side}_{c}"].append(_timed(graph_fns[side])[0])
+        finally:
+            set_cores(usable)
+        med = _med(times)
+        res["core_scaling"] = {
+            "seconds": med,
+            "stream": med["seq_1"] / med["seq_2"],
+            "idiom": med["idiom_1"] / med["idiom_2"],
+        }
+        log(f"  1->2 cores: stream {res['core_scaling']['stream']:.2f}x, "
+            f"idiom {res['core_scaling']['idiom']:.2f}x")
+    else:
+        res["core_scaling"] = {"skipped": f"cores 0 and 1 not both usable ({sorted(usable)})"}
+    rmtree(path)
+    return res
+
+
+# ------------------------------------------------------------------ report
+
+
+def markdown(record: dict[str, Any]) -> str:
+    m = record["machine"]
+    lines = [
+        "# TensorFlow ratios: eager loop, in-graph loop, Keras epoch (issue 17)",
+        "",
+        f"Reproduce: `{record['command']}`",
+        "",
+        f"{m['cpu']}, {m['cores']} usable cores, TensorFlow {m['versions']['tensorflow-cpu']}, "
+        f"Keras {m['versions']['keras']}, commit {m['commit']}, load average "
+        f"{m['load_avg']} at start.  Batch {BATCH_SIZE}.  Ratio = idiom seconds / "
+        "sparsestore seconds (> 1: sparsestore faster); the idiom is "
+        "`from_tensor_slices(SparseTensor).batch(1024)` (with labels for Keras), the "
+        "shuffled stream is compared with the same sequential idiom.  Medians of rounds "
+        "interleaved in one process.",
+        "",
+        "| matrix | nnz | stream | eager loop | in-graph (`reduce`) | Keras epoch (Dense 1) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in record["matrices"].items():
+        desc = f"{name}: {r['shape'][0]:,} x {r['shape'][1]:,}, {r['nnz_per_row']:.1f}/row"
+        for side in ("seq", "shuffled"):
+            rat = [f"{r['ratios'][w][side]:.2f}x" for w in ("eager", "graph", "keras")]
+            lines.append(f"| {desc} | {r['nnz']:,} | {side} | " + " | ".join(rat) + " |")
+    lines += [
+        "",
+        "Seconds per pass (medians; idiom / sequential / shuffled):",
+        "",
+        "| matrix | eager | in-graph | Keras |",
+        "|---|---|---|---|",
+    ]
+    for name, r in record["matrices"].items():
+        cells = [" / ".join(f"{r['seconds'][w][s]:.3f}" for s in SIDES)
+                 for w in ("eager", "graph", "keras")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "1 -> 2 core scaling (in-graph pass, whole process pinned to {0} vs {0, 1}, "
+        "alternating in the same run) and CPU time per non-zero (`time.process_time`, all "
+        "threads, 2 cores, in-graph pass):",
+        "",
+        "| matrix | stream 1->2 cores | idiom 1->2 cores | stream CPU ns/nnz | "
+        "idiom CPU ns/nnz | stream CPU ns/nnz, eager loop |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in record["matrices"].items():
+        cs = r["core_scaling"]
+        sc = (f"{cs['stream']:.2f}x | {cs['idiom']:.2f}x" if "stream" in cs
+              else "skipped | skipped")
+        c = r["cpu_ns_per_nnz"]
+        lines.append(f"| {name} | {sc} | {c['seq_graph']:.1f} | {c['idiom_graph']:.1f} | "
+                     f"{c['seq_eager']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_tf_compare",
+                                description=__doc__.split("\n\n")[0])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="smaller dense matrix, fewer rounds")
+    g.add_argument("--tiny", action="store_true", help="seconds: for tests only")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--work", default=None, help="where the stores are written (temp dir)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    rounds = args.rounds or ROUNDS[mode]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {
+        "command": "python -m benchmarks.bench_tf_compare"
+                   + ("" if mode == "full" else f" --{mode}")
+                   + (f" --rounds {args.rounds}" if args.rounds else ""),
+        "mode": mode,
+        "machine": machine_info(),
+        "batch_size": BATCH_SIZE,
+        "matrices": {},
+    }
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        for name, shape in MATRICES[mode].items():
+            record["matrices"][name] = bench_matrix(name, shape, Path(tmp), rounds,
+                                                    min(rounds, KERAS_ROUNDS[mode]))
+    record["seconds_total"] = time.perf_counter() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_json(record, out / "tf_compare.json")
+    md = markdown(record)
+    (out / "tf_compare.md").write_text(md)
+    print(md)
+    print(f"({record['seconds_total']:.0f} s)")
+    return record
 
 
 if __name__ == "__main__":

@@ -114,3 +114,34 @@ def test_one_case_in_a_subprocess(tmp_path: Path) -> None:
         assert r["status"] == "ok", r.get("reason")
         assert r["peak_rss_mib"] > 0 and r["nnz"] / r["seconds"] > 0
     assert "fresh subprocess" in (out / "results.md").read_text()
+
+
+def test_tf_compare_and_gpu_check_run_tiny(tmp_path: Path, capsys: pytest.CaptureFixture
+                                           ) -> None:
+    """Issue 17's measurement scripts end to end at toy sizes (figures meaningless)."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("keras")
+    import tensorflow as tf
+
+    from benchmarks import bench_tf_compare, gpu_check
+
+    record = bench_tf_compare.main(["--tiny", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "tf_compare.json").read_text())
+    assert set(saved["matrices"]) == {"dense100", "sparse2"}
+    for r in record["matrices"].values():
+        for way in ("eager", "graph", "keras"):
+            for side in ("seq", "shuffled"):
+                assert math.isfinite(r["ratios"][way][side]) and r["ratios"][way][side] > 0
+        assert all(v > 0 for v in r["cpu_ns_per_nnz"].values())
+    md = (tmp_path / "tf_compare.md").read_text()
+    assert "python -m benchmarks.bench_tf_compare --tiny" in md and "| sparse2" in md
+
+    if not tf.config.list_physical_devices("GPU"):
+        assert gpu_check.main([]) == 0
+        assert "no GPU visible" in capsys.readouterr().out
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--device", "/CPU:0", "--rows", "2000", "--cols", "500",
+                           "--nnz-per-row", "10", "--rounds", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["keras"]["ok"] and res["staging_worked"] and "stream_over_cached" in res["epochs"]
+    assert res["bytes_per_nnz"]["coo_host"] > 12
