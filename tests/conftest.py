@@ -6,7 +6,10 @@ minutes on 2 cores; locally ``HYPOTHESIS_PROFILE=thorough`` runs more examples.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,3 +56,20 @@ def small_store(tmp_path, small_csr):
     }
     store = sparsestore.save(tmp_path / "small.zarr", small_csr, labels=labels, chunk_bytes=16384)
     return store, small_csr, labels
+
+
+@pytest.fixture
+def load_example():
+    """Import ``examples/<name>.py`` as a module (examples/ is not a package), once."""
+
+    def load(name: str):
+        if name in sys.modules:
+            return sys.modules[name]
+        path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -194,18 +193,8 @@ def test_bad_arguments():
 # ------------------------------------------------------------------ training
 
 
-def _example():
-    if "jax_train" in sys.modules:
-        return sys.modules["jax_train"]
-    spec = importlib.util.spec_from_file_location("jax_train", ROOT / "examples/jax_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["jax_train"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_jax_example_loss_falls(tmp_path, capsys):
-    ex = _example()
+def test_jax_example_loss_falls(load_example, tmp_path, capsys):
+    ex = load_example("jax_train")
     losses = ex.train(ex.build_store(tmp_path / "j.zarr", 6000, 300, seed=0), epochs=4, seed=0)
     assert len(losses) == 4 and losses[-1] < 0.7 * losses[0]
     assert ex.main(["--rows", "2000", "--cols", "100", "--epochs", "1", "--out",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import importlib.util
 import os
 import subprocess
 import sys
@@ -525,19 +524,8 @@ def test_tensorflow_backend_by_name(small_store):
 # ------------------------------------------------------------------ keras
 
 
-def _keras_example():
-    """``examples/keras_train.py`` as a module (examples/ is not a package)."""
-    if "keras_train" in sys.modules:
-        return sys.modules["keras_train"]
-    spec = importlib.util.spec_from_file_location("keras_train", ROOT / "examples/keras_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["keras_train"] = mod  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_keras_fit_learns_from_a_sparse_store(tmp_path):
-    kt = _keras_example()
+def test_keras_fit_learns_from_a_sparse_store(load_example, tmp_path):
+    kt = load_example("keras_train")
     store = kt.build_store(tmp_path / "k.zarr", n_rows=4000, n_cols=300, density=0.03, seed=1)
     train_ds, val_ds, loader = kt.make_datasets(store, batch_size=128, seed=1)
     model = kt.build_model(store.n_cols, hidden=16, seed=1)
@@ -557,8 +545,8 @@ def test_keras_fit_learns_from_a_sparse_store(tmp_path):
     assert pred.shape == (400, 1)
 
 
-def test_keras_example_main_runs(tmp_path, capsys):
-    kt = _keras_example()
+def test_keras_example_main_runs(load_example, tmp_path, capsys):
+    kt = load_example("keras_train")
     rc = kt.main(["--rows", "3000", "--cols", "200", "--epochs", "2", "--out", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out

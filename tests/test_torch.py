@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 import subprocess
@@ -278,18 +277,8 @@ def test_start_methods(small_store):
 # ------------------------------------------------------------------ training
 
 
-def _example():
-    if "torch_train" in sys.modules:
-        return sys.modules["torch_train"]
-    spec = importlib.util.spec_from_file_location("torch_train", ROOT / "examples/torch_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["torch_train"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_torch_example_loss_falls(tmp_path, capsys):
-    ex = _example()
+def test_torch_example_loss_falls(load_example, tmp_path, capsys):
+    ex = load_example("torch_train")
     losses = ex.train(ex.build_store(tmp_path / "t.zarr", 6000, 300, seed=0), epochs=4,
                       workers=2, seed=0)
     assert len(losses) == 4 and losses[-1] < 0.7 * losses[0]
