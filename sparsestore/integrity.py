@@ -41,6 +41,7 @@ from .zarr_compat import (
     RangeByteRequest,
     SuffixByteRequest,
     WrapperStore,
+    chunk_key,
     default_buffer_prototype,
 )
 
@@ -617,7 +618,7 @@ def build_manifest(
             elif scan:
                 s = k // per
                 if s not in scanned:
-                    raw = _as_np(store._store.get_sync(_chunk_key(arr, s)))
+                    raw = _as_np(store._store.get_sync(chunk_key(arr, f"{arr.path}/", s)))
                     scanned = {s: [None] * per if raw is None else inner_tags(raw, per, trailer)
                                if per > 1 else [_trailer(raw) if trailer else crc32c(raw)]}
                 tag = scanned[s][k % per]
@@ -636,11 +637,6 @@ def build_manifest(
             tail = crc32c(np.ascontiguousarray(raw_arr[lo:length]).view(np.uint8).reshape(-1))
         out[name] = ArrayManifest(step, length, tags, tail, fingerprint(meta), trailer, per)
     return Manifest(generation, n_cols, out)
-
-
-def _chunk_key(arr: Any, k: int) -> str:
-    """Store key of object ``k`` along the first axis (paths relative to the store root)."""
-    return f"{arr.path}/{arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))}"
 
 
 def check_chunk_size(arr: Any, name: str, where: str) -> None:

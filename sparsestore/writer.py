@@ -49,6 +49,7 @@ from .layout import (
 from .oserrors import os_errors
 from .store import SparseStore, open
 from .validate import validate_store
+from .zarr_compat import chunk_key
 
 # The labels of one row block (name -> rows), or None for a store without labels.
 LabelBlock = Mapping[str, np.ndarray] | None
@@ -606,7 +607,7 @@ def upgrade(
         for name, arr in arrays.items():
             c = int((getattr(arr, "shards", None) or arr.chunks)[0])
             for k in range(0, (lengths[name] + c - 1) // c):
-                key = f"{arr.path}/{arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))}"
+                key = chunk_key(arr, f"{arr.path}/", k)
                 if not sync(inner.exists(key)):
                     lo, hi = k * c, min((k + 1) * c, arr.shape[0])
                     _writable(arr)[lo:hi] = arr[lo:hi]

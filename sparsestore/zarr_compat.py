@@ -83,8 +83,8 @@ def blosc_decompress(raw: Any, dest: Any = None) -> Any:
 
 
 def chunk_key(arr: Any, prefix: str, k: int) -> str:
-    """The store key of chunk ``k`` of a 1-D array."""
-    return prefix + arr.metadata.encode_chunk_key((k,))
+    """The store key of chunk ``k`` along the first axis (the only chunk along the others)."""
+    return prefix + arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
 
 
 def fetch(store: Any, key: str, pool: BufferPool | None) -> np.ndarray | None:
