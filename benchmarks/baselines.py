@@ -20,6 +20,7 @@ from .common import (
     case,
     coo_parts,
     count_sparse_tensor,
+    idiom_dataset,
     load_matrix,
     need,
     stream,
@@ -68,11 +69,7 @@ def csr_batches(X: sp.csr_matrix, bs: int) -> Any:
 def tf_from_tensor_slices(ctx: Ctx) -> dict[str, Any]:
     tf = tf_module()
     X = load_matrix(ctx)
-    idx, vals, shape = coo_parts(X)
-    st = tf.sparse.SparseTensor(idx, vals, shape)
-    del idx, vals
-    ds = tf.data.Dataset.from_tensor_slices(st).batch(ctx.batch_size)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
+    ds = idiom_dataset(tf, tf.sparse.SparseTensor(*coo_parts(X)), batch_size=ctx.batch_size)
     return timed_pass(ds, X.shape[0], ctx.size.time_budget)
 
 

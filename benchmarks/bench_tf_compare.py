@@ -40,10 +40,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import scipy.sparse as sp
-
-from .common import BATCH_SIZE, coo_parts, dump_json, machine_info, matrix_blocks, rmtree
+from .common import (
+    BATCH_SIZE,
+    coo_parts,
+    dump_json,
+    idiom_dataset,
+    machine_info,
+    rmtree,
+    store_with_matrix,
+)
 
 # name -> (rows, cols, nnz per row) per mode
 MATRICES: dict[str, dict[str, tuple[int, int, int]]] = {
@@ -135,27 +140,17 @@ def bench_matrix(name: str, shape: tuple[int, int, int], work: Path, rounds: int
     import tensorflow as tf
 
     import adapters.tensorflow as sstf
-    import sparsestore
     from sparsestore.loader import DataLoader
 
     n_rows, n_cols, per_row = shape
-    blocks = list(matrix_blocks(n_rows, n_cols, per_row))
-    X = sp.vstack([b for b, _ in blocks], format="csr")
-    y = np.concatenate([lab["y"] for _, lab in blocks])[:, None]
     path = work / f"{name}.zarr"
-    store = sparsestore.write_blocks(path, blocks, n_cols=n_cols, dtype=np.float32,
-                                     overwrite=True)
-    del blocks
+    store, X, y = store_with_matrix(path, n_rows, n_cols, per_row)
     nnz = int(X.nnz)
     log(f"{name}: {n_rows:,} x {n_cols:,}, {nnz:,} nnz ({nnz / n_rows:.1f}/row)")
-    idx, vals, dshape = coo_parts(X)
-    st = tf.sparse.SparseTensor(idx, vals, dshape)
-    del idx, vals
+    st = tf.sparse.SparseTensor(*coo_parts(X))
 
     def idiom(labels: bool) -> Any:
-        el = (st, tf.constant(y)) if labels else st
-        return (tf.data.Dataset.from_tensor_slices(el).batch(BATCH_SIZE)
-                .prefetch(tf.data.AUTOTUNE))
+        return idiom_dataset(tf, st, y if labels else None)
 
     def ours(shuffle: bool, labels: bool) -> Any:
         return sstf.to_dataset(DataLoader(store, BATCH_SIZE, shuffle=shuffle, seed=0,

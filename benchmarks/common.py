@@ -163,6 +163,28 @@ def coo_parts(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return idx, coo.data, np.array(X.shape, dtype=np.int64)
 
 
+def store_with_matrix(
+    path: str | Path, n_rows: int, n_cols: int, nnz_per_row: int
+) -> tuple[Any, sp.csr_matrix, np.ndarray]:
+    """A float32 store of :func:`matrix_blocks` at ``path``, and the same matrix ``X`` and
+    labels ``y`` (``(n_rows, 1)``) in memory for the in-memory side of a comparison."""
+    import sparsestore
+
+    blocks = list(matrix_blocks(n_rows, n_cols, nnz_per_row))
+    X = sp.vstack([b for b, _ in blocks], format="csr")
+    y = np.concatenate([lab["y"] for _, lab in blocks])[:, None]
+    store = sparsestore.write_blocks(path, blocks, n_cols=n_cols, dtype=np.float32,
+                                     overwrite=True)
+    return store, X, y
+
+
+def idiom_dataset(tf: Any, st: Any, y: Any = None, batch_size: int = BATCH_SIZE) -> Any:
+    """The in-memory TensorFlow idiom the ratios compare against: the whole matrix as one
+    ``SparseTensor`` ``st`` (with labels ``y``), ``from_tensor_slices(...).batch``."""
+    el = st if y is None else (st, tf.constant(y))
+    return tf.data.Dataset.from_tensor_slices(el).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
 # ------------------------------------------------------------------ timing
 
 

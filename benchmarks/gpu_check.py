@@ -33,10 +33,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import scipy.sparse as sp
-
-from .common import BATCH_SIZE, coo_parts, matrix_blocks
+from .common import BATCH_SIZE, coo_parts, idiom_dataset, store_with_matrix
 
 BUDGET_S = 150.0  # steps still to run after this are skipped (the whole script < 3 min)
 
@@ -60,7 +57,6 @@ def check(device: str, rows: int, cols: int, per_row: int, rounds: int,
     import tensorflow as tf
 
     import adapters.tensorflow as sstf
-    import sparsestore
     from sparsestore.loader import DataLoader
 
     t_start = time.perf_counter()
@@ -70,12 +66,7 @@ def check(device: str, rows: int, cols: int, per_row: int, rounds: int,
     def left() -> bool:
         return time.perf_counter() - t_start < BUDGET_S
 
-    blocks = list(matrix_blocks(rows, cols, per_row))
-    X = sp.vstack([b for b, _ in blocks], format="csr")
-    y = np.concatenate([lab["y"] for _, lab in blocks])[:, None]
-    store = sparsestore.write_blocks(work / "store.zarr", blocks, n_cols=cols,
-                                     dtype=np.float32, overwrite=True)
-    del blocks
+    store, X, y = store_with_matrix(work / "store.zarr", rows, cols, per_row)
     out["matrix"] = {"shape": [rows, cols], "nnz": int(X.nnz)}
     log(f"store: {rows:,} x {cols:,}, {X.nnz:,} nnz ({time.perf_counter() - t_start:.0f} s)")
 
@@ -165,11 +156,7 @@ def check(device: str, rows: int, cols: int, per_row: int, rounds: int,
     # 4. streamed vs cached vs idiom epochs
     if left():
         try:
-            idx, vals, dshape = coo_parts(X)
-            idiom = tf.data.Dataset.from_tensor_slices(
-                (tf.sparse.SparseTensor(idx, vals, dshape), tf.constant(y))
-            ).batch(BATCH_SIZE).prefetch(tf.data.AUTOTUNE)
-            del idx, vals
+            idiom = idiom_dataset(tf, tf.sparse.SparseTensor(*coo_parts(X)), y)
             variants: dict[str, Any] = {"stream": stream(), "cached": stream().cache(),
                                         "idiom": idiom}
             if out["staging_worked"] == "prefetch_to_device":
