@@ -36,6 +36,7 @@ import torch
 import torch.utils.data as tud
 
 from sparsestore.errors import DTypeError, InvalidInputError
+from sparsestore.kernels import coo_into
 from sparsestore.loader import DataLoader
 
 if TYPE_CHECKING:
@@ -82,8 +83,7 @@ def _sparse(values: np.ndarray, indices: np.ndarray, row_splits: np.ndarray,
         col = torch.from_numpy(np.asarray(indices, dtype=np.int64))
         return torch.sparse_csr_tensor(crow, col, vals, size=shape, check_invariants=False)
     coords = np.empty((2, vals.numel()), dtype=np.int64)
-    coords[0] = np.repeat(np.arange(shape[0], dtype=np.int64), np.diff(row_splits))
-    coords[1] = indices
+    coo_into(np.asarray(row_splits, dtype=np.int64), indices, coords.T)
     # Canonical rows (sorted, unique column ids) make row-major COO already coalesced.
     return torch.sparse_coo_tensor(torch.from_numpy(coords), vals, size=shape,
                                    is_coalesced=True, check_invariants=False)
