@@ -1,17 +1,19 @@
 """TensorFlow backend: a :class:`sparsestore.DataLoader` as a ``tf.data.Dataset``.
 
-Each batch crosses into TensorFlow through one ``tf.numpy_function`` call (see
-``_Passes``), with an exact signature, in one of two forms (``expand=``):
+Batches cross into TensorFlow through ``tf.numpy_function`` calls (see ``_Passes``), with
+an exact signature, in one of two forms (``expand=``):
 
-* ``"host"`` (default): the COO ``int64`` coordinates are written by numpy (a cumulative
-  sum of row starts and a strided copy of the column ids, C loops) into 64-byte-aligned
+* ``"host"`` (default): the COO ``int64`` coordinates are written by
+  :func:`sparsestore.kernels.coo_into` (one compiled pass that releases the GIL, in the
+  adapter's builder threads, several batches ahead) into 64-byte-aligned
   :class:`~sparsestore.buffers.BufferPool` buffers that TensorFlow takes over without
   copying and that are recycled once TensorFlow drops them; the graph only wraps them in
-  a ``SparseTensor``.  This costs about a third of the CPU of the in-graph expansion below
-  (TensorFlow's ``repeat``/``stack`` kernels and fresh buffers per batch).
+  a ``SparseTensor``.  Small batches cross in bundles of up to ``MAX_BUNDLE`` (about
+  ``BUNDLE_NNZ`` values per call), cut apart again by ``unbatch`` on ragged views, so
+  the fixed cost of a ``numpy_function`` call is paid once per bundle.
 * ``"graph"``: the compact CSR parts (values, int32 column ids, ``row_splits``: ~8 bytes
-  per non-zero instead of 20) cross the boundary and TensorFlow ops expand them
-  (``tf.ragged.row_splits_to_segment_ids``) in a ``Dataset.map``.
+  per non-zero instead of 20) cross the boundary, one batch per call, and TensorFlow ops
+  expand them (``tf.ragged.row_splits_to_segment_ids``) in a ``Dataset.map``.
 
 Indices come out int64 in canonical row-major order (the loader's rows hold sorted,
 unique column ids), so ``tf.sparse.reorder`` is a no-op and Keras / ``tf.sparse`` ops
@@ -29,10 +31,12 @@ from __future__ import annotations
 
 import functools
 import itertools
+import queue
 import threading
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,10 +46,14 @@ import tensorflow as tf
 from sparsestore.batch import Batch
 from sparsestore.buffers import BufferPool
 from sparsestore.errors import DTypeError, InvalidInputError, ShapeMismatchError
+from sparsestore.kernels import coo_into
 from sparsestore.loader import DataLoader
+from sparsestore.reader import THREAD_PREFIX
 
 AUTOTUNE = tf.data.AUTOTUNE
 HOST_IDLE_BATCHES = 8  # idle host COO memory the dataset keeps, in average batches
+BUNDLE_NNZ = 1 << 16  # small host COO batches cross together, up to about this many values
+MAX_BUNDLE = 64  # batches per hand-off at most
 
 __all__ = ["AUTOTUNE", "TensorFlowBackend", "distribute", "element_spec", "to_dataset"]
 
@@ -100,6 +108,7 @@ class _Plan:
     sample_shape: tuple[int, ...] | None
     expand_on: str = "host"  # "host": numpy writes COO coordinates; "graph": TF ops do
     buffers: BufferPool | None = None
+    bundle: int = 1  # batches per numpy_function hand-off (host COO only)
 
     @property
     def tail(self) -> tuple[int, ...]:
@@ -125,6 +134,7 @@ class _Plan:
             for name, dt, tail in loader.label_specs
         )
         dims = _check_sample_shape(sample_shape, n_cols)
+        host_coo = expand == "host" and not dense
         return cls(
             n_cols=n_cols,
             dense=dense,
@@ -133,7 +143,8 @@ class _Plan:
             label_specs=labels,
             sample_shape=dims,
             expand_on=_check_expand(expand),
-            buffers=_host_pool(loader, dims) if expand == "host" and not dense else None,
+            buffers=_host_pool(loader, dims) if host_coo else None,
+            bundle=_bundle_size(loader) if host_coo else 1,
         )
 
     # -- host side: what crosses the boundary
@@ -155,6 +166,48 @@ class _Plan:
             )
         return x + self.label_specs
 
+    def wire_signature(self) -> tuple[tf.TensorSpec, ...]:
+        """What one ``numpy_function`` call returns: :meth:`signature`, or for bundles of
+        host COO batches their coordinates, values and labels end to end with the values'
+        and rows' offsets of each batch (``nnz_splits``, ``row_splits``)."""
+        sig = self.signature()
+        if self.bundle == 1:
+            return sig
+        return (*sig[:2], tf.TensorSpec((None,), tf.int64, name="nnz_splits"),
+                tf.TensorSpec((None,), tf.int64, name="row_splits"), *sig[3:])
+
+    def wire_parts(self, batches: list[Batch]) -> tuple[np.ndarray, ...]:
+        """The :meth:`wire_signature` arrays of consecutive batches (one unless bundled)."""
+        if self.bundle == 1:
+            (batch,) = batches
+            return self.parts(batch)
+        assert self.buffers is not None
+        nnz_splits = np.zeros(len(batches) + 1, np.int64)
+        np.cumsum([b.values.size for b in batches], out=nnz_splits[1:])
+        row_splits = np.zeros(len(batches) + 1, np.int64)
+        np.cumsum([b.n_rows for b in batches], out=row_splits[1:])
+        total = int(nnz_splits[-1])
+        coords = self.buffers.take((total, 1 + len(self.tail)), np.int64)
+        values = self.buffers.take((total,), batches[0].values.dtype)
+        for b, lo, hi in zip(batches, nnz_splits[:-1], nnz_splits[1:], strict=True):
+            self._coords_into(b, coords[lo:hi])
+            values[lo:hi] = b.values
+        labels = tuple(np.concatenate(ls) for ls in zip(*(b.labels for b in batches),
+                                                        strict=True))
+        return (coords, values, nnz_splits, row_splits, *labels)
+
+    def unbundle(self, *wire: tf.Tensor) -> tuple[Any, ...]:
+        """Graph side of a bundle: ragged parts whose ``unbatch`` gives each batch's parts
+        in :meth:`signature` order (ragged slicing runs in ``unbatch``'s C++ loop, several
+        times cheaper per batch than a ``map`` cutting them out with slicing ops)."""
+        coords, values, nnz_splits, row_splits, *labels = wire
+
+        def ragged(t: tf.Tensor, splits: tf.Tensor) -> tf.RaggedTensor:
+            return tf.RaggedTensor.from_row_splits(t, splits, validate=False)
+
+        return (ragged(coords, nnz_splits), ragged(values, nnz_splits),
+                row_splits[1:] - row_splits[:-1], *(ragged(y, row_splits) for y in labels))
+
     def parts(self, batch: Batch) -> tuple[np.ndarray, ...]:
         """The batch's compact arrays in :meth:`signature` order (no copy when dtypes match)."""
         if self.dense:
@@ -169,22 +222,20 @@ class _Plan:
         )
 
     def _host_coo(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, np.int64]:
-        """``(coords, values, n_rows)``: int64 COO coordinates written by numpy, aligned."""
+        """``(coords, values, n_rows)``: int64 COO coordinates (:func:`coo_into`), aligned."""
         assert self.buffers is not None
         nnz, tail = int(batch.values.size), self.tail
         coords = self.buffers.take((nnz, 1 + len(tail)), np.int64)
-        rows = self.buffers.take(nnz, np.int64)  # contiguous: a strided cumsum is 3x slower
-        _row_ids(batch.row_splits, rows)
-        coords[:, 0] = rows
-        del rows
-        if len(tail) == 1:
-            coords[:, 1] = batch.indices
-        else:  # row-major unravel of the flat column id, as tf.unravel_index would
-            for j, sub in enumerate(np.unravel_index(batch.indices, tail), start=1):
-                coords[:, j] = sub
+        self._coords_into(batch, coords)
         values = self.buffers.take((nnz,), batch.values.dtype)
         values[...] = batch.values
         return coords, values, np.int64(batch.n_rows)
+
+    def _coords_into(self, batch: Batch, coords: np.ndarray) -> None:
+        coo_into(batch.row_splits, batch.indices, coords)
+        if len(self.tail) > 1:  # row-major unravel of the flat column id, as tf.unravel_index
+            for j, sub in enumerate(np.unravel_index(batch.indices, self.tail), start=1):
+                coords[:, j] = sub
 
     # -- graph side: the parts -> SparseTensor / dense Tensor
     def expand(self, *parts: tf.Tensor) -> Any:
@@ -230,10 +281,18 @@ def _host_pool(loader: DataLoader, sample_shape: tuple[int, ...] | None) -> Buff
     st = loader.store
     per_row = st.nnz / max(1, st.n_rows)
     coord_cols = 1 + (len(sample_shape) if sample_shape is not None else 1)
-    per_value = 8 * (coord_cols + 1) + np.dtype(loader.dtype).itemsize  # coords, row id, value
+    per_value = 8 * coord_cols + np.dtype(loader.dtype).itemsize  # coordinates, value
     batch_bytes = loader.batch_size * per_row * per_value
     idle = max(8 * 2**20, int(HOST_IDLE_BATCHES * batch_bytes))
     return BufferPool(max_free=64, max_idle_bytes=idle)
+
+
+def _bundle_size(loader: DataLoader) -> int:
+    """Batches per hand-off: enough that each carries about ``BUNDLE_NNZ`` values (the
+    hand-off's fixed cost then stays small beside its size), one for large batches."""
+    st = loader.store
+    per_batch = loader.batch_size * st.nnz / max(1, st.n_rows)
+    return int(min(MAX_BUNDLE, max(1, BUNDLE_NNZ // max(1.0, per_batch))))
 
 
 def element_spec(loader: DataLoader, *, sample_shape: Sequence[int] | None = None) -> Any:
@@ -247,16 +306,6 @@ def element_spec(loader: DataLoader, *, sample_shape: Sequence[int] | None = Non
     )
     labels = tuple(tf.TensorSpec(s.shape, s.dtype) for s in plan.label_specs)  # map drops names
     return (x, *labels) if labels else x
-
-
-def _row_ids(row_splits: np.ndarray, out: np.ndarray) -> None:
-    """Write each value's row id into ``out`` (``np.repeat(arange, diff(splits))``, but in
-    place: no nnz-sized temporaries, whose fresh pages cost more than the work)."""
-    out[:] = 0
-    if out.size:
-        starts = row_splits[1:-1]
-        np.add.at(out, starts[starts < out.size], 1)  # empty rows: several starts coincide
-        np.cumsum(out, out=out)
 
 
 # ------------------------------------------------------------------ passes
@@ -310,9 +359,10 @@ class _Passes:
     (``set_epoch``, ``load_state_dict``), the next pass follows the loader instead: the
     adapter counts those calls itself (:class:`_Moves`).
 
-    Batches cross with one ``tf.numpy_function`` call each (``Dataset.range(n).map``),
-    returning the plan's parts as they are (dtypes and shapes fixed by the plan): cheaper
-    than ``Dataset.from_generator``'s checks on every element.  ``from_generator`` only
+    Batches cross with one ``tf.numpy_function`` call per batch or bundle
+    (``Dataset.range(calls).map``), returning the plan's wire parts as they are (dtypes and
+    shapes fixed by the plan): cheaper than ``Dataset.from_generator``'s checks on every
+    element.  ``from_generator`` only
     yields one ``(pass id, batch count)`` per iteration and closes the pass when TensorFlow
     finalizes that iteration (end of pass or dropped iterator).
     """
@@ -327,16 +377,16 @@ class _Passes:
         self._ids = itertools.count()
         self._lock = threading.Lock()
 
-    def run(self) -> Iterator[tuple[np.ndarray, ...]]:
-        """One pass: the parts of each of the loader's batches."""
-        loader, parts = self.loader, self.plan.parts
+    def run(self) -> Iterator[Batch]:
+        """One pass: the loader's batches (advancing its epoch first if the last pass was
+        cut short and nobody moved the loader since)."""
+        loader = self.loader
         if not self.completed and self.moves.count == self.moves_at_start:
             loader.set_epoch(loader.epoch + 1)
         self.completed, self.moves_at_start = False, self.moves.count
         batches = loader.iter_batches()
         try:
-            for batch in batches:
-                yield parts(batch)
+            yield from batches
             self.completed = True
         finally:
             batches.close()
@@ -355,23 +405,28 @@ class _Passes:
         n = 0
         if first is not None:
             n = len(self.loader) - self.loader.state_dict()["batches_consumed"] + 1
+            gen = _after(first, gen)
+        open_pass = _OpenPass(gen, self.plan.wire_parts, n, self.loader.num_workers,
+                              self.plan.bundle)
         with self._lock:
             pid = next(self._ids)
-            self._open[pid] = _OpenPass(gen if first is None else itertools.chain((first,), gen), n)
+            self._open[pid] = open_pass
         try:
             yield np.int64(pid), np.int64(n)
         finally:
             with self._lock:
                 del self._open[pid]
-            gen.close()
+            open_pass.close()
 
     def _next(self, pid: np.ndarray) -> tuple[np.ndarray, ...]:
         return self._open[int(pid)].next()
 
     def dataset(self) -> tf.data.Dataset:
-        """The parts of every batch of each pass, one ``tf.numpy_function`` call per batch."""
-        sig = self.plan.signature()
+        """The parts of every batch of each pass, one ``tf.numpy_function`` call per batch
+        or per bundle of ``plan.bundle`` batches (cut apart in the graph)."""
+        sig = self.plan.wire_signature()
         dtypes = [s.dtype for s in sig]
+        k = self.plan.bundle
 
         def fetch(pid: tf.Tensor) -> tuple[tf.Tensor, ...]:
             out = tf.numpy_function(self._next, [pid], dtypes, stateful=True)
@@ -380,30 +435,117 @@ class _Passes:
             return tuple(out)
 
         def batches(pid: tf.Tensor, n: tf.Tensor) -> tf.data.Dataset:
-            return tf.data.Dataset.range(n).map(lambda _i: fetch(pid))
+            calls = tf.data.Dataset.range((n + k - 1) // k).map(lambda _i: fetch(pid))
+            return calls if k == 1 else calls.map(self.plan.unbundle).unbatch()
 
         ids = tf.data.Dataset.from_generator(
             self._open_pass, output_signature=(tf.TensorSpec((), tf.int64),) * 2)
         return ids.flat_map(tf.autograph.experimental.do_not_convert(batches))
 
 
-class _OpenPass:
-    """One pass in progress: its batches' parts (the first one already read) and how many
-    are left.  The last batch also runs the pass to its end, which is where the loader
-    books it as complete (its next epoch)."""
+def _after(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:
+    """``first``, then ``rest``, closing ``rest`` when closed (unlike ``itertools.chain``)."""
+    try:
+        yield first
+        yield from rest
+    finally:
+        rest.close()  # type: ignore[attr-defined]
 
-    def __init__(self, parts: Iterator[tuple[np.ndarray, ...]], n: int) -> None:
-        self.parts, self.left = parts, n
+
+_END = object()  # the feeder's last queue item: the loader's pass ran to its end
+
+
+class _OpenPass:
+    """One pass in progress: its batches' wire parts built ahead, handed over in order.
+
+    A feeder thread runs the loader's pass (cutting batches, gathering shuffled rows),
+    groups ``bundle`` consecutive batches and hands each group to ``workers`` builder
+    threads that turn it into the plan's wire parts (the COO coordinates, in
+    :func:`~sparsestore.kernels.coo_into`, which releases the GIL), so the thread
+    TensorFlow calls through ``numpy_function`` only takes finished parts: its GIL-held
+    share per hand-off is small and the same whatever the batches hold.  At most
+    ``2 * workers + 1`` groups are read ahead of TensorFlow.  ``workers=0`` (a loader with
+    ``num_workers=0``) does everything in the calling thread.  The last group waits for
+    the loader's pass to end, which is where the loader books it as complete (its next
+    epoch).
+    """
+
+    def __init__(self, batches: Iterator[Batch], build: Any, n: int, workers: int,
+                 bundle: int = 1) -> None:
+        self.batches, self.build, self.left, self.bundle = batches, build, n, bundle
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._slots = threading.Semaphore(2 * workers + 1)
+        self._stop = threading.Event()
+        self._pool: ThreadPoolExecutor | None = None
+        self._feeder: threading.Thread | None = None
+        self._last: Any = None  # the feeder's last item once taken (_END or its exception)
+        if workers and n:
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"{THREAD_PREFIX}-build")
+            self._feeder = threading.Thread(
+                target=self._feed, name=f"{THREAD_PREFIX}-feed", daemon=True)
+            self._feeder.start()
+
+    def _groups(self) -> Iterator[list[Batch]]:
+        while group := list(itertools.islice(self.batches, self.bundle)):
+            yield group
+
+    def _feed(self) -> None:
+        """Read the pass, submitting each group's build; queue a failure where it happened."""
+        assert self._pool is not None
+        try:
+            for group in self._groups():
+                while not self._slots.acquire(timeout=0.05):
+                    if self._stop.is_set():
+                        return
+                if self._stop.is_set():
+                    return
+                self._queue.put((len(group), self._pool.submit(self.build, group)))
+            self._queue.put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, in order
+            self._queue.put(exc)
+        finally:
+            self.batches.close()  # type: ignore[attr-defined]
+
+    def _take(self) -> Any:
+        """``(batch count, wire parts)`` of the next group (``_END`` once the pass is
+        over), raising what the pass raised."""
+        if self._feeder is None:
+            group = next(self._groups(), None)
+            return _END if group is None else (len(group), self.build(group))
+        item = self._last if self._last is not None else self._queue.get()
+        if isinstance(item, BaseException) or item is _END:
+            self._last = item  # the feeder is done: later calls get the same answer
+            if item is _END:
+                return item
+            raise item
+        self._slots.release()
+        count, built = item
+        return count, built.result()
 
     def next(self) -> tuple[np.ndarray, ...]:
-        parts = next(self.parts, None)
-        self.left -= 1
-        if parts is None or (self.left == 0 and next(self.parts, None) is not None):
+        got = self._take()
+        if got is not _END:
+            self.left -= got[0]
+        if got is _END or self.left < 0 or (self.left == 0 and self._take() is not _END):
             raise RuntimeError(
                 "sparsestore.DataLoader gave a different number of batches than len(loader) "
                 "announced; please report this with the loader's options"
             )
-        return parts
+        return got[1]
+
+    def close(self) -> None:
+        """Stop the feeder and the builders (TensorFlow finalized the pass)."""
+        self._stop.set()
+        if self._feeder is not None:
+            self._feeder.join()
+        else:
+            self.batches.close()  # type: ignore[attr-defined]
+        if self._pool is not None:
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if isinstance(item, tuple):
+                    item[1].cancel()
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_expand(expand: Any) -> str:
@@ -501,8 +643,10 @@ def to_dataset(
       length.  Resume with ``load_state_dict`` *before* calling this (a resumed pass is
       shorter; its dataset then has unknown cardinality) or pass ``cardinality=False``.
 
-    ``loader.state_dict()`` counts the batches handed to TensorFlow, prefetched ones
-    included, so a checkpoint taken mid-epoch resumes up to ``prefetch`` batches late.
+    ``loader.state_dict()`` counts the batches read from the loader: those handed to
+    TensorFlow (prefetched ones included) and those being built ahead (up to
+    ``2 * loader.num_workers + 1`` hand-offs of ``bundle`` batches), so a checkpoint taken
+    mid-epoch resumes that many batches late.
     """
     plan = _Plan.for_loader(loader, sample_shape, expand)
     prefetch = _check_prefetch(prefetch)

@@ -212,6 +212,11 @@ class DataLoader:
         return self._batch_size
 
     @property
+    def num_workers(self) -> int:
+        """Background decode threads per pass (0: decode in the consuming thread)."""
+        return self._num_workers
+
+    @property
     def label_names(self) -> tuple[str, ...]:
         return self._label_names
 
