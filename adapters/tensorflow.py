@@ -53,7 +53,7 @@ from sparsestore.reader import THREAD_PREFIX
 AUTOTUNE = tf.data.AUTOTUNE
 HOST_IDLE_BATCHES = 8  # idle host COO memory the dataset keeps, in average batches
 BUNDLE_NNZ = 1 << 16  # small host COO batches cross together, up to about this many values
-MAX_BUNDLE = 64  # batches per hand-off at most
+MAX_BUNDLE = 32  # batches per hand-off at most (each is read ahead of TensorFlow)
 
 __all__ = ["AUTOTUNE", "TensorFlowBackend", "distribute", "element_spec", "to_dataset"]
 

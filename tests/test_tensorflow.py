@@ -74,7 +74,7 @@ def test_batches_equal_loader_batches(small_store, shuffle, bs, expand):
     # host COO: batches of 1 and 257 rows cross in bundles (70 batches of 1: the last
     # bundle is partial), 5000 rows alone
     bundle = sstf._Plan.for_loader(a, expand=expand).bundle
-    assert bundle == (1 if expand == "graph" or bs == 5000 else {1: 64, 257: 12}[bs])
+    assert bundle == (1 if expand == "graph" or bs == 5000 else {1: 32, 257: 12}[bs])
     spec = ds.element_spec
     assert spec[0] == tf.SparseTensorSpec([None, X.shape[1]], tf.float32)
     assert spec[1].dtype == tf.int64 and spec[1].shape.as_list() == [None]
