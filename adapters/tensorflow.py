@@ -634,11 +634,13 @@ def to_dataset(
       when no such device exists, so one script runs on CPU-only hosts.
     * ``expand``: ``"host"`` (default) or ``"graph"``: where the COO coordinates are
       built (see the module docstring; both give identical elements).
-    * ``autotune``: leave TensorFlow's autotuner on for this pipeline.  Off by default:
-      the loader already decodes and prefetches in its own threads and the map here is
-      trivial, while the autotuner's model thread made dropping an iterator (the end of
-      every Keras epoch) stall for up to ~0.3 s in 3 of 8 passes measured on 2 cores.
-      Turn it on when you add heavy ``map`` steps with ``AUTOTUNE`` after this dataset.
+    * ``autotune``: leave TensorFlow's dataset tuning on for this pipeline: its autotuner
+      and its default graph rewrites.  Off by default: the loader already decodes and
+      prefetches in its own threads and the maps here are trivial, while the autotuner's
+      model thread made dropping an iterator (the end of every Keras epoch) stall for up
+      to ~0.3 s in 3 of 8 passes measured on 2 cores, and the rewrites, redone for every
+      new iterator, cost ~15 ms a pass.  Turn it on when you add heavy ``map`` steps with
+      ``AUTOTUNE`` after this dataset.
     * ``cardinality``: declare ``len(loader)`` batches per pass so Keras knows the epoch
       length.  Resume with ``load_state_dict`` *before* calling this (a resumed pass is
       shorter; its dataset then has unknown cardinality) or pass ``cardinality=False``.
@@ -665,6 +667,9 @@ def to_dataset(
     ds = ds.map(expand, num_parallel_calls=AUTOTUNE, deterministic=True)
     opts = tf.data.Options()
     opts.autotune.enabled = bool(autotune)
+    # TensorFlow rewrites the pipeline's graph each time an iterator is made (each pass,
+    # each Keras epoch); its default rewrites find nothing to fuse here.
+    opts.experimental_optimization.apply_default_optimizations = bool(autotune)
     if input_context is not None:
         # Already sharded by rows: tf.distribute must not shard the batches again.
         opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

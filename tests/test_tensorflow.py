@@ -376,6 +376,18 @@ def test_sample_shape_gives_3d_sparse_tensors(tmp_path, rng, expand):
         np.testing.assert_array_equal(x.indices.numpy(), np.argwhere(want != 0))
 
 
+def test_autotune_switches_tensorflows_dataset_tuning(small_store):
+    """Off by default (autotuner and default graph rewrites), on with autotune=True."""
+    store, X, _ = small_store
+    for on in (False, True):
+        ds = sstf.to_dataset(sparsestore.DataLoader(store, batch_size=1000), autotune=on)
+        opts = ds.options()
+        assert opts.autotune.enabled is on
+        assert opts.experimental_optimization.apply_default_optimizations is on
+        got = sum(float(tf.sparse.reduce_sum(x)) for x in ds)
+        assert got == pytest.approx(float(X.sum(dtype=np.float64)), rel=1e-5)
+
+
 def test_bad_arguments_raise_clear_errors(small_store):
     store, _, _ = small_store
     loader = sparsestore.DataLoader(store, batch_size=10)
