@@ -19,7 +19,7 @@ Also: the 1 -> 2 core scaling of the stream and of the idiom (in-graph pass; eve
 of the process pinned with ``sched_setaffinity`` to ``{0}`` vs ``{0, 1}``, alternating in the
 same run) and the stream's CPU time per non-zero (``time.process_time``, all threads).
 
-Two matrices: ``dense100`` (~100 nnz/row, issue 3's shape, fewer rows) and ``sparse2``
+Two matrices: ``dense100`` (200k x 30k, ~100 nnz/row, issue 3's matrix) and ``sparse2``
 (~2 nnz/row, 500k rows: per-row costs dominate)::
 
     python -m benchmarks.bench_tf_compare [--quick | --tiny] [--rounds N] [--work DIR]
@@ -52,7 +52,7 @@ from .common import (
 
 # name -> (rows, cols, nnz per row) per mode
 MATRICES: dict[str, dict[str, tuple[int, int, int]]] = {
-    "full": {"dense100": (100_000, 30_000, 100), "sparse2": (500_000, 50_000, 2)},
+    "full": {"dense100": (200_000, 30_000, 100), "sparse2": (500_000, 50_000, 2)},
     "quick": {"dense100": (50_000, 30_000, 100), "sparse2": (500_000, 50_000, 2)},
     "tiny": {"dense100": (3_000, 1_000, 20), "sparse2": (6_000, 2_000, 2)},
 }
@@ -208,6 +208,24 @@ def bench_matrix(name: str, shape: tuple[int, int, int], work: Path, rounds: int
             f"idiom {res['core_scaling']['idiom']:.2f}x")
     else:
         res["core_scaling"] = {"skipped": f"cores 0 and 1 not both usable ({sorted(usable)})"}
+
+    # Fixed cost per pass vs cost per batch: in-graph passes over the first tenth of the
+    # rows and over all of them (a straight line through the two medians).
+    n_long = -(-n_rows // BATCH_SIZE)
+    n_short = max(1, n_long // 10)
+    rows = slice(0, n_short * BATCH_SIZE)
+    part = {"idiom": _graph(tf, idiom_dataset(tf, tf.sparse.SparseTensor(*coo_parts(X[rows])))),
+            "seq": _graph(tf, sstf.to_dataset(DataLoader(store, BATCH_SIZE, rows=rows)))}
+    t_short = {k: _med({"w": v["wall"]})["w"] for k, v in _interleaved(part, rounds).items()}
+    pp: dict[str, dict[str, float]] = {}
+    for side in ("idiom", "seq"):
+        per_batch = (res["seconds"]["graph"][side] - t_short[side]) / (n_long - n_short)
+        pp[side] = {"batch_ms": per_batch * 1e3,
+                    "fixed_ms": (t_short[side] - n_short * per_batch) * 1e3}
+    res["per_pass"] = pp
+    log(f"  per batch: idiom {pp['idiom']['batch_ms']:.3f} ms, stream "
+        f"{pp['seq']['batch_ms']:.3f} ms; fixed per pass: idiom {pp['idiom']['fixed_ms']:.1f} "
+        f"ms, stream {pp['seq']['fixed_ms']:.1f} ms")
     rmtree(path)
     return res
 
@@ -266,6 +284,22 @@ def markdown(record: dict[str, Any]) -> str:
         c = r["cpu_ns_per_nnz"]
         lines.append(f"| {name} | {sc} | {c['seq_graph']:.1f} | {c['idiom_graph']:.1f} | "
                      f"{c['seq_eager']:.1f} |")
+    lines += [
+        "",
+        "In-graph pass time split into a fixed cost per pass (making the iterator, opening "
+        "the pass: paid once per Keras epoch) and a cost per batch, from passes over the "
+        "first tenth of the rows and over all of them (sequential stream):",
+        "",
+        "| matrix | idiom ms/batch | stream ms/batch | per-batch ratio | idiom ms/pass | "
+        "stream ms/pass |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in record["matrices"].items():
+        pp = r["per_pass"]
+        a, b = pp["idiom"]["batch_ms"], pp["seq"]["batch_ms"]
+        ratio = f"{a / b:.2f}x" if a > 0 and b > 0 else "n/a (too few batches)"
+        lines.append(f"| {name} | {a:.3f} | {b:.3f} | {ratio} | "
+                     f"{pp['idiom']['fixed_ms']:.1f} | {pp['seq']['fixed_ms']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
