@@ -37,7 +37,7 @@ $(BIN)/python:
 # The heavy step, left verbose: pip prints each package it downloads and its size.
 $(DEMO_STAMP): requirements/demo.txt pyproject.toml | $(BIN)/python
 	@echo "Installing sparsestore + TensorFlow into $(VENV): $$(grep -c '==' requirements/demo.txt)\
-	 pinned packages from requirements/demo.txt, ~380 MB download, ~1.7 GB on disk..."
+	 pinned packages from requirements/demo.txt, ~445 MB download, ~1.9 GB on disk..."
 	$(call pip_install,requirements/demo.txt,tf)
 	touch $@
 
