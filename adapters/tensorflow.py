@@ -405,13 +405,17 @@ class _Passes:
         after a ``load_state_dict``, else ``len(loader)``.
         """
         gen = self.run()
-        first = next(gen, None)
-        n = 0
+        error: BaseException | None = None
+        try:
+            first = next(gen, None)
+        except Exception as exc:  # noqa: BLE001 - raised by the first next() instead:
+            first, error = None, exc  # TensorFlow would retry a failed open for ever
+        n = 1 if error is not None else 0
         if first is not None:
             n = len(self.loader) - self.loader.state_dict()["batches_consumed"] + 1
             gen = _after(first, gen)
         open_pass = _OpenPass(gen, self.plan.wire_parts, n, self.loader.num_workers,
-                              self.plan.bundle)
+                              self.plan.bundle, error)
         with self._lock:
             pid = next(self._ids)
             self._open[pid] = open_pass
@@ -484,14 +488,17 @@ class _OpenPass:
     """
 
     def __init__(self, batches: Iterator[Batch], build: Any, n: int, workers: int,
-                 bundle: int = 1) -> None:
+                 bundle: int = 1, error: BaseException | None = None) -> None:
         self.batches, self.build, self.left, self.bundle = batches, build, n, bundle
+        self._error = error  # the pass failed to start: the first next() raises it
+        if error is not None:
+            workers = 0
         self._queue: queue.Queue[Any] = queue.Queue()
         self._slots = threading.Semaphore(2 * workers + 1)
         self._stop = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
         self._feeder: threading.Thread | None = None
-        self._last: Any = None  # the feeder's last item once taken (_END or its exception)
+        self._last: Any = None  # _END once the feeder's end was taken
         if workers and n:
             self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"{THREAD_PREFIX}-build")
             self._feeder = threading.Thread(
@@ -520,20 +527,29 @@ class _OpenPass:
             self.batches.close()  # type: ignore[attr-defined]
 
     def _take(self) -> Any:
-        """``(batch count, wire parts)`` of the next group (``_END`` once the pass is
-        over), raising what the pass raised."""
-        if self._feeder is None:
-            group = next(self._groups(), None)
-            return _END if group is None else (len(group), self.build(group))
-        item = self._last if self._last is not None else self._queue.get()
-        if isinstance(item, BaseException) or item is _END:
-            self._last = item  # the feeder is done: later calls get the same answer
+        """``(batch count, wire parts)`` of the next group, or ``_END`` once the pass is
+        over, raising what the pass raised."""
+        try:
+            if self._error is not None:
+                raise self._error
+            if self._feeder is None:
+                group = next(self._groups(), None)
+                return _END if group is None else (len(group), self.build(group))
+            item = self._last if self._last is not None else self._queue.get()
             if item is _END:
+                self._last = item  # the feeder is done: later calls get the same answer
                 return item
-            raise item
-        self._slots.release()
-        count, built = item
-        return count, built.result()
+            if isinstance(item, BaseException):
+                raise item
+            self._slots.release()
+            count, built = item
+            return count, built.result()
+        except BaseException:
+            # A failure ends the pass: TensorFlow, which may call again after an error
+            # (prefetch, ignore_errors), then gets the end of the sequence, never a later
+            # batch in the failed one's place.
+            self.left = 0
+            raise
 
     def next(self) -> tuple[np.ndarray, ...]:
         if self.left == 0:
@@ -542,6 +558,7 @@ class _OpenPass:
         if got is not _END:
             self.left -= got[0]
         if got is _END or self.left < 0 or (self.left == 0 and self._take() is not _END):
+            self.left = 0
             raise RuntimeError(
                 "sparsestore.DataLoader gave a different number of batches than len(loader) "
                 "announced; please report this with the loader's options"

@@ -293,6 +293,37 @@ def test_a_damaged_chunk_fails_the_pass_with_its_name(small_store, where):
     with pytest.raises(tf.errors.OpError, match=rf"ChecksumError.*chunk {victim.name}\b"):
         for _ in ds:
             pass
+    # TensorFlow calling on after the error (ignore_errors) ends the pass: no hang, and
+    # only batches from before the damaged chunk (cardinality=False: TensorFlow's
+    # assert_cardinality would repeat its own error for ever under ignore_errors)
+    loader = sparsestore.DataLoader(sparsestore.open(store.path), batch_size=64)
+    got = sum(int(x.dense_shape[0])
+              for x in sstf.to_dataset(loader, cardinality=False).ignore_errors())
+    assert got < store.n_rows
+
+
+def test_a_failed_build_ends_the_pass_without_skipping_a_batch(small_store, monkeypatch):
+    """A batch whose parts fail to build is an error, and no later batch takes its place
+    (TensorFlow keeps calling after an error: ``ignore_errors`` shows what it would get)."""
+    store, X, _ = small_store
+    monkeypatch.setattr(sstf, "BUNDLE_NNZ", 1)  # one batch per hand-off
+    real, calls = sstf._Plan.wire_parts, []
+
+    def flaky(self, batches):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("simulated build failure")
+        return real(self, batches)
+
+    monkeypatch.setattr(sstf._Plan, "wire_parts", flaky)
+    loader, oracle = loader_pair(store, batch_size=300)
+    with pytest.raises(tf.errors.OpError, match="simulated build failure"):
+        list(sstf.to_dataset(loader))
+    calls.clear()
+    got = list(sstf.to_dataset(loader, cardinality=False).ignore_errors())
+    assert len(got) == 2
+    for x, batch in zip(got, oracle.iter_batches(), strict=False):
+        check_sparse(x, X[batch.rows])
 
 
 def test_a_loader_with_no_batches_gives_an_empty_dataset(small_store):
