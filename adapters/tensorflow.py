@@ -282,11 +282,9 @@ def _host_pool(loader: DataLoader, sample_shape: tuple[int, ...] | None) -> Buff
     """The pool the host COO parts come from, its idle memory bounded by ``HOST_IDLE_BATCHES``
     average batches: batches' sizes vary, so an unbounded pool would keep gathering idle
     blocks of ever more sizes."""
-    st = loader.store
-    per_row = st.nnz / max(1, st.n_rows)
     coord_cols = 1 + (len(sample_shape) if sample_shape is not None else 1)
     per_value = 8 * coord_cols + np.dtype(loader.dtype).itemsize  # coordinates, value
-    batch_bytes = loader.batch_size * per_row * per_value
+    batch_bytes = _values_per_batch(loader) * per_value
     idle = max(8 * 2**20, int(HOST_IDLE_BATCHES * batch_bytes))
     return BufferPool(max_free=64, max_idle_bytes=idle)
 
@@ -294,9 +292,13 @@ def _host_pool(loader: DataLoader, sample_shape: tuple[int, ...] | None) -> Buff
 def _bundle_size(loader: DataLoader) -> int:
     """Batches per hand-off: enough that each carries about ``BUNDLE_NNZ`` values (the
     hand-off's fixed cost then stays small beside its size), one for large batches."""
+    return int(min(MAX_BUNDLE, max(1, BUNDLE_NNZ // max(1.0, _values_per_batch(loader)))))
+
+
+def _values_per_batch(loader: DataLoader) -> float:
+    """Non-zeros in an average batch of ``loader``, from its store's mean row."""
     st = loader.store
-    per_batch = loader.batch_size * st.nnz / max(1, st.n_rows)
-    return int(min(MAX_BUNDLE, max(1, BUNDLE_NNZ // max(1.0, per_batch))))
+    return loader.batch_size * st.nnz / max(1, st.n_rows)
 
 
 def element_spec(loader: DataLoader, *, sample_shape: Sequence[int] | None = None) -> Any:
@@ -498,7 +500,6 @@ class _OpenPass:
         self._stop = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
         self._feeder: threading.Thread | None = None
-        self._last: Any = None  # _END once the feeder's end was taken
         if workers and n:
             self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"{THREAD_PREFIX}-build")
             self._feeder = threading.Thread(
@@ -528,16 +529,16 @@ class _OpenPass:
 
     def _take(self) -> Any:
         """``(batch count, wire parts)`` of the next group, or ``_END`` once the pass is
-        over, raising what the pass raised."""
+        over, raising what the pass raised.  Called again only while ``left`` > 0: the end
+        and any failure set it to 0."""
         try:
             if self._error is not None:
                 raise self._error
             if self._feeder is None:
                 group = next(self._groups(), None)
                 return _END if group is None else (len(group), self.build(group))
-            item = self._last if self._last is not None else self._queue.get()
+            item = self._queue.get()
             if item is _END:
-                self._last = item  # the feeder is done: later calls get the same answer
                 return item
             if isinstance(item, BaseException):
                 raise item

@@ -83,7 +83,7 @@ def _sparse(values: np.ndarray, indices: np.ndarray, row_splits: np.ndarray,
         col = torch.from_numpy(np.asarray(indices, dtype=np.int64))
         return torch.sparse_csr_tensor(crow, col, vals, size=shape, check_invariants=False)
     coords = np.empty((2, vals.numel()), dtype=np.int64)
-    coo_into(np.asarray(row_splits, dtype=np.int64), indices, coords.T)
+    coo_into(row_splits, indices, coords.T)
     # Canonical rows (sorted, unique column ids) make row-major COO already coalesced.
     return torch.sparse_coo_tensor(torch.from_numpy(coords), vals, size=shape,
                                    is_coalesced=True, check_invariants=False)

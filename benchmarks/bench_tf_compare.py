@@ -233,6 +233,11 @@ def bench_matrix(name: str, shape: tuple[int, int, int], work: Path, rounds: int
 # ------------------------------------------------------------------ report
 
 
+def _section(intro: str, *columns: str) -> list[str]:
+    """A paragraph, then the header of a table with ``columns``."""
+    return ["", intro, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+
+
 def markdown(record: dict[str, Any]) -> str:
     m = record["machine"]
     lines = [
@@ -256,27 +261,18 @@ def markdown(record: dict[str, Any]) -> str:
         for side in ("seq", "shuffled"):
             rat = [f"{r['ratios'][w][side]:.2f}x" for w in ("eager", "graph", "keras")]
             lines.append(f"| {desc} | {r['nnz']:,} | {side} | " + " | ".join(rat) + " |")
-    lines += [
-        "",
-        "Seconds per pass (medians; idiom / sequential / shuffled):",
-        "",
-        "| matrix | eager | in-graph | Keras |",
-        "|---|---|---|---|",
-    ]
+    lines += _section("Seconds per pass (medians; idiom / sequential / shuffled):",
+                      "matrix", "eager", "in-graph", "Keras")
     for name, r in record["matrices"].items():
         cells = [" / ".join(f"{r['seconds'][w][s]:.3f}" for s in SIDES)
                  for w in ("eager", "graph", "keras")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
+    lines += _section(
         "1 -> 2 core scaling (in-graph pass, whole process pinned to {0} vs {0, 1}, "
         "alternating in the same run) and CPU time per non-zero (`time.process_time`, all "
         "threads, 2 cores, in-graph pass):",
-        "",
-        "| matrix | stream 1->2 cores | idiom 1->2 cores | stream CPU ns/nnz | "
-        "idiom CPU ns/nnz | stream CPU ns/nnz, eager loop |",
-        "|---|---|---|---|---|---|",
-    ]
+        "matrix", "stream 1->2 cores", "idiom 1->2 cores", "stream CPU ns/nnz",
+        "idiom CPU ns/nnz", "stream CPU ns/nnz, eager loop")
     for name, r in record["matrices"].items():
         cs = r["core_scaling"]
         sc = (f"{cs['stream']:.2f}x | {cs['idiom']:.2f}x" if "stream" in cs
@@ -284,16 +280,12 @@ def markdown(record: dict[str, Any]) -> str:
         c = r["cpu_ns_per_nnz"]
         lines.append(f"| {name} | {sc} | {c['seq_graph']:.1f} | {c['idiom_graph']:.1f} | "
                      f"{c['seq_eager']:.1f} |")
-    lines += [
-        "",
+    lines += _section(
         "In-graph pass time split into a fixed cost per pass (making the iterator, opening "
         "the pass: paid once per Keras epoch) and a cost per batch, from passes over the "
         "first tenth of the rows and over all of them (sequential stream):",
-        "",
-        "| matrix | idiom ms/batch | stream ms/batch | per-batch ratio | idiom ms/pass | "
-        "stream ms/pass |",
-        "|---|---|---|---|---|---|",
-    ]
+        "matrix", "idiom ms/batch", "stream ms/batch", "per-batch ratio", "idiom ms/pass",
+        "stream ms/pass")
     for name, r in record["matrices"].items():
         pp = r["per_pass"]
         a, b = pp["idiom"]["batch_ms"], pp["seq"]["batch_ms"]
