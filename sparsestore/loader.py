@@ -414,7 +414,8 @@ class DataLoader:
         bs, total = self._batch_size, len(self)
         if start >= total:
             return
-        plan = self._sampler_for_blocks().plan(epoch)
+        # Its first batch is a unit of its own: the pass starts without waiting for a block.
+        plan = self._sampler_for_blocks().plan(epoch, head_rows=bs)
         u0, off = plan.locate(start * bs)
         emitted = start
         carry: list[Batch] = []

@@ -225,8 +225,14 @@ class BlockSampler:
             return np.arange(self.n_blocks)
         return np.random.default_rng([self.seed, int(epoch)]).permutation(self.n_blocks)
 
-    def plan(self, epoch: int) -> EpochPlan:
-        """This rank's units for ``epoch``: reproducible from ``(seed, epoch)``."""
+    def plan(self, epoch: int, head_rows: int | None = None) -> EpochPlan:
+        """This rank's units for ``epoch``: reproducible from ``(seed, epoch)``.
+
+        ``head_rows`` (unshuffled passes only): the first block's first ``head_rows`` rows
+        become a unit of their own, so the pass's first batch waits for the decode of
+        those rows' chunks rather than of the whole block (the chunk they share with the
+        rest of the block is still decoded once, through the reader's cache).
+        """
         order = self.block_order(epoch)
         s, e = self.starts[order], self.ends[order]
         lo, hi = self._rank_range()
@@ -239,6 +245,9 @@ class BlockSampler:
             e[-1] -= cum[i1] - hi
         else:
             s = e = np.zeros(0, np.int64)
+        if head_rows is not None and not self.shuffle and s.size and e[0] - s[0] > head_rows:
+            s = np.concatenate([s[:1], s[:1] + head_rows, s[1:]])
+            e = np.concatenate([s[:1] + head_rows, e])
         # Without shuffling a unit is one block: no buffer to mix, and units in flight
         # (prefetch x unit bytes) stay small.
         return EpochPlan(

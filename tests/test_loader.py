@@ -280,6 +280,23 @@ def test_sequential_pass_decodes_each_chunk_once(small_store):
         assert dec["labels/y"] == -(-X.shape[0] // store.labels["y"]._arr.chunks[0]) == 2
 
 
+def test_first_batch_waits_only_for_its_own_chunks(small_store):
+    # Sequential passes start with a unit of one batch: with no worker threads (nothing
+    # decoded ahead), the first batch has decoded only the chunks its rows touch, not the
+    # whole first block; the pass then still decodes each chunk once.
+    store, X, _ = small_store
+    chunk = store.arrays["data"].chunks[0]
+    loader = DataLoader(store, batch_size=5, num_workers=0, block_chunks=4)
+    it = loader.iter_batches()
+    first = next(it)
+    assert (first.to_scipy() != X[:5]).nnz == 0
+    touched = len(range(0, int(X.indptr[5]), chunk)) or 1
+    assert loader.decoded_chunks["data"] == touched < 4
+    for _ in it:
+        pass
+    assert loader.decoded_chunks["data"] == -(-X.nnz // chunk)
+
+
 def test_shuffled_pass_decodes_boundary_chunks_at_most_twice(small_store):
     store, X, _ = small_store
     chunk = store.arrays["data"].chunks[0]

@@ -22,9 +22,9 @@ def _pieces(indptr: np.ndarray, step: int):
         yield p, indptr[p : p + step]
 
 
-def _epoch_rows(sampler: BlockSampler, epoch: int) -> np.ndarray:
+def _epoch_rows(sampler: BlockSampler, epoch: int, head_rows: int | None = None) -> np.ndarray:
     """The rank's full row stream for an epoch, with each unit's spans/take checked."""
-    plan = sampler.plan(epoch)
+    plan = sampler.plan(epoch, head_rows=head_rows)
     out = []
     for unit in plan.units():
         span_rows = np.concatenate([np.arange(a, b) for a, b in unit.spans])
@@ -94,6 +94,35 @@ def test_ranks_disjoint_cover_every_row_once(n, block, buffer_blocks, world, shu
     assert max(sizes) - min(sizes) <= 1  # near-equal
     if not shuffle:
         np.testing.assert_array_equal(everything, expect)  # storage order
+
+
+@given(
+    n=st.integers(0, 300),
+    block=st.integers(1, 60),
+    head=st.integers(1, 80),
+    world=st.integers(1, 3),
+    shuffle=st.booleans(),
+    subset=st.booleans(),
+)
+def test_head_unit_splits_only_the_first_block(n, block, head, world, shuffle, subset):
+    rows = np.flatnonzero(np.random.default_rng(n).random(n) < 0.6) if subset else None
+    for rank in range(world):
+        s = BlockSampler(fixed_bounds(n, block), rows=rows, shuffle=shuffle, seed=5,
+                         buffer_blocks=3, rank=rank, world_size=world)
+        stream = _epoch_rows(s, 2)
+        np.testing.assert_array_equal(_epoch_rows(s, 2, head), stream)  # same row order
+        plain, headed = s.plan(2), s.plan(2, head_rows=head)
+        split = not shuffle and plain.n_units > 0 and plain.unit(0).n_rows > head
+        assert headed.n_units == plain.n_units + split
+        if split:  # the head, then the rest of the first block, then the same units
+            assert headed.unit(0).n_rows == head
+            np.testing.assert_array_equal(headed.unit(1).rows, plain.unit(0).rows[head:])
+        for u in range(1 + split, headed.n_units):
+            np.testing.assert_array_equal(headed.unit(u).rows, plain.unit(u - split).rows)
+        for off in sorted({0, head - 1, head, stream.size // 2, stream.size - 1}):
+            if 0 <= off < stream.size:
+                u, k = headed.locate(off)
+                assert headed.unit(u).rows[k] == stream[off]
 
 
 def test_shuffle_reproducible_and_different_per_epoch():
