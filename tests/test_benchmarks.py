@@ -9,6 +9,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import run as bench_run
@@ -145,3 +146,32 @@ def test_tf_compare_and_gpu_check_run_tiny(tmp_path: Path, capsys: pytest.Captur
     res = json.loads(out.read_text())
     assert res["keras"]["ok"] and res["staging_worked"] and "stream_over_cached" in res["epochs"]
     assert res["bytes_per_nnz"]["coo_host"] > 12
+
+
+def test_tf_split_runs_tiny_and_its_harness_gives_the_streams_batches(tmp_path: Path) -> None:
+    """bench_tf_split end to end at a toy size, and its prebuilt-batch harness (the "tf +
+    build" case) yields what to_dataset yields, so the stages it subtracts are the stream's."""
+    pytest.importorskip("tensorflow")
+    import tensorflow as tf
+
+    import adapters.tensorflow as sstf
+    from benchmarks import bench_tf_split
+    from benchmarks.common import store_with_matrix
+    from sparsestore.loader import DataLoader
+
+    record = bench_tf_split.main(["--rows", "3000", "--rounds", "1", "--out", str(tmp_path)])
+    for per_core in record["result"]["wall_ms"].values():
+        assert set(per_core) == set(bench_tf_split.CASES)
+        assert all(v > 0 for v in per_core.values())
+    assert "| 2 readers |" in (tmp_path / "tf_split.md").read_text()
+
+    store, _, _ = store_with_matrix(tmp_path / "m.zarr", 3000, 500, 10)
+    batches = list(DataLoader(store, 256).iter_batches())
+    harness = bench_tf_split._harness(sstf, tf, DataLoader(store, 256), batches, None)
+    stream = sstf.to_dataset(DataLoader(store, 256))
+    got, want = list(harness), list(stream)
+    assert len(got) == len(want) == len(batches)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a.indices.numpy(), b.indices.numpy())
+        np.testing.assert_array_equal(a.values.numpy(), b.values.numpy())
+        np.testing.assert_array_equal(a.dense_shape.numpy(), b.dense_shape.numpy())
