@@ -43,10 +43,10 @@ from typing import Any
 from .common import (
     BATCH_SIZE,
     coo_parts,
-    dump_json,
     idiom_dataset,
     machine_info,
     rmtree,
+    save_results,
     store_with_matrix,
 )
 
@@ -323,12 +323,7 @@ def main(argv: list[str]) -> dict[str, Any]:
             record["matrices"][name] = bench_matrix(name, shape, Path(tmp), rounds,
                                                     min(rounds, KERAS_ROUNDS[mode]))
     record["seconds_total"] = time.perf_counter() - t0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_json(record, out / "tf_compare.json")
-    md = markdown(record)
-    (out / "tf_compare.md").write_text(md)
-    print(md)
+    save_results(record, markdown(record), args.out, "tf_compare")
     print(f"({record['seconds_total']:.0f} s)")
     return record
 

@@ -41,24 +41,13 @@ from .bench_tf_compare import _graph, set_cores
 from .common import (
     BATCH_SIZE,
     coo_parts,
-    dump_json,
     idiom_dataset,
     machine_info,
+    save_results,
     store_with_matrix,
 )
 
 CASES = ("loader", "tf only", "tf + build", "tf + loader", "stream", "idiom", "2 readers")
-
-
-def _aligned_copy(a: Any) -> Any:
-    """``a`` copied into 64-byte-aligned memory (what TensorFlow takes without copying)."""
-    if not isinstance(a, np.ndarray) or a.ndim == 0:
-        return a
-    buf = np.empty(a.nbytes + 64, np.uint8)
-    off = (-buf.ctypes.data) % 64
-    out = buf[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
 
 
 def _harness(sstf: Any, tf: Any, loader: Any, batches: list[Any] | None,
@@ -108,7 +97,8 @@ def run(rows: int, rounds: int, work: Path) -> dict[str, Any]:
     loader = DataLoader(store, BATCH_SIZE)
     batches = list(DataLoader(store, BATCH_SIZE).iter_batches())
     plan = sstf._Plan.for_loader(loader)
-    parts = [tuple(_aligned_copy(a) for a in plan.wire_parts([b])) for b in batches]
+    # Kept referenced, the pooled (aligned) parts stay out of the pool: reused as they are.
+    parts = [plan.wire_parts([b]) for b in batches]
     half = (X.shape[0] // (2 * BATCH_SIZE)) * BATCH_SIZE
 
     def two_readers() -> Any:
@@ -210,12 +200,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory() as tmp:
         record["result"] = run(args.rows, args.rounds, Path(tmp))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_json(record, out / "tf_split.json")
-    md = markdown(record)
-    (out / "tf_split.md").write_text(md)
-    print(md)
+    save_results(record, markdown(record), args.out, "tf_split")
     return record
 
 
