@@ -12,6 +12,9 @@ its own once nothing refers to the array (or any view of it) any more, so caller
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 import threading
 import weakref
@@ -132,4 +135,30 @@ class BufferPool:
             return self._idle
 
 
-__all__ = ["ALIGN", "BufferPool", "size_class"]
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows)."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (AttributeError, OSError):
+        return None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_free_heap() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim(0)``, as dask's
+    workers do); a no-op without glibc.  Returns whether memory was released.
+
+    Called at the end of every loader pass: buffers that threads free into other threads'
+    malloc arenas otherwise stay resident, and a process's RSS crept up pass after pass
+    (``benchmarks/results/memory.md``).  It frees nothing in use and takes under a
+    millisecond.
+    """
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
+
+
+__all__ = ["ALIGN", "BufferPool", "release_free_heap", "size_class"]

@@ -18,7 +18,7 @@ import numpy as np
 
 from .backends import Backend, get_backend
 from .batch import Batch
-from .buffers import BufferPool
+from .buffers import BufferPool, release_free_heap
 from .chunks import read_slice
 from .errors import InvalidInputError, LabelError
 from .indexing import normalize_rows
@@ -380,7 +380,8 @@ class DataLoader:
                 self._consumed += 1
                 yield batch
         finally:
-            gen.close()
+            gen.close()  # joins the pass's threads
+            release_free_heap()
         self._epoch = epoch + 1
         self._consumed = 0
 
