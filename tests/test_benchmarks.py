@@ -175,3 +175,22 @@ def test_tf_split_runs_tiny_and_its_harness_gives_the_streams_batches(tmp_path: 
         np.testing.assert_array_equal(a.indices.numpy(), b.indices.numpy())
         np.testing.assert_array_equal(a.values.numpy(), b.values.numpy())
         np.testing.assert_array_equal(a.dense_shape.numpy(), b.dense_shape.numpy())
+
+
+def test_memory_bench_streams_whole_passes_in_fresh_processes(tmp_path: Path) -> None:
+    """bench_memory at a toy size: every pass of each child streams the whole store (its
+    batch count is the loader's), and the report lists each size and mode."""
+    pytest.importorskip("tensorflow")
+    from benchmarks import bench_memory
+
+    record = bench_memory.main(["--rows", "2500,5000", "--passes", "2", "--every", "2",
+                                "--out", str(tmp_path)])
+    for mode in bench_memory.MODES:
+        for rows in (2500, 5000):
+            got = record["result"][mode][str(rows)]
+            assert got["rows"] == rows
+            assert got["batches_per_pass"] == -(-rows // 1024)
+            assert len(got["peak_growth_mib"]) == len(got["trace_mib"]) == 2
+            assert all(len(t) == -(-got["batches_per_pass"] // 2) for t in got["trace_mib"])
+    md = (tmp_path / "memory.md").read_text()
+    assert "| tf | 5,000 |" in md and "| loader | 2,500 |" in md

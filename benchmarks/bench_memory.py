@@ -1,0 +1,180 @@
+"""Does memory stay flat as the matrix grows and as passes go by?  RSS over many passes.
+
+For each matrix size (the synthetic ~100 nnz/row matrix, 30,000 columns) a store is
+written, then a fresh subprocess streams it for several passes and samples its RSS:
+
+* ``tf``: ``to_dataset(DataLoader(store, 1024))`` iterated eagerly (what ``model.fit``
+  pulls, one ``SparseTensor`` at a time);
+* ``loader``: ``DataLoader(store, 1024).iter_batches()`` (the loader's own working set).
+
+The baseline RSS is taken after the first batch of a first iterator (imports, TensorFlow's
+runtime and the traced functions are then in place: a one-off cost of the process, not of
+the matrix).  Reported per pass: the peak RSS above that baseline (sampled every 5 ms by a
+thread) and a trace every ``--every`` batches.  Flat memory means the peaks neither grow
+with the matrix nor drift up pass after pass::
+
+    python -m benchmarks.bench_memory [--rows 200000,800000] [--passes 12] [--out DIR]
+
+writes ``memory.json`` and ``memory.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .common import (
+    BATCH_SIZE,
+    MiB,
+    RssSampler,
+    machine_info,
+    matrix_blocks,
+    rmtree,
+    rss_bytes,
+    save_results,
+)
+
+N_COLS, NNZ_PER_ROW = 30_000, 100
+MODES = ("tf", "loader")
+
+
+def _child(path: str, mode: str, passes: int, every: int) -> dict[str, Any]:
+    """Runs in the subprocess: ``passes`` passes of ``mode`` over the store at ``path``."""
+    import sparsestore
+    from sparsestore.loader import DataLoader
+
+    store = sparsestore.open(path)
+    if mode == "tf":
+        import adapters.tensorflow as sstf
+
+        ds = sstf.to_dataset(DataLoader(store, BATCH_SIZE))
+
+        def new_pass() -> Any:
+            return iter(ds)
+    else:
+        loader = DataLoader(store, BATCH_SIZE)
+
+        def new_pass() -> Any:
+            return loader.iter_batches()
+
+    warm = new_pass()
+    next(warm)
+    del warm
+    gc.collect()
+    base = rss_bytes()
+    peaks, traces, batches = [], [], 0
+    for _ in range(passes):
+        trace = []
+        with RssSampler() as rss:
+            rss.start_rss = base  # growth over the warm baseline, not over this pass's start
+            for i, _batch in enumerate(new_pass()):
+                if i % every == 0:
+                    trace.append(round((rss_bytes() - base) / MiB, 1))
+                batches = i + 1
+        peaks.append(round(rss.growth / MiB, 1))
+        traces.append(trace)
+    return {"rows": store.n_rows, "nnz": store.nnz, "batches_per_pass": batches,
+            "warm_rss_mib": round(base / MiB, 1), "peak_growth_mib": peaks,
+            "trace_mib": traces, "every": every}
+
+
+def run(sizes: list[int], passes: int, every: int, modes: list[str],
+        work: Path) -> dict[str, Any]:
+    import sparsestore
+
+    out: dict[str, Any] = {mode: {} for mode in modes}
+    for rows in sizes:
+        path = work / f"m{rows}.zarr"
+        sparsestore.write_blocks(path, matrix_blocks(rows, N_COLS, NNZ_PER_ROW),
+                                 n_cols=N_COLS, dtype=np.float32, overwrite=True)
+        for mode in modes:
+            cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--child", str(path),
+                   "--mode", mode, "--passes", str(passes), "--every", str(every)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                                  cwd=Path(__file__).resolve().parent.parent)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+            out[mode][str(rows)] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"{mode} {rows:,} rows: peaks {out[mode][str(rows)]['peak_growth_mib']}",
+                  flush=True)
+        rmtree(path)
+    return out
+
+
+def markdown(record: dict[str, Any]) -> str:
+    m, r = record["machine"], record["result"]
+    lines = [
+        "# RSS over many passes, at two matrix sizes (issue 17: RSS flatness)",
+        "",
+        f"Reproduce: `{record['command']}`",
+        "",
+        f"{m['cpu']}, {m['cores']} usable cores, commit {m['commit']}.  Synthetic matrix, "
+        f"{N_COLS:,} columns, ~{NNZ_PER_ROW} nnz/row, float32, batch {BATCH_SIZE}; each "
+        "size and mode in a fresh subprocess.  Growth is RSS above the process's RSS after "
+        "the first batch of a first iterator (imports, TensorFlow's runtime, traced "
+        "functions: paid once per process), peak sampled every 5 ms.",
+        "",
+        "| mode | rows | nnz | batches/pass | warm RSS MiB | peak growth per pass, MiB | "
+        "max of first half / max of second half |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode, per_size in r.items():
+        for rows, s in per_size.items():
+            p = s["peak_growth_mib"]
+            half = max(1, len(p) // 2)
+            lines.append(
+                f"| {mode} | {int(rows):,} | {s['nnz']:,} | {s['batches_per_pass']} | "
+                f"{s['warm_rss_mib']:.0f} | {' '.join(f'{v:.0f}' for v in p)} | "
+                f"{max(p[:half]):.0f} / {max(p[half:] or p):.0f} |")
+    lines += ["", f"Trace of the largest size's passes (MiB above warm, every "
+                  f"{next(iter(next(iter(r.values())).values()))['every']} batches):", ""]
+    for mode, per_size in r.items():
+        rows, s = max(per_size.items(), key=lambda kv: int(kv[0]))
+        for i, t in enumerate(s["trace_mib"]):
+            lines.append(f"- {mode}, {int(rows):,} rows, pass {i}: "
+                         + " ".join(f"{v:.0f}" for v in t))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_memory",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default="200000,800000", help="comma-separated row counts")
+    p.add_argument("--passes", type=int, default=12)
+    p.add_argument("--every", type=int, default=100, help="trace RSS every N batches")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.child:
+        res = _child(args.child, args.mode, args.passes, args.every)
+        print(json.dumps(res))
+        return res
+    sizes = [int(s) for s in args.rows.split(",")]
+    modes = [s for s in args.modes.split(",") if s]
+    options = {"--rows": (args.rows, "200000,800000"), "--passes": (args.passes, 12),
+               "--every": (args.every, 100), "--modes": (args.modes, ",".join(MODES))}
+    record: dict[str, Any] = {
+        "command": " ".join(["python -m benchmarks.bench_memory", *(
+            f"{k} {v}" for k, (v, default) in options.items() if v != default)]),
+        "machine": machine_info(),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        record["result"] = run(sizes, args.passes, args.every, modes, Path(tmp))
+    save_results(record, markdown(record), args.out, "memory")
+    return record
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
