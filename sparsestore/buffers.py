@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import os
 import threading
 import weakref
 from collections import OrderedDict, deque
@@ -148,17 +149,45 @@ def _malloc_trim() -> Any:
     return trim
 
 
-def release_free_heap() -> bool:
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+#: Trim again once RSS has grown by this much (or an eighth) since the last trim.
+TRIM_GROWTH = 32 * 2**20
+_trim_lock = threading.Lock()
+_rss_after_trim: int | None = None
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident memory from ``/proc/self/statm``, or None where unreadable."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def release_free_heap(force: bool = False) -> bool:
     """Hand the C heap's free pages back to the OS (glibc ``malloc_trim(0)``, as dask's
-    workers do); a no-op without glibc.  Returns whether memory was released.
+    workers do) if this process's RSS grew by ``TRIM_GROWTH`` (or an eighth) since the last
+    time, or ``force``; a no-op without glibc.  Returns whether it trimmed.
 
     Called at the end of every loader pass: buffers that threads free into other threads'
-    malloc arenas otherwise stay resident, and a process's RSS crept up pass after pass
-    (``benchmarks/results/memory.md``).  It frees nothing in use and takes under a
-    millisecond.
+    malloc arenas otherwise stay resident, and a loader process's RSS crept up pass after
+    pass (``benchmarks/results/memory.md``).  Not every pass: memory handed back is faulted
+    in again by the next pass, which slowed shuffled passes of a plain loader.
     """
+    global _rss_after_trim
     trim = _malloc_trim()
-    return bool(trim(0)) if trim is not None else False
+    if trim is None:
+        return False
+    with _trim_lock:
+        last, now = _rss_after_trim, _rss_bytes()
+        if not force and last is not None and now is not None and (
+            now - last < max(TRIM_GROWTH, last // 8)
+        ):
+            return False
+        trim(0)
+        _rss_after_trim = _rss_bytes()
+        return True
 
 
 __all__ = ["ALIGN", "BufferPool", "release_free_heap", "size_class"]

@@ -291,3 +291,26 @@ def test_each_pass_releases_free_heap_once_after_its_threads_end(tmp_path, monke
                 batches.close()
                 break
     assert calls == [[], []]
+
+
+def test_release_free_heap_trims_first_then_only_after_rss_grew(monkeypatch):
+    """The first call trims; later ones only once RSS has grown by TRIM_GROWTH (or an
+    eighth) since the last trim, or when forced: trimming every pass made the next pass
+    fault its memory back in."""
+    from sparsestore import buffers
+
+    rss = [400 * 2**20]
+    trims = []
+    monkeypatch.setattr(buffers, "_malloc_trim", lambda: trims.append)
+    monkeypatch.setattr(buffers, "_rss_bytes", lambda: rss[0])
+    monkeypatch.setattr(buffers, "_rss_after_trim", None)
+    margin = max(buffers.TRIM_GROWTH, rss[0] // 8)  # 50 MiB over 400
+    assert buffers.release_free_heap() and len(trims) == 1
+    rss[0] += margin - 1
+    assert not buffers.release_free_heap() and len(trims) == 1
+    assert buffers.release_free_heap(force=True) and len(trims) == 2  # baseline moves up
+    margin = max(buffers.TRIM_GROWTH, rss[0] // 8)
+    rss[0] += margin - 1
+    assert not buffers.release_free_heap()
+    rss[0] += 1
+    assert buffers.release_free_heap() and trims == [0, 0, 0]
