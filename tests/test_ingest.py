@@ -170,8 +170,14 @@ def test_npz_shards_ahead_of_the_writer_are_bounded(tmp_path, lookahead, workers
         src = npz_source(paths, workers=workers, executor=ex, lookahead_bytes=lookahead)
         got, ahead = [], []
         for block, _ in src.blocks():
-            time.sleep(0.02)  # a slow writer: the reader runs into its bounds
             got.append(block)
+            # A slow writer: wait until the reader has run into its bound (or submitted
+            # every shard), then a little longer so that running past it would show.
+            deadline = time.monotonic() + 5
+            while (ex.submitted - len(got) < most and ex.submitted < len(mats)
+                   and time.monotonic() < deadline):
+                time.sleep(0.002)
+            time.sleep(0.02)
             ahead.append(ex.submitted - len(got))  # submitted beyond those written
     assert (sp.vstack(got) != sp.vstack(mats)).nnz == 0
     assert max(ahead) == most
@@ -467,7 +473,15 @@ def test_npz_reader_bounds_the_bytes_ahead_of_the_writer(tmp_path):
     for i, (kind, (unit, _)) in loader:
         assert kind == "unit"
         order.append(i)
-        time.sleep(0.002)  # a slow writer: the workers run into the budget
+        # A slow writer: wait until the workers have filled half the budget (or started
+        # every shard), then a little longer so that running past it would show.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with loader.cv:
+                if loader.ahead > budget // 2 or loader.next >= loader.n:
+                    break
+            time.sleep(0.001)
+        time.sleep(0.002)
         with loader.cv:
             most = max(most, loader.ahead)
         units.append(unit)
