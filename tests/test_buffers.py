@@ -252,8 +252,7 @@ kept = []
 def work():  # 100 MiB in a thread's arena, all freed but the last block (the heap's top)
     arrs = [np.ones(256 << 10, np.uint8) for _ in range(400)]
     kept.append(arrs.pop())
-threading.Thread(target=work).start()
-import time; time.sleep(0.5)
+t = threading.Thread(target=work); t.start(); t.join()
 before = rss(); released = release_free_heap(); after = rss()
 print(before, after, released)
 """
