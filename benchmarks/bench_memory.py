@@ -38,6 +38,7 @@ from .common import (
     RssSampler,
     machine_info,
     matrix_blocks,
+    reproduce_command,
     rmtree,
     rss_bytes,
     save_results,
@@ -163,11 +164,9 @@ def main(argv: list[str]) -> dict[str, Any]:
         return res
     sizes = [int(s) for s in args.rows.split(",")]
     modes = [s for s in args.modes.split(",") if s]
-    options = {"--rows": (args.rows, "200000,800000"), "--passes": (args.passes, 12),
-               "--every": (args.every, 100), "--modes": (args.modes, ",".join(MODES))}
     record: dict[str, Any] = {
-        "command": " ".join(["python -m benchmarks.bench_memory", *(
-            f"{k} {v}" for k, (v, default) in options.items() if v != default)]),
+        "command": reproduce_command("benchmarks.bench_memory", p, args,
+                                     ("rows", "passes", "every", "modes")),
         "machine": machine_info(),
     }
     with tempfile.TemporaryDirectory() as tmp:

@@ -43,6 +43,7 @@ from .common import (
     coo_parts,
     idiom_dataset,
     machine_info,
+    reproduce_command,
     save_results,
     store_with_matrix,
 )
@@ -193,9 +194,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     record: dict[str, Any] = {
-        "command": "python -m benchmarks.bench_tf_split"
-                   + ("" if args.rows == 200_000 else f" --rows {args.rows}")
-                   + ("" if args.rounds == 7 else f" --rounds {args.rounds}"),
+        "command": reproduce_command("benchmarks.bench_tf_split", p, args, ("rows", "rounds")),
         "machine": machine_info(),
     }
     with tempfile.TemporaryDirectory() as tmp:

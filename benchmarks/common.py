@@ -399,6 +399,14 @@ def dump_json(obj: Any, path: str | Path) -> None:
     Path(path).write_text(json.dumps(obj, indent=1, default=_json_default))
 
 
+def reproduce_command(module: str, parser: Any, args: Any, options: Iterable[str]) -> str:
+    """``python -m module`` with each of ``options`` (argparse ``dest`` names) that differs
+    from ``parser``'s default, so a result file says exactly how it was made."""
+    given = [f"--{name} {getattr(args, name)}" for name in options
+             if getattr(args, name) != parser.get_default(name)]
+    return " ".join([f"python -m {module}", *given])
+
+
 def save_results(record: dict[str, Any], md: str, out: str | Path, stem: str) -> None:
     """Write ``record`` as ``<stem>.json`` and ``md`` as ``<stem>.md`` into ``out``, and
     print the markdown."""
