@@ -7,7 +7,8 @@ where glibc's dynamic mmap threshold is off (TensorFlow's ``from_generator`` set
 ``mmap``).  Measured on 2 cores, those faults cost about half the CPU time of streaming a
 store into TensorFlow.  :class:`BufferPool` hands out arrays over memory it takes back on
 its own once nothing refers to the array (or any view of it) any more, so callers never
-"give back" and a batch a user keeps stays valid.
+"give back" and a batch a user keeps stays valid.  :func:`release_free_heap` hands the
+C heap's free pages back to the OS between passes.
 """
 
 from __future__ import annotations
