@@ -21,6 +21,13 @@ def normalize_rows(key: Any, n: int, axis: str = "row") -> int | slice | np.ndar
     positions outside ``[-n, n)`` and :class:`InvalidInputError` for unusable keys.
     """
     if isinstance(key, slice):
+        try:
+            key.indices(n)  # numpy's checks: integer bounds (TypeError), a non-zero step
+        except ValueError:
+            raise InvalidInputError(
+                f"slice step cannot be zero in {axis} index {key}; use a positive step, or "
+                "a negative one to go backwards"
+            ) from None
         return key
     if isinstance(key, (bool, np.bool_)):
         raise InvalidInputError(f"a bare boolean is not a valid {axis} index; use a mask array")
