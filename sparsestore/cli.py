@@ -182,7 +182,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.plot:
         from .plot import plot_store
 
-        info["plot"] = plot_store(store, args.plot, progress=_progress_flag(args))
+        try:
+            info["plot"] = plot_store(store, args.plot, progress=_progress_flag(args))
+        except ImportError as exc:  # matplotlib, an optional extra; the message names it
+            raise SparseStoreError(str(exc)) from None
     if args.json:
         print(json.dumps(_json_safe(info), indent=2))
         return 0

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .chunks import ChunkCache
+from .errors import InvalidInputError
 from .progress import make_bar
 
 __all__ = ["plot_store", "store_profile"]
@@ -68,14 +69,40 @@ def _bin_sizes(n: int, bins: int) -> np.ndarray:
     return np.diff(-(-k * n // bins))
 
 
+def _check_picture_path(out: str) -> None:
+    """Refuse a file name matplotlib cannot draw to, before the store is streamed."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    ext = os.path.splitext(os.fspath(out))[1][1:].lower()
+    if ext and ext not in formats:
+        raise InvalidInputError(
+            f"unknown picture format {ext!r} for the plot {os.fspath(out)!r}: name it "
+            f".png, .pdf or .svg (all that matplotlib writes: "
+            f"{', '.join('.' + f for f in sorted(formats))})"
+        )
+
+
 def plot_store(store: Any, out: str, *, grid: int = 256, progress: Any = None) -> str:
-    """Write a PNG with the nnz-per-row histogram and a density map of ``store``."""
-    import matplotlib
+    """Write a picture (format from ``out``'s suffix, PNG without one) with the nnz-per-row
+    histogram and a density map of ``store``.
+
+    Raises :class:`ImportError` naming the extra to install when matplotlib is missing and
+    :class:`~sparsestore.errors.InvalidInputError` for a suffix matplotlib cannot write.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(
+            "plots need matplotlib, an optional extra: pip install 'sparsestore[plot]'",
+            name="matplotlib",
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
+    _check_picture_path(out)
     n, m = store.shape
     lengths, counts = store_profile(store, grid=grid, progress=progress)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))

@@ -203,3 +203,66 @@ def test_console_script_subprocess(shards):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 1
     assert r.stderr.startswith("sparsestore: error: ") and "Traceback" not in r.stderr
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sparsestore: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["out.zarr", "plot.xyz", "PLOT.Zarr"])
+def test_info_plot_to_an_unknown_picture_format_is_one_line(shards, capsys, monkeypatch, name):
+    root, X = shards
+    dst = root / "p.zarr"
+    sparsestore.save(dst, X)
+
+    def no_profile(*args, **kwargs):
+        raise AssertionError("the store was streamed before the plot path was checked")
+
+    monkeypatch.setattr(sparsestore.plot, "store_profile", no_profile)
+    assert main(["info", str(dst), "--plot", str(root / name), "--quiet"]) == 1
+    line = _one_error_line(capsys)
+    assert "picture format" in line and ".png" in line and ".svg" in line
+    assert name in line
+    assert not (root / name).exists()
+
+
+def test_info_plot_to_an_unwritable_path_is_one_line(shards, capsys):
+    root, X = shards
+    dst = root / "p.zarr"
+    sparsestore.save(dst, X)
+    assert main(["info", str(dst), "--plot", str(root / "nodir" / "p.png"), "-q"]) == 1
+    assert "nodir" in _one_error_line(capsys)
+
+
+def test_info_plot_without_matplotlib_names_the_extra(shards, capsys, monkeypatch):
+    root, X = shards
+    dst = root / "p.zarr"
+    sparsestore.save(dst, X)
+    for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, mod, None)  # import matplotlib now fails
+    assert main(["info", str(dst), "--plot", str(root / "p.png"), "--quiet"]) == 1
+    line = _one_error_line(capsys)
+    assert "matplotlib" in line and "pip install 'sparsestore[plot]'" in line
+    assert not (root / "p.png").exists()
+
+
+def test_python_dash_m_runs_the_command(shards):
+    root, X = shards
+    dst = root / "m.zarr"
+    sparsestore.save(dst, X)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "sparsestore", "info", str(dst), "--json"],
+                       capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["shape"] == [1200, 60]
+    r = subprocess.run([sys.executable, "-m", "sparsestore", "info", str(root / "none.zarr")],
+                       capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.startswith("sparsestore: error: ") and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "sparsestore", "--version"],
+                       capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("sparsestore ")
