@@ -290,7 +290,7 @@ def test_a_damaged_chunk_fails_the_pass_with_its_name(small_store, where):
     raw[len(raw) // 2] ^= 0x5A
     victim.write_bytes(bytes(raw))
     ds = sstf.to_dataset(sparsestore.DataLoader(sparsestore.open(store.path), batch_size=64))
-    with pytest.raises(tf.errors.OpError, match=rf"ChecksumError.*chunk {victim.name}\b"):
+    with pytest.raises(sparsestore.errors.ChecksumError, match=rf"chunk {victim.name}\b"):
         for _ in ds:
             pass
     # TensorFlow calling on after the error (ignore_errors) ends the pass: no hang, and
@@ -603,3 +603,97 @@ def test_keras_example_main_runs(load_example, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "rows/s" in out and "M nnz/s" in out and "peak RSS" in out
     assert sparsestore.open(tmp_path / "train.zarr").shape == (3000, 200)
+
+
+# ------------------------------------------------------------------ store errors through TF
+
+
+def damage(store, how: str) -> Path:
+    """Flip a byte in (or delete) a chunk file of ``data`` in the middle of the store."""
+    base = Path(store.path) / "data" / "c"
+    files = sorted((p for p in base.rglob("*") if p.is_file()), key=lambda p: int(p.name))
+    victim = files[len(files) // 2]
+    if how == "flip":
+        raw = bytearray(victim.read_bytes())
+        raw[len(raw) // 2] ^= 0x5A
+        victim.write_bytes(bytes(raw))
+    else:
+        victim.unlink()
+    return victim
+
+
+def loader_error(path, **kw) -> SparseStoreError:
+    """The oracle: what the loader itself raises on the damaged store, without TensorFlow."""
+    with pytest.raises(SparseStoreError) as info:
+        for _ in sparsestore.DataLoader(sparsestore.open(path), **kw).iter_batches():
+            pass
+    return info.value
+
+
+@pytest.mark.parametrize("how", ["flip", "delete"])
+@pytest.mark.parametrize("expand,bs", [("host", 64), ("host", 3), ("graph", 64)])
+def test_store_errors_reach_eager_iteration_as_themselves(small_store, how, expand, bs):
+    """Iterating the dataset raises the store's own error class (TensorFlow's as its cause),
+    so ``except ChecksumError`` / ``except SparseStoreError`` work around a TF loop."""
+    store, _, _ = small_store
+    victim = damage(store, how)
+    want = loader_error(store.path, batch_size=bs)
+    assert type(want).__name__ == ("ChecksumError" if how == "flip" else "MissingChunkError")
+    ds = sstf.to_dataset(sparsestore.DataLoader(sparsestore.open(store.path), batch_size=bs),
+                         expand=expand)
+    with pytest.raises(type(want)) as info:
+        for _ in ds:
+            pass
+    assert type(info.value) is type(want)
+    assert str(info.value) == str(want) and victim.name in str(info.value)
+    assert isinstance(info.value.__cause__, tf.errors.OpError)
+    assert sstf.unwrap_error(info.value.__cause__) is info.value
+
+
+def test_unwrap_error_gives_back_store_errors_raised_in_graph(small_store):
+    """Where TensorFlow raises its own error (in-graph ``reduce``, a dataset mapped further),
+    ``unwrap_error`` returns the store's exception; other errors give None."""
+    store, _, _ = small_store
+    damage(store, "flip")
+    want = loader_error(store.path, batch_size=64)
+
+    def dataset():
+        return sstf.to_dataset(sparsestore.DataLoader(sparsestore.open(store.path),
+                                                      batch_size=64, labels="y"))
+
+    with pytest.raises(tf.errors.OpError) as info:
+        dataset().reduce(np.int64(0), lambda acc, el: acc + tf.size(el[1], tf.int64))
+    got = sstf.unwrap_error(info.value)
+    assert type(got) is type(want) and str(got) == str(want)
+    with pytest.raises(tf.errors.OpError) as info:
+        for _ in dataset().map(lambda x, y: y):
+            pass
+    got = sstf.unwrap_error(info.value)
+    assert type(got) is type(want) and str(got) == str(want)
+    assert sstf.unwrap_error(tf.errors.UnknownError(None, None, "not from a store")) is None
+    assert sstf.unwrap_error(ValueError("plain")) is None
+
+
+def test_a_failed_build_is_not_taken_for_a_store_error(small_store, monkeypatch):
+    store, _, _ = small_store
+
+    def broken(self, batches):
+        raise ValueError("simulated build failure")
+
+    monkeypatch.setattr(sstf._Plan, "wire_parts", broken)
+    with pytest.raises(tf.errors.OpError, match="simulated build failure") as info:
+        list(sstf.to_dataset(sparsestore.DataLoader(store, batch_size=64)))
+    assert sstf.unwrap_error(info.value) is None
+
+
+def test_unwrap_error_after_keras_fit_on_a_damaged_store(load_example, tmp_path):
+    kt = load_example("keras_train")
+    store = kt.build_store(tmp_path / "k.zarr", n_rows=3000, n_cols=100, density=0.05, seed=1)
+    damage(store, "flip")
+    train_ds, _, _ = kt.make_datasets(sparsestore.open(store.path), batch_size=128, seed=1)
+    model = kt.build_model(store.n_cols, hidden=8, seed=1)
+    with pytest.raises(Exception) as info:  # noqa: B017 - Keras decides the class; see below
+        model.fit(train_ds, epochs=1, shuffle=False, verbose=0)
+    assert not isinstance(info.value, SparseStoreError)  # TensorFlow's own, in graph
+    got = sstf.unwrap_error(info.value)
+    assert isinstance(got, sparsestore.errors.ChecksumError)
