@@ -18,6 +18,7 @@ from . import storage
 from .blocks import entry_bounds
 from .chunks import ChunkCache, read_slice
 from .errors import CorruptStoreError, NotAStoreError, SparseStoreError
+from .integrity import check_chunk_size
 from .layout import LABELS_GROUP, MAX_DIM, META_KEY, check_codecs, check_value_dtype
 from .store import SparseStore, open_group
 
@@ -385,6 +386,7 @@ def _raw_checks(
                 continue
             check_value_dtype(arr.dtype)
             check_codecs(arr, name, report.path)
+            check_chunk_size(arr, name, report.path)
         except SparseStoreError as exc:
             report.add(f"array {name!r}: {exc}")
             continue
