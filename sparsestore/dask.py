@@ -28,7 +28,7 @@ from dask.highlevelgraph import HighLevelGraph
 from .chunks import ChunkDecoder, read_slice
 from .dask_blocks import CSCBlock, CSRBlock, as_blocks
 from .errors import CorruptStoreError, InvalidInputError, ShapeMismatchError, StoreChangedError
-from .integrity import check_row_pointers
+from .integrity import check_column_indices, check_row_pointers
 from .layout import DENSE_ARRAY
 
 __all__ = ["CSCBlock", "CSRBlock", "as_blocks", "from_dask", "to_dask"]
@@ -150,9 +150,10 @@ def _join(j: int, lo: int, hi: int, spans: tuple, *parts: tuple[np.ndarray, ...]
 
 def _csr_block(
     n_cols: int, r0: int, r1: int, ptr_spans: tuple, ptr_parts: list, data: np.ndarray,
-    indices: np.ndarray,
+    indices: np.ndarray, where: str = "a dask block", chunk: int = 0,
 ) -> CSRBlock:
-    """Rows ``[r0, r1 - 1)`` as a CSR block: ``indptr`` entries ``[r0, r1)`` from its chunks."""
+    """Rows ``[r0, r1 - 1)`` as a CSR block: ``indptr`` entries ``[r0, r1)`` from its chunks
+    (``where``: the store's path, ``chunk``: its indices chunk length, for errors)."""
     parts = []
     for (a, b), p in zip(ptr_spans, ptr_parts, strict=True):
         lo, hi = max(r0, a), min(r1, b)
@@ -161,6 +162,7 @@ def _csr_block(
     if ptr.size > 1 and (np.diff(ptr) < 0).any() or int(ptr[-1] - ptr[0]) != data.size:
         check_row_pointers(ptr, int(ptr[0]) + data.size, "indptr of a dask block", r0)
         raise CorruptStoreError(f"rows {r0}:{r1 - 1}: indptr does not match the values read")
+    check_column_indices(indices, ptr, n_cols, where, r0, chunk=chunk)
     # Rebased in a fresh array of the indices' dtype (what scipy would convert it to).
     dt = indices.dtype if indices.dtype.kind == "i" else np.dtype(np.int64)
     if int(ptr[-1] - ptr[0]) > np.iinfo(dt).max:
@@ -337,7 +339,7 @@ def _sparse_graph(
             data = (np.empty, 0, store.dtype.str)
             indices = (np.empty, 0, idx_dtype)
         ps, pk = ptr[i]
-        dsk[(name, i, 0)] = (_csr_block, m, r0, r1, ps, pk, data, indices)
+        dsk[(name, i, 0)] = (_csr_block, m, r0, r1, ps, pk, data, indices, store.path, ci)
 
 
 # ------------------------------------------------------------------ from_dask

@@ -36,6 +36,7 @@ from .errors import (
     MissingChunkError,
     StoreChangedError,
 )
+from .kernels import index_scan
 from .zarr_compat import (
     OffsetByteRequest,
     RangeByteRequest,
@@ -666,3 +667,46 @@ def check_row_pointers(ptr: np.ndarray, nnz: int, where: str, first_row: int = 0
             f"got {ptr[:4].tolist()}...); restore the store from a copy"
         )
     return ptr
+
+
+def check_column_indices(indices: np.ndarray, ptr: np.ndarray, n_cols: int, where: str,
+                         first_row: int = 0, row_of: np.ndarray | None = None,
+                         chunk: int = 0) -> None:
+    """Refuse column indices outside ``[0, n_cols)`` or not strictly increasing in a row.
+
+    The first make scipy read out of bounds and JAX drop entries; the second (unsorted or
+    duplicated) break what every reader trusts: scipy's canonical flag, torch's coalesced
+    COO, JAX's sorted BCOO, TensorFlow's row-major order.  One fused pass over the indices
+    just read (:func:`~sparsestore.kernels.index_scan`).  ``ptr`` holds the rows' pointers
+    (int64), ``ptr[0]`` at ``indices[0]``; rows are ``first_row + i``, or ``row_of[i]``.
+    With ``chunk`` (the indices array's chunk length) ``ptr`` holds the store's positions,
+    and the message names the indices chunk.
+    """
+    if indices.size == 0:
+        return
+    ptr = np.asarray(ptr, dtype=np.int64)
+    lo, hi, descents = index_scan(indices, ptr)
+    if lo >= 0 and hi < n_cols and descents == 0:
+        return
+    # Rare: find the first bad entry, and what is wrong with it.
+    local = ptr - ptr[0]
+    ind = indices.astype(np.int64, copy=False)
+    out = np.flatnonzero((ind < 0) | (ind >= n_cols))
+    starts = np.zeros(ind.size, dtype=bool)
+    starts[local[:-1][local[:-1] < ind.size]] = True
+    down = np.flatnonzero((ind[1:] <= ind[:-1]) & ~starts[1:]) + 1
+    j = min(int(out[0]) if out.size else ind.size, int(down[0]) if down.size else ind.size)
+    i = int(np.searchsorted(local, j, side="right")) - 1
+    row = int(row_of[i]) if row_of is not None else first_row + i
+    place = f" (indices chunk {(int(ptr[0]) + j) // chunk})" if chunk else ""
+    if out.size and int(out[0]) == j:
+        what = f"has column index {int(ind[j])}, outside [0, {n_cols})"
+    else:
+        what = (f"has column indices that are not strictly increasing ({int(ind[j - 1])} "
+                f"then {int(ind[j])}: unsorted or duplicated)")
+    raise CorruptStoreError(
+        f"{where}: row {row} {what}{place}; the store is damaged or was written with bad "
+        "column indices (by another tool): restore it from a copy, or rewrite it from its "
+        "source (sparsestore.convert sorts and sums an anndata matrix's indices); "
+        "`sparsestore validate` lists every bad row"
+    )

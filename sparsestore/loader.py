@@ -9,6 +9,7 @@ turns each compact :class:`Batch` into what the framework wants: scipy CSR for `
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
@@ -319,7 +320,47 @@ class DataLoader:
             "world_size": self._world_size,
             "num_rows": self._rank_rows if not self._is_explicit else None,
             "batches_per_epoch": len(self),
+            "plan": self._plan_record(),
         }
+
+    def _plan_record(self) -> dict[str, Any] | None:
+        """What a shuffled epoch's order depends on beyond the seed and epoch: the blocks
+        (in the rows' positions; a store saved with another chunk size, or block options,
+        cut others) and the shuffle buffer.  Rank-independent, so one rank's checkpoint
+        resumes every rank.  ``None`` when the order is the rows' own (unshuffled, or a
+        torch-style sampler): any blocks then serve the same rows in the same order."""
+        if self._is_explicit or not self._shuffle:
+            return None
+        bs = self._sampler_for_blocks()
+        h = hashlib.sha256()
+        h.update(bs.starts.astype("<i8").tobytes())
+        h.update(bs.ends.astype("<i8").tobytes())
+        return {"blocks": bs.n_blocks, "blocks_digest": h.hexdigest()[:32],
+                "shuffle_buffer_blocks": self._buffer_blocks}
+
+    def _check_plan(self, saved: Any) -> None:
+        """Refuse a state whose epoch was planned over other blocks or another buffer: its
+        ``batches_consumed`` would point into another order (rows served twice, others never)."""
+        mine = self._plan_record()
+        if saved == mine:
+            return
+        if not isinstance(saved, dict):
+            raise InvalidInputError(f"not a DataLoader state: bad 'plan' entry {saved!r}")
+        if mine is not None and saved.get("shuffle_buffer_blocks") != self._buffer_blocks:
+            raise InvalidInputError(
+                f"state was saved with shuffle_buffer_blocks={saved.get('shuffle_buffer_blocks')!r}"
+                f" but this loader has {self._buffer_blocks}; build the loader with the same "
+                "settings"
+            )
+        cuts = "no" if mine is None else f"{mine['blocks']} (other)"
+        raise InvalidInputError(
+            f"state was saved for a shuffled epoch over {saved.get('blocks')!r} row blocks, "
+            f"this loader cuts {cuts} blocks: the store was saved again with another chunk "
+            "size (or rows were appended, or block_rows/block_chunks changed), so the epoch's "
+            "order differs and resuming would serve some rows twice and skip others; resume "
+            "over the store the state was saved on, with the same loader settings, or start "
+            "the epoch afresh"
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`: the next pass yields exactly the remaining batches."""
@@ -338,6 +379,8 @@ class DataLoader:
                 f"state was saved for {state.get('num_rows')} rows per rank, this loader has "
                 f"{self._rank_rows}: the store or the row subset changed"
             )
+        if "plan" in state:  # states saved before it was recorded carry nothing to check
+            self._check_plan(state["plan"])
         epoch = _check_int(state.get("epoch"), "epoch", 0)
         self._seed = _check_int(state.get("seed"), "seed", 0)
         self._block_sampler = None  # re-plan with the restored seed

@@ -28,7 +28,13 @@ from .errors import (
     StoreNotFoundError,
 )
 from .indexing import normalize_rows, split_key
-from .integrity import Manifest, VerifiedStore, check_chunk_size, check_row_pointers
+from .integrity import (
+    Manifest,
+    VerifiedStore,
+    check_chunk_size,
+    check_column_indices,
+    check_row_pointers,
+)
 from .labels import LabelArray, Labels
 from .layout import (
     DENSE_ARRAY,
@@ -347,6 +353,8 @@ class SparseStore:
         else:
             vals = caches[0].read(lo, hi, self._nnz)
             ind = caches[1].read(lo, hi, self._nnz)
+        check_column_indices(ind, ptr, self.n_cols, self.path, start,
+                             chunk=int(self._indices.chunks[0]))
         return vals, ind, ptr - lo
 
     def read_dense(self, start: int, stop: int) -> np.ndarray:
@@ -371,6 +379,7 @@ class SparseStore:
         ind = read_ranges(self._indices, lo, hi, name="indices")
         ptr = np.zeros(rows.size + 1, dtype=np.int64)
         np.cumsum(hi - lo, out=ptr[1:])
+        check_column_indices(ind, ptr, self.n_cols, self.path, row_of=rows)
         return vals, ind, ptr
 
     def _rows_take(self, rows: np.ndarray) -> Any:

@@ -535,3 +535,68 @@ def test_backends(small_store):
     out = list(ld)
     assert [n for n, _ in out] == [1000] * 3 and sum(k for _, k in out) == X.nnz
     assert list(DataLoader(store, batch_size=1000, backend=Sizes)) == out
+
+
+# ------------------------------------------------------------------ resume after a re-layout
+
+
+def _interrupted_then_resumed(src, dst, stop_after, **kw):
+    """Rows of ``stop_after`` batches from a loader over ``src``, then of a loader over
+    ``dst`` resumed from its state (through JSON, as a checkpoint would carry it)."""
+    first = DataLoader(src, **kw)
+    it = first.iter_batches()
+    got = [next(it).rows for _ in range(stop_after)]
+    state = json.loads(json.dumps(first.state_dict()))
+    it.close()
+    resumed = DataLoader(dst, **kw)
+    resumed.load_state_dict(state)
+    return np.concatenate(got + [b.rows for b in resumed.iter_batches()])
+
+
+def test_shuffled_resume_over_another_block_layout_is_refused(tmp_path, small_csr):
+    """The same rows saved with another chunk size cut into other blocks, so the shuffled
+    plan of the epoch differs: resuming there would serve some rows twice and skip others."""
+    a = sparsestore.save(tmp_path / "a.zarr", small_csr, chunk_bytes=16384)
+    b = sparsestore.save(tmp_path / "b.zarr", small_csr, chunk_bytes=65536)
+    kw = dict(batch_size=100, shuffle=True, seed=5, shuffle_buffer_blocks=2)
+    assert DataLoader(a, **kw)._sampler_for_blocks().n_blocks != \
+        DataLoader(b, **kw)._sampler_for_blocks().n_blocks
+    with pytest.raises(InvalidInputError, match="block"):
+        _interrupted_then_resumed(a, b, 7, **kw)
+    # Another shuffle buffer is another plan too.
+    first = DataLoader(a, **kw)
+    next(first.iter_batches())
+    state = first.state_dict()
+    with pytest.raises(InvalidInputError, match="shuffle_buffer_blocks"):
+        DataLoader(a, **dict(kw, shuffle_buffer_blocks=3)).load_state_dict(state)
+
+
+def test_resume_serves_every_row_once_where_the_plan_is_the_same(tmp_path, small_csr):
+    n = small_csr.shape[0]
+    a = sparsestore.save(tmp_path / "a.zarr", small_csr, chunk_bytes=16384)
+    again = sparsestore.save(tmp_path / "again.zarr", small_csr, chunk_bytes=16384)
+    other = sparsestore.save(tmp_path / "b.zarr", small_csr, chunk_bytes=65536)
+    kw = dict(batch_size=100, shuffle=True, seed=5, shuffle_buffer_blocks=2)
+    # A copy saved again with the same layout: the same blocks, the same plan.
+    order = _interrupted_then_resumed(a, again, 7, **kw)
+    np.testing.assert_array_equal(np.sort(order), np.arange(n))
+    # Unshuffled, rows come in storage order whatever the blocks: accepted, exactly once.
+    order = _interrupted_then_resumed(a, other, 7, batch_size=100)
+    np.testing.assert_array_equal(order, np.arange(n))
+
+
+def test_state_without_a_plan_record_still_loads(small_store):
+    """A state saved before the plan was recorded resumes as before (nothing to check)."""
+    store, X, _ = small_store
+    kw = dict(batch_size=250, shuffle=True, seed=2)
+    ref = [b.rows for b in DataLoader(store, **kw).iter_batches()]
+    first = DataLoader(store, **kw)
+    it = first.iter_batches()
+    next(it), next(it)
+    state = first.state_dict()
+    it.close()
+    state.pop("plan", None)
+    resumed = DataLoader(store, **kw)
+    resumed.load_state_dict(state)
+    rest = [b.rows for b in resumed.iter_batches()]
+    np.testing.assert_array_equal(np.concatenate(rest), np.concatenate(ref[2:]))
