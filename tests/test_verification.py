@@ -1,0 +1,147 @@
+"""What verification must not let through: a shard index pointing an inner chunk at other
+bytes, and a store whose metadata claims it predates the manifest.  Every read either
+raises a :class:`SparseStoreError` or returns exactly what was saved (scipy/numpy as the
+oracle), and ``validate`` reports the damage."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import sparsestore
+from sparsestore.errors import MisplacedChunkError
+from sparsestore.validate import validate_store
+
+N, M = 3000, 60
+PER = 4  # inner chunks per shard
+
+
+def _matrix() -> sp.csr_matrix:
+    X = sp.random(N, M, density=0.1, format="csr", dtype=np.float32, random_state=11)
+    X.data += 1  # no stored zeros: a zero-filled chunk would be visibly wrong
+    return X
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verification")
+    X = _matrix()
+    y = np.random.default_rng(3).integers(1, 9, N).astype(np.int64)
+    # data/indices: 1024-element inner chunks, 4 per shard
+    sparsestore.save(root / "sh.zarr", X, chunk_bytes=2048, shard_bytes=16384)
+    sparsestore.save(root / "s.zarr", X, labels={"y": y}, chunk_bytes=4096, indptr_chunk=256,
+                     dense_chunk_bytes=4096)
+    return root, X, y
+
+
+@pytest.fixture
+def copy(pristine, tmp_path):
+    root, X, y = pristine
+
+    def make(name: str) -> Path:
+        return Path(shutil.copytree(root / name, tmp_path / name))
+
+    return make
+
+
+# ------------------------------------------------------------- shard index entries
+
+def _read_index(shard: Path) -> tuple[bytes, np.ndarray]:
+    raw = shard.read_bytes()
+    size = PER * 16 + 4
+    return raw, np.frombuffer(raw[-size:-4], "<u8").reshape(PER, 2).copy()
+
+
+def _write_index(shard: Path, raw: bytes, index: np.ndarray) -> None:
+    """Replace a shard's index, with its CRC32C recomputed: the index itself is valid."""
+    body = index.astype("<u8").tobytes()
+    tag = (google_crc32c.value(body) & 0xFFFFFFFF).to_bytes(4, "little")
+    shard.write_bytes(raw[: -(PER * 16 + 4)] + body + tag)
+
+
+def _readers(s):
+    rows = np.arange(0, s.n_rows, 3)[::-1]
+    return {
+        "slice": lambda: s[:],
+        "row slices": lambda: [s[a : a + 40] for a in range(0, s.n_rows, 40)],
+        "rows": lambda: s[rows],
+        "dask": lambda: s.to_dask().compute(),
+        "loader": lambda: list(sparsestore.DataLoader(s, batch_size=128)),
+        "shuffled loader": lambda: list(sparsestore.DataLoader(s, batch_size=128, shuffle=True,
+                                                               seed=1)),
+    }
+
+
+@pytest.mark.parametrize("array", ["data", "indices"])
+@pytest.mark.parametrize("src, dst", [(1, 2), (2, 1), (0, 3), (3, 0)])
+def test_shard_index_entry_pointed_at_another_inner_chunk(copy, array, src, dst):
+    """Inner chunk ``src`` of shard 1 points at inner chunk ``dst``'s bytes (both entries
+    now hold the same range): every read that needs that shard raises, none is wrong."""
+    path = copy("sh.zarr")
+    shard = path / array / "c" / "1"
+    raw, index = _read_index(shard)
+    index[src] = index[dst]
+    _write_index(shard, raw, index)
+    s = sparsestore.open(path)
+    for what, read in _readers(s).items():
+        with pytest.raises(MisplacedChunkError, match=f"array {array!r}"):
+            read()
+            pytest.fail(f"{what} read the damaged shard without an error")
+    report = validate_store(path)
+    assert not report.ok
+    assert any("MisplacedChunk" in p or "not committed at that position" in p
+               for p in report.problems), report.problems
+
+
+@pytest.mark.parametrize("array", ["data", "indices"])
+def test_shard_index_entries_swapped(copy, pristine, array):
+    """Two entries swapped: each inner chunk is intact, but in the other's place."""
+    _, X, _ = pristine
+    path = copy("sh.zarr")
+    shard = path / array / "c" / "0"
+    raw, index = _read_index(shard)
+    index[[1, 2]] = index[[2, 1]]
+    _write_index(shard, raw, index)
+    s = sparsestore.open(path)
+    for read in _readers(s).values():
+        with pytest.raises(MisplacedChunkError):
+            read()
+    assert not validate_store(path).ok
+    assert (s[N - 100 :] != X[N - 100 :]).nnz == 0  # other shards read exactly
+
+
+def test_row_slice_inside_one_inner_chunk_is_checked(copy, pristine):
+    """A read needing only the first inner chunk of a shard, whose entry points at the
+    next one's bytes, raises instead of returning that chunk's values."""
+    _, X, _ = pristine
+    path = copy("sh.zarr")
+    shard = path / "data" / "c" / "1"
+    raw, index = _read_index(shard)
+    index[0] = index[1]
+    _write_index(shard, raw, index)
+    s = sparsestore.open(path)
+    first = 1 * PER * 1024  # first element of shard 1
+    row = int(np.searchsorted(X.indptr, first, side="right"))  # starts inside inner chunk 0
+    with pytest.raises(MisplacedChunkError, match="'data'"):
+        s[row : row + 2]
+
+
+def test_a_range_the_index_does_not_name_fails_closed(copy):
+    """A range read of a shard that matches no entry of its index is refused, not passed
+    through unchecked (here: the second half of an inner chunk)."""
+    from sparsestore.zarr_compat import RangeByteRequest
+
+    path = copy("sh.zarr")
+    s = sparsestore.open(path)
+    _, index = _read_index(path / "data" / "c" / "1")
+    off, n = (int(v) for v in index[2])
+    store = s.group.store
+    key = "data/c/1"
+    assert store.get_sync(key, byte_range=RangeByteRequest(off, off + n)) is not None
+    with pytest.raises(MisplacedChunkError):
+        store.get_sync(key, byte_range=RangeByteRequest(off + 8, off + n))
