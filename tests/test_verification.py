@@ -6,15 +6,20 @@ oracle), and ``validate`` reports the damage."""
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import google_crc32c
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import zarr
 
 import sparsestore
-from sparsestore.errors import MisplacedChunkError
+from sparsestore.errors import (
+    CorruptStoreError,
+    MisplacedChunkError,
+)
 from sparsestore.validate import validate_store
 
 N, M = 3000, 60
@@ -145,3 +150,98 @@ def test_a_range_the_index_does_not_name_fails_closed(copy):
     assert store.get_sync(key, byte_range=RangeByteRequest(off, off + n)) is not None
     with pytest.raises(MisplacedChunkError):
         store.get_sync(key, byte_range=RangeByteRequest(off + 8, off + n))
+
+
+# ------------------------------------------------- stores claiming to predate the manifest
+
+def _attrs(path: Path) -> dict:
+    return dict(zarr.open_group(str(path), mode="r").attrs)
+
+
+def _set_meta(path: Path, **fields) -> None:
+    """Edit ``attrs["sparsestore"]``; a field set to None is removed."""
+    g = zarr.open_group(str(path), mode="r+")
+    meta = dict(g.attrs["sparsestore"])
+    for k, v in fields.items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    g.attrs["sparsestore"] = meta
+
+
+def _unseal(path: Path) -> None:
+    """As a store written before the manifest existed (format version 1) looks."""
+    _set_meta(path, format_version=1, manifest=None, generation=None)
+
+
+def _chunk(path: Path, array: str, k: int) -> Path:
+    base = path / array / "c" / str(k)
+    return base / "0" if base.is_dir() else base
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("drop", [None, "manifest", "generation"])
+def test_old_format_version_with_manifest_fields_is_refused(copy, drop):
+    """format_version edited 2 -> 1 while the manifest (or the generation) is still there:
+    refused on open, by validate and by upgrade (which writes nothing), naming the field;
+    never opened unverified so that a moved chunk reads as valid data."""
+    path = copy("s.zarr")
+    shutil.copyfile(_chunk(path, "labels/y", 2), _chunk(path, "labels/y", 1))
+    fields = {"format_version": 1}
+    if drop:
+        fields[drop] = None
+    _set_meta(path, **fields)
+    before = _snapshot(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CorruptStoreError, match="format_version") as info:
+            sparsestore.open(path)
+    assert "format_version" in str(info.value) and "2" in str(info.value)
+    report = validate_store(path)
+    assert not report.ok and any("format_version" in p for p in report.problems)
+    with pytest.raises(CorruptStoreError, match="format_version"):
+        sparsestore.upgrade(path)
+    assert _snapshot(path) == before
+
+
+def _edit_array(path: Path, name: str, fn) -> None:
+    arr = zarr.open_array(str(path / name), mode="r+")
+    vals = arr[:]
+    fn(vals)
+    arr[:] = vals
+
+
+@pytest.mark.parametrize("damage", ["index out of range", "negative index", "unsorted row",
+                                    "duplicate in row", "indptr not monotone",
+                                    "indptr[0] not 0", "short label"])
+def test_upgrade_refuses_a_structurally_broken_store_and_writes_nothing(copy, pristine, damage):
+    _, X, _ = pristine
+    path = copy("s.zarr")
+    _unseal(path)
+    r = next(i for i in range(N) if X.indptr[i + 1] - X.indptr[i] >= 3)
+    a = int(X.indptr[r])
+    if damage == "index out of range":
+        _edit_array(path, "indices", lambda v: v.__setitem__(a + 2, M + 5))
+    elif damage == "negative index":
+        _edit_array(path, "indices", lambda v: v.__setitem__(a, -1))
+    elif damage == "unsorted row":
+        _edit_array(path, "indices", lambda v: v.__setitem__(slice(a, a + 2), v[a : a + 2][::-1]))
+    elif damage == "duplicate in row":
+        _edit_array(path, "indices", lambda v: v.__setitem__(a + 1, v[a]))
+    elif damage == "indptr not monotone":
+        _edit_array(path, "indptr", lambda v: v.__setitem__(r + 1, v[r + 3] + 1))
+    elif damage == "indptr[0] not 0":
+        _edit_array(path, "indptr", lambda v: v.__setitem__(0, 1))
+    else:
+        g = zarr.open_group(str(path), mode="r+")
+        g["labels/y"].resize((N - 7,))
+    before = _snapshot(path)
+    with pytest.raises(CorruptStoreError):
+        sparsestore.upgrade(path)
+    assert _snapshot(path) == before
+    assert not _attrs(path)["sparsestore"].get("manifest")
