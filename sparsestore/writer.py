@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
@@ -30,6 +31,7 @@ from .errors import (
     InvalidInputError,
     NotAStoreError,
     ShapeMismatchError,
+    UnverifiedStoreWarning,
 )
 from .integrity import VerifiedStore, build_manifest, new_generation
 from .labels import LabelArray, Labels, check_append_labels, check_labels
@@ -581,7 +583,9 @@ def upgrade(
     from zarr.core.sync import sync
 
     p = storage.normalize(path)
-    store = open(p, mode="r", storage_options=storage_options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnverifiedStoreWarning)  # what upgrade is here to fix
+        store = open(p, mode="r", storage_options=storage_options)
     if store.verified:
         return {"path": p, "upgraded": False, "written_chunks": 0}
     if META_KEY not in store.group.attrs:

@@ -19,6 +19,7 @@ import sparsestore
 from sparsestore.errors import (
     CorruptStoreError,
     MisplacedChunkError,
+    UnverifiedStoreWarning,
 )
 from sparsestore.validate import validate_store
 
@@ -207,6 +208,35 @@ def test_old_format_version_with_manifest_fields_is_refused(copy, drop):
     with pytest.raises(CorruptStoreError, match="format_version"):
         sparsestore.upgrade(path)
     assert _snapshot(path) == before
+
+
+@pytest.mark.parametrize("how", ["old format", "no sparsestore attrs"])
+def test_unverified_store_warns_once_at_open(copy, pristine, how):
+    _, X, _ = pristine
+    path = copy("s.zarr")
+    if how == "old format":
+        _unseal(path)
+    else:
+        g = zarr.open_group(str(path), mode="r+")
+        g.attrs.__delitem__("sparsestore")
+    with pytest.warns(UnverifiedStoreWarning) as record:
+        s = sparsestore.open(path)
+    ours = [w for w in record if issubclass(w.category, UnverifiedStoreWarning)]
+    assert len(ours) == 1
+    msg = str(ours[0].message)
+    assert "not checked" in msg and "sparsestore upgrade" in msg and str(path) in msg
+    assert ours[0].filename == __file__  # points at the caller's open()
+    assert not s.verified and (s[:] != X).nnz == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s[:10]  # reads do not repeat it
+
+
+def test_verified_store_opens_without_a_warning(copy):
+    path = copy("s.zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sparsestore.open(path).verified
 
 
 def _edit_array(path: Path, name: str, fn) -> None:
