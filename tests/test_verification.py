@@ -275,3 +275,27 @@ def test_upgrade_refuses_a_structurally_broken_store_and_writes_nothing(copy, pr
         sparsestore.upgrade(path)
     assert _snapshot(path) == before
     assert not _attrs(path)["sparsestore"].get("manifest")
+
+
+@pytest.mark.parametrize("cli", [False, True])
+def test_upgrade_cannot_tell_a_deleted_chunk_from_one_never_stored(copy, pristine, capsys, cli):
+    """An old store's absent chunk reads as zeros: upgrade stores it, but says it may have
+    been deleted, naming it, rather than claiming it was an all-zero chunk never written."""
+    from sparsestore.cli import main
+
+    _, _, y = pristine
+    path = copy("s.zarr")
+    _unseal(path)
+    _chunk(path, "labels/y", 1).unlink()
+    if cli:
+        assert main(["upgrade", "-q", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert "never stored are" not in out
+        assert "cannot tell" in out and "deleted" in out and "labels/y" in out
+    else:
+        done = sparsestore.upgrade(path)
+        assert done["written_chunks"] == 1 and done["absent_chunks"] == ["labels/y/1"]
+    got = sparsestore.open(path).labels["y"][:]
+    c = zarr.open_array(str(path / "labels/y")).chunks[0]
+    assert np.array_equal(got[c : 2 * c], np.zeros(c, y.dtype))  # stored as read: zeros
+    assert np.array_equal(np.delete(got, np.s_[c : 2 * c]), np.delete(y, np.s_[c : 2 * c]))
