@@ -239,8 +239,12 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     if not done["upgraded"]:
         print(f"{done['path']}: already has a chunk manifest; nothing to do")
     else:
-        extra = (f"; {done['written_chunks']} all-zero chunk(s) that were never stored are "
-                 "now written out" if done["written_chunks"] else "")
+        absent = done.get("absent_chunks") or []
+        extra = (f"; {len(absent)} chunk(s) were absent from storage ({', '.join(absent[:10])}"
+                 f"{', ...' if len(absent) > 10 else ''}) and are now stored as the zeros they "
+                 "read as. A store without a manifest cannot tell an all-zero chunk zarr never "
+                 "wrote from one that was deleted: if files may have been lost, check those "
+                 "rows or restore the store from a copy" if absent else "")
         print(f"{done['path']}: every chunk checked, manifest added{extra}")
     return 0
 

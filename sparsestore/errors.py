@@ -65,6 +65,12 @@ class NeedsUpgradeError(SparseStoreError, RuntimeError):
     """The store predates the chunk manifest; ``sparsestore upgrade PATH`` adds it."""
 
 
+class UnverifiedStoreWarning(UserWarning):
+    """The opened store has no chunk manifest (written by an older sparsestore, or by
+    anndata): a missing, moved or replaced chunk reads as valid data.
+    ``sparsestore upgrade PATH`` adds the manifest."""
+
+
 class OutOfRangeError(SparseStoreError, IndexError):
     """A row or column index is outside the matrix."""
 
@@ -138,6 +144,7 @@ __all__ = [
     "MisplacedChunkError",
     "StoreChangedError",
     "NeedsUpgradeError",
+    "UnverifiedStoreWarning",
     "OutOfRangeError",
     "LabelError",
     "LockError",

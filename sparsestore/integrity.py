@@ -350,7 +350,9 @@ class VerifiedStore(WrapperStore):
         """The first failing (verdict, chunk, its bytes) of a read of object ``s``, or None.
 
         A shard is read as its index (a suffix), then inner chunks (ranges): the index says
-        which inner chunk a range is, and each is checked against its own tag.
+        which inner chunk a range is, and each is checked against its own tag.  An index
+        naming the same bytes twice is misplaced; a range that no index read here names is
+        "unknown" (the caller reads the index afresh, see :meth:`_after_index`).
         """
         if am.per_object == 1:
             if isinstance(byte_range, (RangeByteRequest, OffsetByteRequest)):
@@ -373,18 +375,49 @@ class VerifiedStore(WrapperStore):
             index = np.frombuffer(raw[-size:-4].tobytes(), "<u8").reshape(per, 2).tolist()
             if len(self._offsets) > 4096:
                 self._offsets.clear()
-            self._offsets[key] = {off: i for i, (off, _) in enumerate(index)}
-            for i, (off, _) in enumerate(index):
-                if first + i < am.tags.size and off == _EMPTY:
-                    return "missing", first + i, None
+            entries: dict[int, tuple[int, int]] = {}
+            self._offsets[key] = entries
+            for i, (off, n) in enumerate(index):
+                if off == _EMPTY:
+                    if first + i < am.tags.size:
+                        return "missing", first + i, None
+                    continue
+                if off in entries:
+                    # Two inner chunks name the same bytes: at most one of them is its own.
+                    j = entries[off][0]
+                    if first + j < am.tags.size:
+                        return "misplaced", first + j, None
+                entries[off] = (i, off + n)
             return None
         if isinstance(byte_range, RangeByteRequest):
-            i = self._offsets.get(key, {}).get(byte_range.start)
-            if i is None or first + i >= am.tags.size:
+            # The range is checked against the tag of the inner chunk whose index entry
+            # names exactly these bytes; a range no entry names fails closed.
+            entry = self._offsets.get(key, {}).get(byte_range.start)
+            if entry is None or entry[1] != byte_range.end:
+                return "unknown", first, None
+            i = entry[0]
+            if first + i >= am.tags.size:
                 return None
             verdict = self._verdict(am, first + i, raw, True)
             return None if verdict == "ok" else (verdict, first + i, raw)
         return None
+
+    @staticmethod
+    def _index_request(am: ArrayManifest) -> Any:
+        """The read of a shard's index (at its end: an index and its CRC32C)."""
+        return SuffixByteRequest(am.per_object * 16 + 4)
+
+    def _after_index(self, key: str, am: ArrayManifest, s: int, index: np.ndarray | None,
+                     raw: np.ndarray | None, byte_range: Any
+                     ) -> tuple[str, int, np.ndarray | None] | None:
+        """Check a range read again once the shard's index has been read afresh (the one
+        it came from was not known here); a range the index does not name is misplaced."""
+        bad = self._failure(key, am, s, index, self._index_request(am))
+        if bad is None:
+            bad = self._failure(key, am, s, raw, byte_range)
+        if bad is not None and bad[0] == "unknown":
+            return "misplaced", bad[1], None
+        return bad
 
     def check_sync(self, key: str, raw: np.ndarray | None, byte_range: Any = None) -> None:
         """Check a chunk read synchronously (raises on failure)."""
@@ -393,6 +426,9 @@ class VerifiedStore(WrapperStore):
             return
         name, am, s = ref
         bad = self._failure(key, am, s, raw, byte_range)
+        if bad is not None and bad[0] == "unknown":
+            index = self._store.get_sync(key, byte_range=self._index_request(am))
+            bad = self._after_index(key, am, s, _as_np(index), raw, byte_range)
         if bad is not None:
             root = self._store.get_sync(self._root_key()) if self.supports_sync else None
             self._recheck(name, am, bad[1], bad[2], bad[0],
@@ -403,7 +439,12 @@ class VerifiedStore(WrapperStore):
         if ref is None:
             return
         name, am, s = ref
-        bad = self._failure(key, am, s, _as_np(buf), byte_range)
+        raw = _as_np(buf)
+        bad = self._failure(key, am, s, raw, byte_range)
+        if bad is not None and bad[0] == "unknown":
+            index = await self._store.get(key, default_buffer_prototype(),
+                                          self._index_request(am))
+            bad = self._after_index(key, am, s, _as_np(index), raw, byte_range)
         if bad is not None:
             root = await self._store.get(self._root_key(), default_buffer_prototype())
             self._recheck(name, am, bad[1], bad[2], bad[0],

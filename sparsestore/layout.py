@@ -236,6 +236,15 @@ def read_meta(attrs: Mapping[str, Any], path: str) -> Meta:
             f"{path}: store format version {meta.format_version} is not supported (this "
             f"sparsestore reads version {FORMAT_VERSION}); upgrade sparsestore"
         )
+    if meta.format_version < FIRST_MANIFEST_VERSION and (meta.manifest or meta.generation):
+        # Only a format with the manifest writes these: the version was edited, and
+        # believing it would turn off every chunk check.
+        raise CorruptStoreError(
+            f"{path}: attrs[{META_KEY!r}]['format_version'] is {meta.format_version}, a "
+            "format without a chunk manifest, but the store carries the manifest or generation "
+            f"that version {FIRST_MANIFEST_VERSION} added; its zarr.json was edited: restore "
+            f"the store from a copy (or set format_version back to {FORMAT_VERSION})"
+        )
     if meta.committed_nnz < 0:
         raise CorruptStoreError(f"{path}: negative committed nnz {meta.committed_nnz}")
     for name in meta.labels:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from .errors import (
     ReadOnlyError,
     SparseStoreError,
     StoreNotFoundError,
+    UnverifiedStoreWarning,
 )
 from .indexing import normalize_rows, split_key
 from .integrity import (
@@ -595,11 +597,28 @@ def open(
             from .writer import truncate
 
             truncate(store, store.n_rows, store.nnz)  # what a killed writer left past the commit
+        elif not store.verified:
+            _warn_unverified(store)
         return store
     except BaseException:
         if lock is not None:
             lock.release()
         raise
+
+
+def _warn_unverified(store: SparseStore) -> None:
+    """Say, once per open, that this store's chunks are not checked, and how to fix it."""
+    p = store.path
+    if META_KEY in store.group.attrs:
+        fix = f"run `sparsestore upgrade {p}` (sparsestore.upgrade) once to add one"
+    else:
+        fix = (f"copy it into a store that has one with `sparsestore convert {p} NEW` "
+               "(`sparsestore upgrade` adds one only to stores an older sparsestore wrote)")
+    warnings.warn(
+        f"{p} has no chunk manifest (written by an older sparsestore, or by anndata): its "
+        "chunks are not checked, so a missing, moved or replaced chunk reads as valid data; "
+        + fix, UnverifiedStoreWarning, stacklevel=4,
+    )
 
 
 def raise_missing(path: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
@@ -30,6 +31,7 @@ from .errors import (
     InvalidInputError,
     NotAStoreError,
     ShapeMismatchError,
+    UnverifiedStoreWarning,
 )
 from .integrity import VerifiedStore, build_manifest, new_generation
 from .labels import LabelArray, Labels, check_append_labels, check_labels
@@ -575,15 +577,19 @@ def upgrade(
     """Add the chunk manifest to a store written before it existed (format version 1).
 
     Every committed chunk is decoded first (a damaged store is refused, not blessed);
-    chunks zarr never stored (all fill value) are written out, since from now on a missing
-    chunk is an error.  Returns what was done; a store that has a manifest is left as is.
+    chunks absent from storage are written out as the fill value they read as, since from
+    now on a missing chunk is an error.  An old store cannot tell such a chunk (all fill
+    value, never stored by zarr) from a deleted one: ``absent_chunks`` names them.  Returns
+    what was done; a store that has a manifest is left as is.
     """
     from zarr.core.sync import sync
 
     p = storage.normalize(path)
-    store = open(p, mode="r", storage_options=storage_options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnverifiedStoreWarning)  # what upgrade is here to fix
+        store = open(p, mode="r", storage_options=storage_options)
     if store.verified:
-        return {"path": p, "upgraded": False, "written_chunks": 0}
+        return {"path": p, "upgraded": False, "written_chunks": 0, "absent_chunks": []}
     if META_KEY not in store.group.attrs:
         raise NotAStoreError(
             f"{p} was written by anndata, not sparsestore; copy it into a store with "
@@ -603,7 +609,7 @@ def upgrade(
             arrays[f"{LABELS_GROUP}/{name}"] = lab._arr
             lengths[f"{LABELS_GROUP}/{name}"] = st.n_rows
         inner = group.store._store if isinstance(group.store, VerifiedStore) else group.store
-        written = 0
+        absent: list[str] = []
         for name, arr in arrays.items():
             c = int((getattr(arr, "shards", None) or arr.chunks)[0])
             for k in range(0, (lengths[name] + c - 1) // c):
@@ -611,11 +617,11 @@ def upgrade(
                 if not sync(inner.exists(key)):
                     lo, hi = k * c, min((k + 1) * c, arr.shape[0])
                     _writable(arr)[lo:hi] = arr[lo:hi]
-                    written += 1
+                    absent.append(f"{name}/{k}")
         commit(st, st.n_rows, st.nnz, list(st._meta.labels), scan=True)
     finally:
         lock.release()
-    return {"path": p, "upgraded": True, "written_chunks": written}
+    return {"path": p, "upgraded": True, "written_chunks": len(absent), "absent_chunks": absent}
 
 
 def _progress(progress: Any, total: int, desc: str) -> Any:

@@ -149,6 +149,7 @@ def test_decoder_names_the_damaged_chunk(small_chunked, tmp_path):
         dec.read(2)
 
 
+@pytest.mark.filterwarnings("ignore::sparsestore.errors.UnverifiedStoreWarning")
 def test_decoder_refuses_a_missing_chunk_and_matches_zarr_without_a_manifest(
     small_chunked, tmp_path
 ):

@@ -392,6 +392,7 @@ def test_codec_names_are_never_imported(good, evil_module, codec, array):
     _assert_refused(good, CorruptStoreError)
 
 
+@pytest.mark.filterwarnings("ignore::sparsestore.errors.UnverifiedStoreWarning")
 def test_v2_compressor_id_naming_code(tmp_path, evil_module):
     ad = pytest.importorskip("anndata")
     X = sp.random(50, 6, density=0.3, format="csr", dtype=np.float32, random_state=0)

@@ -278,6 +278,7 @@ def _unseal(path: Path) -> None:
     g.attrs["sparsestore"] = meta
 
 
+@pytest.mark.filterwarnings("ignore::sparsestore.errors.UnverifiedStoreWarning")
 @pytest.mark.parametrize("where", ["middle", "last"])
 def test_bad_indptr_is_caught_before_scipy(fresh, where):
     path, X = fresh("s")
@@ -312,7 +313,8 @@ def test_edited_indptr_in_a_verified_store_is_misplaced(fresh):
 def test_old_store_opens_validates_with_a_note_and_upgrades(fresh):
     path, X = fresh("s")
     _unseal(path)
-    s = sparsestore.open(path)
+    with pytest.warns(sparsestore.errors.UnverifiedStoreWarning, match="sparsestore upgrade"):
+        s = sparsestore.open(path)
     assert not s.verified and (s[:] != X).nnz == 0
     report = validate_store(path)
     assert report.ok and any("upgrade" in n for n in report.notes)

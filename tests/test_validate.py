@@ -246,6 +246,7 @@ def test_metadata_not_a_mapping(copy):
 
 # ----------------------------------------------------------- deep checks (validate)
 
+@pytest.mark.filterwarnings("ignore::sparsestore.errors.UnverifiedStoreWarning")
 def test_non_monotone_indptr(copy):
     path, _ = copy
     g = group(path)
@@ -256,6 +257,7 @@ def test_non_monotone_indptr(copy):
     assert opened  # only the deep pass can see this one
 
 
+@pytest.mark.filterwarnings("ignore::sparsestore.errors.UnverifiedStoreWarning")
 def test_column_index_out_of_range(copy):
     path, X = copy
     g = group(path)
@@ -266,6 +268,7 @@ def test_column_index_out_of_range(copy):
     assert_reported(path, "row 250: column index 43 is outside [0, 40)")
 
 
+@pytest.mark.filterwarnings("ignore::sparsestore.errors.UnverifiedStoreWarning")
 def test_negative_column_index(copy):
     path, X = copy
     g = group(path)
@@ -275,12 +278,14 @@ def test_negative_column_index(copy):
     assert_reported(path, "row 10: column index -1")
 
 
+@pytest.mark.filterwarnings("ignore::sparsestore.errors.UnverifiedStoreWarning")
 def test_fewer_columns_than_indices(copy):
     path, _ = copy
     attrs_edit(path, shape=[N, M // 2])
     assert_reported(path, "is outside [0, 20)")
 
 
+@pytest.mark.filterwarnings("ignore::sparsestore.errors.UnverifiedStoreWarning")
 @pytest.mark.parametrize("how", ["swap", "duplicate"])
 def test_unsorted_or_duplicate_indices(copy, how):
     path, X = copy
@@ -304,6 +309,7 @@ def test_row_boundaries_are_not_order_violations(tmp_path):
     assert report.ok, report.summary()
 
 
+@pytest.mark.filterwarnings("ignore::sparsestore.errors.UnverifiedStoreWarning")
 def test_missing_data_chunk_is_reported(copy):
     """zarr reads a deleted chunk as zeros; a store without keep_zeros has no zeros."""
     path, _ = copy
@@ -311,6 +317,7 @@ def test_missing_data_chunk_is_reported(copy):
     assert_reported(path, "chunk 2 of 'data' is missing")
 
 
+@pytest.mark.filterwarnings("ignore::sparsestore.errors.UnverifiedStoreWarning")
 @pytest.mark.parametrize("fixture", ["copy", "sealed"])
 def test_uncommitted_tail_is_not_a_fault(fixture, request):
     """Bytes past the commit (a killed append) are invisible: the store validates clean,
