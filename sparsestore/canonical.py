@@ -7,6 +7,7 @@ Every writer goes through :func:`canonical_block`, so every store is canonical.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,93 @@ NAN_POLICIES = ("raise", "keep")
 # be backed by data: at most ROW_ALLOWANCE rows, plus ROWS_PER_ENTRY rows per stored entry.
 ROW_ALLOWANCE = 2**31
 ROWS_PER_ENTRY = 2**10
+
+
+# How values are cast to the store's dtype (see :func:`cast_values`).
+CASTINGS = ("safe", "same_value", "unsafe")
+
+
+def check_casting(casting: Any) -> str:
+    """Validate a ``casting`` option (one of :data:`CASTINGS`)."""
+    if not isinstance(casting, str) or casting not in CASTINGS:
+        raise InvalidInputError(
+            f"casting must be 'same_value' (refuse values the dtype cannot hold), 'safe' "
+            f"(refuse a dtype that could lose values) or 'unsafe' (store what numpy's astype "
+            f"makes), got {casting!r}"
+        )
+    return casting
+
+
+def native(a: np.ndarray) -> np.ndarray:
+    """``a`` in native byte order (the same values; a copy only when it was swapped)."""
+    dt = a.dtype
+    return a.astype(dt.newbyteorder("=")) if dt.byteorder not in ("=", "|") else a
+
+
+def cast_values(
+    values: np.ndarray, dtype: Any, *, casting: str = "same_value",
+    where: Callable[[int], str] | None = None,
+) -> np.ndarray:
+    """``values`` as ``dtype``, refusing a cast that would change what is stored.
+
+    The one cast check of every write path.  ``casting``:
+
+    * ``"same_value"``: a value is refused when the cast changes it: an integer or bool
+      target must hold it exactly (no overflow, no fraction, no NaN); a float target may
+      round it to the nearest representable value (what asking for a narrower float
+      means), but a finite value must not overflow to inf, nor a nonzero one underflow to
+      zero (its entry would vanish).
+    * ``"safe"``: refuse (:class:`DTypeError`) a source dtype that could lose any value,
+      as numpy's ``can_cast(..., "safe")`` (float64 into float32 included), whatever the
+      values.
+    * ``"unsafe"``: numpy's ``astype``; the caller drops any zero it creates.
+
+    ``where(k)`` names the ``k``-th value (its row and column) in the message.
+    """
+    dst = np.dtype(dtype)
+    src = values.dtype
+    if src == dst:
+        return values
+    if np.can_cast(src, dst, casting="safe"):
+        return values.astype(dst)
+    if casting == "safe":
+        raise DTypeError(
+            f"{src} values may not fit a {dst} store; cast them yourself, or pass "
+            "casting='same_value' to store them when every value fits"
+        )
+    with np.errstate(all="ignore"):
+        out = values.astype(dst)
+        if casting == "unsafe" or values.size == 0:
+            return out
+        if dst.kind == "f":
+            bad = (np.isfinite(values) & ~np.isfinite(out)) | ((out == 0) & (values != 0))
+        else:  # the value back must be the same, with the same sign (uint64 <-> int64)
+            bad = (out.astype(src) != values) | ((out < 0) != (values < 0))
+    if not bad.any():
+        return out
+    k = int(np.argmax(bad))  # a flat index for a 2-D block
+    at = where(k) if where is not None else f"value {k}"
+    raise InvalidInputError(
+        f"{at} holds {values.flat[k].item()!r}, which {dst} cannot hold (it would become "
+        f"{out.flat[k].item()!r}); "
+        f"pass a dtype that holds the values (e.g. dtype=np.{src.name}), or "
+        f"casting='unsafe' to store what {src}.astype({dst}) makes"
+    )
+
+
+def native_matrix(X: Any) -> Any:
+    """A scipy sparse matrix with its arrays in native byte order (scipy's kernels refuse
+    big-endian ones); the same object when they already are."""
+    fmt = getattr(X, "format", None)
+    names = {"csr": ("data", "indices", "indptr"), "csc": ("data", "indices", "indptr"),
+             "bsr": ("data", "indices", "indptr"), "coo": ("data", "row", "col"),
+             "dia": ("data", "offsets")}.get(fmt, ())
+    parts = [np.asarray(getattr(X, n)) for n in names]
+    if all(p.dtype.isnative for p in parts):
+        return X
+    parts = [native(p) for p in parts]  # scipy's own copy() cannot copy swapped arrays
+    arg = (parts[0], (parts[1], parts[2])) if fmt == "coo" else tuple(parts)
+    return type(X)(arg, shape=X.shape, copy=False)
 
 
 def _as_int_array(a: Any, name: str) -> np.ndarray:
@@ -263,16 +351,23 @@ def canonical_block(
     dtype: np.dtype | None = None,
     nan_policy: str = "raise",
     first_row: int | None = None,
+    casting: str = "same_value",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Turn one row block (scipy sparse, dense array) into canonical CSR parts.
+    """Turn one row block (scipy sparse, dense array, any byte order) into canonical CSR
+    parts.
 
     ``nan_policy="raise"`` refuses NaN and infinite values (as stored, so also those a cast
     to ``dtype`` or a sum of duplicates makes), naming the first one's row (``first_row``:
-    the block's first row in the matrix) and column; ``"keep"`` stores them.
+    the block's first row in the matrix) and column; ``"keep"`` stores them.  Values are
+    cast to ``dtype`` by :func:`cast_values` (``casting``) before the zeros are dropped, so
+    a zero the cast makes is dropped too.
     """
     check_nan_policy(nan_policy)
-    if not sp.issparse(X):
-        arr = np.asarray(X)
+    check_casting(casting)
+    if sp.issparse(X):
+        X = native_matrix(X)
+    else:
+        arr = native(np.asarray(X))
         if arr.ndim != 2:
             raise InvalidInputError(f"expected a 2-D matrix, got an array of shape {arr.shape}")
         if arr.dtype.kind not in "biuf":
@@ -280,8 +375,8 @@ def canonical_block(
                 f"dtype {arr.dtype} cannot be stored: only bool, integer and floating point "
                 "values are supported"
             )
-        if arr.dtype in _SCIPY_UPCAST:  # scipy cannot even build a float16 matrix
-            arr = arr.astype(dtype if dtype is not None else _SCIPY_UPCAST[arr.dtype])
+        if arr.dtype in _SCIPY_UPCAST:  # scipy cannot even build a float16 matrix (exact)
+            arr = arr.astype(_SCIPY_UPCAST[arr.dtype])
         X = arr
     m = to_csr(X)
     if n_cols is not None and m.shape[1] != n_cols:
@@ -294,6 +389,14 @@ def canonical_block(
         dtype if dtype is not None else data.dtype
     ).kind != "f":
         check_finite(data, indices, indptr, first_row=first_row)  # a cast would hide it
+    if dtype is not None and np.dtype(dtype) != data.dtype:
+
+        def where(k: int) -> str:
+            row = int(np.searchsorted(indptr, k, side="right")) - 1
+            at = f"row {first_row + row}" if first_row is not None else f"row {row} of the block"
+            return f"{at}, column {int(indices[k])}"
+
+        data = cast_values(data, dtype, casting=casting, where=where)
     vals, ind, ptr = canonical_parts(
         data, indices, indptr, m.shape[1], keep_zeros=keep_zeros, dtype=dtype
     )

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--zero-based", choices=("auto", "yes", "no"), default=None,
                    help="svmlight: whether indices start at 0 (default auto)")
     c.add_argument("--max-bytes", type=parse_size, metavar="SIZE",
-                   help="npz: refuse a shard decompressing beyond SIZE (default 8GiB)")
+                   help="npz, h5ad, anndata zarr: refuse a file (npz: a shard) declaring more "
+                   "than SIZE of data (default 8GiB)")
     c.add_argument("--tmp-dir", metavar="DIR", help="where to spill (mtx, svmlight, CSC h5ad)")
     c.add_argument("--nan-policy", choices=("raise", "keep"), default="raise",
                    help="NaN and infinite values: refuse them (default) or store them")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import storage
-from .canonical import check_nan_policy
+from .canonical import check_casting, check_nan_policy
 from .errors import FormatError, InvalidInputError, LabelError, StoreExistsError
 from .ingest.base import DEFAULT_MEMORY_BYTES, Source, expand_paths, row_bounds, write_source
 from .layout import Layout
@@ -127,8 +127,13 @@ def open_source(
     max_bytes: int | None = None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     tmp_dir: str | os.PathLike[str] | None = None,
+    casting: str = "same_value",
 ) -> Source:
-    """Describe ``src`` as a :class:`Source` (format from its name unless ``format=``)."""
+    """Describe ``src`` as a :class:`Source` (format from its name unless ``format=``).
+
+    ``casting``: how sources that cast while reading (mtx, svmlight, CSC anndata) cast
+    values to ``dtype`` (see :func:`~sparsestore.canonical.cast_values`).
+    """
     if isinstance(labels, str):
         labels = [labels]
     if isinstance(src, (str, os.PathLike)):
@@ -143,34 +148,41 @@ def open_source(
     if fmt not in ("svmlight",):
         _refuse(fmt, n_features=n_features, zero_based=zero_based)
     if fmt != "npz":
-        _refuse(fmt, key=key, keys=keys, max_bytes=max_bytes)
+        _refuse(fmt, key=key, keys=keys)
     if fmt in ("npz", "npy", "svmlight"):
         return _multi_file_source(fmt, src, labels=labels, key=key, keys=keys, dtype=dtype,
                                   sparse=sparse, workers=workers, executor=executor,
                                   n_features=n_features, zero_based=zero_based,
-                                  max_bytes=max_bytes, tmp_dir=tmp_dir)
+                                  max_bytes=max_bytes, tmp_dir=tmp_dir, casting=casting)
     paths = expand_paths(src, what=fmt)
     if len(paths) != 1:
         raise InvalidInputError(
             f"{fmt} sources are converted one file at a time; got {len(paths)} paths"
         )
     path = paths[0]
+    from .ingest.anndata_io import anndata_source, is_anndata_zarr
+
+    if fmt == "mtx" or (fmt == "zarr" and not is_anndata_zarr(path)):
+        _refuse(fmt, max_bytes=max_bytes)
     if fmt == "mtx":
         _refuse(fmt, labels=labels)
         from .ingest.mtx import mtx_source
 
-        return mtx_source(path, dtype=dtype, memory_bytes=memory_bytes, tmp_dir=tmp_dir)
-    from .ingest.anndata_io import anndata_source, is_anndata_zarr
-
+        return mtx_source(path, dtype=dtype, memory_bytes=memory_bytes, tmp_dir=tmp_dir,
+                          casting=casting)
     if fmt == "h5ad" or is_anndata_zarr(path):
+        from .ingest.npz import DEFAULT_MAX_BYTES
+
         return anndata_source(path, labels=labels, dtype=dtype, memory_bytes=memory_bytes,
-                              tmp_dir=tmp_dir)
+                              tmp_dir=tmp_dir, casting=casting,
+                              max_bytes=DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
     return store_source(path, labels=labels)
 
 
 def _multi_file_source(fmt: str, src: Any, *, labels: Any, key: Any, keys: Any, dtype: Any,
                        sparse: bool, workers: Any, executor: Any, n_features: Any,
-                       zero_based: Any, max_bytes: Any, tmp_dir: Any) -> Source:
+                       zero_based: Any, max_bytes: Any, tmp_dir: Any,
+                       casting: str) -> Source:
     if fmt == "npz":
         from .ingest.npz import DEFAULT_MAX_BYTES, npz_source
 
@@ -178,16 +190,17 @@ def _multi_file_source(fmt: str, src: Any, *, labels: Any, key: Any, keys: Any, 
                           executor=executor, dtype=dtype, sparse=sparse,
                           max_bytes=DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
     if fmt == "npy":
-        _refuse(fmt, labels=labels)
+        _refuse(fmt, labels=labels, max_bytes=max_bytes)
         from .ingest.npy import npy_source
 
         return npy_source(src, dtype=dtype)
-    _refuse(fmt, labels=labels)
+    _refuse(fmt, labels=labels, max_bytes=max_bytes)
     from .ingest.svmlight import svmlight_source
 
     return svmlight_source(src, n_features=n_features,
                            zero_based="auto" if zero_based is None else zero_based,
-                           dtype=np.float64 if dtype is None else dtype, tmp_dir=tmp_dir)
+                           dtype=np.float64 if dtype is None else dtype, tmp_dir=tmp_dir,
+                           casting=casting)
 
 
 def convert(
@@ -211,6 +224,7 @@ def convert(
     tmp_dir: str | os.PathLike[str] | None = None,
     storage_options: dict[str, Any] | None = None,
     nan_policy: str = "raise",
+    casting: str = "same_value",
     **layout_options: Any,
 ) -> SparseStore:
     """Convert a file, glob or list of files of any supported format into a new store.
@@ -222,11 +236,15 @@ def convert(
     in parallel.  ``progress=None`` shows a bar on a terminal.  Layout options
     (``compressor=``, ``chunk_bytes=``...) go to the new store.  ``nan_policy="raise"``
     refuses NaN and infinite values (naming the first one's row and column), ``"keep"``
-    stores them; the store keeps the choice for its appends.  Atomic; returns the store
-    opened read-only.
+    stores them; the store keeps the choice for its appends.  ``casting`` applies with
+    ``dtype=``: ``"same_value"`` (default) refuses a value the dtype cannot hold (300 or
+    0.7 as int8, 1e300 as float32), naming it, while floats may round to a narrower
+    float; ``"unsafe"`` stores numpy's cast, dropping the zeros it makes.  Big-endian
+    sources are stored in native byte order.  Atomic; returns the store opened read-only.
     """
     Layout.from_options(**layout_options)  # name a bad option before reading anything
     check_nan_policy(nan_policy)
+    check_casting(casting)
     p = storage.normalize(dst)
     if not overwrite and storage.exists(p, storage_options):
         raise StoreExistsError(
@@ -235,10 +253,10 @@ def convert(
     source = open_source(src, format=format, labels=labels, key=key, keys=keys, dtype=dtype,
                          sparse=sparse, workers=workers, executor=executor,
                          n_features=n_features, zero_based=zero_based, max_bytes=max_bytes,
-                         memory_bytes=memory_bytes, tmp_dir=tmp_dir)
+                         memory_bytes=memory_bytes, tmp_dir=tmp_dir, casting=casting)
     return write_source(dst, source, dtype=dtype, sparse=sparse, overwrite=overwrite,
                         progress=progress, storage_options=storage_options,
-                        nan_policy=nan_policy, **layout_options)
+                        nan_policy=nan_policy, casting=casting, **layout_options)
 
 
 __all__ = ["FORMATS", "convert", "detect_format", "open_source", "supported_formats"]

@@ -419,6 +419,7 @@ def from_dask(
     window: int | None = None,
     storage_options: dict[str, Any] | None = None,
     progress: bool = False,
+    casting: str = "same_value",
     **layout_options: Any,
 ) -> Any:
     """Write a 2-D dask array (sparse or dense chunks) as a new store, without gathering it.
@@ -430,6 +431,10 @@ def from_dask(
     :func:`sparsestore.write_blocks`, the one atomic write path: nothing appears at
     ``path`` unless every block landed.  ``labels`` maps names to numpy-like or dask arrays
     with one entry per row (dask labels are computed alongside their row blocks).
+    Each computed block is cast to ``dtype`` (default: the dtype dask's metadata claims,
+    which a block may not have) by :func:`~sparsestore.canonical.cast_values`:
+    ``casting="same_value"`` refuses a value the dtype cannot hold, ``"unsafe"`` stores
+    numpy's cast.
     """
     from .progress import make_bar
     from .store import write_blocks
@@ -517,5 +522,6 @@ def from_dask(
             overwrite=overwrite,
             storage_options=storage_options,
             progress=bar,
+            casting=casting,
             **layout_options,
         )

@@ -496,14 +496,18 @@ class SparseStore:
             )
 
     @os_errors("append to")
-    def append(self, X: Any, labels: Mapping[str, Any] | None = None) -> SparseStore:
+    def append(
+        self, X: Any, labels: Mapping[str, Any] | None = None, casting: str = "safe"
+    ) -> SparseStore:
         """Append rows (any scipy sparse or 2-D array) and their labels, atomically.
 
         Either every row lands (and is visible after the call), or none does.
+        ``casting="safe"`` takes only dtypes the store's holds by type; ``"same_value"``
+        any values it holds exactly (floats may round), ``"unsafe"`` numpy's cast.
         """
         from .writer import append
 
-        append(self, X, labels)
+        append(self, X, labels, casting=casting)
         return self
 
     # --------------------------------------------------------------- closing

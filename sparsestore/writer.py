@@ -23,11 +23,18 @@ import scipy.sparse as sp
 
 from . import storage
 from .blocks import matrix_shape, row_blocks
-from .canonical import canonical_block, check_nan_policy, check_sparse_input
+from .canonical import (
+    canonical_block,
+    cast_values,
+    check_casting,
+    check_nan_policy,
+    check_sparse_input,
+    native,
+    native_matrix,
+)
 from .chunks import ChunkEncoder
 from .errors import (
     CorruptStoreError,
-    DTypeError,
     InvalidInputError,
     NotAStoreError,
     ShapeMismatchError,
@@ -59,10 +66,20 @@ LabelBlock = Mapping[str, np.ndarray] | None
 
 # ------------------------------------------------------------------ appending
 
-def append(store: SparseStore, X: Any, labels: Mapping[str, Any] | None = None) -> None:
+def append(
+    store: SparseStore, X: Any, labels: Mapping[str, Any] | None = None,
+    casting: str = "safe",
+) -> None:
     """Append rows (any scipy sparse or 2-D array) and their labels: the work of
-    :meth:`SparseStore.append`."""
+    :meth:`SparseStore.append`.
+
+    ``casting`` (see :func:`~sparsestore.canonical.cast_values`): ``"safe"`` (default)
+    takes only dtypes the store's holds by type, since the caller did not choose that
+    dtype; ``"same_value"`` takes any values the store's dtype holds (checked before
+    anything is written); ``"unsafe"`` stores numpy's cast.
+    """
     store._check_writable()
+    check_casting(casting)
     X = _as_input(X)
     n_new, n_cols = matrix_shape(X)
     check_dim(n_new, "n_rows")
@@ -74,22 +91,38 @@ def append(store: SparseStore, X: Any, labels: Mapping[str, Any] | None = None) 
     src = getattr(X, "dtype", None)
     if src is None:
         src = np.asarray(X).dtype
-    _check_append_dtype(store, np.dtype(src), sparse_input=sp.issparse(X))
+    src = _check_append_dtype(store, np.dtype(src), sparse_input=sp.issparse(X),
+                              casting=casting)
     full_labels = check_append_labels(labels, n_new, store.labels, creating=store.n_rows == 0)
+    if casting == "same_value" and not np.can_cast(src, store.dtype, casting="safe"):
+        # Every value checked first, block by block, so a refused append writes nothing.
+        for a, _b, block in row_blocks(X):
+            _cast_block(store, block, store.n_rows + a, casting)
     append_blocks(
-        store, ((block, _slice_labels(full_labels, a, b)) for a, b, block in row_blocks(X))
+        store, ((block, _slice_labels(full_labels, a, b)) for a, b, block in row_blocks(X)),
+        casting=casting,
     )
 
 
-def _check_append_dtype(store: SparseStore, src: np.dtype, *, sparse_input: bool = False) -> None:
-    """Refuse values the store's dtype cannot hold without loss."""
+def _check_append_dtype(
+    store: SparseStore, src: np.dtype, *, sparse_input: bool = False, casting: str = "safe"
+) -> np.dtype:
+    """Refuse a dtype the store cannot take (by type, under ``casting="safe"``); return it
+    in native byte order."""
     # Sparse input is held in scipy.sparse, which refuses float16 (as save does).
-    check_matrix_dtype(src, sparse=sparse_input)
-    if not np.can_cast(src, store.dtype, casting="safe"):
-        raise DTypeError(
-            f"cannot append {src} values to a {store.dtype} store without losing "
-            f"information; convert first with X.astype(np.{store.dtype.name})"
-        )
+    src = check_matrix_dtype(src, sparse=sparse_input)
+    if casting == "safe":
+        cast_values(np.empty(0, src), store.dtype, casting="safe")
+    return src
+
+
+def _cast_block(store: SparseStore, block: Any, first_row: int, casting: str) -> None:
+    """Check that one block's values cast to the store's dtype (as writing it would)."""
+    if store.is_dense:
+        _dense_block(block, store.n_cols, store.dtype, casting=casting, first_row=first_row)
+    else:
+        canonical_block(block, store.n_cols, dtype=store.dtype, keep_zeros=True,
+                        nan_policy="keep", first_row=first_row, casting=casting)
 
 
 def _ensure_label_arrays(store: SparseStore, first: Mapping[str, np.ndarray]) -> None:
@@ -120,14 +153,17 @@ def _label_arrays(store: SparseStore) -> dict[str, Any]:
 
 def append_blocks(
     store: SparseStore, blocks: Iterable[tuple[Any, LabelBlock]], progress: Any = None,
-    encode_thread: bool = False,
+    encode_thread: bool = False, casting: str = "same_value",
 ) -> None:
     """Write row blocks, then commit them all at once; roll back on any error.
 
     ``encode_thread``: compress full chunks on a thread of their own (for sources that
     decode on other threads, so the writer's thread is the one everything waits for).
+    ``casting``: how values are cast to the store's dtype (see
+    :func:`~sparsestore.canonical.cast_values`).
     """
     store._check_writable()
+    check_casting(casting)
     n0, nnz0 = store.n_rows, store.nnz
     n, nnz = n0, nnz0
     pending = list(store._meta.labels)  # the labels the commit publishes
@@ -143,7 +179,8 @@ def append_blocks(
                 _ensure_label_arrays(store, labs)
                 pending = list(labs)
             if store.is_dense:
-                arr = _dense_block(block, store.n_cols, store.dtype)
+                arr = _dense_block(block, store.n_cols, store.dtype, casting=casting,
+                                   first_row=n)
                 if store._meta.nan_policy == "raise":
                     _check_dense_finite(arr, n)
                 m = arr.shape[0]
@@ -154,7 +191,7 @@ def append_blocks(
             else:
                 vals, ind, ptr = canonical_block(
                     block, store.n_cols, dtype=store.dtype, keep_zeros=store._meta.keep_zeros,
-                    nan_policy=store._meta.nan_policy, first_row=n,
+                    nan_policy=store._meta.nan_policy, first_row=n, casting=casting,
                 )
                 m, k = ptr.size - 1, vals.size
                 appenders[0].add(vals)
@@ -343,7 +380,7 @@ def _as_input(X: Any) -> Any:
     """Check a matrix argument's structure up front; array-likes with shape/dtype stay lazy."""
     if sp.issparse(X):
         check_sparse_input(X)
-        return X
+        return native_matrix(X)
     if hasattr(X, "shape") and hasattr(X, "dtype"):
         return X
     try:
@@ -359,14 +396,20 @@ def _slice_labels(labels: dict[str, Any], a: int, b: int) -> dict[str, np.ndarra
     return {k: np.asarray(v[a:b]) for k, v in labels.items()}
 
 
-def _dense_block(block: Any, n_cols: int, dtype: np.dtype) -> np.ndarray:
-    """A row block of a dense store as an ndarray of its dtype (cast only without loss)."""
-    arr = block.toarray() if sp.issparse(block) else np.asarray(block)
+def _dense_block(
+    block: Any, n_cols: int, dtype: np.dtype, *, casting: str = "same_value",
+    first_row: int = 0,
+) -> np.ndarray:
+    """A row block of a dense store as a native ndarray of its dtype, cast by
+    :func:`~sparsestore.canonical.cast_values` (``casting``)."""
+    arr = native_matrix(block).toarray() if sp.issparse(block) else native(np.asarray(block))
     if arr.ndim != 2 or arr.shape[1] != n_cols:
         raise ShapeMismatchError(f"block has shape {arr.shape}; the store has {n_cols} columns")
-    if not np.can_cast(arr.dtype, dtype, casting="safe"):
-        raise DTypeError(f"cannot store {arr.dtype} values in a {dtype} store without loss")
-    return arr.astype(dtype, copy=False)
+
+    def where(k: int) -> str:
+        return f"row {first_row + k // n_cols}, column {k % n_cols}"
+
+    return cast_values(arr, dtype, casting=casting, where=where)
 
 
 def _check_dense_finite(arr: np.ndarray, first_row: int) -> None:
@@ -495,6 +538,7 @@ def write_blocks(
     progress: Any = None,
     encode_thread: bool = False,
     nan_policy: str = "raise",
+    casting: str = "same_value",
     **layout_options: Any,
 ) -> SparseStore:
     """Build a new store from an iterable of ``(row block, labels block)``, atomically.
@@ -503,10 +547,15 @@ def write_blocks(
     ``path`` unless every block was written.  ``encode_thread``: compress chunks on a
     thread of their own, for block sources that decode on several threads.
     ``nan_policy``: ``"raise"`` refuses NaN/inf values (the block's row and column named),
-    ``"keep"`` stores them; appends follow the store's policy.
+    ``"keep"`` stores them; appends follow the store's policy.  ``casting``: how block
+    values are cast to ``dtype``: ``"same_value"`` refuses a value the dtype cannot hold
+    (floats may round, not overflow or vanish), ``"unsafe"`` stores numpy's cast without
+    the zeros it makes, ``"safe"`` refuses a block dtype that could lose values (see
+    :func:`~sparsestore.canonical.cast_values`).
     """
     layout = Layout.from_options(**layout_options)
     check_nan_policy(nan_policy)
+    check_casting(casting)
     n_cols = check_dim(n_cols, "n_cols")
     dt = check_matrix_dtype(dtype, sparse=sparse)
     p = storage.normalize(path)
@@ -518,7 +567,8 @@ def write_blocks(
                         keep_zeros=keep_zeros, complete=False,
                         storage_options=storage_options, nan_policy=nan_policy)
         st = SparseStore(g, path=where, mode="r+", storage_options=storage_options)
-        append_blocks(st, blocks, progress=progress, encode_thread=encode_thread)
+        append_blocks(st, blocks, progress=progress, encode_thread=encode_thread,
+                      casting=casting)
     return open(p, mode="r", storage_options=storage_options)
 
 
@@ -535,6 +585,7 @@ def save(
     storage_options: dict[str, Any] | None = None,
     progress: bool = False,
     nan_policy: str = "raise",
+    casting: str = "same_value",
     **layout_options: Any,
 ) -> SparseStore:
     """Write ``X`` (any scipy sparse matrix/array, 2-D ndarray or memmap) as a new store.
@@ -542,8 +593,13 @@ def save(
     Input is streamed in row blocks: a memmap bigger than memory is never loaded whole.
     ``sparse=False`` keeps a dense matrix dense (slices give numpy).  ``nan_policy``:
     ``"raise"`` (default) refuses NaN/inf values, naming the first; ``"keep"`` stores them.
-    Returns the store opened read-only.
+    ``casting`` applies when ``dtype`` differs from X's: ``"same_value"`` (default) refuses
+    a value ``dtype`` cannot hold (300 or 0.7 as int8, 1e300 as float32), naming it;
+    floats may round to the nearest value of a narrower float; ``"unsafe"`` stores what
+    numpy's ``astype`` makes, dropping the zeros it creates.  Big-endian input is stored in
+    native byte order.  Returns the store opened read-only.
     """
+    check_casting(casting)
     if isinstance(X, SparseStore):
         raise InvalidInputError("X is already a store; use sparsestore.convert to copy it")
     X = _as_input(X)
@@ -561,7 +617,7 @@ def save(
             ((block, _slice_labels(labs, a, b)) for a, b, block in row_blocks(X)),
             n_cols=n_cols, dtype=dt, sparse=sparse, keep_zeros=keep_zeros,
             overwrite=overwrite, storage_options=storage_options, progress=bar,
-            nan_policy=nan_policy, **layout_options,
+            nan_policy=nan_policy, casting=casting, **layout_options,
         )
     finally:
         if bar is not None:

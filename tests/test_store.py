@@ -94,7 +94,7 @@ def _chunk_bytes(root) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("options", [
     {}, {"compressor": "zstd", "clevel": 3}, {"shuffle": "bitshuffle"}, {"checksum": False},
-    {"compressor": "none"}, {"dtype": np.float32}, {"dtype": np.int16},
+    {"compressor": "none"}, {"dtype": np.float32}, {"dtype": np.int16, "casting": "unsafe"},
 ])
 def test_writer_encodes_chunks_byte_for_byte_as_zarr(tmp_path, monkeypatch, options):
     """The writer's own chunk encoder (ChunkEncoder) stores exactly what zarr would."""

@@ -29,6 +29,7 @@ from .base import (
     row_bounds,
 )
 from .coo import CooSpill
+from .npz import DEFAULT_MAX_BYTES, check_declared_bytes
 
 
 def _attrs(elem: Any) -> dict[str, Any]:
@@ -195,8 +196,18 @@ def anndata_source(
     block_nnz: int = DEFAULT_BLOCK_NNZ,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     tmp_dir: str | os.PathLike[str] | None = None,
+    casting: str = "same_value",
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Source:
-    """A :class:`Source` over an anndata file or zarr store: ``X`` and ``obs`` columns."""
+    """A :class:`Source` over an anndata file or zarr store: ``X`` and ``obs`` columns.
+
+    ``X`` whose arrays declare more than ``max_bytes`` in all (a dense shape's full size)
+    is refused before anything is read, as an ``.npz`` shard is: chunked storage makes a
+    tiny file declaring a 2^31 x 2^20 matrix of fill values.
+
+    ``casting``: how CSC values are cast to ``dtype`` as they are spilled (other layouts
+    are cast by the writer); see :func:`~sparsestore.canonical.cast_values`.
+    """
     p = os.fspath(path)
     if isinstance(labels, str):
         labels = [labels]
@@ -205,6 +216,8 @@ def anndata_source(
         raise LabelError(f"obs columns {names} are listed more than once")
     with open_root(p) as root:
         kind, shape, x_dtype = _x_info(p, root)
+        check_declared_bytes(p, _x_bytes(root["X"], kind), max_bytes,
+                             f"X declares {kind} {shape[0]} x {shape[1]} {x_dtype}")
         if names:
             if "obs" not in root:
                 raise LabelError(f"{p} has no obs table; cannot read labels {names}")
@@ -240,7 +253,7 @@ def anndata_source(
                     yield rows, labs(a, b)
                 return
             spill = CooSpill(shape, dt, memory_bytes=memory_bytes, tmp_dir=tmp_dir,
-                             source=p, error=FormatError, casting="unsafe")
+                             source=p, error=FormatError, casting=casting)
             with spill:
                 for c0, c1 in row_bounds(X["indptr"], shape[1], block_nnz):
                     with _reading(p, f"X columns {c0}-{c1}"):
@@ -252,6 +265,14 @@ def anndata_source(
 
     return Source(name=p, n_cols=shape[1], dtype=dt, blocks=blocks, n_rows=shape[0],
                   labels=names, dense=kind == "dense")
+
+
+def _x_bytes(X: Any, kind: str) -> int:
+    """Bytes ``X``'s arrays declare (their shapes times their itemsizes), read from their
+    metadata alone."""
+    arrays = [X] if kind == "dense" else [X[n] for n in ("data", "indices", "indptr")]
+    return sum(int(np.prod(a.shape, dtype=object)) * np.dtype(a.dtype).itemsize
+               for a in arrays)
 
 
 def is_anndata_zarr(path: str) -> bool:

@@ -165,11 +165,13 @@ def write_source(
     progress: Any = None,
     storage_options: dict[str, Any] | None = None,
     nan_policy: str = "raise",
+    casting: str = "same_value",
     **layout_options: Any,
 ) -> Any:
     """Write ``source`` to a new store at ``dst`` through ``write_blocks`` (atomic).
 
     ``nan_policy``: ``"raise"`` refuses NaN and infinite values, ``"keep"`` stores them.
+    ``casting``: how block values are cast to ``dtype`` (see :func:`write_blocks`).
     """
     from ..layout import Layout
     from ..store import write_blocks
@@ -193,6 +195,7 @@ def write_source(
             progress=bar,
             encode_thread=source.threads > 1,
             nan_policy=nan_policy,
+            casting=casting,
             **layout_options,
         )
     finally:

@@ -23,8 +23,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..blocks import coo_row_blocks
-from ..canonical import _as_int_array, check_row_count
-from ..errors import DTypeError, InvalidInputError, ShapeMismatchError
+from ..canonical import _as_int_array, cast_values, check_row_count, native
+from ..errors import InvalidInputError, ShapeMismatchError
 from ..layout import check_dim, check_value_dtype, index_dtype
 from .base import DEFAULT_BLOCK_NNZ, DEFAULT_MEMORY_BYTES, Source, Spill, write_source
 
@@ -87,11 +87,8 @@ class CooSpill:
         if r.size == 0:
             return
         check_value_dtype(d.dtype)
-        if not np.can_cast(d.dtype, self.dtype, casting=self.casting):
-            raise DTypeError(
-                f"{self.source}: values of dtype {d.dtype} do not fit the store's {self.dtype} "
-                f"without loss; pass dtype=np.{d.dtype.name} (or cast the input)"
-            )
+        d = cast_values(native(d), self.dtype, casting=self.casting,
+                        where=lambda k: f"{self.source}: row {r[k]}, column {c[k]}")
         for name, idx, n in (("row", r, self.n_rows), ("column", c, self.n_cols)):
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= n:
@@ -101,7 +98,7 @@ class CooSpill:
                     f"{n} {name}s"
                 )
         self._buf.append(
-            (r.astype(np.int64), c.astype(self._col_dtype), d.astype(self.dtype))
+            (r.astype(np.int64), c.astype(self._col_dtype), d)
         )
         self._buffered += r.size * self._entry_bytes
         self.nnz_added += int(r.size)
@@ -241,7 +238,8 @@ def coo_source(
     n_rows, n_cols = check_dim(shape[0], "n_rows"), check_dim(shape[1], "n_cols")
     it = iter(chunks)
     first: list[tuple[Any, Any, Any]] = []
-    casting = "unsafe" if dtype is not None else "safe"  # an explicit dtype is a request
+    # An explicit dtype is a request: values it holds are taken (see cast_values).
+    casting = "same_value" if dtype is not None else "safe"
     if dtype is None:  # the first chunk's values decide
         for chunk in it:
             first.append(_check_chunk(chunk, name))

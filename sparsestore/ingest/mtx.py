@@ -162,8 +162,12 @@ def mtx_source(
     chunk_entries: int = 2**20,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     tmp_dir: str | os.PathLike[str] | None = None,
+    casting: str = "same_value",
 ) -> Source:
     """A :class:`Source` reading a Matrix Market file once, in entry chunks.
+
+    Values are cast to ``dtype`` as they are read, by
+    :func:`~sparsestore.canonical.cast_values` (``casting``).
 
     Memory follows the entries, not the declared shape; a size line declaring more rows
     than its entries can back (see :func:`~sparsestore.canonical.check_row_count`) is
@@ -178,7 +182,7 @@ def mtx_source(
 
     def blocks() -> Iterator[tuple[Any, None]]:
         spill = CooSpill(header.shape, dt, memory_bytes=memory_bytes, tmp_dir=tmp_dir,
-                         source=p, error=FormatError, casting="unsafe")
+                         source=p, error=FormatError, casting=casting)
         with spill, open_text(p, "ascii") as f:
             _read_header(f, p)
             pos = 0  # entries seen, for array files

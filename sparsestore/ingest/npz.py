@@ -41,7 +41,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..blocks import MAX_BLOCK_ROWS, coo_row_blocks, csr_views
-from ..canonical import check_row_count
+from ..canonical import check_row_count, native, native_matrix
 from ..errors import FormatError, InvalidInputError, SparseStoreError, UnsafeInputError
 from .base import (
     DEFAULT_BLOCK_NNZ,
@@ -114,17 +114,25 @@ def _not_a_zip(path: str, head: bytes) -> SparseStoreError:
     return FormatError(f"{path} is not a valid .npz file (not a zip archive, or truncated)")
 
 
+def check_declared_bytes(path: str, nbytes: int, max_bytes: int, what: str) -> None:
+    """Refuse a source whose headers declare more than ``max_bytes`` of decompressed data
+    (``what`` says which part declares it), before anything is inflated or allocated: a
+    small file can declare petabytes of zeros."""
+    if nbytes > max_bytes:
+        raise UnsafeInputError(
+            f"{path} would decompress to more than {max_bytes} bytes ({what}); refusing a "
+            "possible decompression bomb. Raise max_bytes= (--max-bytes) if the file is "
+            "trusted"
+        )
+
+
 def check_zip_sizes(path: str, zf: zipfile.ZipFile, max_bytes: int) -> int:
     """Refuse a shard whose members would decompress to more than ``max_bytes`` in total."""
     total = 0
     for info in zf.infolist():
         total += int(info.file_size)
-        if total > max_bytes:
-            raise UnsafeInputError(
-                f"{path} would decompress to more than {max_bytes} bytes (member "
-                f"{info.filename!r} declares {info.file_size}); refusing a possible "
-                "decompression bomb. Raise max_bytes= if the file is trusted"
-            )
+        check_declared_bytes(path, total, max_bytes,
+                             f"member {info.filename!r} declares {info.file_size}")
     return total
 
 
@@ -180,9 +188,10 @@ class _Shard:
         return self._headers[name]
 
     def array(self, name: str) -> np.ndarray:
-        """A whole member, read by ``np.load`` once its header is checked."""
+        """A whole member, read by ``np.load`` once its header is checked, in native byte
+        order (scipy refuses big-endian arrays)."""
         self.header(name)
-        return self.npz[name]
+        return native(self.npz[name])
 
 
 @contextlib.contextmanager
@@ -319,7 +328,7 @@ def _load_parts(shard: _Shard, kind: str, opts: NpzOptions) -> dict[str, np.ndar
         for name in shard.members:
             shard.header(name)
         shard.file.seek(0)
-        m: Any = sp.load_npz(shard.file)
+        m: Any = native_matrix(sp.load_npz(shard.file))
         if m.format in ("csr", "csc", "bsr"):
             m.check_format(full_check=True)
         out.update(_row_parts(m))
@@ -436,7 +445,7 @@ class _NpyStream:
             )
         out = np.frombuffer(self._bytes(n * self.dtype.itemsize), dtype=self.dtype, count=n)
         self.done += n
-        return out
+        return native(out)  # scipy refuses big-endian arrays
 
     def finish(self) -> None:
         """Check that every value was read; zipfile checked the size and CRC-32 at the

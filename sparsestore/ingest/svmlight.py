@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from ..canonical import cast_values
 from ..errors import FormatError, InvalidInputError
 from ..layout import MAX_DIM
 from .base import Source, Spill, expand_paths, open_text
@@ -77,7 +78,8 @@ def _bad_line(lines: list[str], path: str, first_line: int, exc: Exception) -> F
     )
 
 
-def _parse_lines(lines: list[str], path: str, first_line: int, dtype: np.dtype) -> _Block:
+def _parse_lines(lines: list[str], path: str, first_line: int, dtype: np.dtype,
+                 casting: str = "same_value") -> _Block:
     """Parse a chunk of lines into CSR parts (indices still in the file's base)."""
     ys: list[str] = []
     qids: list[str] = []
@@ -112,18 +114,20 @@ def _parse_lines(lines: list[str], path: str, first_line: int, dtype: np.dtype) 
         if len(pairs) != 2 * len(feats) or any(t.count(":") != 1 for t in feats):
             raise ValueError("a feature is not of the form index:value")
         idx = np.array(pairs[0::2], dtype=np.int64)
-        vals = np.array(pairs[1::2], dtype=np.float64).astype(dtype, copy=False)
+        vals = np.array(pairs[1::2], dtype=np.float64)
         if idx.size and int(idx.min()) < 0:
             raise ValueError(f"negative feature index {int(idx.min())}")
     except (ValueError, OverflowError) as exc:
         raise _bad_line(lines, path, first_line, exc) from None
+    vals = cast_values(vals, dtype, casting=casting, where=lambda k: (
+        f"{path}, lines {first_line}-{first_line + len(lines) - 1}, feature {int(idx[k])}"))
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.asarray(counts, dtype=np.int64), out=indptr[1:])
     return _Block(vals, idx, indptr, y, qid)
 
 
 def _parsed_blocks(
-    paths: Sequence[str], chunk_lines: int, dtype: np.dtype
+    paths: Sequence[str], chunk_lines: int, dtype: np.dtype, casting: str = "same_value"
 ) -> Iterator[tuple[str, _Block]]:
     for path in paths:
         try:
@@ -133,7 +137,7 @@ def _parsed_blocks(
                     lines = list(itertools.islice(f, chunk_lines))
                     if not lines:
                         break
-                    block = _parse_lines(lines, path, line, dtype)
+                    block = _parse_lines(lines, path, line, dtype, casting)
                     line += len(lines)
                     if block.y.size:
                         yield path, block
@@ -149,11 +153,14 @@ def svmlight_source(
     dtype: Any = np.float64,
     chunk_lines: int = 65536,
     tmp_dir: str | os.PathLike[str] | None = None,
+    casting: str = "same_value",
 ) -> Source:
     """A :class:`Source` over svmlight file(s) (a path, glob or list, rows concatenated).
 
     ``zero_based="auto"`` treats indices as one-based unless some index is 0 (as
-    scikit-learn does); ``n_features`` defaults to the largest index seen.
+    scikit-learn does); ``n_features`` defaults to the largest index seen.  Values are
+    parsed as float64 and cast to ``dtype`` by :func:`~sparsestore.canonical.cast_values`
+    (``casting``).
     """
     paths = expand_paths(src, what="svmlight")
     dt = np.dtype(dtype)
@@ -188,7 +195,7 @@ def svmlight_source(
         base = 0 if zero_based else 1
 
         def blocks() -> Iterator[tuple[Any, dict]]:
-            for path, block in _parsed_blocks(paths, chunk_lines, dt):
+            for path, block in _parsed_blocks(paths, chunk_lines, dt, casting):
                 yield to_pair(block, base, int(n_features), path)
 
         return Source(name=_name(paths), n_cols=int(n_features), dtype=dt, blocks=blocks,
@@ -199,7 +206,7 @@ def svmlight_source(
     names: list[str] = []  # the file each spilled block came from
     lo, hi = None, -1
     try:
-        for path, block in _parsed_blocks(paths, chunk_lines, dt):
+        for path, block in _parsed_blocks(paths, chunk_lines, dt, casting):
             if block.indices.size:
                 bmin, bmax = int(block.indices.min()), int(block.indices.max())
                 lo = bmin if lo is None else min(lo, bmin)
