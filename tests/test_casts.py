@@ -310,14 +310,24 @@ def test_anndata_declaring_a_huge_dense_x_is_refused_up_front(tmp_path, make, ca
 
 
 def test_anndata_max_bytes_is_the_limit_and_can_be_raised(tmp_path):
-    X = np.arange(40, dtype=np.float32).reshape(8, 5)
+    """A small file declaring more than max_bytes and far more than it stores is refused;
+    raising max_bytes lets it through."""
+    src = _h5ad_bomb(tmp_path / "s.h5ad", shape=(2**14, 2**10))  # 64 MiB declared
+    with pytest.raises(UnsafeInputError, match="max_bytes"):
+        sparsestore.convert(src, tmp_path / "o.zarr", max_bytes=2**20)
+    nothing_at(tmp_path, "o.zarr")
+    got = sparsestore.convert(src, tmp_path / "o.zarr", max_bytes=2**26)
+    assert got.shape == (2**14, 2**10) and got.nnz == 0
+
+
+def test_anndata_over_max_bytes_that_stores_its_bytes_is_converted(tmp_path):
+    """A genuinely large X (here: over a lowered max_bytes, stored at its own size) is no
+    bomb: the limit scales with what the file holds."""
+    X = np.random.default_rng(0).random((400, 50)).astype(np.float32)
     src = _h5ad_bomb(tmp_path / "s.h5ad", shape=X.shape)
     import h5py
 
     with h5py.File(src, "r+") as f:
         f["X"][...] = X
-    with pytest.raises(UnsafeInputError, match="max_bytes"):
-        sparsestore.convert(src, tmp_path / "o.zarr", max_bytes=100)
-    nothing_at(tmp_path, "o.zarr")
-    got = sparsestore.convert(src, tmp_path / "o.zarr", max_bytes=X.nbytes)
+    got = sparsestore.convert(src, tmp_path / "o.zarr", max_bytes=1000)
     np.testing.assert_array_equal(stored(got), X)

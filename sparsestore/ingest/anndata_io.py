@@ -31,6 +31,10 @@ from .base import (
 from .coo import CooSpill
 from .npz import DEFAULT_MAX_BYTES, check_declared_bytes
 
+# Declared-to-stored bytes beyond which X over max_bytes is taken for a decompression bomb:
+# real count matrices compress a few times, an all-fill-value chunk grid millions of times.
+BOMB_RATIO = 1000
+
 
 def _attrs(elem: Any) -> dict[str, Any]:
     return dict(elem.attrs)
@@ -202,8 +206,9 @@ def anndata_source(
     """A :class:`Source` over an anndata file or zarr store: ``X`` and ``obs`` columns.
 
     ``X`` whose arrays declare more than ``max_bytes`` in all (a dense shape's full size)
-    is refused before anything is read, as an ``.npz`` shard is: chunked storage makes a
-    tiny file declaring a 2^31 x 2^20 matrix of fill values.
+    and more than ``BOMB_RATIO`` times the bytes the file holds is refused before anything
+    is read, as an ``.npz`` shard is: chunked storage makes a tiny file declaring a
+    2^31 x 2^20 matrix of fill values, while a real atlas of any size passes.
 
     ``casting``: how CSC values are cast to ``dtype`` as they are spilled (other layouts
     are cast by the writer); see :func:`~sparsestore.canonical.cast_values`.
@@ -216,8 +221,10 @@ def anndata_source(
         raise LabelError(f"obs columns {names} are listed more than once")
     with open_root(p) as root:
         kind, shape, x_dtype = _x_info(p, root)
-        check_declared_bytes(p, _x_bytes(root["X"], kind), max_bytes,
-                             f"X declares {kind} {shape[0]} x {shape[1]} {x_dtype}")
+        stored = _stored_bytes(p)
+        check_declared_bytes(p, _x_bytes(root["X"], kind), max(max_bytes, BOMB_RATIO * stored),
+                             f"X declares {kind} {shape[0]} x {shape[1]} {x_dtype} in "
+                             f"{stored} stored bytes")
         if names:
             if "obs" not in root:
                 raise LabelError(f"{p} has no obs table; cannot read labels {names}")
@@ -265,6 +272,13 @@ def anndata_source(
 
     return Source(name=p, n_cols=shape[1], dtype=dt, blocks=blocks, n_rows=shape[0],
                   labels=names, dense=kind == "dense")
+
+
+def _stored_bytes(path: str) -> int:
+    """Bytes the file (or the zarr directory's files) hold on disk."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
 def _x_bytes(X: Any, kind: str) -> int:
