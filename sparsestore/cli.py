@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(store); comma-separated, repeatable")
     c.add_argument("--key", help="npz: the member holding a dense matrix")
     c.add_argument("--dtype", help="value dtype of the new store (default: the source's)")
+    c.add_argument("--casting", choices=["same_value", "safe", "unsafe"], default="same_value",
+                   help="with --dtype: same_value (default) refuses a value the dtype cannot "
+                   "hold; unsafe casts as numpy's astype does")
     c.add_argument("--dense", action="store_true", help="keep a dense source dense")
     c.add_argument("--n-features", type=int, metavar="N", help="svmlight: number of columns")
     c.add_argument("--zero-based", choices=("auto", "yes", "no"), default=None,
@@ -151,7 +154,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     store = convert(
         src, dst, format=args.format, overwrite=args.overwrite,
         progress=_progress_flag(args), workers=args.workers, labels=labels or None,
-        key=args.key, dtype=args.dtype, sparse=not args.dense, n_features=args.n_features,
+        key=args.key, dtype=args.dtype, casting=args.casting, sparse=not args.dense,
+        n_features=args.n_features,
         zero_based=zero_based, max_bytes=args.max_bytes, tmp_dir=args.tmp_dir,
         nan_policy=args.nan_policy, **layout,
     )

@@ -161,6 +161,10 @@ def test_convert_refuses_lossy_dtype_for_every_source(tmp_path, capsys):
                      "int8"]) != 0
     assert "300" in capsys.readouterr().err
     nothing_at(tmp_path, "c.zarr")
+    assert cli_main(["convert", str(npy), str(tmp_path / "c.zarr"), "-q", "--dtype", "int8",
+                     "--casting", "unsafe"]) == 0
+    np.testing.assert_array_equal(stored(sparsestore.open(tmp_path / "c.zarr")),
+                                  np.load(npy).astype(np.int8))
     fits = tmp_path / "fits.mtx"
     sio.mmwrite(fits, sp.coo_matrix(np.array([[300.0, 0.0], [0.0, -2.0]])))
     ok = sparsestore.convert(fits, tmp_path / "u.zarr", dtype="int16")
