@@ -102,6 +102,12 @@ class SparseStore:
             attrs = dict(g.attrs)
             meta = read_meta(attrs, self.path)
             enc = attrs.get("encoding-type")
+        if META_KEY not in attrs and LABELS_GROUP in g:
+            raise CorruptStoreError(
+                f"{self.path}: attrs[{META_KEY!r}] is missing from zarr.json, yet the group "
+                "holds sparsestore labels: its format, manifest and label list were deleted, "
+                "so nothing read from it could be checked; restore zarr.json from a copy"
+            )
         if enc == "csr_matrix":
             meta.format = "csr"
         elif meta.format == "dense" and META_KEY in attrs:

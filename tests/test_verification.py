@@ -216,9 +216,10 @@ def test_unverified_store_warns_once_at_open(copy, pristine, how):
     path = copy("s.zarr")
     if how == "old format":
         _unseal(path)
-    else:
+    else:  # as anndata writes a CSR group: no labels either
         g = zarr.open_group(str(path), mode="r+")
         g.attrs.__delitem__("sparsestore")
+        shutil.rmtree(path / "labels")
     with pytest.warns(UnverifiedStoreWarning) as record:
         s = sparsestore.open(path)
     ours = [w for w in record if issubclass(w.category, UnverifiedStoreWarning)]
@@ -230,6 +231,22 @@ def test_unverified_store_warns_once_at_open(copy, pristine, how):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         s[:10]  # reads do not repeat it
+
+
+def test_deleted_sparsestore_attrs_beside_labels_are_refused(copy):
+    """Deleting attrs["sparsestore"] would drop the manifest and the labels and read the rest
+    unchecked; a group that still holds our labels says it was ours: refused, never read."""
+    path = copy("s.zarr")
+    shutil.copyfile(_chunk(path, "data", 2), _chunk(path, "data", 1))  # a moved chunk
+    g = zarr.open_group(str(path), mode="r+")
+    g.attrs.__delitem__("sparsestore")
+    with pytest.raises(CorruptStoreError, match=r"attrs\['sparsestore'\] is missing"):
+        sparsestore.open(path)
+    assert not validate_store(path).ok
+    before = _snapshot(path)
+    with pytest.raises(CorruptStoreError):
+        sparsestore.upgrade(path)
+    assert _snapshot(path) == before
 
 
 def test_verified_store_opens_without_a_warning(copy):
