@@ -708,6 +708,281 @@ def _fmt(res: Counter, total: int, ok: str = "refused with SparseStoreError") ->
     return text
 
 
+# ------------------------------------------------------------- second pass
+
+def _outcome(read, want=None) -> str:
+    """'refused: Class' for a SparseStoreError, 'same' when ``read()`` equals ``want``,
+    'silent' when it differs, 'raw: Class' for any other exception."""
+    try:
+        got = read()
+    except SparseStoreError as exc:
+        return f"refused: {type(exc).__name__}"
+    except Exception as exc:  # noqa: BLE001 - a raw error is a finding, reported
+        return f"raw: {type(exc).__name__}"
+    if want is None:
+        return "silent"
+    if sp.issparse(want):
+        same = sp.issparse(got) and got.shape == want.shape and (got != want).nnz == 0
+    else:
+        same = np.array_equal(np.asarray(got), want)
+    return "same" if same else "silent"
+
+
+def _tally(label: str, res: Counter, ok: str,
+           good: tuple[str, ...] = ("refused", "same")) -> tuple[str, str, str]:
+    """A row: how many ended as promised (outcomes starting with one of ``good``; ``ok``
+    says which), the rest in bold."""
+    total = sum(res.values())
+    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(res.items()))
+    bad = sum(v for k, v in res.items() if not k.startswith(good) or "(written)" in k)
+    text = f"{total - bad}/{total} {ok} ({kinds}), silently wrong {res.get('silent', 0)}"
+    return label, str(total), f"**{text}**" if bad else text
+
+
+def _loader_rows(store: Any, **kw: Any) -> sp.csr_matrix:
+    """A loader pass put back in row order."""
+    rows, parts = [], []
+    for b in sparsestore.DataLoader(store, batch_size=97, **kw).iter_batches():
+        rows.append(b.rows)
+        parts.append(b.to_scipy())
+    order = np.argsort(np.concatenate(rows), kind="stable")
+    return sp.vstack(parts, format="csr")[order]
+
+
+def run_second_pass(tmp: Path, tries: int, rng: Any) -> list[tuple[str, str, str]]:
+    """Restored backups under open handles, forged shard indexes and format fields, bad
+    column indices, lossy casts, pickled handles, resumes over another layout, consolidated
+    metadata, big-endian input and anndata size bombs."""
+    import pickle
+    import warnings
+
+    import zarr
+
+    warnings.simplefilter("ignore")
+    n, m = 3000, 200
+    X = sp.random(n, m, density=0.05, format="csr", dtype=np.float32, random_state=1)
+    X.data += 1
+    y = np.arange(n, dtype=np.int64)
+    lay = {"chunk_bytes": 4096, "indptr_chunk": 256}
+    rows = []
+
+    def fresh(name: str, **kw: Any) -> Path:
+        path = tmp / name
+        shutil.rmtree(path, ignore_errors=True)
+        sparsestore.save(path, X, labels={"y": y}, **{**lay, **kw})
+        return path
+
+    # A backup restored under a handle opened after an append.
+    res: Counter = Counter()
+    for t in range(tries):
+        path, backup = tmp / "r.zarr", tmp / "r.bak"
+        n0 = int(rng.integers(500, n - 500))
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(backup, ignore_errors=True)
+        sparsestore.save(path, X[:n0], labels={"y": y[:n0]}, **lay)
+        shutil.copytree(path, backup)
+        sparsestore.open(path, mode="r+").append(X[n0:], labels={"y": y[n0:]})
+        h = sparsestore.open(path)
+        shutil.rmtree(path)
+        shutil.copytree(backup, path)
+        read = [lambda h=h, a=n0: h[a:], lambda h=h, a=n0: h[a - 3:a + 3],
+                lambda h=h, a=n0: h.labels["y"][a:], lambda h=h: _loader_rows(h)][t % 4]
+        res[_outcome(read)] += 1
+    rows.append(_tally("Backup restored under a handle opened after an append (reads past and "
+                       "across the old end, labels, loader)", res, "refused with "
+                       "StoreChangedError", good=("refused: StoreChangedError",)))
+
+    # A shard index entry pointed at another inner chunk's bytes, CRC recomputed.
+    import struct
+
+    import google_crc32c
+
+    sharded = fresh("sh.zarr", shard_bytes=16384)
+    per = 16384 // 4096
+    res = Counter()
+    for t in range(tries):
+        work = tmp / "shw.zarr"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(sharded, work)
+        shard = sorted((work / ["data", "indices"][t % 2] / "c").glob("*"))[0]
+        raw = bytearray(shard.read_bytes())
+        size = per * 16 + 4
+        index = np.frombuffer(bytes(raw[-size:-4]), "<u8").reshape(per, 2).copy()
+        i, j = (int(v) for v in rng.choice(per, 2, replace=False))
+        index[j] = index[i]
+        body = index.tobytes()
+        raw[-size:] = body + struct.pack("<I", google_crc32c.value(body))
+        shard.write_bytes(bytes(raw))
+        st = sparsestore.open(work)
+        lo = int(X.indptr.searchsorted(j * 1024, side="right")) - 1
+        read = [lambda st=st, lo=lo: st[lo:lo + 5], lambda st=st: _loader_rows(st),
+                lambda st=st: st.to_dask(chunk_rows=500).compute()][t % 3]
+        want = X[lo:lo + 5] if t % 3 == 0 else X
+        verdict = _outcome(read, want)
+        if verdict.startswith("refused") and validate_store(work).ok:
+            verdict = "silent"  # validate blessing what reads refuse
+        res[verdict] += 1
+    rows.append(_tally("Shard index entry pointed at another inner chunk (index CRC "
+                       "recomputed): row slice, loader, dask, validate", res, "refused"))
+
+    # One field that would turn verification off, then a moved chunk.
+    res = Counter()
+    for t in range(tries):
+        path = fresh("f.zarr")
+        c = path / "data" / "c"
+        shutil.copyfile(c / "1", c / "0")
+        g = zarr.open_group(str(path), mode="r+")
+        meta = dict(g.attrs["sparsestore"])
+        if t % 2:
+            g.attrs.__delitem__("sparsestore")
+        else:
+            meta["format_version"] = 1
+            g.attrs["sparsestore"] = meta
+        res[_outcome(lambda p=path: sparsestore.open(p)[:], X)] += 1
+    rows.append(_tally("format_version 2 -> 1, or attrs['sparsestore'] deleted, beside a "
+                       "moved chunk", res, "refused at open"))
+
+    # Column indices out of range, negative, unsorted or duplicated (an unverified store).
+    res = Counter()
+    for t in range(tries):
+        path = fresh("ix.zarr")
+        g = zarr.open_group(str(path), mode="r+")
+        meta = dict(g.attrs["sparsestore"])
+        meta.update(format_version=1)
+        meta.pop("manifest")
+        meta.pop("generation")
+        g.attrs["sparsestore"] = meta
+        arr = zarr.open_array(str(path / "indices"), mode="r+")
+        row = int(rng.integers(0, n))
+        while X.indptr[row + 1] - X.indptr[row] < 2:
+            row = (row + 1) % n
+        a = int(X.indptr[row])
+        ind = arr[a:a + 2]
+        ind[:] = [[10**6, ind[1]], [-5, ind[1]], [ind[1], ind[0]], [ind[0], ind[0]]][t % 4]
+        arr[a:a + 2] = ind
+        st = sparsestore.open(path)
+        read = [lambda st=st: st[:], lambda st=st, r=row: st[[r, 0]],
+                lambda st=st: _loader_rows(st, shuffle=True, seed=1),
+                lambda st=st: st.to_dask().compute()][t % 4]
+        res[_outcome(read)] += 1
+    rows.append(_tally("Column index out of range / negative / unsorted / duplicated "
+                       "(store without a manifest): full, rows, loader, dask", res,
+                       "refused"))
+
+    # Lossy casts on save, and from_dask's claimed dtype.
+    res = Counter()
+    cases = [(np.array([[300.0, 1.0]]), "int8"), (np.array([[0.7, 2.0]]), "int8"),
+             (np.array([[-1.5, 3.0]]), "uint8"), (np.array([[1e300, 1.0]]), "float32"),
+             (np.array([[70000.0, 1.0]]), "float16")]
+    for k in range(tries):
+        values, dt = cases[k % len(cases)]
+        out = tmp / "cast.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        verdict = _outcome(lambda v=values, d=dt, o=out: sparsestore.save(
+            o, sp.csr_matrix(v), dtype=d)[:])
+        if out.exists():
+            verdict += " (written)"
+        res[verdict] += 1
+    rows.append(_tally("Lossy cast on save (300 -> int8, 0.7 -> int8, -1.5 -> uint8, 1e300 "
+                       "-> float32, 70000 -> float16)", res, "refused, nothing written"))
+
+    # A pickled handle, after the store was saved over.
+    res = Counter()
+    for t in range(tries):
+        path = fresh("p.zarr")
+        h = sparsestore.open(path)
+        blob = pickle.dumps(h)
+        sparsestore.save(path, X[: n // (2 + t % 3)], labels={"y": y[: n // (2 + t % 3)]},
+                         overwrite=True, **lay)
+        res[_outcome(lambda b=blob: pickle.loads(b)[:])] += 1  # noqa: S301 - our own bytes
+    rows.append(_tally("Pickled handle loaded after the store was saved over", res,
+                       "refused with StoreChangedError", good=("refused: StoreChangedError",)))
+
+    # A shuffled resume state loaded over the same rows saved with another layout.
+    res = Counter()
+    for t in range(tries):
+        a = fresh("la.zarr")
+        b = tmp / "lb.zarr"
+        shutil.rmtree(b, ignore_errors=True)
+        sparsestore.save(b, X, labels={"y": y}, chunk_bytes=4096 * (2 + t % 3))
+        la = sparsestore.DataLoader(sparsestore.open(a), 97, shuffle=True, seed=t)
+        it = la.iter_batches()
+        seen = [next(it).rows for _ in range(5)]
+        state = la.state_dict()
+        del it
+        lb = sparsestore.DataLoader(sparsestore.open(b), 97, shuffle=True, seed=t)
+
+        def resume(lb=lb, state=state, seen=seen):
+            lb.load_state_dict(state)
+            got = np.concatenate([*seen, *(x.rows for x in lb.iter_batches())])
+            return np.sort(got)
+
+        res[_outcome(resume, np.arange(n))] += 1
+    rows.append(_tally("Shuffled state resumed over a copy saved with another chunk size",
+                       res, "refused or every row exactly once"))
+
+    # zarr.consolidate_metadata(), then append.
+    res = Counter()
+    for _ in range(max(2, tries // 4)):
+        path = tmp / "c.zarr"
+        shutil.rmtree(path, ignore_errors=True)
+        sparsestore.save(path, X[:1000], labels={"y": y[:1000]}, **lay)
+        zarr.consolidate_metadata(str(path))
+
+        def append_then_read(path=path):
+            sparsestore.open(path, mode="r+").append(X[1000:], labels={"y": y[1000:]})
+            return sparsestore.open(path)[:]
+
+        res[_outcome(append_then_read, X)] += 1
+    rows.append(_tally("zarr.consolidate_metadata() on a store, then append and reopen", res,
+                       "appended and read back exactly", good=("same",)))
+
+    # Big-endian input.
+    res = Counter()
+    be = sp.csr_matrix(X[:500])
+    be.data = be.data.astype(">f4")  # scipy refuses astype(">f4"); its constructors take it
+    be_dense = be.toarray().astype(">f4")
+    npy = tmp / "be.npy"
+    np.save(npy, be_dense, allow_pickle=False)
+    for how in ("dense", "csr", "indices", "convert"):
+        out = tmp / "be.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        if how == "dense":
+            res[_outcome(lambda o=out: sparsestore.save(o, be_dense)[:], X[:500])] += 1
+        elif how == "csr":
+            res[_outcome(lambda o=out: sparsestore.save(o, be)[:], X[:500])] += 1
+        elif how == "indices":
+            Z = sp.csr_matrix((X[:500].data, X[:500].indices.astype(">i4"), X[:500].indptr),
+                              shape=(500, m))
+            res[_outcome(lambda o=out, Z=Z: sparsestore.save(o, Z)[:], X[:500])] += 1
+        else:
+            res[_outcome(lambda o=out: sparsestore.convert(npy, o)[:], X[:500])] += 1
+    rows.append(_tally("Big-endian input (dense >f4, CSR >f4, indices >i4, convert .npy)",
+                       res, "read back exactly", good=("same",)))
+
+    # anndata files declaring a 2^31 x 2^20 dense X in a few KB.
+    import h5py
+
+    res = Counter()
+    h5 = tmp / "bomb.h5ad"
+    with h5py.File(h5, "w") as f:
+        f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        f.create_dataset("X", shape=(2**31, 2**20), dtype="f4", chunks=(64, 64),
+                         fillvalue=0, compression="gzip")
+    zb = tmp / "bomb.zarr"
+    g = zarr.open_group(str(zb), mode="w", zarr_format=3)
+    g.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    g.create_array("X", shape=(2**31, 2**20), dtype="f4", chunks=(1024, 1024), fill_value=0)
+    for src in (h5, zb):
+        out = tmp / "bo.zarr"
+        verdict = _outcome(lambda s=src, o=out: sparsestore.convert(s, o))
+        res[verdict + (" (written)" if out.exists() else "")] += 1
+    rows.append(_tally("anndata .h5ad / zarr declaring a 2^31 x 2^20 dense X in a few KB",
+                       res, "refused up front"))
+    warnings.resetwarnings()
+    return rows
+
+
 # ------------------------------------------------------------------ main
 
 def main(argv: list[str] | None = None) -> int:
@@ -725,11 +1000,13 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "hostile").mkdir()
         (tmp / "damage").mkdir()
         (tmp / "env").mkdir()
+        (tmp / "second").mkdir()
         rows = run_kills(tmp / "kills", kills, rng)
         rows += run_flips(tmp / "flips", flips, rng)
         rows += run_damage(tmp / "damage", flips, rng)
         rows += run_environment(tmp / "env", max(6, flips // 2), rng)
         rows += run_hostile(tmp / "hostile", fuzz, rng)
+        rows += run_second_pass(tmp / "second", max(8, flips // 2), rng)
     lines = [
         "| Category | Faults / inputs tried | Outcome |",
         "|---|---:|---|",
