@@ -233,7 +233,8 @@ class Manifest:
                     "shape, codecs...) differs from what was committed, so its bytes would be "
                     "read as something they are not; restore the store's zarr.json from a copy"
                 )
-            if int(arr.chunks[0]) != am.chunk or arr.shape[0] < am.length:
+            if (int(arr.chunks[0]) != am.chunk or arr.shape[0] < am.length
+                    or am.per_object != per_object(meta) or am.trailer != trailer_tagged(meta)):
                 raise CorruptStoreError(f"{where}: array {name!r} does not match its manifest")
             am.row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
             am.steps = _decode_steps(meta, arr)

@@ -249,6 +249,21 @@ def test_deleted_sparsestore_attrs_beside_labels_are_refused(copy):
     assert _snapshot(path) == before
 
 
+@pytest.mark.parametrize("field, value", [("per_object", 2**40), ("per_object", 2),
+                                          ("trailer", False)])
+def test_manifest_fields_that_disagree_with_the_array_are_refused_at_open(copy, field, value):
+    """A manifest entry saying how an array's objects are tagged must match the array's own
+    codecs: per_object 2**40 made the first read allocate a 2**40-long list."""
+    path = copy("s.zarr")
+    g = zarr.open_group(str(path), mode="r+")
+    meta = dict(g.attrs["sparsestore"])
+    meta["manifest"]["arrays"]["labels/y"][field] = value
+    g.attrs["sparsestore"] = meta
+    with pytest.raises(CorruptStoreError, match="does not match its manifest"):
+        sparsestore.open(path)
+    assert not validate_store(path).ok
+
+
 def test_verified_store_opens_without_a_warning(copy):
     path = copy("s.zarr")
     with warnings.catch_warnings():
