@@ -102,9 +102,10 @@ def test_backup_restored_under_an_open_handle(tmp_path, layout):
         with pytest.raises(StoreChangedError, match=WENT_BACK) as info:
             read()
         assert "open it again" in str(info.value), name
-    # Reads before the copy's length are still the handle's rows; a new handle and
-    # refresh() see the restored store.
-    assert _same(h[: N0 // 2], X[: N0 // 2])
+    # Rows in chunks wholly inside the copy's rows (never rewritten) still read; a new
+    # handle and refresh() see the restored store.
+    if layout == "small":
+        assert _same(h[: N0 // 2], X[: N0 // 2])
     assert _same(sparsestore.open(path)[:], X[:N0])
     assert _same(h.refresh()[:], X[:N0]) and np.array_equal(h.labels["y"][:], y[:N0])
 
@@ -227,7 +228,13 @@ def test_pickled_handle_after_a_restore(tmp_path):
         pickle.loads(blob)
 
 
-def _child_reads(store: sparsestore.SparseStore) -> tuple:
+def _child_reads(blob: bytes) -> tuple:
+    """In a spawned process: unpickle a handle and read it (an unpickling error would kill a
+    pool's worker, so it comes back as a value)."""
+    try:
+        store = pickle.loads(blob)
+    except StoreChangedError as exc:
+        return "StoreChangedError", str(exc)
     return store.shape, store[:]
 
 
@@ -240,11 +247,11 @@ def test_spawned_worker_reads_the_pickled_snapshot(tmp_path):
     w.append(X[N0:])
     w.close()
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        shape, got = pool.apply(_child_reads, (h,))
+        shape, got = pool.apply(_child_reads, (pickle.dumps(h),))
         assert shape == (N0, M) and _same(got, X[:N0])
         sparsestore.save(path, X, overwrite=True)
-        with pytest.raises(StoreChangedError, match="replaced"):
-            pool.apply(_child_reads, (h,))
+        kind, msg = pool.apply(_child_reads, (pickle.dumps(h),))
+        assert kind == "StoreChangedError" and "replaced" in msg
 
 
 # ------------------------------------------------------------ consolidated metadata
