@@ -299,3 +299,20 @@ def test_stale_consolidated_metadata_is_not_read(tmp_path):
     (path / "zarr.json").write_text(json.dumps(root))
     s = sparsestore.open(path)
     assert s.shape == (N, M) and _same(s[:], X) and np.array_equal(s.labels["y"][:], y)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_dask_workers_in_other_processes_after_a_restore(tmp_path):
+    """Workers reopen the store by path: they read the commit the dask array was made from,
+    or raise; never rows appended after a restore."""
+    path, backup, X, y = _grown(tmp_path, SMALL)
+    h = sparsestore.open(path)
+    D = h.to_dask()
+    with sparsestore.open(path, mode="r+") as w:  # a later append is not seen
+        w.append(X[:10], labels={"y": y[:10]})
+    assert _same(D.compute(scheduler="processes", num_workers=1), X)
+    _restore(backup, path, "replace")
+    with sparsestore.open(path, mode="r+") as w:
+        w.append(_matrix(7)[N0:], labels={"y": y[N0:]})
+    with pytest.raises(StoreChangedError, match=WENT_BACK):
+        D.compute(scheduler="processes", num_workers=1)
