@@ -9,7 +9,8 @@ metadata, and a generation id that changes whenever a store is saved anew.
 
 :class:`VerifiedStore` wraps the zarr store of every opened store: each chunk read is
 checked against the manifest (absent -> :class:`MissingChunkError`, another tag ->
-:class:`MisplacedChunkError`, another generation on disk -> :class:`StoreChangedError`),
+:class:`MisplacedChunkError`, another generation or an earlier commit on disk ->
+:class:`StoreChangedError`),
 and each chunk write records its tag for the next commit.  A tag is the object's last 4
 bytes, so the check costs no extra pass over the data.
 """
