@@ -63,6 +63,7 @@ class _Source:
         self.path = store.path
         self.storage_options = store.storage_options
         self.generation = store.generation
+        self.attrs = store._attrs  # the commit it reads, which a reopened store is pinned to
         self.token = token
         arrays = store.arrays
         self.expect = {k: (str(a.dtype), tuple(a.chunks)) for k, a in arrays.items()}
@@ -88,9 +89,9 @@ class _Source:
             if got is not None:
                 _OPEN.move_to_end(key)
         if got is None or got.arr.shape[0] < need:
-            from .store import open as open_store
+            from .store import _reopen
 
-            st = open_store(self.path, storage_options=self.storage_options)
+            st = _reopen(self.path, self.storage_options, self.attrs)
             if st.generation != self.generation:
                 raise StoreChangedError(
                     f"{self.path} was replaced by another store since this dask array was "

@@ -58,7 +58,8 @@ class MisplacedChunkError(CorruptStoreError):
 
 
 class StoreChangedError(SparseStoreError, RuntimeError):
-    """The store was replaced (saved over) after this handle opened it."""
+    """The store was replaced (saved over), or restored to an earlier commit, after this
+    handle opened it."""
 
 
 class NeedsUpgradeError(SparseStoreError, RuntimeError):

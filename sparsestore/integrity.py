@@ -9,7 +9,8 @@ metadata, and a generation id that changes whenever a store is saved anew.
 
 :class:`VerifiedStore` wraps the zarr store of every opened store: each chunk read is
 checked against the manifest (absent -> :class:`MissingChunkError`, another tag ->
-:class:`MisplacedChunkError`, another generation on disk -> :class:`StoreChangedError`),
+:class:`MisplacedChunkError`, another generation or an earlier commit on disk ->
+:class:`StoreChangedError`),
 and each chunk write records its tag for the next commit.  A tag is the object's last 4
 bytes, so the check costs no extra pass over the data.
 """
@@ -216,6 +217,20 @@ class Manifest:
             raise CorruptStoreError(f"{where}: the chunk manifest is damaged ({exc})") from None
         arrays = {str(k): ArrayManifest.from_json(v, where) for k, v in obj["arrays"].items()}
         return cls(gen, n_cols, arrays)
+
+    def follows(self, earlier: Manifest) -> bool:
+        """Whether this commit can have come from ``earlier``'s by appends alone: the same
+        save, every array as long or longer, and the chunks wholly inside ``earlier``'s rows
+        (which appends never rewrite) unchanged.  False after a restore to an older commit."""
+        if self.generation != earlier.generation or self.n_cols != earlier.n_cols:
+            return False
+        for name, old in earlier.arrays.items():
+            now = self.arrays.get(name)
+            if (now is None or now.chunk != old.chunk or now.length < old.length
+                    or now.fingerprint != old.fingerprint
+                    or not np.array_equal(now.tags[: old.full], old.tags[: old.full])):
+                return False
+        return True
 
     def bind(self, arrays: Mapping[str, Any], where: str) -> None:
         """Check each array's metadata against its fingerprint; learn how to decode it."""
@@ -464,6 +479,8 @@ class VerifiedStore(WrapperStore):
                     f"{self.label} was replaced by another store since it was opened here; "
                     "open it again (sparsestore.open) to read the new one"
                 )
+            if not current.follows(self.manifest):
+                raise went_back(self.label, "it was opened here")
             now = current.arrays.get(name)
             if (raw is not None and now is not None and k >= am.full and k < now.tags.size
                     and am.trailer and _trailer(raw) == int(now.tags[k])):
@@ -610,6 +627,15 @@ class VerifiedStore(WrapperStore):
         if name is not None:
             self.written.pop(name, None)
             self._kinds.pop(name, None)
+
+
+def went_back(label: str, since: str) -> StoreChangedError:
+    """The error for a store whose committed rows on disk are older than a handle's."""
+    return StoreChangedError(
+        f"{label}: the store on disk went back to an earlier commit (it was restored from a "
+        f"backup or an older copy) since {since}, so rows this handle holds are gone or "
+        "different; open it again (sparsestore.open) to read what it holds now"
+    )
 
 
 def _manifest_in(root_json: bytes | None) -> Manifest | None:

@@ -292,9 +292,15 @@ class WriteLock:
 
 
 def open_group(path: str, *, mode: str, storage_options: dict[str, Any] | None = None):
-    """Open the zarr group at ``path`` (v2 or v3), raising our errors for missing paths."""
+    """Open the zarr group at ``path`` (v2 or v3), raising our errors for missing paths.
+
+    Consolidated metadata (``zarr.consolidate_metadata``) is ignored: it is a copy of the
+    arrays' metadata that no append updates, so it would name their old shapes; and the
+    group's attrs written at a commit then drop that copy instead of keeping it stale.
+    """
     store = zarr_store(path, read_only=(mode == "r"), storage_options=storage_options)
     try:
-        return zarr.open_group(store=store, mode="r" if mode == "r" else "r+")
+        return zarr.open_group(store=store, mode="r" if mode == "r" else "r+",
+                               use_consolidated=False)
     except FileNotFoundError as exc:
         raise StoreNotFoundError(f"no store at {path}") from exc

@@ -26,6 +26,7 @@ from .errors import (
     NotAStoreError,
     ReadOnlyError,
     SparseStoreError,
+    StoreChangedError,
     StoreNotFoundError,
     UnverifiedStoreWarning,
 )
@@ -36,6 +37,7 @@ from .integrity import (
     check_chunk_size,
     check_column_indices,
     check_row_pointers,
+    went_back,
 )
 from .labels import LabelArray, Labels
 from .layout import (
@@ -79,16 +81,22 @@ class SparseStore:
         self._load()
 
     # ------------------------------------------------------------------ state
-    def _load(self) -> None:
-        """Read the committed state: header, matrix arrays (checked), labels."""
-        attrs, meta = self._read_header()
+    def _load(self, pinned: Mapping[str, Any] | None = None) -> None:
+        """Read the committed state: header, matrix arrays (checked), labels.
+
+        ``pinned``: the committed attrs of an earlier handle (see :meth:`__reduce__`), served
+        instead of the latest commit when the store on disk still holds them.
+        """
+        attrs, meta = self._read_header(pinned)
         if meta.format == "csr":
             self._load_csr(meta, attrs)
         else:
             self._load_dense(meta, attrs)
         self._labels = self._load_labels(meta)
 
-    def _read_header(self) -> tuple[dict[str, Any], Meta]:
+    def _read_header(
+        self, pinned: Mapping[str, Any] | None = None
+    ) -> tuple[dict[str, Any], Meta]:
         """The group's attrs and metadata, checked; sets format, shape and layout.
 
         An AnnData root serves its X matrix (read-only; obs columns via convert).
@@ -108,6 +116,11 @@ class SparseStore:
                 "holds sparsestore labels: its format, manifest and label list were deleted, "
                 "so nothing read from it could be checked; restore zarr.json from a copy"
             )
+        if pinned is not None:
+            attrs = self._check_pinned(meta, attrs, dict(pinned))
+            meta = read_meta(attrs, self.path)
+            enc = attrs.get("encoding-type")
+        self._attrs = attrs
         if enc == "csr_matrix":
             meta.format = "csr"
         elif meta.format == "dense" and META_KEY in attrs:
@@ -261,6 +274,33 @@ class SparseStore:
         store = g.store
         if isinstance(store, VerifiedStore):
             store.install(self._manifest, g.path)
+
+    def _check_pinned(
+        self, meta: Meta, attrs: dict[str, Any], pinned: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``pinned`` (an earlier handle's committed attrs), if the commit on disk
+        (``attrs``) can have followed it by appends; else :class:`StoreChangedError`.
+
+        The rows are then checked against the pinned manifest as the earlier handle's were.
+        """
+        then = read_meta(pinned, self.path)
+        since = "this handle was pickled"
+        if then.generation != meta.generation:
+            raise StoreChangedError(
+                f"{self.path} was replaced by another store since this handle was pickled; "
+                "open it again (sparsestore.open) to read the new one"
+            )
+        if pinned == attrs:
+            return attrs
+        if then.manifest:
+            now = Manifest.from_json(meta.manifest, self.path) if meta.manifest else None
+            if now is None or not now.follows(Manifest.from_json(then.manifest, self.path)):
+                raise went_back(self.path, since)
+        else:  # no manifest to compare (older or anndata stores): only the row count
+            shape, old = attrs.get("shape"), pinned.get("shape")
+            if not (isinstance(shape, list) and isinstance(old, list) and shape[0] >= old[0]):
+                raise went_back(self.path, since)
+        return pinned
 
     @property
     def generation(self) -> str:
@@ -534,8 +574,10 @@ class SparseStore:
             self.close()
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        # Pickle by reference: workers reopen the store from its path (read-only).
-        return (open, (self.path, "r", self.storage_options))
+        # Pickle by reference: workers reopen the store from its path (read-only) at the
+        # commit this handle sees (its attrs: shape, generation, manifest), as this handle
+        # would read it: later appends are not seen, a replaced or restored store raises.
+        return (_reopen, (self.path, self.storage_options, self._attrs))
 
 
 
@@ -629,6 +671,15 @@ def _warn_unverified(store: SparseStore) -> None:
         "chunks are not checked, so a missing, moved or replaced chunk reads as valid data; "
         + fix, UnverifiedStoreWarning, stacklevel=4,
     )
+
+
+def _reopen(
+    path: str, storage_options: dict[str, Any] | None, attrs: Mapping[str, Any]
+) -> SparseStore:
+    """Unpickle a handle: open ``path`` read-only at the commit described by ``attrs``."""
+    store = open(path, "r", storage_options)
+    store._load(pinned=attrs)
+    return store
 
 
 def raise_missing(path: str) -> None:

@@ -52,7 +52,8 @@ def open_root(path: str) -> Iterator[Any]:
         import zarr
 
         try:
-            g = zarr.open_group(path, mode="r")
+            # The arrays' own metadata, not a consolidated copy that may be stale.
+            g = zarr.open_group(path, mode="r", use_consolidated=False)
         except Exception as exc:
             raise FormatError(f"{path} is not a zarr group ({type(exc).__name__}: {exc})") \
                 from None
