@@ -979,8 +979,49 @@ def run_second_pass(tmp: Path, tries: int, rng: Any) -> list[tuple[str, str, str
         res[verdict + (" (written)" if out.exists() else "")] += 1
     rows.append(_tally("anndata .h5ad / zarr declaring a 2^31 x 2^20 dense X in a few KB",
                        res, "refused up front"))
+    # Random edits of any zarr.json field (the property test's edits, drawn here with numpy).
+    import test_tamper as tt
+
+    res = Counter()
+    tx, ty = _tamper_matrix(tt), np.repeat(np.arange(6), tt.N_ROWS // 6).astype(np.int64)
+    for layout, options in tt.LAYOUTS.items():
+        src = tmp / f"tamper-{layout}"
+        sparsestore.save(src, tx, labels={"y": ty}, **options)
+        for _ in range(tries):
+            work = tmp / "tw.zarr"
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.copytree(src, work)
+            files = sorted(work.rglob("zarr.json"))
+            target = files[int(rng.integers(len(files)))]
+            leaves = tt._leaves(json.loads(target.read_text()))
+            tt._edit_json(target, leaves[int(rng.integers(len(leaves)))],
+                          int(rng.integers(8)), bool(rng.integers(2)))
+            res[_tamper_outcome(tt, work, tx, ty)] += 1
+    rows.append(_tally("Random edit of one zarr.json field (chunked and sharded stores): every "
+                       "read path", res, "refused or read back exactly"))
     warnings.resetwarnings()
     return rows
+
+
+def _tamper_matrix(tt: Any) -> sp.csr_matrix:
+    X = sp.random(tt.N_ROWS, tt.N_COLS, density=0.1, format="csr", dtype=np.float32,
+                  random_state=7)
+    X.data += 1
+    return X
+
+
+def _tamper_outcome(tt: Any, path: Path, X: sp.csr_matrix, y: np.ndarray) -> str:
+    """'refused' when open or any read path raised (and validate fails), 'same' when every
+    path read back exactly, else 'silent'."""
+    try:
+        tt._check(path, X, y)
+    except AssertionError:
+        return "silent"
+    try:
+        sparsestore.open(path)
+        return "same" if validate_store(path).ok else "refused"
+    except SparseStoreError:
+        return "refused"
 
 
 # ------------------------------------------------------------------ main
