@@ -5,8 +5,10 @@ against an older checkout of sparsestore, in alternating subprocesses.
 ``python -m benchmarks.bench_integrity [--rows N] [--rounds R] [--baseline-src DIR]``
 
 ``--baseline-src``: a checkout of an older sparsestore (e.g. ``git worktree add /tmp/old
-a6a1c16``); its code reads a copy of the store without the manifest, this code reads the
-store with it, in alternating fresh processes (each timed as its best of a few passes).
+a6a1c16``); its code reads a copy of the store without the manifest (``--baseline-reads
+plain``, for a checkout older than the manifest) or the same store (``sealed``), this code
+reads the store with it, in alternating fresh processes (each timed as its best of a few
+passes).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def one_pass(path: str, kind: str) -> float:
 
 def _subprocess_pass(src: Path, path: str, kind: str) -> float:
     env = {**os.environ, "PYTHONPATH": str(src)}
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+    code = (f"import sys; sys.path.append({str(ROOT)!r}); "  # src first: its sparsestore
             "from benchmarks.bench_integrity import one_pass; "
             f"print(min(one_pass({path!r}, {kind!r}) for _ in range({WARM_PASSES})))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nnz-per-row", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--baseline-src", type=Path, default=None)
+    ap.add_argument("--baseline-reads", choices=["plain", "sealed"], default="plain",
+                    help="the store the baseline checkout reads (sealed: the same one)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
                     "integrity.json")
     args = ap.parse_args(argv)
@@ -113,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             for kind in PASSES:
                 old, new = [], []
                 for r in range(args.rounds):
+                    base = sealed if args.baseline_reads == "sealed" else plain
                     pair = [(new, str(ROOT), str(sealed)),
-                            (old, str(args.baseline_src), str(plain))]
+                            (old, str(args.baseline_src), str(base))]
                     for bucket, src, path in pair if r % 2 == 0 else pair[::-1]:
                         bucket.append(_subprocess_pass(Path(src), path, kind))
                 a, b = statistics.median(new), statistics.median(old)
