@@ -9,6 +9,7 @@ committed rows.  Writing (create, save, write_blocks, append, upgrade) lives in
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -18,7 +19,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import storage
-from .chunks import ChunkCache, read_ranges, read_rows, read_slice
+from .buffers import BufferPool
+from .chunks import ChunkCache, ChunkDecoder, read_ranges, read_rows, read_slice
 from .errors import (
     CorruptStoreError,
     InvalidInputError,
@@ -395,6 +397,12 @@ class SparseStore:
         """
         ptr = self.indptr(start, stop)
         lo, hi = int(ptr[0]), int(ptr[-1])
+        if caches is None and hi - lo > int(self._indices.chunks[0]) and self._direct:
+            # Several chunks: decoded here straight into the result (faster than zarr's
+            # pipeline), so the index check below reads indices still in cache.
+            pool = self._read_pool
+            caches = (ChunkCache(self._data, 2, "data", pool),
+                      ChunkCache(self._indices, 2, "indices", pool))
         if caches is None:
             vals = read_slice(self._data, lo, hi, name="data")
             ind = read_slice(self._indices, lo, hi, name="indices")
@@ -404,6 +412,17 @@ class SparseStore:
         check_column_indices(ind, ptr, self.n_cols, self.path, start,
                              chunk=int(self._indices.chunks[0]))
         return vals, ind, ptr - lo
+
+    @functools.cached_property
+    def _read_pool(self) -> BufferPool:
+        """Recycled memory for whole-range reads: chunk temporaries and results come back
+        once unused, and at most a few chunks' worth stays idle between reads."""
+        return BufferPool(max_free=8, max_idle_bytes=64 * 2**20)
+
+    @functools.cached_property
+    def _direct(self) -> bool:
+        """Whether ``data`` and ``indices`` chunks are decoded by sparsestore itself."""
+        return ChunkDecoder(self._data).is_direct and ChunkDecoder(self._indices).is_direct
 
     def read_dense(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of a dense store."""
