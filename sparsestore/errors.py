@@ -72,6 +72,13 @@ class UnverifiedStoreWarning(UserWarning):
     ``sparsestore upgrade PATH`` adds the manifest."""
 
 
+class ShuffleQualityWarning(UserWarning):
+    """A shuffled loader's buffer holds too few of the store's chunk-sized blocks for its
+    batches to mix like a permutation (on rows stored sorted, e.g. by label); rewriting the
+    store with smaller chunks (``sparsestore convert OLD NEW --chunk-bytes 131072``) or a
+    larger ``shuffle_buffer_bytes`` fixes it."""
+
+
 class OutOfRangeError(SparseStoreError, IndexError):
     """A row or column index is outside the matrix."""
 
@@ -146,6 +153,7 @@ __all__ = [
     "StoreChangedError",
     "NeedsUpgradeError",
     "UnverifiedStoreWarning",
+    "ShuffleQualityWarning",
     "OutOfRangeError",
     "LabelError",
     "LockError",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any
@@ -20,8 +21,8 @@ import numpy as np
 from .backends import Backend, get_backend
 from .batch import Batch
 from .buffers import BufferPool, release_free_heap
-from .chunks import read_slice
-from .errors import InvalidInputError, LabelError
+from .chunks import read_rows, read_slice
+from .errors import InvalidInputError, LabelError, ShuffleQualityWarning
 from .indexing import normalize_rows
 from .reader import BlockReader, ColumnSelection
 from .sampler import (
@@ -30,12 +31,21 @@ from .sampler import (
     bounds_from_indptr,
     explicit_unit,
     fixed_bounds,
+    mixing_ratio,
     num_batches,
 )
 from .store import SparseStore
 from .store import open as open_store
 
 STATE_VERSION = 1
+
+#: Decoded rows a shuffled pass holds at once by default: two units of 256 MiB (see
+#: ``shuffle_buffer_bytes``).
+DEFAULT_SHUFFLE_BUFFER_BYTES = 512 * 2**20
+
+#: Batches mixing like a permutation need about ``batch_size / 1.56`` distinct runs of
+#: stored rows each: label error within this factor of a true permutation's.
+ACCEPTABLE_MIXING_RATIO = 1.25
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
@@ -51,9 +61,19 @@ class DataLoader:
 
     ``for batch in loader`` gives scipy CSR batches (``(X, labels...)`` when ``labels`` is
     given; ndarrays for dense stores) through the ``backend``; :meth:`iter_batches` gives
-    the raw :class:`Batch` es adapters build on.  ``shuffle=True`` permutes row blocks and
-    then rows inside a buffer of ``shuffle_buffer_blocks`` blocks (see
-    :mod:`sparsestore.sampler` for the trade-off), reading each block whole.  ``rows``
+    the raw :class:`Batch` es adapters build on.  ``shuffle=True`` permutes row blocks
+    (one storage chunk each) and then all rows inside a unit of randomly drawn blocks,
+    reading each block whole (see :mod:`sparsestore.sampler`).
+
+    ``shuffle_buffer_bytes`` bounds the decoded rows (values, indices and row pointers) a
+    shuffled pass holds at once: a unit is half of it, since the pass holds the unit being
+    consumed and, with ``num_workers > 0``, the next one decoded ahead (shuffled passes
+    decode one unit ahead whatever ``prefetch`` says; a unit is hundreds of batches).  The
+    decoded-chunk caches (a few chunks) come on top.  When the rank's whole share fits a
+    unit, the epoch is a true permutation; when a unit holds fewer blocks than batches
+    need to mix like one, a :class:`~sparsestore.errors.ShuffleQualityWarning` says so
+    once.  ``shuffle_buffer_blocks`` instead fixes the number of blocks per unit (memory
+    then follows the chunk size).  ``rows``
     restricts the loader to a subset of rows (index array or mask; visited in storage order
     unless shuffled), ``columns`` to a subset of columns (slice, index array or mask;
     batches hold only those, re-indexed).  ``sampler`` / ``batch_sampler`` take torch-style
@@ -80,9 +100,10 @@ class DataLoader:
         batch_sampler: Iterable[Sequence[int]] | None = None,
         rows: Any = None,
         columns: Any = None,
-        shuffle_buffer_blocks: int = 4,
+        shuffle_buffer_bytes: int | None = None,
+        shuffle_buffer_blocks: int | None = None,
         block_rows: int | None = None,
-        block_chunks: int = 2,
+        block_chunks: int | None = None,
         num_workers: int = 2,
         prefetch: int = 2,
         backend: str | Backend = "numpy",
@@ -104,9 +125,21 @@ class DataLoader:
         if not isinstance(shuffle, (bool, np.bool_)) or not isinstance(drop_last, (bool, np.bool_)):
             raise InvalidInputError("shuffle and drop_last must be True or False")
         self._shuffle, self._drop_last = bool(shuffle), bool(drop_last)
-        self._buffer_blocks = _check_int(shuffle_buffer_blocks, "shuffle_buffer_blocks", 1)
+        if shuffle_buffer_bytes is not None and shuffle_buffer_blocks is not None:
+            raise InvalidInputError(
+                "pass shuffle_buffer_bytes (a memory budget) or shuffle_buffer_blocks (a block "
+                "count), not both"
+            )
+        self._buffer_blocks = None if shuffle_buffer_blocks is None else \
+            _check_int(shuffle_buffer_blocks, "shuffle_buffer_blocks", 1)
+        self._buffer_bytes = None if self._buffer_blocks is not None else _check_int(
+            DEFAULT_SHUFFLE_BUFFER_BYTES if shuffle_buffer_bytes is None
+            else shuffle_buffer_bytes, "shuffle_buffer_bytes", 2)
         self._block_rows = None if block_rows is None else _check_int(block_rows, "block_rows", 1)
-        self._block_chunks = _check_int(block_chunks, "block_chunks", 1)
+        # Shuffled passes cut the smallest chunk-aligned blocks (more runs per unit, better
+        # mixing); sequential ones two chunks (fewer, larger units to hand between threads).
+        self._block_chunks = (1 if shuffle else 2) if block_chunks is None else \
+            _check_int(block_chunks, "block_chunks", 1)
         self._num_workers = _check_int(num_workers, "num_workers", 0)
         self._prefetch = _check_int(prefetch, "prefetch", 1)
         if sampler is not None and batch_sampler is not None:
@@ -129,7 +162,9 @@ class DataLoader:
         n_total = store.n_rows if self._rows is None else int(self._rows.size)
         r, w = self._rank, self._world_size
         self._rank_rows = n_total * (r + 1) // w - n_total * r // w
-        self._bounds: list[np.ndarray] = []  # shared with with_shard() copies; filled lazily
+        # (bounds, bytes per block), shared with with_shard() copies; filled lazily
+        self._bounds: list[tuple[np.ndarray, np.ndarray]] = []
+        self._warned = False
         self._block_sampler: BlockSampler | None = None
         self._epoch = 0
         self._consumed = 0
@@ -140,6 +175,7 @@ class DataLoader:
         self._options = dict(
             batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, labels=labels,
             sampler=sampler, batch_sampler=batch_sampler, rows=rows, columns=columns,
+            shuffle_buffer_bytes=shuffle_buffer_bytes,
             shuffle_buffer_blocks=shuffle_buffer_blocks, block_rows=block_rows,
             block_chunks=block_chunks, num_workers=num_workers, prefetch=prefetch,
             backend=self._backend,
@@ -161,12 +197,19 @@ class DataLoader:
             arrs = st.arrays
             itemsize = arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize
             chunk = int(arrs["data"].chunks[0]) * itemsize
+        caches = (2 * max(1, self._num_workers) + 2) * chunk
+        if self._shuffle and self._buffer_bytes is not None:
+            return max(32 * 2**20, self._buffer_bytes + caches)
         unit = chunk * self._block_chunks
         if self._shuffle:
             unit *= self._buffer_blocks  # its batches are gathered as they are consumed
         in_flight = self._prefetch + max(1, self._num_workers) + 1
-        caches = (2 * max(1, self._num_workers) + 2) * chunk
         return max(32 * 2**20, in_flight * unit + caches)
+
+    @property
+    def _unit_bytes(self) -> int | None:
+        """Decoded bytes per shuffled unit: half the budget (one consumed, one ahead)."""
+        return None if self._buffer_bytes is None else max(1, self._buffer_bytes // 2)
 
     # ------------------------------------------------------------ validation
     def _check_labels(self, labels: Any) -> tuple[str, ...]:
@@ -336,7 +379,8 @@ class DataLoader:
         h.update(bs.starts.astype("<i8").tobytes())
         h.update(bs.ends.astype("<i8").tobytes())
         return {"blocks": bs.n_blocks, "blocks_digest": h.hexdigest()[:32],
-                "shuffle_buffer_blocks": self._buffer_blocks}
+                "shuffle_buffer_blocks": self._buffer_blocks,
+                "shuffle_buffer_bytes": self._buffer_bytes}
 
     def _check_plan(self, saved: Any) -> None:
         """Refuse a state whose epoch was planned over other blocks or another buffer: its
@@ -346,12 +390,13 @@ class DataLoader:
             return
         if not isinstance(saved, dict):
             raise InvalidInputError(f"not a DataLoader state: bad 'plan' entry {saved!r}")
-        if mine is not None and saved.get("shuffle_buffer_blocks") != self._buffer_blocks:
-            raise InvalidInputError(
-                f"state was saved with shuffle_buffer_blocks={saved.get('shuffle_buffer_blocks')!r}"
-                f" but this loader has {self._buffer_blocks}; build the loader with the same "
-                "settings"
-            )
+        if mine is not None:
+            for key in ("shuffle_buffer_blocks", "shuffle_buffer_bytes"):
+                if saved.get(key) != mine[key]:
+                    raise InvalidInputError(
+                        f"state was saved with {key}={saved.get(key)!r} but this loader has "
+                        f"{mine[key]!r}; build the loader with the same settings"
+                    )
         cuts = "no" if mine is None else f"{mine['blocks']} (other)"
         raise InvalidInputError(
             f"state was saved for a shuffled epoch over {saved.get('blocks')!r} row blocks, "
@@ -410,9 +455,11 @@ class DataLoader:
         self._resume = None
         epoch = self._epoch
         self._consumed = start
+        # A shuffled unit is half the byte budget: one is consumed while one is decoded.
+        ahead = 1 if self._shuffle and self._buffer_bytes is not None else self._prefetch
         reader = BlockReader(
             self._store, label_names=self._label_names, columns=self._columns,
-            num_workers=self._num_workers, prefetch=self._prefetch,
+            num_workers=self._num_workers, prefetch=ahead,
             piece_rows=None if self._is_explicit else self._batch_size, pool=self._pool,
         )
         self._last_reader = reader
@@ -432,27 +479,66 @@ class DataLoader:
         if self._block_sampler is None:
             if not self._bounds:
                 self._bounds.append(self._plan_bounds())
+            bounds, nbytes = self._bounds[0]
             self._block_sampler = BlockSampler(
-                self._bounds[0], rows=self._rows, shuffle=self._shuffle, seed=self._seed,
-                buffer_blocks=self._buffer_blocks, rank=self._rank, world_size=self._world_size,
+                bounds, rows=self._rows, shuffle=self._shuffle, seed=self._seed,
+                buffer_blocks=self._buffer_blocks or 1, unit_bytes=self._unit_bytes,
+                block_bytes=nbytes, rank=self._rank, world_size=self._world_size,
             )
+            self._warn_if_poorly_mixed(self._block_sampler)
         return self._block_sampler
 
-    def _plan_bounds(self) -> np.ndarray:
+    def _warn_if_poorly_mixed(self, bs: BlockSampler) -> None:
+        """Warn once when a shuffled unit holds too few blocks to mix like a permutation."""
+        if self._warned or not self._shuffle or self._unit_bytes is None or bs.n_rows == 0:
+            return
+        nbytes = self._bounds[0][1]
+        share = float(nbytes.sum()) * bs.n_rows / max(1, self._store.n_rows)
+        if share <= self._unit_bytes or bs.n_blocks == 0:
+            return  # one unit: the rank's share is permuted whole
+        per_block = float(nbytes.sum()) / max(1, nbytes.size)
+        k = max(1.0, self._unit_bytes / per_block)
+        ratio = mixing_ratio(k, self._batch_size)
+        if ratio <= ACCEPTABLE_MIXING_RATIO:
+            return
+        self._warned = True
+        mib = 2**20
+        warnings.warn(
+            f"shuffle=True mixes poorly on this store: a {self._unit_bytes / mib:.0f} MiB "
+            f"shuffle unit (shuffle_buffer_bytes={self._buffer_bytes}) holds about {k:.0f} of "
+            f"its {per_block / mib:.1f} MiB chunk-sized blocks, so a batch of "
+            f"{self._batch_size} rows draws from few runs of neighbouring rows; on rows "
+            f"stored sorted (by label, say) its label mix is about {ratio:.1f}x further from "
+            "the whole store's than a true permutation's. Rewrite the store with small "
+            "chunks: `sparsestore convert OLD NEW --chunk-bytes 131072` (or raise "
+            "shuffle_buffer_bytes).",
+            ShuffleQualityWarning, stacklevel=4,
+        )
+
+    def _plan_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Block boundaries and each block's decoded bytes (values, indices, row pointers)."""
         st = self._store
         n = st.n_rows
-        if self._block_rows is not None:
-            return fixed_bounds(n, self._block_rows)
         if st.is_dense:
-            return fixed_bounds(n, max(1, int(st.arrays["X"].chunks[0])))
+            arr = st.arrays["X"]
+            b = fixed_bounds(n, self._block_rows or max(1, int(arr.chunks[0])))
+            return b, np.diff(b) * st.n_cols * arr.dtype.itemsize
         ip = st.arrays["indptr"]
-        step = int(ip.chunks[0])
-        pieces = (
-            (p, read_slice(ip, p, min(p + step, n + 1), name="indptr"))
-            for p in range(0, n + 1, step)
-        )
-        target = int(st.arrays["data"].chunks[0]) * self._block_chunks
-        return bounds_from_indptr(pieces, n, target, DEFAULT_MAX_BLOCK_ROWS)
+        if self._block_rows is not None:
+            b = fixed_bounds(n, self._block_rows)
+        else:
+            step = int(ip.chunks[0])
+            pieces = (
+                (p, read_slice(ip, p, min(p + step, n + 1), name="indptr"))
+                for p in range(0, n + 1, step)
+            )
+            target = int(st.arrays["data"].chunks[0]) * self._block_chunks
+            b = bounds_from_indptr(pieces, n, target, DEFAULT_MAX_BLOCK_ROWS)
+        arrs = st.arrays
+        entry = arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize
+        at = read_rows(ip, b, name="indptr").astype(np.int64) if b.size > 1 else \
+            np.zeros(b.size, np.int64)
+        return b, np.diff(at) * entry + np.diff(b) * 8
 
     def _block_pass(self, reader: BlockReader, epoch: int, start: int) -> Iterator[Batch]:
         bs, total = self._batch_size, len(self)

@@ -2,24 +2,25 @@
 
 Pure index math, no I/O: the loader streams ``indptr`` in and gets plans back.
 
-Shuffling that still reads sequentially
+Shuffling that still reads whole chunks
 ---------------------------------------
 Rows are grouped into *blocks* aligned to the storage chunks of ``data`` (each block covers
-about ``target_nnz`` stored values, i.e. one or two chunks), so reading a block decodes
+about ``target_nnz`` stored values; one chunk when shuffling), so reading a block decodes
 whole chunks it mostly needs.  An epoch then
 
 1. permutes the ORDER of the blocks (seeded by ``seed`` and ``epoch``, the same on every
    rank),
 2. deals the permuted row stream to ranks as ``world_size`` contiguous, near-equal pieces
    (sizes differ by at most one row; the block at a cut is split between two ranks),
-3. groups each rank's blocks into *units* of ``buffer_blocks`` blocks and permutes all rows
-   inside a unit (the bounded shuffle buffer).
+3. groups each rank's blocks, in that random order, into *units* of as many blocks as fit
+   ``unit_bytes`` decoded bytes (or of a fixed ``buffer_blocks`` blocks) and permutes all
+   rows inside a unit (the bounded shuffle buffer).
 
-Trade-off: a row can only land next to rows of the ``buffer_blocks - 1`` other blocks of its
-unit, so a larger buffer mixes better (rows of one block are spread over roughly
-``buffer_blocks`` batches) but holds ``buffer_blocks`` decoded blocks in memory per unit in
-flight.  Blocks are read whole, so the random order costs at most the chunk shared by two
-neighbouring blocks being decoded twice.
+A unit is a random draw of blocks from the rank's whole share, so a batch mixes rows of
+about as many blocks as the unit holds (each block one run of consecutive stored rows);
+when the whole share fits one unit the epoch is a true permutation.  Blocks are read whole,
+so the random order costs at most the chunk shared by two neighbouring blocks being decoded
+twice.
 """
 
 from __future__ import annotations
@@ -103,6 +104,24 @@ def explicit_unit(index: int, rows: np.ndarray) -> UnitSpec:
     return UnitSpec(index, np.empty((0, 2), np.int64), None, rows, explicit=True)
 
 
+def pack_units(nbytes: np.ndarray, unit_bytes: int) -> np.ndarray:
+    """Unit boundaries over consecutive blocks: each unit takes blocks while their summed
+    ``nbytes`` stay within ``unit_bytes`` (a block bigger than that is a unit of its own).
+
+    Returns ``[0, ..., n_blocks]`` block indices.
+    """
+    cuts = [0]
+    acc = 0
+    for i, b in enumerate(np.asarray(nbytes, dtype=np.int64).tolist()):
+        if acc and acc + b > unit_bytes:
+            cuts.append(i)
+            acc = 0
+        acc += b
+    if nbytes.size:
+        cuts.append(int(nbytes.size))
+    return np.asarray(cuts, dtype=np.int64)
+
+
 class EpochPlan:
     """One rank's blocks for one epoch, grouped into units; lazily expands each unit."""
 
@@ -112,7 +131,7 @@ class EpochPlan:
         ends: np.ndarray,
         *,
         rows: np.ndarray | None,
-        buffer_blocks: int,
+        unit_cuts: np.ndarray,
         shuffle: bool,
         seed: int,
         epoch: int,
@@ -120,16 +139,19 @@ class EpochPlan:
     ) -> None:
         self._starts, self._ends = starts, ends  # position-space ranges, plan order
         self._rows = rows
-        self._k = buffer_blocks
+        #: block index where each unit starts, plus the number of blocks
+        self.unit_cuts = np.asarray(unit_cuts, dtype=np.int64)
         self._shuffle = shuffle
         self._seed, self._epoch, self._rank = seed, epoch, rank
-        self.n_units = -(-starts.size // buffer_blocks) if starts.size else 0
-        sizes = ends - starts
-        per_unit = np.add.reduceat(sizes, np.arange(0, sizes.size, buffer_blocks)) if sizes.size \
-            else np.zeros(0, np.int64)
+        self.n_units = max(0, self.unit_cuts.size - 1)
+        cum = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
         #: first row offset (within this rank's epoch stream) of each unit, plus the total
-        self.unit_offsets = np.concatenate([[0], np.cumsum(per_unit)]).astype(np.int64)
+        self.unit_offsets = cum[self.unit_cuts] if self.n_units else np.zeros(1, np.int64)
         self.n_rows = int(self.unit_offsets[-1])
+
+    @property
+    def blocks_per_unit(self) -> np.ndarray:
+        return np.diff(self.unit_cuts)
 
     def locate(self, offset: int) -> tuple[int, int]:
         """``(unit, row within unit)`` of the ``offset``-th row of the epoch stream."""
@@ -144,7 +166,7 @@ class EpochPlan:
 
     def unit(self, u: int) -> UnitSpec:
         """Expand unit ``u``: spans to read, local gather order and global row ids."""
-        sl = slice(u * self._k, (u + 1) * self._k)
+        sl = slice(int(self.unit_cuts[u]), int(self.unit_cuts[u + 1]))
         ps, pe = self._starts[sl], self._ends[sl]
         srt = np.argsort(ps, kind="stable")
         ps, pe = ps[srt], pe[srt]
@@ -176,7 +198,11 @@ class BlockSampler:
     """Plans epochs over row blocks: block order, rank shards, shuffle-buffer units.
 
     ``bounds`` are global row block boundaries (``[0, ..., n_rows]``); ``rows`` an optional
-    sorted, unique subset of rows to use (blocks then hold only those rows).
+    sorted, unique subset of rows to use (blocks then hold only those rows).  A shuffled
+    unit holds as many blocks as fit ``unit_bytes`` decoded bytes, counted by
+    ``block_bytes`` (bytes of each block of ``bounds``; a block cut by a row subset or a
+    rank boundary counts in proportion to the rows it keeps), or ``buffer_blocks`` blocks
+    when no byte budget is given.
     """
 
     def __init__(
@@ -187,11 +213,17 @@ class BlockSampler:
         shuffle: bool = False,
         seed: int = 0,
         buffer_blocks: int = 8,
+        unit_bytes: int | None = None,
+        block_bytes: np.ndarray | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
         if buffer_blocks < 1:
             raise InvalidInputError(f"shuffle_buffer_blocks must be >= 1, got {buffer_blocks}")
+        if unit_bytes is not None and (unit_bytes < 1 or block_bytes is None):
+            raise InvalidInputError(
+                f"unit_bytes must be >= 1 and come with block_bytes, got {unit_bytes}"
+            )
         if world_size < 1 or not 0 <= rank < world_size:
             raise InvalidInputError(
                 f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
@@ -205,6 +237,17 @@ class BlockSampler:
         self.shuffle = shuffle
         self.seed = int(seed)
         self.buffer_blocks = int(buffer_blocks)
+        self.unit_bytes = None if unit_bytes is None else int(unit_bytes)
+        if unit_bytes is not None:
+            bb = np.asarray(block_bytes, dtype=np.float64)
+            if bb.shape != (bounds.size - 1,):
+                raise InvalidInputError(
+                    f"block_bytes needs one entry per block ({bounds.size - 1}), got {bb.shape}"
+                )
+            # Bytes per kept row of each kept block (a subset keeps a share of its rows).
+            self._row_bytes = bb[keep] / np.diff(bounds)[keep]
+        else:
+            self._row_bytes = None
         self.rank, self.world_size = int(rank), int(world_size)
         self.total_rows = int((self.ends - self.starts).sum())
         lo, hi = self._rank_range()
@@ -240,21 +283,41 @@ class BlockSampler:
             cum = np.concatenate([[0], np.cumsum(e - s)])
             i0 = int(np.searchsorted(cum, lo, side="right")) - 1
             i1 = int(np.searchsorted(cum, hi, side="left"))
+            order = order[i0:i1]
             s, e = s[i0:i1].copy(), e[i0:i1].copy()
             s[0] += lo - cum[i0]
             e[-1] -= cum[i1] - hi
         else:
-            s = e = np.zeros(0, np.int64)
+            order = s = e = np.zeros(0, np.int64)
         if head_rows is not None and not self.shuffle and s.size and e[0] - s[0] > head_rows:
             s = np.concatenate([s[:1], s[:1] + head_rows, s[1:]])
             e = np.concatenate([s[:1] + head_rows, e])
-        # Without shuffling a unit is one block: no buffer to mix, and units in flight
-        # (prefetch x unit bytes) stay small.
+        if not self.shuffle:
+            # Without shuffling a unit is one block: no buffer to mix, and units in flight
+            # (prefetch x unit bytes) stay small.
+            cuts = np.arange(s.size + 1, dtype=np.int64)
+        elif self._row_bytes is not None:
+            cuts = pack_units(self._row_bytes[order] * (e - s), self.unit_bytes)
+        else:
+            cuts = np.append(np.arange(0, s.size, self.buffer_blocks), s.size) if s.size \
+                else np.zeros(1, np.int64)
         return EpochPlan(
-            s, e, rows=self.rows, buffer_blocks=self.buffer_blocks if self.shuffle else 1,
-            shuffle=self.shuffle,
+            s, e, rows=self.rows, unit_cuts=cuts, shuffle=self.shuffle,
             seed=self.seed, epoch=epoch, rank=self.rank,
         )
+
+
+def mixing_ratio(blocks_per_unit: float, batch_size: int) -> float:
+    """Expected batch label error over a true permutation's, for rows sorted by label.
+
+    A batch of ``B`` rows drawn from a unit of ``k`` blocks holds about
+    ``m = k (1 - (1 - 1/k)^B)`` distinct blocks (runs of neighbouring rows, which share a
+    label on a sorted store) and behaves like a sample of ``m`` rows: its total-variation
+    distance is about ``sqrt(B / m)`` times a permutation's.
+    """
+    k, b = max(1.0, float(blocks_per_unit)), max(1, int(batch_size))
+    m = k * -np.expm1(b * np.log1p(-1.0 / k)) if k > 1 else 1.0
+    return float(np.sqrt(b / max(1.0, m)))
 
 
 def num_batches(n_rows: int, batch_size: int, drop_last: bool) -> int:
@@ -271,5 +334,7 @@ __all__ = [
     "cap_block_rows",
     "explicit_unit",
     "fixed_bounds",
+    "mixing_ratio",
     "num_batches",
+    "pack_units",
 ]

@@ -600,3 +600,128 @@ def test_state_without_a_plan_record_still_loads(small_store):
     resumed.load_state_dict(state)
     rest = [b.rows for b in resumed.iter_batches()]
     np.testing.assert_array_equal(np.concatenate(rest), np.concatenate(ref[2:]))
+
+
+# ------------------------------------------------------------------ byte-budget shuffle
+
+
+def _sorted_label_store(tmp_path, n=20_000, groups=20, chunk_bytes=16384):
+    """Rows stored group after group (label-sorted), ~5 nnz per row, many chunks."""
+    rng = np.random.default_rng(0)
+    X = sp.random(n, 50, density=0.1, format="csr", dtype=np.float32, random_state=rng)
+    y = (np.arange(n) * groups // n).astype(np.int64)
+    store = sparsestore.save(tmp_path / "sorted.zarr", X, labels={"y": y},
+                             chunk_bytes=chunk_bytes)
+    return store, X, y
+
+
+def _mean_tv(label_batches, groups):
+    return float(np.mean([0.5 * np.abs(np.bincount(b, minlength=groups) / b.size
+                                       - 1 / groups).sum() for b in label_batches]))
+
+
+def test_default_shuffle_mixes_like_a_permutation_when_the_store_fits(tmp_path):
+    store, X, y = _sorted_label_store(tmp_path)
+    n, groups, bs = y.size, 20, 256
+    assert store.arrays["data"].nchunks > 20  # many chunks: a block shuffle would cluster
+    loader = DataLoader(store, batch_size=bs, shuffle=True, seed=0, labels="y",
+                        drop_last=True)
+    got = _mean_tv([lab for _, lab in loader], groups)
+    perm = y[np.random.default_rng(0).permutation(n)]
+    want = _mean_tv([perm[i:i + bs] for i in range(0, n - bs + 1, bs)], groups)
+    assert got <= 1.25 * want, (got, want)
+
+
+def test_shuffle_units_respect_the_byte_budget(tmp_path):
+    store, X, y = _sorted_label_store(tmp_path)
+    budget = 64 * 1024
+    loader = DataLoader(store, batch_size=100, shuffle=True, seed=1,
+                        shuffle_buffer_bytes=budget)
+    plan = loader._sampler_for_blocks().plan(0)
+    assert plan.n_units > 4
+    entry = store.arrays["data"].dtype.itemsize + store.arrays["indices"].dtype.itemsize
+    row_bytes = np.diff(X.indptr) * entry + 8  # oracle: values, indices and a row pointer
+    for u in range(plan.n_units):
+        unit_bytes = int(row_bytes[plan.unit(u).rows].sum())
+        assert unit_bytes <= budget // 2 or plan.blocks_per_unit[u] == 1
+    # The pass still serves every row once.
+    order = check_pass(loader, X, None)
+    np.testing.assert_array_equal(np.sort(order), np.arange(y.size))
+
+
+def test_poor_mixing_warns_once_naming_the_fix(tmp_path):
+    from sparsestore.cli import build_parser
+    from sparsestore.errors import ShuffleQualityWarning
+
+    store, _, _ = _sorted_label_store(tmp_path)
+    # A unit of ~one 16 KiB-chunk block: batches of 256 rows draw from a couple of runs.
+    loader = DataLoader(store, batch_size=256, shuffle=True, seed=0,
+                        shuffle_buffer_bytes=64 * 1024)
+    with pytest.warns(ShuffleQualityWarning, match="--chunk-bytes 131072") as rec:
+        list(loader.iter_batches())
+        list(loader.iter_batches())
+    assert sum(issubclass(w.category, ShuffleQualityWarning) for w in rec) == 1
+    # The command the warning names is one the CLI accepts.
+    args = build_parser().parse_args(["convert", "OLD", "NEW", "--chunk-bytes", "131072"])
+    assert args.chunk_bytes == 131072
+    # Default budget, store fits: no warning.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ShuffleQualityWarning)
+        list(DataLoader(store, batch_size=256, shuffle=True, seed=0).iter_batches())
+
+
+def test_resume_refused_with_another_byte_budget(small_store):
+    store, _, _ = small_store
+    kw = dict(batch_size=100, shuffle=True, seed=5, shuffle_buffer_bytes=40_000)
+    first = DataLoader(store, **kw)
+    next(first.iter_batches())
+    state = first.state_dict()
+    with pytest.raises(InvalidInputError, match="shuffle_buffer_bytes"):
+        DataLoader(store, **dict(kw, shuffle_buffer_bytes=80_000)).load_state_dict(state)
+    with pytest.raises(InvalidInputError, match="not both"):
+        DataLoader(store, shuffle_buffer_bytes=1 << 20, shuffle_buffer_blocks=2)
+
+
+@settings(max_examples=12)
+@given(
+    n=st.integers(1, 400),
+    bs=st.integers(1, 60),
+    budget=st.integers(2, 20_000),
+    world=st.integers(1, 3),
+    appended=st.integers(0, 100),
+    stop=st.integers(0, 8),
+    seed=st.integers(0, 1000),
+)
+def test_byte_budget_resume_exactly_once_across_ranks(n, bs, budget, world, appended, stop,
+                                                      seed):
+    rng = np.random.default_rng(seed)
+    X = sp.random(n, 20, density=0.3, format="csr", dtype=np.float32, random_state=rng)
+    store = _save(X, labels={"y": np.arange(n)}, chunk_bytes=1024)
+    if appended:  # rows appended after the save: the plan covers them too
+        X2 = sp.random(appended, 20, density=0.3, format="csr", dtype=np.float32,
+                       random_state=rng)
+        w = sparsestore.open(store.path, mode="r+")
+        w.append(X2, labels={"y": np.arange(n, n + appended)})
+        w.close()
+        store = sparsestore.open(store.path)
+        X = sp.vstack([X, X2]).tocsr()
+    total = X.shape[0]
+    kw = dict(batch_size=bs, shuffle=True, seed=seed, shuffle_buffer_bytes=budget,
+              labels="y", world_size=world, num_workers=seed % 3)
+    everything = []
+    for r in range(world):
+        ref = [b.rows for b in DataLoader(store, rank=r, **kw).iter_batches()]
+        first = DataLoader(store, rank=r, **kw)
+        it = first.iter_batches()
+        got = [next(it).rows for _ in range(min(stop, len(ref)))]
+        state = json.loads(json.dumps(first.state_dict()))
+        it.close()
+        resumed = DataLoader(store, rank=r, **kw)
+        resumed.load_state_dict(state)
+        got += [b.rows for b in resumed.iter_batches()]
+        np.testing.assert_array_equal(np.concatenate(got or [np.zeros(0, np.int64)]),
+                                      np.concatenate(ref or [np.zeros(0, np.int64)]))
+        everything.extend(got)
+    np.testing.assert_array_equal(np.sort(np.concatenate(everything)), np.arange(total))

@@ -13,6 +13,7 @@ from sparsestore.sampler import (
     bounds_from_indptr,
     cap_block_rows,
     fixed_bounds,
+    mixing_ratio,
     num_batches,
 )
 
@@ -170,3 +171,100 @@ def test_num_batches():
     assert num_batches(10, 3, False) == 4
     assert num_batches(10, 3, True) == 3
     assert num_batches(0, 3, False) == 0
+
+
+# ------------------------------------------------------------------ byte-budget units
+
+
+def _block_bytes_sampler(n, block, per_block_bytes, budget, rows, world, rank, seed):
+    bounds = fixed_bounds(n, block)
+    return BlockSampler(bounds, rows=rows, shuffle=True, seed=seed, unit_bytes=budget,
+                        block_bytes=per_block_bytes * np.diff(bounds), rank=rank,
+                        world_size=world)
+
+
+@given(
+    n=st.integers(0, 400),
+    block=st.integers(1, 60),
+    budget=st.integers(1, 3000),
+    world=st.integers(1, 4),
+    seed=st.integers(0, 2**32),
+    subset=st.booleans(),
+)
+def test_byte_budget_units_cover_every_row_once_within_budget(n, block, budget, world, seed,
+                                                              subset):
+    rng = np.random.default_rng(seed)
+    rows = np.flatnonzero(rng.random(n) < 0.6) if subset else None
+    n_blocks = fixed_bounds(n, block).size - 1
+    per_block = rng.integers(1, 20, size=max(n_blocks, 0))  # bytes per row, block by block
+    row_bytes = np.repeat(per_block, np.diff(fixed_bounds(n, block)))
+    per_rank = []
+    for r in range(world):
+        s = _block_bytes_sampler(n, block, per_block, budget, rows, world, r, seed)
+        plan = s.plan(1)
+        for u in range(plan.n_units):
+            unit = plan.unit(u)
+            nbytes = int(row_bytes[unit.rows].sum())  # oracle: the unit's rows' own bytes
+            # Within the budget, unless the unit is one block bigger than it.
+            assert nbytes <= budget or plan.blocks_per_unit[u] == 1
+            # Greedy packing: the next unit's first block would not have fit in this one.
+            if u + 1 < plan.n_units:
+                c = int(plan.unit_cuts[u + 1])
+                pos = np.arange(plan._starts[c], plan._ends[c])
+                nxt = pos if rows is None else rows[pos]
+                assert nbytes + int(row_bytes[nxt].sum()) > budget
+        per_rank.append(_epoch_rows(s, 1))
+    expect = np.arange(n) if rows is None else rows
+    np.testing.assert_array_equal(np.sort(np.concatenate(per_rank)), expect)
+    sizes = [r.size for r in per_rank]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_share_that_fits_the_budget_is_one_permuted_unit():
+    bounds = fixed_bounds(10_000, 100)
+    s = BlockSampler(bounds, shuffle=True, seed=3, unit_bytes=10**9,
+                     block_bytes=np.full(bounds.size - 1, 1000))
+    plan = s.plan(0)
+    assert plan.n_units == 1
+    rows = plan.unit(0).rows
+    np.testing.assert_array_equal(np.sort(rows), np.arange(10_000))
+    # A permutation of the whole share: neighbours in the stream are not neighbours in
+    # storage (a block shuffle would keep runs of 100 together).
+    assert np.mean(np.abs(np.diff(rows)) < 100) < 0.05
+
+
+def test_units_draw_blocks_from_the_whole_share():
+    """Consecutive units are random draws over all blocks, not runs of neighbouring blocks."""
+    bounds = fixed_bounds(100_000, 100)  # 1000 blocks, 10 blocks per unit
+    s = BlockSampler(bounds, shuffle=True, seed=0, unit_bytes=10 * 100,
+                     block_bytes=np.full(bounds.size - 1, 100))
+    plan = s.plan(0)
+    assert plan.n_units == 100 and (plan.blocks_per_unit == 10).all()
+    spreads = [np.ptp(plan.unit(u).rows) for u in range(plan.n_units)]
+    # Ten blocks drawn at random from 1000 span most of the rows; neighbours would span
+    # about 1000 rows.
+    assert np.median(spreads) > 50_000
+
+
+def test_mixing_ratio_against_simulated_batches():
+    """The warning's rule: batch TV over a permutation's ~ sqrt(B / distinct runs)."""
+    rng = np.random.default_rng(0)
+    B, groups = 256, 32
+    for k in (4, 64, 4096):
+        # k blocks, each one label; a batch is B rows drawn from those blocks uniformly.
+        tvs, ptvs = [], []
+        for _ in range(200):
+            lab = rng.integers(0, groups, size=k)[rng.integers(0, k, size=B)]
+            tvs.append(0.5 * np.abs(np.bincount(lab, minlength=groups) / B - 1 / groups).sum())
+            lab = rng.integers(0, groups, size=B)
+            ptvs.append(0.5 * np.abs(np.bincount(lab, minlength=groups) / B - 1 / groups).sum())
+        measured = np.mean(tvs) / np.mean(ptvs)
+        assert 0.75 < measured / mixing_ratio(k, B) < 1.3, (k, measured)
+    assert mixing_ratio(10**9, B) == pytest.approx(1.0, abs=0.01)
+
+
+def test_byte_budget_needs_block_bytes():
+    with pytest.raises(InvalidInputError):
+        BlockSampler(fixed_bounds(10, 2), unit_bytes=100)
+    with pytest.raises(InvalidInputError):
+        BlockSampler(fixed_bounds(10, 2), unit_bytes=100, block_bytes=np.ones(3))
