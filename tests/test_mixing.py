@@ -253,3 +253,20 @@ def test_shuffle_check_on_a_missing_store_is_one_line(tmp_path, capsys):
     assert main(["shuffle-check", str(tmp_path / "none.zarr"), "--label", "y"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("sparsestore: error:") and "\n" not in err
+
+
+# ------------------------------------------------------------------ the benchmark's data
+
+def test_bench_shuffle_stores_are_label_sorted_and_shaped_as_described():
+    from benchmarks.bench_shuffle import group_labels, zipf_blocks
+
+    y = group_labels(10_000, 30)
+    sizes = np.bincount(y)
+    assert y.size == 10_000 and np.all(np.diff(y) >= 0) and sizes.size == 30
+    assert sizes.max() / sizes.min() > 5  # uneven groups
+    X = sp.vstack(list(zipf_blocks(9000, 2000, 200)), format="csr")
+    assert X.shape == (9000, 2000) and X.has_canonical_format
+    assert 170 < X.nnz / 9000 < 230
+    col = np.bincount(X.indices, minlength=2000)
+    top = np.sort(col)[::-1]
+    assert top[:20].sum() > 5 * top[-20:].sum()  # popular columns, rare ones
