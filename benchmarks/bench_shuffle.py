@@ -254,9 +254,11 @@ def markdown(record: dict[str, Any]) -> str:
         "5 ms; imports included), growth is above its RSS when the pass began.  The permutation "
         f"(`sampler=`) reads rows at random and was timed on its first {record['perm_rows']:,} "
         "rows only.  `blocks`: row blocks the loader cuts the store into (a shuffle buffer "
-        "of that many blocks or more holds the whole store).",
+        "of that many blocks or more holds the whole store).  Load average when the run "
+        f"began: {', '.join(str(x) for x in m['load_avg'])} (a box shared with other work: "
+        "speeds are noisy, quality figures are not).",
         "",
-        "| store | config | blocks | TV | x perm | labels/batch | rows timed | rows/s | "
+        "| store | config | blocks | TV | x perm | labels/batch | rows timed | rows/s (min-max) | "
         "M nnz/s | peak RSS MiB | RSS growth MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -264,9 +266,11 @@ def markdown(record: dict[str, Any]) -> str:
         store = (f"{r['store']} ({r['rows']:,} x {r['cols']:,}, {r['nnz_per_row']:.0f} "
                  f"nnz/row, {r['groups']} groups)")
         blocks = "-" if r["n_blocks"] is None else str(r["n_blocks"])
+        rps = [run["rows_per_s"] for run in r["runs"]]
         lines.append(
             f"| {store} | {r['config']} | {blocks} | {r['tv']:.3f} | {r['ratio']:.2f} | "
-            f"{r['distinct']:.1f} | {r['timed_rows']:,} | {r['rows_per_s']:,.0f} | "
+            f"{r['distinct']:.1f} | {r['timed_rows']:,} | {r['rows_per_s']:,.0f} "
+            f"({min(rps):,.0f}-{max(rps):,.0f}) | "
             f"{r['mnnz_per_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['rss_growth_mib']:.0f} |")
     lines += ["", "A true permutation's TV per store: " + ", ".join(
         f"{r['store']} {r['tv_permutation']:.3f}" for r in record["results"]
