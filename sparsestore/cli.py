@@ -1,4 +1,4 @@
-"""The ``sparsestore`` command: convert, info, validate, bench.
+"""The ``sparsestore`` command: convert, info, validate, bench, shuffle-check.
 
 Every failure the library reports on purpose (a :class:`~sparsestore.errors.SparseStoreError`,
 raised where bad input is read) and every OS error ends as one line,
@@ -126,6 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", action="store_true", help="print JSON")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    q = sub.add_parser("shuffle-check", help="how well the shuffle mixes a label into batches",
+                       description="Score the shuffled DataLoader's batches by a label: mean "
+                       "total-variation distance between each batch's label histogram and "
+                       "all rows', and distinct labels per batch, beside a true permutation "
+                       "and storage order.  Index math and the label array only, unless "
+                       "--speed.")
+    q.add_argument("path", metavar="STORE")
+    q.add_argument("--label", required=True, metavar="NAME", help="the store label to score")
+    q.add_argument("--batch-size", type=int, default=1024, metavar="N")
+    q.add_argument("--seed", type=int, default=0, help="shuffle seed (and the permutation's)")
+    q.add_argument("--epoch", type=int, default=0, metavar="E", help="epoch to score")
+    q.add_argument("--world-size", type=int, default=1, metavar="W")
+    q.add_argument("--rank", type=int, default=0, metavar="R")
+    q.add_argument("--shuffle-buffer-blocks", type=int, default=None, metavar="K",
+                   help="blocks per shuffle buffer (default: the loader's)")
+    q.add_argument("--speed", action="store_true",
+                   help="also stream one real pass and report rows/s")
+    q.add_argument("--json", action="store_true", help="print JSON")
     return p
 
 
@@ -300,8 +319,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shuffle_check(args: argparse.Namespace) -> int:
+    from .loader import DataLoader
+    from .mixing import shuffle_quality
+    from .store import open as open_store
+
+    store = open_store(args.path, mode="r")
+    extra = {} if args.shuffle_buffer_blocks is None else \
+        {"shuffle_buffer_blocks": args.shuffle_buffer_blocks}
+    loader = DataLoader(store, batch_size=args.batch_size, shuffle=True, seed=args.seed,
+                        rank=args.rank, world_size=args.world_size, **extra)
+    loader.set_epoch(args.epoch)
+    report = shuffle_quality(loader, args.label, seed=args.seed, measure_speed=args.speed)
+    if args.json:
+        print(json.dumps(_json_safe(report.to_dict()), indent=2))
+    else:
+        print(f"{store.path}: label {args.label!r}, epoch {args.epoch}, "
+              f"rank {args.rank}/{args.world_size}")
+        print(report.table())
+    return 0
+
+
 COMMANDS = {"convert": cmd_convert, "info": cmd_info, "validate": cmd_validate,
-            "upgrade": cmd_upgrade, "bench": cmd_bench}
+            "upgrade": cmd_upgrade, "bench": cmd_bench, "shuffle-check": cmd_shuffle_check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -634,5 +634,31 @@ class DataLoader:
             f"epoch={self._epoch} batches={len(self)}>"
         )
 
+    def epoch_rows(self, epoch: int | None = None) -> np.ndarray:
+        """The row ids this rank serves in ``epoch`` (default: the next pass's), in order.
+
+        Index math only (block order, rank shard, buffer permutations; ``indptr`` for the
+        block bounds): no data chunk is read, so shuffle quality can be measured cheaply.
+        Batches are consecutive ``batch_size`` slices of it (``drop_last`` applied).  With
+        ``sampler``/``batch_sampler`` it is the sampler's order, iterated once now at the
+        loader's current epoch (a one-shot iterator is consumed; another epoch is refused).
+        """
+        if self._is_explicit:
+            if epoch is not None and _check_int(epoch, "epoch", 0) != self._epoch:
+                raise InvalidInputError(
+                    f"a sampler's order is known only for the current epoch ({self._epoch}); "
+                    f"call set_epoch({epoch}) first"
+                )
+            parts = list(self._rank_row_batches())
+        else:
+            epoch = self._epoch if epoch is None else _check_int(epoch, "epoch", 0)
+            plan = self._sampler_for_blocks().plan(epoch)
+            parts = [unit.rows for unit in plan.units()]
+        rows = np.concatenate(parts).astype(np.int64, copy=False) if parts else \
+            np.zeros(0, np.int64)
+        if self._drop_last and not self._is_explicit:
+            rows = rows[: len(self) * self._batch_size]
+        return rows
+
 
 __all__ = ["Batch", "DataLoader"]

@@ -1,0 +1,321 @@
+"""How well does the loader's shuffle mix a label that the rows are sorted by, and at what cost?
+
+Three label-sorted stores are written (rows of one group stored together, groups of uneven
+sizes, as a single-cell atlas stores sample after sample):
+
+* ``synthetic``: 200k x 30k, ~100 nnz/row, uniform columns, 50 groups;
+* ``tall``: 1M x 4k, ~20 nnz/row, 50 groups;
+* ``singlecell``: 100k x 20k, ~800 nnz/row, Zipf-like column popularity and lognormal
+  library sizes, 30 groups.
+
+Each is read sequentially, with the default ``shuffle=True``, with larger shuffle buffers
+(``shuffle_buffer_blocks``) and with a true permutation through ``sampler=``.  Quality
+(:func:`sparsestore.mixing.shuffle_quality`: mean TV between each batch's label histogram
+and all rows', its ratio to a true permutation's, distinct labels per batch) comes from
+index math over a whole epoch.  Speed and peak RSS come from one pass per config in a fresh
+subprocess, configs interleaved, median of ``--repeats``; the permutation reads rows at
+random and is timed on its first ``--perm-rows`` rows only::
+
+    python -m benchmarks.bench_shuffle [--quick] [--out DIR]
+
+writes ``shuffle.json`` and ``shuffle.md``.  ``--quick`` divides every store's rows by 10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .common import (
+    BATCH_SIZE,
+    SEED,
+    MiB,
+    RssSampler,
+    machine_info,
+    matrix_blocks,
+    reproduce_command,
+    rmtree,
+    save_results,
+    stream,
+)
+
+LABEL = "group"
+GEN_ROWS = 8192  # rows generated per block: memory stays bounded whatever the store size
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    name: str
+    n_rows: int
+    n_cols: int
+    nnz_per_row: int
+    groups: int
+    zipf: bool  # single-cell-shaped: Zipf-like column popularity, lognormal row sizes
+
+
+STORES = (
+    StoreSpec("synthetic", 200_000, 30_000, 100, 50, False),
+    StoreSpec("tall", 1_000_000, 4_000, 20, 50, False),
+    StoreSpec("singlecell", 100_000, 20_000, 800, 30, True),
+)
+
+
+def group_labels(n_rows: int, groups: int, seed: int = SEED) -> np.ndarray:
+    """Group ids ``0..groups-1`` in storage order, group sizes uneven (a 1:10 spread)."""
+    w = np.random.default_rng([seed, groups]).permutation(np.geomspace(1, 10, groups))
+    ends = np.round(np.cumsum(w) / w.sum() * n_rows).astype(np.int64)
+    return np.repeat(np.arange(groups, dtype=np.int32), np.diff(ends, prepend=0))
+
+
+def zipf_blocks(n_rows: int, n_cols: int, nnz_per_row: int, seed: int = SEED
+                ) -> Iterator[sp.csr_matrix]:
+    """Count-like rows shaped like single-cell data, one block of ``GEN_ROWS`` at a time.
+
+    Column popularity falls as ``1 / (rank + 20)`` (a few genes in every cell, most in
+    few); row sizes are lognormal around ``nnz_per_row``.  Columns are drawn with
+    replacement and deduplicated, so draws are oversampled to land near ``nnz_per_row``.
+    """
+    rng = np.random.default_rng([seed, 1])
+    w = 1.0 / (np.arange(n_cols) + 20.0)
+    cdf = np.cumsum(w[rng.permutation(n_cols)])
+    for k, start in enumerate(range(0, n_rows, GEN_ROWS)):
+        rng = np.random.default_rng([seed, 2, k])
+        rows = min(GEN_ROWS, n_rows - start)
+        size = rng.lognormal(-0.125, 0.5, rows)  # mean 1
+        draws = np.maximum(1, rng.poisson(nnz_per_row * 1.4 * size))
+        rid = np.repeat(np.arange(rows, dtype=np.int64), draws)
+        keys = np.sort(rid * n_cols + np.searchsorted(cdf, rng.random(rid.size) * cdf[-1]))
+        keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
+        r, c = np.divmod(keys, n_cols)
+        indptr = np.zeros(rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(r, minlength=rows), out=indptr[1:])
+        values = (1 + rng.geometric(0.5, keys.size)).astype(np.float32)
+        X = sp.csr_matrix((values, c.astype(np.int32), indptr), shape=(rows, n_cols))
+        X.has_canonical_format = True
+        yield X
+
+
+def write_store(spec: StoreSpec, path: Path) -> dict[str, Any]:
+    """Write ``spec`` at ``path`` with its group labels; returns its facts."""
+    import sparsestore
+
+    y = group_labels(spec.n_rows, spec.groups)
+    if spec.zipf:
+        mats: Iterator[sp.csr_matrix] = zipf_blocks(spec.n_rows, spec.n_cols, spec.nnz_per_row)
+    else:
+        mats = (X for X, _ in matrix_blocks(spec.n_rows, spec.n_cols, spec.nnz_per_row,
+                                            block_rows=GEN_ROWS))
+
+    def blocks() -> Iterator[tuple[sp.csr_matrix, dict[str, np.ndarray]]]:
+        start = 0
+        for X in mats:
+            yield X, {LABEL: y[start:start + X.shape[0]]}
+            start += X.shape[0]
+
+    t0 = time.perf_counter()
+    store = sparsestore.write_blocks(path, blocks(), n_cols=spec.n_cols, dtype=np.float32,
+                                     overwrite=True)
+    return {"rows": store.n_rows, "cols": store.n_cols, "nnz": store.nnz,
+            "nnz_per_row": store.nnz / store.n_rows, "groups": spec.groups,
+            "write_s": time.perf_counter() - t0,
+            "chunks": {k: list(v) for k, v in store.info()["chunks"].items()}}
+
+
+# ------------------------------------------------------------------ configs
+
+
+def configs(buffers: list[int]) -> list[dict[str, Any]]:
+    """Loader settings compared on every store: name -> DataLoader keywords."""
+    out: list[dict[str, Any]] = [
+        {"name": "sequential", "kw": {"shuffle": False}},
+        {"name": "shuffle (default)", "kw": {"shuffle": True}},
+    ]
+    out += [{"name": f"shuffle, buffer {k} blocks", "kw": {"shuffle": True,
+                                                          "shuffle_buffer_blocks": k}}
+            for k in buffers]
+    out.append({"name": "permutation (sampler=)", "kw": {}, "permutation": True})
+    return out
+
+
+def make_loader(path: str, cfg: dict[str, Any], perm_rows: int | None = None) -> Any:
+    """The config's loader; a permutation's sampler is cut to ``perm_rows`` rows if given."""
+    import sparsestore
+    from sparsestore.loader import DataLoader
+
+    store = sparsestore.open(path)
+    if cfg.get("permutation"):
+        order = np.random.default_rng([SEED, 3]).permutation(store.n_rows)
+        if perm_rows is not None:
+            order = order[:perm_rows]
+        return DataLoader(store, BATCH_SIZE, sampler=order.tolist())
+    return DataLoader(store, BATCH_SIZE, seed=SEED, **cfg["kw"])
+
+
+def _child(path: str, cfg: dict[str, Any], perm_rows: int) -> dict[str, Any]:
+    """Runs in the subprocess: one pass of ``cfg`` over the store, timed, RSS sampled."""
+    from sparsestore.loader import DataLoader
+
+    # One batch of another loader first: a process's first pass pays one-off setup
+    # (lazy imports, first calls) that would swamp the shorter passes.
+    warm = DataLoader(path, BATCH_SIZE).iter_batches()
+    next(warm, None)
+    warm.close()
+    loader = make_loader(path, cfg, perm_rows)
+    with RssSampler() as rss:
+        res = stream(loader.iter_batches(), lambda b: (b.n_rows, b.nnz), float("inf"))
+    dt = max(res["seconds"], 1e-9)
+    # Sampled, not ru_maxrss: Linux carries the parent's peak across fork and exec.
+    return {"rows": res["rows"], "nnz": res["nnz"], "seconds": dt,
+            "rows_per_s": res["rows"] / dt, "mnnz_per_s": res["nnz"] / dt / 1e6,
+            "peak_rss_mib": rss.peak / MiB, "rss_growth_mib": rss.growth / MiB}
+
+
+def quality(path: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Shuffle quality of ``cfg`` over one whole epoch, from index math and the labels."""
+    from sparsestore.mixing import shuffle_quality
+
+    loader = make_loader(path, cfg)
+    rep = shuffle_quality(loader, LABEL, seed=SEED)
+    n_blocks = None if cfg.get("permutation") else loader._sampler_for_blocks().n_blocks
+    return {"tv": rep.tv, "tv_permutation": rep.tv_permutation, "ratio": rep.ratio,
+            "tv_sequential": rep.tv_sequential, "distinct": rep.distinct,
+            "distinct_permutation": rep.distinct_permutation, "batches": rep.batches,
+            "n_blocks": n_blocks}
+
+
+def run_child(path: Path, cfg: dict[str, Any], perm_rows: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.bench_shuffle", "--child", str(path),
+           "--config", json.dumps(cfg), "--perm-rows", str(perm_rows)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).resolve().parent.parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(specs: list[StoreSpec], buffers: list[int], repeats: int, perm_rows: int,
+        work: Path) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    for spec in specs:
+        path = work / f"{spec.name}.zarr"
+        facts = write_store(spec, path)
+        print(f"{spec.name}: {facts['rows']:,} x {facts['cols']:,}, "
+              f"{facts['nnz_per_row']:.0f} nnz/row, written in {facts['write_s']:.1f} s",
+              flush=True)
+        cfgs = configs(buffers)
+        recs = [{"store": spec.name, **{k: facts[k] for k in ("rows", "cols", "nnz",
+                                                            "nnz_per_row", "groups")},
+                 "config": c["name"], "loader": c.get("kw", {}),
+                 "permutation": bool(c.get("permutation")),
+                 **quality(str(path), c), "runs": []} for c in cfgs]
+        for _ in range(repeats):  # interleaved: a slow spell of the box hits every config
+            for c, rec in zip(cfgs, recs, strict=True):
+                rec["runs"].append(run_child(path, c, perm_rows))
+        for rec in recs:
+            runs = rec["runs"]
+            rec["timed_rows"] = runs[0]["rows"]
+            for key in ("rows_per_s", "mnnz_per_s", "peak_rss_mib", "rss_growth_mib"):
+                rec[key] = statistics.median(r[key] for r in runs)
+            print(f"  {rec['config']}: TV {rec['tv']:.3f} ({rec['ratio']:.2f}x perm), "
+                  f"{rec['rows_per_s']:,.0f} rows/s, peak RSS {rec['peak_rss_mib']:.0f} MiB",
+                  flush=True)
+        records += recs
+        rmtree(path)
+    return records
+
+
+def markdown(record: dict[str, Any]) -> str:
+    m = record["machine"]
+    lines = [
+        "# Shuffle quality on label-sorted stores",
+        "",
+        f"Reproduce: `{record['command']}`",
+        "",
+        f"{m['cpu']}, {m['cores']} usable cores, commit {m['commit']}.  Batch "
+        f"{BATCH_SIZE}; each store's rows sorted by a label of uneven groups.  TV: mean "
+        "total-variation distance between a batch's label histogram and all rows', over "
+        "one epoch from index math; `x perm`: TV over a true permutation's TV on the same "
+        "rows (1 is perfect mixing).  Speed and RSS: one pass per config in a fresh "
+        f"subprocess after a one-batch warm-up, median of {record['repeats']}, configs "
+        "interleaved; peak RSS is the subprocess's during the pass (psutil, sampled every "
+        "5 ms; imports included), growth is above its RSS when the pass began.  The permutation "
+        f"(`sampler=`) reads rows at random and was timed on its first {record['perm_rows']:,} "
+        "rows only.  `blocks`: row blocks the loader cuts the store into (a shuffle buffer "
+        "of that many blocks or more holds the whole store).  Load average when the run "
+        f"began: {', '.join(str(x) for x in m['load_avg'])} (a box shared with other work: "
+        "speeds are noisy, quality figures are not).",
+        "",
+        "| store | config | blocks | TV | x perm | labels/batch | rows timed | rows/s (min-max) | "
+        "M nnz/s | peak RSS MiB | RSS growth MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in record["results"]:
+        store = (f"{r['store']} ({r['rows']:,} x {r['cols']:,}, {r['nnz_per_row']:.0f} "
+                 f"nnz/row, {r['groups']} groups)")
+        blocks = "-" if r["n_blocks"] is None else str(r["n_blocks"])
+        rps = [run["rows_per_s"] for run in r["runs"]]
+        lines.append(
+            f"| {store} | {r['config']} | {blocks} | {r['tv']:.3f} | {r['ratio']:.2f} | "
+            f"{r['distinct']:.1f} | {r['timed_rows']:,} | {r['rows_per_s']:,.0f} "
+            f"({min(rps):,.0f}-{max(rps):,.0f}) | "
+            f"{r['mnnz_per_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['rss_growth_mib']:.0f} |")
+    lines += ["", "A true permutation's TV per store: " + ", ".join(
+        f"{r['store']} {r['tv_permutation']:.3f}" for r in record["results"]
+        if r["permutation"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_shuffle",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="stores of a tenth of the rows")
+    p.add_argument("--stores", default=",".join(s.name for s in STORES))
+    p.add_argument("--buffers", default="8,16,32", help="shuffle_buffer_blocks values to add")
+    p.add_argument("--repeats", type=int, default=3, help="passes per config (median)")
+    p.add_argument("--perm-rows", "--perm_rows", type=int, default=20_000,
+                   help="rows the permutation is timed on (default 20000; 2000 with --quick)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        res = _child(args.child, json.loads(args.config), args.perm_rows)
+        print(json.dumps(res))
+        return res
+    div = 10 if args.quick else 1
+    perm_rows = args.perm_rows if args.perm_rows != p.get_default("perm_rows") or not \
+        args.quick else 2_000
+    names = [s for s in args.stores.split(",") if s]
+    specs = [StoreSpec(s.name, s.n_rows // div, s.n_cols, s.nnz_per_row, s.groups, s.zipf)
+             for s in STORES if s.name in names]
+    buffers = [int(k) for k in args.buffers.split(",") if k]
+    record: dict[str, Any] = {
+        "command": reproduce_command("benchmarks.bench_shuffle", p, args,
+                                     ("stores", "buffers", "repeats", "perm_rows"))
+        + (" --quick" if args.quick else ""),
+        "machine": machine_info(),
+        "quick": args.quick, "repeats": args.repeats, "perm_rows": perm_rows,
+        "batch_size": BATCH_SIZE,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        record["results"] = run(specs, buffers, args.repeats, perm_rows, Path(tmp))
+    save_results(record, markdown(record), args.out, "shuffle")
+    return record
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    main(sys.argv[1:])
