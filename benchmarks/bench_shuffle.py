@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from sparsestore.cli import parse_size
+
 from .common import (
     BATCH_SIZE,
     SEED,
@@ -108,8 +110,9 @@ def zipf_blocks(n_rows: int, n_cols: int, nnz_per_row: int, seed: int = SEED
         yield X
 
 
-def write_store(spec: StoreSpec, path: Path) -> dict[str, Any]:
-    """Write ``spec`` at ``path`` with its group labels; returns its facts."""
+def write_store(spec: StoreSpec, path: Path, **layout: Any) -> dict[str, Any]:
+    """Write ``spec`` at ``path`` with its group labels (and ``layout`` options); returns
+    its facts."""
     import sparsestore
 
     y = group_labels(spec.n_rows, spec.groups)
@@ -127,7 +130,7 @@ def write_store(spec: StoreSpec, path: Path) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     store = sparsestore.write_blocks(path, blocks(), n_cols=spec.n_cols, dtype=np.float32,
-                                     overwrite=True)
+                                     overwrite=True, **layout)
     return {"rows": store.n_rows, "cols": store.n_cols, "nnz": store.nnz,
             "nnz_per_row": store.nnz / store.n_rows, "groups": spec.groups,
             "write_s": time.perf_counter() - t0,
@@ -137,12 +140,15 @@ def write_store(spec: StoreSpec, path: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------ configs
 
 
-def configs(buffers: list[int]) -> list[dict[str, Any]]:
+def configs(buffers: list[int], budgets: list[int] = ()) -> list[dict[str, Any]]:
     """Loader settings compared on every store: name -> DataLoader keywords."""
     out: list[dict[str, Any]] = [
         {"name": "sequential", "kw": {"shuffle": False}},
         {"name": "shuffle (default)", "kw": {"shuffle": True}},
     ]
+    out += [{"name": f"shuffle, budget {b >> 20} MiB", "kw": {"shuffle": True,
+                                                             "shuffle_buffer_bytes": b}}
+            for b in budgets]
     out += [{"name": f"shuffle, buffer {k} blocks", "kw": {"shuffle": True,
                                                           "shuffle_buffer_blocks": k}}
             for k in buffers]
@@ -207,15 +213,17 @@ def run_child(path: Path, cfg: dict[str, Any], perm_rows: int) -> dict[str, Any]
 
 
 def run(specs: list[StoreSpec], buffers: list[int], repeats: int, perm_rows: int,
-        work: Path) -> list[dict[str, Any]]:
+        work: Path, budgets: list[int] = (), chunk_bytes: int | None = None,
+        ) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
+    layout = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
     for spec in specs:
         path = work / f"{spec.name}.zarr"
-        facts = write_store(spec, path)
+        facts = write_store(spec, path, **layout)
         print(f"{spec.name}: {facts['rows']:,} x {facts['cols']:,}, "
               f"{facts['nnz_per_row']:.0f} nnz/row, written in {facts['write_s']:.1f} s",
               flush=True)
-        cfgs = configs(buffers)
+        cfgs = configs(buffers, budgets)
         recs = [{"store": spec.name, **{k: facts[k] for k in ("rows", "cols", "nnz",
                                                             "nnz_per_row", "groups")},
                  "config": c["name"], "loader": c.get("kw", {}),
@@ -283,7 +291,11 @@ def main(argv: list[str]) -> dict[str, Any]:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="stores of a tenth of the rows")
     p.add_argument("--stores", default=",".join(s.name for s in STORES))
-    p.add_argument("--buffers", default="8,16,32", help="shuffle_buffer_blocks values to add")
+    p.add_argument("--buffers", default="4", help="shuffle_buffer_blocks values to add (4: "
+                   "the fixed buffer that was the default before the byte budget)")
+    p.add_argument("--budgets", default="128M", help="shuffle_buffer_bytes values to add")
+    p.add_argument("--chunk-bytes", type=parse_size, default=None,
+                   help="write the stores with this data chunk size (default: the library's)")
     p.add_argument("--repeats", type=int, default=3, help="passes per config (median)")
     p.add_argument("--perm-rows", "--perm_rows", type=int, default=20_000,
                    help="rows the permutation is timed on (default 20000; 2000 with --quick)")
@@ -302,17 +314,21 @@ def main(argv: list[str]) -> dict[str, Any]:
     specs = [StoreSpec(s.name, s.n_rows // div, s.n_cols, s.nnz_per_row, s.groups, s.zipf)
              for s in STORES if s.name in names]
     buffers = [int(k) for k in args.buffers.split(",") if k]
+    budgets = [parse_size(b) for b in args.budgets.split(",") if b]
     record: dict[str, Any] = {
         "command": reproduce_command("benchmarks.bench_shuffle", p, args,
-                                     ("stores", "buffers", "repeats", "perm_rows"))
+                                     ("stores", "buffers", "budgets", "chunk_bytes",
+                                      "repeats", "perm_rows"))
         + (" --quick" if args.quick else ""),
         "machine": machine_info(),
         "quick": args.quick, "repeats": args.repeats, "perm_rows": perm_rows,
         "batch_size": BATCH_SIZE,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        record["results"] = run(specs, buffers, args.repeats, perm_rows, Path(tmp))
-    save_results(record, markdown(record), args.out, "shuffle")
+        record["results"] = run(specs, buffers, args.repeats, perm_rows, Path(tmp), budgets,
+                                args.chunk_bytes)
+    name = "shuffle" if args.chunk_bytes is None else f"shuffle_chunk{args.chunk_bytes >> 10}k"
+    save_results(record, markdown(record), args.out, name)
     return record
 
 

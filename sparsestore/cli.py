@@ -140,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--epoch", type=int, default=0, metavar="E", help="epoch to score")
     q.add_argument("--world-size", type=int, default=1, metavar="W")
     q.add_argument("--rank", type=int, default=0, metavar="R")
+    q.add_argument("--shuffle-buffer-bytes", type=parse_size, default=None, metavar="SIZE",
+                   help="the shuffle's memory budget, e.g. 512M (default: the loader's)")
     q.add_argument("--shuffle-buffer-blocks", type=int, default=None, metavar="K",
-                   help="blocks per shuffle buffer (default: the loader's)")
+                   help="a fixed number of blocks per shuffle unit instead of a budget")
     q.add_argument("--speed", action="store_true",
                    help="also stream one real pass and report rows/s")
     q.add_argument("--json", action="store_true", help="print JSON")
@@ -325,8 +327,9 @@ def cmd_shuffle_check(args: argparse.Namespace) -> int:
     from .store import open as open_store
 
     store = open_store(args.path, mode="r")
-    extra = {} if args.shuffle_buffer_blocks is None else \
-        {"shuffle_buffer_blocks": args.shuffle_buffer_blocks}
+    extra = {k: v for k, v in (("shuffle_buffer_bytes", args.shuffle_buffer_bytes),
+                               ("shuffle_buffer_blocks", args.shuffle_buffer_blocks))
+             if v is not None}
     loader = DataLoader(store, batch_size=args.batch_size, shuffle=True, seed=args.seed,
                         rank=args.rank, world_size=args.world_size, **extra)
     loader.set_epoch(args.epoch)
