@@ -55,6 +55,11 @@ STATE_VERSION = 1
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled",
                         module="torch.multiprocessing.reductions")
+# Once JAX is imported it warns at every os.fork() that a forked child calling JAX may
+# deadlock.  SparseIterableDataset's torch workers are forked and run only numpy and torch,
+# so a process that uses both frameworks (a notebook, README.md's examples) sees it for
+# nothing.
+warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
 
 
 def _tensor(a: np.ndarray, what: str) -> torch.Tensor:
