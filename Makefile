@@ -61,7 +61,8 @@ lint: setup
 test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The JAX and PyTorch backends' tests, each after installing its framework into $(VENV).
+# The JAX and PyTorch backends' tests, each after installing its framework into $(VENV), and
+# README.md's blocks again (those needing the framework are skipped without it).
 # Pinned here, not in the lock files: `make demo` and `make test` never download them. The
 # CPU wheel of torch 2.13.0 (192 MB, 750 MB installed; PyPI's default torch is a ~3 GB CUDA
 # build) must be on pip's find-links / index; jax + jaxlib 0.10.2: 89 MB, 380 MB installed.
@@ -72,11 +73,11 @@ pip_framework = $(PIP_INSTALL) -c requirements/dev.txt $(1)
 
 test-torch: setup
 	$(call pip_framework,$(TORCH_PIN))
-	$(BIN)/python -m pytest tests/test_torch.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/test_torch.py README.md $(PYTEST_ARGS)
 
 test-jax: setup
 	$(call pip_framework,$(JAX_PIN))
-	$(BIN)/python -m pytest tests/test_jax.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/test_jax.py README.md $(PYTEST_ARGS)
 
 test-backends: test-torch test-jax
 

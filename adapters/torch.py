@@ -55,6 +55,11 @@ STATE_VERSION = 1
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled",
                         module="torch.multiprocessing.reductions")
+# Once JAX is imported it warns at every os.fork() that a forked child calling JAX may
+# deadlock.  SparseIterableDataset's torch workers are forked and run only numpy and torch,
+# so a process that uses both frameworks (a notebook, README.md's examples) sees it for
+# nothing.
+warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
 
 
 def _tensor(a: np.ndarray, what: str) -> torch.Tensor:
@@ -147,8 +152,12 @@ class SparseIterableDataset(tud.IterableDataset):
     loader already has one).  With ``num_workers=k`` each worker iterates a copy of the
     loader restricted to its share of the rows; worker copies cannot advance the epoch
     here, so call :meth:`set_epoch` before each epoch (as with torch's
-    ``DistributedSampler``).  ``len(ds)`` is the batches per epoch for ``num_workers``
-    (constructor argument, ``0`` by default: the loader's own count).
+    ``DistributedSampler``).  ``num_workers=k`` (constructor argument, ``0`` by default)
+    cuts the rank's rows into ``k`` shards; give torch's ``DataLoader`` the same
+    ``num_workers`` so each worker reads one.  ``len(ds)`` is the batches of the ``k``
+    shards, which is what torch delivers whatever its ``num_workers``: a process holding
+    several shards (torch run with fewer workers, or none, as Keras's default is) reads
+    them in turn, without workers in the order ``k`` workers would deliver them.
     """
 
     def __init__(self, loader: DataLoader, layout: str | None = None,
@@ -186,35 +195,56 @@ class SparseIterableDataset(tud.IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         info = tud.get_worker_info()
-        k, w = (1, 0) if info is None else (info.num_workers, info.id)
+        t, w = (1, 0) if info is None else (info.num_workers, info.id)
+        k = max(1, self.num_workers)
         state, seen = self._resume, 0
         if state is not None:
-            if state["num_workers"] != k:
+            if state["num_workers"] != k or t not in (1, k):
                 raise InvalidInputError(
-                    f"state was saved with num_workers={state['num_workers']} but the torch "
-                    f"DataLoader runs {k}; resume with the same number of workers"
+                    f"state was saved with num_workers={state['num_workers']} and this "
+                    f"dataset has num_workers={k}, read by {t} torch worker(s); resume with "
+                    f"the dataset's num_workers and the same number of torch workers (or none)"
                 )
             seen = int(state["batches_seen"])
             if info is None:
                 self._resume = None  # used up here; worker copies drop theirs with them
-        # torch takes batches from workers 0, 1, ... in turn: after `seen` batches the
-        # next one is shard seen % k's, so resumed worker w reads shard (w + seen) % k.
-        shard = (w + seen) % k
-        loader = shard_of(self.loader, shard, k)
-        if state is not None:
-            inner = loader.state_dict()
-            inner.update(epoch=state["epoch"], seed=state["seed"],
-                         batches_consumed=_round_robin(self._counts(k), seen)[shard])
-            loader.load_state_dict(inner)
-        self._seen = seen
-        batches = loader.iter_batches()
+        # The rows are cut into k shards whatever torch runs, so len(self) holds for any
+        # torch num_workers.  torch takes batches from workers 0, 1, ... in turn: after
+        # `seen` batches the next one is shard seen % k's, so the shards are dealt to the
+        # workers in that rotated order; a worker (or the main process) holding several
+        # reads them in turn, which with no workers gives the order k workers deliver.
+        order = [(seen + i) % k for i in range(k)]
+        mine = order[w::t]
+        done = _round_robin(self._counts(k), seen) if state is not None else None
+        loaders, streams = [], []
         try:
-            for batch in batches:
-                self._seen += 1
-                yield self.backend.convert(batch, loader)
+            for shard in mine:
+                loader = shard_of(self.loader, shard, k)
+                if done is not None:
+                    inner = loader.state_dict()
+                    inner.update(epoch=state["epoch"], seed=state["seed"],
+                                 batches_consumed=done[shard])
+                    loader.load_state_dict(inner)
+                loaders.append(loader)
+                streams.append(loader.iter_batches())
+            self._seen = seen
+            active = list(range(len(streams)))
+            while active:
+                for i in list(active):
+                    batch = next(streams[i], None)
+                    if batch is None:
+                        active.remove(i)
+                        continue
+                    self._seen += 1
+                    yield self.backend.convert(batch, loaders[i])
         finally:
-            batches.close()
-        self._seen = 0  # a completed pass: the loader moved on to the next epoch
+            for stream in streams:
+                stream.close()
+        if info is None and k > 1:
+            # Shard copies advance only themselves; a whole pass read here moves this
+            # loader on, as a pass of an unsharded loader does.
+            self.loader.set_epoch(self.loader.epoch + 1)
+        self._seen = 0  # a completed pass: the loaders moved on to the next epoch
 
     def state_dict(self, batches_seen: int | None = None, num_workers: int | None = None
                    ) -> dict[str, Any]:

@@ -6,9 +6,12 @@ Every timed case first runs one untimed tiny dask computation: a process's first
 whoever computes.  It then reports the median of ``REPEATS`` runs; each run builds a new
 graph and decodes every chunk again (nothing decoded is kept between runs).
 ``dask_colsum_compare`` times all of them interleaved in one process (the fairest
-comparison on a shared machine) and reports the ratios; the same from a shell, on the
-``--work`` directory of a ``benchmarks.run`` setup::
+comparison on a shared machine) and reports the ratios.  From a shell it needs ``WORK``,
+the folder where the suite wrote its inputs (the store, the npz, ``ctx.json``): pass the
+suite a ``--work`` folder of your own, so it is kept, then point this at it::
 
+    python -m benchmarks.run --quick --work /tmp/daskwork --out benchmarks/out \
+        --cases dask_colsum_compare
     python -m benchmarks.bench_dask /tmp/daskwork [rounds]
 """
 
@@ -210,9 +213,15 @@ def dask_colsum_compare(ctx: Ctx) -> dict[str, Any]:
 def main(argv: list[str]) -> dict[str, Any]:
     import json
 
-    if not argv:
+    if not argv or argv[0] in ("-h", "--help"):
         raise SystemExit(__doc__)
     work = Path(argv[0])
+    if not (work / "ctx.json").is_file():
+        raise SystemExit(
+            f"bench_dask: error: {work} holds no ctx.json; WORK is the --work folder of a "
+            f"benchmarks.run run (python -m benchmarks.run --quick --work {work} "
+            f"--out benchmarks/out)"
+        )
     ctx = Ctx.from_json(json.loads((work / "ctx.json").read_text()))
     rounds = int(argv[1]) if len(argv) > 1 else ROUNDS
     res = compare(ctx, rounds)

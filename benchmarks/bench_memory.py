@@ -36,6 +36,7 @@ from .common import (
     BATCH_SIZE,
     MiB,
     RssSampler,
+    add_out_argument,
     machine_info,
     matrix_blocks,
     reproduce_command,
@@ -153,7 +154,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     p.add_argument("--passes", type=int, default=12)
     p.add_argument("--every", type=int, default=100, help="trace RSS every N batches")
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    add_out_argument(p)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

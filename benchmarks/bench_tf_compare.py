@@ -23,7 +23,7 @@ Two matrices: ``dense100`` (200k x 30k, ~100 nnz/row, issue 3's matrix) and ``sp
 (~2 nnz/row, 500k rows: per-row costs dominate)::
 
     python -m benchmarks.bench_tf_compare [--quick | --tiny] [--rounds N] [--work DIR]
-                                          [--out benchmarks/results]
+                                          [--out DIR]   (default benchmarks/out)
 
 writes ``tf_compare.json`` and ``tf_compare.md`` to ``--out``.
 """
@@ -42,9 +42,11 @@ from typing import Any
 
 from .common import (
     BATCH_SIZE,
+    add_out_argument,
     coo_parts,
     idiom_dataset,
     machine_info,
+    quiet_tf_retracing,
     rmtree,
     save_results,
     store_with_matrix,
@@ -138,6 +140,8 @@ def bench_matrix(name: str, shape: tuple[int, int, int], work: Path, rounds: int
                  keras_rounds: int, log: Any = print) -> dict[str, Any]:
     import keras
     import tensorflow as tf
+
+    quiet_tf_retracing(tf)
 
     import adapters.tensorflow as sstf
     from sparsestore.loader import DataLoader
@@ -303,7 +307,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     g.add_argument("--tiny", action="store_true", help="seconds: for tests only")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--work", default=None, help="where the stores are written (temp dir)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    add_out_argument(p)
     args = p.parse_args(argv)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     rounds = args.rounds or ROUNDS[mode]
@@ -318,6 +322,8 @@ def main(argv: list[str]) -> dict[str, Any]:
         "batch_size": BATCH_SIZE,
         "matrices": {},
     }
+    if args.work is not None:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for name, shape in MATRICES[mode].items():
             record["matrices"][name] = bench_matrix(name, shape, Path(tmp), rounds,

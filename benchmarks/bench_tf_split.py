@@ -18,7 +18,7 @@ memory, so each stage's cost is the difference between two rows:
 Every case runs with the whole process pinned to one core, then to two (interleaved
 rounds, medians), reporting wall and process CPU time::
 
-    python -m benchmarks.bench_tf_split [--rows N] [--rounds N] [--out benchmarks/results]
+    python -m benchmarks.bench_tf_split [--rows N] [--rounds N] [--out DIR]
 
 writes ``tf_split.json`` and ``tf_split.md``.
 """
@@ -40,9 +40,11 @@ import numpy as np
 from .bench_tf_compare import _graph, set_cores
 from .common import (
     BATCH_SIZE,
+    add_out_argument,
     coo_parts,
     idiom_dataset,
     machine_info,
+    quiet_tf_retracing,
     reproduce_command,
     save_results,
     store_with_matrix,
@@ -90,6 +92,8 @@ def _harness(sstf: Any, tf: Any, loader: Any, batches: list[Any] | None,
 
 def run(rows: int, rounds: int, work: Path) -> dict[str, Any]:
     import tensorflow as tf
+
+    quiet_tf_retracing(tf)
 
     import adapters.tensorflow as sstf
     from sparsestore.loader import DataLoader
@@ -190,7 +194,7 @@ def main(argv: list[str]) -> dict[str, Any]:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    add_out_argument(p)
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     record: dict[str, Any] = {

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import importlib
 import json
+import logging
 import os
 import platform
 import resource
@@ -405,6 +406,35 @@ def reproduce_command(module: str, parser: Any, args: Any, options: Iterable[str
     given = [f"--{name} {getattr(args, name)}" for name in options
              if getattr(args, name) != parser.get_default(name)]
     return " ".join([f"python -m {module}", *given])
+
+
+# Where a standalone benchmark writes unless told otherwise: a git-ignored scratch folder,
+# so a run never rewrites the committed results the README cites.  Those are regenerated on
+# purpose with ``--out benchmarks/results``.
+SCRATCH_OUT = Path(__file__).resolve().parent / "out"
+COMMITTED_OUT = "benchmarks/results"
+
+
+def add_out_argument(parser: Any) -> None:
+    """``--out DIR`` for a benchmark's result files (default :data:`SCRATCH_OUT`)."""
+    parser.add_argument(
+        "--out", default=str(SCRATCH_OUT),
+        help=f"folder for the .json/.md results (default: benchmarks/out, git-ignored; "
+             f"--out {COMMITTED_OUT} replaces the committed ones)")
+
+
+def quiet_tf_retracing(tf: Any) -> None:
+    """Drop TensorFlow's "triggered tf.function retracing" warnings.
+
+    A benchmark builds one ``tf.function`` per dataset on purpose (each is traced once,
+    outside the timed rounds); TensorFlow counts those traces together and warns as if
+    one function were retraced in a loop.
+    """
+    class _NoRetracing(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "tf.function retracing" not in record.getMessage()
+
+    tf.get_logger().addFilter(_NoRetracing())
 
 
 def save_results(record: dict[str, Any], md: str, out: str | Path, stem: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "means": means, "counts": counts, "top10": top10, "mask": mask, "selected_sums": sel_sum,
     }
     if not args.no_train and mask.any():
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from keras_train import import_tensorflow_quietly
+
+        import_tensorflow_quietly()  # without TensorFlow's C++ start-up lines
         import keras
 
         import adapters.tensorflow as sstf

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,36 +34,6 @@ DEFAULT_OUT = "demo_data"
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
-
-
-# absl's preamble and glog-style INFO/WARNING lines ("I0000 00:00:1796... 5475 port.cc:153] ...").
-_TF_NOISE = re.compile(rb"WARNING: All log messages before absl::InitializeLog\(\)"
-                       rb"|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
-
-
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow and Keras with the C++ log lines they print at import dropped.
-
-    Those lines go straight to file descriptor 2, before ``TF_CPP_MIN_LOG_LEVEL`` applies,
-    so fd 2 points at a temporary file during the import; lines that are not TensorFlow's
-    start-up log (a Python warning, an error) are written to stderr afterwards.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import keras  # noqa: F401
-            import tensorflow  # noqa: F401
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            kept = [line for line in captured if not _TF_NOISE.match(line)]
-            if kept:
-                sys.stderr.buffer.write(b"".join(kept))
-                sys.stderr.flush()
 
 
 def _shown(path: Path | str) -> str:
@@ -144,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("2. streaming one epoch (shuffled) through sparsestore.DataLoader")
     rss_before_tf = kt.rss_mb()
-    import_tensorflow_quietly()
+    kt.import_tensorflow_quietly()
     import adapters.tensorflow as sstf
 
     rss0 = kt.rss_mb()

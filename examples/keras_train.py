@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,36 @@ import sparsestore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import BLOCK_ROWS, build_store, synthetic_blocks  # noqa: E402, F401
+
+# absl's preamble and glog-style INFO/WARNING lines ("I0000 00:00:1796... 5475 port.cc:153] ...").
+_TF_NOISE = re.compile(rb"WARNING: All log messages before absl::InitializeLog\(\)"
+                       rb"|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow and Keras with the C++ log lines they print at import dropped.
+
+    Those lines go straight to file descriptor 2, before ``TF_CPP_MIN_LOG_LEVEL`` applies,
+    so fd 2 points at a temporary file during the import; lines that are not TensorFlow's
+    start-up log (a Python warning, an error) are written to stderr afterwards.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import keras  # noqa: F401
+            import tensorflow  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured if not _TF_NOISE.match(line)]
+            if kept:
+                sys.stderr.buffer.write(b"".join(kept))
+                sys.stderr.flush()
+
 
 # ------------------------------------------------------------------ data
 
@@ -164,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     store = build_store(path, args.rows, args.cols, args.density, args.seed)
+    import_tensorflow_quietly()
     print(f"wrote {store!r} in {time.perf_counter() - t0:.1f} s")
     history, tp = train(store, epochs=args.epochs, batch_size=args.batch_size,
                         hidden=args.hidden, seed=args.seed)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidInputError, SparseStoreError
+from .errors import InvalidInputError, SparseStoreError, StoreExistsError
 from .progress import make_bar
 
 PROG = "sparsestore"
@@ -172,14 +172,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     zero_based = {None: None, "auto": "auto", "yes": True, "no": False}[args.zero_based]
     src: Any = srcs[0] if len(srcs) == 1 else srcs
     t0 = time.perf_counter()
-    store = convert(
-        src, dst, format=args.format, overwrite=args.overwrite,
-        progress=_progress_flag(args), workers=args.workers, labels=labels or None,
-        key=args.key, dtype=args.dtype, casting=args.casting, sparse=not args.dense,
-        n_features=args.n_features,
-        zero_based=zero_based, max_bytes=args.max_bytes, tmp_dir=args.tmp_dir,
-        nan_policy=args.nan_policy, **layout,
-    )
+    try:
+        store = convert(
+            src, dst, format=args.format, overwrite=args.overwrite,
+            progress=_progress_flag(args), workers=args.workers, labels=labels or None,
+            key=args.key, dtype=args.dtype, casting=args.casting, sparse=not args.dense,
+            n_features=args.n_features,
+            zero_based=zero_based, max_bytes=args.max_bytes, tmp_dir=args.tmp_dir,
+            nan_policy=args.nan_policy, **layout,
+        )
+    except StoreExistsError as exc:
+        # The library's message names the Python keyword; here the switch is a flag.
+        raise StoreExistsError(str(exc).replace("overwrite=True", "--overwrite")) from None
     dt = time.perf_counter() - t0
     n, m = store.shape
     labs = f", labels {list(store.labels)}" if len(store.labels) else ""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -126,7 +128,9 @@ def test_tf_compare_and_gpu_check_run_tiny(tmp_path: Path, capsys: pytest.Captur
 
     from benchmarks import bench_tf_compare, gpu_check
 
-    record = bench_tf_compare.main(["--tiny", "--out", str(tmp_path)])
+    work = tmp_path / "not" / "yet"  # --work creates a missing folder
+    record = bench_tf_compare.main(["--tiny", "--out", str(tmp_path), "--work", str(work)])
+    assert work.is_dir()
     saved = json.loads((tmp_path / "tf_compare.json").read_text())
     assert set(saved["matrices"]) == {"dense100", "sparse2"}
     for r in record["matrices"].values():
@@ -194,3 +198,29 @@ def test_memory_bench_streams_whole_passes_in_fresh_processes(tmp_path: Path) ->
             assert all(len(t) == -(-got["batches_per_pass"] // 2) for t in got["trace_mib"])
     md = (tmp_path / "memory.md").read_text()
     assert "| tf | 5,000 |" in md and "| loader | 2,500 |" in md
+
+
+@pytest.mark.parametrize("module", ["bench_tf_compare", "bench_tf_split", "bench_memory"])
+def test_standalone_benchmarks_write_to_a_scratch_folder_by_default(module: str) -> None:
+    """Run as the README shows them, they leave the committed results alone: ``--out``
+    defaults to benchmarks/out, which git ignores."""
+    from benchmarks.common import SCRATCH_OUT
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--help"],
+                         capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "default: benchmarks/out" in " ".join(out.stdout.split())
+    assert root / "benchmarks" / "out" == SCRATCH_OUT
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(SCRATCH_OUT / "memory.json")],
+                             cwd=root)
+    assert ignored.returncode == 0
+
+
+def test_bench_dask_explains_a_work_folder_without_a_suite_setup(tmp_path: Path) -> None:
+    from benchmarks import bench_dask
+
+    with pytest.raises(SystemExit, match="no ctx.json; WORK is the --work folder"):
+        bench_dask.main([str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="WORK"):
+        bench_dask.main([])

@@ -124,7 +124,8 @@ def test_convert_formats_and_labels_from_the_command_line(tmp_path, capsys):
     (["convert", "{root}/x.csv", "{root}/o.zarr"], "cannot tell the format"),
     (["convert", "{root}/bad.npz", "{root}/o.zarr"], "bad.npz"),
     (["convert", "{root}/part0.npz", "{root}/o.zarr", "--from", "parquet"], "unknown format"),
-    (["convert", "{root}/part0.npz", "{root}/exists.zarr"], "already exists"),
+    (["convert", "{root}/part0.npz", "{root}/exists.zarr"],
+     "exists.zarr already exists; pass --overwrite to replace it"),
     (["bench", "{root}/part0.npz"], "is a file"),
     (["validate", "{root}/missing.zarr"], "no"),
 ])

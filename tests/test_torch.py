@@ -144,6 +144,42 @@ def test_worker_split_matches_the_shards_of_the_loader(small_store):
         np.testing.assert_array_equal(g, w)
 
 
+@pytest.mark.parametrize(("ds_workers", "torch_workers"), [(2, 0), (2, 2), (3, 2), (0, 2)])
+@pytest.mark.parametrize(("drop_last", "world"), [(False, 1), (True, 1), (False, 3)])
+def test_len_is_what_the_workers_deliver(small_store, ds_workers, torch_workers, drop_last,
+                                         world):
+    """``len(ds)`` (what Keras and tqdm size an epoch by) counts the batches torch yields,
+    whichever ``num_workers`` the torch DataLoader runs, and every row of the rank arrives."""
+    store, _, _ = small_store
+    loader = sparsestore.DataLoader(store, 190, shuffle=True, seed=4, labels="y",
+                                    drop_last=drop_last, rank=world - 1, world_size=world)
+    k = max(1, ds_workers)
+    shards = [sstorch.shard_of(loader, w, k) for w in range(k)]
+    want = np.sort(np.concatenate([b.rows for s in shards for b in s.iter_batches()]))
+    loader.set_epoch(0)  # with k == 1 the shard is the loader itself, now at epoch 1
+    ds = sstorch.SparseIterableDataset(loader, num_workers=ds_workers)
+    got = epoch_rows(torch.utils.data.DataLoader(ds, batch_size=None,
+                                                 num_workers=torch_workers))
+    assert len(got) == len(ds)
+    np.testing.assert_array_equal(np.sort(np.concatenate(got)), want)
+
+
+def test_without_workers_the_shards_come_in_the_workers_order(small_store):
+    """A dataset built for 2 workers read in the main process (Keras's default torch
+    DataLoader) yields the same batches in the same order as 2 torch workers, and moves
+    the loader to the next epoch as an unsharded pass does."""
+    store, _, _ = small_store
+    loader = sparsestore.DataLoader(store, 256, shuffle=True, seed=9, labels="y")
+    ds = sstorch.SparseIterableDataset(loader, num_workers=2)
+    with_workers = epoch_rows(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))
+    ds.set_epoch(0)
+    in_process = epoch_rows(torch.utils.data.DataLoader(ds, batch_size=None))
+    assert len(in_process) == len(with_workers) == len(ds)
+    for g, w in zip(in_process, with_workers, strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert loader.epoch == 1
+
+
 def test_set_epoch_reshuffles_in_workers(small_store):
     store, _, _ = small_store
     loader = sparsestore.DataLoader(store, batch_size=500, shuffle=True, seed=2, labels="y")
