@@ -215,7 +215,8 @@ class SharedChunkCache(ChunkCache):
 def read_ranges(
     arr: Any, starts: np.ndarray, ends: np.ndarray, *, name: str | None = None
 ) -> np.ndarray:
-    """Concatenation of ``arr[s:e]`` for each range, decoding each touched chunk once.
+    """Concatenation of ``arr[s:e]`` for each range, decoding each touched chunk once
+    (directly where :class:`ChunkDecoder` can, else through zarr).
 
     Ranges may come in any order and may repeat; output follows their order.
     """
@@ -237,9 +238,16 @@ def read_ranges(
     buf_offsets = []  # where each run begins in the concatenated buffer
     offset = 0
     limit = arr.shape[0]
+    decoder = ChunkDecoder(arr, name)
     for run in runs:
         lo, hi = int(run[0]) * c, min((int(run[-1]) + 1) * c, limit)
-        bufs.append(read_slice(arr, lo, hi, name=name))
+        if decoder.is_direct:  # chunk by chunk: a shard's index is read once, not per chunk
+            buf = np.empty(run.size * c, arr.dtype)
+            for j, k in enumerate(run.tolist()):
+                decoder.decode_into(k, buf[j * c : (j + 1) * c])
+            bufs.append(buf[: hi - lo])
+        else:
+            bufs.append(read_slice(arr, lo, hi, name=name))
         run_starts.append(lo)
         buf_offsets.append(offset)
         offset += hi - lo
@@ -291,6 +299,7 @@ class ChunkDecoder:
         self._indexes: OrderedDict[int, np.ndarray | None] = OrderedDict()
         self._index_lock = threading.Lock()
         self.index_reads = 0  # shard indexes read (for tests and benchmarks)
+        self._scratch = threading.local()  # each thread's buffer for compressed inner chunks
 
     @property
     def is_direct(self) -> bool:
@@ -362,7 +371,10 @@ class ChunkDecoder:
                 "bytes, more than any encoding of it takes: the shard is damaged; restore "
                 "the store from a copy"
             )
-        raw = zc.fetch_range(plan.store, key, off, off + nbytes, pool)
+        scratch = getattr(self._scratch, "buf", None)
+        if scratch is None:  # per thread: the compressed bytes live only until decoded
+            scratch = self._scratch.buf = np.empty(dest.size + 1024, np.uint8)
+        raw = zc.fetch_range(plan.store, key, off, off + nbytes, pool, scratch)
         if raw is None:  # the shard vanished since its index was read
             return False
         self._decode_raw(k, raw, plan.steps, plan.crc, dest)

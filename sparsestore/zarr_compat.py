@@ -223,12 +223,13 @@ def fetch_suffix(store: Any, key: str, n: int) -> np.ndarray | None:
     return None if got is None else got.as_numpy_array().view(np.uint8)
 
 
-def fetch_range(store: Any, key: str, start: int, stop: int,
-                pool: BufferPool | None) -> np.ndarray | None:
-    """Bytes ``[start, stop)`` of an object (checked against the manifest), None if absent."""
+def fetch_range(store: Any, key: str, start: int, stop: int, pool: BufferPool | None,
+                into: np.ndarray | None = None) -> np.ndarray | None:
+    """Bytes ``[start, stop)`` of an object (checked against the manifest), None if absent;
+    read into ``into`` (scratch memory the caller reuses) where the store can."""
     read_range = getattr(store, "read_range", None)
     if read_range is not None:
-        return read_range(key, start, stop, pool)
+        return read_range(key, start, stop, pool, into)
     got = store.get_sync(key, byte_range=RangeByteRequest(start, stop))
     return None if got is None else got.as_numpy_array().view(np.uint8)
 
