@@ -3,11 +3,12 @@
 The direct chunk paths (:class:`~sparsestore.chunks.ChunkDecoder`,
 :class:`~sparsestore.chunks.ChunkEncoder`) read and write chunk bytes themselves, which needs
 zarr internals: ``arr.store_path.store``, ``metadata.encode_chunk_key``, the stores'
-``get_sync``/``set_sync``, the codec classes and zarr's Blosc configuration, and the Blosc
-header layout.  :data:`SUPPORTED` says whether the installed zarr is in the range these were
-checked against (pyproject's pin); outside it :func:`direct_plan` gives None and zarr does
-all the work.  :class:`~sparsestore.integrity.VerifiedStore` wraps stores with the classes
-re-exported here.
+``get_sync``/``set_sync``, the codec classes and zarr's Blosc configuration, the Blosc
+header layout, and the sharding codec's configuration and index layout (inner chunks are
+read by range: :func:`shard_plan`).  :data:`SUPPORTED` says whether the installed zarr is
+in the range these were checked against (pyproject's pin); outside it :func:`direct_plan`
+and :func:`shard_plan` give None and zarr does all the work.
+:class:`~sparsestore.integrity.VerifiedStore` wraps stores with the classes re-exported here.
 """
 
 from __future__ import annotations
