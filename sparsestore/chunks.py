@@ -466,16 +466,21 @@ class ChunkEncoder:
     def for_array(cls, arr: Any) -> ChunkEncoder | None:
         """An encoder for ``arr``, or None when zarr must write it (see the class doc)."""
         plan = zc.direct_plan(arr)
+        shard = None if plan is not None else zc.shard_plan(arr)
+        if shard is not None:
+            plan = (shard.store, shard.prefix, shard.steps, shard.crc)
         if plan is None or not getattr(plan[0], "supports_sync", False):
             return None
         try:
+            if shard is not None:
+                return ShardEncoder(arr, plan, zc.blosc_codec(arr), zc.buffer_class(), shard.per)
             return cls(arr, plan, zc.blosc_codec(arr), zc.buffer_class())
         except Exception:  # zarr internals not as expected: zarr writes
             return None
 
-    def write(self, k: int, values: np.ndarray) -> None:
-        """Store ``values`` as chunk ``k``: a whole chunk, or the start of one (the rest is
-        the fill value, as zarr stores a chunk at the array's end)."""
+    def encode(self, values: np.ndarray) -> bytes:
+        """One chunk's stored bytes: ``values`` (a whole chunk, or its start: the rest is the
+        fill value, as zarr stores a chunk at the array's end) through the codec chain."""
         if values.size < self.chunk:
             if self._pad is None:
                 self._pad = np.empty(self.chunk, self.dtype)
@@ -488,4 +493,38 @@ class ChunkEncoder:
                 raw = self.blosc.encode(raw)
             else:  # crc32c, appended little-endian (join: one copy of the chunk)
                 raw = b"".join((raw, (self.crc(raw) & 0xFFFFFFFF).to_bytes(4, "little")))
-        zc.store_bytes(self.store, zc.chunk_key(self.arr, self.prefix, k), raw, self.buffer)
+        return bytes(raw)
+
+    def write(self, k: int, values: np.ndarray) -> None:
+        """Store ``values`` as chunk ``k``: a whole chunk, or the start of one (the rest is
+        the fill value, as zarr stores a chunk at the array's end)."""
+        zc.store_bytes(self.store, zc.chunk_key(self.arr, self.prefix, k), self.encode(values),
+                       self.buffer)
+
+
+class ShardEncoder(ChunkEncoder):
+    """Encodes whole shards of a sharded 1-D array as zarr's sharding codec lays them out:
+    the inner chunks (each through the inner codec chain) one after another, then the index
+    (an (offset, nbytes) little-endian u64 pair per inner chunk, empty ones all ones) and its
+    CRC32C.  Inner chunks past the array's end are not stored, as zarr leaves them."""
+
+    def __init__(self, arr: Any, plan: tuple[Any, str, tuple[str, ...], Any], blosc: Any,
+                 buffer: Any, per: int) -> None:
+        super().__init__(arr, plan, blosc, buffer)
+        self.per = per
+
+    def write(self, k: int, values: np.ndarray) -> None:
+        """Store ``values`` as shard ``k``: a whole shard, or its start at the array's end."""
+        parts: list[bytes] = []
+        index = np.full((self.per, 2), zc.SHARD_EMPTY, dtype="<u8")
+        off = 0
+        for i, lo in enumerate(range(0, min(values.size, self.per * self.chunk), self.chunk)):
+            raw = self.encode(values[lo : lo + self.chunk])
+            index[i] = (off, len(raw))
+            parts.append(raw)
+            off += len(raw)
+        body = index.tobytes()
+        parts += [body, (self.crc(body) & 0xFFFFFFFF).to_bytes(4, "little")]
+        zc.store_bytes(self.store, zc.chunk_key(self.arr, self.prefix, k), b"".join(parts),
+                       self.buffer)
+

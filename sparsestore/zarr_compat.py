@@ -240,10 +240,13 @@ def blosc_codec(arr: Any) -> Any:
     or None when it has none; :class:`ZarrCompatError` when the configuration is unreadable."""
     try:
         from numcodecs import Blosc
-        from zarr.codecs import BloscCodec
+        from zarr.codecs import BloscCodec, ShardingCodec
 
         blosc = None
-        for codec in arr.metadata.codecs:
+        codecs = list(arr.metadata.codecs)
+        if len(codecs) == 1 and type(codecs[0]) is ShardingCodec:  # the inner chunks' chain
+            codecs = list(codecs[0].codecs)
+        for codec in codecs:
             if type(codec) is BloscCodec:
                 cfg = codec.to_dict()["configuration"]
                 shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[cfg["shuffle"]]

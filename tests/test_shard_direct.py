@@ -194,3 +194,33 @@ def test_kept_index_survives_an_append_rewriting_the_last_shard(copy):
         np.testing.assert_array_equal(dec.read(k)[: hi - lo], before[k][: hi - lo])
     assert dec.index_reads > reads  # the rewritten shard's index, read afresh
     np.testing.assert_array_equal(np.concatenate(before)[:n], X.data)
+
+
+@pytest.mark.parametrize("n", [1, 1023, 4096, 4097, 9000])
+def test_shard_encoder_writes_what_zarr_writes(tmp_path, n):
+    """Shards written by :class:`ShardEncoder` are byte for byte zarr's own (whole shards,
+    and a last shard cut inside an inner chunk)."""
+    from sparsestore.chunks import ChunkEncoder, ShardEncoder
+    from sparsestore.layout import Layout
+
+    values = np.random.default_rng(n).integers(0, 50, n).astype(np.float32)
+    codecs = Layout().codecs()
+    arrays = []
+    for name in ("ours", "zarr"):
+        where = zarr.storage.LocalStore(str(tmp_path / name))
+        arr = zarr.create_array(VerifiedStore(where) if name == "ours" else where,
+                                shape=(n,), dtype=np.float32,
+                                chunks=(1024,), shards=(4096,), compressors=codecs,
+                                fill_value=0, config={"write_empty_chunks": True})
+        arrays.append(arr)
+    enc = ChunkEncoder.for_array(arrays[0])
+    assert isinstance(enc, ShardEncoder)
+    for k, lo in enumerate(range(0, n, 4096)):
+        enc.write(k, values[lo : lo + 4096])
+    arrays[1][:] = values
+    ours = sorted((tmp_path / "ours" / "c").iterdir())
+    theirs = sorted((tmp_path / "zarr" / "c").iterdir())
+    assert [p.name for p in ours] == [p.name for p in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ours"))[:], values)
