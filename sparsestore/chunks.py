@@ -215,7 +215,8 @@ class SharedChunkCache(ChunkCache):
 def read_ranges(
     arr: Any, starts: np.ndarray, ends: np.ndarray, *, name: str | None = None
 ) -> np.ndarray:
-    """Concatenation of ``arr[s:e]`` for each range, decoding each touched chunk once.
+    """Concatenation of ``arr[s:e]`` for each range, decoding each touched chunk once
+    (directly where :class:`ChunkDecoder` can, else through zarr).
 
     Ranges may come in any order and may repeat; output follows their order.
     """
@@ -237,9 +238,16 @@ def read_ranges(
     buf_offsets = []  # where each run begins in the concatenated buffer
     offset = 0
     limit = arr.shape[0]
+    decoder = ChunkDecoder(arr, name)
     for run in runs:
         lo, hi = int(run[0]) * c, min((int(run[-1]) + 1) * c, limit)
-        bufs.append(read_slice(arr, lo, hi, name=name))
+        if decoder.is_direct:  # chunk by chunk: a shard's index is read once, not per chunk
+            buf = np.empty(run.size * c, arr.dtype)
+            for j, k in enumerate(run.tolist()):
+                decoder.decode_into(k, buf[j * c : (j + 1) * c])
+            bufs.append(buf[: hi - lo])
+        else:
+            bufs.append(read_slice(arr, lo, hi, name=name))
         run_starts.append(lo)
         buf_offsets.append(offset)
         offset += hi - lo
@@ -259,15 +267,24 @@ class ChunkDecoder:
     """Decodes whole storage chunks of one 1-D zarr array into buffers the caller owns.
 
     For the codec chains sparsestore writes (``bytes``, then optionally Blosc, then
-    optionally CRC32C, unsharded) on a store with synchronous reads, a chunk's bytes are
-    fetched (read straight into a pooled buffer on local disk), its CRC32C checked and
+    optionally CRC32C) on a store with synchronous reads, a chunk's bytes are fetched
+    (read straight into a pooled buffer on local disk), its CRC32C checked and
     Blosc-decompressed straight into the destination: no event-loop round trip, no
     intermediate arrays.  The streaming path decodes the same chunk sizes over and over,
-    so this is where reused memory pays (see :mod:`sparsestore.buffers`).  Anything else
-    (sharding, other codecs, remote stores) goes through zarr; either way each call
-    decodes exactly one storage chunk and damage raises :class:`ChecksumError` /
-    :class:`CorruptStoreError` naming the chunk.
+    so this is where reused memory pays (see :mod:`sparsestore.buffers`).
+
+    In a sharded array a chunk is an inner chunk of a shard: the shard's index is read
+    once (checked against its CRC32C and, through
+    :class:`~sparsestore.integrity.VerifiedStore`, the manifest) and kept in a small LRU,
+    then each inner chunk is one range read, checked against its own tag.  zarr instead
+    reads the index again before every inner chunk it fetches.  Anything else (other
+    codecs, remote stores) goes through zarr; either way each call decodes exactly one
+    storage chunk and damage raises :class:`ChecksumError` / :class:`CorruptStoreError`
+    naming the chunk.
     """
+
+    #: Shard indexes kept per decoder (each ``16 * inner chunks per shard`` bytes).
+    INDEX_CACHE = 256
 
     def __init__(self, arr: Any, name: str | None = None) -> None:
         self.arr = arr
@@ -278,11 +295,16 @@ class ChunkDecoder:
         self.dtype = np.dtype(arr.dtype)
         self.fill = arr.fill_value
         self.direct = zc.direct_plan(arr)
+        self.sharded = None if self.direct is not None else zc.shard_plan(arr)
+        self._indexes: OrderedDict[int, np.ndarray | None] = OrderedDict()
+        self._index_lock = threading.Lock()
+        self.index_reads = 0  # shard indexes read (for tests and benchmarks)
+        self._scratch = threading.local()  # each thread's buffer for compressed inner chunks
 
     @property
     def is_direct(self) -> bool:
         """Whether chunks are decoded here (True) or through zarr's codec pipeline."""
-        return self.direct is not None
+        return self.direct is not None or self.sharded is not None
 
     def bounds(self, k: int) -> tuple[int, int]:
         """Elements ``[lo, hi)`` chunk ``k`` holds."""
@@ -299,10 +321,9 @@ class ChunkDecoder:
         """
         lo, hi = self.bounds(k)
         n = hi - lo
-        if self.direct is None:
+        if not self.is_direct:
             out[:n] = read_slice(self.arr, lo, hi, name=self.name)
             return
-        store, prefix, steps, crc = self.direct
         want = self.chunk * self.dtype.itemsize
         dest = out.view(np.uint8)
         if dest.size < want:  # the last chunk is stored whole: decode it aside
@@ -311,26 +332,101 @@ class ChunkDecoder:
             self.decode_into(k, whole, pool)
             out[:n] = whole[:n]
             return
-        raw = zc.fetch(store, zc.chunk_key(self.arr, prefix, k), pool)
-        if raw is None:  # never written: zarr's fill value
-            out[:n] = self.fill
+        if self.direct is not None:
+            store, prefix, steps, crc = self.direct
+            raw = zc.fetch(store, zc.chunk_key(self.arr, prefix, k), pool)
+            if raw is None:  # never written: zarr's fill value
+                out[:n] = self.fill
+                return
+            self._decode_raw(k, raw, steps, crc, dest[:want])
             return
+        kept = k // self.sharded.per in self._indexes
+        try:
+            stored = self._decode_inner(k, dest[:want], pool, fresh=False)
+        except SparseStoreError:
+            if not kept:
+                raise
+            # The index kept here may predate a committed append that rewrote this (last,
+            # partly filled) shard: read it afresh once; damage fails again.
+            stored = self._decode_inner(k, dest[:want], pool, fresh=True)
+        if not stored:  # never written: zarr's fill value
+            out[:n] = self.fill
+
+    def _decode_inner(self, k: int, dest: np.ndarray, pool: BufferPool | None,
+                      fresh: bool) -> bool:
+        """Inner chunk ``k`` of a shard into ``dest``; False when it was never stored."""
+        plan = self.sharded
+        assert plan is not None
+        s, i = divmod(k, plan.per)
+        key = zc.chunk_key(self.arr, plan.prefix, s)
+        index = self._index(s, key, fresh)
+        if index is None:
+            return False
+        off, nbytes = (int(v) for v in index[i])
+        if off == zc.SHARD_EMPTY:
+            return False
+        if nbytes > dest.size + 1024 or off + nbytes > 2**62:  # beyond any encoding of it
+            raise CorruptStoreError(
+                f"the index of shard {s} of array {self.name!r} gives chunk {k} {nbytes} "
+                "bytes, more than any encoding of it takes: the shard is damaged; restore "
+                "the store from a copy"
+            )
+        scratch = getattr(self._scratch, "buf", None)
+        if scratch is None:  # per thread: the compressed bytes live only until decoded
+            scratch = self._scratch.buf = np.empty(dest.size + 1024, np.uint8)
+        raw = zc.fetch_range(plan.store, key, off, off + nbytes, pool, scratch)
+        if raw is None:  # the shard vanished since its index was read
+            return False
+        self._decode_raw(k, raw, plan.steps, plan.crc, dest)
+        return True
+
+    def _index(self, s: int, key: str, fresh: bool) -> np.ndarray | None:
+        """Shard ``s``'s index as ``(inner chunks, 2)`` (offset, nbytes), read once and
+        kept; None when the shard was never stored."""
+        plan = self.sharded
+        assert plan is not None
+        with self._index_lock:
+            if not fresh and s in self._indexes:
+                self._indexes.move_to_end(s)
+                return self._indexes[s]
+            raw = zc.fetch_suffix(plan.store, key, plan.index_bytes)
+            self.index_reads += 1
+            index = None
+            if raw is not None:
+                if raw.size != plan.index_bytes or plan.crc(raw[:-4]) != zc.le32(raw[-4:]):
+                    lo = s * plan.per * self.chunk
+                    raise ChecksumError(
+                        f"checksum mismatch in the index of shard {s} of array {self.name!r} "
+                        f"(elements {lo}:{min(lo + plan.per * self.chunk, self.size)}): the "
+                        "shard is damaged on disk; restore the store from a copy"
+                    )
+                index = np.frombuffer(raw[:-4].tobytes(), "<u8").reshape(plan.per, 2)
+            self._indexes[s] = index
+            while len(self._indexes) > self.INDEX_CACHE:
+                self._indexes.popitem(last=False)
+            return index
+
+    def _decode_raw(self, k: int, raw: np.ndarray, steps: tuple[str, ...], crc: Any,
+                    dest: np.ndarray) -> None:
+        """A stored chunk's bytes, checked and decoded into ``dest`` (its whole decoded size)."""
+        want = dest.size
         for step in steps:
             if step == "crc32c":
                 if raw.size < 4 or crc(raw[:-4]) != zc.le32(raw[-4:]):
+                    lo, hi = self.bounds(k)
                     raise locate_checksum_error(self.arr, lo, hi, self.name, chunk_ids=[k])
                 raw = raw[:-4]
-            else:  # blosc, always the last step: straight into ``out``
+            else:  # blosc, always the last step: straight into ``dest``
                 if zc.blosc_sizes(raw) != (want, raw.size):
                     raise CorruptStoreError(
                         f"chunk {k} of array {self.name!r} has a bad Blosc header: the chunk "
                         "is damaged; restore the store from a copy"
                     )
-                zc.blosc_decompress(raw, dest[:want])
+                zc.blosc_decompress(raw, dest)
                 return
         if raw.size != want:
             raise CorruptStoreError(f"chunk {k} of array {self.name!r} is not {want} bytes")
-        dest[:want] = raw
+        dest[:] = raw
 
     def read(self, k: int, room: int = 0, pool: BufferPool | None = None) -> np.ndarray:
         """Chunk ``k``'s elements in a new array (from ``pool`` if given), ``room`` spare after."""
@@ -370,16 +466,21 @@ class ChunkEncoder:
     def for_array(cls, arr: Any) -> ChunkEncoder | None:
         """An encoder for ``arr``, or None when zarr must write it (see the class doc)."""
         plan = zc.direct_plan(arr)
+        shard = None if plan is not None else zc.shard_plan(arr)
+        if shard is not None:
+            plan = (shard.store, shard.prefix, shard.steps, shard.crc)
         if plan is None or not getattr(plan[0], "supports_sync", False):
             return None
         try:
+            if shard is not None:
+                return ShardEncoder(arr, plan, zc.blosc_codec(arr), zc.buffer_class(), shard.per)
             return cls(arr, plan, zc.blosc_codec(arr), zc.buffer_class())
         except Exception:  # zarr internals not as expected: zarr writes
             return None
 
-    def write(self, k: int, values: np.ndarray) -> None:
-        """Store ``values`` as chunk ``k``: a whole chunk, or the start of one (the rest is
-        the fill value, as zarr stores a chunk at the array's end)."""
+    def encode(self, values: np.ndarray) -> bytes:
+        """One chunk's stored bytes: ``values`` (a whole chunk, or its start: the rest is the
+        fill value, as zarr stores a chunk at the array's end) through the codec chain."""
         if values.size < self.chunk:
             if self._pad is None:
                 self._pad = np.empty(self.chunk, self.dtype)
@@ -392,4 +493,38 @@ class ChunkEncoder:
                 raw = self.blosc.encode(raw)
             else:  # crc32c, appended little-endian (join: one copy of the chunk)
                 raw = b"".join((raw, (self.crc(raw) & 0xFFFFFFFF).to_bytes(4, "little")))
-        zc.store_bytes(self.store, zc.chunk_key(self.arr, self.prefix, k), raw, self.buffer)
+        return bytes(raw)
+
+    def write(self, k: int, values: np.ndarray) -> None:
+        """Store ``values`` as chunk ``k``: a whole chunk, or the start of one (the rest is
+        the fill value, as zarr stores a chunk at the array's end)."""
+        zc.store_bytes(self.store, zc.chunk_key(self.arr, self.prefix, k), self.encode(values),
+                       self.buffer)
+
+
+class ShardEncoder(ChunkEncoder):
+    """Encodes whole shards of a sharded 1-D array as zarr's sharding codec lays them out:
+    the inner chunks (each through the inner codec chain) one after another, then the index
+    (an (offset, nbytes) little-endian u64 pair per inner chunk, empty ones all ones) and its
+    CRC32C.  Inner chunks past the array's end are not stored, as zarr leaves them."""
+
+    def __init__(self, arr: Any, plan: tuple[Any, str, tuple[str, ...], Any], blosc: Any,
+                 buffer: Any, per: int) -> None:
+        super().__init__(arr, plan, blosc, buffer)
+        self.per = per
+
+    def write(self, k: int, values: np.ndarray) -> None:
+        """Store ``values`` as shard ``k``: a whole shard, or its start at the array's end."""
+        parts: list[bytes] = []
+        index = np.full((self.per, 2), zc.SHARD_EMPTY, dtype="<u8")
+        off = 0
+        for i, lo in enumerate(range(0, min(values.size, self.per * self.chunk), self.chunk)):
+            raw = self.encode(values[lo : lo + self.chunk])
+            index[i] = (off, len(raw))
+            parts.append(raw)
+            off += len(raw)
+        body = index.tobytes()
+        parts += [body, (self.crc(body) & 0xFFFFFFFF).to_bytes(4, "little")]
+        zc.store_bytes(self.store, zc.chunk_key(self.arr, self.prefix, k), b"".join(parts),
+                       self.buffer)
+

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -547,6 +548,58 @@ class VerifiedStore(WrapperStore):
         else:
             raw = _as_np(self._store.get_sync(key))
         self.check_sync(key, raw)
+        return raw
+
+    def _pread(self, key: str, start: int | None, stop: int,
+               pool: BufferPool | None, into: np.ndarray | None = None) -> np.ndarray | None:
+        """Bytes ``[start, stop)`` of an object on local disk (its last ``stop`` bytes when
+        ``start`` is None) by one ``preadv`` into ``into`` (when it is large enough) or
+        ``pool`` memory; None when the object is absent."""
+        try:
+            fd = os.open(self._local + key, os.O_RDONLY)  # type: ignore[operator]
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+        try:
+            if start is None:
+                size = os.fstat(fd).st_size
+                start, stop = max(0, size - stop), size
+            n = max(0, stop - start)
+            if into is not None and into.size >= n:
+                buf = into
+            else:
+                buf = np.empty(n, np.uint8) if pool is None else pool.take(n, np.uint8)
+            got = os.preadv(fd, [buf[:n]], start) if n else 0
+            return buf[:got]
+        finally:
+            os.close(fd)
+
+    @property
+    def _local(self) -> str | None:
+        """The local root as a path prefix ("/root/"), None when the store is not local."""
+        root = self.root
+        return None if root is None else str(root) + os.sep
+
+    def read_suffix(self, key: str, n: int) -> np.ndarray | None:
+        """The last ``n`` bytes of an object (a shard's index), checked as a shard index
+        read; None only for objects the manifest does not cover."""
+        if self._local is not None:
+            raw = self._pread(key, None, n, None)
+        else:
+            raw = _as_np(self._store.get_sync(key, byte_range=SuffixByteRequest(n)))
+        self.check_sync(key, raw, SuffixByteRequest(n))
+        return raw
+
+    def read_range(self, key: str, start: int, stop: int, pool: BufferPool | None = None,
+                   into: np.ndarray | None = None) -> np.ndarray | None:
+        """Bytes ``[start, stop)`` of an object (an inner chunk of a shard), checked against
+        the tag of the inner chunk the shard's index (read here) names there; on local disk
+        read into ``into`` (if large enough) or ``pool`` memory."""
+        request = RangeByteRequest(start, stop)
+        if self._local is not None:
+            raw = self._pread(key, start, stop, pool, into)
+        else:
+            raw = _as_np(self._store.get_sync(key, byte_range=request))
+        self.check_sync(key, raw, request)
         return raw
 
     # --------------------------------------------------------------- writes

@@ -3,18 +3,19 @@
 The direct chunk paths (:class:`~sparsestore.chunks.ChunkDecoder`,
 :class:`~sparsestore.chunks.ChunkEncoder`) read and write chunk bytes themselves, which needs
 zarr internals: ``arr.store_path.store``, ``metadata.encode_chunk_key``, the stores'
-``get_sync``/``set_sync``, the codec classes and zarr's Blosc configuration, and the Blosc
-header layout.  :data:`SUPPORTED` says whether the installed zarr is in the range these were
-checked against (pyproject's pin); outside it :func:`direct_plan` gives None and zarr does
-all the work.  :class:`~sparsestore.integrity.VerifiedStore` wraps stores with the classes
-re-exported here.
+``get_sync``/``set_sync``, the codec classes and zarr's Blosc configuration, the Blosc
+header layout, and the sharding codec's configuration and index layout (inner chunks are
+read by range: :func:`shard_plan`).  :data:`SUPPORTED` says whether the installed zarr is
+in the range these were checked against (pyproject's pin); outside it :func:`direct_plan`
+and :func:`shard_plan` give None and zarr does all the work.
+:class:`~sparsestore.integrity.VerifiedStore` wraps stores with the classes re-exported here.
 """
 
 from __future__ import annotations
 
 import re
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numcodecs.blosc
 import numpy as np
@@ -107,6 +108,40 @@ def store_bytes(store: Any, key: str, raw: Any, buffer: Any) -> None:
     store.set_sync(key, buffer.from_bytes(bytes(raw)))
 
 
+def _decode_steps(codecs: list[Any], dtype: Any) -> tuple[str, ...] | None:
+    """Decode steps of a ``bytes``[+Blosc][+CRC32C] chain in native byte order, else None."""
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+
+    if not codecs or type(codecs[0]) is not BytesCodec:
+        return None
+    endian = codecs[0].endian
+    if np.dtype(dtype).itemsize > 1 and endian is not None and (
+        getattr(endian, "value", endian) != sys.byteorder
+    ):
+        return None
+    steps = []
+    for c in codecs[1:]:
+        if type(c) is BloscCodec:
+            steps.append("blosc")
+        elif type(c) is Crc32cCodec:
+            steps.append("crc32c")
+        else:
+            return None
+    steps.reverse()  # decode order
+    if steps not in ([], ["crc32c"], ["blosc"], ["crc32c", "blosc"]):
+        return None
+    return tuple(steps)
+
+
+def _sync_store(arr: Any) -> tuple[Any, str] | None:
+    """``(store, key prefix)`` when the array's store reads synchronously, else None."""
+    store = arr.store_path.store
+    if not getattr(store, "supports_sync", callable(getattr(store, "get_sync", None))):
+        return None
+    prefix = arr.store_path.path
+    return store, (prefix + "/" if prefix else "")
+
+
 def direct_plan(arr: Any) -> Plan | None:
     """``(store, key prefix, decode steps, crc32c)`` for a chain sparsestore can decode
     itself (``bytes``, then optionally Blosc, then optionally CRC32C, unsharded, 1-D, a
@@ -115,37 +150,89 @@ def direct_plan(arr: Any) -> Plan | None:
         return None
     try:
         import google_crc32c
-        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 
         md = arr.metadata
         if md.zarr_format != 3 or arr.ndim != 1 or getattr(arr, "shards", None) is not None:
             return None
-        codecs = list(md.codecs)
-        if not codecs or type(codecs[0]) is not BytesCodec:
+        steps = _decode_steps(list(md.codecs), arr.dtype)
+        where = _sync_store(arr)
+        if steps is None or where is None:
             return None
-        endian = codecs[0].endian
-        if np.dtype(arr.dtype).itemsize > 1 and endian is not None and (
-            getattr(endian, "value", endian) != sys.byteorder
-        ):
-            return None
-        steps = []
-        for c in codecs[1:]:
-            if type(c) is BloscCodec:
-                steps.append("blosc")
-            elif type(c) is Crc32cCodec:
-                steps.append("crc32c")
-            else:
-                return None
-        steps.reverse()  # decode order
-        if steps not in ([], ["crc32c"], ["blosc"], ["crc32c", "blosc"]):
-            return None
-        store = arr.store_path.store
-        if not getattr(store, "supports_sync", callable(getattr(store, "get_sync", None))):
-            return None
-        prefix = arr.store_path.path
-        return store, (prefix + "/" if prefix else ""), tuple(steps), google_crc32c.value
+        return where[0], where[1], steps, google_crc32c.value
     except Exception:  # a layout or zarr internal not as expected: zarr decodes
         return None
+
+
+class ShardPlan(NamedTuple):
+    """How to read inner chunks of a sharded 1-D array directly (see :func:`shard_plan`)."""
+
+    store: Any
+    prefix: str
+    steps: tuple[str, ...]  # decode steps of one inner chunk
+    crc: Any  # google_crc32c.value
+    per: int  # inner chunks per shard
+    index_bytes: int  # the index at the shard's end: per (offset, nbytes) u64 pairs + CRC32C
+
+
+def shard_plan(arr: Any) -> ShardPlan | None:
+    """A :class:`ShardPlan` for a sharded 1-D array whose inner chunks use a chain
+    sparsestore decodes itself and whose index is at the end, little-endian, with a
+    CRC32C (zarr's default), on a store with synchronous reads; else None (zarr decodes)."""
+    if not SUPPORTED:
+        return None
+    try:
+        import google_crc32c
+        from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+        md = arr.metadata
+        if md.zarr_format != 3 or arr.ndim != 1 or getattr(arr, "shards", None) is None:
+            return None
+        codecs = list(md.codecs)
+        if len(codecs) != 1 or type(codecs[0]) is not ShardingCodec:
+            return None
+        sc = codecs[0]
+        if getattr(sc.index_location, "value", sc.index_location) != "end":
+            return None
+        index_codecs = list(sc.index_codecs)
+        if (len(index_codecs) != 2 or type(index_codecs[0]) is not BytesCodec
+                or getattr(index_codecs[0].endian, "value", index_codecs[0].endian) != "little"
+                or type(index_codecs[1]) is not Crc32cCodec):
+            return None
+        inner, outer = int(sc.chunk_shape[0]), int(arr.shards[0])
+        if inner != int(arr.chunks[0]) or inner < 1 or outer % inner:
+            return None
+        steps = _decode_steps(list(sc.codecs), arr.dtype)
+        where = _sync_store(arr)
+        if steps is None or where is None:
+            return None
+        per = outer // inner
+        return ShardPlan(where[0], where[1], steps, google_crc32c.value, per, per * 16 + 4)
+    except Exception:  # a layout or zarr internal not as expected: zarr decodes
+        return None
+
+
+#: A shard index's offset (and size) for an inner chunk that was never stored.
+SHARD_EMPTY = 2**64 - 1
+
+
+def fetch_suffix(store: Any, key: str, n: int) -> np.ndarray | None:
+    """The last ``n`` bytes of an object (checked against the manifest), None if absent."""
+    read_suffix = getattr(store, "read_suffix", None)
+    if read_suffix is not None:
+        return read_suffix(key, n)
+    got = store.get_sync(key, byte_range=SuffixByteRequest(n))
+    return None if got is None else got.as_numpy_array().view(np.uint8)
+
+
+def fetch_range(store: Any, key: str, start: int, stop: int, pool: BufferPool | None,
+                into: np.ndarray | None = None) -> np.ndarray | None:
+    """Bytes ``[start, stop)`` of an object (checked against the manifest), None if absent;
+    read into ``into`` (scratch memory the caller reuses) where the store can."""
+    read_range = getattr(store, "read_range", None)
+    if read_range is not None:
+        return read_range(key, start, stop, pool, into)
+    got = store.get_sync(key, byte_range=RangeByteRequest(start, stop))
+    return None if got is None else got.as_numpy_array().view(np.uint8)
 
 
 def blosc_codec(arr: Any) -> Any:
@@ -153,10 +240,13 @@ def blosc_codec(arr: Any) -> Any:
     or None when it has none; :class:`ZarrCompatError` when the configuration is unreadable."""
     try:
         from numcodecs import Blosc
-        from zarr.codecs import BloscCodec
+        from zarr.codecs import BloscCodec, ShardingCodec
 
         blosc = None
-        for codec in arr.metadata.codecs:
+        codecs = list(arr.metadata.codecs)
+        if len(codecs) == 1 and type(codecs[0]) is ShardingCodec:  # the inner chunks' chain
+            codecs = list(codecs[0].codecs)
+        for codec in codecs:
             if type(codec) is BloscCodec:
                 cfg = codec.to_dict()["configuration"]
                 shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[cfg["shuffle"]]
@@ -171,8 +261,9 @@ def blosc_codec(arr: Any) -> Any:
 
 __all__ = [
     "BLOSC_CBYTES", "BLOSC_HEADER", "BLOSC_NBYTES", "SUPPORTED", "ZARR_RANGE", "ByteRequest",
-    "OffsetByteRequest", "Plan", "RangeByteRequest", "SuffixByteRequest", "WrapperStore",
-    "ZarrCompatError", "blosc_codec", "blosc_decompress", "blosc_sizes", "buffer_class",
-    "chunk_key", "default_buffer_prototype", "direct_plan", "fetch", "is_checksum_failure",
-    "le32", "store_bytes",
+    "OffsetByteRequest", "Plan", "RangeByteRequest", "SHARD_EMPTY", "ShardPlan",
+    "SuffixByteRequest", "WrapperStore", "ZarrCompatError", "blosc_codec", "blosc_decompress",
+    "blosc_sizes", "buffer_class", "chunk_key", "default_buffer_prototype", "direct_plan",
+    "fetch", "fetch_range", "fetch_suffix", "is_checksum_failure", "le32", "shard_plan",
+    "store_bytes",
 ]

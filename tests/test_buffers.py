@@ -115,7 +115,8 @@ def test_decoder_equals_zarr_for_every_chunk(small_chunked, layout):
     for name in ("data", "indices", "indptr"):
         arr = store.arrays[name]
         dec = ChunkDecoder(arr, name)
-        assert dec.is_direct == (arr.shards is None)  # sharded arrays go through zarr
+        assert dec.is_direct  # sharded arrays too: inner chunks by range reads
+        assert (dec.sharded is not None) == (arr.shards is not None)
         assert arr.shards is None or layout == "sharded"
         n_chunks = -(-arr.shape[0] // dec.chunk)
         assert n_chunks >= 3

@@ -1,0 +1,201 @@
+"""Store layouts compared: 4 MiB chunks (the default), small chunks, small inner chunks in
+shards.  Per layout: write (``save``) time, full read (``store[:]``), a sequential loader
+pass and random access (``store[sorted random 1024 rows]``), configs interleaved in one
+process, median of ``--rounds``.
+
+``python -m benchmarks.bench_layout [--rows N] [--rounds R] [--shapes cell,synthetic]``
+
+Shapes: ``cell`` is single-cell-shaped (20k columns, ~800 nnz/row, Zipf-like column
+popularity, float32 counts); ``synthetic`` is 30k columns x 100 nnz/row uniform
+(:func:`benchmarks.common.matrix_blocks`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .common import (
+    dir_bytes,
+    machine_info,
+    matrix_blocks,
+    reproduce_command,
+    rmtree,
+    save_results,
+)
+
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "4MiB": {},
+    "128KiB": {"chunk_bytes": 2**17},
+    "128KiB/8MiB shards": {"chunk_bytes": 2**17, "shard_bytes": 8 * 2**20},
+    "64KiB/16MiB shards": {"chunk_bytes": 2**16, "shard_bytes": 16 * 2**20},
+    "256KiB/16MiB shards": {"chunk_bytes": 2**18, "shard_bytes": 16 * 2**20},
+}
+RANDOM_ROWS = 1024
+RANDOM_DRAWS = 5
+
+
+def cell_matrix(n_rows: int, n_cols: int = 20_000, nnz_per_row: int = 800,
+                seed: int = 7) -> sp.csr_matrix:
+    """A single-cell-shaped count matrix: Poisson row lengths, columns drawn by a Zipf-like
+    popularity (weight ~ 1 / (rank + 20)), values 1 + geometric counts."""
+    rng = np.random.default_rng(seed)
+    w = 1.0 / (np.arange(n_cols) + 20.0)
+    cdf = np.cumsum(w[rng.permutation(n_cols)])
+    cdf /= cdf[-1]
+    blocks = []
+    for start in range(0, n_rows, 8192):
+        rows = min(8192, n_rows - start)
+        lengths = np.minimum(rng.poisson(nnz_per_row * 1.3, rows), n_cols)
+        r = np.repeat(np.arange(rows, dtype=np.int64), lengths)
+        c = np.searchsorted(cdf, rng.random(r.size)).clip(0, n_cols - 1)
+        keys = np.unique(r * n_cols + c)
+        r, c = np.divmod(keys, n_cols)
+        indptr = np.zeros(rows + 1, np.int64)
+        np.cumsum(np.bincount(r, minlength=rows), out=indptr[1:])
+        vals = (1 + rng.geometric(0.4, keys.size)).astype(np.float32)
+        blocks.append(sp.csr_matrix((vals, c.astype(np.int32), indptr), shape=(rows, n_cols)))
+    X = sp.vstack(blocks, format="csr")
+    X.has_canonical_format = True
+    return X
+
+
+def synthetic_matrix(n_rows: int) -> sp.csr_matrix:
+    X = sp.vstack([b for b, _ in matrix_blocks(n_rows, 30_000, 100)], format="csr")
+    X.has_canonical_format = True
+    return X
+
+
+def _timed(fn: Any) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _loader_pass(store: Any, block_rows: int | None = None) -> int:
+    import sparsestore
+
+    n = 0
+    for b in sparsestore.DataLoader(store, batch_size=1024,
+                                    block_rows=block_rows).iter_batches():
+        n += b.n_rows
+    return n
+
+
+def run_shape(name: str, X: sp.csr_matrix, rounds: int, work: Path) -> dict[str, Any]:
+    import sparsestore
+
+    paths = {lay: work / f"{name}-{i}.zarr" for i, lay in enumerate(LAYOUTS)}
+    times: dict[str, dict[str, list[float]]] = {
+        lay: {"write": [], "full_read": [], "loader": [], "loader_matched": [], "random": []}
+        for lay in LAYOUTS}
+    # The loader cuts blocks of 2 chunks of ``data``: with small chunks its units shrink
+    # too.  "matched" reads every layout in the default layout's block size (2 x 4 MiB of
+    # values), so only the chunk decoding differs.
+    matched = max(1, int(2 * 2**20 * X.shape[0] / max(1, X.nnz)))
+    rng = np.random.default_rng(0)
+    order = list(LAYOUTS)
+    for r in range(rounds):
+        rot = order[r % len(order):] + order[: r % len(order)]  # rotate who goes first
+        for lay in rot:
+            rmtree(paths[lay])
+            times[lay]["write"].append(
+                _timed(lambda lay=lay: sparsestore.save(paths[lay], X, **LAYOUTS[lay])))
+        for lay in rot:
+            store = sparsestore.open(paths[lay])
+            times[lay]["full_read"].append(_timed(lambda store=store: store[:]))
+            seen: list[int] = []
+            times[lay]["loader"].append(_timed(lambda store=store, seen=seen: seen.append(
+                _loader_pass(store))))
+            times[lay]["loader_matched"].append(_timed(
+                lambda store=store, seen=seen: seen.append(_loader_pass(store, matched))))
+            assert seen == [X.shape[0]] * 2
+            draws = [np.sort(rng.choice(X.shape[0], RANDOM_ROWS, replace=False))
+                     for _ in range(RANDOM_DRAWS)]
+            times[lay]["random"].append(
+                sum(_timed(lambda rows=rows, store=store: store[rows]) for rows in draws)
+                / RANDOM_DRAWS)
+        if r == 0:  # the layouts agree with the matrix (once; outside the timings)
+            for lay in order:
+                got = sparsestore.open(paths[lay])[:]
+                assert (got != X).nnz == 0, lay
+    n = X.shape[0]
+    out: dict[str, Any] = {"shape": list(X.shape), "nnz": int(X.nnz), "layouts": {},
+                           "matched_block_rows": matched}
+    for lay in order:
+        t = {k: statistics.median(v) for k, v in times[lay].items()}
+        out["layouts"][lay] = {
+            "options": LAYOUTS[lay],
+            "bytes": dir_bytes(paths[lay]),
+            "files": sum(1 for p in paths[lay].rglob("*") if p.is_file()),
+            "write_s": t["write"],
+            "full_read_s": t["full_read"],
+            "loader_rows_per_s": n / t["loader"],
+            "loader_matched_rows_per_s": n / t["loader_matched"],
+            "random_rows_per_s": RANDOM_ROWS / t["random"],
+            "raw_s": times[lay],
+        }
+        rmtree(paths[lay])
+    return out
+
+
+def markdown(record: dict[str, Any]) -> str:
+    lines = ["# Store layouts: chunk size and sharding", "",
+             f"`{record['command']}` on {record['machine']['cpu']} "
+             f"({record['machine']['cores']} cores), commit {record['machine']['commit']}; "
+             f"median of {record['rounds']} interleaved rounds, warm page cache.", ""]
+    for name, res in record["shapes"].items():
+        rows, cols = res["shape"]
+        lines += [f"## {name}: {rows} x {cols}, {res['nnz'] / rows:.0f} nnz/row", "",
+                  f"loader matched: `block_rows={res['matched_block_rows']}` for every "
+                  "layout (the default layout's block size).", "",
+                  "| layout | files | MB | write s | full read s | loader rows/s "
+                  "| loader matched rows/s | random 1024 rows/s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        base = res["layouts"]["4MiB"]
+        for lay, v in res["layouts"].items():
+            def rel(key: str, v: dict = v, lay: str = lay, base: dict = base) -> str:
+                return "" if lay == "4MiB" else f" ({v[key] / base[key]:.2f}x)"
+            lines.append(
+                f"| {lay} | {v['files']} | {v['bytes'] / 1e6:.0f} | {v['write_s']:.2f}"
+                f"{rel('write_s')} | {v['full_read_s']:.2f}{rel('full_read_s')} | "
+                f"{v['loader_rows_per_s'] / 1e3:.0f}k{rel('loader_rows_per_s')} | "
+                f"{v['loader_matched_rows_per_s'] / 1e3:.0f}k"
+                f"{rel('loader_matched_rows_per_s')} | "
+                f"{v['random_rows_per_s'] / 1e3:.1f}k{rel('random_rows_per_s')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=200_000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--shapes", default="cell,synthetic")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
+    args = p.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_layout_"))
+    work.mkdir(parents=True, exist_ok=True)
+    shapes = {}
+    for name in args.shapes.split(","):
+        X = cell_matrix(args.rows) if name == "cell" else synthetic_matrix(args.rows)
+        shapes[name] = run_shape(name, X, args.rounds, work)
+        del X
+    record = {
+        "command": reproduce_command("benchmarks.bench_layout", p, args,
+                                     ["rows", "rounds", "shapes"]),
+        "rounds": args.rounds, "machine": machine_info(), "shapes": shapes,
+    }
+    save_results(record, markdown(record), args.out, "layout")
+
+
+if __name__ == "__main__":
+    main()
