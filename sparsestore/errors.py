@@ -75,8 +75,8 @@ class UnverifiedStoreWarning(UserWarning):
 class ShuffleQualityWarning(UserWarning):
     """A shuffled loader's buffer holds too few of the store's chunk-sized blocks for its
     batches to mix like a permutation (on rows stored sorted, e.g. by label); rewriting the
-    store with smaller chunks (``sparsestore convert OLD NEW --chunk-bytes 131072``) or a
-    larger ``shuffle_buffer_bytes`` fixes it."""
+    store with small chunks in shards (``sparsestore convert OLD NEW --chunk-bytes 128KiB
+    --shard-bytes 8MiB``) or a larger ``shuffle_buffer_bytes`` fixes it."""
 
 
 class OutOfRangeError(SparseStoreError, IndexError):

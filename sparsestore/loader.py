@@ -42,6 +42,9 @@ STATE_VERSION = 1
 #: Decoded rows a shuffled pass holds at once by default: two units of 256 MiB (see
 #: ``shuffle_buffer_bytes``).
 DEFAULT_SHUFFLE_BUFFER_BYTES = 512 * 2**20
+#: What the poor-mixing warning tells users to run: small inner chunks (each random run
+#: decodes ~128 KiB, not 4 MiB) held in 8 MiB shards (few files, one index read per shard).
+SHUFFLE_LAYOUT_COMMAND = "sparsestore convert OLD NEW --chunk-bytes 128KiB --shard-bytes 8MiB"
 
 #: Batches mixing like a permutation need about ``batch_size / 1.56`` distinct runs of
 #: stored rows each: label error within this factor of a true permutation's.
@@ -510,7 +513,7 @@ class DataLoader:
             f"{self._batch_size} rows draws from few runs of neighbouring rows; on rows "
             f"stored sorted (by label, say) its label mix is about {ratio:.1f}x further from "
             "the whole store's than a true permutation's. Rewrite the store with small "
-            "chunks: `sparsestore convert OLD NEW --chunk-bytes 131072` (or raise "
+            f"chunks: `{SHUFFLE_LAYOUT_COMMAND}` (or raise "
             "shuffle_buffer_bytes).",
             ShuffleQualityWarning, stacklevel=4,
         )

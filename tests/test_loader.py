@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import tempfile
 import threading
 
@@ -657,13 +658,15 @@ def test_poor_mixing_warns_once_naming_the_fix(tmp_path):
     # A unit of ~one 16 KiB-chunk block: batches of 256 rows draw from a couple of runs.
     loader = DataLoader(store, batch_size=256, shuffle=True, seed=0,
                         shuffle_buffer_bytes=64 * 1024)
-    with pytest.warns(ShuffleQualityWarning, match="--chunk-bytes 131072") as rec:
+    from sparsestore.loader import SHUFFLE_LAYOUT_COMMAND
+
+    with pytest.warns(ShuffleQualityWarning, match=re.escape(SHUFFLE_LAYOUT_COMMAND)) as rec:
         list(loader.iter_batches())
         list(loader.iter_batches())
     assert sum(issubclass(w.category, ShuffleQualityWarning) for w in rec) == 1
     # The command the warning names is one the CLI accepts.
-    args = build_parser().parse_args(["convert", "OLD", "NEW", "--chunk-bytes", "131072"])
-    assert args.chunk_bytes == 131072
+    args = build_parser().parse_args(SHUFFLE_LAYOUT_COMMAND.split()[1:])
+    assert (args.chunk_bytes, args.shard_bytes) == (128 * 1024, 8 * 2**20)
     # Default budget, store fits: no warning.
     import warnings
 
