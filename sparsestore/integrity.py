@@ -18,9 +18,11 @@ bytes, so the check costs no extra pass over the data.
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import json
 import os
+import threading
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -788,6 +790,33 @@ def check_row_pointers(ptr: np.ndarray, nnz: int, where: str, first_row: int = 0
             f"got {ptr[:4].tolist()}...); restore the store from a copy"
         )
     return ptr
+
+
+class CheckedRows:
+    """Row ranges whose column indices already passed :func:`check_column_indices` through
+    one handle of a verified store: their chunks cannot change under the handle (every read
+    is checked against the manifest), so later passes skip the scan.  Thread-safe; adjacent
+    ranges merge, so it holds at most one range per block ever read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def covers(self, a: int, b: int) -> bool:
+        with self._lock:
+            i = bisect.bisect_right(self._starts, a) - 1
+            return i >= 0 and self._ends[i] >= b
+
+    def add(self, a: int, b: int) -> None:
+        with self._lock:
+            i = bisect.bisect_left(self._starts, a)
+            j = bisect.bisect_right(self._starts, b)
+            if i > 0 and self._ends[i - 1] >= a:  # touches the range before
+                i -= 1
+            if i < j:
+                a, b = min(a, self._starts[i]), max(b, self._ends[j - 1])
+            self._starts[i:j], self._ends[i:j] = [a], [b]
 
 
 def check_column_indices(indices: np.ndarray, ptr: np.ndarray, n_cols: int, where: str,

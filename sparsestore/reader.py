@@ -35,7 +35,7 @@ from .buffers import BufferPool
 from .chunks import SharedChunkCache, read_rows
 from .errors import InvalidInputError
 from .indexing import normalize_rows
-from .integrity import check_column_indices, check_row_pointers
+from .integrity import check_row_pointers
 from .sampler import UnitSpec
 
 if TYPE_CHECKING:
@@ -266,13 +266,11 @@ class BlockReader:
         values = self.pool.take(nnz, st.dtype)
         indices = self.pool.take(nnz, c_ind.arr.dtype)
         off = 0
-        chunk = int(c_ind.arr.chunks[0])
         for (a, _), p in zip(spans, ptrs, strict=True):
             lo, hi = int(p[0]), int(p[-1])
             c_val.read_to(lo, hi, values[off : off + hi - lo], st.nnz)
             c_ind.read_to(lo, hi, indices[off : off + hi - lo], st.nnz)
-            check_column_indices(indices[off : off + hi - lo], p, st.n_cols, st.path, int(a),
-                                 chunk=chunk)
+            st.check_indices(indices[off : off + hi - lo], p, int(a))
             off += hi - lo
         csr = sp.csr_matrix((values, indices, ptr), shape=(ptr.size - 1, st.n_cols))
         return csr, labels

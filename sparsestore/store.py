@@ -34,6 +34,7 @@ from .errors import (
 )
 from .indexing import normalize_rows, split_key
 from .integrity import (
+    CheckedRows,
     Manifest,
     VerifiedStore,
     check_chunk_size,
@@ -95,6 +96,9 @@ class SparseStore:
         else:
             self._load_dense(meta, attrs)
         self._labels = self._load_labels(meta)
+        # Rows whose column indices passed the check; only where the manifest keeps the
+        # chunks from changing under this handle.
+        self._checked_rows = CheckedRows() if self._manifest is not None else None
 
     def _read_header(
         self, pinned: Mapping[str, Any] | None = None
@@ -397,21 +401,53 @@ class SparseStore:
         """
         ptr = self.indptr(start, stop)
         lo, hi = int(ptr[0]), int(ptr[-1])
-        if caches is None and hi - lo > int(self._indices.chunks[0]) and self._direct:
+        c = int(self._indices.chunks[0])
+        if caches is None and hi - lo > c and self._direct:
             # Several chunks: decoded here straight into the result (faster than zarr's
-            # pipeline), so the index check below reads indices still in cache.
+            # pipeline), each indices chunk checked while it is still in cache.
             pool = self._read_pool
             caches = (ChunkCache(self._data, 2, "data", pool),
                       ChunkCache(self._indices, 2, "indices", pool))
         if caches is None:
             vals = read_slice(self._data, lo, hi, name="data")
             ind = read_slice(self._indices, lo, hi, name="indices")
-        else:
-            vals = caches[0].read(lo, hi, self._nnz)
-            ind = caches[1].read(lo, hi, self._nnz)
-        check_column_indices(ind, ptr, self.n_cols, self.path, start,
-                             chunk=int(self._indices.chunks[0]))
+            check_column_indices(ind, ptr, self.n_cols, self.path, start, chunk=c)
+            return vals, ind, ptr - lo
+        vals = caches[0].read(lo, hi, self._nnz)
+        if self._rows_checked(start, stop):
+            return vals, caches[1].read(lo, hi, self._nnz), ptr - lo
+        dt, pool = self._indices.dtype, caches[1].pool
+        ind = np.empty(hi - lo, dt) if pool is None else pool.take(hi - lo, dt)
+        edges = [lo, *range((lo // c + 1) * c, hi, c), hi]
+        for p, q in zip(edges[:-1], edges[1:], strict=True):
+            caches[1].read_to(p, q, ind[p - lo : q - lo], self._nnz)
+            r0 = int(np.searchsorted(ptr, p, "right")) - 1
+            r1 = int(np.searchsorted(ptr, q, "left"))
+            check_column_indices(ind[p - lo : q - lo], np.clip(ptr[r0 : r1 + 1], p, q),
+                                 self.n_cols, self.path, start + r0, chunk=c)
+        for e in edges[1:-1]:  # a row running across a chunk edge: its two sides in order
+            r = int(np.searchsorted(ptr, e, "right")) - 1
+            if ptr[r] != e:
+                check_column_indices(ind[e - 1 - lo : e + 1 - lo], np.array([e - 1, e + 1]),
+                                     self.n_cols, self.path, start + r, chunk=c)
+        if self._checked_rows is not None:
+            self._checked_rows.add(start, stop)
         return vals, ind, ptr - lo
+
+    def _rows_checked(self, start: int, stop: int) -> bool:
+        return self._checked_rows is not None and self._checked_rows.covers(start, stop)
+
+    def check_indices(self, indices: np.ndarray, ptr: np.ndarray, first_row: int) -> None:
+        """:func:`check_column_indices` for rows ``[first_row, first_row + len(ptr) - 1)``
+        read through this handle (``ptr``: their pointers into the store), done once per
+        handle where the manifest vouches that the rows' chunks cannot change."""
+        stop = first_row + len(ptr) - 1
+        if self._rows_checked(first_row, stop):
+            return
+        check_column_indices(indices, ptr, self.n_cols, self.path, first_row,
+                             chunk=int(self._indices.chunks[0]))
+        if self._checked_rows is not None:
+            self._checked_rows.add(first_row, stop)
 
     @functools.cached_property
     def _read_pool(self) -> BufferPool:

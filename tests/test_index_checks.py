@@ -8,6 +8,7 @@ reads of the rows around them stay exact (scipy is the oracle).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +180,67 @@ def test_empty_rows_and_row_boundaries_are_not_mistaken_for_disorder(tmp_path):
     got = [b.to_scipy() for b in DataLoader(s, batch_size=2, shuffle=True, seed=1)
            .iter_batches()]
     assert sum(g.nnz for g in got) == X.nnz
+
+
+@pytest.mark.parametrize("kind", ["unsorted", "duplicate"])
+def test_disorder_across_an_indices_chunk_edge_is_refused(tmp_path, matrix, kind):
+    """A whole-range read checks each indices chunk while it is in cache, so a row that runs
+    across a chunk edge must also be checked across it."""
+    path = tmp_path / "edge.zarr"
+    sparsestore.save(path, matrix, chunk_bytes=16384)
+    _unseal(path)
+    arr = zarr.open_array(str(path / "indices"), mode="r+")
+    c = int(arr.chunks[0])
+    ptr = matrix.indptr
+    edge = next(e for e in range(c, matrix.nnz, c)
+                if e not in set(ptr.tolist()) and ptr[np.searchsorted(ptr, e) - 1] < e - 1)
+    row = int(np.searchsorted(ptr, edge, side="right")) - 1
+    vals = arr[:]
+    _forge(vals, edge - 1, kind)  # the pair (edge - 1, edge) sits on the chunk edge
+    arr[:] = vals
+    with pytest.warns(UserWarning):
+        s = sparsestore.open(path)
+    for read in (lambda: s[:], lambda: s[row - 5 : row + 5], lambda: s.read_parts(0, N)):
+        with pytest.raises(CorruptStoreError, match=f"row {row} "):
+            read()
+    lo, hi = max(0, row - 400), row  # rows before it, over several chunks, read exactly
+    assert (s[lo:hi] != matrix[lo:hi]).nnz == 0
+
+
+def test_a_verified_handle_checks_each_row_once_an_unverified_one_every_read(
+        tmp_path, matrix, monkeypatch):
+    """The manifest keeps a verified store's chunks from changing under a handle, so rows
+    whose indices passed are not scanned again on later passes; without a manifest the
+    bytes may change between reads, so every read checks."""
+    import sparsestore.store as store_mod
+
+    calls: list[int] = []
+    real = store_mod.check_column_indices
+
+    def counting(indices, *a, **k):
+        calls.append(int(indices.size))
+        return real(indices, *a, **k)
+
+    monkeypatch.setattr(store_mod, "check_column_indices", counting)
+    sealed = tmp_path / "sealed.zarr"
+    sparsestore.save(sealed, matrix, chunk_bytes=16384)
+    plain = tmp_path / "plain.zarr"
+    sparsestore.save(plain, matrix, chunk_bytes=16384)
+    _unseal(plain)
+    for path, verified in ((sealed, True), (plain, False)):
+        with pytest.warns(UserWarning) if not verified else contextlib.nullcontext():
+            s = sparsestore.open(path)
+        per_pass = []
+        for shuffle in (False, False, True, True):
+            calls.clear()
+            got = list(DataLoader(s, batch_size=256, shuffle=shuffle, seed=1).iter_batches())
+            assert (sp.vstack([b.to_scipy() for b in got])[
+                np.argsort(np.concatenate([b.rows for b in got]))] != matrix).nnz == 0
+            per_pass.append(sum(calls))
+        calls.clear()
+        assert (s[:] != matrix).nnz == 0
+        per_pass.append(sum(calls))
+        if verified:
+            assert per_pass[0] == matrix.nnz and per_pass[1:] == [0, 0, 0, 0]
+        else:
+            assert all(n >= matrix.nnz for n in per_pass)  # s[:] rechecks pairs at chunk edges
