@@ -485,7 +485,8 @@ class DataLoader:
             bounds, nbytes = self._bounds[0]
             self._block_sampler = BlockSampler(
                 bounds, rows=self._rows, shuffle=self._shuffle, seed=self._seed,
-                buffer_blocks=self._buffer_blocks or 1, unit_bytes=self._unit_bytes,
+                buffer_blocks=self._buffer_blocks or 1,
+                unit_bytes=None if nbytes is None else self._unit_bytes,
                 block_bytes=nbytes, rank=self._rank, world_size=self._world_size,
             )
             self._warn_if_poorly_mixed(self._block_sampler)
@@ -493,9 +494,9 @@ class DataLoader:
 
     def _warn_if_poorly_mixed(self, bs: BlockSampler) -> None:
         """Warn once when a shuffled unit holds too few blocks to mix like a permutation."""
-        if self._warned or not self._shuffle or self._unit_bytes is None or bs.n_rows == 0:
-            return
         nbytes = self._bounds[0][1]
+        if self._warned or nbytes is None or bs.n_rows == 0:
+            return
         share = float(nbytes.sum()) * bs.n_rows / max(1, self._store.n_rows)
         if share <= self._unit_bytes or bs.n_blocks == 0:
             return  # one unit: the rank's share is permuted whole
@@ -518,8 +519,9 @@ class DataLoader:
             ShuffleQualityWarning, stacklevel=4,
         )
 
-    def _plan_bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        """Block boundaries and each block's decoded bytes (values, indices, row pointers)."""
+    def _plan_bounds(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Block boundaries and, for a byte-budgeted shuffle, each block's decoded bytes
+        (values, indices, row pointers): sequential passes skip reading them."""
         st = self._store
         n = st.n_rows
         if st.is_dense:
@@ -537,6 +539,8 @@ class DataLoader:
             )
             target = int(st.arrays["data"].chunks[0]) * self._block_chunks
             b = bounds_from_indptr(pieces, n, target, DEFAULT_MAX_BLOCK_ROWS)
+        if not (self._shuffle and self._buffer_bytes is not None):
+            return b, None  # only a byte-budgeted shuffle sizes its blocks
         arrs = st.arrays
         entry = arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize
         at = read_rows(ip, b, name="indptr").astype(np.int64) if b.size > 1 else \
