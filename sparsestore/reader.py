@@ -193,6 +193,7 @@ class BlockReader:
         self.num_workers = int(num_workers)
         self.prefetch = max(1, int(prefetch))
         self.n_cols = store.n_cols if columns is None else columns.n_cols
+        self._span_ex: ThreadPoolExecutor | None = None  # set while a pass streams
         # Units are decoded in order by ``num_workers`` threads and each caches only its two
         # boundary chunks, so a chunk shared by units u and u+1 is still cached when u+1 asks
         # for it with room for two chunks per running unit (plus slack).  Every cached chunk
@@ -265,13 +266,36 @@ class BlockReader:
         # batches are gone.
         values = self.pool.take(nnz, st.dtype)
         indices = self.pool.take(nnz, c_ind.arr.dtype)
-        off = 0
+        # Pieces of about two data chunks, cut at rows: a big unit (a shuffle's) is decoded
+        # by every worker thread at once instead of by the one that took the unit.
+        piece_nnz = 2 * int(c_val.arr.chunks[0])
+        work: list[tuple[int, np.ndarray]] = []  # (first row, its pointers into the store)
         for (a, _), p in zip(spans, ptrs, strict=True):
-            lo, hi = int(p[0]), int(p[-1])
-            c_val.read_to(lo, hi, values[off : off + hi - lo], st.nnz)
-            c_ind.read_to(lo, hi, indices[off : off + hi - lo], st.nnz)
-            st.check_indices(indices[off : off + hi - lo], p, int(a))
-            off += hi - lo
+            rel = p - p[0]
+            cuts = np.unique(np.searchsorted(rel, np.arange(piece_nnz, rel[-1], piece_nnz)))
+            edges = [0, *cuts[(cuts > 0) & (cuts < rel.size - 1)].tolist(), rel.size - 1]
+            for i, j in zip(edges[:-1], edges[1:], strict=True):
+                work.append((int(a) + i, p[i : j + 1]))
+        offs = np.cumsum([0] + [int(q[-1] - q[0]) for _, q in work])
+
+        def fill(items: range) -> None:
+            for k in items:
+                first, q = work[k]
+                lo, hi, o = int(q[0]), int(q[-1]), int(offs[k])
+                c_val.read_to(lo, hi, values[o : o + hi - lo], st.nnz)
+                c_ind.read_to(lo, hi, indices[o : o + hi - lo], st.nnz)
+                st.check_indices(indices[o : o + hi - lo], q, first)
+
+        ex = self._span_ex
+        if ex is None or len(work) < 2:
+            fill(range(len(work)))
+        else:
+            groups = np.array_split(np.arange(len(work)), self.num_workers)
+            futs = [ex.submit(fill, range(int(g[0]), int(g[-1]) + 1))
+                    for g in groups[1:] if g.size]
+            fill(range(int(groups[0][0]), int(groups[0][-1]) + 1))
+            for f in futs:
+                f.result()
         csr = sp.csr_matrix((values, indices, ptr), shape=(ptr.size - 1, st.n_cols))
         return csr, labels
 
@@ -334,6 +358,9 @@ class BlockReader:
                 yield self.decode(unit)
             return
         ex = ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix=THREAD_PREFIX)
+        if self.num_workers > 1:  # the other threads' share of one big unit's pieces
+            self._span_ex = ThreadPoolExecutor(max_workers=self.num_workers - 1,
+                                               thread_name_prefix=THREAD_PREFIX)
         pending: deque[Future] = deque()
         try:
             for unit in units:
@@ -347,6 +374,9 @@ class BlockReader:
                 fut.cancel()
             pending.clear()
             ex.shutdown(wait=True, cancel_futures=True)
+            if self._span_ex is not None:
+                self._span_ex.shutdown(wait=True, cancel_futures=True)
+                self._span_ex = None
 
 
 def _meta_capacity(arr: Any) -> int:
