@@ -8,7 +8,6 @@ committed rows.  Writing (create, save, write_blocks, append, upgrade) lives in
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import warnings
@@ -625,8 +624,10 @@ class SparseStore:
         self.close()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        try:  # noqa: SIM105 - at interpreter exit contextlib may already be gone
             self.close()
+        except Exception:  # a finaliser must not raise
+            pass
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Pickle by reference: workers reopen the store from its path (read-only) at the
