@@ -6,7 +6,7 @@ with ``JaxBackend(format="bcsr")``; dense ``jax.Array`` for dense stores) and la
 expanded on the host with numpy (one ``repeat`` over the row lengths) and the arrays go to
 the device in one ``jax.device_put`` per batch.
 
-    import adapters.jax as ssjax
+    import sparsestore.adapters.jax as ssjax
     loader = ssjax.sharded_loader(store, batch_size=512, shuffle=True, labels="y")
     for x, y in ssjax.prefetch_to_device(loader, size=2):   # x: BCOO, y: jax.Array
         params = step(params, x, y)

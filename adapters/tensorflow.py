@@ -19,7 +19,7 @@ Indices come out int64 in canonical row-major order (the loader's rows hold sort
 unique column ids), so ``tf.sparse.reorder`` is a no-op and Keras / ``tf.sparse`` ops
 take them as they are.
 
-    import adapters.tensorflow as sstf
+    import sparsestore.adapters.tensorflow as sstf
     ds = sstf.to_dataset(sparsestore.DataLoader(store, 512, shuffle=True, labels="y"))
     model.fit(ds, epochs=3)           # keras.Input(shape=(n_cols,), sparse=True)
 
@@ -636,7 +636,8 @@ def _remember(exc: BaseException) -> None:
         return  # raised again (TensorFlow called once more): already tagged
     token = secrets.token_hex(8)
     exc.add_note(f"[sparsestore error {token}] raised inside TensorFlow, which reports it as "
-                 "its own error; adapters.tensorflow.unwrap_error(that error) returns this one")
+                 "its own error; sparsestore.adapters.tensorflow.unwrap_error(that error) "
+                 "returns this one")
     with _RAISED_LOCK:
         _RAISED[token] = exc
         while len(_RAISED) > _RAISED_KEEP:

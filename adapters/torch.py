@@ -7,7 +7,7 @@ tensors share memory with the loader's numpy arrays (``torch.from_numpy``): no c
 
 :class:`SparseIterableDataset` plugs a loader into ``torch.utils.data.DataLoader``:
 
-    import adapters.torch as sstorch
+    import sparsestore.adapters.torch as sstorch
     ds = sstorch.SparseIterableDataset(sparsestore.DataLoader(store, 512, shuffle=True,
                                                               labels="y", seed=0))
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, pin_memory=True)

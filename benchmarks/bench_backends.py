@@ -111,9 +111,8 @@ def jax_cases(store: sparsestore.SparseStore, X: sp.csr_matrix) -> dict[str, tup
 
 def torch_cases(store: sparsestore.SparseStore, X: sp.csr_matrix) -> dict[str, tuple]:
     """PyTorch cases: (iterator factory, rows of an element, no-op sync)."""
+    import sparsestore.adapters.torch as sstorch
     import torch
-
-    import adapters.torch as sstorch
 
     coo = X.tocoo()
     full = torch.sparse_coo_tensor(

@@ -62,7 +62,7 @@ def ss_loader_seq_zarrs(ctx: Ctx) -> dict[str, Any]:
 
 def _tf_pass(ctx: Ctx, key: str = "store", **kw: Any) -> dict[str, Any]:
     tf_module()
-    to_dataset = need("adapters.tensorflow", "to_dataset")
+    to_dataset = need("sparsestore.adapters.tensorflow", "to_dataset")
     store = _store(ctx, key)
     ds = to_dataset(_loader(store, ctx, **kw))
     res = timed_pass(ds, store.n_rows, float("inf"))
@@ -71,14 +71,14 @@ def _tf_pass(ctx: Ctx, key: str = "store", **kw: Any) -> dict[str, Any]:
     return res
 
 
-@case("ss_tf_seq", "stream", "sparsestore -> adapters.tensorflow, sequential (disk)",
+@case("ss_tf_seq", "stream", "sparsestore -> sparsestore.adapters.tensorflow, sequential (disk)",
       "to_dataset(DataLoader(store, 1024)): SparseTensor batches streamed from the store",
       ours=True, needs=TF_NEEDS)
 def ss_tf_seq(ctx: Ctx) -> dict[str, Any]:
     return _tf_pass(ctx)
 
 
-@case("ss_tf_shuffled", "stream", "sparsestore -> adapters.tensorflow, shuffled (disk)",
+@case("ss_tf_shuffled", "stream", "sparsestore -> sparsestore.adapters.tensorflow, shuffled (disk)",
       "to_dataset(DataLoader(store, 1024, shuffle=True, seed=0)): block shuffle + 4-block "
       "row-shuffle buffer (each row once per epoch, each chunk decoded once)", ours=True,
       needs=TF_NEEDS)
@@ -86,13 +86,14 @@ def ss_tf_shuffled(ctx: Ctx) -> dict[str, Any]:
     return _tf_pass(ctx, shuffle=True, seed=0)
 
 
-@case("ss_tf_random", "stream", "sparsestore -> adapters.tensorflow, random batches (disk)",
+@case("ss_tf_random", "stream",
+      "sparsestore -> sparsestore.adapters.tensorflow, random batches (disk)",
       "to_dataset(DataLoader(store, 1024, sampler=rng.permutation(n))): fully random rows per "
       "batch read by random access (the analogue of anndata random batches)", ours=True,
       needs=TF_NEEDS)
 def ss_tf_random(ctx: Ctx) -> dict[str, Any]:
     tf_module()
-    to_dataset = need("adapters.tensorflow", "to_dataset")
+    to_dataset = need("sparsestore.adapters.tensorflow", "to_dataset")
     store = _store(ctx)
     perm = np.random.default_rng(0).permutation(store.n_rows)
     ds = to_dataset(_loader(store, ctx, sampler=perm))
@@ -127,7 +128,7 @@ def _epoch_seconds(model: Any, ds: Any) -> float:
 def keras_fit(ctx: Ctx) -> dict[str, Any]:
     tf_module()
     keras = need("keras")
-    to_dataset = need("adapters.tensorflow", "to_dataset")
+    to_dataset = need("sparsestore.adapters.tensorflow", "to_dataset")
     store = _store(ctx)
     variants = {
         "stream": to_dataset(_loader(store, ctx, labels="y")),

@@ -56,7 +56,7 @@ def _child(path: str, mode: str, passes: int, every: int) -> dict[str, Any]:
 
     store = sparsestore.open(path)
     if mode == "tf":
-        import adapters.tensorflow as sstf
+        import sparsestore.adapters.tensorflow as sstf
 
         ds = sstf.to_dataset(DataLoader(store, BATCH_SIZE))
 

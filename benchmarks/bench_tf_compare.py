@@ -143,7 +143,8 @@ def bench_matrix(name: str, shape: tuple[int, int, int], work: Path, rounds: int
 
     quiet_tf_retracing(tf)
 
-    import adapters.tensorflow as sstf
+    import sparsestore.adapters.tensorflow as sstf
+
     from sparsestore.loader import DataLoader
 
     n_rows, n_cols, per_row = shape

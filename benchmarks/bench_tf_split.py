@@ -95,7 +95,8 @@ def run(rows: int, rounds: int, work: Path) -> dict[str, Any]:
 
     quiet_tf_retracing(tf)
 
-    import adapters.tensorflow as sstf
+    import sparsestore.adapters.tensorflow as sstf
+
     from sparsestore.loader import DataLoader
 
     store, X, _ = store_with_matrix(work / "dense100.zarr", rows, 30_000, 100)

@@ -309,7 +309,7 @@ class Case:
 
 CASES: dict[str, Case] = {}
 BASE_NEEDS = ("numpy", "scipy.sparse", "zarr", "sparsestore")
-TF_NEEDS = ("tensorflow", "sparsestore.loader", "adapters.tensorflow")
+TF_NEEDS = ("tensorflow", "sparsestore.loader", "sparsestore.adapters.tensorflow")
 
 
 def case(name: str, group: str, label: str, description: str, *, baseline: bool = False,

@@ -54,9 +54,9 @@ def _on(dev: str, placed: dict[str, str]) -> bool:
 def check(device: str, rows: int, cols: int, per_row: int, rounds: int,
           work: Path, log: Any = print) -> dict[str, Any]:
     import keras
+    import sparsestore.adapters.tensorflow as sstf
     import tensorflow as tf
 
-    import adapters.tensorflow as sstf
     from sparsestore.loader import DataLoader
 
     t_start = time.perf_counter()

@@ -3,7 +3,7 @@
 Opens a store (or builds a small synthetic one), computes per-column means and the ten
 most frequent columns with ``store.to_dask()`` (lazy, chunk by chunk, never the whole
 matrix), selects the rows whose label ``group`` is 1 and trains one Keras epoch on just those
-rows through ``sparsestore.DataLoader(rows=mask)`` and ``adapters.tensorflow``.
+rows through ``sparsestore.DataLoader(rows=mask)`` and ``sparsestore.adapters.tensorflow``.
 
     python examples/dask_session.py                       # synthetic store in a temp dir
     python examples/dask_session.py --store my.zarr --label group --value 1 --target y
@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         import_tensorflow_quietly()  # without TensorFlow's C++ start-up lines
         import keras
-
-        import adapters.tensorflow as sstf
+        import sparsestore.adapters.tensorflow as sstf
 
         loader = sparsestore.DataLoader(
             store, batch_size=args.batch_size, shuffle=True, seed=0, rows=mask,

@@ -1,9 +1,10 @@
 """``make demo``: build a store, stream it through TensorFlow, train a Keras model on it.
 
 Everything printed is measured on this machine: the store in ``./demo_data`` is written
-fresh (overwritten), one epoch is streamed through ``adapters.tensorflow.to_dataset`` (and
-checked: every row and non-zero arrives), then the small Keras model of
-``examples/keras_train.py`` trains on it with a held-out validation range.  It ends with a
+fresh (overwritten), one epoch is streamed through
+``sparsestore.adapters.tensorflow.to_dataset`` (and checked: every row and non-zero
+arrives), then the small Keras model of ``examples/keras_train.py`` trains on it with a
+held-out validation range.  It ends with a
 summary (rows/s, M nnz/s, peak RSS, where the store is) and what to try next.
 
 TensorFlow's C++ start-up lines (absl's "All log messages before absl::InitializeLog()"
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     print("2. streaming one epoch (shuffled) through sparsestore.DataLoader")
     rss_before_tf = kt.rss_mb()
     kt.import_tensorflow_quietly()
-    import adapters.tensorflow as sstf
+    import sparsestore.adapters.tensorflow as sstf
 
     rss0 = kt.rss_mb()
     tf_mib = rss0 - rss_before_tf

@@ -1,10 +1,10 @@
 """Train a logistic regression in plain JAX (no optax) on BCOO batches streamed from a store.
 
 A learnable synthetic problem (binary labels from a hidden linear model of sparse rows)
-is written block by block, then read by ``adapters.jax.sharded_loader`` (this process's
+is written block by block, then read by ``sparsestore.adapters.jax.sharded_loader`` (this process's
 rows when JAX runs several) with ``pad_nnz=True`` so the jit-compiled step sees a few
 padded shapes instead of one per batch, and staged onto the device by
-``adapters.jax.prefetch_to_device``.  The step is hand-written SGD on ``jax.grad``.
+``sparsestore.adapters.jax.prefetch_to_device``.  The step is hand-written SGD on ``jax.grad``.
 
     python examples/jax_train.py --rows 100000 --cols 2000 --epochs 3
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import sparsestore.adapters.jax as ssjax
 
-import adapters.jax as ssjax
 import sparsestore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -1,4 +1,4 @@
-"""Train a Keras model on a sparse store streamed through ``adapters.tensorflow``.
+"""Train a Keras model on a sparse store streamed through ``sparsestore.adapters.tensorflow``.
 
 A synthetic but learnable problem: sparse rows ``x`` and a binary label from a hidden
 linear model, ``y = [x . w > 0]`` (a few labels flipped as noise).  The store is written
@@ -75,7 +75,7 @@ def make_datasets(
     val_fraction: float = 0.1,
 ) -> tuple[Any, Any, sparsestore.DataLoader]:
     """Shuffled training dataset, sequential validation dataset, and the training loader."""
-    import adapters.tensorflow as sstf
+    import sparsestore.adapters.tensorflow as sstf
 
     train_rows, val_rows = split_rows(store, val_fraction)
     train = sparsestore.DataLoader(store, batch_size, shuffle=True, seed=seed, labels="y",

@@ -2,7 +2,7 @@
 
 A learnable synthetic problem (binary labels from a hidden linear model of sparse rows)
 is written block by block, then streamed as ``torch.sparse_csr_tensor`` batches by
-``adapters.torch.SparseIterableDataset`` with ``num_workers`` processes that each read
+``sparsestore.adapters.torch.SparseIterableDataset`` with ``num_workers`` processes that each read
 their own share of the rows.  The model is a logistic regression whose forward pass is
 one sparse-dense product (``x @ W``): the batch is never densified.
 
@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+import sparsestore.adapters.torch as sstorch
 import torch
 
-import adapters.torch as sstorch
 import sparsestore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

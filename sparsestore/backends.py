@@ -1,7 +1,7 @@
 """Backend plugins: turn a compact :class:`~sparsestore.batch.Batch` into framework objects.
 
 Backends are found by name in the ``sparsestore.backends`` entry-point group (the
-TensorFlow one lives in ``adapters.tensorflow``); ``numpy`` is built in and works even
+TensorFlow one lives in ``sparsestore.adapters.tensorflow``); ``numpy`` is built in and works even
 without installed metadata.  A backend is any object with a ``name`` and a
 ``convert(batch, loader)`` method.
 """

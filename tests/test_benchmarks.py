@@ -156,9 +156,9 @@ def test_tf_split_runs_tiny_and_its_harness_gives_the_streams_batches(tmp_path: 
     """bench_tf_split end to end at a toy size, and its prebuilt-batch harness (the "tf +
     build" case) yields what to_dataset yields, so the stages it subtracts are the stream's."""
     pytest.importorskip("tensorflow")
+    import sparsestore.adapters.tensorflow as sstf
     import tensorflow as tf
 
-    import adapters.tensorflow as sstf
     from benchmarks import bench_tf_split
     from benchmarks.common import store_with_matrix
     from sparsestore.loader import DataLoader

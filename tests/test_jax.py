@@ -15,9 +15,9 @@ import pytest
 jax = pytest.importorskip("jax")
 
 import scipy.sparse as sp  # noqa: E402
+import sparsestore.adapters.jax as ssjax  # noqa: E402
 from jax.experimental import sparse as jsparse  # noqa: E402
 
-import adapters.jax as ssjax  # noqa: E402
 import sparsestore  # noqa: E402
 from sparsestore.errors import ChecksumError, InvalidInputError  # noqa: E402
 
@@ -209,7 +209,7 @@ def test_keras_on_jax_fits_bcoo_batches(tmp_path):
         import os, sys, time, warnings
         sys.path.insert(0, {str(ROOT)!r})
         import numpy as np, keras, sparsestore
-        import adapters.jax as ssjax
+        import sparsestore.adapters.jax as ssjax
         assert keras.backend.backend() == "jax"
         sys.path.insert(0, {str(ROOT / "examples")!r})
         from jax_train import build_store

@@ -154,7 +154,7 @@ def test_loader_streams_from_s3(s3, bucket, X):
 
 def test_tensorflow_backend_from_s3(s3, bucket, X):
     tf = pytest.importorskip("tensorflow")
-    import adapters.tensorflow as sstf
+    import sparsestore.adapters.tensorflow as sstf
 
     url = f"s3://{bucket}/g.zarr"
     store = sparsestore.save(url, X, labels=_labels(X.shape[0]), chunk_bytes=8192,

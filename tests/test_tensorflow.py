@@ -17,10 +17,10 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 import scipy.sparse as sp  # noqa: E402
+import sparsestore.adapters.tensorflow as sstf  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import adapters.tensorflow as sstf  # noqa: E402
 import sparsestore  # noqa: E402
 from sparsestore.errors import (  # noqa: E402
     DTypeError,
@@ -492,7 +492,7 @@ import numpy as np, scipy.sparse as sp
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import sparsestore, adapters.tensorflow as sstf
+import sparsestore, sparsestore.adapters.tensorflow as sstf
 store = sparsestore.open(sys.argv[1])
 X = store[:]
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

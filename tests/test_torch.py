@@ -15,8 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import scipy.sparse as sp  # noqa: E402
+import sparsestore.adapters.torch as sstorch  # noqa: E402
 
-import adapters.torch as sstorch  # noqa: E402
 import sparsestore  # noqa: E402
 from sparsestore.errors import ChecksumError, InvalidInputError  # noqa: E402
 
@@ -331,7 +331,7 @@ def test_keras_on_torch_fits_csr_batches(tmp_path):
         os.environ["KERAS_BACKEND"] = "torch"
         sys.path.insert(0, {str(ROOT)!r})
         import numpy as np, keras, torch, sparsestore
-        import adapters.torch as sstorch
+        import sparsestore.adapters.torch as sstorch
         sys.path.insert(0, {str(ROOT / "examples")!r})
         from torch_train import build_store
         store = build_store({str(tmp_path / "k.zarr")!r}, 4000, 200, seed=1)
