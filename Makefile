@@ -57,6 +57,7 @@ demo: setup-demo
 
 lint: setup
 	$(BIN)/ruff check sparsestore adapters tests examples benchmarks
+	$(BIN)/lint-imports
 
 test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
