@@ -257,8 +257,8 @@ def convert(
     that name) so the original order stays recoverable.  It streams: about
     ``memory_bytes`` of rows are held at a time (plus 8 bytes a row for ``perm``), and
     each output block of random rows decodes nearly the whole source, so it costs about
-    ``4 * source bytes / memory_bytes`` full decodes of the source: give it a budget of
-    a few GiB for a big store.  A source that is not a sparsestore store is first
+    ``4 * uncompressed source bytes / memory_bytes`` full decodes of the source: give it
+    a budget of a few GiB for a big store.  A source that is not a sparsestore store is first
     written to a temporary store under ``tmp_dir`` (removed afterwards, so ``tmp_dir``
     needs room for one compressed copy).
     """
@@ -287,33 +287,47 @@ def convert(
     if shuffle_rows is None:
         return write_source(dst, source, overwrite=overwrite, storage_options=storage_options,
                             **write, **layout_options)
-    assert source_row_label is not None
+    return _convert_shuffled(dst, source, shuffle_rows, source_row_label or "",
+                             overwrite=overwrite, storage_options=storage_options,
+                             memory_bytes=memory_bytes, tmp_dir=tmp_dir, write=write,
+                             layout_options=layout_options)
+
+
+def _convert_shuffled(
+    dst: Any, source: Source, seed: int, label: str, *, overwrite: bool,
+    storage_options: dict[str, Any] | None, memory_bytes: int,
+    tmp_dir: str | os.PathLike[str] | None, write: dict[str, Any],
+    layout_options: dict[str, Any],
+) -> SparseStore:
+    """``convert(shuffle_rows=seed)`` once ``source`` is open: refuse a clashing label
+    before anything is written, then shuffle from the source store, or from a temporary
+    copy of a source of another format."""
     try:
-        check_source_row_label(source_row_label, source.labels)
+        check_source_row_label(label, source.labels)
+        if memory_bytes < 1:
+            raise InvalidInputError(f"memory_bytes must be positive, got {memory_bytes}")
     except BaseException:
         if source.close is not None:
             source.close()
         raise
+    final = dict(overwrite=overwrite, storage_options=storage_options, desc="shuffle",
+                 **write, **layout_options)
     if source.store_path is not None:
-        shuffled = shuffled_store_source(source.store_path, shuffle_rows, labels=source.labels,
-                                         source_row_label=source_row_label,
-                                         memory_bytes=memory_bytes)
-        return write_source(dst, shuffled, overwrite=overwrite,
-                            storage_options=storage_options, desc="shuffle", **write,
-                            **layout_options)
+        shuffled = shuffled_store_source(source.store_path, seed, labels=source.labels,
+                                         source_row_label=label, memory_bytes=memory_bytes)
+        return write_source(dst, shuffled, **final)
     # Random row access needs a store: write the source to a temporary one first (default
     # layout: only this process reads it, once per output block), then shuffle from it.
     tmp = tempfile.mkdtemp(prefix="sparsestore-shuffle-", dir=tmp_dir)
     try:
         rows = os.path.join(tmp, "rows.zarr")
         # A terminal bar per step; a caller's own bar counts the shuffled rows only once.
+        progress = write["progress"]
         first = {**write, "progress": progress if progress in (None, True, False) else False}
         write_source(rows, source, **first)
-        shuffled = shuffled_store_source(rows, shuffle_rows, source_row_label=source_row_label,
+        shuffled = shuffled_store_source(rows, seed, source_row_label=label,
                                          memory_bytes=memory_bytes, name=source.name)
-        return write_source(dst, shuffled, overwrite=overwrite,
-                            storage_options=storage_options, desc="shuffle", **write,
-                            **layout_options)
+        return write_source(dst, shuffled, **final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
