@@ -182,6 +182,7 @@ def test_a_label_name_clash_is_refused_before_anything_is_written(tmp_path, monk
     ({"shuffle_rows": 1.5}, "non-negative integer seed"),
     ({"shuffle_rows": True}, "non-negative integer seed"),
     ({"source_row_label": "orig"}, "pass shuffle_rows"),
+    ({"shuffle_rows": 1, "memory_bytes": 0}, "memory_bytes must be positive"),
 ])
 def test_bad_options_are_refused(source, tmp_path, kwargs, match):
     path, _, _ = source
