@@ -87,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tmp-dir", metavar="DIR", help="where to spill (mtx, svmlight, CSC h5ad)")
     c.add_argument("--nan-policy", choices=("raise", "keep"), default="raise",
                    help="NaN and infinite values: refuse them (default) or store them")
+    c.add_argument("--shuffle-rows", type=int, metavar="SEED",
+                   help="write the rows in the random order "
+                   "numpy.random.default_rng(SEED).permutation(n_rows), labels alike, the "
+                   "permutation kept as a label, so a sequential loader mixes like a shuffle")
+    c.add_argument("--source-row-label", metavar="NAME",
+                   help="with --shuffle-rows: the label recording each row's source row "
+                   "(default source_row)")
+    c.add_argument("--memory-bytes", type=parse_size, metavar="SIZE",
+                   help="memory budget for spilling sources (mtx, CSC h5ad) and for "
+                   "--shuffle-rows blocks; a bigger one shuffles in fewer passes (default "
+                   "256MiB)")
     g = c.add_argument_group("layout")
     g.add_argument("--compressor", choices=("lz4", "zstd", "blosclz", "zlib", "lz4hc", "none"))
     g.add_argument("--clevel", type=int, metavar="0-9")
@@ -171,6 +182,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     labels = [n for item in (args.labels or []) for n in item.split(",") if n]
     zero_based = {None: None, "auto": "auto", "yes": True, "no": False}[args.zero_based]
     src: Any = srcs[0] if len(srcs) == 1 else srcs
+    memory = {} if args.memory_bytes is None else {"memory_bytes": args.memory_bytes}
     t0 = time.perf_counter()
     try:
         store = convert(
@@ -179,7 +191,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             key=args.key, dtype=args.dtype, casting=args.casting, sparse=not args.dense,
             n_features=args.n_features,
             zero_based=zero_based, max_bytes=args.max_bytes, tmp_dir=args.tmp_dir,
-            nan_policy=args.nan_policy, **layout,
+            nan_policy=args.nan_policy, shuffle_rows=args.shuffle_rows,
+            source_row_label=args.source_row_label, **memory, **layout,
         )
     except StoreExistsError as exc:
         # The library's message names the Python keyword; here the switch is a flag.
@@ -187,7 +200,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     n, m = store.shape
     labs = f", labels {list(store.labels)}" if len(store.labels) else ""
-    print(f"wrote {store.path}: {n} x {m}, nnz {store.nnz}, {store.dtype}{labs} "
+    shuffled = "" if args.shuffle_rows is None else f", rows shuffled (seed {args.shuffle_rows})"
+    print(f"wrote {store.path}: {n} x {m}, nnz {store.nnz}, {store.dtype}{labs}{shuffled} "
           f"in {dt:.1f} s")
     return 0
 

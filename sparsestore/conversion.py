@@ -9,6 +9,8 @@ the whole source was read without error.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any
@@ -18,7 +20,20 @@ import numpy as np
 from . import storage
 from .canonical import check_casting, check_nan_policy
 from .errors import FormatError, InvalidInputError, LabelError, StoreExistsError
-from .ingest.base import DEFAULT_MEMORY_BYTES, Source, expand_paths, row_bounds, write_source
+from .ingest.base import (
+    DEFAULT_MEMORY_BYTES,
+    IndptrView,
+    Source,
+    expand_paths,
+    row_bounds,
+    write_source,
+)
+from .ingest.shuffle import (
+    DEFAULT_SOURCE_ROW_LABEL,
+    check_seed,
+    check_source_row_label,
+    shuffled_store_source,
+)
 from .layout import Layout
 from .store import SparseStore
 
@@ -84,23 +99,13 @@ def store_source(path: str, *, labels: Sequence[str] | None = None) -> Source:
                 (a, min(src.n_rows, a + step)) for a in range(0, src.n_rows, step)
             )
         else:
-            bounds = row_bounds(_IndptrView(src), src.n_rows)
+            bounds = row_bounds(IndptrView(src), src.n_rows)
         for a, b in bounds:
             labs = {n: src.labels[n].read(a, b) for n in names} or None
             yield src[a:b], labs
 
     return Source(name=path, n_cols=st.n_cols, dtype=st.dtype, blocks=blocks,
-                  n_rows=st.n_rows, labels=names, dense=st.is_dense)
-
-
-class _IndptrView:
-    """``store.indptr`` sliceable like an array (for :func:`row_bounds`)."""
-
-    def __init__(self, store: SparseStore) -> None:
-        self._s = store
-
-    def __getitem__(self, key: slice) -> np.ndarray:
-        return self._s.indptr(key.start, key.stop - 1)
+                  n_rows=st.n_rows, labels=names, dense=st.is_dense, store_path=path)
 
 
 def _refuse(fmt: str, **given: Any) -> None:
@@ -225,6 +230,8 @@ def convert(
     storage_options: dict[str, Any] | None = None,
     nan_policy: str = "raise",
     casting: str = "same_value",
+    shuffle_rows: int | None = None,
+    source_row_label: str | None = None,
     **layout_options: Any,
 ) -> SparseStore:
     """Convert a file, glob or list of files of any supported format into a new store.
@@ -241,10 +248,31 @@ def convert(
     0.7 as int8, 1e300 as float32), naming it, while floats may round to a narrower
     float; ``"unsafe"`` stores numpy's cast, dropping the zeros it makes.  Big-endian
     sources are stored in native byte order.  Atomic; returns the store opened read-only.
+
+    ``shuffle_rows=SEED`` writes the rows in a seeded random order, so a cheap sequential
+    or block shuffle of the new store mixes like a true permutation: with
+    ``perm = np.random.default_rng(SEED).permutation(n_rows)``, new row ``i`` is source
+    row ``perm[i]``, every label is permuted alike, and ``perm`` is stored as the int64
+    label ``source_row_label`` (default ``"source_row"``; refused if a copied label has
+    that name) so the original order stays recoverable.  It streams: about
+    ``memory_bytes`` of rows are held at a time (plus 8 bytes a row for ``perm``), and
+    each output block of random rows decodes nearly the whole source, so it costs about
+    ``4 * uncompressed source bytes / memory_bytes`` full decodes of the source: give it
+    a budget of a few GiB for a big store.  A source that is not a sparsestore store is first
+    written to a temporary store under ``tmp_dir`` (removed afterwards, so ``tmp_dir``
+    needs room for one compressed copy).
     """
     Layout.from_options(**layout_options)  # name a bad option before reading anything
     check_nan_policy(nan_policy)
     check_casting(casting)
+    if shuffle_rows is None:
+        if source_row_label is not None:
+            raise InvalidInputError("source_row_label= names the label shuffle_rows= records; "
+                                    "pass shuffle_rows= too, or drop it")
+    else:
+        shuffle_rows = check_seed(shuffle_rows)
+        source_row_label = (DEFAULT_SOURCE_ROW_LABEL if source_row_label is None
+                            else source_row_label)
     p = storage.normalize(dst)
     if not overwrite and storage.exists(p, storage_options):
         raise StoreExistsError(
@@ -254,9 +282,54 @@ def convert(
                          sparse=sparse, workers=workers, executor=executor,
                          n_features=n_features, zero_based=zero_based, max_bytes=max_bytes,
                          memory_bytes=memory_bytes, tmp_dir=tmp_dir, casting=casting)
-    return write_source(dst, source, dtype=dtype, sparse=sparse, overwrite=overwrite,
-                        progress=progress, storage_options=storage_options,
-                        nan_policy=nan_policy, casting=casting, **layout_options)
+    write = dict(dtype=dtype, sparse=sparse, progress=progress, nan_policy=nan_policy,
+                 casting=casting)
+    if shuffle_rows is None:
+        return write_source(dst, source, overwrite=overwrite, storage_options=storage_options,
+                            **write, **layout_options)
+    return _convert_shuffled(dst, source, shuffle_rows, source_row_label or "",
+                             overwrite=overwrite, storage_options=storage_options,
+                             memory_bytes=memory_bytes, tmp_dir=tmp_dir, write=write,
+                             layout_options=layout_options)
+
+
+def _convert_shuffled(
+    dst: Any, source: Source, seed: int, label: str, *, overwrite: bool,
+    storage_options: dict[str, Any] | None, memory_bytes: int,
+    tmp_dir: str | os.PathLike[str] | None, write: dict[str, Any],
+    layout_options: dict[str, Any],
+) -> SparseStore:
+    """``convert(shuffle_rows=seed)`` once ``source`` is open: refuse a clashing label
+    before anything is written, then shuffle from the source store, or from a temporary
+    copy of a source of another format."""
+    try:
+        check_source_row_label(label, source.labels)
+        if memory_bytes < 1:
+            raise InvalidInputError(f"memory_bytes must be positive, got {memory_bytes}")
+    except BaseException:
+        if source.close is not None:
+            source.close()
+        raise
+    final = dict(overwrite=overwrite, storage_options=storage_options, desc="shuffle",
+                 **write, **layout_options)
+    if source.store_path is not None:
+        shuffled = shuffled_store_source(source.store_path, seed, labels=source.labels,
+                                         source_row_label=label, memory_bytes=memory_bytes)
+        return write_source(dst, shuffled, **final)
+    # Random row access needs a store: write the source to a temporary one first (default
+    # layout: only this process reads it, once per output block), then shuffle from it.
+    tmp = tempfile.mkdtemp(prefix="sparsestore-shuffle-", dir=tmp_dir)
+    try:
+        rows = os.path.join(tmp, "rows.zarr")
+        # A terminal bar per step; a caller's own bar counts the shuffled rows only once.
+        progress = write["progress"]
+        first = {**write, "progress": progress if progress in (None, True, False) else False}
+        write_source(rows, source, **first)
+        shuffled = shuffled_store_source(rows, seed, source_row_label=label,
+                                         memory_bytes=memory_bytes, name=source.name)
+        return write_source(dst, shuffled, **final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = ["FORMATS", "convert", "detect_format", "open_source", "supported_formats"]

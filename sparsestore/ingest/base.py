@@ -53,6 +53,7 @@ class Source:
     dense: bool = False  # the source is dense (a dense store keeps it as is with sparse=False)
     close: Callable[[], None] | None = None  # frees temporary files if blocks() never ran
     threads: int = 1  # threads blocks() decodes on; > 1: the writer encodes on one more
+    store_path: str | None = None  # a sparsestore store holding these rows (random access)
 
 
 def expand_paths(src: Any, *, what: str = "source") -> list[str]:
@@ -107,6 +108,16 @@ def row_bounds(
         bounds = entry_bounds(np.asarray(indptr[a : hi + 1], dtype=np.int64), target_nnz)
         for lo, up in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
             yield a + lo, a + up
+
+
+class IndptrView:
+    """A store's ``indptr`` sliceable like an array (for :func:`row_bounds`)."""
+
+    def __init__(self, store: Any) -> None:
+        self._s = store
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        return self._s.indptr(key.start, key.stop - 1)
 
 
 class Spill:
@@ -166,10 +177,12 @@ def write_source(
     storage_options: dict[str, Any] | None = None,
     nan_policy: str = "raise",
     casting: str = "same_value",
+    desc: str = "convert",
     **layout_options: Any,
 ) -> Any:
     """Write ``source`` to a new store at ``dst`` through ``write_blocks`` (atomic).
 
+    ``desc``: the progress bar's verb (the source's file name follows it).
     ``nan_policy``: ``"raise"`` refuses NaN and infinite values, ``"keep"`` stores them.
     ``casting``: how block values are cast to ``dtype`` (see :func:`write_blocks`).
     """
@@ -181,7 +194,7 @@ def write_source(
     # joining blocks only saves per-block work (canonical checks, label writes) for tiny
     # blocks; a quarter chunk does that without copying blocks of that size or more.
     target = max(1, Layout.from_options(**layout_options).nnz_chunk(dt.itemsize) // 4)
-    bar = make_bar(progress, source.n_rows, f"convert {os.path.basename(source.name)}")
+    bar = make_bar(progress, source.n_rows, f"{desc} {os.path.basename(source.name)}")
     gen = source.blocks()
     try:
         return write_blocks(
@@ -274,6 +287,7 @@ __all__ = [
     "BlockPair",
     "DEFAULT_BLOCK_NNZ",
     "DEFAULT_MEMORY_BYTES",
+    "IndptrView",
     "Source",
     "Spill",
     "check_n_cols",
