@@ -31,8 +31,10 @@ tf.data shuffle over row ids for the idiom::
 
     python -m benchmarks.bench_shuffle_keras [--quick] [--out DIR]
 
-writes ``shuffle_keras.json`` and ``shuffle_keras.md``.  ``--quick`` divides rows, chunk
-size and shuffle budgets by 10 (about half a minute on 2 cores).
+writes ``shuffle_keras.json`` and ``shuffle_keras.md`` (``shuffle_keras_chunk<K>k.*`` with
+``--chunk-bytes``: small chunks give a budget-cut epoch more, shorter runs to mix).
+``--quick`` divides rows, chunk size and shuffle budgets by 10 (about half a minute on 2
+cores).
 """
 
 from __future__ import annotations
@@ -405,6 +407,8 @@ def main(argv: list[str]) -> dict[str, Any]:
                    "the fixed buffer that was the default before the byte budget)")
     p.add_argument("--configs", default="", help="only configs whose name contains one of "
                    "these comma-separated words")
+    p.add_argument("--chunk-bytes", type=parse_size, default=None,
+                   help="write the store with this data chunk size (default: the library's)")
     add_out_argument(p)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -413,8 +417,10 @@ def main(argv: list[str]) -> dict[str, Any]:
         print(json.dumps(res))
         return res
     div = 10 if args.quick else 1
-    spec = Spec(n_rows=args.rows // div,
-                chunk_bytes=None if div == 1 else 4 * 2**20 // div)
+    chunk = args.chunk_bytes
+    if chunk is None and div > 1:
+        chunk = 4 * 2**20  # the library's default, divided below
+    spec = Spec(n_rows=args.rows // div, chunk_bytes=None if chunk is None else chunk // div)
     budgets = [parse_size(b) // div for b in args.budgets.split(",") if b]
     buffers = [int(k) for k in args.buffers.split(",") if k]
     cfgs = configs(budgets, buffers)
@@ -424,7 +430,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     record: dict[str, Any] = {
         "command": reproduce_command("benchmarks.bench_shuffle_keras", p, args,
                                      ("rows", "epochs", "repeats", "budgets", "buffers",
-                                      "configs"))
+                                      "configs", "chunk_bytes"))
         + (" --quick" if args.quick else ""),
         "machine": machine_info(), "quick": args.quick, "epochs": args.epochs,
         "repeats": args.repeats, "batch_size": BATCH, "spec": asdict(spec),
@@ -436,7 +442,9 @@ def main(argv: list[str]) -> dict[str, Any]:
     record["tv_permutation"] = ref["tv_permutation"] if ref else float("nan")
     record["tv_sequential"] = ref["tv_sequential"] if ref else float("nan")
     record["verdict"] = verdict(recs)
-    save_results(record, markdown(record), args.out, "shuffle_keras")
+    stem = "shuffle_keras" if args.chunk_bytes is None else \
+        f"shuffle_keras_chunk{args.chunk_bytes >> 10}k"
+    save_results(record, markdown(record), args.out, stem)
     return record
 
 
