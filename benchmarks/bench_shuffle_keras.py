@@ -235,7 +235,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     import keras
     import tensorflow as tf
 
-    import adapters.tensorflow as sstf
+    import sparsestore.adapters.tensorflow as sstf
     import sparsestore
     from sparsestore.loader import DataLoader
     from sparsestore.mixing import batch_mixing
