@@ -233,9 +233,9 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     """Runs in the subprocess: one seeded training run of one config, accuracy per epoch."""
     _quiet_tf()
     import keras
+    import sparsestore.adapters.tensorflow as sstf
     import tensorflow as tf
 
-    import sparsestore.adapters.tensorflow as sstf
     import sparsestore
     from sparsestore.loader import DataLoader
     from sparsestore.mixing import batch_mixing
