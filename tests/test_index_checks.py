@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import zarr
+from forge import unseal
 
 import sparsestore
 from sparsestore.errors import CorruptStoreError
@@ -30,16 +31,6 @@ def matrix() -> sp.csr_matrix:
     X = sp.random(N, M, density=0.05, format="csr", dtype=np.float32, random_state=7)
     assert X.indptr[BAD_ROW + 1] - X.indptr[BAD_ROW] >= 3
     return X
-
-
-def _unseal(path: Path) -> None:
-    """Drop the manifest, as a store written before it existed looks: read unverified."""
-    g = zarr.open_group(str(path), mode="r+")
-    meta = dict(g.attrs["sparsestore"])
-    meta.update(format_version=1)
-    meta.pop("manifest")
-    meta.pop("generation")
-    g.attrs["sparsestore"] = meta
 
 
 def _forge(indices: np.ndarray, lo: int, kind: str) -> None:
@@ -68,7 +59,7 @@ def forged(tmp_path, matrix):
     def make(kind: str) -> Path:
         path = tmp_path / f"{kind}.zarr"
         sparsestore.save(path, matrix, labels={"y": np.arange(N)}, chunk_bytes=16384)
-        _unseal(path)
+        unseal(path)
         arr = zarr.open_array(str(path / "indices"), mode="r+")
         vals = arr[:]
         _forge(vals, int(matrix.indptr[BAD_ROW]), kind)
@@ -188,7 +179,7 @@ def test_disorder_across_an_indices_chunk_edge_is_refused(tmp_path, matrix, kind
     across a chunk edge must also be checked across it."""
     path = tmp_path / "edge.zarr"
     sparsestore.save(path, matrix, chunk_bytes=16384)
-    _unseal(path)
+    unseal(path)
     arr = zarr.open_array(str(path / "indices"), mode="r+")
     c = int(arr.chunks[0])
     ptr = matrix.indptr
@@ -226,7 +217,7 @@ def test_a_verified_handle_checks_each_row_once_an_unverified_one_every_read(
     sparsestore.save(sealed, matrix, chunk_bytes=16384)
     plain = tmp_path / "plain.zarr"
     sparsestore.save(plain, matrix, chunk_bytes=16384)
-    _unseal(plain)
+    unseal(plain)
     for path, verified in ((sealed, True), (plain, False)):
         with pytest.warns(UserWarning) if not verified else contextlib.nullcontext():
             s = sparsestore.open(path)

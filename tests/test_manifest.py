@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import zarr
+from forge import unseal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -221,7 +222,7 @@ def test_edited_array_metadata_is_refused_on_open(fresh, array, change):
 
 def test_huge_chunk_shape_is_refused_without_allocating_even_without_manifest(fresh):
     path, _ = fresh("s")
-    _unseal(path)
+    unseal(path)
     edit_array_meta(path, "data",
                     lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[2**40]))
     with pytest.raises(CorruptStoreError, match="chunks of shape"):
@@ -268,21 +269,11 @@ def test_save_over_an_open_store(tmp_path, rows):
 
 # ----------------------------------------------------------- indptr reaching readers
 
-def _unseal(path: Path) -> None:
-    """Drop the manifest, as a store written before it (format version 1) looks."""
-    g = zarr.open_group(str(path), mode="r+")
-    meta = dict(g.attrs["sparsestore"])
-    meta.update(format_version=1)
-    meta.pop("manifest")
-    meta.pop("generation")
-    g.attrs["sparsestore"] = meta
-
-
 @pytest.mark.filterwarnings("ignore::sparsestore.errors.UnverifiedStoreWarning")
 @pytest.mark.parametrize("where", ["middle", "last"])
 def test_bad_indptr_is_caught_before_scipy(fresh, where):
     path, X = fresh("s")
-    _unseal(path)  # only a store without a manifest can carry such an indptr silently
+    unseal(path)  # only a store without a manifest can carry such an indptr silently
     ip = zarr.open_array(str(path / "indptr"), mode="r+")
     vals = ip[:]
     if where == "middle":
@@ -312,7 +303,7 @@ def test_edited_indptr_in_a_verified_store_is_misplaced(fresh):
 
 def test_old_store_opens_validates_with_a_note_and_upgrades(fresh):
     path, X = fresh("s")
-    _unseal(path)
+    unseal(path)
     with pytest.warns(sparsestore.errors.UnverifiedStoreWarning, match="sparsestore upgrade"):
         s = sparsestore.open(path)
     assert not s.verified and (s[:] != X).nnz == 0
@@ -335,7 +326,7 @@ def test_old_store_opens_validates_with_a_note_and_upgrades(fresh):
 def test_upgrade_writes_out_chunks_zarr_never_stored(fresh):
     """An older store's all-zero chunk was never written; upgrade stores it explicitly."""
     path, _ = fresh("s")
-    _unseal(path)
+    unseal(path)
     g = zarr.open_group(str(path), mode="r+")
     c = g["labels/y"].chunks[0]
     g["labels/y"][:c] = 0
@@ -349,7 +340,7 @@ def test_upgrade_writes_out_chunks_zarr_never_stored(fresh):
 
 def test_upgrade_refuses_a_damaged_store(fresh):
     path, _ = fresh("s")
-    _unseal(path)
+    unseal(path)
     f = chunk_file(path, "data", 1)
     raw = bytearray(f.read_bytes())
     raw[10] ^= 0xFF
@@ -382,7 +373,7 @@ def test_cli_upgrade_and_validate_note(fresh):
     from sparsestore.cli import main
 
     path, X = fresh("s")
-    _unseal(path)
+    unseal(path)
     assert main(["validate", "-q", str(path)]) == 0
     assert main(["upgrade", "-q", str(path)]) == 0
     assert sparsestore.open(path).verified

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import zarr
+from forge import unseal
 
 import sparsestore
 from sparsestore.errors import (
@@ -171,11 +172,6 @@ def _set_meta(path: Path, **fields) -> None:
     g.attrs["sparsestore"] = meta
 
 
-def _unseal(path: Path) -> None:
-    """As a store written before the manifest existed (format version 1) looks."""
-    _set_meta(path, format_version=1, manifest=None, generation=None)
-
-
 def _chunk(path: Path, array: str, k: int) -> Path:
     base = path / array / "c" / str(k)
     return base / "0" if base.is_dir() else base
@@ -215,7 +211,7 @@ def test_unverified_store_warns_once_at_open(copy, pristine, how):
     _, X, _ = pristine
     path = copy("s.zarr")
     if how == "old format":
-        _unseal(path)
+        unseal(path)
     else:  # as anndata writes a CSR group: no labels either
         g = zarr.open_group(str(path), mode="r+")
         g.attrs.__delitem__("sparsestore")
@@ -284,7 +280,7 @@ def _edit_array(path: Path, name: str, fn) -> None:
 def test_upgrade_refuses_a_structurally_broken_store_and_writes_nothing(copy, pristine, damage):
     _, X, _ = pristine
     path = copy("s.zarr")
-    _unseal(path)
+    unseal(path)
     r = next(i for i in range(N) if X.indptr[i + 1] - X.indptr[i] >= 3)
     a = int(X.indptr[r])
     if damage == "index out of range":
@@ -317,7 +313,7 @@ def test_upgrade_cannot_tell_a_deleted_chunk_from_one_never_stored(copy, pristin
 
     _, _, y = pristine
     path = copy("s.zarr")
-    _unseal(path)
+    unseal(path)
     _chunk(path, "labels/y", 1).unlink()
     if cli:
         assert main(["upgrade", "-q", str(path)]) == 0
