@@ -46,6 +46,7 @@ from .common import (
     SEED,
     MiB,
     RssSampler,
+    csr_from_keys,
     machine_info,
     matrix_blocks,
     reproduce_command,
@@ -101,13 +102,7 @@ def zipf_blocks(n_rows: int, n_cols: int, nnz_per_row: int, seed: int = SEED
         rid = np.repeat(np.arange(rows, dtype=np.int64), draws)
         keys = np.sort(rid * n_cols + np.searchsorted(cdf, rng.random(rid.size) * cdf[-1]))
         keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
-        r, c = np.divmod(keys, n_cols)
-        indptr = np.zeros(rows + 1, dtype=np.int64)
-        np.cumsum(np.bincount(r, minlength=rows), out=indptr[1:])
-        values = (1 + rng.geometric(0.5, keys.size)).astype(np.float32)
-        X = sp.csr_matrix((values, c.astype(np.int32), indptr), shape=(rows, n_cols))
-        X.has_canonical_format = True
-        yield X
+        yield csr_from_keys(keys, rows, n_cols, rng)
 
 
 def write_store(spec: StoreSpec, path: Path, **layout: Any) -> dict[str, Any]:

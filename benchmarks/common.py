@@ -101,6 +101,19 @@ class Ctx:
 # ------------------------------------------------------------------ data
 
 
+def csr_from_keys(keys: np.ndarray, rows: int, n_cols: int,
+                  rng: np.random.Generator) -> sp.csr_matrix:
+    """A canonical float32 CSR of ``rows`` rows from sorted, unique flat positions
+    ``row * n_cols + col``, with small positive integer values drawn from ``rng``."""
+    r, c = np.divmod(keys, n_cols)
+    indptr = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(r, minlength=rows), out=indptr[1:])
+    values = (1 + rng.geometric(0.5, keys.size)).astype(np.float32)
+    X = sp.csr_matrix((values, c.astype(np.int32), indptr), shape=(rows, n_cols))
+    X.has_canonical_format = True
+    return X
+
+
 def matrix_blocks(
     n_rows: int, n_cols: int, nnz_per_row: int, seed: int = SEED, block_rows: int = BLOCK_ROWS
 ) -> Iterator[tuple[sp.csr_matrix, dict[str, np.ndarray]]]:
@@ -118,12 +131,7 @@ def matrix_blocks(
         lengths = np.minimum(rng.poisson(nnz_per_row, rows), n_cols)
         row_ids = np.repeat(np.arange(rows, dtype=np.int64), lengths)
         keys = np.unique(row_ids * n_cols + rng.integers(0, n_cols, row_ids.size))
-        r, c = np.divmod(keys, n_cols)
-        indptr = np.zeros(rows + 1, dtype=np.int64)
-        np.cumsum(np.bincount(r, minlength=rows), out=indptr[1:])
-        values = (1 + rng.geometric(0.5, keys.size)).astype(np.float32)
-        X = sp.csr_matrix((values, c.astype(np.int32), indptr), shape=(rows, n_cols))
-        X.has_canonical_format = True
+        X = csr_from_keys(keys, rows, n_cols, rng)
         y = (X @ w > np.median(X @ w)).astype(np.float32)
         yield X, {"y": y}
 
