@@ -28,26 +28,19 @@ LAYOUTS = {"4 MiB chunks (default)": {},
 LABEL = "group"
 
 
-def batch_tv(codes: np.ndarray, rows: np.ndarray, whole: np.ndarray) -> float:
-    """Mean TV distance of ``rows``' full batches' label histograms to ``whole``."""
-    n = rows.size // BATCH_SIZE * BATCH_SIZE
-    if n == 0:
-        return float("nan")
-    batches = codes[rows[:n]].reshape(-1, BATCH_SIZE)
-    k = whole.size
-    counts = np.stack([np.bincount(b, minlength=k) for b in batches]) / BATCH_SIZE
-    return float(0.5 * np.abs(counts - whole).sum(axis=1).mean())
-
-
 def measure(path: Path, worlds: list[int]) -> list[dict[str, Any]]:
     import sparsestore
-    from sparsestore.mixing import label_codes
+    from sparsestore.mixing import batch_mixing
 
     store = sparsestore.open(path)
-    codes, k = label_codes(store.labels[LABEL][:])
-    whole = np.bincount(codes, minlength=k) / codes.size
-    perm = np.random.default_rng(1).permutation(codes.size)
-    perm_tv = batch_tv(codes, perm, whole)
+    labels = store.labels[LABEL][:]
+    n = labels.shape[0] // BATCH_SIZE * BATCH_SIZE
+
+    def mix(rows: np.ndarray) -> Any:  # full batches against the whole store's mix
+        rows = rows[: rows.size // BATCH_SIZE * BATCH_SIZE].reshape(-1, BATCH_SIZE)
+        return batch_mixing(rows, labels, against_all_labels=True)
+
+    perm_tv = mix(np.random.default_rng(1).permutation(labels.shape[0])[:n]).tv
     out = []
     for w in worlds:
         for r in range(w):
@@ -55,13 +48,10 @@ def measure(path: Path, worlds: list[int]) -> list[dict[str, Any]]:
                 warnings.simplefilter("ignore")  # the poor-mixing warning, reported below
                 loader = sparsestore.DataLoader(store, BATCH_SIZE, shuffle=True, seed=0,
                                                 rank=r, world_size=w)
-                rows = loader.epoch_rows(0)
-            tv = batch_tv(codes, rows, whole)
-            out.append({"world_size": w, "rank": r, "tv_vs_store": tv,
-                        "tv_permutation": perm_tv, "ratio": tv / perm_tv,
-                        "labels_per_batch": float(np.mean([
-                            np.unique(codes[rows[i:i + BATCH_SIZE]]).size
-                            for i in range(0, rows.size - BATCH_SIZE + 1, BATCH_SIZE)]))})
+                m = mix(loader.epoch_rows(0))
+            out.append({"world_size": w, "rank": r, "tv_vs_store": m.tv,
+                        "tv_permutation": perm_tv, "ratio": m.tv / perm_tv,
+                        "labels_per_batch": m.distinct})
     return out
 
 

@@ -98,13 +98,15 @@ def label_codes(labels: Any) -> tuple[np.ndarray, int]:
     return codes.reshape(-1).astype(np.int64, copy=False), int(uniq.size)
 
 
-def _score(codes: np.ndarray, sizes: np.ndarray, k: int) -> tuple[float, float]:
+def _score(codes: np.ndarray, sizes: np.ndarray, k: int,
+           reference: np.ndarray | None = None) -> tuple[float, float]:
     """Sums over batches of TV and of distinct labels; ``codes`` in serving order, cut into
-    consecutive batches of ``sizes`` (none empty)."""
+    consecutive batches of ``sizes`` (none empty), compared with ``reference`` (a label
+    mix summing to 1; default: that of all rows served)."""
     n = codes.size
     if n == 0:
         return 0.0, 0.0
-    p_all = np.bincount(codes, minlength=k) / n
+    p_all = np.bincount(codes, minlength=k) / n if reference is None else reference
     ends = np.cumsum(sizes)
     starts = ends - sizes
     group = max(1, _CELLS // max(k, 1))
@@ -134,6 +136,7 @@ def batch_mixing(
     *,
     drop_last: bool = False,
     batch_size: int | None = None,
+    against_all_labels: bool = False,
 ) -> Mixing:
     """Mean TV between each batch's label histogram and that of all rows served, and mean
     distinct labels per batch, for ``batches`` of row ids into ``labels``.
@@ -141,6 +144,8 @@ def batch_mixing(
     ``drop_last`` leaves out a last batch shorter than ``batch_size`` (default: the first
     batch's size), as the loader does, so it counts neither in the means nor in the rows
     served.  Empty batches are skipped (their histogram is undefined).
+    ``against_all_labels`` compares each batch with the mix of every row of ``labels``
+    instead (a rank's batches against the whole store, say).
     """
     codes, k = label_codes(labels)
     parts = [np.asarray(b, dtype=np.int64).reshape(-1) for b in batches]
@@ -150,7 +155,9 @@ def batch_mixing(
     rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= codes.size):
         raise InvalidInputError(f"row ids must be in [0, {codes.size}), the label array's rows")
-    tv, distinct = _score(codes[rows], sizes, k)
+    reference = np.bincount(codes, minlength=k) / codes.size if against_all_labels and \
+        codes.size else None
+    tv, distinct = _score(codes[rows], sizes, k, reference)
     nb = int(sizes.size)
     return Mixing(tv / nb if nb else 0.0, distinct / nb if nb else 0.0, nb, int(rows.size))
 

@@ -258,11 +258,6 @@ def test_shuffle_ranks_bench_scores_each_rank_against_the_store(tmp_path: Path) 
     fits the shuffle budget mixes like a permutation; with ranks it is scored per rank."""
     from benchmarks import bench_shuffle_ranks as bsr
 
-    codes = np.repeat(np.arange(4), bsr.BATCH_SIZE)
-    whole = np.full(4, 0.25)
-    assert bsr.batch_tv(codes, np.arange(codes.size), whole) == pytest.approx(0.75)
-    mixed = np.arange(codes.size).reshape(4, -1).T.ravel()  # each batch holds every label
-    assert bsr.batch_tv(codes, mixed, whole) == pytest.approx(0.0)
     record = bsr.main(["--quick", "--worlds", "1,2", "--out", str(tmp_path)])
     assert (tmp_path / "shuffle_ranks.json").exists() and (tmp_path / "shuffle_ranks.md").exists()
     for rec in record["results"]:

@@ -270,3 +270,16 @@ def test_bench_shuffle_stores_are_label_sorted_and_shaped_as_described():
     col = np.bincount(X.indices, minlength=2000)
     top = np.sort(col)[::-1]
     assert top[:20].sum() > 5 * top[-20:].sum()  # popular columns, rare ones
+
+
+def test_batches_against_every_row_of_the_labels():
+    """By hand: rows 0-1 (label 0) served alone mix perfectly among themselves, but are 0.5
+    from the mix of all four rows; four batches each holding every label are 0 from it."""
+    labels = np.array([0, 0, 1, 1])
+    assert batch_mixing([[0, 1]], labels).tv == pytest.approx(0.0)
+    assert batch_mixing([[0, 1]], labels, against_all_labels=True).tv == pytest.approx(0.5)
+    codes = np.repeat(np.arange(4), 8)
+    blocks = np.arange(32).reshape(4, 8)
+    assert batch_mixing(blocks, codes, against_all_labels=True).tv == pytest.approx(0.75)
+    assert batch_mixing(blocks.T.reshape(4, 8), codes,
+                        against_all_labels=True).tv == pytest.approx(0.0)
