@@ -25,10 +25,10 @@ import numpy as np
 import scipy.sparse as sp
 from dask.highlevelgraph import HighLevelGraph
 
+from .checks import check_column_indices, check_row_pointers
 from .chunks import ChunkDecoder, read_slice
 from .dask_blocks import CSCBlock, CSRBlock, as_blocks
 from .errors import CorruptStoreError, InvalidInputError, ShapeMismatchError, StoreChangedError
-from .integrity import check_column_indices, check_row_pointers
 from .layout import DENSE_ARRAY
 
 __all__ = ["CSCBlock", "CSRBlock", "as_blocks", "from_dask", "to_dask"]

@@ -7,7 +7,7 @@ numpy does the same in two passes holding the GIL for part of the time.  Both gi
 bytes; ``ACCELERATED`` says which one runs.
 
 ``index_scan`` sums up a CSR block's column indices for the read-side check
-(:func:`sparsestore.integrity.check_column_indices`) in one pass: numba fuses it, numpy
+(:func:`sparsestore.checks.check_column_indices`) in one pass: numba fuses it, numpy
 takes three.
 """
 

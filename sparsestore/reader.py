@@ -32,10 +32,10 @@ import scipy.sparse as sp
 
 from .batch import Batch
 from .buffers import BufferPool
+from .checks import check_row_pointers
 from .chunks import SharedChunkCache, read_rows
 from .errors import InvalidInputError
 from .indexing import normalize_rows
-from .integrity import check_row_pointers
 from .sampler import UnitSpec
 
 if TYPE_CHECKING:

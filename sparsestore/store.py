@@ -19,6 +19,7 @@ import scipy.sparse as sp
 
 from . import storage
 from .buffers import BufferPool
+from .checks import CheckedRows, check_chunk_size, check_column_indices, check_row_pointers
 from .chunks import ChunkCache, ChunkDecoder, read_ranges, read_rows, read_slice
 from .errors import (
     CorruptStoreError,
@@ -32,15 +33,7 @@ from .errors import (
     UnverifiedStoreWarning,
 )
 from .indexing import normalize_rows, split_key
-from .integrity import (
-    CheckedRows,
-    Manifest,
-    VerifiedStore,
-    check_chunk_size,
-    check_column_indices,
-    check_row_pointers,
-    went_back,
-)
+from .integrity import Manifest, VerifiedStore, went_back
 from .labels import LabelArray, Labels
 from .layout import (
     DENSE_ARRAY,

@@ -16,9 +16,9 @@ import numpy as np
 
 from . import storage
 from .blocks import entry_bounds
+from .checks import check_chunk_size
 from .chunks import ChunkCache, read_slice
 from .errors import CorruptStoreError, NotAStoreError, SparseStoreError
-from .integrity import check_chunk_size
 from .layout import LABELS_GROUP, MAX_DIM, META_KEY, check_codecs, check_value_dtype
 from .store import SparseStore, open_group
 
