@@ -2,9 +2,10 @@
 
 ``python -m benchmarks.bench_shuffle_ranks [--quick] [--out DIR]``
 
-A rank's share of a shuffled epoch is a run of the epoch's permuted blocks, so its batches
-carry the labels of its blocks only; on a store sorted by label that is a bias every batch
-of the rank shares.  This writes bench_shuffle's label-sorted ``tall`` store with the
+A rank's share of a shuffled epoch is the blocks dealt to it, one of every ``world_size``
+neighbouring blocks, so its label mix follows the store's at block granularity: with few,
+large blocks (4 MiB chunks) a rank still misses the labels of the blocks it was not dealt.
+This writes bench_shuffle's label-sorted ``tall`` store with the
 default chunks and with small chunks in shards, and reports the mean batch total-variation
 distance to the whole store's label histogram, per rank, for ``world_size`` 1-3, beside a
 true permutation's.  Index math only (``DataLoader.epoch_rows``): no data is decoded.

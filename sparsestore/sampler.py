@@ -8,10 +8,15 @@ Rows are grouped into *blocks* aligned to the storage chunks of ``data`` (each b
 about ``target_nnz`` stored values; one chunk when shuffling), so reading a block decodes
 whole chunks it mostly needs.  An epoch then
 
-1. permutes the ORDER of the blocks (seeded by ``seed`` and ``epoch``, the same on every
-   rank),
-2. deals the permuted row stream to ranks as ``world_size`` contiguous, near-equal pieces
-   (sizes differ by at most one row; the block at a cut is split between two ranks),
+1. orders the blocks at random (seeded by ``seed`` and ``epoch``, the same on every rank).
+   With several ranks the order is stratified: the blocks are dealt in stored order,
+   ``world_size`` at a time, one to each rank at random, and each rank's blocks follow in
+   random order, so every rank's share samples the whole store evenly (on a store sorted
+   by label, each rank sees every label in the store's proportions, not the labels of a
+   random half of the blocks);
+2. deals that row stream to ranks as ``world_size`` contiguous, near-equal pieces (sizes
+   differ by at most one row; the block at a cut is split between two ranks, so a rank's
+   piece is its dealt blocks give or take the few at its edges),
 3. groups each rank's blocks, in that random order, into *units* of as many blocks as fit
    ``unit_bytes`` decoded bytes (or of a fixed ``buffer_blocks`` blocks) and permutes all
    rows inside a unit (the bounded shuffle buffer).
@@ -263,10 +268,21 @@ class BlockSampler:
         return n * r // w, n * (r + 1) // w
 
     def block_order(self, epoch: int) -> np.ndarray:
-        """Permutation of blocks for ``epoch`` (identity without shuffle); rank-independent."""
+        """Permutation of blocks for ``epoch`` (identity without shuffle); rank-independent.
+
+        With ``world_size`` > 1 the permutation is stratified (see the module docstring):
+        the first ~1/world of it is rank 0's dealt blocks in random order, and so on.
+        """
+        n, w = self.n_blocks, self.world_size
         if not self.shuffle:
-            return np.arange(self.n_blocks)
-        return np.random.default_rng([self.seed, int(epoch)]).permutation(self.n_blocks)
+            return np.arange(n)
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        if w == 1:
+            return rng.permutation(n)
+        # Each run of w stored blocks goes one to each rank, in a random assignment.
+        strata = -(-n // w)
+        dealt = np.argsort(rng.random((strata, w)), axis=1).ravel()[:n]
+        return np.lexsort((rng.random(n), dealt))
 
     def plan(self, epoch: int, head_rows: int | None = None) -> EpochPlan:
         """This rank's units for ``epoch``: reproducible from ``(seed, epoch)``.

@@ -246,6 +246,28 @@ def test_units_draw_blocks_from_the_whole_share():
     assert np.median(spreads) > 50_000
 
 
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rank_shares_sample_the_whole_store_evenly(world, seed):
+    """Each rank gets every label of a label-sorted store in the store's proportions.
+
+    Blocks are dealt ``world`` at a time in stored order, so a group spanning k strata
+    gives each rank k of its blocks; a rank's count of a group is off by at most the blocks
+    at the group's two ends and one block moved at a rank edge.  An unstratified split (a
+    run of randomly ordered blocks per rank) misses this bound by about sqrt(k) blocks.
+    """
+    block = 500
+    sizes = np.random.default_rng(99).integers(5_000, 15_000, size=20)
+    labels = np.repeat(np.arange(sizes.size), sizes)
+    bounds = fixed_bounds(labels.size, block)
+    counts = np.bincount(labels)
+    for rank in range(world):
+        s = BlockSampler(bounds, shuffle=True, seed=seed, buffer_blocks=8,
+                         rank=rank, world_size=world)
+        got = np.bincount(labels[_epoch_rows(s, 3)], minlength=sizes.size)
+        assert np.abs(got - counts / world).max() <= 3 * block
+
+
 def test_mixing_ratio_against_simulated_batches():
     """The warning's rule: batch TV over a permutation's ~ sqrt(B / distinct runs)."""
     rng = np.random.default_rng(0)
