@@ -42,6 +42,9 @@ STATE_VERSION = 1
 #: Decoded rows a shuffled pass holds at once by default: two units of 256 MiB (see
 #: ``shuffle_buffer_bytes``).
 DEFAULT_SHUFFLE_BUFFER_BYTES = 512 * 2**20
+#: Stored values a sequential block covers at least (two chunks of the default layout), so
+#: stores with small chunks still hand the reader's threads units of a useful size.
+SEQUENTIAL_BLOCK_BYTES = 8 * 2**20
 #: What the poor-mixing warning tells users to run: small inner chunks (each random run
 #: decodes ~128 KiB, not 4 MiB) held in 8 MiB shards (few files, one index read per shard).
 SHUFFLE_LAYOUT_COMMAND = "sparsestore convert OLD NEW --chunk-bytes 128KiB --shard-bytes 8MiB"
@@ -49,6 +52,15 @@ SHUFFLE_LAYOUT_COMMAND = "sparsestore convert OLD NEW --chunk-bytes 128KiB --sha
 #: Batches mixing like a permutation need about ``batch_size / 1.56`` distinct runs of
 #: stored rows each: label error within this factor of a true permutation's.
 ACCEPTABLE_MIXING_RATIO = 1.25
+
+
+def _sequential_block_chunks(store: SparseStore) -> int:
+    """Chunks per sequential block: two, or as many as hold ``SEQUENTIAL_BLOCK_BYTES``."""
+    if store.is_dense:
+        return 2
+    arr = store.arrays["data"]
+    chunk = int(arr.chunks[0]) * np.dtype(arr.dtype).itemsize
+    return max(2, -(-SEQUENTIAL_BLOCK_BYTES // max(1, chunk)))
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
@@ -140,9 +152,10 @@ class DataLoader:
             else shuffle_buffer_bytes, "shuffle_buffer_bytes", 2)
         self._block_rows = None if block_rows is None else _check_int(block_rows, "block_rows", 1)
         # Shuffled passes cut the smallest chunk-aligned blocks (more runs per unit, better
-        # mixing); sequential ones two chunks (fewer, larger units to hand between threads).
-        self._block_chunks = (1 if shuffle else 2) if block_chunks is None else \
-            _check_int(block_chunks, "block_chunks", 1)
+        # mixing); sequential ones at least SEQUENTIAL_BLOCK_BYTES of values and two chunks
+        # (fewer, larger units to hand between threads, whatever the chunk size).
+        self._block_chunks = (1 if shuffle else _sequential_block_chunks(store)) \
+            if block_chunks is None else _check_int(block_chunks, "block_chunks", 1)
         self._num_workers = _check_int(num_workers, "num_workers", 0)
         self._prefetch = _check_int(prefetch, "prefetch", 1)
         if sampler is not None and batch_sampler is not None:
