@@ -37,6 +37,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "128KiB/8MiB shards": {"chunk_bytes": 2**17, "shard_bytes": 8 * 2**20},
     "64KiB/16MiB shards": {"chunk_bytes": 2**16, "shard_bytes": 16 * 2**20},
     "256KiB/16MiB shards": {"chunk_bytes": 2**18, "shard_bytes": 16 * 2**20},
+    "1MiB/16MiB shards": {"chunk_bytes": 2**20, "shard_bytes": 16 * 2**20},
 }
 RANDOM_ROWS = 1024
 RANDOM_DRAWS = 5
@@ -179,9 +180,15 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--shapes", default="cell,synthetic")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--layouts", default=",".join(LAYOUTS),
+                   help="comma-separated layout names (4MiB, the baseline, always runs)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "out"))
     p.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     args = p.parse_args()
+    chosen = {"4MiB", *args.layouts.split(",")}
+    for name in list(LAYOUTS):
+        if name not in chosen:
+            del LAYOUTS[name]
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_layout_"))
     work.mkdir(parents=True, exist_ok=True)
     shapes = {}
@@ -191,7 +198,7 @@ def main() -> None:
         del X
     record = {
         "command": reproduce_command("benchmarks.bench_layout", p, args,
-                                     ["rows", "rounds", "shapes"]),
+                                     ["rows", "rounds", "shapes", "layouts"]),
         "rounds": args.rounds, "machine": machine_info(), "shapes": shapes,
     }
     save_results(record, markdown(record), args.out, "layout")

@@ -25,6 +25,7 @@ from .bench_shuffle import BATCH_SIZE, STORES, StoreSpec, write_store
 from .common import machine_info, reproduce_command, save_results
 
 LAYOUTS = {"4 MiB chunks (default)": {},
+           "1 MiB chunks, 16 MiB shards": {"chunk_bytes": 2**20, "shard_bytes": 16 * 2**20},
            "128 KiB chunks, 8 MiB shards": {"chunk_bytes": 128 * 2**10, "shard_bytes": 8 * 2**20}}
 LABEL = "group"
 
