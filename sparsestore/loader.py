@@ -96,9 +96,12 @@ class DataLoader:
     differ by one.
 
     A loader pickles (torch workers under ``spawn``/``forkserver``): the store by path at
-    its pinned commit, the settings, seed, shard and the :meth:`state_dict` position, so a
-    copy's next pass yields what ``load_state_dict(state_dict())`` would -- the rest of an
-    epoch whose pass is running or was broken off -- in threads of its own.
+    its pinned commit, the settings (a ``sampler`` must pickle too), seed, shard and the
+    :meth:`state_dict` position, so a copy's next pass yields what
+    ``load_state_dict(state_dict())`` would -- the rest of an epoch whose pass is running or
+    was broken off -- in threads of its own.  A copy whose store was since saved over or
+    restored to an earlier commit raises :class:`~sparsestore.errors.StoreChangedError` when
+    used.
     """
 
     def __init__(
