@@ -10,7 +10,8 @@ tensors share memory with the loader's numpy arrays (``torch.from_numpy``): no c
     import sparsestore.adapters.torch as sstorch
     ds = sstorch.SparseIterableDataset(sparsestore.DataLoader(store, 512, shuffle=True,
                                                               labels="y", seed=0))
-    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, pin_memory=True)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2,
+                                     pin_memory=torch.accelerator.is_available())
     for epoch in range(3):
         ds.set_epoch(epoch)
         for x, y in dl:   # x: sparse CSR [512, n_cols], y: tensor
@@ -18,11 +19,13 @@ tensors share memory with the loader's numpy arrays (``torch.from_numpy``): no c
 
 Each torch worker reads its own disjoint share of the loader's (rank's) rows
 (``loader.with_shard(rank * k + worker, world_size * k)``), so workers never overlap and
-together read every row of the rank once.  Workers get the dataset by ``fork`` (Linux's
-default start method up to Python 3.13; pass ``multiprocessing_context="fork"`` otherwise):
-the loader's threads and locks do not pickle.  :class:`SparseMapDataset` is a map-style
-view (``__getitems__`` reads a whole batch of row ids at once) for torch samplers, and it
-pickles (the store reopens from its path), so any start method works with it.
+together read every row of the rank once.  Any start method works (``fork``, ``spawn``,
+``forkserver``, Python 3.14's default on Linux): the dataset pickles, its loader carrying
+the store by path at its pinned commit and its settings, never its threads; a worker whose
+store was replaced or restored to an earlier commit raises ``StoreChangedError``.  Pin
+memory only where an accelerator exists (elsewhere torch warns it has nothing to pin).
+:class:`SparseMapDataset` is a map-style view (``__getitems__`` reads a whole batch of row
+ids at once) for torch samplers; it pickles too.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled",
                         module="torch.multiprocessing.reductions")
 # Once JAX is imported it warns at every os.fork() that a forked child calling JAX may
-# deadlock.  SparseIterableDataset's torch workers are forked and run only numpy and torch,
+# deadlock.  SparseIterableDataset's torch workers (when forked) run only numpy and torch,
 # so a process that uses both frameworks (a notebook, README.md's examples) sees it for
 # nothing.
 warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
@@ -157,7 +160,9 @@ class SparseIterableDataset(tud.IterableDataset):
     ``num_workers`` so each worker reads one.  ``len(ds)`` is the batches of the ``k``
     shards, which is what torch delivers whatever its ``num_workers``: a process holding
     several shards (torch run with fewer workers, or none, as Keras's default is) reads
-    them in turn, without workers in the order ``k`` workers would deliver them.
+    them in turn, without workers in the order ``k`` workers would deliver them.  Worker
+    copies start the epoch at the dataset's position (:meth:`load_state_dict`), whatever
+    pass the loader itself has in progress, under every start method alike.
     """
 
     def __init__(self, loader: DataLoader, layout: str | None = None,
@@ -172,13 +177,6 @@ class SparseIterableDataset(tud.IterableDataset):
         self.num_workers = int(num_workers)
         self._seen = 0
         self._resume: dict[str, Any] | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        raise InvalidInputError(
-            "SparseIterableDataset reaches torch workers by fork (the default start method "
-            "on Linux up to Python 3.13): its loader holds threads and locks that do not "
-            "pickle; pass multiprocessing_context='fork' to torch.utils.data.DataLoader"
-        )
 
     def _counts(self, k: int) -> list[int]:
         return [len(shard_of(self.loader, w, k)) for w in range(k)]
@@ -220,6 +218,10 @@ class SparseIterableDataset(tud.IterableDataset):
         try:
             for shard in mine:
                 loader = shard_of(self.loader, shard, k)
+                if info is not None and loader is self.loader:
+                    # A fresh copy, as with k shards: a forked worker's loader would start
+                    # its epoch afresh, a pickled one where its pass had got to.
+                    loader = loader.with_shard(loader.rank, loader.world_size)
                 if done is not None:
                     inner = loader.state_dict()
                     inner.update(epoch=state["epoch"], seed=state["seed"],

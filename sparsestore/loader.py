@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
@@ -22,7 +23,12 @@ from .backends import Backend, get_backend
 from .batch import Batch
 from .buffers import BufferPool, release_free_heap
 from .chunks import read_rows, read_slice
-from .errors import InvalidInputError, LabelError, ShuffleQualityWarning
+from .errors import (
+    InvalidInputError,
+    LabelError,
+    ShuffleQualityWarning,
+    SparseStoreError,
+)
 from .indexing import normalize_rows
 from .reader import BlockReader, ColumnSelection
 from .sampler import (
@@ -38,6 +44,8 @@ from .store import SparseStore
 from .store import open as open_store
 
 STATE_VERSION = 1
+#: Layout of a pickled loader (see :meth:`DataLoader.__getstate__`).
+PICKLE_VERSION = 1
 
 #: Decoded rows a shuffled pass holds at once by default: two units of 256 MiB (see
 #: ``shuffle_buffer_bytes``).
@@ -98,6 +106,14 @@ class DataLoader:
     :meth:`set_epoch` to choose it.  Ranks get disjoint, near-equal shares of the rows
     (sizes differ by at most one row), so without ``drop_last`` their batch counts can
     differ by one.
+
+    A loader pickles (torch workers under ``spawn``/``forkserver``): the store by path at
+    its pinned commit, the settings (a ``sampler`` must pickle too), seed, shard and the
+    :meth:`state_dict` position, so a copy's next pass yields what
+    ``load_state_dict(state_dict())`` would -- the rest of an epoch whose pass is running or
+    was broken off -- in threads of its own.  A copy whose store was since saved over or
+    restored to an earlier commit raises :class:`~sparsestore.errors.StoreChangedError` when
+    used.
     """
 
     def __init__(
@@ -456,6 +472,53 @@ class DataLoader:
         other._epoch = self._epoch
         return other
 
+    # ------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        """The settings and position, nothing of a pass (threads, caches, buffer pool).
+
+        The store travels as its own pickle (by path, at the commit this handle sees), so
+        that a copy whose store cannot be reopened still unpickles and raises when used:
+        a torch worker then reports the error instead of dying before it starts.
+        """
+        lost = self.__dict__.get("_lost")
+        if lost is not None:
+            return lost[1]  # a copy that never reopened its store passes its state on
+        consumed = self._resume if self._resume is not None else self._consumed
+        return {
+            "version": PICKLE_VERSION,
+            "store": pickle.dumps(self._store, protocol=pickle.HIGHEST_PROTOCOL),
+            "options": dict(self._options, backend=self._backend),
+            "seed": self._seed, "rank": self._rank, "world_size": self._world_size,
+            "epoch": self._epoch, "batches_consumed": int(consumed),
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild from :meth:`__getstate__`: reopen the store, redo the checks, resume."""
+        if not isinstance(state, dict) or state.get("version") != PICKLE_VERSION:
+            raise InvalidInputError(
+                "not a pickled DataLoader of this sparsestore version; pickle it again"
+            )
+        try:
+            store = pickle.loads(state["store"])
+        except SparseStoreError as exc:  # replaced, restored to an earlier commit, gone
+            self.__dict__["_lost"] = (exc, state)
+            return
+        self.__init__(store, seed=state["seed"], rank=state["rank"],  # type: ignore[misc]
+                      world_size=state["world_size"], **state["options"])
+        self.set_epoch(state["epoch"])
+        consumed = _check_int(state["batches_consumed"], "batches_consumed", 0)
+        self._resume = consumed or None
+
+    def __getattr__(self, name: str) -> Any:
+        # Reached only for attributes a loader lacks: those of a copy whose store could
+        # not be reopened, which raise the reopening's error on any use.
+        lost = self.__dict__.get("_lost")
+        if lost is None or not name.startswith("_") or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        exc = lost[0]
+        raise type(exc)(f"this DataLoader was unpickled, but its store could not be "
+                        f"reopened: {exc}") from exc
+
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Any]:
         it = self.iter_batches()
@@ -648,6 +711,8 @@ class DataLoader:
         return sum(bs if j < total - 1 else last for j in mine)
 
     def __repr__(self) -> str:
+        if "_lost" in self.__dict__:
+            return f"<DataLoader whose store could not be reopened: {self._lost[0]}>"
         return (
             f"<DataLoader {self._store.path!r} batch_size={self._batch_size} "
             f"shuffle={self._shuffle} rank={self._rank}/{self._world_size} "

@@ -18,7 +18,11 @@ import scipy.sparse as sp  # noqa: E402
 import sparsestore.adapters.torch as sstorch  # noqa: E402
 
 import sparsestore  # noqa: E402
-from sparsestore.errors import ChecksumError, InvalidInputError  # noqa: E402
+from sparsestore.errors import (  # noqa: E402
+    ChecksumError,
+    InvalidInputError,
+    StoreChangedError,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -298,12 +302,80 @@ def test_bad_arguments(small_store):
         sstorch.SparseIterableDataset(store)
 
 
-def test_start_methods(small_store):
-    """The iterable dataset needs fork (says so when pickled); the map-style one pickles."""
+@pytest.mark.parametrize("ctx", ["fork", "spawn", "forkserver"])
+def test_start_methods_deliver_the_in_process_batches(small_store, ctx):
+    """Workers that get the dataset by pickle (spawn, forkserver) or by fork deliver the
+    batches the main process reads without workers, in the same order, at the epoch set
+    before the workers start: every row of the rank once, ``len(ds)`` of them."""
     store, X, _ = small_store
-    ds = sstorch.SparseIterableDataset(sparsestore.DataLoader(store, 64))
-    with pytest.raises(InvalidInputError, match="multiprocessing_context='fork'"):
-        pickle.dumps(ds)
+    loader = sparsestore.DataLoader(store, 150, shuffle=True, seed=6, labels="y", rank=1,
+                                    world_size=2, columns=np.arange(0, 400, 3))
+    ds = sstorch.SparseIterableDataset(loader, num_workers=2)
+    ds.set_epoch(1)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2,
+                                     multiprocessing_context=ctx)
+    got = [(x, y.numpy().copy()) for x, y in dl]
+    ds.set_epoch(1)
+    want = epoch_rows(torch.utils.data.DataLoader(ds, batch_size=None))
+    assert len(got) == len(want) == len(ds)
+    for (x, y), w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(y, w)
+        check_tensor(x, X[y][:, np.arange(0, 400, 3)])
+    rows = np.concatenate(want)
+    assert rows.size == loader.num_rows == np.unique(rows).size
+    shards = [sstorch.shard_of(loader, w, 2).epoch_rows(1) for w in range(2)]
+    np.testing.assert_array_equal(np.sort(rows), np.sort(np.concatenate(shards)))
+
+
+def test_worker_copies_start_the_epoch_at_the_datasets_position(small_store):
+    """A loader broken off mid-pass reaches a worker by pickle with that position, yet the
+    worker reads the whole epoch, as a forked one does: the dataset's position rules."""
+    store, X, _ = small_store
+    loader = sparsestore.DataLoader(store, 200, shuffle=True, seed=2, labels="y")
+    it = loader.iter_batches()
+    next(it), next(it)
+    it.close()
+    assert loader.state_dict()["batches_consumed"] == 2
+    ds = sstorch.SparseIterableDataset(loader)
+    got = epoch_rows(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1,
+                                                 multiprocessing_context="forkserver"))
+    assert len(got) == len(ds)
+    np.testing.assert_array_equal(np.concatenate(got), loader.epoch_rows(0))
+
+
+def test_a_worker_over_a_restored_store_raises_store_changed(tmp_path):
+    """A pickled worker whose store went back to an earlier commit reports it (torch
+    re-raises it in the main process) instead of dying before it starts."""
+    import shutil
+
+    path, backup = tmp_path / "s.zarr", tmp_path / "backup.zarr"
+    X = sp.random(600, 30, density=0.1, format="csr", dtype=np.float32, random_state=0)
+    sparsestore.save(path, X[:200], labels={"y": np.arange(200)}, chunk_bytes=4096)
+    shutil.copytree(path, backup)
+    with sparsestore.open(path, mode="r+") as w:
+        w.append(X[200:], labels={"y": np.arange(200, 600)})
+    ds = sstorch.SparseIterableDataset(sparsestore.DataLoader(sparsestore.open(path), 50))
+    shutil.copytree(backup, path, dirs_exist_ok=True)
+    it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1,
+                                          multiprocessing_context="forkserver"))
+    try:
+        with pytest.raises(StoreChangedError, match="earlier commit"):
+            next(it)
+    finally:
+        for proc in it._workers:  # see test_a_damaged_chunk_fails_with_its_name
+            proc.terminate()
+
+
+def test_the_datasets_pickle(small_store):
+    store, X, _ = small_store
+    ds = sstorch.SparseIterableDataset(sparsestore.DataLoader(store, 64, labels="y"),
+                                       layout="coo", num_workers=3)
+    ds.set_epoch(4)
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy.loader.epoch == 4 and copy.num_workers == 3 and len(copy) == len(ds)
+    for (x, y), (_, w) in zip(copy, ds, strict=True):
+        np.testing.assert_array_equal(y.numpy(), w.numpy())
+        check_tensor(x, X[y.numpy()], torch.sparse_coo)
     m = pickle.loads(pickle.dumps(sstorch.SparseMapDataset(store, labels="y")))
     x, y = m.__getitems__([7, 3, 7])
     check_tensor(x, X[[7, 3, 7]])
