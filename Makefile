@@ -82,11 +82,14 @@ test-jax: setup
 
 test-backends: test-torch test-jax
 
+# The suite into benchmarks/out (git-ignored); `python -m benchmarks suite --out
+# benchmarks/results` replaces the committed results, `python -m benchmarks report` rebuilds
+# their pages (and README.md's targets table) from the json.
 bench: setup
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks suite
 
 bench-quick: setup
-	$(BIN)/python -m benchmarks.run --quick
+	$(BIN)/python -m benchmarks all --quick
 
 # Re-resolve requirements/*.txt from pyproject.toml with uv (installed into $(VENV) if it is
 # not on PATH), for every platform and CPython >= $(LOCK_PYTHON). Pins already in the files

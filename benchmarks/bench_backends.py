@@ -13,7 +13,7 @@ wrapped as the framework's sparse batch (no loader, no decoding, no shuffling).
 
 Each round times one pass of each case, in turn; a case stops at ``--budget`` seconds
 (rows/s then counts the rows it delivered).  Medians over the rounds go to
-``benchmarks/results/backends.json``::
+``backends.json``/``.md`` in ``--out`` (default ``benchmarks/out``)::
 
     python -m benchmarks.bench_backends [--rows 100000 --cols 10000 --nnz-per-row 50]
 """
@@ -21,9 +21,6 @@ Each round times one pass of each case, in turn; a case stops at ``--budget`` se
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,7 +34,9 @@ import scipy.sparse as sp
 
 import sparsestore
 
-OUT = Path(__file__).resolve().parent / "results" / "backends.json"
+from .common import add_out_argument, reproduce_command
+from .records import run_meta, write_records
+
 BATCH = 1024
 
 
@@ -184,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--nnz-per-row", type=int, default=50)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget", type=float, default=5.0, help="seconds per pass at most")
-    p.add_argument("--out", default=str(OUT))
+    add_out_argument(p)
     args = p.parse_args(argv)
     X = synthetic(args.rows, args.cols, args.nnz_per_row)
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,16 +208,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import jax
     import torch
 
-    report = {
-        "matrix": {"rows": X.shape[0], "cols": X.shape[1], "nnz": int(X.nnz), "dtype": "float32"},
-        "batch_size": BATCH, "rounds": args.rounds, "budget_s": args.budget,
-        "versions": {"jax": jax.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), CPU only",
-        "results": results, "ratios": ratios,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    meta = run_meta(
+        reproduce_command("benchmarks.bench_backends", p, args,
+                          ("rows", "cols", "nnz_per_row", "rounds", "budget")),
+        matrix={"rows": X.shape[0], "cols": X.shape[1], "nnz": int(X.nnz), "dtype": "float32"},
+        batch_size=BATCH, rounds=args.rounds, budget_s=args.budget,
+        versions={"jax": jax.__version__, "torch": torch.__version__})
+    records = [{"group": "rows/s (median of rounds)", "case": k, **r} for k, r in results.items()]
+    records += [{"group": "ratios", "ratio": k, "x": v} for k, v in ratios.items()]
+    report = write_records("backends", records, meta, args.out, echo=False)
     for name, r in results.items():
         print(f"{name:40s} {r['rows_per_s']:>10,} rows/s {r['M_nnz_per_s']:>7.2f} M nnz/s"
               f"{'' if r['complete_pass'] else '  (cut at the budget)'}")

@@ -10,9 +10,8 @@ comparison on a shared machine) and reports the ratios.  From a shell it needs `
 the folder where the suite wrote its inputs (the store, the npz, ``ctx.json``): pass the
 suite a ``--work`` folder of your own, so it is kept, then point this at it::
 
-    python -m benchmarks.run --quick --work /tmp/daskwork --out benchmarks/out \
-        --cases dask_colsum_compare
-    python -m benchmarks.bench_dask /tmp/daskwork [rounds]
+    python -m benchmarks suite --quick --work /tmp/daskwork --cases dask_colsum_compare
+    python -m benchmarks dask /tmp/daskwork [rounds]
 """
 
 from __future__ import annotations
@@ -219,8 +218,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     if not (work / "ctx.json").is_file():
         raise SystemExit(
             f"bench_dask: error: {work} holds no ctx.json; WORK is the --work folder of a "
-            f"benchmarks.run run (python -m benchmarks.run --quick --work {work} "
-            f"--out benchmarks/out)"
+            f"suite run (python -m benchmarks suite --quick --work {work})"
         )
     ctx = Ctx.from_json(json.loads((work / "ctx.json").read_text()))
     rounds = int(argv[1]) if len(argv) > 1 else ROUNDS

@@ -14,7 +14,6 @@ passes).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -26,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+
+from .common import add_out_argument, reproduce_command
+from .records import run_meta, write_records
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSES = ("full_read", "loader_seq", "loader_shuffled")
@@ -80,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-src", type=Path, default=None)
     ap.add_argument("--baseline-reads", choices=["plain", "sealed"], default="plain",
                     help="the store the baseline checkout reads (sealed: the same one)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
-                    "integrity.json")
+    add_out_argument(ap)
     args = ap.parse_args(argv)
 
     import sparsestore
@@ -102,15 +103,13 @@ def main(argv: list[str] | None = None) -> int:
                 order = [("manifest", sealed), ("none", plain)]
                 for label, path in order if r % 2 == 0 else order[::-1]:
                     times[kind][label].append(one_pass(str(path), kind))
-        result: dict[str, object] = {
-            "rows": n, "cols": m, "nnz": int(X.nnz), "rounds": args.rounds,
-            "load_avg": os.getloadavg()[0],
-        }
+        result: list[dict[str, object]] = []
         lines = []
         for kind in PASSES:
             a = statistics.median(times[kind]["manifest"])
             b = statistics.median(times[kind]["none"])
-            result[kind] = {"with_manifest_s": a, "without_s": b, "ratio": b / a}
+            result.append({"group": "with the manifest vs without", "pass": kind,
+                           "with_manifest_s": a, "without_s": b, "ratio": b / a})
             lines.append(f"{kind:16s} with manifest {X.nnz / a / 1e6:7.1f} M nnz/s, without "
                          f"{X.nnz / b / 1e6:7.1f} M nnz/s: {b / a:.3f}x")
         if args.baseline_src is not None:
@@ -123,12 +122,18 @@ def main(argv: list[str] | None = None) -> int:
                     for bucket, src, path in pair if r % 2 == 0 else pair[::-1]:
                         bucket.append(_subprocess_pass(Path(src), path, kind))
                 a, b = statistics.median(new), statistics.median(old)
-                result[f"{kind}_vs_baseline"] = {"this_s": a, "baseline_s": b, "ratio": b / a}
+                result.append({"group": "this code vs the baseline checkout", "pass": kind,
+                               "this_s": a, "baseline_s": b, "ratio": b / a})
                 lines.append(f"{kind:16s} this code {X.nnz / a / 1e6:7.1f} M nnz/s, baseline "
                              f"{X.nnz / b / 1e6:7.1f} M nnz/s: {b / a:.3f}x")
     print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    meta = run_meta(reproduce_command("benchmarks.bench_integrity", ap, args,
+                                      ("rows", "cols", "nnz_per_row", "rounds", "baseline_src",
+                                       "baseline_reads")),
+                    rows=n, cols=m, nnz=int(X.nnz), rounds=args.rounds,
+                    load_avg=os.getloadavg()[0])
+    name = "integrity" if args.baseline_src is None else "integrity_vs_previous"
+    write_records(name, result, meta, args.out, echo=False)
     return 0
 
 

@@ -1,8 +1,11 @@
 """Reliability report: inject faults and hostile input, tabulate what happened.
 
-``python -m benchmarks.reliability_report [--quick]`` SIGKILLs writers during save, append
-and convert, flips bytes in every kind of chunk, and feeds malformed and hostile input; it
-writes a markdown table to ``benchmarks/results/reliability.md`` and prints it.  Every row
+``python -m benchmarks reliability [--quick] [--out DIR]`` SIGKILLs writers during save,
+append and convert, flips bytes in every kind of chunk, and feeds malformed and hostile
+input; it writes a markdown table to ``DIR/reliability.md`` (default ``benchmarks/out``;
+``--out benchmarks/results`` replaces the committed one) and prints it.  The fault drivers
+and oracles are the tests' own: :mod:`benchmarks.crash_worker`, :mod:`benchmarks.forge`,
+:mod:`benchmarks.tamper`.  Every row
 states how many faults or inputs were tried and how many ended as the library promises
 (no store or exactly the committed rows; ChecksumError and a failed validate; a
 SparseStoreError with nothing written).
@@ -11,15 +14,12 @@ SparseStoreError with nothing written).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,72 +37,17 @@ from sparsestore.errors import (
 )
 from sparsestore.validate import validate_store
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-import crash_worker as cw  # noqa: E402
-import forge  # noqa: E402
+from . import crash_worker as cw
+from . import forge
+from . import tamper as tt
+from .common import add_out_argument
 
-OUT = ROOT / "benchmarks" / "results" / "reliability.md"
+ROOT = Path(__file__).resolve().parents[1]
+
 PARALLEL = 3
 
 
 # ------------------------------------------------------------------ kills
-
-class Server:
-    """tests/crash_worker.py's fork server: one child per job, pids and exits reported."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "crash_worker.py"), "server"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-        )
-        assert self.proc.stdout.readline().strip() == "READY"
-        self.info: dict[str, dict[str, int]] = {"PID": {}, "EXIT": {}}
-        self.cond = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.n = 0
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            kind, job, value = line.split()
-            with self.cond:
-                self.info[kind][job] = int(value)
-                self.cond.notify_all()
-
-    def _wait(self, kind: str, job: str) -> int:
-        with self.cond:
-            self.cond.wait_for(lambda: job in self.info[kind], timeout=300)
-            return self.info[kind][job]
-
-    def batch(self, jobs: list[dict], window: float | None, rng: Any) -> list[dict]:
-        started = []
-        for job in jobs:
-            self.n += 1
-            jid = f"j{self.n}"
-            t0 = time.monotonic()
-            self.proc.stdin.write(json.dumps({**job, "id": jid}) + "\n")
-            self.proc.stdin.flush()
-            pid = self._wait("PID", jid)
-            delay = None if window is None else float(rng.uniform(0, window))
-            started.append((job, jid, pid, t0, delay))
-        for _j, _i, pid, t0, delay in sorted(
-            started, key=lambda s: float("inf") if s[4] is None else s[3] + s[4]
-        ):
-            if delay is not None:
-                time.sleep(max(0.0, t0 + delay - time.monotonic()))
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        out = []
-        for job, jid, _pid, t0, _d in started:
-            status = self._wait("EXIT", jid)
-            killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-            out.append({**job, "killed": killed, "seconds": time.monotonic() - t0})
-        return out
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
 
 def _full_ok(dst: Path, n_blocks: int, labels: bool) -> bool:
     store = sparsestore.open(dst)
@@ -148,7 +93,7 @@ def check_job(job: dict) -> str:
 
 
 def run_kills(tmp: Path, kills_per_op: int, rng: Any) -> list[tuple[str, str, str]]:
-    server = Server()
+    server = cw.Server()
     rows = []
     try:
         shard_dir = tmp / "shards"
@@ -179,14 +124,16 @@ def run_kills(tmp: Path, kills_per_op: int, rng: Any) -> list[tuple[str, str, st
             if op == "convert" and not _has_convert():
                 rows.append(("Kill -9 during convert", "0", "skipped: no sparsestore.convert"))
                 continue
-            calib = server.batch([job(op) for _ in range(PARALLEL)], None, rng)
+            calib = cw.run_batch(server, [job(op) for _ in range(PARALLEL)], None, rng,
+                                 check_exit=False)
             window = 1.1 * max(j["seconds"] for j in calib)
             outcomes: Counter[str] = Counter()
             kills = 0
             for _ in range(200):
                 if kills >= kills_per_op:
                     break
-                for j in server.batch([job(op) for _ in range(PARALLEL)], window, rng):
+                for j in cw.run_batch(server, [job(op) for _ in range(PARALLEL)], window,
+                                      rng, check_exit=False):
                     if j["killed"]:
                         kills += 1
                         outcomes[check_job(j)] += 1
@@ -634,10 +581,7 @@ def run_hostile(tmp: Path, n_fuzz: int, rng: Any) -> list[tuple[str, str, str]]:
     if _has_convert():
         from sparsestore.conversion import convert
 
-        sys.path.insert(0, str(ROOT / "tests"))
-        from test_hostile import _bomb
-
-        _bomb(tmp / "bomb.npz", 2**28)
+        forge.bomb(tmp / "bomb.npz", 2**28)
         res = Counter([_refused(lambda: convert(tmp / "bomb.npz", dst(), max_bytes=2**24))])
         size = (tmp / "bomb.npz").stat().st_size
         rows.append((f"Decompression bomb (.npz, {size // 1024} KiB -> 256 MiB, limit 16 MiB)",
@@ -976,8 +920,6 @@ def run_second_pass(tmp: Path, tries: int, rng: Any) -> list[tuple[str, str, str
     rows.append(_tally("anndata .h5ad / zarr declaring a 2^31 x 2^20 dense X in a few KB",
                        res, "refused up front"))
     # Random edits of any zarr.json field (the property test's edits, drawn here with numpy).
-    import test_tamper as tt
-
     res = Counter()
     tx, ty = _tamper_matrix(tt), np.repeat(np.arange(6), tt.N_ROWS // 6).astype(np.int64)
     for layout, options in tt.LAYOUTS.items():
@@ -1025,7 +967,7 @@ def _tamper_outcome(tt: Any, path: Path, X: sp.csr_matrix, y: np.ndarray) -> str
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer faults (about a minute)")
-    ap.add_argument("--out", type=Path, default=OUT)
+    add_out_argument(ap)
     args = ap.parse_args(argv)
     kills, flips, fuzz = (20, 10, 80) if args.quick else (60, 40, 400)
     rng = np.random.default_rng(2024)
@@ -1050,11 +992,11 @@ def main(argv: list[str] | None = None) -> int:
         *(f"| {a} | {b} | {c} |" for a, b, c in rows),
         "",
         f"_{'--quick' if args.quick else 'full'} run, {time.monotonic() - t0:.0f} s; "
-        "`python -m benchmarks.reliability_report" + (" --quick" if args.quick else "") + "`_",
+        "`python -m benchmarks reliability" + (" --quick" if args.quick else "") + "`_",
     ]
     text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "reliability.md").write_text(text)
     print(text)
     failed = any("**" in c for _, _, c in rows)
     return 1 if failed else 0

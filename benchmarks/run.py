@@ -1,12 +1,13 @@
-"""Run the benchmark suite: ``python -m benchmarks.run [--quick|--tiny] [--out DIR]``.
+"""Run the benchmark suite: ``python -m benchmarks suite [--quick|--tiny] [--out DIR]``.
 
 The setup writes one reference matrix (issue 3: 200k x 30k, ~100 nnz/row, float32 for the
 default size) in every form the cases read -- a sparsestore store, an uncompressed .npz
 for in-memory baselines, compressed .npz row shards, anndata's zarr and HDF5 encodings --
 plus the scaling stores (x1, x4, x16 rows).  Then every case runs, by default each in a
 fresh subprocess so its peak RSS is its own; ratios are computed between cases of this one
-run.  Writes ``results.md``, ``results.json``, ``throughput.png`` and ``scaling.png`` to
-``--out``.
+run.  Writes ``results.json`` (:mod:`benchmarks.records`' schema: one record per case),
+``results.md`` generated from it, ``throughput.png`` and ``scaling.png`` to ``--out``
+(default ``benchmarks/out``; ``--out benchmarks/results`` replaces the committed ones).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from typing import Any
 
 from .common import (
     CASES,
+    SCRATCH_OUT,
     SIZES,
     Ctx,
     MiB,
+    add_out_argument,
     dump_json,
     machine_info,
     make_matrix,
@@ -35,7 +38,7 @@ from .common import (
     run_case,
 )
 
-DEFAULT_OUT = Path(__file__).parent / "results"
+DEFAULT_OUT = SCRATCH_OUT
 
 
 def _load_cases() -> None:
@@ -155,7 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="50k rows; a few minutes on 2 cores")
     size.add_argument("--tiny", action="store_const", dest="size", const="tiny",
                       help="3k rows, in-process: proves the suite runs (CI)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where results go")
+    add_out_argument(ap)
     ap.add_argument("--work", type=Path, default=None,
                     help="scratch directory for the data (default: a temp dir, removed)")
     ap.add_argument("--cases", default=None,
@@ -216,8 +219,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if tmp is not None:
             rmtree(tmp)
     run = {
-        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None
-                                                           else sys.argv[1:]),
+        "command": "python -m benchmarks suite " + " ".join(argv if argv is not None
+                                                             else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "wall_s": time.perf_counter() - t_start,
         "size": {**size.__dict__, "scaling": list(size.scaling)},
@@ -234,17 +237,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run["noisy"] = (f"1-minute load average reached {load:.1f} on {machine['cores']} cores "
                         "(other processes were running): timings are noisy, ratios within "
                         "this run are more trustworthy than absolute numbers.")
-    write_outputs(run, args.out)
+    write_outputs(run, Path(args.out))
     return run
 
 
 def write_outputs(run: dict[str, Any], out: Path) -> None:
-    """``results.json``, ``results.md``, ``throughput.png`` and ``scaling.png`` in ``out``."""
+    """``results.json`` (a record per case), ``results.md`` from it, and the two charts."""
     from . import report
+    from .records import write_records
 
-    out.mkdir(parents=True, exist_ok=True)
-    dump_json(run, out / "results.json")
-    (out / "results.md").write_text(report.markdown(run))
+    meta = {k: v for k, v in run.items() if k != "results"}
+    meta["commit"] = run["machine"]["commit"]
+    doc = write_records("results", run["results"].values(), meta, out,
+                        lambda d: report.markdown(d, out), echo=False)
+    run = report.as_run(doc)
     report.throughput_png(run, out / "throughput.png")
     report.scaling_png(run, out / "scaling.png")
     print(f"results: {out / 'results.md'}")

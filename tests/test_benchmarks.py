@@ -1,5 +1,5 @@
 """The benchmark suite runs end to end at ``--tiny`` (no speed thresholds here: CI only proves
-it works; the figures come from ``python -m benchmarks.run``)."""
+it works; the figures come from ``python -m benchmarks``)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def test_tiny_suite_writes_table_json_and_valid_pngs(tiny_run: tuple[dict, Path]
         w, h = _png_size(out / png)
         assert w > 200 and h > 200
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["results"]) == set(CASES)
+    assert saved["benchmark"] == "results" and saved["meta"]["commit"] is not None
+    assert {r["name"] for r in saved["records"]} == set(CASES)
 
 
 def test_every_case_ran_or_was_skipped_with_a_reason(tiny_run: tuple[dict, Path]) -> None:
@@ -264,3 +265,49 @@ def test_shuffle_ranks_bench_scores_each_rank_against_the_store(tmp_path: Path) 
         ranks = {(r["world_size"], r["rank"]): r for r in rec["ranks"]}
         assert set(ranks) == {(1, 0), (2, 0), (2, 1)}
         assert ranks[1, 0]["ratio"] < 1.2
+
+
+def test_one_entry_point_lists_and_dispatches(capsys: pytest.CaptureFixture) -> None:
+    """``python -m benchmarks``: every registered module has a ``main``; ``list`` names them;
+    an unknown name is refused."""
+    import importlib
+
+    from benchmarks.__main__ import REGISTRY, main
+
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    for name, b in REGISTRY.items():
+        assert name in listed and callable(importlib.import_module(f"benchmarks.{b.module}").main)
+    assert main(["no_such_benchmark"]) == 2
+
+
+def test_committed_pages_are_generated_from_their_json(tmp_path: Path) -> None:
+    """``python -m benchmarks report`` on a copy of benchmarks/results changes no page, and
+    README.md's targets table is the one it generates from the same json."""
+    import shutil
+
+    from benchmarks.report import README_BEGIN, README_END, regenerate
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "benchmarks" / "results", tmp_path / "results")
+    shutil.copy(root / "README.md", tmp_path / "README.md")
+    assert regenerate(["--results", str(tmp_path / "results"),
+                       "--readme", str(tmp_path / "README.md")]) == 0
+    for md in (tmp_path / "results").glob("*.md"):
+        assert md.read_text() == (root / "benchmarks" / "results" / md.name).read_text(), md.name
+    readme = (tmp_path / "README.md").read_text()
+    assert readme == (root / "README.md").read_text()
+    assert README_BEGIN in readme and README_END in readme
+
+
+def test_records_json_and_its_page(tmp_path: Path) -> None:
+    from benchmarks.records import is_records, run_meta, write_records
+
+    doc = write_records("demo", [{"group": "a", "case": "x", "s": 0.5},
+                                 {"group": "b", "case": "y", "n": 1234}],
+                        run_meta("python -m benchmarks demo"), tmp_path, echo=False)
+    saved = json.loads((tmp_path / "demo.json").read_text())
+    assert saved == doc and is_records(saved)
+    assert set(saved["meta"]) >= {"command", "commit", "machine", "date"}
+    md = (tmp_path / "demo.md").read_text()
+    assert "## a" in md and "| x | 0.5 |" in md and "| y | 1,234 |" in md

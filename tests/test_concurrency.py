@@ -16,13 +16,11 @@ import numpy as np
 import pytest
 
 import sparsestore
+from benchmarks import crash_worker as cw
 from sparsestore.errors import LockError, ReadOnlyError
 from sparsestore.validate import validate_store
 
-sys.path.insert(0, str(Path(__file__).parent))
-import crash_worker as cw  # noqa: E402
-
-WORKER = Path(__file__).with_name("crash_worker.py")
+WORKER = Path(cw.__file__)
 
 
 def _store(path: Path, n_blocks: int):

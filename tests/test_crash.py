@@ -2,22 +2,14 @@
 
 After every kill the destination either does not exist (interrupted save/convert; any
 orphaned staging dir refuses to open) or opens and equals exactly the committed blocks,
-validates clean, and takes the next append.  A forked-child server (tests/crash_worker.py)
+validates clean, and takes the next append.  A forked-child server (benchmarks/crash_worker.py)
 keeps each kill cheap; kill delays are drawn from a window calibrated on unkilled runs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,60 +17,16 @@ import pytest
 import scipy.sparse as sp
 
 import sparsestore
+from benchmarks import crash_worker as cw
+from benchmarks.crash_worker import Server
 from sparsestore.errors import SparseStoreError, StoreNotFoundError
 from sparsestore.validate import validate_store
 
-sys.path.insert(0, str(Path(__file__).parent))
-import crash_worker as cw  # noqa: E402
-
-WORKER = Path(__file__).with_name("crash_worker.py")
+WORKER = Path(cw.__file__)
 SAVE_BLOCKS = 60
 APPEND_BLOCKS = 6
 MIN_KILLS = {"save": 16, "append": 24, "convert": 14}
 PARALLEL = 3
-
-
-class Server:
-    """The forked-child job server, with a thread collecting its PID/EXIT lines."""
-
-    def __init__(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), "server"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
-        )
-        assert self.proc.stdout.readline().strip() == "READY"
-        self.pids: dict[str, int] = {}
-        self.exits: dict[str, int] = {}
-        self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-        self.n = 0
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            kind, job, value = line.split()
-            with self.cond:
-                (self.pids if kind == "PID" else self.exits)[job] = int(value)
-                self.cond.notify_all()
-
-    def submit(self, job: dict) -> tuple[str, int]:
-        self.n += 1
-        job_id = f"j{self.n}"
-        self.proc.stdin.write(json.dumps({**job, "id": job_id}) + "\n")
-        self.proc.stdin.flush()
-        with self.cond:
-            assert self.cond.wait_for(lambda: job_id in self.pids, timeout=60)
-            return job_id, self.pids[job_id]
-
-    def wait(self, job_id: str) -> int:
-        with self.cond:
-            assert self.cond.wait_for(lambda: job_id in self.exits, timeout=120)
-            return self.exits[job_id]
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -89,35 +37,8 @@ def server():
 
 
 def run_batch(server: Server, jobs: list[dict], window: float | None, rng) -> list[dict]:
-    """Start jobs together; SIGKILL each at a random delay in ``[0, window)`` (None: no kill).
-
-    Returns each job with ``killed`` (the kill landed while it ran) and ``seconds``.
-    """
-    started = []
-    for job in jobs:
-        t0 = time.monotonic()
-        job_id, pid = server.submit(job)
-        delay = None if window is None else float(rng.uniform(0, window))
-        started.append((job, job_id, pid, t0, delay))
-    for _job, _id, pid, t0, delay in sorted(
-        started, key=lambda s: float("inf") if s[4] is None else s[3] + s[4]
-    ):
-        if delay is None:
-            continue
-        time.sleep(max(0.0, t0 + delay - time.monotonic()))
-        with contextlib.suppress(ProcessLookupError):  # it finished first
-            os.kill(pid, signal.SIGKILL)
-    out = []
-    for job, job_id, _pid, t0, _delay in started:
-        status = server.wait(job_id)
-        seconds = time.monotonic() - t0
-        killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        if not killed:
-            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
-                job, Path(job["side"]).read_text()
-            )
-        out.append({**job, "killed": killed, "seconds": seconds})
-    return out
+    """:func:`benchmarks.crash_worker.run_batch`, asserting every job not killed exited 0."""
+    return cw.run_batch(server, jobs, window, rng, check_exit=True)
 
 
 def side_lines(job: dict) -> list[str]:

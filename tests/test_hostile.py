@@ -20,6 +20,7 @@ import scipy.sparse as sp
 import zarr
 
 import sparsestore
+from benchmarks.forge import bomb as _bomb
 from sparsestore.errors import (
     CorruptStoreError,
     DTypeError,
@@ -94,26 +95,6 @@ def test_pickled_numpy_files_are_refused(tmp_path, kind):
         convert(src, tmp_path / "out.zarr")
     assert not marker.exists(), "unpickling ran attacker code"
     no_stray(tmp_path, "out.zarr")
-
-
-def _bomb(path: Path, n_bytes: int) -> None:
-    """A scipy .npz whose ``data`` member inflates to ``n_bytes`` of zeros (a ~1000x bomb)."""
-    n = n_bytes // 8
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        header, {"descr": "<f8", "fortran_order": False, "shape": (n,)}
-    )
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        with zf.open("data.npy", "w", force_zip64=True) as f:
-            f.write(header.getvalue())
-            zeros = bytes(2**22)
-            for _ in range(n_bytes // len(zeros)):
-                f.write(zeros)
-        for name, arr in (("indices", np.zeros(n, np.int32)[:0]), ("indptr", np.array([0, 0])),
-                          ("format", np.array("csr")), ("shape", np.array([1, n]))):
-            buf = io.BytesIO()
-            np.save(buf, arr)
-            zf.writestr(f"{name}.npy", buf.getvalue())
 
 
 def test_decompression_bomb_is_refused_before_allocating(tmp_path):

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import zarr
-from forge import unseal
 
 import sparsestore
+from benchmarks.forge import unseal
 from sparsestore.errors import CorruptStoreError
 from sparsestore.loader import DataLoader
 from sparsestore.validate import validate_store

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import zarr
-from forge import unseal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparsestore
+from benchmarks.forge import unseal
 from sparsestore.errors import (
     CorruptStoreError,
     MisplacedChunkError,

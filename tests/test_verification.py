@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import zarr
-from forge import unseal
 
 import sparsestore
+from benchmarks.forge import unseal
 from sparsestore.errors import (
     CorruptStoreError,
     MisplacedChunkError,

@@ -1,6 +1,7 @@
-"""Writer/reader processes for the crash and concurrency tests (run as a subprocess).
+"""Writer/reader processes for the crash and concurrency tests and the reliability report
+(run as a subprocess), and the :class:`Server` / :func:`run_batch` that drive them.
 
-``python tests/crash_worker.py server`` imports everything once, then reads JSON jobs on
+``python benchmarks/crash_worker.py server`` imports everything once, then reads JSON jobs on
 stdin and runs each in a forked child (no interpreter start-up per job, so dozens of kills
 stay cheap).  For every job it prints ``PID <job> <pid>`` when the child starts and
 ``EXIT <job> <status>`` when it is reaped; the test SIGKILLs children at random moments.
@@ -15,10 +16,16 @@ The data are a pure function of the block number, so any process can rebuild the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -171,6 +178,87 @@ def read_loop(path: str, seconds: float, n_blocks_max: int) -> None:
         if max(seen) >= n_blocks_max:
             break
     print("SEEN " + " ".join(str(k) for k in sorted(seen)), flush=True)
+
+
+
+# ------------------------------------------------------------------ the driving side
+
+
+class Server:
+    """The forked-child job server, with a thread collecting its PID/EXIT lines."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "server"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
+        )
+        assert self.proc.stdout.readline().strip() == "READY"
+        self.pids: dict[str, int] = {}
+        self.exits: dict[str, int] = {}
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        self.n = 0
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            kind, job, value = line.split()
+            with self.cond:
+                (self.pids if kind == "PID" else self.exits)[job] = int(value)
+                self.cond.notify_all()
+
+    def submit(self, job: dict) -> tuple[str, int]:
+        self.n += 1
+        job_id = f"j{self.n}"
+        self.proc.stdin.write(json.dumps({**job, "id": job_id}) + "\n")
+        self.proc.stdin.flush()
+        with self.cond:
+            assert self.cond.wait_for(lambda: job_id in self.pids, timeout=60)
+            return job_id, self.pids[job_id]
+
+    def wait(self, job_id: str) -> int:
+        with self.cond:
+            assert self.cond.wait_for(lambda: job_id in self.exits, timeout=120)
+            return self.exits[job_id]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def run_batch(server: Server, jobs: list[dict], window: float | None, rng: Any,
+              check_exit: bool = True) -> list[dict]:
+    """Start jobs together; SIGKILL each at a random delay in ``[0, window)`` (None: no kill).
+
+    Returns each job with ``killed`` (the kill landed while it ran) and ``seconds``;
+    ``check_exit``: assert that a job not killed exited 0.
+    """
+    started = []
+    for job in jobs:
+        t0 = time.monotonic()
+        job_id, pid = server.submit(job)
+        delay = None if window is None else float(rng.uniform(0, window))
+        started.append((job, job_id, pid, t0, delay))
+    for _job, _id, pid, t0, delay in sorted(
+        started, key=lambda s: float("inf") if s[4] is None else s[3] + s[4]
+    ):
+        if delay is None:
+            continue
+        time.sleep(max(0.0, t0 + delay - time.monotonic()))
+        with contextlib.suppress(ProcessLookupError):  # it finished first
+            os.kill(pid, signal.SIGKILL)
+    out = []
+    for job, job_id, _pid, t0, _delay in started:
+        status = server.wait(job_id)
+        seconds = time.monotonic() - t0
+        killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        if check_exit and not killed:
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
+                job, Path(job["side"]).read_text()
+            )
+        out.append({**job, "killed": killed, "seconds": seconds})
+    return out
 
 
 if __name__ == "__main__":
