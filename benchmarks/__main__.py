@@ -66,6 +66,8 @@ REGISTRY: dict[str, Bench] = {
                           ("--rows", "20000", "--repeats", "1")),
     "layout": Bench("bench_layout", "store layouts: write, read, loader pass, random access",
                     ("--rows", "20000", "--rounds", "1")),
+    "chunk_floor": Bench("bench_chunk_floor", "decode cost per chunk size against the codec "
+                         "floor", ("--rows", "20000")),
     "gpu": Bench("gpu_check", "can to_dataset feed a GPU (no GPU visible: says so)",
                  ("--rows", "20000", "--rounds", "1"), out=False),
     "reliability": Bench("reliability_report", "faults and hostile input, reliability.md",

@@ -1,6 +1,6 @@
 """What a small chunk costs to decode: sparsestore's decoder against the codec floor.
 
-``python -m benchmarks.bench_chunk_floor [--rows N] [--out DIR]``
+``python -m benchmarks chunk_floor [--rows N] [--out DIR]``
 
 Writes the synthetic matrix (100 nnz/row) with 4 MiB chunks and with 1 MiB, 256 KiB and
 128 KiB inner chunks in shards, then decodes every chunk of ``data`` and ``indices`` on one
@@ -64,11 +64,12 @@ def measure(path: Path) -> list[dict[str, Any]]:
         codec = zc.blosc_codec(store.arrays[name])
         values = store.arrays[name][: full * dec.chunk]
         encoded = [codec.encode(values[k * dec.chunk:(k + 1) * dec.chunk]) for k in range(full)]
-        def decoder() -> None:
+
+        def decoder(dec: Any = dec, full: int = full, out: np.ndarray = out) -> None:
             for k in range(full):
                 dec.decode_into(k, out)
 
-        def floor() -> None:
+        def floor(encoded: list[Any] = encoded, out: np.ndarray = out) -> None:
             for raw in encoded:
                 google_crc32c.value(raw)
                 nb.decompress(raw, out)
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     base = {r["array"]: r for r in results if r["layout"] == next(iter(LAYOUTS))}
     lines = [
         "# Decode cost per chunk size: sparsestore's decoder against the codec floor", "",
-        f"Reproduce: `{reproduce_command('benchmarks.bench_chunk_floor', p, args, ['rows'])}`", "",
+        f"Reproduce: `{reproduce_command('benchmarks chunk_floor', p, args, ['rows'])}`", "",
         f"{machine_info()['cpu']}; synthetic {args.rows:,} x 30,000, 100 nnz/row; one "
         "thread, CPU time, best of 7, ms per 8 MiB decoded.  `floor`: CRC32C + Blosc on "
         "bytes in memory; `decoder`: `ChunkDecoder` (read, manifest check, CRC32C, Blosc).", "",
