@@ -879,6 +879,10 @@ class TensorFlowBackend:
         self.sample_shape = None if sample_shape is None else tuple(sample_shape)
         self._plans: weakref.WeakKeyDictionary[DataLoader, _Plan] = weakref.WeakKeyDictionary()
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # The per-loader plans are a cache of this process: a copy rebuilds its own.
+        return type(self), (self.sample_shape,)
+
     def _plan(self, loader: DataLoader) -> _Plan:
         plan = self._plans.get(loader)
         if plan is None:

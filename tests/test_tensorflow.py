@@ -572,6 +572,21 @@ def test_tensorflow_backend_by_name(small_store):
                                   X[:1000].toarray().reshape(-1, 20, 20))
 
 
+def test_a_loader_with_the_tensorflow_backend_pickles(small_store):
+    import pickle
+
+    store, X, _ = small_store
+    loader = sparsestore.DataLoader(store, batch_size=300, shuffle=True, seed=2,
+                                    backend=sstf.TensorFlowBackend(sample_shape=(20, 20)))
+    for _ in loader:  # a whole epoch: the backend now holds a plan for this loader
+        pass
+    copy = pickle.loads(pickle.dumps(loader))
+    assert copy.backend.sample_shape == (20, 20)
+    for a, b in zip(copy, loader, strict=True):
+        np.testing.assert_array_equal(tf.sparse.to_dense(a).numpy(),
+                                      tf.sparse.to_dense(b).numpy())
+
+
 # ------------------------------------------------------------------ keras
 
 
