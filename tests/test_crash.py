@@ -9,7 +9,6 @@ keeps each kill cheap; kill delays are drawn from a window calibrated on unkille
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -278,8 +277,6 @@ def shards(tmp_path_factory):
 
 
 def test_kill_during_convert(server, tmp_path, shards, counter):
-    if importlib.util.find_spec("sparsestore.conversion") is None:
-        pytest.skip("sparsestore.convert is not implemented yet")
     rng = np.random.default_rng(3)
 
     def make_job():
