@@ -393,7 +393,8 @@ class _Passes:
     TensorFlow destroys the iterator (end of pass or dropped).  ``from_generator`` itself
     adds per-element signature checks and, built as a pass opener with a ``flat_map`` of
     per-batch calls, four more functions that TensorFlow instantiates for every iterator:
-    35-55 ms more per pass (each Keras epoch), measured on dense100 and sparse2.
+    a fixed cost on every pass (each Keras epoch; ``benchmarks/results/design_notes.md``,
+    "The fixed cost of each pass").
     """
 
     def __init__(self, loader: DataLoader, plan: _Plan) -> None:
@@ -461,7 +462,7 @@ class _Passes:
         bundle of ``plan.bundle`` batches (cut apart in the graph).  A batch per call is
         expanded in the generator's own ``next`` function: a ``map`` after it would add a
         function that TensorFlow instantiates for every iterator and runs for every batch
-        (4 ms a pass and 5-7% of a dense100 pass, measured)."""
+        (``benchmarks/results/design_notes.md``, "Kept")."""
         sig = self.plan.wire_signature()
         dtypes = [s.dtype for s in sig]
         plain = tf.autograph.experimental.do_not_convert
@@ -789,10 +790,10 @@ def to_dataset(
     * ``autotune``: leave TensorFlow's dataset tuning on for this pipeline: its autotuner
       and its default graph rewrites.  Off by default: the loader already decodes and
       prefetches in its own threads and the maps here are trivial, while the autotuner's
-      model thread made dropping an iterator (the end of every Keras epoch) stall for up
-      to ~0.3 s in 3 of 8 passes measured on 2 cores, and the rewrites, redone for every
-      new iterator, cost ~15 ms a pass.  Turn it on when you add heavy ``map`` steps with
-      ``AUTOTUNE`` after this dataset.
+      model thread made dropping an iterator (the end of every Keras epoch) stall at
+      times, and the rewrites, redone for every new iterator, add a fixed cost to every
+      pass (``benchmarks/results/design_notes.md``).  Turn it on when you add heavy
+      ``map`` steps with ``AUTOTUNE`` after this dataset.
     * ``cardinality``: declare ``len(loader)`` batches per pass so Keras knows the epoch
       length.  Resume with ``load_state_dict`` *before* calling this (a resumed pass is
       shorter; its dataset then has unknown cardinality) or pass ``cardinality=False``.

@@ -4,11 +4,11 @@ Decoding a pass allocates the same few sizes over and over (storage chunks, row 
 batches).  Fresh multi-MB arrays page-fault on first touch, and more so in processes
 where glibc's dynamic mmap threshold is off (TensorFlow's ``from_generator`` sets
 ``M_TRIM_THRESHOLD``, which pins it at 128 KiB: every large ``malloc`` is then a fresh
-``mmap``).  Measured on 2 cores, those faults cost about half the CPU time of streaming a
-store into TensorFlow.  :class:`BufferPool` hands out arrays over memory it takes back on
-its own once nothing refers to the array (or any view of it) any more, so callers never
-"give back" and a batch a user keeps stays valid.  :func:`release_free_heap` hands the
-C heap's free pages back to the OS between passes.
+``mmap``), and streaming a store into TensorFlow then spends much of its CPU time in those
+faults (profiles: ``benchmarks/results/design_notes.md``).  :class:`BufferPool` hands out
+arrays over memory it takes back on its own once nothing refers to the array (or any view
+of it) any more, so callers never "give back" and a batch a user keeps stays valid.
+:func:`release_free_heap` hands the C heap's free pages back to the OS between passes.
 """
 
 from __future__ import annotations

@@ -176,7 +176,7 @@ def open_source(
         return mtx_source(path, dtype=dtype, memory_bytes=memory_bytes, tmp_dir=tmp_dir,
                           casting=casting)
     if fmt == "h5ad" or is_anndata_zarr(path):
-        from .ingest.npz import DEFAULT_MAX_BYTES
+        from .ingest.zipsafe import DEFAULT_MAX_BYTES
 
         return anndata_source(path, labels=labels, dtype=dtype, memory_bytes=memory_bytes,
                               tmp_dir=tmp_dir, casting=casting,
@@ -189,7 +189,8 @@ def _multi_file_source(fmt: str, src: Any, *, labels: Any, key: Any, keys: Any, 
                        zero_based: Any, max_bytes: Any, tmp_dir: Any,
                        casting: str) -> Source:
     if fmt == "npz":
-        from .ingest.npz import DEFAULT_MAX_BYTES, npz_source
+        from .ingest.npz import npz_source
+        from .ingest.zipsafe import DEFAULT_MAX_BYTES
 
         return npz_source(src, key=key, keys=keys, labels=labels, workers=workers,
                           executor=executor, dtype=dtype, sparse=sparse,

@@ -1,4 +1,4 @@
-"""Bad input (issue 13): declared shapes the data does not back, unparsable numbers, mistagged
+"""Bad input: declared shapes the data does not back, unparsable numbers, mistagged
 anndata elements, NaN/inf values, and what the command line makes of them.
 
 Every expectation comes from the input as built here (positions, counts) or from an
@@ -130,7 +130,8 @@ def _big_sources(tmp: Path, n: int, tag: str) -> None:
 @pytest.mark.timeout(300)
 def test_declared_rows_cost_memory_of_the_data_not_the_shape(tmp_path):
     """A 10**8-row declaration with one entry converts within ~200 MB of peak RSS growth
-    (it took 1.6 GB), from every source that declares its rows, and reads back right."""
+    (not arrays sized by the declared rows), from every source that declares its rows, and
+    reads back right."""
     for n, tag in ((100, "small"), (BIG, "big")):
         _big_sources(tmp_path, n, tag)
     r = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(tmp_path), str(BIG),

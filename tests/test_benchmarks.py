@@ -122,7 +122,7 @@ def test_one_case_in_a_subprocess(tmp_path: Path) -> None:
 
 def test_tf_compare_and_gpu_check_run_tiny(tmp_path: Path, capsys: pytest.CaptureFixture
                                            ) -> None:
-    """Issue 17's measurement scripts end to end at toy sizes (figures meaningless)."""
+    """The TensorFlow measurement scripts end to end at toy sizes (figures meaningless)."""
     pytest.importorskip("tensorflow")
     pytest.importorskip("keras")
     import tensorflow as tf

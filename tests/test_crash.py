@@ -8,7 +8,6 @@ keeps each kill cheap; kill delays are drawn from a window calibrated on unkille
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -199,8 +198,6 @@ def shards(tmp_path_factory):
 
 
 def test_kill_during_convert(server, tmp_path, shards, counter):
-    if importlib.util.find_spec("sparsestore.conversion") is None:
-        pytest.skip("sparsestore.convert is not implemented yet")
     rng = np.random.default_rng(3)
 
     def make_job():

@@ -42,7 +42,8 @@ def check(got, expected, rtol=1e-5):
     np.testing.assert_allclose(g, e, rtol=rtol, atol=1e-6)
 
 
-# Every query of issue 5, as (name, dask query, oracle on the scipy matrix).
+# The dask queries checked (reductions, indexing, products, elementwise), as (name, dask
+# query, oracle on the scipy matrix).
 V = np.random.default_rng(0).standard_normal(400)
 M = np.random.default_rng(1).standard_normal((400, 3))
 W = np.random.default_rng(2).standard_normal((3000, 2))

@@ -113,10 +113,6 @@ def test_from_dask_on_cluster(client, shared, tmp_path):
 
 
 def test_npz_convert_with_the_cluster_executor(client, tmp_path):
-    try:
-        convert = sparsestore.convert
-    except ImportError:
-        pytest.skip("sparsestore.convert (the npz ingest engineer's API) does not exist yet")
     rng = np.random.default_rng(5)
     parts = [
         sp.random(300 + 50 * i, 120, density=0.05, format="csr", dtype=np.float32,
@@ -128,7 +124,7 @@ def test_npz_convert_with_the_cluster_executor(client, tmp_path):
         paths.append(str(tmp_path / f"shard{i}.npz"))
         sp.save_npz(paths[-1], p)
     with client.get_executor() as ex:
-        store = convert(paths, str(tmp_path / "conv.zarr"), executor=ex)
+        store = sparsestore.convert(paths, str(tmp_path / "conv.zarr"), executor=ex)
     expected = sp.vstack(parts, format="csr")
     assert store.shape == expected.shape
     assert (store[:] != expected).nnz == 0

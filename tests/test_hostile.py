@@ -4,7 +4,6 @@ metadata names code.  Each is refused with a clear SparseStoreError and no side 
 from __future__ import annotations
 
 import ast
-import importlib.util
 import io
 import json
 import os
@@ -21,6 +20,7 @@ import zarr
 
 import sparsestore
 from benchmarks.forge import bomb as _bomb
+from sparsestore.conversion import convert
 from sparsestore.errors import (
     CorruptStoreError,
     DTypeError,
@@ -31,6 +31,7 @@ from sparsestore.errors import (
     SparseStoreError,
     UnsafeInputError,
 )
+from sparsestore.ingest.coo import from_coo
 from sparsestore.validate import validate_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,14 +46,6 @@ class Marker:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
-
-
-def _convert():
-    if importlib.util.find_spec("sparsestore.conversion") is None:
-        pytest.skip("sparsestore.convert is not implemented yet")
-    from sparsestore.conversion import convert
-
-    return convert
 
 
 def no_stray(tmp_path: Path, name: str) -> None:
@@ -78,7 +71,6 @@ def test_object_arrays_are_refused_without_unpickling(tmp_path):
 
 @pytest.mark.parametrize("kind", ["npy", "npz", "npz_scipy"])
 def test_pickled_numpy_files_are_refused(tmp_path, kind):
-    convert = _convert()
     marker = tmp_path / "PWNED"
     payload = np.array([Marker(marker), 1.0], dtype=object)
     src = tmp_path / f"evil.{kind.split('_')[0]}"
@@ -100,7 +92,6 @@ def test_pickled_numpy_files_are_refused(tmp_path, kind):
 def test_decompression_bomb_is_refused_before_allocating(tmp_path):
     """256 MiB of zeros in a ~0.3 MB .npz against a 16 MiB limit: refused from the zip
     directory, before inflating anything."""
-    convert = _convert()
     src = tmp_path / "bomb.npz"
     _bomb(src, 2**28)
     assert src.stat().st_size < 2**21
@@ -117,7 +108,6 @@ def test_decompression_bomb_is_refused_before_allocating(tmp_path):
 
 def test_npz_member_header_lying_about_its_size_is_refused(tmp_path):
     """A member whose .npy header claims 2**40 values but holds a few bytes."""
-    convert = _convert()
     src = tmp_path / "liar.npz"
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(
@@ -137,7 +127,6 @@ def test_npz_member_header_lying_about_its_size_is_refused(tmp_path):
 
 
 def test_npy_header_with_absurd_shape_is_refused(tmp_path):
-    convert = _convert()
     src = tmp_path / "huge.npy"
     with open(src, "wb") as f:
         np.lib.format.write_array_header_1_0(
@@ -211,10 +200,6 @@ def test_append_refuses_absurd_and_negative_row_counts(tmp_path, shape):
      ((2, 5), [-1], [0], InvalidInputError), ((2, 5), [5], [0], InvalidInputError)],
 )
 def test_from_coo_refuses_bad_shapes_and_indices(tmp_path, shape, row, col, exc):
-    try:
-        from sparsestore.ingest.coo import from_coo
-    except ImportError:
-        pytest.skip("COO ingest not available")
     with pytest.raises(exc):
         from_coo(tmp_path / "a.zarr", np.array(row), np.array(col), np.array([1.0]), shape)
     no_stray(tmp_path, "a.zarr")

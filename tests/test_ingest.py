@@ -401,10 +401,11 @@ def _raw_files(root: Path) -> dict[str, bytes]:
 
 
 def test_npz_csr_shards_stream_in_units_never_whole(tmp_path, monkeypatch):
+    import sparsestore.ingest.inflate as inflate
     import sparsestore.ingest.npz as npz
 
-    monkeypatch.setattr(npz, "_PTR_WINDOW", 7)  # indptr inflated a few entries at a time
-    monkeypatch.setattr(npz, "DEFAULT_UNIT_BYTES", 64)  # members inflated as they are read
+    monkeypatch.setattr(inflate, "_PTR_WINDOW", 7)  # indptr inflated a few entries at a time
+    monkeypatch.setattr(inflate, "DEFAULT_UNIT_BYTES", 64)  # members inflated as they are read
     mats = [rand(120, 30, density=0.2, seed=i) for i in range(3)]
     m = mats[1].tolil()
     m[10:40] = 0  # empty rows, some units of empty rows only
@@ -454,7 +455,8 @@ def test_npz_streamed_pieces_carry_their_labels(tmp_path):
 
 
 def _units_reader(paths, workers, unit_nnz, lookahead_bytes):
-    from sparsestore.ingest.npz import Reader, shard_items
+    from sparsestore.ingest.npz import shard_items
+    from sparsestore.ingest.prefetch import Reader
 
     def produce(i, reserve):
         return shard_items(paths[i], NpzOptions(), None, unit_nnz, reserve)
@@ -506,10 +508,10 @@ def test_npz_reader_closed_early_stops_its_workers(tmp_path):
 @pytest.mark.parametrize("inflated", ["at_once", "as_read"])
 def test_npz_streamed_member_damage_fails_naming_the_file(tmp_path, monkeypatch, bad,
                                                           inflated):
-    import sparsestore.ingest.npz as npz
+    import sparsestore.ingest.inflate as inflate
 
     if inflated == "as_read":
-        monkeypatch.setattr(npz, "DEFAULT_UNIT_BYTES", 256)
+        monkeypatch.setattr(inflate, "DEFAULT_UNIT_BYTES", 256)
     good = save_shards(tmp_path, [rand(300, 30, density=0.3, seed=i) for i in range(2)])
     p = tmp_path / "bad.npz"
     raw = bytearray(good[0].read_bytes())

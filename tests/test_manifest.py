@@ -1,5 +1,5 @@
 """The chunk manifest: a chunk that is missing, misplaced or reinterpreted is an error on
-every read and in ``validate``, never zeros or another chunk's numbers (issue 13's table)."""
+every read and in ``validate``, never zeros or another chunk's numbers."""
 
 from __future__ import annotations
 

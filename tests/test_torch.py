@@ -288,7 +288,7 @@ def test_a_damaged_chunk_fails_with_its_name(small_store):
             for _ in it:
                 pass
     finally:
-        # torch 2.13 then takes 5 s per worker to shut the others down (any exception in
+        # torch then takes seconds per worker to shut the others down (any exception in
         # an IterableDataset worker does it): end them now to keep the suite fast.
         for proc in it._workers:
             proc.terminate()

@@ -29,7 +29,7 @@ from .base import (
     row_bounds,
 )
 from .coo import CooSpill
-from .npz import DEFAULT_MAX_BYTES, check_declared_bytes
+from .zipsafe import DEFAULT_MAX_BYTES, check_declared_bytes
 
 # Declared-to-stored bytes beyond which X over max_bytes is taken for a decompression bomb:
 # real count matrices compress a few times, an all-fill-value chunk grid millions of times.

@@ -8,31 +8,27 @@ Three kinds of shard are understood, told apart by their member names:
   configurable;
 * ``np.savez``/``np.savez_compressed`` files holding one dense 2-D array (``key=`` picks it).
 
-A shard is opened by its zip directory alone: the members' declared sizes must add up to
-at most ``max_bytes`` (decompression bombs).  A member's ``.npy`` header is read before the
-member and must describe exactly its declared size and no Python objects.  Before anything
-is written every shard's directory and value headers are checked so; column counts must
-agree and the dtypes decide the store's.
+A shard is opened by its zip directory alone (:mod:`.zipsafe`): the members' declared
+sizes must add up to at most ``max_bytes`` (decompression bombs).  A member's ``.npy``
+header is read before the member and must describe exactly its declared size and no Python
+objects.  Before anything is written every shard's directory and value headers are checked
+so; column counts must agree and the dtypes decide the store's.
 
-CSR shards (``save_npz``'s default format, or CSR parts) stored or deflated are streamed:
-their ``indptr``, ``indices`` and ``data`` members are inflated in step, a unit of rows
-(``DEFAULT_UNIT_BYTES`` of values) at a time, so no shard is ever whole in memory.  Other
-shards are loaded whole by :func:`load_shard` (``np.load(allow_pickle=False)``,
+CSR shards (``save_npz``'s default format, or CSR parts) stored or deflated are streamed
+(:mod:`.inflate`): their ``indptr``, ``indices`` and ``data`` members are inflated in step,
+a unit of rows (``DEFAULT_UNIT_BYTES`` of values) at a time, so no shard is ever whole in
+memory.  Other shards are loaded whole by :func:`load_shard` (``np.load(allow_pickle=False)``,
 ``scipy.sparse.load_npz``); it is picklable, so with ``executor=`` (a thread or process pool,
 a dask ``client.get_executor()``...) every shard is loaded whole there.  Either way a
-:class:`Reader` runs ``workers`` threads ahead of the writer within ``lookahead_bytes`` of
-decoded data.
+:class:`~.prefetch.Reader` runs ``workers`` threads ahead of the writer within
+``lookahead_bytes`` of decoded data.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import os
-import threading
 import zipfile
-import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,8 +37,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..blocks import MAX_BLOCK_ROWS, coo_row_blocks, csr_views
-from ..canonical import check_row_count, native, native_matrix
-from ..errors import FormatError, InvalidInputError, SparseStoreError, UnsafeInputError
+from ..canonical import check_row_count, native_matrix
+from ..errors import FormatError, InvalidInputError, SparseStoreError
 from .base import (
     DEFAULT_BLOCK_NNZ,
     Source,
@@ -51,25 +47,14 @@ from .base import (
     result_dtype,
     write_source,
 )
+from .inflate import csr_units
+from .prefetch import DEFAULT_LOOKAHEAD_BYTES, Reader, Reserve, no_reserve
+from .zipsafe import DEFAULT_MAX_BYTES, READ_ERRORS, Shard, as_format_error, opened
 
-# Default limit on the decompressed size of one shard (sum of its members).
-DEFAULT_MAX_BYTES = 8 * 2**30
-# Decompressed bytes read ahead of the writer (besides the unit it is on): the writer takes
-# data in bursts (a chunk of values and one of indices at a time), faster than one thread
-# inflates it.  With ``executor=``, ``workers - 1`` whole shards ahead at least.
-DEFAULT_LOOKAHEAD_BYTES = 16 * 2**20
-# Bytes of values per unit a streamed CSR shard is inflated in; a member up to this size is
-# inflated by one read.
-DEFAULT_UNIT_BYTES = 4 * 2**20
 # Bytes of values per block cut from a unit for the writer (views): about half a default
 # chunk, above the quarter chunk below which the writer joins blocks by copying.
 DEFAULT_PIECE_BYTES = 2 * 2**20
-# indptr entries inflated at a time while looking for a unit's end.
-_PTR_WINDOW = 2**16
 _SCIPY_FORMATS = ("csr", "csc", "coo", "bsr", "dia")
-# What a damaged shard makes numpy, scipy or zipfile raise.
-_READ_ERRORS = (ValueError, TypeError, IndexError, KeyError, OSError, EOFError,
-                zipfile.BadZipFile, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -98,114 +83,7 @@ class ShardInfo:
     nbytes: int = 0  # decompressed size (sum of the members' declared sizes)
 
 
-Header = tuple[tuple[int, ...], np.dtype]  # an .npy member's shape and dtype
-
-
-# ------------------------------------------------------------------ opening, with checks
-
-def _not_a_zip(path: str, head: bytes) -> SparseStoreError:
-    """The error for a shard that is not a zip archive, saying what it is."""
-    if head[:1] == b"\x80":
-        return UnsafeInputError(
-            f"{path} is a Python pickle, not an .npz file; pickled data is never loaded"
-        )
-    if head[:6] == b"\x93NUMPY":
-        return FormatError(f"{path} is a .npy file, not an .npz archive; use format='npy'")
-    return FormatError(f"{path} is not a valid .npz file (not a zip archive, or truncated)")
-
-
-def check_declared_bytes(path: str, nbytes: int, max_bytes: int, what: str) -> None:
-    """Refuse a source whose headers declare more than ``max_bytes`` of decompressed data
-    (``what`` says which part declares it), before anything is inflated or allocated: a
-    small file can declare petabytes of zeros."""
-    if nbytes > max_bytes:
-        raise UnsafeInputError(
-            f"{path} would decompress to more than {max_bytes} bytes ({what}); refusing a "
-            "possible decompression bomb. Raise max_bytes= (--max-bytes) if the file is "
-            "trusted"
-        )
-
-
-def check_zip_sizes(path: str, zf: zipfile.ZipFile, max_bytes: int) -> int:
-    """Refuse a shard whose members would decompress to more than ``max_bytes`` in total."""
-    total = 0
-    for info in zf.infolist():
-        total += int(info.file_size)
-        check_declared_bytes(path, total, max_bytes,
-                             f"member {info.filename!r} declares {info.file_size}")
-    return total
-
-
-def _npy_header(f: Any, path: str, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """``(shape, fortran_order, dtype)`` from an ``.npy`` header at ``f``'s position, read
-    by numpy's own ``np.lib.format`` readers; object dtypes (which would need unpickling)
-    are refused."""
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    if dtype.hasobject:
-        raise UnsafeInputError(
-            f"{path}: array {name!r} holds Python objects (it would need unpickling); "
-            "refusing it. Save numeric arrays only"
-        )
-    return shape, fortran, dtype
-
-
-def _member_header(path: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Header:
-    """Shape and dtype of one ``.npy`` member from its header alone, which must describe
-    exactly the size its zip entry declares (so loading it allocates no more)."""
-    name = info.filename[: -len(".npy")]
-    with zf.open(info) as f:
-        shape, _fortran, dtype = _npy_header(f, path, name)
-        data = info.file_size - f.tell()
-    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
-    if data != need:
-        raise FormatError(
-            f"{path}: array {name!r} holds {data} bytes of data, its header needs {need}"
-        )
-    return tuple(int(s) for s in shape), dtype
-
-
-class _Shard:
-    """An open shard: numpy's ``NpzFile`` of it and its file.  A member's ``.npy`` header is
-    checked (see :func:`_member_header`) before the member is loaded."""
-
-    def __init__(self, path: str, npz: Any, file: Any, nbytes: int) -> None:
-        self.path, self.npz, self.file, self.zip = path, npz, file, npz.zip
-        self.nbytes = nbytes  # decompressed size (sum of the members' declared sizes)
-        self.members = [n[: -len(".npy")] for n in self.zip.namelist() if n.endswith(".npy")]
-        self._headers: dict[str, Header] = {}
-
-    def header(self, name: str) -> Header:
-        if name not in self._headers:
-            try:
-                info = self.zip.getinfo(name + ".npy")
-            except KeyError:
-                raise FormatError(f"{self.path} has no array named {name!r}") from None
-            self._headers[name] = _member_header(self.path, self.zip, info)
-        return self._headers[name]
-
-    def array(self, name: str) -> np.ndarray:
-        """A whole member, read by ``np.load`` once its header is checked, in native byte
-        order (scipy refuses big-endian arrays)."""
-        self.header(name)
-        return native(self.npz[name])
-
-
-@contextlib.contextmanager
-def _opened(path: str, max_bytes: int) -> Iterator[_Shard]:
-    """The shard opened by ``np.load(allow_pickle=False)``, its zip directory's sizes
-    checked: nothing is inflated before."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):  # what np.load takes for a zip
-            raise _not_a_zip(path, head)
-        f.seek(0)
-        with np.load(f, allow_pickle=False) as npz:
-            yield _Shard(path, npz, f, check_zip_sizes(path, npz.zip, max_bytes))
-
+# ------------------------------------------------------------------ what a shard holds
 
 def _kind(path: str, members: list[str], opts: NpzOptions) -> str:
     have = set(members)
@@ -229,7 +107,7 @@ def _kind(path: str, members: list[str], opts: NpzOptions) -> str:
     )
 
 
-def _scipy_format(shard: _Shard) -> str:
+def _scipy_format(shard: Shard) -> str:
     fmt = shard.array("format")
     fmt = fmt.item().decode() if fmt.dtype.kind == "S" else str(fmt.item())
     if fmt not in _SCIPY_FORMATS:
@@ -237,7 +115,7 @@ def _scipy_format(shard: _Shard) -> str:
     return fmt
 
 
-def _shape_member(shard: _Shard, opts: NpzOptions) -> tuple[int, int]:
+def _shape_member(shard: Shard, opts: NpzOptions) -> tuple[int, int]:
     name = opts.name("shape")
     shape = shard.array(name)
     if shape.shape != (2,) or shape.dtype.kind not in "iu" or int(shape.min()) < 0:
@@ -250,7 +128,7 @@ def _shape_member(shard: _Shard, opts: NpzOptions) -> tuple[int, int]:
 def scan_shard(path: str, opts: NpzOptions) -> ShardInfo:
     """Check a shard's zip directory and array headers: kind, shape, dtype (no data)."""
     try:
-        with _opened(path, opts.max_bytes) as shard:
+        with opened(path, opts.max_bytes) as shard:
             kind = _kind(path, shard.members, opts)
             if kind == "scipy":
                 fmt = _scipy_format(shard)
@@ -282,20 +160,11 @@ def scan_shard(path: str, opts: NpzOptions) -> ShardInfo:
                 labels.append((lab, ldt, lshape[1:]))
     except SparseStoreError:
         raise
-    except _READ_ERRORS as exc:
-        raise _as_format_error(path, exc) from None
+    except READ_ERRORS as exc:
+        raise as_format_error(path, exc) from None
     if dtype.kind not in "biuf":
         raise FormatError(f"{path}: values of dtype {dtype} cannot be stored")
     return ShardInfo(path, kind, shape, np.dtype(dtype), tuple(labels), shard.nbytes)
-
-
-def _as_format_error(path: str, exc: BaseException) -> SparseStoreError:
-    msg = str(exc)
-    if "pickle" in msg.lower():
-        return UnsafeInputError(
-            f"{path} contains pickled objects; refusing to unpickle (allow_pickle=False)"
-        )
-    return FormatError(f"{path} is corrupt or truncated ({type(exc).__name__}: {msg})")
 
 
 def _changed(path: str, shape: tuple[int, ...], expect: tuple[int, ...]) -> FormatError:
@@ -313,15 +182,15 @@ def load_shard(path: str, opts: NpzOptions) -> dict[str, np.ndarray]:
     "shape"}``, plus ``"label:<name>"`` arrays.  Top-level and picklable on purpose.
     """
     try:
-        with _opened(path, opts.max_bytes) as shard:
+        with opened(path, opts.max_bytes) as shard:
             return _load_parts(shard, _kind(path, shard.members, opts), opts)
     except SparseStoreError:
         raise
-    except _READ_ERRORS as exc:
-        raise _as_format_error(path, exc) from None
+    except READ_ERRORS as exc:
+        raise as_format_error(path, exc) from None
 
 
-def _load_parts(shard: _Shard, kind: str, opts: NpzOptions) -> dict[str, np.ndarray]:
+def _load_parts(shard: Shard, kind: str, opts: NpzOptions) -> dict[str, np.ndarray]:
     path = shard.path
     out: dict[str, np.ndarray] = {}
     if kind == "scipy":
@@ -379,95 +248,7 @@ def _csr_parts(m: sp.csr_matrix) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------ CSR shards, streamed
 
-Reserve = Callable[[int], None]
-
-
-def _no_reserve(nbytes: int) -> None:
-    pass
-
-
-class _NpyStream:
-    """One 1-D ``.npy`` member of a shard, read in order, ``n`` values at a time.
-
-    Read through ``ZipFile.open``, which never inflates more than the declared size and
-    checks the CRC-32 when the member's last byte is read.  Reads are few and long (each
-    inflate drops and retakes the GIL, which the writer's thread wants too): a member of at
-    most ``DEFAULT_UNIT_BYTES`` is read whole by its first read of values (the arrays
-    returned view that buffer), a bigger one a read at a time.  The header is read first by
-    a handle of its own; the values' handle reads it again with the first values, so no
-    leftover of a small header read is joined to a unit by a copy.
-    """
-
-    def __init__(self, path: str, zf: zipfile.ZipFile, name: str) -> None:
-        self.path, self.name, self.zf = path, name, zf
-        try:
-            self.info = zf.getinfo(name + ".npy")
-        except KeyError:
-            raise FormatError(f"{path} has no array named {name!r}") from None
-        self.size = int(self.info.file_size)
-        self.f: Any = None  # the values' handle, from the first read of values
-        self.whole: memoryview | None = None  # a member read at once
-        with zf.open(self.info) as f:
-            shape, _fortran, dtype = _npy_header(f, path, name)
-            self.pos = f.tell()  # bytes of the member handed out (or skipped) so far
-        if len(shape) != 1:
-            raise FormatError(f"{path}: array {name!r} must be 1-D, got shape {shape}")
-        self.dtype, self.count, self.done = np.dtype(dtype), int(shape[0]), 0
-        if self.size - self.pos != self.count * self.dtype.itemsize:
-            raise FormatError(
-                f"{path}: array {name!r} holds {self.size - self.pos} bytes of data, "
-                f"its header needs {self.count * self.dtype.itemsize}"
-            )
-        self.at_once = self.size <= DEFAULT_UNIT_BYTES
-
-    def _bytes(self, n: int) -> Any:
-        """The next ``n`` bytes of values, viewing the buffer they were inflated into."""
-        if self.whole is not None:
-            out = self.whole[self.pos : self.pos + n]
-        elif self.f is None:  # the first read: the header again, and the values
-            self.f = self.zf.open(self.info)
-            got = memoryview(self.f.read(self.size if self.at_once else self.pos + n))
-            if self.at_once:
-                self.whole = got
-            out = got[self.pos : self.pos + n]
-        else:
-            out = self.f.read(n)
-        if len(out) != n:
-            raise FormatError(f"{self.path}: member {self.name!r} is truncated")
-        self.pos += n
-        return out
-
-    def read(self, n: int) -> np.ndarray:
-        """The next ``n`` values, in an array of their own (scipy keeps it, no copy)."""
-        if n > self.count - self.done:
-            raise FormatError(
-                f"{self.path}: array {self.name!r} has {self.count} values, more are needed"
-            )
-        out = np.frombuffer(self._bytes(n * self.dtype.itemsize), dtype=self.dtype, count=n)
-        self.done += n
-        return native(out)  # scipy refuses big-endian arrays
-
-    def finish(self) -> None:
-        """Check that every value was read; zipfile checked the size and CRC-32 at the
-        last byte (a member with no values is read for that now)."""
-        try:
-            if self.f is None:
-                self._bytes(0)
-            if self.done != self.count or self.pos != self.size:
-                raise FormatError(
-                    f"{self.path}: member {self.name!r} does not end where its zip entry "
-                    "says"
-                )
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        self.whole = None
-        if self.f is not None:
-            self.f.close()
-
-
-def _streamable(shard: _Shard, kind: str, opts: NpzOptions) -> bool:
+def _streamable(shard: Shard, kind: str, opts: NpzOptions) -> bool:
     """Whether a shard is CSR parts, stored or deflated and not encrypted (others are
     loaded whole)."""
     if kind not in ("scipy", "csr") or (kind == "scipy" and _scipy_format(shard) != "csr"):
@@ -480,80 +261,15 @@ def _streamable(shard: _Shard, kind: str, opts: NpzOptions) -> bool:
     return True
 
 
-def _csr_units(shard: _Shard, opts: NpzOptions, shape: tuple[int, int],
-               unit_nnz: int | None, reserve: Reserve) -> Iterator[tuple[str, Any]]:
-    """A CSR shard's rows as ``("unit", (csr, labels))`` items of about ``unit_nnz``
-    entries (default: ``DEFAULT_UNIT_BYTES`` of values), at least one row each, and at
-    least one unit.  Its three members are inflated in step, so the shard is never whole
-    in memory; ``reserve(nbytes)`` is called before a unit is inflated.  Checked as
-    ``check_format(full_check=True)`` would, unit by unit."""
-    path = shard.path
-    streams: list[_NpyStream] = []
-    try:
-        for role in ("indptr", "indices", "data"):
-            streams.append(_NpyStream(path, shard.zip, opts.name(role)))
-        ptr, ind, dat = streams
-        n_rows, n_cols = shape
-        for s, kinds in ((ptr, "iu"), (ind, "iu"), (dat, "biuf")):
-            if s.dtype.kind not in kinds:
-                raise FormatError(f"{path}: array {s.name!r} has unusable dtype {s.dtype}")
-        if ptr.count != n_rows + 1:
-            raise FormatError(f"{path}: indptr has {ptr.count} entries; {n_rows} rows need "
-                              f"{n_rows + 1}")
-        if ind.count != dat.count:
-            raise FormatError(f"{path}: {ind.count} indices but {dat.count} values")
-        if unit_nnz is None:
-            unit_nnz = max(1024, DEFAULT_UNIT_BYTES // dat.dtype.itemsize)
-        labs = {lab: shard.array(lab) for lab in opts.labels}
-        if int(ptr.read(1)[0]) != 0:
-            raise FormatError(f"{path}: indptr does not start at 0")
-        pending = np.empty(0, dtype=np.int64)  # indptr[row + 1 :], as far as inflated
-        row = lo = 0  # rows and entries handed out so far
-        while True:
-            while (row + pending.size < n_rows and pending.size < _PTR_WINDOW
-                   and (not pending.size or pending[-1] - lo < unit_nnz)):
-                more = ptr.read(min(_PTR_WINDOW, n_rows - row - pending.size))
-                more = more.astype(np.int64)
-                pending = np.concatenate([pending, more]) if pending.size else more
-            k = min(pending.size, int(np.searchsorted(pending, lo + unit_nnz)) + 1)
-            ends = pending[:k]
-            if k and (ends[0] < lo or (k > 1 and bool(np.any(ends[1:] < ends[:-1])))):
-                raise FormatError(f"{path}: indptr is not monotone")
-            hi = int(ends[-1]) if k else lo
-            if hi > ind.count:
-                raise FormatError(f"{path}: indptr points past the {ind.count} stored entries")
-            reserve((k + 1) * 8 + (hi - lo) * (ind.dtype.itemsize + dat.dtype.itemsize))
-            indices, data = ind.read(hi - lo), dat.read(hi - lo)
-            if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= n_cols):
-                raise FormatError(f"{path}: a column index is out of range [0, {n_cols})")
-            local = np.empty(k + 1, dtype=np.int64)
-            local[0] = 0
-            np.subtract(ends, lo, out=local[1:])
-            unit = sp.csr_matrix((data, indices, local), shape=(k, n_cols), copy=False)
-            del data, indices, local
-            yield "unit", (unit, {n: v[row : row + k] for n, v in labs.items()} or None)
-            del unit  # not pinned while the next unit inflates
-            row, lo, pending = row + k, hi, pending[k:]
-            if row >= n_rows:
-                break
-        if lo != ind.count:
-            raise FormatError(f"{path}: indptr ends at {lo} but {ind.count} entries are stored")
-        for s in streams:
-            s.finish()
-    finally:
-        for s in streams:
-            s.close()
-
-
 def shard_items(path: str, opts: NpzOptions, shape: tuple[int, int] | None = None,
-                unit_nnz: int | None = None, reserve: Reserve = _no_reserve
+                unit_nnz: int | None = None, reserve: Reserve = no_reserve
                 ) -> Iterator[tuple[str, Any]]:
     """One shard as ``("unit", (rows, labels))`` items -- a CSR shard streamed in units
-    (see :func:`_csr_units`) -- or, for other kinds, one ``("whole", parts)`` item
+    (see :func:`~.inflate.csr_units`) -- or, for other kinds, one ``("whole", parts)`` item
     (see :func:`load_shard`).  ``shape``: what the shard's headers said when scanned;
     ``reserve(nbytes)`` is called before each item is decompressed."""
     try:
-        with _opened(path, opts.max_bytes) as shard:
+        with opened(path, opts.max_bytes) as shard:
             kind = _kind(path, shard.members, opts)
             if not _streamable(shard, kind, opts):
                 reserve(shard.nbytes)
@@ -562,192 +278,12 @@ def shard_items(path: str, opts: NpzOptions, shape: tuple[int, int] | None = Non
             got = _shape_member(shard, opts)
             if shape is not None and got != tuple(shape):
                 raise _changed(path, got, tuple(shape))
-            yield from _csr_units(shard, opts, got, unit_nnz, reserve)
+            names = (opts.name("indptr"), opts.name("indices"), opts.name("data"))
+            yield from csr_units(shard, names, opts.labels, got, unit_nnz, reserve)
     except SparseStoreError:
         raise
-    except _READ_ERRORS as exc:
-        raise _as_format_error(path, exc) from None
-
-
-# ------------------------------------------------------------------ the background reader
-
-class _Slot:
-    """One shard's items, produced by a worker and not yet taken by the consumer."""
-
-    __slots__ = ("done", "error", "items")
-
-    def __init__(self) -> None:
-        self.items: collections.deque[tuple[Any, int]] = collections.deque()
-        self.done = False
-        self.error: BaseException | None = None
-
-
-class _Closed(Exception):
-    """The reader was closed while a worker waited for room."""
-
-
-Produce = Callable[[int, Reserve], Iterator[Any]]
-
-
-class Reader:
-    """``(shard index, item)`` of ``produce(i, reserve)`` for every shard, in shard order.
-
-    ``workers=1`` produces each shard in the consuming thread when it is asked for: one
-    thread, no overlap, one item at a time.  Otherwise ``workers`` threads take shards in
-    order and produce their items ahead of the consumer, as long as the bytes reserved and
-    not yet taken stay within ``lookahead_bytes``: a worker calls ``reserve(nbytes)`` before
-    decoding an item.  The first ``free`` shards not yet taken may always produce an item
-    when they have none waiting, so an item bigger than the budget cannot stall the
-    consumer.  Memory: the budget, an item per worker at most beyond it, and the item the
-    consumer is on.  Call :meth:`close` (or exhaust it) to stop the workers.
-    """
-
-    def __init__(self, n: int, produce: Produce, *, workers: int,
-                 lookahead_bytes: int = DEFAULT_LOOKAHEAD_BYTES, free: int = 1) -> None:
-        self.n, self.produce = n, produce
-        self.budget, self.free = int(lookahead_bytes), max(1, int(free))
-        lock = threading.Lock()
-        self.cv = threading.Condition(lock)  # the consumer waits on this for items
-        self.room = threading.Condition(lock)  # the workers wait on this for budget
-        self.slots: collections.deque[_Slot] = collections.deque()  # started, in order
-        self.ahead = 0  # bytes reserved by the workers and not yet taken by the consumer
-        self.next = 0  # the next shard to start
-        self.closed = False
-        self.inline: Iterator[Any] | None = None  # workers=1: the current shard's items
-        self.threads = [
-            threading.Thread(target=self._work, name=f"sparsestore-npz-{i}", daemon=True)
-            for i in range(workers if workers > 1 else 0)
-        ]
-        for t in self.threads:
-            t.start()
-
-    # ------------------------------------------------------------- workers
-    def _work(self) -> None:
-        while True:
-            with self.cv:
-                # Start another shard only while the budget has room (or few wait).
-                while (not self.closed and self.next < self.n
-                       and len(self.slots) >= self.free and self.ahead >= self.budget):
-                    self.room.wait()
-                if self.closed or self.next >= self.n:
-                    return
-                i = self.next
-                self.next += 1
-                slot = _Slot()
-                self.slots.append(slot)
-            self._fill(slot, i)
-
-    def _may_exceed(self, slot: _Slot) -> bool:
-        """Whether ``slot`` is among the first ``free`` and has nothing waiting (lock held)."""
-        if slot.items:
-            return False
-        for k, s in enumerate(self.slots):
-            if s is slot:
-                return k < self.free
-        return False
-
-    def _fill(self, slot: _Slot, i: int) -> None:
-        reserved = 0
-
-        def reserve(nbytes: int) -> None:
-            nonlocal reserved
-            with self.cv:
-                while (not self.closed and self.ahead + nbytes > self.budget
-                       and not self._may_exceed(slot)):
-                    self.room.wait()
-                if self.closed:
-                    raise _Closed
-                self.ahead += nbytes
-                reserved += nbytes
-
-        items = self.produce(i, reserve)
-        try:
-            for item in items:
-                with self.cv:
-                    slot.items.append((item, reserved))
-                    reserved = 0
-                    self.cv.notify()
-                del item
-        except _Closed:
-            pass
-        except BaseException as exc:  # handed to the consumer, in order
-            slot.error = exc
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
-            with self.cv:
-                self.ahead -= reserved  # reserved for an item that never came
-                slot.done = True
-                self.cv.notify()
-                self.room.notify_all()
-
-    # ------------------------------------------------------------- consumer
-    def __iter__(self) -> Reader:
-        return self
-
-    def __next__(self) -> tuple[int, Any]:
-        if not self.threads:
-            return self._next_inline()
-        err: BaseException | None = None
-        with self.cv:
-            while not self.closed:
-                if not self.slots:
-                    if self.next >= self.n:
-                        break
-                    self.cv.wait()
-                    continue
-                head = self.slots[0]
-                if head.items:
-                    item, size = head.items.popleft()
-                    self.ahead -= size
-                    self.room.notify_all()
-                    return self.next - len(self.slots), item
-                if head.error is not None:
-                    err = head.error
-                    break
-                if head.done:
-                    self.slots.popleft()
-                    self.room.notify_all()  # a new head may go beyond the budget
-                    continue
-                self.cv.wait()
-        self.close()
-        if err is not None:
-            raise err
-        raise StopIteration
-
-    def _next_inline(self) -> tuple[int, Any]:
-        while not self.closed:
-            if self.inline is None:
-                if self.next >= self.n:
-                    break
-                self.inline = iter(self.produce(self.next, _no_reserve))
-                self.next += 1
-            try:
-                return self.next - 1, next(self.inline)
-            except StopIteration:
-                self.inline = None
-            except BaseException:
-                self.close()
-                raise
-        self.close()
-        raise StopIteration
-
-    def close(self) -> None:
-        """Stop the workers (each finishes the item it is decoding) and drop the rest."""
-        with self.cv:
-            self.closed = True
-            self.slots.clear()
-            self.cv.notify_all()
-            self.room.notify_all()
-        for t in self.threads:
-            if t is not threading.current_thread():
-                t.join()
-        if self.inline is not None:
-            inline, self.inline = self.inline, None
-            close = getattr(inline, "close", None)
-            if close is not None:
-                close()
+    except READ_ERRORS as exc:
+        raise as_format_error(path, exc) from None
 
 
 # ------------------------------------------------------------------ the source
@@ -897,12 +433,8 @@ def from_npz(dst: Any, src: Any, *, key: str | None = None,
 
 
 __all__ = [
-    "DEFAULT_LOOKAHEAD_BYTES",
-    "DEFAULT_MAX_BYTES",
     "NpzOptions",
-    "Reader",
     "ShardInfo",
-    "check_zip_sizes",
     "from_npz",
     "load_shard",
     "npz_source",
