@@ -306,6 +306,23 @@ class SparseStore:
         return self._meta.generation
 
     @property
+    def meta(self) -> Meta:
+        """The committed sparsestore metadata (format, policies, labels, manifest); the
+        writer copies it to make the next commit's, never changes it in place."""
+        return self._meta
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The committed chunk manifest every read is checked against (None: unverified)."""
+        return self._manifest
+
+    @property
+    def committed_attrs(self) -> dict[str, Any]:
+        """The group attrs of the commit this handle serves (what a reopened copy of the
+        handle is pinned to: shape, generation, manifest)."""
+        return self._attrs
+
+    @property
     def verified(self) -> bool:
         """Whether every chunk read is checked against a committed manifest (stores written
         before the manifest existed, and anndata's, are not: see :func:`upgrade`)."""
@@ -549,7 +566,7 @@ class SparseStore:
             raw += (n + 1) * np.dtype(self._indptr.dtype).itemsize
         labels = {}
         for name, lab in self.labels.items():
-            stored += _nbytes_stored(lab._arr)
+            stored += _nbytes_stored(lab.array)
             raw += int(np.prod(lab.shape)) * lab.dtype.itemsize
             labels[name] = {"dtype": str(lab.dtype), "shape": list(lab.shape)}
         cells = n * m

@@ -148,7 +148,7 @@ def _ensure_label_arrays(store: SparseStore, first: Mapping[str, np.ndarray]) ->
 
 def _label_arrays(store: SparseStore) -> dict[str, Any]:
     """The zarr arrays of the store's labels, by name."""
-    return {name: lab._arr for name, lab in store.labels.items()}
+    return {name: lab.array for name, lab in store.labels.items()}
 
 
 def append_blocks(
@@ -662,7 +662,7 @@ def upgrade(
             "data": st.nnz, "indices": st.nnz, "indptr": st.n_rows + 1}
         arrays = {name: st.arrays[name] for name in lengths}
         for name, lab in st.labels.items():
-            arrays[f"{LABELS_GROUP}/{name}"] = lab._arr
+            arrays[f"{LABELS_GROUP}/{name}"] = lab.array
             lengths[f"{LABELS_GROUP}/{name}"] = st.n_rows
         inner = group.store._store if isinstance(group.store, VerifiedStore) else group.store
         absent: list[str] = []
