@@ -438,7 +438,7 @@ def from_dask(
     numpy's cast.
     """
     from .progress import make_bar
-    from .store import write_blocks
+    from .writer import write_blocks
 
     if not isinstance(darr, da.Array):
         raise InvalidInputError(

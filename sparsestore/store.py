@@ -754,15 +754,3 @@ def raise_missing(path: str) -> None:
         f"no store at {path}; check the path or create one with sparsestore.save"
     )
 
-
-# Writing lives in sparsestore.writer (which imports this module); its public functions
-# stay reachable as sparsestore.store.<name>.
-_WRITER_NAMES = ("create", "save", "upgrade", "write_blocks")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WRITER_NAMES:
-        from . import writer
-
-        return getattr(writer, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
