@@ -2,8 +2,10 @@
 
 This module is the read side: :func:`open` checks a store's metadata and arrays
 (:mod:`sparsestore.layout` owns the on-disk rules) and :class:`SparseStore` serves its
-committed rows.  Writing (create, save, write_blocks, append, upgrade) lives in
-:mod:`sparsestore.writer`; :meth:`SparseStore.append` hands its work there.
+committed rows.  Writing lives beside it: an ``"r+"`` handle holds an
+:class:`~sparsestore.appender.Appender` (lock, recovery, commit), which
+:meth:`SparseStore.append` hands its work to; new stores are built by
+:mod:`sparsestore.writer`.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import storage
+from .appender import Appender
 from .buffers import BufferPool
 from .checks import CheckedRows, check_chunk_size, check_column_indices, check_row_pointers
 from .chunks import ChunkCache, ChunkDecoder, read_ranges, read_rows, read_slice
 from .errors import (
     CorruptStoreError,
     InvalidInputError,
-    NeedsUpgradeError,
     NotAStoreError,
     ReadOnlyError,
     SparseStoreError,
@@ -72,8 +74,9 @@ class SparseStore:
         self.path = path
         self.mode = mode
         self.storage_options = storage_options
-        self._lock = lock
         self._load()
+        # The writing half of an "r+" handle: the lock, recovery, the arrays being written.
+        self._appender = Appender(self, lock) if mode == "r+" else None
 
     # ------------------------------------------------------------------ state
     def _load(self, pinned: Mapping[str, Any] | None = None) -> None:
@@ -597,13 +600,17 @@ class SparseStore:
         )
 
     # --------------------------------------------------------------- writing
-    def _check_writable(self) -> None:
-        """Refuse writes to a store opened read-only."""
-        if self.mode == "r":
+    @property
+    def appender(self) -> Appender:
+        """The :class:`~sparsestore.appender.Appender` that writes this handle's rows
+        (internal: :mod:`sparsestore.writer` builds stores through it); a read-only handle
+        has none and raises :class:`~sparsestore.errors.ReadOnlyError`."""
+        if self._appender is None:
             raise ReadOnlyError(
                 f"{self.path} is open read-only; open it with sparsestore.open(path, mode='r+') "
                 "to append"
             )
+        return self._appender
 
     @os_errors("append to")
     def append(
@@ -615,17 +622,15 @@ class SparseStore:
         ``casting="safe"`` takes only dtypes the store's holds by type; ``"same_value"``
         any values it holds exactly (floats may round), ``"unsafe"`` numpy's cast.
         """
-        from .writer import append
-
-        append(self, X, labels, casting=casting)
+        self.appender.append(X, labels, casting=casting)
         return self
 
     # --------------------------------------------------------------- closing
     def close(self) -> None:
         """Release the write lock (a no-op for read-only stores)."""
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        appender = getattr(self, "_appender", None)  # None too if __init__ failed
+        if appender is not None:
+            appender.close()
 
     def __enter__(self) -> SparseStore:
         return self
@@ -706,15 +711,7 @@ def open(
                 f"{p} is an incomplete store (its save was interrupted); delete it and save again"
             )
         if mode == "r+":
-            if not store.verified:
-                raise NeedsUpgradeError(
-                    f"{p} was written without a chunk manifest (by an older sparsestore, or "
-                    f"by anndata); run `sparsestore upgrade {p}` (sparsestore.upgrade) once "
-                    "before appending to it"
-                )
-            from .writer import truncate
-
-            truncate(store, store.n_rows, store.nnz)  # what a killed writer left past the commit
+            store.appender.recover()  # what a killed writer left past the commit
         elif not store.verified:
             _warn_unverified(store)
         return store
