@@ -277,7 +277,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    from .store import upgrade
+    from .writer import upgrade
 
     done = upgrade(args.path, progress=not args.quiet)
     if not done["upgraded"]:

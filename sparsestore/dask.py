@@ -63,7 +63,8 @@ class _Source:
         self.path = store.path
         self.storage_options = store.storage_options
         self.generation = store.generation
-        self.attrs = store._attrs  # the commit it reads, which a reopened store is pinned to
+        # The commit it reads, which a reopened store is pinned to.
+        self.attrs = store.committed_attrs
         self.token = token
         arrays = store.arrays
         self.expect = {k: (str(a.dtype), tuple(a.chunks)) for k, a in arrays.items()}
@@ -438,7 +439,7 @@ def from_dask(
     numpy's cast.
     """
     from .progress import make_bar
-    from .store import write_blocks
+    from .writer import write_blocks
 
     if not isinstance(darr, da.Array):
         raise InvalidInputError(

@@ -38,6 +38,7 @@ from .errors import (
     MissingChunkError,
     StoreChangedError,
 )
+from .storage import current_batch
 from .zarr_compat import (
     OffsetByteRequest,
     RangeByteRequest,
@@ -642,9 +643,16 @@ class VerifiedStore(WrapperStore):
         return None if got is None else got.to_bytes()
 
     async def set(self, key: str, value: Any) -> None:
-        meta = await self._meta_of(key)
-        await self._store.set(key, value)
-        self._record(key, value.as_numpy_array().view(np.uint8), meta)
+        batch = current_batch()
+        if batch is not None and not batch.enter():
+            return  # a failed write's straggler after its rollback began: dropped
+        try:
+            meta = await self._meta_of(key)
+            await self._store.set(key, value)
+            self._record(key, value.as_numpy_array().view(np.uint8), meta)
+        finally:
+            if batch is not None:
+                batch.leave()
 
     async def set_if_not_exists(self, key: str, value: Any) -> None:
         if not await self._store.exists(key):
@@ -660,9 +668,16 @@ class VerifiedStore(WrapperStore):
         self._record(key, value.as_numpy_array().view(np.uint8), meta)
 
     async def delete(self, key: str) -> None:
-        meta = await self._meta_of(key)
-        await self._store.delete(key)
-        self._record(key, None, meta)
+        batch = current_batch()
+        if batch is not None and not batch.enter():
+            return  # as in set()
+        try:
+            meta = await self._meta_of(key)
+            await self._store.delete(key)
+            self._record(key, None, meta)
+        finally:
+            if batch is not None:
+                batch.leave()
 
     def delete_sync(self, key: str) -> None:
         meta = self._meta_of_sync(key)

@@ -27,6 +27,12 @@ class LabelArray:
         self._n = n_rows
 
     @property
+    def array(self) -> Any:
+        """The zarr array behind this label: every stored row, committed or not (for the
+        writer, the validator and chunk-level readers; slice the label itself to read)."""
+        return self._arr
+
+    @property
     def shape(self) -> tuple[int, ...]:
         return (self._n, *self._arr.shape[1:])
 

@@ -9,8 +9,8 @@ until the last step, and deleted on failure.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import contextvars
 import errno
 import os
 import re
@@ -187,30 +187,62 @@ def remove_partials(path: str) -> int:
     return removed
 
 
-def settle(timeout: float = 120.0) -> None:
-    """Wait for the zarr writes still in flight before a rollback.
+class WriteBatch:
+    """The zarr writes one writer call starts, so that its rollback waits for exactly those.
 
     When one chunk write of a zarr call fails, zarr raises at once and leaves the call's
-    other writes running; landing after the rollback, they would take back the space it
-    gave and leave chunks past the commit point.  Waits for the tasks running now only.
+    other writes running (or queued on its concurrency limit); landing after the rollback,
+    they would take back the space it gave and leave chunks past the commit point.  zarr
+    runs a call's writes as tasks that inherit the calling thread's context, so the batch
+    :meth:`open` sets is what every write of those calls sees, and
+    :class:`~sparsestore.integrity.VerifiedStore` (this store's, no other) counts them in and
+    out (:meth:`enter`, :meth:`leave`).  :meth:`settle` closes the batch, drops its writes
+    that have not started yet, and waits for those in flight.
     """
-    try:
-        from zarr.core import sync as zsync
 
-        loop, io_thread = zsync.loop[0], zsync.iothread[0]
-    except (ImportError, AttributeError, IndexError):  # another zarr: nothing to wait for
-        return
-    if loop is None or not loop.is_running() or threading.current_thread() is io_thread:
-        return
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self.closed = False
 
-    async def drain() -> None:
-        me = asyncio.current_task()
-        running = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-        if running:
-            await asyncio.wait(running, timeout=timeout)
+    @contextlib.contextmanager
+    def open(self) -> Iterator[WriteBatch]:
+        """Make the zarr writes started in this block (on this thread) the batch's."""
+        token = _BATCH.set(self)
+        try:
+            yield self
+        finally:
+            _BATCH.reset(token)
 
-    with contextlib.suppress(Exception):
-        asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout + 5)
+    def enter(self) -> bool:
+        """A write of the batch starts; False once the batch is closed (drop it)."""
+        with self._cond:
+            if self.closed:
+                return False
+            self._active += 1
+            return True
+
+    def leave(self) -> None:
+        """A write that :meth:`enter` let through has finished (or failed)."""
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+
+    def settle(self, timeout: float = 120.0) -> None:
+        """Close the batch and wait (up to ``timeout`` seconds) for its writes in flight."""
+        with self._cond:
+            self.closed = True
+            self._cond.wait_for(lambda: self._active <= 0, timeout)
+
+
+_BATCH: contextvars.ContextVar[WriteBatch | None] = contextvars.ContextVar(
+    "sparsestore_write_batch", default=None
+)
+
+
+def current_batch() -> WriteBatch | None:
+    """The :class:`WriteBatch` the running write belongs to, if any."""
+    return _BATCH.get()
 
 
 def shrink(arr: Any, n: int) -> None:

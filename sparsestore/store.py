@@ -2,8 +2,10 @@
 
 This module is the read side: :func:`open` checks a store's metadata and arrays
 (:mod:`sparsestore.layout` owns the on-disk rules) and :class:`SparseStore` serves its
-committed rows.  Writing (create, save, write_blocks, append, upgrade) lives in
-:mod:`sparsestore.writer`; :meth:`SparseStore.append` hands its work there.
+committed rows.  Writing lives beside it: an ``"r+"`` handle holds an
+:class:`~sparsestore.appender.Appender` (lock, recovery, commit), which
+:meth:`SparseStore.append` hands its work to; new stores are built by
+:mod:`sparsestore.writer`.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import storage
+from .appender import Appender
 from .buffers import BufferPool
 from .checks import CheckedRows, check_chunk_size, check_column_indices, check_row_pointers
 from .chunks import ChunkCache, ChunkDecoder, read_ranges, read_rows, read_slice
 from .errors import (
     CorruptStoreError,
     InvalidInputError,
-    NeedsUpgradeError,
     NotAStoreError,
     ReadOnlyError,
     SparseStoreError,
@@ -72,8 +74,9 @@ class SparseStore:
         self.path = path
         self.mode = mode
         self.storage_options = storage_options
-        self._lock = lock
         self._load()
+        # The writing half of an "r+" handle: the lock, recovery, the arrays being written.
+        self._appender = Appender(self, lock) if mode == "r+" else None
 
     # ------------------------------------------------------------------ state
     def _load(self, pinned: Mapping[str, Any] | None = None) -> None:
@@ -304,6 +307,23 @@ class SparseStore:
     def generation(self) -> str:
         """Id of this save of the store (empty for stores written before it existed)."""
         return self._meta.generation
+
+    @property
+    def meta(self) -> Meta:
+        """The committed sparsestore metadata (format, policies, labels, manifest); the
+        writer copies it to make the next commit's, never changes it in place."""
+        return self._meta
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The committed chunk manifest every read is checked against (None: unverified)."""
+        return self._manifest
+
+    @property
+    def committed_attrs(self) -> dict[str, Any]:
+        """The group attrs of the commit this handle serves (what a reopened copy of the
+        handle is pinned to: shape, generation, manifest)."""
+        return self._attrs
 
     @property
     def verified(self) -> bool:
@@ -549,7 +569,7 @@ class SparseStore:
             raw += (n + 1) * np.dtype(self._indptr.dtype).itemsize
         labels = {}
         for name, lab in self.labels.items():
-            stored += _nbytes_stored(lab._arr)
+            stored += _nbytes_stored(lab.array)
             raw += int(np.prod(lab.shape)) * lab.dtype.itemsize
             labels[name] = {"dtype": str(lab.dtype), "shape": list(lab.shape)}
         cells = n * m
@@ -580,13 +600,17 @@ class SparseStore:
         )
 
     # --------------------------------------------------------------- writing
-    def _check_writable(self) -> None:
-        """Refuse writes to a store opened read-only."""
-        if self.mode == "r":
+    @property
+    def appender(self) -> Appender:
+        """The :class:`~sparsestore.appender.Appender` that writes this handle's rows
+        (internal: :mod:`sparsestore.writer` builds stores through it); a read-only handle
+        has none and raises :class:`~sparsestore.errors.ReadOnlyError`."""
+        if self._appender is None:
             raise ReadOnlyError(
                 f"{self.path} is open read-only; open it with sparsestore.open(path, mode='r+') "
                 "to append"
             )
+        return self._appender
 
     @os_errors("append to")
     def append(
@@ -598,17 +622,15 @@ class SparseStore:
         ``casting="safe"`` takes only dtypes the store's holds by type; ``"same_value"``
         any values it holds exactly (floats may round), ``"unsafe"`` numpy's cast.
         """
-        from .writer import append
-
-        append(self, X, labels, casting=casting)
+        self.appender.append(X, labels, casting=casting)
         return self
 
     # --------------------------------------------------------------- closing
     def close(self) -> None:
         """Release the write lock (a no-op for read-only stores)."""
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        appender = getattr(self, "_appender", None)  # None too if __init__ failed
+        if appender is not None:
+            appender.close()
 
     def __enter__(self) -> SparseStore:
         return self
@@ -689,15 +711,7 @@ def open(
                 f"{p} is an incomplete store (its save was interrupted); delete it and save again"
             )
         if mode == "r+":
-            if not store.verified:
-                raise NeedsUpgradeError(
-                    f"{p} was written without a chunk manifest (by an older sparsestore, or "
-                    f"by anndata); run `sparsestore upgrade {p}` (sparsestore.upgrade) once "
-                    "before appending to it"
-                )
-            from .writer import truncate
-
-            truncate(store, store.n_rows, store.nnz)  # what a killed writer left past the commit
+            store.appender.recover()  # what a killed writer left past the commit
         elif not store.verified:
             _warn_unverified(store)
         return store
@@ -737,15 +751,3 @@ def raise_missing(path: str) -> None:
         f"no store at {path}; check the path or create one with sparsestore.save"
     )
 
-
-# Writing lives in sparsestore.writer (which imports this module); its public functions
-# stay reachable as sparsestore.store.<name>.
-_WRITER_NAMES = ("create", "save", "upgrade", "write_blocks")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WRITER_NAMES:
-        from . import writer
-
-        return getattr(writer, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -208,12 +208,12 @@ def validate_store(
             "moved or replaced chunk cannot be told from a valid one; run `sparsestore "
             f"upgrade {path}` to add one"
         )
-    if not st._meta.complete:
+    if not st.meta.complete:
         report.add("the store is incomplete: its save was interrupted; delete it and save again")
     if enc == "csr_matrix" and attrs.get("encoding-version") != "0.1.0":
         report.add(f"encoding-version is {attrs.get('encoding-version')!r}, expected '0.1.0'")
 
-    labels = {name: lab._arr for name, lab in st.labels.items()}
+    labels = {name: lab.array for name, lab in st.labels.items()}
     if not deep:
         return report
 
@@ -283,7 +283,7 @@ def _deep_csr(st: Any, report: ValidationReport, bar: _Progress) -> None:
     ptr_c = _Chunks(arrs["indptr"], "indptr", report, bar)
     data_c = _Chunks(arrs["data"], "data", report, bar)
     ind_c = _Chunks(arrs["indices"], "indices", report, bar)
-    keep_zeros = st._meta.keep_zeros or META_KEY not in dict(st.group.attrs)
+    keep_zeros = st.meta.keep_zeros or META_KEY not in dict(st.group.attrs)
     reported = {"order": 0, "range": 0, "zero": 0}
     block = _BLOCK_CHUNKS * max(data_c.chunk, ind_c.chunk)
 

@@ -88,6 +88,16 @@ def chunk_key(arr: Any, prefix: str, k: int) -> str:
     return prefix + arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
 
 
+def key_exists(store: Any, key: str) -> bool:
+    """Whether ``key`` is stored, asked of the storage under any wrapper store (such as
+    :class:`~sparsestore.integrity.VerifiedStore`), from synchronous code."""
+    from zarr.core.sync import sync
+
+    while isinstance(store, WrapperStore):
+        store = store._store
+    return bool(sync(store.exists(key)))
+
+
 def fetch(store: Any, key: str, pool: BufferPool | None) -> np.ndarray | None:
     """A chunk's stored bytes (checked against the manifest), or None when not covered."""
     read_chunk = getattr(store, "read_chunk", None)
@@ -264,6 +274,7 @@ __all__ = [
     "OffsetByteRequest", "Plan", "RangeByteRequest", "SHARD_EMPTY", "ShardPlan",
     "SuffixByteRequest", "WrapperStore", "ZarrCompatError", "blosc_codec", "blosc_decompress",
     "blosc_sizes", "buffer_class", "chunk_key", "default_buffer_prototype", "direct_plan",
-    "fetch", "fetch_range", "fetch_suffix", "is_checksum_failure", "le32", "shard_plan",
+    "fetch", "fetch_range", "fetch_suffix", "is_checksum_failure", "key_exists", "le32",
+    "shard_plan",
     "store_bytes",
 ]

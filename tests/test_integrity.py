@@ -145,7 +145,7 @@ def test_flip_in_label_chunk(pristine, tmp_path, label):
     flip(victim)
     store = sparsestore.open(path)
     lab = store.labels[label]
-    c = int(lab._arr.chunks[0])
+    c = int(lab.array.chunks[0])
     inside = k * c + 3
     pattern = rf"array 'labels/{label}', chunk {k}\b"
     for read in (

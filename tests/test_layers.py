@@ -8,11 +8,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIVATE = ("zarr.core", "zarr.storage._")
-# Known exceptions, each to move behind zarr_compat; listed so that the list stays true.
-KNOWN = {
-    "sparsestore/storage.py": {"zarr.core"},
-    "sparsestore/writer.py": {"zarr.core.sync"},
-}
 
 
 def private_zarr_imports(source: str) -> set[str]:
@@ -35,7 +30,7 @@ def test_zarr_internals_only_in_zarr_compat():
         names = private_zarr_imports(path.read_text())
         if names:
             found[rel] = names
-    assert found == KNOWN
+    assert found == {}
 
 
 def test_the_scan_sees_nested_and_from_imports():

@@ -278,7 +278,7 @@ def test_sequential_pass_decodes_each_chunk_once(small_store):
         assert dec["data"] == n_chunks and dec["indices"] == -(-X.nnz // store.arrays[
             "indices"].chunks[0])
         assert dec["indptr"] == 1
-        assert dec["labels/y"] == -(-X.shape[0] // store.labels["y"]._arr.chunks[0]) == 2
+        assert dec["labels/y"] == -(-X.shape[0] // store.labels["y"].array.chunks[0]) == 2
 
 
 def test_sequential_blocks_hold_a_fixed_byte_size_whatever_the_chunks(tmp_path, monkeypatch):

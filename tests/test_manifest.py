@@ -388,7 +388,7 @@ def test_failed_append_then_append_again(tmp_path, monkeypatch, sparse, killed):
     """A failed append rolls back; a killed one (no rollback) leaves its chunks for the next
     writer to cut, rewriting the last partly filled chunks.  Either way the next append
     commits the tags of what is on disk, and everything reads back exactly."""
-    from sparsestore import writer
+    from sparsestore.appender import Appender
     from sparsestore.store import SparseStore
 
     path = tmp_path / "f.zarr"
@@ -404,10 +404,10 @@ def test_failed_append_then_append_again(tmp_path, monkeypatch, sparse, killed):
 
     with monkeypatch.context() as m:
         if killed:  # as if the process died: nothing cleans up
-            m.setattr(writer, "truncate", lambda *a, **k: None)
+            m.setattr(Appender, "truncate", lambda *a, **k: None)
             m.setattr(SparseStore, "_load", lambda *a, **k: None)
         with pytest.raises(RuntimeError, match="source failed"):
-            writer.append_blocks(w, blocks())
+            w.appender.append_blocks(blocks())
     w.close()
     with sparsestore.open(path, mode="r+") as again:  # a fresh writer cuts the tail first
         again.append(src[1500:], labels={"y": y[1500:]})

@@ -441,3 +441,27 @@ def test_zstd_compressor(tmp_path, small_csr):
     store = sparsestore.save(tmp_path / "s", small_csr, compressor="zstd", clevel=3)
     assert store.arrays["data"].compressors[0].cname.value == "zstd"
     assert_csr_equal(store[:], small_csr)
+
+
+def test_a_rollback_waits_for_its_own_writes_and_drops_their_stragglers(tmp_path):
+    """zarr leaves a failed call's other writes running: the rollback settles that call's
+    WriteBatch, after which a write of it that had not started yet is dropped, while
+    writes of no batch (the rollback's own, another store's) go through."""
+    import asyncio
+    import contextvars
+
+    from sparsestore import storage
+    from sparsestore.zarr_compat import buffer_class, key_exists
+
+    vs = storage.zarr_store(str(tmp_path / "x"), read_only=False)
+    buf = buffer_class().from_bytes(b"chunk")
+    batch = storage.WriteBatch()
+    with batch.open():
+        failed_call = contextvars.copy_context()  # what zarr's tasks for the call inherit
+    failed_call.run(asyncio.run, vs.set("early", buf))
+    batch.settle(timeout=5)
+    failed_call.run(asyncio.run, vs.set("straggler", buf))
+    asyncio.run(vs.set("rollback", buf))
+    assert storage.current_batch() is None
+    assert [key_exists(vs, k) for k in ("early", "straggler", "rollback")] == [
+        True, False, True]

@@ -187,7 +187,7 @@ def write_source(
     ``casting``: how block values are cast to ``dtype`` (see :func:`write_blocks`).
     """
     from ..layout import Layout
-    from ..store import write_blocks
+    from ..writer import write_blocks
 
     dt = np.dtype(source.dtype if dtype is None else dtype)
     # The store writes data/indices/indptr in whole chunks whatever the block sizes, so
