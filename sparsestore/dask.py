@@ -90,9 +90,9 @@ class _Source:
             if got is not None:
                 _OPEN.move_to_end(key)
         if got is None or got.arr.shape[0] < need:
-            from .store import _reopen
+            from .store import reopen_at
 
-            st = _reopen(self.path, self.storage_options, self.attrs)
+            st = reopen_at(self.path, self.storage_options, self.attrs)
             if st.generation != self.generation:
                 raise StoreChangedError(
                     f"{self.path} was replaced by another store since this dask array was "

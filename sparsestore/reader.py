@@ -210,7 +210,7 @@ class BlockReader:
             )
         self._labels = [store.labels[n] for n in self.label_names]
         self.label_caches = [
-            SharedChunkCache(lab._arr, _meta_capacity(lab._arr), f"labels/{lab.name}", self.pool)
+            SharedChunkCache(lab.array, _meta_capacity(lab.array), f"labels/{lab.name}", self.pool)
             for lab in self._labels
         ]
 

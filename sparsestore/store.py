@@ -648,7 +648,7 @@ class SparseStore:
         # Pickle by reference: workers reopen the store from its path (read-only) at the
         # commit this handle sees (its attrs: shape, generation, manifest), as this handle
         # would read it: later appends are not seen, a replaced or restored store raises.
-        return (_reopen, (self.path, self.storage_options, self._attrs))
+        return (reopen_at, (self.path, self.storage_options, self._attrs))
 
 
 
@@ -736,10 +736,10 @@ def _warn_unverified(store: SparseStore) -> None:
     )
 
 
-def _reopen(
+def reopen_at(
     path: str, storage_options: dict[str, Any] | None, attrs: Mapping[str, Any]
 ) -> SparseStore:
-    """Unpickle a handle: open ``path`` read-only at the commit described by ``attrs``."""
+    """Open ``path`` read-only at the commit described by ``attrs`` (how handles unpickle)."""
     store = open(path, "r", storage_options)
     store._load(pinned=attrs)
     return store
