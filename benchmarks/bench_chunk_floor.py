@@ -102,11 +102,19 @@ def main(argv: list[str] | None = None) -> None:
             sparsestore.save(path, X, overwrite=True, **kw)
             for r in measure(path):
                 results.append({"layout": layout, **r})
+    record = {"command": reproduce_command("benchmarks chunk_floor", p, args, ["rows"]),
+              "machine": machine_info(), "args": vars(args), "results": results}
+    save_results(record, markdown(record), args.out, "chunk_floor")
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The page for a ``chunk_floor.json`` record."""
+    results, rows = record["results"], record["args"]["rows"]
     base = {r["array"]: r for r in results if r["layout"] == next(iter(LAYOUTS))}
     lines = [
         "# Decode cost per chunk size: sparsestore's decoder against the codec floor", "",
-        f"Reproduce: `{reproduce_command('benchmarks chunk_floor', p, args, ['rows'])}`", "",
-        f"{machine_info()['cpu']}; synthetic {args.rows:,} x 30,000, 100 nnz/row; one "
+        f"Reproduce: `{record['command']}`", "",
+        f"{record['machine']['cpu']}; synthetic {rows:,} x 30,000, 100 nnz/row; one "
         "thread, CPU time, best of 7, ms per 8 MiB decoded.  `floor`: CRC32C + Blosc on "
         "bytes in memory; `decoder`: `ChunkDecoder` (read, manifest check, CRC32C, Blosc).", "",
         "| layout | array | chunks | decoder ms | x default | floor ms | x default |"
@@ -122,8 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['decoder_ms_per_8MiB'] / b['decoder_ms_per_8MiB']:.2f} | "
             f"{r['floor_ms_per_8MiB']:.2f} | "
             f"{r['floor_ms_per_8MiB'] / b['floor_ms_per_8MiB']:.2f} | {per_chunk:.0f} |")
-    save_results({"machine": machine_info(), "args": vars(args), "results": results},
-                 "\n".join(lines) + "\n", args.out, "chunk_floor")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
