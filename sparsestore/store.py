@@ -35,7 +35,7 @@ from .errors import (
     UnverifiedStoreWarning,
 )
 from .indexing import normalize_rows, split_key
-from .integrity import Manifest, VerifiedStore, went_back
+from .integrity import Manifest, went_back
 from .labels import LabelArray, Labels
 from .layout import (
     DENSE_ARRAY,
@@ -51,6 +51,7 @@ from .layout import (
     read_meta,
 )
 from .oserrors import os_errors
+from .verified import VerifiedStore
 
 
 class SparseStore:
