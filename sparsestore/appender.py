@@ -36,7 +36,7 @@ from .canonical import (
 )
 from .chunks import ChunkEncoder
 from .errors import InvalidInputError, NeedsUpgradeError, ShapeMismatchError
-from .integrity import Manifest, build_manifest, new_generation
+from .integrity import Manifest, new_generation
 from .labels import Labels, check_append_labels
 from .layout import (
     DENSE_ARRAY,
@@ -48,6 +48,7 @@ from .layout import (
     check_dim,
     check_matrix_dtype,
 )
+from .verified import build_manifest
 
 # The labels of one row block (name -> rows), or None for a store without labels.
 LabelBlock = Mapping[str, np.ndarray] | None

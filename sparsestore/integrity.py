@@ -7,12 +7,11 @@ CRC32C when the codec chain ends in one, else the CRC32C of the whole object), t
 of the committed prefix of a partly filled last object, a fingerprint of the array's
 metadata, and a generation id that changes whenever a store is saved anew.
 
-:class:`VerifiedStore` wraps the zarr store of every opened store: each chunk read is
-checked against the manifest (absent -> :class:`MissingChunkError`, another tag ->
-:class:`MisplacedChunkError`, another generation or an earlier commit on disk ->
-:class:`StoreChangedError`),
-and each chunk write records its tag for the next commit.  A tag is the object's last 4
-bytes, so the check costs no extra pass over the data.
+This module is the manifest itself and its arithmetic: tags, fingerprints, whether one
+commit can follow another, binding it to the opened arrays.  It touches no storage;
+:class:`~sparsestore.verified.VerifiedStore` checks reads and records writes against it
+(a tag is the object's last 4 bytes, so the check costs no extra pass over the data), and
+:func:`~sparsestore.verified.build_manifest` makes the next commit's.
 """
 
 from __future__ import annotations
@@ -20,36 +19,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import google_crc32c
 import numcodecs.blosc
 import numpy as np
 
-from .errors import (
-    ChecksumError,
-    CorruptStoreError,
-    MisplacedChunkError,
-    MissingChunkError,
-    StoreChangedError,
-)
-from .storage import current_batch
-from .zarr_compat import (
-    OffsetByteRequest,
-    RangeByteRequest,
-    SuffixByteRequest,
-    WrapperStore,
-    chunk_key,
-    default_buffer_prototype,
-)
+from .errors import CorruptStoreError, StoreChangedError
 
-if TYPE_CHECKING:
-    from .buffers import BufferPool
 
 def new_generation() -> str:
     """A fresh id for a newly saved store."""
@@ -63,7 +43,7 @@ def crc32c(raw: Any) -> int:
     return google_crc32c.value(raw) & 0xFFFFFFFF
 
 
-def _trailer(raw: np.ndarray) -> int:
+def trailing_tag(raw: np.ndarray) -> int:
     return int.from_bytes(raw[-4:].tobytes(), "little") if raw.size >= 4 else -1
 
 
@@ -98,7 +78,7 @@ def trailer_tagged(meta: Mapping[str, Any]) -> bool:
     return bool(codecs) and codecs[-1].get("name") == "crc32c"
 
 
-_EMPTY = 2**64 - 1  # a shard index's offset for an inner chunk that was not stored
+EMPTY_OFFSET = 2**64 - 1  # a shard index's offset for an inner chunk that was not stored
 
 
 def per_object(meta: Mapping[str, Any]) -> int:
@@ -120,11 +100,11 @@ def inner_tags(raw: np.ndarray, per: int, trailer: bool) -> list[int | None]:
     index = np.frombuffer(raw[-size:-4].tobytes(), "<u8").reshape(per, 2)
     out: list[int | None] = []
     for off, n in index.tolist():
-        if off == _EMPTY or off + n > raw.size - size or n < 4:
+        if off == EMPTY_OFFSET or off + n > raw.size - size or n < 4:
             out.append(None)
         else:
             piece = raw[off : off + n]
-            out.append(_trailer(piece) if trailer else crc32c(piece))
+            out.append(trailing_tag(piece) if trailer else crc32c(piece))
     return out
 
 
@@ -276,7 +256,7 @@ def decode_object(raw: np.ndarray, steps: tuple[str, ...]) -> bytes | None:
     """A whole stored chunk's decoded bytes for a plain chain, or None if undecodable."""
     for step in steps:
         if step == "crc32c":
-            if raw.size < 4 or crc32c(raw[:-4]) != _trailer(raw):
+            if raw.size < 4 or crc32c(raw[:-4]) != trailing_tag(raw):
                 return None
             raw = raw[:-4]
         else:
@@ -287,411 +267,6 @@ def decode_object(raw: np.ndarray, steps: tuple[str, ...]) -> bytes | None:
     return raw.tobytes()
 
 
-def _as_np(buf: Any) -> np.ndarray | None:
-    return None if buf is None else buf.as_numpy_array().view(np.uint8)
-
-
-class VerifiedStore(WrapperStore):
-    """A zarr store that checks every chunk read against the committed manifest and
-    records the tag of every chunk written (see the module docstring)."""
-
-    def __init__(self, store: Any, prefix: str = "") -> None:
-        super().__init__(store)
-        self.manifest: Manifest | None = None
-        self.prefix = prefix  # path of the matrix group inside the store
-        self.label = str(getattr(store, "root", store))
-        self.written: dict[str, dict[int, int | None]] = {}
-        self._kinds: dict[str, tuple[bool, int]] = {}  # array -> (trailer tag, per object)
-        self._offsets: dict[str, dict[int, int]] = {}  # shard key -> inner chunk by offset
-
-    def _with_store(self, store: Any) -> VerifiedStore:
-        out = type(self)(store, self.prefix)
-        out.manifest, out.label, out.prefix = self.manifest, self.label, self.prefix
-        return out
-
-    # ------------------------------------------------------------ manifest
-    def install(self, manifest: Manifest | None, prefix: str = "") -> None:
-        """Check reads against ``manifest`` from now on.  Tags recorded for writes stay:
-        they describe the bytes on disk until the commit that publishes them."""
-        self.manifest, self.prefix = manifest, (prefix + "/" if prefix else "")
-
-    @property
-    def supports_sync(self) -> bool:
-        return callable(getattr(self._store, "get_sync", None))
-
-    @property
-    def root(self) -> Path | None:
-        root = getattr(self._store, "root", None)
-        return root if isinstance(root, Path) else None
-
-    def _ref(self, key: str) -> tuple[str, ArrayManifest, int] | None:
-        """(array, its manifest, object index) for a chunk key the manifest covers."""
-        if self.manifest is None or not key.startswith(self.prefix):
-            return None
-        parts = split_chunk_key(key[len(self.prefix):])
-        if parts is None:
-            return None
-        name, k, _ = parts
-        am = self.manifest.arrays.get(name)
-        if am is None or k * am.per_object >= am.tags.size:
-            return None
-        return name, am, k
-
-    def _verdict(self, am: ArrayManifest, k: int, raw: np.ndarray | None, whole: bool) -> str:
-        """"ok", "missing" or "misplaced" for chunk ``k``'s bytes."""
-        if raw is None:
-            return "missing"
-        if am.trailer:
-            tag = _trailer(raw)
-        elif whole:
-            tag = crc32c(raw)
-        else:
-            return "ok"  # a part of an object without a trailing tag: nothing to compare
-        if tag == int(am.tags[k]):
-            return "ok"
-        if whole and k == am.tags.size - 1 and am.tail is not None and am.steps is not None:
-            # An append since this handle opened rewrote the last, partly filled chunk: its
-            # committed rows must be the same bytes.
-            dec = decode_object(raw, am.steps)
-            n = (am.length - k * am.chunk) * am.row_bytes
-            if dec is not None and len(dec) >= n and crc32c(dec[:n]) == am.tail:
-                return "ok"
-        return "misplaced"
-
-    def _failure(self, key: str, am: ArrayManifest, s: int, raw: np.ndarray | None,
-                 byte_range: Any) -> tuple[str, int, np.ndarray | None] | None:
-        """The first failing (verdict, chunk, its bytes) of a read of object ``s``, or None.
-
-        A shard is read as its index (a suffix), then inner chunks (ranges): the index says
-        which inner chunk a range is, and each is checked against its own tag.  An index
-        naming the same bytes twice is misplaced; a range that no index read here names is
-        "unknown" (the caller reads the index afresh, see :meth:`_after_index`).
-        """
-        if am.per_object == 1:
-            if isinstance(byte_range, (RangeByteRequest, OffsetByteRequest)):
-                return None if raw is not None else ("missing", s, None)
-            verdict = self._verdict(am, s, raw, byte_range is None)
-            return None if verdict == "ok" else (verdict, s, raw)
-        per, first = am.per_object, s * am.per_object
-        if raw is None:
-            return "missing", first, None
-        if byte_range is None:
-            for i, tag in enumerate(inner_tags(raw, per, am.trailer)):
-                k = first + i
-                if k < am.tags.size and tag != int(am.tags[k]):
-                    return ("missing" if tag is None else "misplaced"), k, None
-            return None
-        if isinstance(byte_range, SuffixByteRequest):
-            size = per * 16 + 4
-            if raw.size < size:
-                return "misplaced", first, None
-            index = np.frombuffer(raw[-size:-4].tobytes(), "<u8").reshape(per, 2).tolist()
-            if len(self._offsets) > 4096:
-                self._offsets.clear()
-            entries: dict[int, tuple[int, int]] = {}
-            self._offsets[key] = entries
-            for i, (off, n) in enumerate(index):
-                if off == _EMPTY:
-                    if first + i < am.tags.size:
-                        return "missing", first + i, None
-                    continue
-                if off in entries:
-                    # Two inner chunks name the same bytes: at most one of them is its own.
-                    j = entries[off][0]
-                    if first + j < am.tags.size:
-                        return "misplaced", first + j, None
-                entries[off] = (i, off + n)
-            return None
-        if isinstance(byte_range, RangeByteRequest):
-            # The range is checked against the tag of the inner chunk whose index entry
-            # names exactly these bytes; a range no entry names fails closed.
-            entry = self._offsets.get(key, {}).get(byte_range.start)
-            if entry is None or entry[1] != byte_range.end:
-                return "unknown", first, None
-            i = entry[0]
-            if first + i >= am.tags.size:
-                return None
-            verdict = self._verdict(am, first + i, raw, True)
-            return None if verdict == "ok" else (verdict, first + i, raw)
-        return None
-
-    @staticmethod
-    def _index_request(am: ArrayManifest) -> Any:
-        """The read of a shard's index (at its end: an index and its CRC32C)."""
-        return SuffixByteRequest(am.per_object * 16 + 4)
-
-    def _after_index(self, key: str, am: ArrayManifest, s: int, index: np.ndarray | None,
-                     raw: np.ndarray | None, byte_range: Any
-                     ) -> tuple[str, int, np.ndarray | None] | None:
-        """Check a range read again once the shard's index has been read afresh (the one
-        it came from was not known here); a range the index does not name is misplaced."""
-        bad = self._failure(key, am, s, index, self._index_request(am))
-        if bad is None:
-            bad = self._failure(key, am, s, raw, byte_range)
-        if bad is not None and bad[0] == "unknown":
-            return "misplaced", bad[1], None
-        return bad
-
-    def check_sync(self, key: str, raw: np.ndarray | None, byte_range: Any = None) -> None:
-        """Check a chunk read synchronously (raises on failure)."""
-        ref = self._ref(key)
-        if ref is None:
-            return
-        name, am, s = ref
-        bad = self._failure(key, am, s, raw, byte_range)
-        if bad is not None and bad[0] == "unknown":
-            index = self._store.get_sync(key, byte_range=self._index_request(am))
-            bad = self._after_index(key, am, s, _as_np(index), raw, byte_range)
-        if bad is not None:
-            root = self._store.get_sync(self._root_key()) if self.supports_sync else None
-            self._recheck(name, am, bad[1], bad[2], bad[0],
-                          None if root is None else root.to_bytes())
-
-    async def _check(self, key: str, buf: Any, byte_range: Any) -> None:
-        ref = self._ref(key)
-        if ref is None:
-            return
-        name, am, s = ref
-        raw = _as_np(buf)
-        bad = self._failure(key, am, s, raw, byte_range)
-        if bad is not None and bad[0] == "unknown":
-            index = await self._store.get(key, default_buffer_prototype(),
-                                          self._index_request(am))
-            bad = self._after_index(key, am, s, _as_np(index), raw, byte_range)
-        if bad is not None:
-            root = await self._store.get(self._root_key(), default_buffer_prototype())
-            self._recheck(name, am, bad[1], bad[2], bad[0],
-                          None if root is None else root.to_bytes())
-
-    def _root_key(self) -> str:
-        return self.prefix + "zarr.json"
-
-    def _recheck(self, name: str, am: ArrayManifest, k: int, raw: np.ndarray | None,
-                 verdict: str, root_json: bytes | None) -> None:
-        """Raise the error for a failed check, after looking at what is committed now."""
-        current = _manifest_in(root_json)
-        if current is not None and self.manifest is not None:
-            if current.generation != self.manifest.generation:
-                raise StoreChangedError(
-                    f"{self.label} was replaced by another store since it was opened here; "
-                    "open it again (sparsestore.open) to read the new one"
-                )
-            if not current.follows(self.manifest):
-                raise went_back(self.label, "it was opened here")
-            now = current.arrays.get(name)
-            if (raw is not None and now is not None and k >= am.full and k < now.tags.size
-                    and am.trailer and _trailer(raw) == int(now.tags[k])):
-                return  # the partly filled object, rewritten by a committed append
-        lo = k * am.chunk
-        where = f"chunk {k} of array {name!r} (rows/elements {lo}:{min(lo + am.chunk, am.length)})"
-        if raw is not None and am.trailer and (raw.size < 4 or crc32c(raw[:-4]) != _trailer(raw)):
-            raise ChecksumError(  # not even self-consistent: damaged, not misplaced
-                f"checksum mismatch in array {name!r}, chunk {k} (elements {lo}:"
-                f"{min(lo + am.chunk, am.length)}): the chunk is damaged on disk; restore the "
-                "store from a copy"
-            )
-        if verdict == "missing":
-            raise MissingChunkError(
-                f"{self.label}: {where} is missing from storage; the store is damaged: restore "
-                "it from a copy (`sparsestore validate` lists every missing chunk)"
-            )
-        raise MisplacedChunkError(
-            f"{self.label}: {where} holds a chunk that was not committed at that position (it "
-            "was moved, copied from another store, or changed outside sparsestore); restore "
-            "the store from a copy"
-        )
-
-    # ---------------------------------------------------------------- reads
-    async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
-        prototype = prototype or default_buffer_prototype()
-        buf = await self._store.get(key, prototype, byte_range)
-        await self._check(key, buf, byte_range)
-        return buf
-
-    async def get_partial_values(self, prototype: Any, key_ranges: Iterable[Any]) -> list[Any]:
-        key_ranges = list(key_ranges)
-        out = await self._store.get_partial_values(prototype, key_ranges)
-        for (key, byte_range), buf in zip(key_ranges, out, strict=True):
-            await self._check(key, buf, byte_range)
-        return out
-
-    async def _get_many(self, requests: Iterable[Any]) -> Any:
-        for key, prototype, byte_range in requests:
-            yield key, await self.get(key, prototype, byte_range)
-
-    def get_sync(self, key: str, *, prototype: Any = None, byte_range: Any = None) -> Any:
-        buf = self._store.get_sync(key, prototype=prototype, byte_range=byte_range)
-        self.check_sync(key, _as_np(buf), byte_range)
-        return buf
-
-    def read_chunk(self, key: str, pool: BufferPool | None = None) -> np.ndarray | None:
-        """A whole stored object's bytes, checked; on local disk read into ``pool`` memory.
-
-        None only for objects the manifest does not cover (never-written chunks of stores
-        without a manifest, or beyond the committed rows): those read as the fill value.
-        """
-        root = self.root
-        raw: np.ndarray | None
-        if pool is not None and root is not None:
-            try:
-                with open(root / key, "rb", buffering=0) as f:
-                    size = f.seek(0, 2)
-                    f.seek(0)
-                    buf = pool.take(size, np.uint8)
-                    raw = buf[: f.readinto(buf)]
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-                raw = None
-        else:
-            raw = _as_np(self._store.get_sync(key))
-        self.check_sync(key, raw)
-        return raw
-
-    def _pread(self, key: str, start: int | None, stop: int,
-               pool: BufferPool | None, into: np.ndarray | None = None) -> np.ndarray | None:
-        """Bytes ``[start, stop)`` of an object on local disk (its last ``stop`` bytes when
-        ``start`` is None) by one ``preadv`` into ``into`` (when it is large enough) or
-        ``pool`` memory; None when the object is absent."""
-        try:
-            fd = os.open(self._local + key, os.O_RDONLY)  # type: ignore[operator]
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return None
-        try:
-            if start is None:
-                size = os.fstat(fd).st_size
-                start, stop = max(0, size - stop), size
-            n = max(0, stop - start)
-            if into is not None and into.size >= n:
-                buf = into
-            else:
-                buf = np.empty(n, np.uint8) if pool is None else pool.take(n, np.uint8)
-            got = os.preadv(fd, [buf[:n]], start) if n else 0
-            return buf[:got]
-        finally:
-            os.close(fd)
-
-    @property
-    def _local(self) -> str | None:
-        """The local root as a path prefix ("/root/"), None when the store is not local."""
-        root = self.root
-        return None if root is None else str(root) + os.sep
-
-    def read_suffix(self, key: str, n: int) -> np.ndarray | None:
-        """The last ``n`` bytes of an object (a shard's index), checked as a shard index
-        read; None only for objects the manifest does not cover."""
-        if self._local is not None:
-            raw = self._pread(key, None, n, None)
-        else:
-            raw = _as_np(self._store.get_sync(key, byte_range=SuffixByteRequest(n)))
-        self.check_sync(key, raw, SuffixByteRequest(n))
-        return raw
-
-    def read_range(self, key: str, start: int, stop: int, pool: BufferPool | None = None,
-                   into: np.ndarray | None = None) -> np.ndarray | None:
-        """Bytes ``[start, stop)`` of an object (an inner chunk of a shard), checked against
-        the tag of the inner chunk the shard's index (read here) names there; on local disk
-        read into ``into`` (if large enough) or ``pool`` memory."""
-        request = RangeByteRequest(start, stop)
-        if self._local is not None:
-            raw = self._pread(key, start, stop, pool, into)
-        else:
-            raw = _as_np(self._store.get_sync(key, byte_range=request))
-        self.check_sync(key, raw, request)
-        return raw
-
-    # --------------------------------------------------------------- writes
-    def _record(self, key: str, raw: np.ndarray | None, meta_json: bytes | None) -> None:
-        """Remember the tag(s) of a stored (or deleted, ``raw`` None) object."""
-        if not key.startswith(self.prefix):
-            return
-        parts = split_chunk_key(key[len(self.prefix):])
-        if parts is None:
-            return
-        name, s, _ = parts
-        kind = self._kinds.get(name)
-        if kind is None:
-            if not meta_json:  # an array without metadata: nothing can be read from it
-                self.written.pop(name, None)
-                return
-            meta = json.loads(meta_json)
-            kind = self._kinds[name] = (trailer_tagged(meta), per_object(meta))
-        trailer, per = kind
-        written = self.written.setdefault(name, {})
-        if per == 1:
-            written[s] = None if raw is None else (_trailer(raw) if trailer else crc32c(raw))
-        else:
-            tags = [None] * per if raw is None else inner_tags(raw, per, trailer)
-            for i, tag in enumerate(tags):
-                written[s * per + i] = tag
-
-    def _meta_key(self, key: str) -> str | None:
-        if not key.startswith(self.prefix):
-            return None
-        parts = split_chunk_key(key[len(self.prefix):])
-        if parts is None or parts[0] in self._kinds:
-            return None
-        return self.prefix + parts[0] + "/zarr.json"
-
-    async def _meta_of(self, key: str) -> bytes | None:
-        """The array's zarr.json, when this key's array is not known yet."""
-        mk = self._meta_key(key)
-        got = None if mk is None else await self._store.get(mk, default_buffer_prototype())
-        return None if got is None else got.to_bytes()
-
-    def _meta_of_sync(self, key: str) -> bytes | None:
-        mk = self._meta_key(key)
-        got = None if mk is None else self._store.get_sync(mk)
-        return None if got is None else got.to_bytes()
-
-    async def set(self, key: str, value: Any) -> None:
-        batch = current_batch()
-        if batch is not None and not batch.enter():
-            return  # a failed write's straggler after its rollback began: dropped
-        try:
-            meta = await self._meta_of(key)
-            await self._store.set(key, value)
-            self._record(key, value.as_numpy_array().view(np.uint8), meta)
-        finally:
-            if batch is not None:
-                batch.leave()
-
-    async def set_if_not_exists(self, key: str, value: Any) -> None:
-        if not await self._store.exists(key):
-            await self.set(key, value)
-
-    async def _set_many(self, values: Iterable[tuple[str, Any]]) -> None:
-        for key, value in values:
-            await self.set(key, value)
-
-    def set_sync(self, key: str, value: Any) -> None:
-        meta = self._meta_of_sync(key)
-        self._store.set_sync(key, value)
-        self._record(key, value.as_numpy_array().view(np.uint8), meta)
-
-    async def delete(self, key: str) -> None:
-        batch = current_batch()
-        if batch is not None and not batch.enter():
-            return  # as in set()
-        try:
-            meta = await self._meta_of(key)
-            await self._store.delete(key)
-            self._record(key, None, meta)
-        finally:
-            if batch is not None:
-                batch.leave()
-
-    def delete_sync(self, key: str) -> None:
-        meta = self._meta_of_sync(key)
-        self._store.delete_sync(key)
-        self._record(key, None, meta)
-
-    async def delete_dir(self, prefix: str) -> None:
-        await self._store.delete_dir(prefix)
-        name = prefix[len(self.prefix):].rstrip("/") if prefix.startswith(self.prefix) else None
-        if name is not None:
-            self.written.pop(name, None)
-            self._kinds.pop(name, None)
-
-
 def went_back(label: str, since: str) -> StoreChangedError:
     """The error for a store whose committed rows on disk are older than a handle's."""
     return StoreChangedError(
@@ -699,73 +274,3 @@ def went_back(label: str, since: str) -> StoreChangedError:
         f"backup or an older copy) since {since}, so rows this handle holds are gone or "
         "different; open it again (sparsestore.open) to read what it holds now"
     )
-
-
-def _manifest_in(root_json: bytes | None) -> Manifest | None:
-    """The manifest committed in a group's zarr.json bytes, if readable."""
-    if not root_json:
-        return None
-    try:
-        attrs = json.loads(root_json).get("attributes") or {}
-        return Manifest.from_json(attrs["sparsestore"]["manifest"], "")
-    except Exception:  # unreadable or absent: no second opinion to offer
-        return None
-
-
-# ------------------------------------------------------------------ commit side
-
-def build_manifest(
-    arrays: Mapping[str, tuple[Any, int]],
-    store: VerifiedStore,
-    *,
-    generation: str,
-    n_cols: int,
-    old: Manifest | None,
-    scan: bool = False,
-) -> Manifest:
-    """The manifest of the rows about to be committed.
-
-    ``arrays``: name -> (zarr array, committed rows).  Each object's tag comes from this
-    writer's own writes, else from the previous commit; ``scan`` (upgrading a store that
-    has no manifest yet) reads the tags of the objects already stored.  An object that
-    committed rows need but nobody wrote is an error: nothing may be committed over a hole.
-    """
-    import zarr
-
-    out: dict[str, ArrayManifest] = {}
-    for name, (arr, length) in arrays.items():
-        meta = array_meta(arr)
-        step, per = int(arr.chunks[0]), per_object(meta)
-        trailer = trailer_tagged(meta)
-        scanned: dict[int, list[int | None]] = {}
-        n = 0 if any(int(d) == 0 for d in arr.shape[1:]) else n_objects(length, step)
-        written = store.written.get(name, {})
-        prev = old.arrays.get(name) if old is not None else None
-        tags = np.empty(n, np.uint32)
-        for k in range(n):
-            if k in written:
-                tag = written[k]
-            elif prev is not None and k < prev.tags.size:
-                tag = int(prev.tags[k])
-            elif scan:
-                s = k // per
-                if s not in scanned:
-                    raw = _as_np(store._store.get_sync(chunk_key(arr, f"{arr.path}/", s)))
-                    scanned = {s: [None] * per if raw is None else inner_tags(raw, per, trailer)
-                               if per > 1 else [_trailer(raw) if trailer else crc32c(raw)]}
-                tag = scanned[s][k % per]
-            else:
-                tag = None
-            if tag is None:
-                raise CorruptStoreError(
-                    f"{store.label}: chunk {k} of array {name!r} holds committed rows but was "
-                    "not written; the write is not committed"
-                )
-            tags[k] = tag
-        tail = None
-        if n and length % step:
-            raw_arr = zarr.open_array(store=store._store, path=store.prefix + name, mode="r")
-            lo = (n - 1) * step
-            tail = crc32c(np.ascontiguousarray(raw_arr[lo:length]).view(np.uint8).reshape(-1))
-        out[name] = ArrayManifest(step, length, tags, tail, fingerprint(meta), trailer, per)
-    return Manifest(generation, n_cols, out)

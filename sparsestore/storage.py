@@ -58,8 +58,8 @@ def normalize(path: str | os.PathLike[str]) -> str:
 
 def zarr_store(path: str, *, read_only: bool, storage_options: dict[str, Any] | None = None):
     """The zarr store object for a normalised path or URL, checking chunks against the
-    store's manifest once one is installed (:class:`~sparsestore.integrity.VerifiedStore`)."""
-    from .integrity import VerifiedStore
+    store's manifest once one is installed (:class:`~sparsestore.verified.VerifiedStore`)."""
+    from .verified import VerifiedStore
 
     if is_remote(path):
         inner = FsspecStore.from_url(
@@ -195,7 +195,7 @@ class WriteBatch:
     they would take back the space it gave and leave chunks past the commit point.  zarr
     runs a call's writes as tasks that inherit the calling thread's context, so the batch
     :meth:`open` sets is what every write of those calls sees, and
-    :class:`~sparsestore.integrity.VerifiedStore` (this store's, no other) counts them in and
+    :class:`~sparsestore.verified.VerifiedStore` (this store's, no other) counts them in and
     out (:meth:`enter`, :meth:`leave`).  :meth:`settle` closes the batch, drops its writes
     that have not started yet, and waits for those in flight.
     """

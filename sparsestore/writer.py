@@ -21,7 +21,7 @@ from .appender import LabelBlock, as_input, slice_labels, writable
 from .blocks import matrix_shape, row_blocks
 from .canonical import check_casting, check_nan_policy
 from .errors import CorruptStoreError, InvalidInputError, NotAStoreError, UnverifiedStoreWarning
-from .integrity import build_manifest, new_generation
+from .integrity import new_generation
 from .labels import check_labels
 from .layout import (
     CSR_ENCODING,
@@ -38,6 +38,7 @@ from .layout import (
 from .oserrors import os_errors
 from .store import SparseStore, open
 from .validate import validate_store
+from .verified import build_manifest
 from .zarr_compat import chunk_key, key_exists
 
 # ------------------------------------------------------------------ new stores

@@ -8,7 +8,7 @@ header layout, and the sharding codec's configuration and index layout (inner ch
 read by range: :func:`shard_plan`).  :data:`SUPPORTED` says whether the installed zarr is
 in the range these were checked against (pyproject's pin); outside it :func:`direct_plan`
 and :func:`shard_plan` give None and zarr does all the work.
-:class:`~sparsestore.integrity.VerifiedStore` wraps stores with the classes re-exported here.
+:class:`~sparsestore.verified.VerifiedStore` wraps stores with the classes re-exported here.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def chunk_key(arr: Any, prefix: str, k: int) -> str:
 
 def key_exists(store: Any, key: str) -> bool:
     """Whether ``key`` is stored, asked of the storage under any wrapper store (such as
-    :class:`~sparsestore.integrity.VerifiedStore`), from synchronous code."""
+    :class:`~sparsestore.verified.VerifiedStore`), from synchronous code."""
     from zarr.core.sync import sync
 
     while isinstance(store, WrapperStore):

@@ -19,7 +19,7 @@ import sparsestore
 from sparsestore.buffers import BufferPool
 from sparsestore.chunks import ChunkCache, ChunkDecoder, read_ranges
 from sparsestore.errors import ChecksumError, MisplacedChunkError, MissingChunkError
-from sparsestore.integrity import VerifiedStore
+from sparsestore.verified import VerifiedStore
 
 
 def _matrix(n: int, m: int, density: float, seed: int) -> sp.csr_matrix:
