@@ -275,7 +275,7 @@ class ChunkDecoder:
 
     In a sharded array a chunk is an inner chunk of a shard: the shard's index is read
     once (checked against its CRC32C and, through
-    :class:`~sparsestore.integrity.VerifiedStore`, the manifest) and kept in a small LRU,
+    :class:`~sparsestore.verified.VerifiedStore`, the manifest) and kept in a small LRU,
     then each inner chunk is one range read, checked against its own tag.  zarr instead
     reads the index again before every inner chunk it fetches.  Anything else (other
     codecs, remote stores) goes through zarr; either way each call decodes exactly one
