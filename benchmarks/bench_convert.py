@@ -1,7 +1,7 @@
 """Convert: many ``.npz`` shards into one store, with 1 vs 2 workers, and its peak memory.
 
 The suite's cases ``convert_w1``/``convert_w2`` use the setup's shards.  Run this module for
-issue 4's criterion: 64 shards totalling >= 20M nnz convert >= 1.6x faster with 2 workers
+the criterion: 64 shards totalling >= 20M nnz convert >= 1.6x faster with 2 workers
 than with 1, and peak RSS growth stays below 3x one shard's decompressed size::
 
     python -m benchmarks.bench_convert --reps 11 --wait 600

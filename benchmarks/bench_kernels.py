@@ -1,5 +1,5 @@
 """The host COO build per batch: ``sparsestore.kernels.coo_into`` (numba) against its numpy
-fallback, on one thread and split over two (issue 17: work per batch that scales with cores).
+fallback, on one thread and split over two (work per batch that scales with cores).
 
 Batches of 1024 rows of the synthetic ~100 nnz/row matrix, in memory (no decode): each
 path writes every batch's ``(row, column)`` int64 coordinates into a reused buffer; the two

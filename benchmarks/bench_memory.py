@@ -115,7 +115,7 @@ def run(sizes: list[int], passes: int, every: int, modes: list[str],
 def markdown(record: dict[str, Any]) -> str:
     m, r = record["machine"], record["result"]
     lines = [
-        "# RSS over many passes, at two matrix sizes (issue 17: RSS flatness)",
+        "# RSS over many passes, at two matrix sizes: is RSS flat?",
         "",
         f"Reproduce: `{record['command']}`",
         "",

@@ -1,4 +1,4 @@
-"""TensorFlow ratios measured three ways (issue 17, measurement part; issue 3's ratios).
+"""TensorFlow ratios measured three ways.
 
 sparsestore's ``to_dataset`` (sequential and shuffled loaders) against the idiom
 ``tf.data.Dataset.from_tensor_slices(SparseTensor).batch(1024)`` on the same matrix, each
@@ -19,7 +19,7 @@ Also: the 1 -> 2 core scaling of the stream and of the idiom (in-graph pass; eve
 of the process pinned with ``sched_setaffinity`` to ``{0}`` vs ``{0, 1}``, alternating in the
 same run) and the stream's CPU time per non-zero (``time.process_time``, all threads).
 
-Two matrices: ``dense100`` (200k x 30k, ~100 nnz/row, issue 3's matrix) and ``sparse2``
+Two matrices: ``dense100`` (200k x 30k, ~100 nnz/row, the suite's matrix) and ``sparse2``
 (~2 nnz/row, 500k rows: per-row costs dominate)::
 
     python -m benchmarks.bench_tf_compare [--quick | --tiny] [--rounds N] [--work DIR]
@@ -246,7 +246,7 @@ def _section(intro: str, *columns: str) -> list[str]:
 def markdown(record: dict[str, Any]) -> str:
     m = record["machine"]
     lines = [
-        "# TensorFlow ratios: eager loop, in-graph loop, Keras epoch (issue 17)",
+        "# TensorFlow ratios: eager loop, in-graph loop, Keras epoch",
         "",
         f"Reproduce: `{record['command']}`",
         "",

@@ -1,4 +1,4 @@
-"""Where an in-graph ``to_dataset`` pass spends its CPU, stage by stage (issue 17's bound).
+"""Where an in-graph ``to_dataset`` pass spends its CPU, stage by stage (the bound).
 
 One sequential pass over the synthetic ~100 nnz/row matrix (batch 1024), consumed in graph
 (``ds.reduce`` summing the values), with parts of the pipeline replaced by data already in
@@ -157,7 +157,7 @@ def markdown(record: dict[str, Any]) -> str:
     m, r = record["machine"], record["result"]
     cores = list(r["wall_ms"])
     lines = [
-        "# Where an in-graph `to_dataset` pass spends its CPU (issue 17)",
+        "# Where an in-graph `to_dataset` pass spends its CPU",
         "",
         f"Reproduce: `{record['command']}`",
         "",

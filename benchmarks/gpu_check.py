@@ -1,4 +1,4 @@
-"""Can ``to_dataset`` feed a GPU?  A short check (issue 17; under 3 minutes).
+"""Can ``to_dataset`` feed a GPU?  A short check (under 3 minutes).
 
 Where TensorFlow sees a GPU, on a synthetic store (~100 nnz/row, float32, labels ``y``):
 

@@ -12,13 +12,13 @@ from typing import Any
 from .common import MiB
 
 TARGETS_DOC = {
-    "read": "issue 2: full read of the store >= 5x faster than load_npz of the compressed npz",
-    "tf_slices": "issue 3: to SparseTensor from disk (sequential) >= 1.2x "
+    "read": "full read of the store >= 5x faster than load_npz of the compressed npz",
+    "tf_slices": "to SparseTensor from disk (sequential) >= 1.2x "
                  "from_tensor_slices(SparseTensor).batch in memory",
-    "tf_gen": "issue 3: ... >= 2.5x a from_generator building COO from scipy in memory",
-    "keras": "issue 3: Keras epoch streaming from disk <= 1.1x the same batches cached in memory",
-    "shuffle": "issue 3: shuffled / sequential throughput >= 0.8",
-    "rss": "issue 3: peak RSS growth streaming a 4x larger matrix within 10% of the smaller",
+    "tf_gen": "... >= 2.5x a from_generator building COO from scipy in memory",
+    "keras": "Keras epoch streaming from disk <= 1.1x the same batches cached in memory",
+    "shuffle": "shuffled / sequential throughput >= 0.8",
+    "rss": "peak RSS growth streaming a 4x larger matrix within 10% of the smaller",
     "convert": "convert of the .npz shards: 2 workers >= 1.6x faster than 1",
     "dask_scipy": "dask column sums from disk >= 0.5x scipy in memory",
     "dask_anndata": "dask column sums >= 3x anndata's lazy dask path",

@@ -1,6 +1,6 @@
 """Run the benchmark suite: ``python -m benchmarks suite [--quick|--tiny] [--out DIR]``.
 
-The setup writes one reference matrix (issue 3: 200k x 30k, ~100 nnz/row, float32 for the
+The setup writes one reference matrix (200k x 30k, ~100 nnz/row, float32 for the
 default size) in every form the cases read -- a sparsestore store, an uncompressed .npz
 for in-memory baselines, compressed .npz row shards, anndata's zarr and HDF5 encodings --
 plus the scaling stores (x1, x4, x16 rows).  Then every case runs, by default each in a
