@@ -70,6 +70,8 @@ REGISTRY: dict[str, Bench] = {
                          "floor", ("--rows", "20000")),
     "gpu": Bench("gpu_check", "can to_dataset feed a GPU (no GPU visible: says so)",
                  ("--rows", "20000", "--rounds", "1"), out=False),
+    "s3_latency": Bench("bench_s3_latency", "S3 passes at 0/10/30 ms per request vs local disk",
+                        ("--rows", "20000")),
     "reliability": Bench("reliability_report", "faults and hostile input, reliability.md",
                          ("--quick",)),
 }

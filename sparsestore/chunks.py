@@ -23,6 +23,7 @@ import numpy as np
 from . import zarr_compat as zc
 from .buffers import BufferPool
 from .errors import ChecksumError, CorruptStoreError, SparseStoreError
+from .fetch import RemoteReads
 
 
 def range_positions(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -277,10 +278,13 @@ class ChunkDecoder:
     once (checked against its CRC32C and, through
     :class:`~sparsestore.verified.VerifiedStore`, the manifest) and kept in a small LRU,
     then each inner chunk is one range read, checked against its own tag.  zarr instead
-    reads the index again before every inner chunk it fetches.  Anything else (other
-    codecs, remote stores) goes through zarr; either way each call decodes exactly one
-    storage chunk and damage raises :class:`ChecksumError` / :class:`CorruptStoreError`
-    naming the chunk.
+    reads the index again before every inner chunk it fetches.  On object storage the
+    bytes come through :class:`~sparsestore.fetch.RemoteReads` (:attr:`remote`), which can
+    fetch the chunks a caller is about to decode ahead, many at once
+    (:func:`~sparsestore.fetch.prefetch_chunks`, with :meth:`chunk_requests`).  Anything
+    else (other codecs) goes through zarr; either way each call decodes exactly one storage
+    chunk and damage raises :class:`ChecksumError` / :class:`CorruptStoreError` naming the
+    chunk.
     """
 
     #: Shard indexes kept per decoder (each ``16 * inner chunks per shard`` bytes).
@@ -305,6 +309,59 @@ class ChunkDecoder:
     def is_direct(self) -> bool:
         """Whether chunks are decoded here (True) or through zarr's codec pipeline."""
         return self.direct is not None or self.sharded is not None
+
+    @property
+    def remote(self) -> Any:
+        """The :class:`~sparsestore.fetch.RemoteReads` chunks are read through (object
+        storage), None for stores read synchronously or chunks zarr decodes."""
+        plan = self.direct if self.direct is not None else self.sharded
+        store = None if plan is None else plan[0]
+        return store if isinstance(store, RemoteReads) else None
+
+    def missing_indexes(self, ks: Any) -> list[int]:
+        """Shards holding chunks ``ks`` whose index is not kept here yet (sharded only)."""
+        if self.sharded is None:
+            return []
+        per = self.sharded.per
+        return sorted({int(k) // per for k in ks} - set(self._indexes))
+
+    def index_requests(self, shards: Any) -> list[tuple[tuple[str, int, None], int]]:
+        """The reads of shards' indexes, as :meth:`~sparsestore.fetch.RemoteReads.prefetch`
+        takes them."""
+        plan = self.sharded
+        assert plan is not None
+        n = plan.index_bytes
+        return [((zc.chunk_key(self.arr, plan.prefix, int(s)), -n, None), n) for s in shards]
+
+    def load_index(self, s: int) -> None:
+        """Read and keep shard ``s``'s index (a prefetched one is taken)."""
+        assert self.sharded is not None
+        self._index(int(s), zc.chunk_key(self.arr, self.sharded.prefix, int(s)), False)
+
+    def chunk_requests(self, ks: Any) -> list[tuple[tuple[str, int | None, int | None], int]]:
+        """The reads decoding chunks ``ks`` makes, with their expected sizes, as
+        :meth:`~sparsestore.fetch.RemoteReads.prefetch` takes them: whole objects, or inner
+        chunks of shards whose index is kept here (others are left to the decode)."""
+        want = self.chunk * self.dtype.itemsize * max(1, int(np.prod(self.tail)))
+        out: list[tuple[tuple[str, int | None, int | None], int]] = []
+        if self.direct is not None:
+            prefix = self.direct[1]
+            for k in ks:
+                out.append(((zc.chunk_key(self.arr, prefix, int(k)), None, None), want))
+            return out
+        plan = self.sharded
+        if plan is None:
+            return out
+        for k in ks:
+            s, i = divmod(int(k), plan.per)
+            index = self._indexes.get(s)
+            if index is None:
+                continue
+            off, nbytes = (int(v) for v in index[i])
+            if off == zc.SHARD_EMPTY or nbytes > want + 1024:
+                continue
+            out.append(((zc.chunk_key(self.arr, plan.prefix, s), off, off + nbytes), nbytes))
+        return out
 
     def bounds(self, k: int) -> tuple[int, int]:
         """Elements ``[lo, hi)`` chunk ``k`` holds."""

@@ -35,6 +35,7 @@ from .buffers import BufferPool
 from .checks import check_row_pointers
 from .chunks import SharedChunkCache, read_rows
 from .errors import InvalidInputError
+from .fetch import prefetch_unit
 from .indexing import normalize_rows
 from .sampler import UnitSpec
 
@@ -286,16 +287,22 @@ class BlockReader:
                 c_ind.read_to(lo, hi, indices[o : o + hi - lo], st.nnz)
                 st.check_indices(indices[o : o + hi - lo], q, first)
 
-        ex = self._span_ex
-        if ex is None or len(work) < 2:
-            fill(range(len(work)))
-        else:
-            groups = np.array_split(np.arange(len(work)), self.num_workers)
-            futs = [ex.submit(fill, range(int(g[0]), int(g[-1]) + 1))
-                    for g in groups[1:] if g.size]
-            fill(range(int(groups[0][0]), int(groups[0][-1]) + 1))
-            for f in futs:
-                f.result()
+        # On object storage, every chunk the unit needs is requested at once (none locally).
+        ahead = prefetch_unit((c_val, c_ind), [(int(q[0]), int(q[-1])) for _, q in work])
+        try:
+            ex = self._span_ex
+            if ex is None or len(work) < 2:
+                fill(range(len(work)))
+            else:
+                groups = np.array_split(np.arange(len(work)), self.num_workers)
+                futs = [ex.submit(fill, range(int(g[0]), int(g[-1]) + 1))
+                        for g in groups[1:] if g.size]
+                fill(range(int(groups[0][0]), int(groups[0][-1]) + 1))
+                for f in futs:
+                    f.result()
+        finally:
+            if ahead is not None:
+                ahead.release()
         csr = sp.csr_matrix((values, indices, ptr), shape=(ptr.size - 1, st.n_cols))
         return csr, labels
 

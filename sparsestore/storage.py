@@ -56,6 +56,34 @@ def normalize(path: str | os.PathLike[str]) -> str:
     return str(Path(_strip_file_url(p)).expanduser().absolute())
 
 
+#: fsspec options sparsestore sets for a protocol unless the caller's ``storage_options``
+#: say otherwise.  s3fs reads a whole object (``cat_file`` without a range, how zarr reads
+#: every chunk and metadata document) by first asking its size with a HEAD request whenever
+#: ``max_concurrency`` > 1 (its default, 10), so that an object over its block size (50 MB)
+#: can be fetched in parallel parts.  Chunks are far smaller than that, so the HEAD only
+#: doubled the round trips per chunk; with 1 each read is a single GET.  (The option also
+#: bounds parallel parts of one multipart upload; a chunk is one part.)  botocore keeps
+#: 10 connections per client by default, which would cap the requests sparsestore keeps in
+#: flight (:mod:`sparsestore.fetch`) at 10; ``config_kwargs`` entries are merged one by one.
+REMOTE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "s3": {"max_concurrency": 1, "config_kwargs": {"max_pool_connections": 64}},
+    "s3a": {"max_concurrency": 1, "config_kwargs": {"max_pool_connections": 64}},
+}
+
+
+def remote_options(path: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` over :data:`REMOTE_DEFAULTS` for ``path``'s protocol: what the
+    caller passes always wins (``config_kwargs`` key by key)."""
+    protocol = path.split("://", 1)[0].lower() if "://" in path else ""
+    defaults = REMOTE_DEFAULTS.get(protocol, {})
+    user = dict(storage_options or {})
+    out = {**defaults, **user}
+    if isinstance(defaults.get("config_kwargs"), dict) and isinstance(
+            user.get("config_kwargs", {}), dict):
+        out["config_kwargs"] = {**defaults["config_kwargs"], **user.get("config_kwargs", {})}
+    return out
+
+
 def zarr_store(path: str, *, read_only: bool, storage_options: dict[str, Any] | None = None):
     """The zarr store object for a normalised path or URL, checking chunks against the
     store's manifest once one is installed (:class:`~sparsestore.verified.VerifiedStore`)."""
@@ -63,7 +91,7 @@ def zarr_store(path: str, *, read_only: bool, storage_options: dict[str, Any] | 
 
     if is_remote(path):
         inner = FsspecStore.from_url(
-            path, storage_options=storage_options or {}, read_only=read_only
+            path, storage_options=remote_options(path, storage_options), read_only=read_only
         )
     else:
         inner = LocalStore(path, read_only=read_only)
@@ -73,7 +101,7 @@ def zarr_store(path: str, *, read_only: bool, storage_options: dict[str, Any] | 
 def _fs(path: str, storage_options: dict[str, Any] | None):
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(path, **remote_options(path, storage_options))
     return fs, root
 
 
@@ -81,7 +109,9 @@ def exists(path: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether anything (file, directory, object prefix) is at ``path``."""
     if is_remote(path):
         fs, root = _fs(path, storage_options)
-        return bool(fs.exists(root)) or bool(fs.exists(root + "/zarr.json"))
+        # A store's own document first: one request where a store is (opening one), the
+        # prefix (a HEAD, then a listing) only where none is.
+        return bool(fs.exists(root + "/zarr.json")) or bool(fs.exists(root))
     return os.path.lexists(path)
 
 
@@ -331,8 +361,14 @@ def open_group(path: str, *, mode: str, storage_options: dict[str, Any] | None =
     group's attrs written at a commit then drop that copy instead of keeping it stale.
     """
     store = zarr_store(path, read_only=(mode == "r"), storage_options=storage_options)
+    zmode = "r" if mode == "r" else "r+"
     try:
-        return zarr.open_group(store=store, mode="r" if mode == "r" else "r+",
-                               use_consolidated=False)
+        if is_remote(path):
+            # zarr probes for a v2 group (.zgroup, .zattrs, .zmetadata) beside zarr.json when
+            # no format is named: three more requests per open of a remote v3 store.
+            with contextlib.suppress(FileNotFoundError):
+                return zarr.open_group(store=store, mode=zmode, use_consolidated=False,
+                                       zarr_format=3)
+        return zarr.open_group(store=store, mode=zmode, use_consolidated=False)
     except FileNotFoundError as exc:
         raise StoreNotFoundError(f"no store at {path}") from exc

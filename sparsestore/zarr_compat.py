@@ -143,11 +143,34 @@ def _decode_steps(codecs: list[Any], dtype: Any) -> tuple[str, ...] | None:
     return tuple(steps)
 
 
+def run_sync(coro: Any) -> Any:
+    """Run a coroutine on zarr's event loop and wait for its result (from any thread but
+    that loop's)."""
+    from zarr.core.sync import sync
+
+    return sync(coro)
+
+
+def run_async(coro: Any) -> Any:
+    """Start a coroutine on zarr's event loop; a ``concurrent.futures.Future`` of it."""
+    import asyncio
+
+    from zarr.core.sync import _get_loop
+
+    return asyncio.run_coroutine_threadsafe(coro, _get_loop())
+
+
 def _sync_store(arr: Any) -> tuple[Any, str] | None:
-    """``(store, key prefix)`` when the array's store reads synchronously, else None."""
+    """``(store, key prefix)`` to read the array's chunks from synchronously: its store
+    when that reads synchronously (local disk), else a
+    :class:`~sparsestore.fetch.RemoteReads` over it (object storage), or None."""
     store = arr.store_path.store
     if not getattr(store, "supports_sync", callable(getattr(store, "get_sync", None))):
-        return None
+        from .fetch import remote_reads
+
+        store = remote_reads(store)
+        if store is None:
+            return None
     prefix = arr.store_path.path
     return store, (prefix + "/" if prefix else "")
 
@@ -275,6 +298,6 @@ __all__ = [
     "SuffixByteRequest", "WrapperStore", "ZarrCompatError", "blosc_codec", "blosc_decompress",
     "blosc_sizes", "buffer_class", "chunk_key", "default_buffer_prototype", "direct_plan",
     "fetch", "fetch_range", "fetch_suffix", "is_checksum_failure", "key_exists", "le32",
-    "shard_plan",
+    "run_async", "run_sync", "shard_plan",
     "store_bytes",
 ]

@@ -1,0 +1,211 @@
+"""Stores on S3 behind a loopback proxy that adds a fixed delay per request.
+
+The proxy (:mod:`benchmarks.latency_proxy`) counts every request by method and the most
+in flight at once, so these tests pin what a pass costs in requests: batches equal the
+same pass over a local copy (and the matrix itself, by scipy), each stored chunk is one
+GET (no HEAD before it, no re-read of a shard's index per inner chunk), reads of a unit
+go out together, and opening a store is a handful of requests.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import sparsestore
+from benchmarks.latency_proxy import LatencyProxy
+from sparsestore import storage
+
+pytest.importorskip("moto.server")
+pytest.importorskip("s3fs")
+from s3server import S3Server  # noqa: E402  (tests/ is on sys.path under pytest)
+
+pytestmark = [pytest.mark.s3, pytest.mark.timeout(300)]
+
+LAYOUTS = {
+    "default": {},
+    "small_chunks": {"chunk_bytes": 128 * 1024},
+    "sharded": {"chunk_bytes": 128 * 1024, "shard_bytes": 1 << 20},
+}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def X():
+    rng = np.random.default_rng(5)
+    M = sp.random(12000, 1500, density=0.01, format="csr", dtype=np.float32, random_state=rng)
+    M.data[:] = rng.integers(1, 100, M.nnz)  # compressible, like counts
+    return M
+
+
+@pytest.fixture(scope="module")
+def stores(s3, X, tmp_path_factory):
+    """Each layout saved to S3 and to local disk: ``{layout: (url, local path)}``."""
+    bucket = s3.new_bucket()
+    out = {}
+    for name, kw in LAYOUTS.items():
+        url = f"s3://{bucket}/{name}.zarr"
+        local = str(tmp_path_factory.mktemp("local") / f"{name}.zarr")
+        labels = {"y": np.arange(X.shape[0], dtype=np.int64)}
+        sparsestore.save(url, X, labels=labels, storage_options=s3.storage_options, **kw)
+        sparsestore.save(local, X, labels=labels, **kw)
+        out[name] = (url, local)
+    return out
+
+
+def _through(s3: S3Server, proxy: LatencyProxy) -> dict:
+    return dict(s3.storage_options, endpoint_url=proxy.endpoint_url)
+
+
+def _batches(store, shuffle: bool) -> list[tuple[sp.csr_matrix, np.ndarray]]:
+    loader = sparsestore.DataLoader(store, batch_size=500, shuffle=shuffle, seed=11,
+                                    labels="y")
+    return [(xb.tocsr(), np.asarray(yb)) for xb, yb in loader]
+
+
+def _stored_objects(store) -> int:
+    """Stored objects a pass reads: every data and indices chunk (inner chunks of shards
+    each one read) plus one index per shard, and the indptr and label chunks."""
+    n = 0
+    for name in ("data", "indices"):
+        arr = store.arrays[name]
+        n += arr.nchunks
+        if getattr(arr, "shards", None) is not None:
+            n += -(-arr.shape[0] // arr.shards[0])
+    n += store.arrays["indptr"].nchunks
+    n += store.labels["y"].array.nchunks
+    return n
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("delay", [0.0, 0.02])
+def test_batches_through_latency_equal_local(s3, X, stores, layout, delay):
+    url, local = stores[layout]
+    with LatencyProxy(s3.endpoint_url, delay) as proxy:
+        remote = sparsestore.open(url, storage_options=_through(s3, proxy))
+        here = sparsestore.open(local)
+        for shuffle in (False, True):
+            got, want = _batches(remote, shuffle), _batches(here, shuffle)
+            assert len(got) == len(want)
+            for (xg, yg), (xw, yw) in zip(got, want, strict=True):
+                np.testing.assert_array_equal(yg, yw)
+                assert (xg != xw).nnz == 0
+                assert (xg != X[yg]).nnz == 0  # the matrix itself (scipy), row by row
+            ys = np.concatenate([y for _, y in got])
+            np.testing.assert_array_equal(np.sort(ys), np.arange(X.shape[0]))
+        assert proxy.snapshot()["by_method"].get("HEAD", 0) <= 1
+
+
+@pytest.mark.parametrize("layout", ["small_chunks", "sharded"])
+def test_a_pass_is_one_get_per_stored_chunk_and_concurrent(s3, stores, layout):
+    url, _ = stores[layout]
+    with LatencyProxy(s3.endpoint_url, 0.02) as proxy:
+        store = sparsestore.open(url, storage_options=_through(s3, proxy))
+        objects = _stored_objects(store)
+        assert store.arrays["data"].nchunks >= 4  # several chunks, so there is a point
+        for shuffle in (False, True):
+            proxy.reset()
+            n = sum(xb.shape[0] for xb in sparsestore.DataLoader(
+                store, batch_size=500, shuffle=shuffle, seed=2))
+            assert n == store.n_rows
+            counts = proxy.snapshot()
+            by = counts["by_method"]
+            assert by.get("HEAD", 0) == 0, proxy.log  # no HEAD before each GET
+            # At most one GET per stored chunk, plus a few re-reads of the chunks two
+            # shuffled blocks share (never a second GET per chunk or an index per inner
+            # chunk, which would double it).
+            assert by["GET"] <= objects + 4 + (objects // 4 if shuffle else 0), proxy.log
+            # The chunks of a unit were requested together, not one after the other.
+            assert counts["max_in_flight"] >= 4, counts
+
+
+def test_opening_takes_a_handful_of_requests(s3, stores):
+    url, _ = stores["default"]
+    with LatencyProxy(s3.endpoint_url, 0.0) as proxy:
+        store = sparsestore.open(url, storage_options=_through(s3, proxy))
+        counts = proxy.snapshot()
+    assert store.shape == (12000, 1500)
+    # One existence check, the group's zarr.json, the metadata of the three arrays, of the
+    # labels group and of its one array (the store reads each more than once, 15 GETs in
+    # all) and the first and last indptr chunks.  It was 38 (19 of them HEAD): 26 without
+    # labels.
+    assert counts["requests"] <= 20, proxy.log
+    assert counts["by_method"].get("HEAD", 0) <= 1, proxy.log
+
+
+def test_user_options_override_the_remote_defaults():
+    opts = storage.remote_options("s3://b/x.zarr", {"max_concurrency": 4, "config_kwargs": {
+        "connect_timeout": 5}})
+    assert opts["max_concurrency"] == 4
+    assert opts["config_kwargs"] == {"connect_timeout": 5, "max_pool_connections": 64}
+    assert storage.remote_options("s3://b/x", None)["max_concurrency"] == 1
+    assert storage.remote_options("gs://b/x", {"token": "anon"}) == {"token": "anon"}
+
+
+def test_proxy_counts_methods_and_in_flight(s3):
+    """The proxy's own counters, against requests made here with boto3."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+    from botocore.config import Config
+
+    bucket = s3.new_bucket()
+    with LatencyProxy(s3.endpoint_url, 0.05) as proxy:
+        client = boto3.client(
+            "s3", endpoint_url=proxy.endpoint_url, aws_access_key_id="testing",
+            aws_secret_access_key="testing", region_name="us-east-1",
+            config=Config(max_pool_connections=8),
+        )
+        client.put_object(Bucket=bucket, Key="k", Body=b"x" * 100_000)
+        client.head_object(Bucket=bucket, Key="k")
+        with ThreadPoolExecutor(6) as ex:
+            bodies = list(ex.map(lambda _: client.get_object(Bucket=bucket, Key="k")[
+                "Body"].read(), range(6)))
+        counts = proxy.snapshot()
+    assert all(b == b"x" * 100_000 for b in bodies)
+    assert counts["by_method"] == {"PUT": 1, "HEAD": 1, "GET": 6}
+    assert 2 <= counts["max_in_flight"] <= 6
+
+
+@pytest.mark.parametrize("layout", [{"chunk_bytes": 128 * 1024},
+                                    {"chunk_bytes": 64 * 1024, "shard_bytes": 256 * 1024}])
+def test_damaged_chunks_on_s3_fail_a_concurrent_pass(s3, X, layout):
+    """Prefetched bytes are checked as before: a chunk swapped for another one is
+    misplaced, a flipped byte a checksum mismatch, a deleted one missing."""
+    from sparsestore.errors import ChecksumError, MisplacedChunkError, MissingChunkError
+
+    bucket = s3.new_bucket()
+    url = f"s3://{bucket}/d.zarr"
+    sparsestore.save(url, X, storage_options=s3.storage_options, **layout)
+    client = s3.client()
+    keys = sorted(k for k in s3.keys(bucket, "d.zarr/data/c/"))
+    assert len(keys) >= 2
+    good = client.get_object(Bucket=bucket, Key=keys[1])["Body"].read()
+    first = client.get_object(Bucket=bucket, Key=keys[0])["Body"].read()
+
+    def a_pass() -> None:
+        store = sparsestore.open(url, storage_options=s3.storage_options)
+        for _ in sparsestore.DataLoader(store, batch_size=1000):
+            pass
+
+    # Another chunk's bytes (a shard swapped for the other: both hold whole shards).
+    client.put_object(Bucket=bucket, Key=keys[1], Body=first)
+    with pytest.raises((MisplacedChunkError, ChecksumError)):
+        a_pass()
+    flipped = bytearray(good)
+    flipped[len(flipped) // 3] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=keys[1], Body=bytes(flipped))
+    with pytest.raises((ChecksumError, MisplacedChunkError)):
+        a_pass()
+    client.delete_object(Bucket=bucket, Key=keys[1])
+    with pytest.raises(MissingChunkError):
+        a_pass()
+    client.put_object(Bucket=bucket, Key=keys[1], Body=good)
+    a_pass()  # restored: reads again
