@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparsestore
-from sparsestore import reader
+from sparsestore import kernels, reader
 from sparsestore.buffers import ALIGN, BufferPool, size_class
 from sparsestore.chunks import ChunkDecoder
 from sparsestore.errors import ChecksumError, CorruptStoreError, MissingChunkError
@@ -184,17 +184,22 @@ def test_gather_csr_equals_scipy_row_indexing(data):
     X = sp.random(n_rows, 9, density=density, format="csr", dtype=np.float64,
                   random_state=seed)
     take = np.asarray(data.draw(st.lists(st.integers(0, n_rows - 1), max_size=60)), np.int64)
+    values = X.data.astype(data.draw(st.sampled_from([np.float64, np.float32, np.int16])))
+    indices = X.indices.astype(data.draw(st.sampled_from([np.int32, np.int64])))
     want = X[take]
-    kernel = reader._csr_row_index
+    kernel, numba_gather = reader._csr_row_index, kernels._GATHER
+    paths = [(numba_gather, kernel), (None, kernel), (None, None)]  # numba, scipy, numpy
     try:
-        for k in (kernel, None):  # scipy's kernel, then the numpy fallback
-            reader._csr_row_index = k
-            v, i, p = gather_csr(X.data, X.indices, X.indptr, take, BufferPool())
-            np.testing.assert_array_equal(p, want.indptr)
-            np.testing.assert_array_equal(i, want.indices)
-            np.testing.assert_array_equal(v, want.data)
+        for gather, k in paths if numba_gather is not None else paths[1:]:
+            kernels._GATHER, reader._csr_row_index = gather, k
+            for ptr in (X.indptr.astype(np.int64), X.indptr.astype(np.int32)):
+                v, i, p = gather_csr(values, indices, ptr, take, BufferPool())
+                np.testing.assert_array_equal(p, want.indptr)
+                np.testing.assert_array_equal(i, want.indices)
+                np.testing.assert_array_equal(v, want.data.astype(values.dtype))
+                assert v.dtype == values.dtype and i.dtype == indices.dtype
     finally:
-        reader._csr_row_index = kernel
+        kernels._GATHER, reader._csr_row_index = numba_gather, kernel
 
 
 @pytest.mark.parametrize("shuffle", [False, True])

@@ -317,6 +317,25 @@ def test_first_batch_waits_only_for_its_own_chunks(small_store):
     assert loader.decoded_chunks["data"] == -(-X.nnz // chunk)
 
 
+def test_shuffled_pieces_are_gathered_on_several_threads(small_store, monkeypatch):
+    """The consumer gathers every num_workers-th piece of a shuffled unit; the pass's other
+    threads gather the rest ahead of it (a unit's gathers do not all queue on one thread)."""
+    from sparsestore.reader import BlockReader
+
+    store, X, labels = small_store
+    seen: list[str] = []
+    piece = BlockReader._piece
+
+    def spy(self, *args):
+        seen.append(threading.current_thread().name)
+        return piece(self, *args)
+
+    monkeypatch.setattr(BlockReader, "_piece", spy)
+    loader = DataLoader(store, batch_size=16, shuffle=True, seed=1, num_workers=2, labels="y")
+    check_pass(loader, X, labels["y"])
+    assert len(set(seen)) >= 2 and len(seen) >= X.shape[0] // 16
+
+
 def test_shuffled_pass_decodes_boundary_chunks_at_most_twice(small_store):
     store, X, _ = small_store
     chunk = store.arrays["data"].chunks[0]
