@@ -14,6 +14,7 @@ import os
 import pickle
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
@@ -60,6 +61,22 @@ SHUFFLE_LAYOUT_COMMAND = "sparsestore convert OLD NEW --chunk-bytes 128KiB --sha
 #: Batches mixing like a permutation need about ``batch_size / 1.56`` distinct runs of
 #: stored rows each: label error within this factor of a true permutation's.
 ACCEPTABLE_MIXING_RATIO = 1.25
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a loader is in its stream: the epoch and the batches of it already read.
+
+    ``epoch`` is the epoch of the pass in progress, or of the next pass when none is
+    (a completed pass moves it on by one and ``batches_consumed`` back to 0);
+    ``batches_consumed`` counts the batches this loader has handed out in that epoch,
+    including those an adapter has read ahead of its consumer, or the batches a
+    :meth:`DataLoader.load_state_dict` skips.  The same two numbers as
+    :meth:`DataLoader.state_dict`'s ``epoch`` and ``batches_consumed``.
+    """
+
+    epoch: int
+    batches_consumed: int
 
 
 def _sequential_block_chunks(store: SparseStore) -> int:
@@ -318,6 +335,13 @@ class DataLoader:
         return self._epoch
 
     @property
+    def position(self) -> Position:
+        """The epoch and the batches read of it (see :class:`Position`); read-only: move
+        the loader with :meth:`set_epoch` or :meth:`load_state_dict`."""
+        consumed = self._resume if self._resume is not None else self._consumed
+        return Position(self._epoch, int(consumed))
+
+    @property
     def seed(self) -> int:
         return self._seed
 
@@ -381,13 +405,37 @@ class DataLoader:
                 s.set_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the loader is: JSON-serialisable; :meth:`load_state_dict` resumes exactly."""
-        consumed = self._resume if self._resume is not None else self._consumed
+        """Where the loader is, as a JSON-serialisable dict; :meth:`load_state_dict` resumes it.
+
+        Keys (``STATE_VERSION`` 1; new keys may be added, none removed or changed):
+
+        * ``version`` (int): the layout of this dict, ``1``.
+        * ``epoch`` (int), ``batches_consumed`` (int): the :attr:`position`.
+        * ``seed`` (int): the shuffle seed (restored by :meth:`load_state_dict`).
+        * ``batch_size`` (int), ``shuffle`` (bool), ``drop_last`` (bool), ``world_size``
+          (int): settings the position is only meaningful under; a loader whose settings
+          differ refuses the state.
+        * ``rank`` (int): informational, not checked.
+        * ``num_rows`` (int, or ``None`` with ``sampler``/``batch_sampler``): the rows of
+          this loader's share per epoch, checked on load (a changed store or row subset
+          is refused).
+        * ``batches_per_epoch`` (int): ``len(loader)``, informational.
+        * ``plan`` (dict or ``None``): what a shuffled epoch's order depends on beyond seed
+          and epoch (the row blocks, the shuffle buffer), checked on load; ``None`` when
+          the order is the rows' own.
+
+        Resuming guarantees that the loaded loader's next pass yields exactly the batches
+        of the epoch that follow the first ``batches_consumed`` ones, in the same order and
+        with the same rows, as the uninterrupted pass would have; later epochs then follow
+        as usual.  Batches read ahead by an adapter (prefetched, not yet trained on) are
+        counted as consumed, so a checkpoint taken mid-epoch skips those on resume.
+        """
+        pos = self.position
         return {
             "version": STATE_VERSION,
-            "epoch": self._epoch,
+            "epoch": pos.epoch,
             "seed": self._seed,
-            "batches_consumed": int(consumed),
+            "batches_consumed": pos.batches_consumed,
             "batch_size": self._batch_size,
             "shuffle": self._shuffle,
             "drop_last": self._drop_last,
@@ -483,13 +531,12 @@ class DataLoader:
         lost = self.__dict__.get("_lost")
         if lost is not None:
             return lost[1]  # a copy that never reopened its store passes its state on
-        consumed = self._resume if self._resume is not None else self._consumed
         return {
             "version": PICKLE_VERSION,
             "store": pickle.dumps(self._store, protocol=pickle.HIGHEST_PROTOCOL),
             "options": dict(self._options, backend=self._backend),
             "seed": self._seed, "rank": self._rank, "world_size": self._world_size,
-            "epoch": self._epoch, "batches_consumed": int(consumed),
+            "epoch": self._epoch, "batches_consumed": self.position.batches_consumed,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -746,4 +793,4 @@ class DataLoader:
         return rows
 
 
-__all__ = ["Batch", "DataLoader"]
+__all__ = ["Batch", "DataLoader", "Position"]

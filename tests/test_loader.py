@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import sparsestore
 from sparsestore.backends import NumpyBackend, available_backends, get_backend
 from sparsestore.errors import InvalidInputError, LabelError, OutOfRangeError, SparseStoreError
-from sparsestore.loader import Batch, DataLoader
+from sparsestore.loader import Batch, DataLoader, Position
 from sparsestore.reader import THREAD_PREFIX
 
 
@@ -249,6 +249,42 @@ def test_resume_across_epochs_with_set_epoch(small_store):
     assert len(got) == len(want)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_position_follows_the_pass_and_the_state(small_store):
+    """``position`` is the state's epoch and batches consumed: mid-pass, after a pass broken
+    off, after a completed one and after ``load_state_dict``; it cannot be assigned."""
+    store, _, _ = small_store
+    ld = DataLoader(store, batch_size=300, shuffle=True, seed=1)
+    assert ld.position == Position(0, 0)
+    it = ld.iter_batches()
+    next(it), next(it), next(it)
+    assert ld.position == Position(0, 3)
+    state = ld.state_dict()
+    assert (state["epoch"], state["batches_consumed"]) == (0, 3)
+    it.close()
+    assert ld.position == Position(0, 3)  # broken off: a checkpoint now resumes at batch 3
+    for _ in ld.iter_batches():
+        pass
+    assert ld.position == Position(1, 0) and ld.epoch == 1
+    other = DataLoader(store, batch_size=300, shuffle=True)
+    other.load_state_dict(state)
+    assert other.position == Position(0, 3)
+    other.set_epoch(5)
+    assert other.position == Position(5, 0)
+    with pytest.raises(AttributeError):
+        ld.position = Position(2, 0)
+    with pytest.raises(AttributeError):
+        ld.position.epoch = 2
+
+
+def test_state_dict_has_the_documented_keys(small_store):
+    store, _, _ = small_store
+    state = DataLoader(store, batch_size=10, shuffle=True, seed=3).state_dict()
+    doc = DataLoader.state_dict.__doc__
+    for key in state:
+        assert f"``{key}``" in doc, key
+    assert json.loads(json.dumps(state)) == state
 
 
 def test_load_state_rejects_mismatch(small_store):
