@@ -79,6 +79,39 @@ class Position:
     batches_consumed: int
 
 
+def _share(total: int, rank: int, world_size: int, sub_shards: Sequence[tuple[int, int]],
+           batch_size: int) -> tuple[int, int]:
+    """``[lo, hi)``: the positions of a share in the epoch's row stream of ``total`` rows.
+
+    Rank ``r`` of ``w`` holds ``[total * r // w, total * (r + 1) // w)`` (near-equal
+    pieces); each sub-shard ``(i, n)`` then takes, of the ``B`` batches its parent's share
+    is cut into (the last one maybe short), the rows of batches ``[B * i // n,
+    B * (i + 1) // n)``.  Cutting on the batch grid keeps full batches full: the
+    sub-shards' batches number ``B`` together whatever ``n``, and only the last sub-shard
+    holds the short batch (which ``drop_last`` drops, as the parent would).
+    """
+    lo, hi = total * rank // world_size, total * (rank + 1) // world_size
+    for i, n in sub_shards:
+        batches = -(-(hi - lo) // batch_size)
+        lo, hi = (lo + batch_size * (batches * i // n),
+                  min(hi, lo + batch_size * (batches * (i + 1) // n)))
+    return lo, hi
+
+
+class _ShareSampler(BlockSampler):
+    """The block sampler of a loader's share: its rank's, cut further by :func:`_share`
+    for the loader's sub-shards (all of it without any)."""
+
+    def __init__(self, bounds: np.ndarray, *, sub_shards: Sequence[tuple[int, int]],
+                 batch_size: int, **options: Any) -> None:
+        self.sub_shards, self.batch_size = tuple(sub_shards), batch_size
+        super().__init__(bounds, **options)
+
+    def _rank_range(self) -> tuple[int, int]:
+        return _share(self.total_rows, self.rank, self.world_size, self.sub_shards,
+                      self.batch_size)
+
+
 def _sequential_block_chunks(store: SparseStore) -> int:
     """Chunks per sequential block: two, or as many as hold ``SEQUENTIAL_BLOCK_BYTES``."""
     if store.is_dense:
@@ -208,9 +241,8 @@ class DataLoader:
         self._rows = self._check_rows(rows)
         self._columns = ColumnSelection.build(columns, store.n_cols)
         self._backend = get_backend(backend)
-        n_total = store.n_rows if self._rows is None else int(self._rows.size)
-        r, w = self._rank, self._world_size
-        self._rank_rows = n_total * (r + 1) // w - n_total * r // w
+        self._sub_shards: tuple[tuple[int, int], ...] = ()
+        self._rank_rows = self._share_rows()
         # (bounds, bytes per block), shared with with_shard() copies; filled lazily
         self._bounds: list[tuple[np.ndarray, np.ndarray]] = []
         self._warned = False
@@ -229,6 +261,13 @@ class DataLoader:
             block_chunks=block_chunks, num_workers=num_workers, prefetch=prefetch,
             backend=self._backend,
         )
+
+    def _share_rows(self) -> int:
+        """Rows of this loader's share per epoch (its rank's, cut by its sub-shards)."""
+        total = self._store.n_rows if self._rows is None else int(self._rows.size)
+        lo, hi = _share(total, self._rank, self._world_size, self._sub_shards,
+                        self._batch_size)
+        return hi - lo
 
     def _working_set_bytes(self) -> int:
         """Bytes a pass holds at once: units in flight plus the boundary-chunk caches.
@@ -354,6 +393,12 @@ class DataLoader:
         return self._world_size
 
     @property
+    def sub_shards(self) -> tuple[tuple[int, int], ...]:
+        """``(index, count)`` of each :meth:`shard` call this loader came from, outermost
+        first (empty for a loader reading its rank's whole share)."""
+        return self._sub_shards
+
+    @property
     def shuffle(self) -> bool:
         return self._shuffle
 
@@ -386,11 +431,19 @@ class DataLoader:
     def _is_explicit(self) -> bool:
         return self._sampler is not None or self._batch_sampler is not None
 
+    def _slot(self) -> tuple[int, int]:
+        """``(r, w)``: with a sampler, this loader reads the sampler's batches ``j`` with
+        ``j % w == r``; each sub-shard ``(i, n)`` deals its parent's batches round-robin."""
+        r, w = self._rank, self._world_size
+        for i, n in self._sub_shards:
+            r, w = r + w * i, w * n
+        return r, w
+
     # ------------------------------------------------------------ epochs
     def __len__(self) -> int:
         if self._is_explicit:
             total = self._explicit_total_batches()
-            r, w = self._rank, self._world_size
+            r, w = self._slot()
             return max(0, -(-(total - r) // w))
         return num_batches(self._rank_rows, self._batch_size, self._drop_last)
 
@@ -416,6 +469,9 @@ class DataLoader:
           (int): settings the position is only meaningful under; a loader whose settings
           differ refuses the state.
         * ``rank`` (int): informational, not checked.
+        * ``sub_shards`` (list of ``[index, count]`` pairs): the :attr:`sub_shards`; a
+          loader reading another sub-shard refuses the state (absent from states saved
+          before sub-shards existed: the ``num_rows`` check stands in).
         * ``num_rows`` (int, or ``None`` with ``sampler``/``batch_sampler``): the rows of
           this loader's share per epoch, checked on load (a changed store or row subset
           is refused).
@@ -441,6 +497,7 @@ class DataLoader:
             "drop_last": self._drop_last,
             "rank": self._rank,
             "world_size": self._world_size,
+            "sub_shards": [list(p) for p in self._sub_shards],
             "num_rows": self._rank_rows if not self._is_explicit else None,
             "batches_per_epoch": len(self),
             "plan": self._plan_record(),
@@ -499,6 +556,12 @@ class DataLoader:
                     f"state was saved with {key}={state.get(key)!r} but this loader has "
                     f"{key}={getattr(self, f'_{key}')!r}; build the loader with the same settings"
                 )
+        if "sub_shards" in state and [tuple(p) for p in state["sub_shards"]] != \
+                list(self._sub_shards):
+            raise InvalidInputError(
+                f"state was saved by sub-shard {state['sub_shards']!r} but this loader reads "
+                f"{[list(p) for p in self._sub_shards]!r}; load it into the same shard(i, n)"
+            )
         if not self._is_explicit and state.get("num_rows") != self._rank_rows:
             raise InvalidInputError(
                 f"state was saved for {state.get('num_rows')} rows per rank, this loader has "
@@ -513,11 +576,51 @@ class DataLoader:
         self._resume = _check_int(state.get("batches_consumed"), "batches_consumed", 0)
 
     def with_shard(self, rank: int, world_size: int) -> DataLoader:
-        """A loader with the same settings and seed reading another shard of the rows."""
+        """A loader with the same settings and seed reading rank ``rank`` of ``world_size``
+        (its whole share: no sub-shard), at this loader's epoch, from the epoch's start."""
         other = DataLoader(self._store, seed=self._seed, rank=rank, world_size=world_size,
                            **self._options)
         other._bounds = self._bounds  # block boundaries do not depend on the shard
         other._epoch = self._epoch
+        return other
+
+    def shard(self, index: int, count: int) -> DataLoader:
+        """A copy reading sub-shard ``index`` of ``count`` of this loader's share.
+
+        How one rank's share is split further between readers of its own: torch workers,
+        ``tf.data`` input pipelines, JAX host threads.  The ``count`` sub-shards are
+        disjoint and together read this loader's rows exactly once per epoch; a
+        sub-shard's order is reproducible from the seed and the epoch, like a rank's.
+
+        Rows are split on this loader's batch grid: of the ``B = len(loader)`` batches
+        (without ``drop_last``), sub-shard ``i`` reads the rows of the run
+        ``[B * i // count, B * (i + 1) // count)`` of the epoch's row stream (the rank's
+        blocks in shuffled order, before each shuffle unit is permuted), so the
+        sub-shards' lengths sum to ``len(loader)`` and differ by at most one batch; a
+        sub-shard may be empty when ``count > B``.  Only the last sub-shard can hold a
+        short batch; with ``drop_last`` it drops it, so the sub-shards then read
+        ``len(loader)`` full batches, exactly the rows ``drop_last`` keeps, the dropped
+        ones (fewer than ``batch_size``) being the last of the rank's row stream, which
+        for a shuffled loader are not always those the loader itself drops.  A shuffled
+        sub-shard permutes its own units: its batches hold the same rows as the
+        corresponding part of the stream, mixed in another order than the loader's.
+
+        With ``sampler``/``batch_sampler`` the loader's batches are dealt round-robin
+        instead, as ranks deal them: sub-shard ``i`` reads the loader's batches ``k`` with
+        ``k % count == i``.
+
+        The copy starts at this loader's epoch, at the epoch's start, and moves on
+        independently; ``shard`` composes (``loader.shard(i, n).shard(j, m)``) and the
+        copy's :attr:`sub_shards` records the calls.  ``shard(0, 1)`` is a copy reading
+        the same rows in the same order.
+        """
+        index = _check_int(index, "index", 0)
+        count = _check_int(count, "count", 1)
+        if index >= count:
+            raise InvalidInputError(f"index must be in [0, count={count}), got {index}")
+        other = self.with_shard(self._rank, self._world_size)
+        other._sub_shards = (*self._sub_shards, (index, count))
+        other._rank_rows = other._share_rows()
         return other
 
     # ------------------------------------------------------------ pickling
@@ -536,7 +639,8 @@ class DataLoader:
             "store": pickle.dumps(self._store, protocol=pickle.HIGHEST_PROTOCOL),
             "options": dict(self._options, backend=self._backend),
             "seed": self._seed, "rank": self._rank, "world_size": self._world_size,
-            "epoch": self._epoch, "batches_consumed": self.position.batches_consumed,
+            "sub_shards": self._sub_shards, "epoch": self._epoch,
+            "batches_consumed": self.position.batches_consumed,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -552,6 +656,8 @@ class DataLoader:
             return
         self.__init__(store, seed=state["seed"], rank=state["rank"],  # type: ignore[misc]
                       world_size=state["world_size"], **state["options"])
+        self._sub_shards = tuple(state.get("sub_shards", ()))
+        self._rank_rows = self._share_rows()
         self.set_epoch(state["epoch"])
         consumed = _check_int(state["batches_consumed"], "batches_consumed", 0)
         self._resume = consumed or None
@@ -606,8 +712,9 @@ class DataLoader:
             if not self._bounds:
                 self._bounds.append(self._plan_bounds())
             bounds, nbytes = self._bounds[0]
-            self._block_sampler = BlockSampler(
-                bounds, rows=self._rows, shuffle=self._shuffle, seed=self._seed,
+            self._block_sampler = _ShareSampler(
+                bounds, sub_shards=self._sub_shards, batch_size=self._batch_size,
+                rows=self._rows, shuffle=self._shuffle, seed=self._seed,
                 buffer_blocks=self._buffer_blocks or 1,
                 unit_bytes=None if nbytes is None else self._unit_bytes,
                 block_bytes=nbytes, rank=self._rank, world_size=self._world_size,
@@ -718,7 +825,7 @@ class DataLoader:
             yield chunk
 
     def _rank_row_batches(self) -> Iterator[np.ndarray]:
-        r, w, n = self._rank, self._world_size, self._store.n_rows
+        (r, w), n = self._slot(), self._store.n_rows
         for j, ids in enumerate(self._global_row_batches()):
             if j % w != r:
                 continue
@@ -753,7 +860,8 @@ class DataLoader:
         """Rows of this rank's batches of a ``sampler`` (from its length alone)."""
         n, bs = len(self._sampler), self._batch_size  # type: ignore[arg-type]
         total = self._explicit_total_batches()
-        mine = range(self._rank, total, self._world_size)
+        r, w = self._slot()
+        mine = range(r, total, w)
         last = n - (total - 1) * bs if total else 0
         return sum(bs if j < total - 1 else last for j in mine)
 
@@ -763,6 +871,7 @@ class DataLoader:
         return (
             f"<DataLoader {self._store.path!r} batch_size={self._batch_size} "
             f"shuffle={self._shuffle} rank={self._rank}/{self._world_size} "
+            f"{''.join(f'shard={i}/{n} ' for i, n in self._sub_shards)}"
             f"epoch={self._epoch} batches={len(self)}>"
         )
 

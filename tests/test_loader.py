@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import pickle
 import re
 import tempfile
 import threading
@@ -201,6 +202,82 @@ def test_drop_last_per_rank(small_store):
         ld = DataLoader(store, batch_size=100, rank=r, world_size=7)
         sizes = batch_sizes(ld)
         assert sizes[:4] == [100] * 4 and sizes[4] in (28, 29) and len(sizes) == 5
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("count", [1, 2, 3, 7, 40])
+def test_sub_shards_split_the_share_once(small_store, shuffle, drop_last, count):
+    """``shard(i, n)``: disjoint sub-shards reading the parent's rows exactly once per epoch
+    (with ``drop_last``, exactly its ``len`` full batches), on the parent's batch grid,
+    reproducibly, and in the parent's order when unshuffled."""
+    store, X, labels = small_store
+    parent = DataLoader(store, batch_size=97, shuffle=shuffle, seed=5, labels="y",
+                        drop_last=drop_last, rank=1, world_size=2, shuffle_buffer_blocks=3)
+    parent.set_epoch(2)
+    want = parent.epoch_rows()
+    shards = [parent.shard(i, count) for i in range(count)]
+    assert all(s.epoch == 2 and s.sub_shards == ((i, count),) for i, s in enumerate(shards))
+    assert sum(len(s) for s in shards) == len(parent)
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    orders = [check_pass(s, X, labels["y"]) for s in shards]
+    assert [o.size for o in orders] == [s.num_rows for s in shards]
+    allrows = np.concatenate(orders)
+    assert np.unique(allrows).size == allrows.size  # disjoint
+    if drop_last:
+        assert all(b.n_rows == 97 for s in shards for b in s.iter_batches())
+        assert allrows.size == parent.num_rows == len(parent) * 97
+    else:
+        np.testing.assert_array_equal(np.sort(allrows), np.sort(want))  # covering
+    if not shuffle:
+        np.testing.assert_array_equal(allrows, want[: allrows.size])
+    again = [parent.shard(i, count).epoch_rows(2) for i in range(count)]
+    for a, b in zip(orders, again, strict=True):
+        np.testing.assert_array_equal(a, b)  # reproducible from seed and epoch
+
+
+def test_sub_shards_compose_and_reshuffle(small_store):
+    store, _, _ = small_store
+    parent = DataLoader(store, batch_size=50, shuffle=True, seed=8).shard(1, 2)
+    inner = [parent.shard(j, 3) for j in range(3)]
+    assert inner[2].sub_shards == ((1, 2), (2, 3))
+    got = np.concatenate([s.epoch_rows(0) for s in inner])
+    np.testing.assert_array_equal(np.sort(got), np.sort(parent.epoch_rows(0)))
+    assert not np.array_equal(inner[0].epoch_rows(0), inner[0].epoch_rows(1))
+    with pytest.raises(InvalidInputError, match="index"):
+        parent.shard(3, 3)
+    with pytest.raises(InvalidInputError, match="count"):
+        parent.shard(0, 0)
+    assert parent.with_shard(0, 2).sub_shards == ()
+
+
+def test_sub_shards_of_a_sampler_deal_its_batches(small_store):
+    store, _, _ = small_store
+    batches = [[i, i + 1] for i in range(0, 22, 2)]
+    ld = DataLoader(store, batch_sampler=batches, rank=1, world_size=2)
+    mine = [b.rows.tolist() for b in ld.iter_batches()]
+    got = [[b.rows.tolist() for b in ld.shard(i, 3).iter_batches()] for i in range(3)]
+    assert got == [mine[0::3], mine[1::3], mine[2::3]]
+    assert [len(ld.shard(i, 3)) for i in range(3)] == [2, 2, 1]
+
+
+def test_sub_shard_resumes_pickles_and_refuses_another_shards_state(small_store):
+    store, _, _ = small_store
+    shard = DataLoader(store, batch_size=64, shuffle=True, seed=4).shard(1, 3)
+    full = [b.rows for b in shard.shard(0, 1).iter_batches()]
+    it = shard.iter_batches()
+    head = [next(it).rows for _ in range(4)]
+    state = json.loads(json.dumps(shard.state_dict()))
+    copy = pickle.loads(pickle.dumps(shard))
+    it.close()
+    assert state["sub_shards"] == [[1, 3]] and copy.sub_shards == ((1, 3),)
+    resumed = DataLoader(store, batch_size=64, shuffle=True).shard(1, 3)
+    resumed.load_state_dict(state)
+    for rest in (resumed, copy):
+        for a, b in zip(head + [b.rows for b in rest.iter_batches()], full, strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(InvalidInputError, match="sub-shard"):
+        DataLoader(store, batch_size=64, shuffle=True).shard(0, 3).load_state_dict(state)
 
 
 # ------------------------------------------------------------------ resume
