@@ -13,7 +13,7 @@ import hashlib
 import os
 import pickle
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -77,6 +77,12 @@ class Position:
 
     epoch: int
     batches_consumed: int
+
+
+#: What a position listener is told: ``"set_epoch"`` and ``"load_state_dict"`` (someone
+#: chose the position), ``"epoch_end"`` (a pass ran to its end and moved the epoch on).
+POSITION_EVENTS = ("set_epoch", "load_state_dict", "epoch_end")
+PositionListener = Callable[[str, Position], None]
 
 
 def _share(total: int, rank: int, world_size: int, sub_shards: Sequence[tuple[int, int]],
@@ -153,9 +159,11 @@ class DataLoader:
     iterables of row ids / lists of row ids instead and read them by random access.
 
     A completed pass advances the epoch by one (so repeated passes reshuffle); call
-    :meth:`set_epoch` to choose it.  Ranks get disjoint, near-equal shares of the rows
-    (sizes differ by at most one row), so without ``drop_last`` their batch counts can
-    differ by one.
+    :meth:`set_epoch` to choose it; :attr:`position` says where the loader is and
+    :meth:`add_position_listener` reports each move.  Ranks get disjoint, near-equal
+    shares of the rows (sizes differ by at most one row), so without ``drop_last`` their
+    batch counts can differ by one; :meth:`shard` splits a share further (torch workers,
+    ``tf.data`` input pipelines).
 
     A loader pickles (torch workers under ``spawn``/``forkserver``): the store by path at
     its pinned commit, the settings (a ``sampler`` must pickle too), seed, shard and the
@@ -250,6 +258,7 @@ class DataLoader:
         self._epoch = 0
         self._consumed = 0
         self._resume: int | None = None
+        self._listeners: list[PositionListener] = []
         self._last_reader: BlockReader | None = None
         # Decoded chunks and blocks reuse this memory pass after pass (see buffers.py).
         self._pool = BufferPool(max_free=4096, max_idle_bytes=self._working_set_bytes())
@@ -449,6 +458,10 @@ class DataLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch of the next pass (its shuffle order); forwards to samplers."""
+        self._move_to(epoch)
+        self._notify("set_epoch")
+
+    def _move_to(self, epoch: int) -> None:
         epoch = _check_int(epoch, "epoch", 0)
         if epoch != self._epoch:
             self._resume = None
@@ -456,6 +469,36 @@ class DataLoader:
         for s in (self._sampler, self._batch_sampler):
             if s is not None and hasattr(s, "set_epoch"):
                 s.set_epoch(epoch)
+
+    def add_position_listener(self, listener: PositionListener) -> None:
+        """Call ``listener(event, position)`` whenever this loader's position moves.
+
+        ``event`` is one of :data:`POSITION_EVENTS`: ``"set_epoch"`` and
+        ``"load_state_dict"`` after those calls (even one to the epoch the loader already
+        has), ``"epoch_end"`` when a pass has run to its end and the epoch moved on;
+        ``position`` is the new :attr:`position`.  How an adapter that starts passes on its
+        own (a new epoch per ``tf.data`` iterator) learns that its user chose the epoch,
+        without wrapping the loader's methods.  Listeners run in the thread that moved the
+        loader, in the order added; they belong to this object only (copies from
+        :meth:`shard`, :meth:`with_shard` or pickling start without any) and are held
+        strongly, so hold in them nothing that must die before the loader.
+        """
+        if not callable(listener):
+            raise InvalidInputError(f"a position listener must be callable, got {listener!r}")
+        self._listeners.append(listener)
+
+    def remove_position_listener(self, listener: PositionListener) -> None:
+        """Stop calling ``listener`` (added by :meth:`add_position_listener`)."""
+        try:
+            self._listeners.remove(listener)
+        except ValueError:
+            raise InvalidInputError(f"{listener!r} is not a listener of this loader") from None
+
+    def _notify(self, event: str) -> None:
+        if self._listeners:
+            pos = self.position
+            for listener in list(self._listeners):
+                listener(event, pos)
 
     def state_dict(self) -> dict[str, Any]:
         """Where the loader is, as a JSON-serialisable dict; :meth:`load_state_dict` resumes it.
@@ -572,8 +615,9 @@ class DataLoader:
         epoch = _check_int(state.get("epoch"), "epoch", 0)
         self._seed = _check_int(state.get("seed"), "seed", 0)
         self._block_sampler = None  # re-plan with the restored seed
-        self.set_epoch(epoch)
+        self._move_to(epoch)
         self._resume = _check_int(state.get("batches_consumed"), "batches_consumed", 0)
+        self._notify("load_state_dict")
 
     def with_shard(self, rank: int, world_size: int) -> DataLoader:
         """A loader with the same settings and seed reading rank ``rank`` of ``world_size``
@@ -658,7 +702,7 @@ class DataLoader:
                       world_size=state["world_size"], **state["options"])
         self._sub_shards = tuple(state.get("sub_shards", ()))
         self._rank_rows = self._share_rows()
-        self.set_epoch(state["epoch"])
+        self._move_to(state["epoch"])
         consumed = _check_int(state["batches_consumed"], "batches_consumed", 0)
         self._resume = consumed or None
 
@@ -706,6 +750,7 @@ class DataLoader:
             release_free_heap()
         self._epoch = epoch + 1
         self._consumed = 0
+        self._notify("epoch_end")
 
     def _sampler_for_blocks(self) -> BlockSampler:
         if self._block_sampler is None:
@@ -902,4 +947,4 @@ class DataLoader:
         return rows
 
 
-__all__ = ["Batch", "DataLoader", "Position"]
+__all__ = ["POSITION_EVENTS", "Batch", "DataLoader", "Position", "PositionListener"]

@@ -355,6 +355,31 @@ def test_position_follows_the_pass_and_the_state(small_store):
         ld.position.epoch = 2
 
 
+def test_position_listeners_hear_every_move(small_store):
+    store, _, _ = small_store
+    ld = DataLoader(store, batch_size=1000, shuffle=True, seed=1)
+    heard = []
+    ld.add_position_listener(lambda event, pos: heard.append((event, pos)))
+    ld.set_epoch(0)  # to the epoch it already has: still a move
+    for _ in ld.iter_batches():
+        pass
+    state = ld.state_dict()
+    it = ld.iter_batches()
+    next(it)
+    it.close()  # broken off: no event
+    ld.load_state_dict(dict(state, batches_consumed=1))
+    assert heard == [("set_epoch", Position(0, 0)), ("epoch_end", Position(1, 0)),
+                     ("load_state_dict", Position(1, 1))]
+    assert not pickle.loads(pickle.dumps(ld))._listeners and not ld.shard(0, 2)._listeners
+    ld.remove_position_listener(ld._listeners[0])
+    ld.set_epoch(3)
+    assert len(heard) == 3
+    with pytest.raises(InvalidInputError):
+        ld.remove_position_listener(print)
+    with pytest.raises(InvalidInputError):
+        ld.add_position_listener(3)
+
+
 def test_state_dict_has_the_documented_keys(small_store):
     store, _, _ = small_store
     state = DataLoader(store, batch_size=10, shuffle=True, seed=3).state_dict()
