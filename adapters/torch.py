@@ -19,8 +19,8 @@ tensors share memory with the loader's numpy arrays (``torch.from_numpy``): no c
 
 Each torch worker reads its own disjoint share of the loader's (rank's) rows
 (``loader.shard(worker, k)``), so workers never overlap and together read every row of
-the rank once.  Any start method works (``fork``, ``spawn``,
-``forkserver``, Python 3.14's default on Linux): the dataset pickles, its loader carrying
+the rank once.  Any start method works (``fork``, ``spawn``, ``forkserver``, Python
+3.14's default on Linux): the dataset pickles, its loader carrying
 the store by path at its pinned commit and its settings, never its threads; a worker whose
 store was replaced or restored to an earlier commit raises ``StoreChangedError``.  Pin
 memory only where an accelerator exists (elsewhere torch warns it has nothing to pin).
@@ -148,9 +148,10 @@ class SparseIterableDataset(tud.IterableDataset):
     loader restricted to its share of the rows; worker copies cannot advance the epoch
     here, so call :meth:`set_epoch` before each epoch (as with torch's
     ``DistributedSampler``).  ``num_workers=k`` (constructor argument, ``0`` by default)
-    cuts the rank's rows into ``k`` shards; give torch's ``DataLoader`` the same
-    ``num_workers`` so each worker reads one.  ``len(ds)`` is the batches of the ``k``
-    shards, which is what torch delivers whatever its ``num_workers``: a process holding
+    cuts the rank's rows into ``k`` shards (``loader.shard``); give torch's ``DataLoader``
+    the same ``num_workers`` so each worker reads one.  ``len(ds)`` is ``len(loader)``,
+    which the ``k`` shards' batches add up to, and what torch delivers whatever its
+    ``num_workers``: a process holding
     several shards (torch run with fewer workers, or none, as Keras's default is) reads
     them in turn, without workers in the order ``k`` workers would deliver them.  Worker
     copies start the epoch at the dataset's position (:meth:`load_state_dict`), whatever
@@ -174,8 +175,7 @@ class SparseIterableDataset(tud.IterableDataset):
         return [len(self.loader.shard(w, k)) for w in range(k)]
 
     def __len__(self) -> int:
-        k = max(1, self.num_workers)
-        return len(self.loader) if k == 1 else sum(self._counts(k))
+        return len(self.loader)  # loader.shard cuts on the batch grid: the shards add up
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the next epoch (its shuffle order) for this process and future workers."""
