@@ -2,9 +2,10 @@
 
 ``DataLoader(store, backend="jax")`` yields ``BCOO`` ``[batch, n_cols]`` matrices (``BCSR``
 with ``JaxBackend(format="bcsr")``; dense ``jax.Array`` for dense stores) and labels as
-``jax.Array``, as ``(x, labels...)`` when the loader has labels.  The COO row ids are
-expanded on the host with numpy (one ``repeat`` over the row lengths) and the arrays go to
-the device in one ``jax.device_put`` per batch.
+``jax.Array``, as ``(x, labels...)`` when the loader has labels.  The COO coordinates are
+written on the host by :func:`sparsestore.kernels.coo_into` (one compiled pass that
+releases the GIL, where numba is installed) and the arrays go to the device in one
+``jax.device_put`` per batch.
 
     import sparsestore.adapters.jax as ssjax
     loader = ssjax.sharded_loader(store, batch_size=512, shuffle=True, labels="y")
@@ -32,6 +33,7 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 
 from sparsestore.errors import DTypeError, InvalidInputError
+from sparsestore.kernels import coo_into
 from sparsestore.loader import DataLoader
 
 if TYPE_CHECKING:
@@ -98,14 +100,13 @@ class JaxBackend:
         n, m = batch.n_rows, batch.n_cols
         idt = _index_dtype(n, m)
         values = np.asarray(batch.values, dtype=vdt)
-        cols = np.asarray(batch.indices, dtype=idt)
         if self.format == "bcsr":
-            return (values, cols, np.asarray(batch.row_splits, dtype=idt), *labels)
+            return (values, np.asarray(batch.indices, dtype=idt),
+                    np.asarray(batch.row_splits, dtype=idt), *labels)
         nnz = values.size
         size = _padded(nnz) if self.pad_nnz else nnz
         coords = np.empty((size, 2), dtype=idt)
-        coords[:nnz, 0] = np.repeat(np.arange(n, dtype=idt), np.diff(batch.row_splits))
-        coords[:nnz, 1] = cols
+        coo_into(batch.row_splits, batch.indices, coords[:nnz])
         if size > nnz:  # BCOO padding: out-of-bounds coordinates with zero values
             coords[nnz:] = (n, m)
             values = np.concatenate([values, np.zeros(size - nnz, dtype=vdt)])

@@ -34,7 +34,6 @@ the store's error back.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import queue
 import re
@@ -68,7 +67,7 @@ from sparsestore.errors import (
     SparseStoreError,
 )
 from sparsestore.kernels import coo_into
-from sparsestore.loader import DataLoader
+from sparsestore.loader import DataLoader, Position
 from sparsestore.reader import THREAD_PREFIX
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -340,9 +339,9 @@ def element_spec(loader: DataLoader, *, sample_shape: Sequence[int] | None = Non
 
 class _Moves:
     """Counts the calls that set a loader's epoch or position (``set_epoch``,
-    ``load_state_dict``), seen through wrappers installed on that loader instance.
+    ``load_state_dict``), as the loader reports them to its position listeners.
 
-    Counting calls, rather than comparing the loader's state, does not depend on when
+    Counting calls, rather than comparing the loader's position, does not depend on when
     TensorFlow gets round to closing an abandoned pass, and sees a ``set_epoch`` to the
     epoch the loader already has.
     """
@@ -352,24 +351,17 @@ class _Moves:
 
     @classmethod
     def of(cls, loader: DataLoader) -> _Moves:
-        """The counter of ``loader``, its wrappers installed on first use (one per loader)."""
+        """The counter of ``loader``, listening to it from first use (one per loader)."""
         with _MOVES_LOCK:
             moves = _MOVES.get(loader)
             if moves is None:
                 moves = _MOVES[loader] = cls()
-                for name in ("set_epoch", "load_state_dict"):
-                    setattr(loader, name, moves._counted(getattr(loader, name)))
+                loader.add_position_listener(moves._moved)
         return moves
 
-    def _counted(self, method: Any) -> Any:
-        """``method``, counting each call before making it."""
-
-        @functools.wraps(method)
-        def call(*args: Any, **kwargs: Any) -> Any:
+    def _moved(self, event: str, _position: Position) -> None:
+        if event != "epoch_end":
             self.count += 1
-            return method(*args, **kwargs)
-
-        return call
 
 
 # Loaders seen by the adapter -> their counters (the counters hold no reference to them).
@@ -384,7 +376,7 @@ class _Passes:
     dropped iterator) does not, so the next one moves it on: each new iteration of the
     dataset is a new epoch.  If the loader was changed since that pass began
     (``set_epoch``, ``load_state_dict``), the next pass follows the loader instead: the
-    adapter counts those calls itself (:class:`_Moves`).
+    loader reports those calls to its position listeners (:class:`_Moves`).
 
     The dataset is TensorFlow's own generator source (``_GeneratorDataset``, the class
     under ``Dataset.from_generator``), with three ``tf.numpy_function`` calls: one opens a
@@ -436,7 +428,7 @@ class _Passes:
             first, error = None, exc  # TensorFlow would retry a failed open for ever
         n = 1 if error is not None else 0
         if first is not None:
-            n = len(self.loader) - self.loader.state_dict()["batches_consumed"] + 1
+            n = len(self.loader) - self.loader.position.batches_consumed + 1
             gen = _after(first, gen)
         open_pass = _OpenPass(gen, self.plan.wire_parts, n, self.loader.num_workers,
                               self.plan.bundle, error)
@@ -745,9 +737,7 @@ def _shard(loader: DataLoader, input_context: Any) -> DataLoader:
             "input_context must be a tf.distribute.InputContext (it has num_input_pipelines "
             f"and input_pipeline_id), got {type(input_context).__name__}"
         ) from None
-    if n == 1:
-        return loader
-    return loader.with_shard(loader.rank * n + pid, loader.world_size * n)
+    return loader if n == 1 else loader.shard(pid, n)
 
 
 def _device_available(device: str) -> bool:
@@ -776,7 +766,7 @@ def to_dataset(
 
     * ``input_context``: a ``tf.distribute.InputContext``; the dataset then reads only
       pipeline ``input_pipeline_id`` of ``num_input_pipelines`` (through
-      ``loader.with_shard``).  ``loader.batch_size`` is the per-replica batch.
+      ``loader.shard``).  ``loader.batch_size`` is the per-replica batch.
     * ``sample_shape``: e.g. ``(r, c)``; each row (a flattened ``r x c`` sample) comes out
       as ``[batch, r, c]``, the coordinates computed in graph from the column id.
     * ``prefetch``: host-side ``Dataset.prefetch`` buffer (``None`` or 0: none).
@@ -812,7 +802,7 @@ def to_dataset(
     if input_context is not None:
         loader = _shard(loader, input_context)
     ds = _Passes(loader, plan).dataset()
-    if cardinality and loader.state_dict()["batches_consumed"] == 0:
+    if cardinality and loader.position.batches_consumed == 0:
         ds = ds.apply(tf.data.experimental.assert_cardinality(len(loader)))
     if repeat is None:
         ds = ds.repeat()

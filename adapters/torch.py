@@ -18,9 +18,9 @@ tensors share memory with the loader's numpy arrays (``torch.from_numpy``): no c
             ...
 
 Each torch worker reads its own disjoint share of the loader's (rank's) rows
-(``loader.with_shard(rank * k + worker, world_size * k)``), so workers never overlap and
-together read every row of the rank once.  Any start method works (``fork``, ``spawn``,
-``forkserver``, Python 3.14's default on Linux): the dataset pickles, its loader carrying
+(``loader.shard(worker, k)``), so workers never overlap and together read every row of
+the rank once.  Any start method works (``fork``, ``spawn``, ``forkserver``, Python
+3.14's default on Linux): the dataset pickles, its loader carrying
 the store by path at its pinned commit and its settings, never its threads; a worker whose
 store was replaced or restored to an earlier commit raises ``StoreChangedError``.  Pin
 memory only where an accelerator exists (elsewhere torch warns it has nothing to pin).
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from sparsestore.store import SparseStore
 
 __all__ = ["SparseIterableDataset", "SparseMapDataset", "TorchBackend", "collate_batches",
-           "shard_of", "to_torch"]
+           "to_torch"]
 
 LAYOUTS = ("csr", "coo")
 STATE_VERSION = 1
@@ -124,14 +124,6 @@ def _torch_backend(loader: DataLoader) -> TorchBackend:
     return backend if isinstance(backend, TorchBackend) else TorchBackend()
 
 
-def shard_of(loader: DataLoader, worker: int, num_workers: int) -> DataLoader:
-    """The rows torch worker ``worker`` of ``num_workers`` reads: its slice of this rank's."""
-    if num_workers == 1:
-        return loader
-    return loader.with_shard(loader.rank * num_workers + worker,
-                             loader.world_size * num_workers)
-
-
 def _round_robin(counts: Sequence[int], seen: int) -> list[int]:
     """Batches each worker had delivered after ``seen`` batches of torch's round-robin."""
     done = [0] * len(counts)
@@ -156,9 +148,10 @@ class SparseIterableDataset(tud.IterableDataset):
     loader restricted to its share of the rows; worker copies cannot advance the epoch
     here, so call :meth:`set_epoch` before each epoch (as with torch's
     ``DistributedSampler``).  ``num_workers=k`` (constructor argument, ``0`` by default)
-    cuts the rank's rows into ``k`` shards; give torch's ``DataLoader`` the same
-    ``num_workers`` so each worker reads one.  ``len(ds)`` is the batches of the ``k``
-    shards, which is what torch delivers whatever its ``num_workers``: a process holding
+    cuts the rank's rows into ``k`` shards (``loader.shard``); give torch's ``DataLoader``
+    the same ``num_workers`` so each worker reads one.  ``len(ds)`` is ``len(loader)``,
+    which the ``k`` shards' batches add up to, and what torch delivers whatever its
+    ``num_workers``: a process holding
     several shards (torch run with fewer workers, or none, as Keras's default is) reads
     them in turn, without workers in the order ``k`` workers would deliver them.  Worker
     copies start the epoch at the dataset's position (:meth:`load_state_dict`), whatever
@@ -179,11 +172,10 @@ class SparseIterableDataset(tud.IterableDataset):
         self._resume: dict[str, Any] | None = None
 
     def _counts(self, k: int) -> list[int]:
-        return [len(shard_of(self.loader, w, k)) for w in range(k)]
+        return [len(self.loader.shard(w, k)) for w in range(k)]
 
     def __len__(self) -> int:
-        k = max(1, self.num_workers)
-        return len(self.loader) if k == 1 else sum(self._counts(k))
+        return len(self.loader)  # loader.shard cuts on the batch grid: the shards add up
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the next epoch (its shuffle order) for this process and future workers."""
@@ -217,11 +209,9 @@ class SparseIterableDataset(tud.IterableDataset):
         loaders, streams = [], []
         try:
             for shard in mine:
-                loader = shard_of(self.loader, shard, k)
-                if info is not None and loader is self.loader:
-                    # A fresh copy, as with k shards: a forked worker's loader would start
-                    # its epoch afresh, a pickled one where its pass had got to.
-                    loader = loader.with_shard(loader.rank, loader.world_size)
+                # A worker reads a fresh copy even of a single shard: a forked worker's
+                # loader would start its epoch afresh, a pickled one where its pass had got to.
+                loader = self.loader if k == 1 and info is None else self.loader.shard(shard, k)
                 if done is not None:
                     inner = loader.state_dict()
                     inner.update(epoch=state["epoch"], seed=state["seed"],

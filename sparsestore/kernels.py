@@ -61,7 +61,8 @@ def coo_into(row_splits: np.ndarray, indices: np.ndarray, coords: np.ndarray) ->
 
     ``row_splits`` (int64, ``n_rows + 1``, may start above 0: the batch's values are then
     ``indices[0:row_splits[-1] - row_splits[0]]``), ``coords`` an int64 ``(nnz, >= 2)``
-    array (only its first two columns are written).
+    array (only its first two columns are written; an int32 one where every row and
+    column id fits, as JAX's 32-bit sparse indices want).
     """
     nnz = int(row_splits[-1] - row_splits[0]) if row_splits.size else 0
     if coords.shape[0] != nnz or indices.shape[0] != nnz or coords.ndim != 2:

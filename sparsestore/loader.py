@@ -13,7 +13,8 @@ import hashlib
 import os
 import pickle
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
@@ -62,6 +63,61 @@ SHUFFLE_LAYOUT_COMMAND = "sparsestore convert OLD NEW --chunk-bytes 128KiB --sha
 ACCEPTABLE_MIXING_RATIO = 1.25
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where a loader is in its stream: the epoch and the batches of it already read.
+
+    ``epoch`` is the epoch of the pass in progress, or of the next pass when none is
+    (a completed pass moves it on by one and ``batches_consumed`` back to 0);
+    ``batches_consumed`` counts the batches this loader has handed out in that epoch,
+    including those an adapter has read ahead of its consumer, or the batches a
+    :meth:`DataLoader.load_state_dict` skips.  The same two numbers as
+    :meth:`DataLoader.state_dict`'s ``epoch`` and ``batches_consumed``.
+    """
+
+    epoch: int
+    batches_consumed: int
+
+
+#: What a position listener is told: ``"set_epoch"`` and ``"load_state_dict"`` (someone
+#: chose the position), ``"epoch_end"`` (a pass ran to its end and moved the epoch on).
+POSITION_EVENTS = ("set_epoch", "load_state_dict", "epoch_end")
+PositionListener = Callable[[str, Position], None]
+
+
+def _share(total: int, rank: int, world_size: int, sub_shards: Sequence[tuple[int, int]],
+           batch_size: int) -> tuple[int, int]:
+    """``[lo, hi)``: the positions of a share in the epoch's row stream of ``total`` rows.
+
+    Rank ``r`` of ``w`` holds ``[total * r // w, total * (r + 1) // w)`` (near-equal
+    pieces); each sub-shard ``(i, n)`` then takes, of the ``B`` batches its parent's share
+    is cut into (the last one maybe short), the rows of batches ``[B * i // n,
+    B * (i + 1) // n)``.  Cutting on the batch grid keeps full batches full: the
+    sub-shards' batches number ``B`` together whatever ``n``, and only the last sub-shard
+    holds the short batch (which ``drop_last`` drops, as the parent would).
+    """
+    lo, hi = total * rank // world_size, total * (rank + 1) // world_size
+    for i, n in sub_shards:
+        batches = -(-(hi - lo) // batch_size)
+        lo, hi = (lo + batch_size * (batches * i // n),
+                  min(hi, lo + batch_size * (batches * (i + 1) // n)))
+    return lo, hi
+
+
+class _ShareSampler(BlockSampler):
+    """The block sampler of a loader's share: its rank's, cut further by :func:`_share`
+    for the loader's sub-shards (all of it without any)."""
+
+    def __init__(self, bounds: np.ndarray, *, sub_shards: Sequence[tuple[int, int]],
+                 batch_size: int, **options: Any) -> None:
+        self.sub_shards, self.batch_size = tuple(sub_shards), batch_size
+        super().__init__(bounds, **options)
+
+    def _rank_range(self) -> tuple[int, int]:
+        return _share(self.total_rows, self.rank, self.world_size, self.sub_shards,
+                      self.batch_size)
+
+
 def _sequential_block_chunks(store: SparseStore) -> int:
     """Chunks per sequential block: two, or as many as hold ``SEQUENTIAL_BLOCK_BYTES``."""
     if store.is_dense:
@@ -103,9 +159,11 @@ class DataLoader:
     iterables of row ids / lists of row ids instead and read them by random access.
 
     A completed pass advances the epoch by one (so repeated passes reshuffle); call
-    :meth:`set_epoch` to choose it.  Ranks get disjoint, near-equal shares of the rows
-    (sizes differ by at most one row), so without ``drop_last`` their batch counts can
-    differ by one.
+    :meth:`set_epoch` to choose it; :attr:`position` says where the loader is and
+    :meth:`add_position_listener` reports each move.  Ranks get disjoint, near-equal
+    shares of the rows (sizes differ by at most one row), so without ``drop_last`` their
+    batch counts can differ by one; :meth:`shard` splits a share further (torch workers,
+    ``tf.data`` input pipelines).
 
     A loader pickles (torch workers under ``spawn``/``forkserver``): the store by path at
     its pinned commit, the settings (a ``sampler`` must pickle too), seed, shard and the
@@ -191,9 +249,8 @@ class DataLoader:
         self._rows = self._check_rows(rows)
         self._columns = ColumnSelection.build(columns, store.n_cols)
         self._backend = get_backend(backend)
-        n_total = store.n_rows if self._rows is None else int(self._rows.size)
-        r, w = self._rank, self._world_size
-        self._rank_rows = n_total * (r + 1) // w - n_total * r // w
+        self._sub_shards: tuple[tuple[int, int], ...] = ()
+        self._rank_rows = self._share_rows()
         # (bounds, bytes per block), shared with with_shard() copies; filled lazily
         self._bounds: list[tuple[np.ndarray, np.ndarray]] = []
         self._warned = False
@@ -201,6 +258,7 @@ class DataLoader:
         self._epoch = 0
         self._consumed = 0
         self._resume: int | None = None
+        self._listeners: list[PositionListener] = []
         self._last_reader: BlockReader | None = None
         # Decoded chunks and blocks reuse this memory pass after pass (see buffers.py).
         self._pool = BufferPool(max_free=4096, max_idle_bytes=self._working_set_bytes())
@@ -212,6 +270,13 @@ class DataLoader:
             block_chunks=block_chunks, num_workers=num_workers, prefetch=prefetch,
             backend=self._backend,
         )
+
+    def _share_rows(self) -> int:
+        """Rows of this loader's share per epoch (its rank's, cut by its sub-shards)."""
+        total = self._store.n_rows if self._rows is None else int(self._rows.size)
+        lo, hi = _share(total, self._rank, self._world_size, self._sub_shards,
+                        self._batch_size)
+        return hi - lo
 
     def _working_set_bytes(self) -> int:
         """Bytes a pass holds at once: units in flight plus the boundary-chunk caches.
@@ -318,6 +383,13 @@ class DataLoader:
         return self._epoch
 
     @property
+    def position(self) -> Position:
+        """The epoch and the batches read of it (see :class:`Position`); read-only: move
+        the loader with :meth:`set_epoch` or :meth:`load_state_dict`."""
+        consumed = self._resume if self._resume is not None else self._consumed
+        return Position(self._epoch, int(consumed))
+
+    @property
     def seed(self) -> int:
         return self._seed
 
@@ -328,6 +400,12 @@ class DataLoader:
     @property
     def world_size(self) -> int:
         return self._world_size
+
+    @property
+    def sub_shards(self) -> tuple[tuple[int, int], ...]:
+        """``(index, count)`` of each :meth:`shard` call this loader came from, outermost
+        first (empty for a loader reading its rank's whole share)."""
+        return self._sub_shards
 
     @property
     def shuffle(self) -> bool:
@@ -362,16 +440,28 @@ class DataLoader:
     def _is_explicit(self) -> bool:
         return self._sampler is not None or self._batch_sampler is not None
 
+    def _slot(self) -> tuple[int, int]:
+        """``(r, w)``: with a sampler, this loader reads the sampler's batches ``j`` with
+        ``j % w == r``; each sub-shard ``(i, n)`` deals its parent's batches round-robin."""
+        r, w = self._rank, self._world_size
+        for i, n in self._sub_shards:
+            r, w = r + w * i, w * n
+        return r, w
+
     # ------------------------------------------------------------ epochs
     def __len__(self) -> int:
         if self._is_explicit:
             total = self._explicit_total_batches()
-            r, w = self._rank, self._world_size
+            r, w = self._slot()
             return max(0, -(-(total - r) // w))
         return num_batches(self._rank_rows, self._batch_size, self._drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch of the next pass (its shuffle order); forwards to samplers."""
+        self._move_to(epoch)
+        self._notify("set_epoch")
+
+    def _move_to(self, epoch: int) -> None:
         epoch = _check_int(epoch, "epoch", 0)
         if epoch != self._epoch:
             self._resume = None
@@ -380,19 +470,77 @@ class DataLoader:
             if s is not None and hasattr(s, "set_epoch"):
                 s.set_epoch(epoch)
 
+    def add_position_listener(self, listener: PositionListener) -> None:
+        """Call ``listener(event, position)`` whenever this loader's position moves.
+
+        ``event`` is one of :data:`POSITION_EVENTS`: ``"set_epoch"`` and
+        ``"load_state_dict"`` after those calls (even one to the epoch the loader already
+        has), ``"epoch_end"`` when a pass has run to its end and the epoch moved on;
+        ``position`` is the new :attr:`position`.  How an adapter that starts passes on its
+        own (a new epoch per ``tf.data`` iterator) learns that its user chose the epoch,
+        without wrapping the loader's methods.  Listeners run in the thread that moved the
+        loader, in the order added; they belong to this object only (copies from
+        :meth:`shard`, :meth:`with_shard` or pickling start without any) and are held
+        strongly, so hold in them nothing that must die before the loader.
+        """
+        if not callable(listener):
+            raise InvalidInputError(f"a position listener must be callable, got {listener!r}")
+        self._listeners.append(listener)
+
+    def remove_position_listener(self, listener: PositionListener) -> None:
+        """Stop calling ``listener`` (added by :meth:`add_position_listener`)."""
+        try:
+            self._listeners.remove(listener)
+        except ValueError:
+            raise InvalidInputError(f"{listener!r} is not a listener of this loader") from None
+
+    def _notify(self, event: str) -> None:
+        if self._listeners:
+            pos = self.position
+            for listener in list(self._listeners):
+                listener(event, pos)
+
     def state_dict(self) -> dict[str, Any]:
-        """Where the loader is: JSON-serialisable; :meth:`load_state_dict` resumes exactly."""
-        consumed = self._resume if self._resume is not None else self._consumed
+        """Where the loader is, as a JSON-serialisable dict; :meth:`load_state_dict` resumes it.
+
+        Keys (``STATE_VERSION`` 1; new keys may be added, none removed or changed):
+
+        * ``version`` (int): the layout of this dict, ``1``.
+        * ``epoch`` (int), ``batches_consumed`` (int): the :attr:`position`.
+        * ``seed`` (int): the shuffle seed (restored by :meth:`load_state_dict`).
+        * ``batch_size`` (int), ``shuffle`` (bool), ``drop_last`` (bool), ``world_size``
+          (int): settings the position is only meaningful under; a loader whose settings
+          differ refuses the state.
+        * ``rank`` (int): informational, not checked.
+        * ``sub_shards`` (list of ``[index, count]`` pairs): the :attr:`sub_shards`; a
+          loader reading another sub-shard refuses the state (absent from states saved
+          before sub-shards existed: the ``num_rows`` check stands in).
+        * ``num_rows`` (int, or ``None`` with ``sampler``/``batch_sampler``): the rows of
+          this loader's share per epoch, checked on load (a changed store or row subset
+          is refused).
+        * ``batches_per_epoch`` (int): ``len(loader)``, informational.
+        * ``plan`` (dict or ``None``): what a shuffled epoch's order depends on beyond seed
+          and epoch (the row blocks, the shuffle buffer), checked on load; ``None`` when
+          the order is the rows' own.
+
+        Resuming guarantees that the loaded loader's next pass yields exactly the batches
+        of the epoch that follow the first ``batches_consumed`` ones, in the same order and
+        with the same rows, as the uninterrupted pass would have; later epochs then follow
+        as usual.  Batches read ahead by an adapter (prefetched, not yet trained on) are
+        counted as consumed, so a checkpoint taken mid-epoch skips those on resume.
+        """
+        pos = self.position
         return {
             "version": STATE_VERSION,
-            "epoch": self._epoch,
+            "epoch": pos.epoch,
             "seed": self._seed,
-            "batches_consumed": int(consumed),
+            "batches_consumed": pos.batches_consumed,
             "batch_size": self._batch_size,
             "shuffle": self._shuffle,
             "drop_last": self._drop_last,
             "rank": self._rank,
             "world_size": self._world_size,
+            "sub_shards": [list(p) for p in self._sub_shards],
             "num_rows": self._rank_rows if not self._is_explicit else None,
             "batches_per_epoch": len(self),
             "plan": self._plan_record(),
@@ -451,6 +599,12 @@ class DataLoader:
                     f"state was saved with {key}={state.get(key)!r} but this loader has "
                     f"{key}={getattr(self, f'_{key}')!r}; build the loader with the same settings"
                 )
+        if "sub_shards" in state and [tuple(p) for p in state["sub_shards"]] != \
+                list(self._sub_shards):
+            raise InvalidInputError(
+                f"state was saved by sub-shard {state['sub_shards']!r} but this loader reads "
+                f"{[list(p) for p in self._sub_shards]!r}; load it into the same shard(i, n)"
+            )
         if not self._is_explicit and state.get("num_rows") != self._rank_rows:
             raise InvalidInputError(
                 f"state was saved for {state.get('num_rows')} rows per rank, this loader has "
@@ -461,15 +615,56 @@ class DataLoader:
         epoch = _check_int(state.get("epoch"), "epoch", 0)
         self._seed = _check_int(state.get("seed"), "seed", 0)
         self._block_sampler = None  # re-plan with the restored seed
-        self.set_epoch(epoch)
+        self._move_to(epoch)
         self._resume = _check_int(state.get("batches_consumed"), "batches_consumed", 0)
+        self._notify("load_state_dict")
 
     def with_shard(self, rank: int, world_size: int) -> DataLoader:
-        """A loader with the same settings and seed reading another shard of the rows."""
+        """A loader with the same settings and seed reading rank ``rank`` of ``world_size``
+        (its whole share: no sub-shard), at this loader's epoch, from the epoch's start."""
         other = DataLoader(self._store, seed=self._seed, rank=rank, world_size=world_size,
                            **self._options)
         other._bounds = self._bounds  # block boundaries do not depend on the shard
         other._epoch = self._epoch
+        return other
+
+    def shard(self, index: int, count: int) -> DataLoader:
+        """A copy reading sub-shard ``index`` of ``count`` of this loader's share.
+
+        How one rank's share is split further between readers of its own: torch workers,
+        ``tf.data`` input pipelines, JAX host threads.  The ``count`` sub-shards are
+        disjoint and together read this loader's rows exactly once per epoch; a
+        sub-shard's order is reproducible from the seed and the epoch, like a rank's.
+
+        Rows are split on this loader's batch grid: of the ``B = len(loader)`` batches
+        (without ``drop_last``), sub-shard ``i`` reads the rows of the run
+        ``[B * i // count, B * (i + 1) // count)`` of the epoch's row stream (the rank's
+        blocks in shuffled order, before each shuffle unit is permuted), so the
+        sub-shards' lengths sum to ``len(loader)`` and differ by at most one batch; a
+        sub-shard may be empty when ``count > B``.  Only the last sub-shard can hold a
+        short batch; with ``drop_last`` it drops it, so the sub-shards then read
+        ``len(loader)`` full batches, exactly the rows ``drop_last`` keeps, the dropped
+        ones (fewer than ``batch_size``) being the last of the rank's row stream, which
+        for a shuffled loader are not always those the loader itself drops.  A shuffled
+        sub-shard permutes its own units: its batches hold the same rows as the
+        corresponding part of the stream, mixed in another order than the loader's.
+
+        With ``sampler``/``batch_sampler`` the loader's batches are dealt round-robin
+        instead, as ranks deal them: sub-shard ``i`` reads the loader's batches ``k`` with
+        ``k % count == i``.
+
+        The copy starts at this loader's epoch, at the epoch's start, and moves on
+        independently; ``shard`` composes (``loader.shard(i, n).shard(j, m)``) and the
+        copy's :attr:`sub_shards` records the calls.  ``shard(0, 1)`` is a copy reading
+        the same rows in the same order.
+        """
+        index = _check_int(index, "index", 0)
+        count = _check_int(count, "count", 1)
+        if index >= count:
+            raise InvalidInputError(f"index must be in [0, count={count}), got {index}")
+        other = self.with_shard(self._rank, self._world_size)
+        other._sub_shards = (*self._sub_shards, (index, count))
+        other._rank_rows = other._share_rows()
         return other
 
     # ------------------------------------------------------------ pickling
@@ -483,13 +678,13 @@ class DataLoader:
         lost = self.__dict__.get("_lost")
         if lost is not None:
             return lost[1]  # a copy that never reopened its store passes its state on
-        consumed = self._resume if self._resume is not None else self._consumed
         return {
             "version": PICKLE_VERSION,
             "store": pickle.dumps(self._store, protocol=pickle.HIGHEST_PROTOCOL),
             "options": dict(self._options, backend=self._backend),
             "seed": self._seed, "rank": self._rank, "world_size": self._world_size,
-            "epoch": self._epoch, "batches_consumed": int(consumed),
+            "sub_shards": self._sub_shards, "epoch": self._epoch,
+            "batches_consumed": self.position.batches_consumed,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -505,7 +700,9 @@ class DataLoader:
             return
         self.__init__(store, seed=state["seed"], rank=state["rank"],  # type: ignore[misc]
                       world_size=state["world_size"], **state["options"])
-        self.set_epoch(state["epoch"])
+        self._sub_shards = tuple(state.get("sub_shards", ()))
+        self._rank_rows = self._share_rows()
+        self._move_to(state["epoch"])
         consumed = _check_int(state["batches_consumed"], "batches_consumed", 0)
         self._resume = consumed or None
 
@@ -553,14 +750,16 @@ class DataLoader:
             release_free_heap()
         self._epoch = epoch + 1
         self._consumed = 0
+        self._notify("epoch_end")
 
     def _sampler_for_blocks(self) -> BlockSampler:
         if self._block_sampler is None:
             if not self._bounds:
                 self._bounds.append(self._plan_bounds())
             bounds, nbytes = self._bounds[0]
-            self._block_sampler = BlockSampler(
-                bounds, rows=self._rows, shuffle=self._shuffle, seed=self._seed,
+            self._block_sampler = _ShareSampler(
+                bounds, sub_shards=self._sub_shards, batch_size=self._batch_size,
+                rows=self._rows, shuffle=self._shuffle, seed=self._seed,
                 buffer_blocks=self._buffer_blocks or 1,
                 unit_bytes=None if nbytes is None else self._unit_bytes,
                 block_bytes=nbytes, rank=self._rank, world_size=self._world_size,
@@ -671,7 +870,7 @@ class DataLoader:
             yield chunk
 
     def _rank_row_batches(self) -> Iterator[np.ndarray]:
-        r, w, n = self._rank, self._world_size, self._store.n_rows
+        (r, w), n = self._slot(), self._store.n_rows
         for j, ids in enumerate(self._global_row_batches()):
             if j % w != r:
                 continue
@@ -706,7 +905,8 @@ class DataLoader:
         """Rows of this rank's batches of a ``sampler`` (from its length alone)."""
         n, bs = len(self._sampler), self._batch_size  # type: ignore[arg-type]
         total = self._explicit_total_batches()
-        mine = range(self._rank, total, self._world_size)
+        r, w = self._slot()
+        mine = range(r, total, w)
         last = n - (total - 1) * bs if total else 0
         return sum(bs if j < total - 1 else last for j in mine)
 
@@ -716,6 +916,7 @@ class DataLoader:
         return (
             f"<DataLoader {self._store.path!r} batch_size={self._batch_size} "
             f"shuffle={self._shuffle} rank={self._rank}/{self._world_size} "
+            f"{''.join(f'shard={i}/{n} ' for i, n in self._sub_shards)}"
             f"epoch={self._epoch} batches={len(self)}>"
         )
 
@@ -746,4 +947,4 @@ class DataLoader:
         return rows
 
 
-__all__ = ["Batch", "DataLoader"]
+__all__ = ["POSITION_EVENTS", "Batch", "DataLoader", "Position", "PositionListener"]

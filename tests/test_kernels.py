@@ -60,6 +60,16 @@ def test_row_splits_may_start_above_zero_and_coords_may_be_strided(path):
     np.testing.assert_array_equal(transposed.T, want)
 
 
+def test_int32_coords_and_rows_cut_from_a_larger_buffer(path):
+    """JAX's layout: int32 coordinates, the batch's rows first in a padded buffer."""
+    X = sp.random(40, 25, density=0.2, format="csr", random_state=3)
+    want = oracle(X)
+    padded = np.full((want.shape[0] + 5, 2), -1, np.int32)
+    kernels.coo_into(X.indptr.astype(np.int64), X.indices, padded[: want.shape[0]])
+    np.testing.assert_array_equal(padded[: want.shape[0]], want)
+    assert (padded[want.shape[0]:] == -1).all()
+
+
 def test_disagreeing_sizes_raise(path):
     with pytest.raises(ValueError, match="must agree"):
         kernels.coo_into(np.array([0, 2, 3]), np.array([0, 1, 2]), np.empty((2, 2), np.int64))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import pickle
 import re
 import tempfile
 import threading
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 import sparsestore
 from sparsestore.backends import NumpyBackend, available_backends, get_backend
 from sparsestore.errors import InvalidInputError, LabelError, OutOfRangeError, SparseStoreError
-from sparsestore.loader import Batch, DataLoader
+from sparsestore.loader import Batch, DataLoader, Position
 from sparsestore.reader import THREAD_PREFIX
 
 
@@ -203,6 +204,82 @@ def test_drop_last_per_rank(small_store):
         assert sizes[:4] == [100] * 4 and sizes[4] in (28, 29) and len(sizes) == 5
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("count", [1, 2, 3, 7, 40])
+def test_sub_shards_split_the_share_once(small_store, shuffle, drop_last, count):
+    """``shard(i, n)``: disjoint sub-shards reading the parent's rows exactly once per epoch
+    (with ``drop_last``, exactly its ``len`` full batches), on the parent's batch grid,
+    reproducibly, and in the parent's order when unshuffled."""
+    store, X, labels = small_store
+    parent = DataLoader(store, batch_size=97, shuffle=shuffle, seed=5, labels="y",
+                        drop_last=drop_last, rank=1, world_size=2, shuffle_buffer_blocks=3)
+    parent.set_epoch(2)
+    want = parent.epoch_rows()
+    shards = [parent.shard(i, count) for i in range(count)]
+    assert all(s.epoch == 2 and s.sub_shards == ((i, count),) for i, s in enumerate(shards))
+    assert sum(len(s) for s in shards) == len(parent)
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    orders = [check_pass(s, X, labels["y"]) for s in shards]
+    assert [o.size for o in orders] == [s.num_rows for s in shards]
+    allrows = np.concatenate(orders)
+    assert np.unique(allrows).size == allrows.size  # disjoint
+    if drop_last:
+        assert all(b.n_rows == 97 for s in shards for b in s.iter_batches())
+        assert allrows.size == parent.num_rows == len(parent) * 97
+    else:
+        np.testing.assert_array_equal(np.sort(allrows), np.sort(want))  # covering
+    if not shuffle:
+        np.testing.assert_array_equal(allrows, want[: allrows.size])
+    again = [parent.shard(i, count).epoch_rows(2) for i in range(count)]
+    for a, b in zip(orders, again, strict=True):
+        np.testing.assert_array_equal(a, b)  # reproducible from seed and epoch
+
+
+def test_sub_shards_compose_and_reshuffle(small_store):
+    store, _, _ = small_store
+    parent = DataLoader(store, batch_size=50, shuffle=True, seed=8).shard(1, 2)
+    inner = [parent.shard(j, 3) for j in range(3)]
+    assert inner[2].sub_shards == ((1, 2), (2, 3))
+    got = np.concatenate([s.epoch_rows(0) for s in inner])
+    np.testing.assert_array_equal(np.sort(got), np.sort(parent.epoch_rows(0)))
+    assert not np.array_equal(inner[0].epoch_rows(0), inner[0].epoch_rows(1))
+    with pytest.raises(InvalidInputError, match="index"):
+        parent.shard(3, 3)
+    with pytest.raises(InvalidInputError, match="count"):
+        parent.shard(0, 0)
+    assert parent.with_shard(0, 2).sub_shards == ()
+
+
+def test_sub_shards_of_a_sampler_deal_its_batches(small_store):
+    store, _, _ = small_store
+    batches = [[i, i + 1] for i in range(0, 22, 2)]
+    ld = DataLoader(store, batch_sampler=batches, rank=1, world_size=2)
+    mine = [b.rows.tolist() for b in ld.iter_batches()]
+    got = [[b.rows.tolist() for b in ld.shard(i, 3).iter_batches()] for i in range(3)]
+    assert got == [mine[0::3], mine[1::3], mine[2::3]]
+    assert [len(ld.shard(i, 3)) for i in range(3)] == [2, 2, 1]
+
+
+def test_sub_shard_resumes_pickles_and_refuses_another_shards_state(small_store):
+    store, _, _ = small_store
+    shard = DataLoader(store, batch_size=64, shuffle=True, seed=4).shard(1, 3)
+    full = [b.rows for b in shard.shard(0, 1).iter_batches()]
+    it = shard.iter_batches()
+    head = [next(it).rows for _ in range(4)]
+    state = json.loads(json.dumps(shard.state_dict()))
+    copy = pickle.loads(pickle.dumps(shard))
+    it.close()
+    assert state["sub_shards"] == [[1, 3]] and copy.sub_shards == ((1, 3),)
+    resumed = DataLoader(store, batch_size=64, shuffle=True).shard(1, 3)
+    resumed.load_state_dict(state)
+    for rest in (resumed, copy):
+        for a, b in zip(head + [b.rows for b in rest.iter_batches()], full, strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(InvalidInputError, match="sub-shard"):
+        DataLoader(store, batch_size=64, shuffle=True).shard(0, 3).load_state_dict(state)
+
+
 # ------------------------------------------------------------------ resume
 
 
@@ -249,6 +326,67 @@ def test_resume_across_epochs_with_set_epoch(small_store):
     assert len(got) == len(want)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_position_follows_the_pass_and_the_state(small_store):
+    """``position`` is the state's epoch and batches consumed: mid-pass, after a pass broken
+    off, after a completed one and after ``load_state_dict``; it cannot be assigned."""
+    store, _, _ = small_store
+    ld = DataLoader(store, batch_size=300, shuffle=True, seed=1)
+    assert ld.position == Position(0, 0)
+    it = ld.iter_batches()
+    next(it), next(it), next(it)
+    assert ld.position == Position(0, 3)
+    state = ld.state_dict()
+    assert (state["epoch"], state["batches_consumed"]) == (0, 3)
+    it.close()
+    assert ld.position == Position(0, 3)  # broken off: a checkpoint now resumes at batch 3
+    for _ in ld.iter_batches():
+        pass
+    assert ld.position == Position(1, 0) and ld.epoch == 1
+    other = DataLoader(store, batch_size=300, shuffle=True)
+    other.load_state_dict(state)
+    assert other.position == Position(0, 3)
+    other.set_epoch(5)
+    assert other.position == Position(5, 0)
+    with pytest.raises(AttributeError):
+        ld.position = Position(2, 0)
+    with pytest.raises(AttributeError):
+        ld.position.epoch = 2
+
+
+def test_position_listeners_hear_every_move(small_store):
+    store, _, _ = small_store
+    ld = DataLoader(store, batch_size=1000, shuffle=True, seed=1)
+    heard = []
+    ld.add_position_listener(lambda event, pos: heard.append((event, pos)))
+    ld.set_epoch(0)  # to the epoch it already has: still a move
+    for _ in ld.iter_batches():
+        pass
+    state = ld.state_dict()
+    it = ld.iter_batches()
+    next(it)
+    it.close()  # broken off: no event
+    ld.load_state_dict(dict(state, batches_consumed=1))
+    assert heard == [("set_epoch", Position(0, 0)), ("epoch_end", Position(1, 0)),
+                     ("load_state_dict", Position(1, 1))]
+    assert not pickle.loads(pickle.dumps(ld))._listeners and not ld.shard(0, 2)._listeners
+    ld.remove_position_listener(ld._listeners[0])
+    ld.set_epoch(3)
+    assert len(heard) == 3
+    with pytest.raises(InvalidInputError):
+        ld.remove_position_listener(print)
+    with pytest.raises(InvalidInputError):
+        ld.add_position_listener(3)
+
+
+def test_state_dict_has_the_documented_keys(small_store):
+    store, _, _ = small_store
+    state = DataLoader(store, batch_size=10, shuffle=True, seed=3).state_dict()
+    doc = DataLoader.state_dict.__doc__
+    for key in state:
+        assert f"``{key}``" in doc, key
+    assert json.loads(json.dumps(state)) == state
 
 
 def test_load_state_rejects_mismatch(small_store):

@@ -141,7 +141,7 @@ def test_worker_split_matches_the_shards_of_the_loader(small_store):
     loader = sparsestore.DataLoader(store, batch_size=256, shuffle=True, seed=9, labels="y")
     ds = sstorch.SparseIterableDataset(loader, num_workers=2)
     got = epoch_rows(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))
-    shards = [[b.rows for b in sstorch.shard_of(loader, w, 2).iter_batches()] for w in range(2)]
+    shards = [[b.rows for b in loader.shard(w, 2).iter_batches()] for w in range(2)]
     want = [s[i] for i in range(max(map(len, shards))) for s in shards if i < len(s)]
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
@@ -158,9 +158,8 @@ def test_len_is_what_the_workers_deliver(small_store, ds_workers, torch_workers,
     loader = sparsestore.DataLoader(store, 190, shuffle=True, seed=4, labels="y",
                                     drop_last=drop_last, rank=world - 1, world_size=world)
     k = max(1, ds_workers)
-    shards = [sstorch.shard_of(loader, w, k) for w in range(k)]
+    shards = [loader.shard(w, k) for w in range(k)]
     want = np.sort(np.concatenate([b.rows for s in shards for b in s.iter_batches()]))
-    loader.set_epoch(0)  # with k == 1 the shard is the loader itself, now at epoch 1
     ds = sstorch.SparseIterableDataset(loader, num_workers=ds_workers)
     got = epoch_rows(torch.utils.data.DataLoader(ds, batch_size=None,
                                                  num_workers=torch_workers))
@@ -323,7 +322,7 @@ def test_start_methods_deliver_the_in_process_batches(small_store, ctx):
         check_tensor(x, X[y][:, np.arange(0, 400, 3)])
     rows = np.concatenate(want)
     assert rows.size == loader.num_rows == np.unique(rows).size
-    shards = [sstorch.shard_of(loader, w, 2).epoch_rows(1) for w in range(2)]
+    shards = [loader.shard(w, 2).epoch_rows(1) for w in range(2)]
     np.testing.assert_array_equal(np.sort(rows), np.sort(np.concatenate(shards)))
 
 
