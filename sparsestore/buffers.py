@@ -48,13 +48,17 @@ class BufferPool:
     ``weakref.finalize`` on it returns the block when the array and all its views are
     gone.  Blocks come in :func:`size_class` sizes and a request takes the smallest idle
     block of its class or up to a quarter larger.  Idle blocks beyond ``max_free`` blocks
-    or ``max_idle_bytes`` bytes are released, oldest first, so memory stays bounded by
-    what is in flight plus that.
+    or ``max_idle_bytes`` bytes are released, oldest first, and so are idle blocks while
+    the blocks in use and idle together exceed ``max_bytes``: memory stays bounded by what
+    is in flight plus at most ``max_bytes`` minus that.
     """
 
-    def __init__(self, max_free: int = 16, max_idle_bytes: int | None = None) -> None:
+    def __init__(self, max_free: int = 16, max_idle_bytes: int | None = None,
+                 max_bytes: int | None = None) -> None:
         self.max_free = int(max_free)
         self.max_idle_bytes = max_idle_bytes
+        self.max_bytes = max_bytes
+        self._in_use = 0  # bytes of blocks handed out and not yet filed back as idle
         self._by_size: dict[int, list[np.ndarray]] = {}  # idle blocks per size, newest last
         self._order: OrderedDict[int, np.ndarray] = OrderedDict()  # id -> block, oldest first
         self._idle = 0
@@ -90,6 +94,7 @@ class BufferPool:
                 self.reused += 1
             else:
                 self.allocated += 1
+            self._in_use += block.size if block is not None else size
         if block is None:
             block = np.empty(size, np.uint8)
         off = (-block.ctypes.data) % ALIGN
@@ -113,9 +118,11 @@ class BufferPool:
             self._by_size.setdefault(block.size, []).append(block)
             self._order[id(block)] = block
             self._idle += block.size
-        cap = self.max_idle_bytes
+            self._in_use -= block.size
+        cap, total = self.max_idle_bytes, self.max_bytes
         while self._order and (
             len(self._order) > self.max_free or (cap is not None and self._idle > cap)
+            or (total is not None and self._idle + self._in_use > total)
         ):
             _, old = self._order.popitem(last=False)
             same = self._by_size[old.size]

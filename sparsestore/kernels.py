@@ -9,10 +9,6 @@ bytes; ``ACCELERATED`` says which one runs.
 ``index_scan`` sums up a CSR block's column indices for the read-side check
 (:func:`sparsestore.checks.check_column_indices`) in one pass: numba fuses it, numpy
 takes three.
-
-``gather_rows_into`` copies chosen rows of a CSR (a shuffled batch out of its decoded
-unit) without the GIL, so the reader's threads gather several batches at once; scipy's
-own row-gather kernel holds the GIL.
 """
 
 from __future__ import annotations
@@ -22,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ACCELERATED", "coo_into", "gather_rows_into", "index_scan"]
+__all__ = ["ACCELERATED", "coo_into", "index_scan"]
 
 
 def _numpy_coo_into(row_splits: np.ndarray, indices: np.ndarray, coords: np.ndarray) -> None:
@@ -133,40 +129,3 @@ def index_scan(indices: np.ndarray, ptr: np.ndarray) -> tuple[int, int, int]:
     lo, hi, descents = _SCAN(indices, ptr)
     return int(lo), int(hi), int(descents)
 
-
-def _compiled_gather() -> Any:
-    """numba's row gather, or ``None`` (as for :func:`_compiled`)."""
-    if os.environ.get("SPARSESTORE_NO_NUMBA"):
-        return None
-    try:
-        import numba
-    except ImportError:
-        return None
-
-    @numba.njit(nogil=True, cache=True)
-    def gather_kernel(values: Any, indices: Any, ptr: Any, take: Any, new_ptr: Any,
-                      out_v: Any, out_i: Any) -> None:  # pragma: no cover
-        for t in range(take.shape[0]):
-            r = take[t]
-            s = ptr[r]
-            o = new_ptr[t]
-            for k in range(ptr[r + 1] - s):
-                out_v[o + k] = values[s + k]
-                out_i[o + k] = indices[s + k]
-
-    return gather_kernel
-
-
-_GATHER = _compiled_gather()
-
-
-def gather_rows_into(values: np.ndarray, indices: np.ndarray, ptr: np.ndarray,
-                     take: np.ndarray, new_ptr: np.ndarray, out_v: np.ndarray,
-                     out_i: np.ndarray) -> bool:
-    """Rows ``take`` of the CSR ``(values, indices, ptr)`` into ``out_v`` / ``out_i`` at
-    ``new_ptr`` (int64 ``ptr``, ``take`` and ``new_ptr``); False (nothing written) where
-    numba is missing: the caller gathers another way."""
-    if _GATHER is None:
-        return False
-    _GATHER(values, indices, ptr, take, new_ptr, out_v, out_i)
-    return True

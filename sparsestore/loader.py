@@ -54,6 +54,9 @@ DEFAULT_SHUFFLE_BUFFER_BYTES = 512 * 2**20
 #: Stored values a sequential block covers at least (two chunks of the default layout), so
 #: stores with small chunks still hand the reader's threads units of a useful size.
 SEQUENTIAL_BLOCK_BYTES = 8 * 2**20
+#: Batches' worth of memory the decode pool may hold beyond a pass's working set: the
+#: batches gathered ahead, the one consumed and the ones an adapter still holds.
+BATCHES_POOLED = 16
 #: What the poor-mixing warning tells users to run: small inner chunks (each random run
 #: decodes ~128 KiB, not 4 MiB) held in 8 MiB shards (few files, one index read per shard).
 SHUFFLE_LAYOUT_COMMAND = "sparsestore convert OLD NEW --chunk-bytes 128KiB --shard-bytes 8MiB"
@@ -261,7 +264,9 @@ class DataLoader:
         self._listeners: list[PositionListener] = []
         self._last_reader: BlockReader | None = None
         # Decoded chunks and blocks reuse this memory pass after pass (see buffers.py).
-        self._pool = BufferPool(max_free=4096, max_idle_bytes=self._working_set_bytes())
+        work = self._working_set_bytes()
+        self._pool = BufferPool(max_free=4096, max_idle_bytes=work,
+                                max_bytes=work + BATCHES_POOLED * self._batch_bytes())
         self._options = dict(
             batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, labels=labels,
             sampler=sampler, batch_sampler=batch_sampler, rows=rows, columns=columns,
@@ -277,6 +282,16 @@ class DataLoader:
         lo, hi = _share(total, self._rank, self._world_size, self._sub_shards,
                         self._batch_size)
         return hi - lo
+
+    def _batch_bytes(self) -> int:
+        """Decoded bytes of an average batch (what a gathered batch takes from the pool)."""
+        st = self._store
+        if st.is_dense:
+            return self._batch_size * st.n_cols * st.arrays["X"].dtype.itemsize
+        arrs = st.arrays
+        entry = arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize
+        per_row = st.nnz / max(1, st.n_rows)
+        return int(self._batch_size * (per_row * entry + 8))
 
     def _working_set_bytes(self) -> int:
         """Bytes a pass holds at once: units in flight plus the boundary-chunk caches.
@@ -302,6 +317,14 @@ class DataLoader:
             unit *= self._buffer_blocks  # its batches are gathered as they are consumed
         in_flight = self._prefetch + max(1, self._num_workers) + 1
         return max(32 * 2**20, in_flight * unit + caches)
+
+    def _unit_nnz(self) -> int | None:
+        """Stored values a byte-budgeted shuffle unit holds at most (None: no such units)."""
+        ub = self._unit_bytes
+        if not self._shuffle or ub is None or self._store.is_dense:
+            return None
+        arrs = self._store.arrays
+        return ub // (arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize)
 
     @property
     def _unit_bytes(self) -> int | None:
@@ -737,6 +760,7 @@ class DataLoader:
             self._store, label_names=self._label_names, columns=self._columns,
             num_workers=self._num_workers, prefetch=ahead,
             piece_rows=None if self._is_explicit else self._batch_size, pool=self._pool,
+            unit_nnz=self._unit_nnz(),
         )
         self._last_reader = reader
         gen = self._explicit_pass(reader, start) if self._is_explicit else \

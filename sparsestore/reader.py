@@ -25,10 +25,9 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import scipy.sparse as sp
 
 from .batch import Batch
 from .buffers import BufferPool
@@ -37,7 +36,6 @@ from .chunks import SharedChunkCache, read_rows
 from .errors import InvalidInputError
 from .fetch import prefetch_unit
 from .indexing import normalize_rows
-from .kernels import gather_rows_into
 from .sampler import UnitSpec
 
 if TYPE_CHECKING:
@@ -118,12 +116,12 @@ def gather_csr(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows ``take`` (any order, repeats allowed) of a CSR, into memory from ``pool``.
 
-    The output goes straight into pooled memory: ``csr[rows]`` would allocate fresh arrays
-    per batch, and on a shuffled pass those page faults cost more than the gather.  The
-    copy is numba's :func:`~sparsestore.kernels.gather_rows_into` (no GIL: the reader's
-    threads gather batches side by side), else scipy's own row-gather kernel (what
-    ``csr[rows]`` runs), else a numpy gather (positions by one cumulative sum, then
-    ``np.take``).
+    scipy's own row-gather kernel (what ``csr[rows]`` runs: one copy per row) writes
+    straight into pooled output: ``csr[rows]`` itself would allocate fresh arrays per
+    batch, and on a shuffled pass those page faults cost more than the gather.  ``ptr`` in
+    ``indices``' dtype saves the kernel a conversion per call.  Without that kernel, a
+    numpy gather (positions by one cumulative sum, then ``np.take``, ~4x slower) does the
+    same.
     """
     pool = pool if pool is not None else BufferPool(max_free=0)
     take = np.asarray(take, dtype=np.int64)
@@ -135,9 +133,6 @@ def gather_csr(
     out_v = pool.take(total, values.dtype)
     out_i = pool.take(total, indices.dtype)
     if total == 0:
-        return out_v, out_i, new_ptr
-    if values.ndim == 1 and ptr.dtype == np.int64 and gather_rows_into(
-            values, indices, ptr, take, new_ptr, out_v, out_i):
         return out_v, out_i, new_ptr
     idt = indices.dtype
     if _csr_row_index is not None and idt in (np.int32, np.int64) and \
@@ -158,6 +153,16 @@ def gather_csr(
     np.take(values, pos, out=out_v, mode="clip")  # "clip": positions are valid; unbuffered
     np.take(indices, pos, out=out_i, mode="clip")
     return out_v, out_i, new_ptr
+
+
+class DecodedRows(NamedTuple):
+    """A unit's decoded rows as CSR parts (``indptr`` from 0, in ``indices``' dtype when
+    the values fit).  Not a scipy matrix: its constructor may copy the parts (``prune``
+    copies a view of under half its buffer), and batches only slice or gather them."""
+
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
 
 
 def _concat_ptr(ptrs: Sequence[np.ndarray]) -> np.ndarray:
@@ -190,8 +195,15 @@ class BlockReader:
         prefetch: int = 2,
         piece_rows: int | None = None,
         pool: BufferPool | None = None,
+        unit_nnz: int | None = None,
     ) -> None:
         self.store = store
+        # Stored values a full unit can hold (a shuffled pass's units are packed up to a
+        # byte budget): every unit takes arrays of exactly that size, so the pool hands
+        # each next unit the memory the last one freed instead of allocating beside it
+        # when their sizes differ (a pass's last unit is smaller).  Pages a smaller unit
+        # never writes are never touched, so they cost address space, not memory.
+        self.unit_nnz = unit_nnz
         self.piece_rows = piece_rows
         self.pool = pool if pool is not None else BufferPool()
         self.columns = columns
@@ -256,10 +268,10 @@ class BlockReader:
                   spans: list[tuple[int, int]]) -> Iterator[Batch]:
         """A shuffled unit's pieces, gathered as they are consumed: the consumer gathers
         every ``num_workers``-th piece itself and the pass's other threads gather the rest
-        a few pieces ahead, so a unit's gathers run side by side (the gather releases the
-        GIL where numba is installed) rather than all on the consumer's thread."""
+        a few pieces ahead, so their Python work (labels, pointers, pool) overlaps the
+        consumer's rather than all of it queuing on the consumer's thread."""
         ex, w = self._span_ex, max(1, self.num_workers)
-        if ex is None or w < 2 or len(spans) < 2 or not isinstance(src, sp.csr_matrix):
+        if ex is None or w < 2 or len(spans) < 2 or not isinstance(src, DecodedRows):
             for i, j in spans:
                 yield self._piece(src, labels, unit, i, j)
             return
@@ -293,8 +305,9 @@ class BlockReader:
         # Decoded into pooled memory (reused pass after pass: fresh unit-sized arrays cost
         # more in page faults than the copies); the pool takes it back when the unit's
         # batches are gone.
-        values = self.pool.take(nnz, st.dtype)
-        indices = self.pool.take(nnz, c_ind.arr.dtype)
+        cap = self.unit_nnz if self.unit_nnz and nnz <= self.unit_nnz else nnz
+        values = self.pool.take(cap, st.dtype)[:nnz]
+        indices = self.pool.take(cap, c_ind.arr.dtype)[:nnz]
         # Pieces of about two data chunks, cut at rows: a big unit (a shuffle's) is decoded
         # by every worker thread at once instead of by the one that took the unit.
         piece_nnz = 2 * int(c_val.arr.chunks[0])
@@ -331,8 +344,9 @@ class BlockReader:
         finally:
             if ahead is not None:
                 ahead.release()
-        csr = sp.csr_matrix((values, indices, ptr), shape=(ptr.size - 1, st.n_cols))
-        return csr, labels
+        if nnz <= np.iinfo(indices.dtype).max:  # the row gather's kernel wants one dtype
+            ptr = ptr.astype(indices.dtype)
+        return DecodedRows(values, indices, ptr), labels
 
     def _piece(
         self, src: Any, labels: list[np.ndarray], unit: UnitSpec, i: int, j: int

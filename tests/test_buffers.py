@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparsestore
-from sparsestore import kernels, reader
+from sparsestore import reader
 from sparsestore.buffers import ALIGN, BufferPool, size_class
 from sparsestore.chunks import ChunkDecoder
 from sparsestore.errors import ChecksumError, CorruptStoreError, MissingChunkError
@@ -81,6 +81,36 @@ def test_pool_keeps_at_most_its_idle_budget():
     del big
     assert pool.idle_bytes() <= 1 << 20
     assert pool.idle_blocks() <= 3
+
+
+def test_pool_keeps_in_use_plus_idle_within_max_bytes():
+    """Idle blocks go first when what is in use and idle together would pass max_bytes."""
+    pool = BufferPool(max_free=100, max_idle_bytes=10 << 20, max_bytes=3 << 20)
+    first = [pool.take(1 << 20, np.uint8) for _ in range(2)]
+    del first
+    assert pool.idle_bytes() >= 2 << 20  # nothing in use: two 1 MiB blocks wait
+    held = [pool.take(600_000, np.uint8) for _ in range(3)]  # other sizes: fresh blocks
+    assert pool.idle_bytes() + sum(a.nbytes for a in held) <= (3 << 20) + 4 * 70_000
+    del held
+    assert pool.idle_bytes() <= 3 << 20
+
+
+@pytest.mark.filterwarnings("ignore::sparsestore.errors.ShuffleQualityWarning")
+def test_a_shuffled_unit_is_never_copied_out_of_its_pooled_memory(tmp_path):
+    """The decoded unit stays in the pool's arrays (no scipy constructor copying a view of
+    under half its buffer), and units of different sizes take blocks of one size: the two
+    units in flight (consumed, decoded ahead) reuse the same four blocks all pass long."""
+    X = sp.random(20_000, 100, density=0.2, format="csr", dtype=np.float32, random_state=3)
+    store = sparsestore.save(tmp_path / "u.zarr", X, chunk_bytes=16384)
+    loader = sparsestore.DataLoader(store, batch_size=256, shuffle=True, seed=0,
+                                    shuffle_buffer_bytes=2 << 20)  # units of 1 MiB
+    assert loader._unit_nnz() is not None
+    for _ in range(2):
+        for _b in loader.iter_batches():
+            pass
+    big = [k for k, blocks in loader._pool._by_size.items() for _ in blocks
+           if k >= 2**18]
+    assert len(big) == 4 and len(set(big)) == 1, big  # values and indices of two units
 
 
 @given(st.integers(1, 1 << 40))
@@ -187,11 +217,10 @@ def test_gather_csr_equals_scipy_row_indexing(data):
     values = X.data.astype(data.draw(st.sampled_from([np.float64, np.float32, np.int16])))
     indices = X.indices.astype(data.draw(st.sampled_from([np.int32, np.int64])))
     want = X[take]
-    kernel, numba_gather = reader._csr_row_index, kernels._GATHER
-    paths = [(numba_gather, kernel), (None, kernel), (None, None)]  # numba, scipy, numpy
+    kernel = reader._csr_row_index
     try:
-        for gather, k in paths if numba_gather is not None else paths[1:]:
-            kernels._GATHER, reader._csr_row_index = gather, k
+        for k in (kernel, None):  # scipy's kernel, then the numpy fallback
+            reader._csr_row_index = k
             for ptr in (X.indptr.astype(np.int64), X.indptr.astype(np.int32)):
                 v, i, p = gather_csr(values, indices, ptr, take, BufferPool())
                 np.testing.assert_array_equal(p, want.indptr)
@@ -199,7 +228,7 @@ def test_gather_csr_equals_scipy_row_indexing(data):
                 np.testing.assert_array_equal(v, want.data.astype(values.dtype))
                 assert v.dtype == values.dtype and i.dtype == indices.dtype
     finally:
-        kernels._GATHER, reader._csr_row_index = numba_gather, kernel
+        reader._csr_row_index = kernel
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
