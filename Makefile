@@ -25,7 +25,7 @@ pip_install = @echo '$(PIP_INSTALL) -c $(1) -e ".[$(2)]"'; \
 	$(PIP_INSTALL) -c $(1) -e ".[$(2)]" || { $(NO_WHEEL_HINT); }
 
 .PHONY: setup setup-demo demo test lint bench bench-quick lock clean test-torch test-jax \
-	test-backends
+	test-backends test-distributed
 
 $(BIN)/python:
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "sparsestore needs \
@@ -81,6 +81,13 @@ test-jax: setup
 	$(BIN)/python -m pytest tests/test_jax.py README.md $(PYTEST_ARGS)
 
 test-backends: test-torch test-jax
+
+# Training on several processes (tests/test_multiworker.py): torchrun launches 2 DDP ranks
+# on loopback, over a store on disk and on the moto S3 server; ~1 min on 2 cores.  `make
+# test` collects the same file, whose tests skip where torch is not installed.
+test-distributed: setup
+	$(call pip_framework,$(TORCH_PIN))
+	$(BIN)/python -m pytest -m distributed tests/test_multiworker.py $(PYTEST_ARGS)
 
 # The suite into benchmarks/out (git-ignored); `python -m benchmarks suite --out
 # benchmarks/results` replaces the committed results, `python -m benchmarks report` rebuilds

@@ -30,24 +30,27 @@ ids at once) for torch samplers; it pickles too.
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.utils.data as tud
 
 from sparsestore.errors import DTypeError, InvalidInputError
 from sparsestore.kernels import coo_into
 from sparsestore.loader import DataLoader
+from sparsestore.storage import is_remote
 
 if TYPE_CHECKING:
     from sparsestore.loader import Batch
     from sparsestore.store import SparseStore
 
 __all__ = ["SparseIterableDataset", "SparseMapDataset", "TorchBackend", "collate_batches",
-           "to_torch"]
+           "distributed_shard", "to_torch"]
 
 LAYOUTS = ("csr", "coo")
 STATE_VERSION = 1
@@ -124,6 +127,28 @@ def _torch_backend(loader: DataLoader) -> TorchBackend:
     return backend if isinstance(backend, TorchBackend) else TorchBackend()
 
 
+def distributed_shard(loader: DataLoader, rank: int | None = None,
+                      world_size: int | None = None) -> DataLoader:
+    """The loader's rows for this process of a ``torch.distributed`` job.
+
+    Like torch's ``DistributedSampler``: ``rank`` and ``world_size`` default to
+    ``torch.distributed``'s when a process group is initialised, so a script launched by
+    ``torchrun`` reads a disjoint share of the rows on each rank without passing them.
+    Defaults never override a loader the caller already sharded (``world_size > 1``), and
+    without a process group the loader is returned unchanged.  Explicit values replace the
+    loader's own shard (same settings and seed, through ``loader.with_shard``).
+    """
+    if rank is None and world_size is None:
+        if loader.world_size > 1 or not (dist.is_available() and dist.is_initialized()):
+            return loader
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    elif rank is None or world_size is None:
+        raise InvalidInputError("pass both rank and world_size, or neither")
+    if (int(rank), int(world_size)) == (loader.rank, loader.world_size):
+        return loader
+    return loader.with_shard(int(rank), int(world_size))
+
+
 def _round_robin(counts: Sequence[int], seen: int) -> list[int]:
     """Batches each worker had delivered after ``seen`` batches of torch's round-robin."""
     done = [0] * len(counts)
@@ -156,16 +181,23 @@ class SparseIterableDataset(tud.IterableDataset):
     them in turn, without workers in the order ``k`` workers would deliver them.  Worker
     copies start the epoch at the dataset's position (:meth:`load_state_dict`), whatever
     pass the loader itself has in progress, under every start method alike.
+
+    Under ``torch.distributed`` (``torchrun``) a loader built without ``rank`` /
+    ``world_size`` is sharded by the process group's rank and size, as torch's
+    ``DistributedSampler`` does (see :func:`distributed_shard`; pass ``rank`` and
+    ``world_size`` here to choose them yourself).  Initialise the process group before
+    building the dataset.
     """
 
     def __init__(self, loader: DataLoader, layout: str | None = None,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, *, rank: int | None = None,
+                 world_size: int | None = None) -> None:
         if not isinstance(loader, DataLoader):
             raise InvalidInputError(
                 f"expected a sparsestore.DataLoader, got {type(loader).__name__}"
             )
         super().__init__()
-        self.loader = loader
+        self.loader = distributed_shard(loader, rank, world_size)
         self.backend = TorchBackend(layout) if layout else _torch_backend(loader)
         self.num_workers = int(num_workers)
         self._seen = 0
@@ -212,6 +244,11 @@ class SparseIterableDataset(tud.IterableDataset):
                 # A worker reads a fresh copy even of a single shard: a forked worker's
                 # loader would start its epoch afresh, a pickled one where its pass had got to.
                 loader = self.loader if k == 1 and info is None else self.loader.shard(shard, k)
+                if info is not None and is_remote(loader.store.path):
+                    # A forked worker inherits the parent's open connections to object
+                    # storage, bound to an event loop that did not survive the fork:
+                    # reopen the store by path (at its pinned commit), as spawn does.
+                    loader = pickle.loads(pickle.dumps(loader))
                 if done is not None:
                     inner = loader.state_dict()
                     inner.update(epoch=state["epoch"], seed=state["seed"],
