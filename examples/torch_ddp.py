@@ -52,7 +52,7 @@ import synthetic  # noqa: E402
 class ReportingLoader(sparsestore.DataLoader):
     """A loader that appends, after each complete pass, the chunks it decoded to a file.
 
-    Shards made by ``with_shard`` (one per torch worker) report too: that is how each
+    Shards made by ``shard`` (one per torch worker) report too: that is how each
     rank's share of the store's bytes is measured, in the processes that read them.
     """
 
@@ -76,8 +76,10 @@ class ReportingLoader(sparsestore.DataLoader):
         epoch = self.epoch
         yield from super().iter_batches()
         if self.report_dir:
-            line = {"rank": int(os.environ.get("RANK", 0)), "shard": self.rank,
-                    "shards": self.world_size, "epoch": epoch, "decoded": self.decoded_chunks}
+            index, count = self.sub_shards[-1] if self.sub_shards else (0, 1)
+            line = {"rank": int(os.environ.get("RANK", 0)), "shard": self.rank * count + index,
+                    "shards": self.world_size * count, "epoch": epoch,
+                    "decoded": self.decoded_chunks}
             with open(Path(self.report_dir) / f"chunks-{os.getpid()}.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
 
