@@ -30,7 +30,6 @@ ids at once) for torch samplers; it pickles too.
 
 from __future__ import annotations
 
-import pickle
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -248,7 +247,7 @@ class SparseIterableDataset(tud.IterableDataset):
                     # A forked worker inherits the parent's open connections to object
                     # storage, bound to an event loop that did not survive the fork:
                     # reopen the store by path (at its pinned commit), as spawn does.
-                    loader = pickle.loads(pickle.dumps(loader))
+                    loader = loader.reopened()
                 if done is not None:
                     inner = loader.state_dict()
                     inner.update(epoch=state["epoch"], seed=state["seed"],

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from .sampler import (
     mixing_ratio,
     num_batches,
 )
-from .store import SparseStore
+from .store import SparseStore, reopen_at
 from .store import open as open_store
 
 STATE_VERSION = 1
@@ -694,21 +693,31 @@ class DataLoader:
     def __getstate__(self) -> dict[str, Any]:
         """The settings and position, nothing of a pass (threads, caches, buffer pool).
 
-        The store travels as its own pickle (by path, at the commit this handle sees), so
-        that a copy whose store cannot be reopened still unpickles and raises when used:
-        a torch worker then reports the error instead of dying before it starts.
+        The store travels as what reopens it (its path, storage options and the commit
+        this handle sees: ``store.reopen_at``'s arguments), reopened in
+        :meth:`__setstate__`, so that a copy whose store cannot be reopened still
+        unpickles and raises when used: a torch worker then reports the error instead of
+        dying before it starts.
         """
         lost = self.__dict__.get("_lost")
         if lost is not None:
             return lost[1]  # a copy that never reopened its store passes its state on
         return {
             "version": PICKLE_VERSION,
-            "store": pickle.dumps(self._store, protocol=pickle.HIGHEST_PROTOCOL),
+            "store": self._store.__reduce__()[1],
             "options": dict(self._options, backend=self._backend),
             "seed": self._seed, "rank": self._rank, "world_size": self._world_size,
             "sub_shards": self._sub_shards, "epoch": self._epoch,
             "batches_consumed": self.position.batches_consumed,
         }
+
+    def reopened(self) -> DataLoader:
+        """What a pickle round trip gives, without one: a copy whose store is opened afresh
+        by path at this handle's commit (a forked process's open connections to object
+        storage belong to its parent), with the settings and the :attr:`position`."""
+        other = type(self).__new__(type(self))
+        other.__setstate__(self.__getstate__())
+        return other
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Rebuild from :meth:`__getstate__`: reopen the store, redo the checks, resume."""
@@ -717,7 +726,7 @@ class DataLoader:
                 "not a pickled DataLoader of this sparsestore version; pickle it again"
             )
         try:
-            store = pickle.loads(state["store"])
+            store = reopen_at(*state["store"])
         except SparseStoreError as exc:  # replaced, restored to an earlier commit, gone
             self.__dict__["_lost"] = (exc, state)
             return

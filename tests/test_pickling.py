@@ -59,6 +59,16 @@ def test_a_pickled_loader_yields_the_same_batches(small_store, name):
     same(rows_of(clone, X), rows_of(loader, X))  # the next epoch too
 
 
+def test_reopened_is_a_pickle_round_trip_without_pickle(small_store):
+    store, X, _ = small_store
+    loader = DataLoader(store, labels="y", **SETTINGS["shuffled"])
+    loader.set_epoch(1)
+    copy = loader.reopened()
+    assert copy.store is not loader.store and copy.store.path == loader.store.path
+    assert copy.state_dict() == loader.state_dict()
+    same(rows_of(copy, X), rows_of(loader, X))
+
+
 @pytest.mark.parametrize("name", ["shuffled", "rows", "buffer"])
 @pytest.mark.parametrize("taken", [0, 1, 4])
 def test_a_loader_pickled_mid_pass_resumes_where_state_dict_says(small_store, name, taken):
