@@ -40,6 +40,7 @@ from .sampler import (
     mixing_ratio,
     num_batches,
 )
+from .storage import is_remote
 from .store import SparseStore, reopen_at
 from .store import open as open_store
 
@@ -53,6 +54,10 @@ DEFAULT_SHUFFLE_BUFFER_BYTES = 512 * 2**20
 #: Stored values a sequential block covers at least (two chunks of the default layout), so
 #: stores with small chunks still hand the reader's threads units of a useful size.
 SEQUENTIAL_BLOCK_BYTES = 8 * 2**20
+#: On object storage, units (beyond those queued for decoding) whose chunks a pass fetches
+#: ahead, so that its round trips overlap: sequential passes only (a shuffled unit is big
+#: and is decoded one ahead already).
+REMOTE_IO_AHEAD = 4
 #: Batches' worth of memory the decode pool may hold beyond a pass's working set: the
 #: batches gathered ahead, the one consumed and the ones an adapter still holds.
 BATCHES_POOLED = 16
@@ -770,6 +775,8 @@ class DataLoader:
             num_workers=self._num_workers, prefetch=ahead,
             piece_rows=None if self._is_explicit else self._batch_size, pool=self._pool,
             unit_nnz=self._unit_nnz(),
+            io_ahead=REMOTE_IO_AHEAD if is_remote(self._store.path) and not (
+                self._shuffle and self._buffer_bytes is not None) else 0,
         )
         self._last_reader = reader
         gen = self._explicit_pass(reader, start) if self._is_explicit else \

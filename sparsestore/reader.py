@@ -34,7 +34,7 @@ from .buffers import BufferPool
 from .checks import check_row_pointers
 from .chunks import SharedChunkCache, read_rows
 from .errors import InvalidInputError
-from .fetch import prefetch_unit
+from .fetch import Prefetch, prefetch_unit
 from .indexing import normalize_rows
 from .sampler import UnitSpec
 
@@ -196,8 +196,12 @@ class BlockReader:
         piece_rows: int | None = None,
         pool: BufferPool | None = None,
         unit_nnz: int | None = None,
+        io_ahead: int = 0,
     ) -> None:
         self.store = store
+        # Units beyond those submitted for decoding whose chunks are fetched already (object
+        # storage: hides the round trips of a pass of many small units).
+        self.io_ahead = int(io_ahead)
         # Stored values a full unit can hold (a shuffled pass's units are packed up to a
         # byte budget): every unit takes arrays of exactly that size, so the pool hands
         # each next unit the memory the last one freed instead of allocating beside it
@@ -395,6 +399,26 @@ class BlockReader:
             values, indices, ptr = self.columns.apply_csr(values, indices, ptr)
         return Batch(values, indices, ptr, None, labels, rows, self.n_cols)
 
+    def _fetch_ahead(self, unit: UnitSpec) -> Prefetch | None:
+        """Start fetching the ``data``/``indices`` chunks of ``unit`` from object storage
+        (its row pointers come from the cache); None where there is nothing to fetch."""
+        if unit.explicit or self.store.is_dense or not unit.spans.size:
+            return None
+        c_ptr = self.caches["indptr"]
+        n = self.store.n_rows + 1
+        ranges = []
+        for a, b in unit.spans:
+            p = c_ptr.read(int(a), int(b) + 1, n)
+            ranges.append((int(p[0]), int(p[-1])))
+        return prefetch_unit((self.caches["data"], self.caches["indices"]), ranges)
+
+    def _decode_fetched(self, unit: UnitSpec, ahead: Prefetch | None) -> Iterable[Batch]:
+        try:
+            return self.decode(unit)
+        finally:
+            if ahead is not None:
+                ahead.release()  # what the decode did not take (nothing, normally)
+
     # -- a pass
     def stream(self, units: Iterable[UnitSpec]) -> Iterator[Iterable[Batch]]:
         """Decoded units in order, ``prefetch`` ahead, on ``num_workers`` threads.
@@ -411,9 +435,20 @@ class BlockReader:
             self._span_ex = ThreadPoolExecutor(max_workers=self.num_workers - 1,
                                                thread_name_prefix=THREAD_PREFIX)
         pending: deque[Future] = deque()
+        # Units whose chunks are already being fetched (object storage only), waiting for
+        # a thread to decode them: their round trips overlap the units decoded before.
+        fetching: deque[tuple[UnitSpec, Prefetch | None]] = deque()
+        upcoming = iter(units)
         try:
-            for unit in units:
-                pending.append(ex.submit(self.decode, unit))
+            while True:
+                while len(fetching) <= self.io_ahead:
+                    unit = next(upcoming, None)
+                    if unit is None:
+                        break
+                    fetching.append((unit, self._fetch_ahead(unit) if self.io_ahead else None))
+                if not fetching:
+                    break
+                pending.append(ex.submit(self._decode_fetched, *fetching.popleft()))
                 if len(pending) > self.prefetch:
                     yield pending.popleft().result()
             while pending:
@@ -422,6 +457,9 @@ class BlockReader:
             for fut in pending:
                 fut.cancel()
             pending.clear()
+            for _, ahead in fetching:
+                if ahead is not None:
+                    ahead.release()
             ex.shutdown(wait=True, cancel_futures=True)
             if self._span_ex is not None:
                 self._span_ex.shutdown(wait=True, cancel_futures=True)

@@ -209,3 +209,26 @@ def test_damaged_chunks_on_s3_fail_a_concurrent_pass(s3, X, layout):
         a_pass()
     client.put_object(Bucket=bucket, Key=keys[1], Body=good)
     a_pass()  # restored: reads again
+
+
+def test_a_sequential_pass_fetches_the_next_units_ahead(s3, X, stores, monkeypatch):
+    """Units queued behind the ones being decoded have their chunks requested already, so
+    a pass of many small units keeps more requests in flight than the decoding threads
+    alone would (and reads the same batches, each chunk once)."""
+    import sparsestore.loader as loader_mod
+
+    url, local = stores["small_chunks"]
+    seen = {}
+    for io_ahead in (0, loader_mod.REMOTE_IO_AHEAD):
+        monkeypatch.setattr(loader_mod, "REMOTE_IO_AHEAD", io_ahead)
+        with LatencyProxy(s3.endpoint_url, 0.02) as proxy:
+            store = sparsestore.open(url, storage_options=_through(s3, proxy))
+            proxy.reset()
+            loader = sparsestore.DataLoader(store, batch_size=500, labels="y",
+                                            block_rows=600, num_workers=1)
+            ys = np.concatenate([np.asarray(y) for _, y in loader])
+            counts = proxy.snapshot()
+        np.testing.assert_array_equal(ys, np.arange(X.shape[0]))
+        assert counts["by_method"]["GET"] <= _stored_objects(store) + 4, proxy.log
+        seen[io_ahead] = counts["max_in_flight"]
+    assert seen[loader_mod.REMOTE_IO_AHEAD] > seen[0] + 2, seen
