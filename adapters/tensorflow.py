@@ -855,7 +855,11 @@ def distribute(
     (``device`` is left to the strategy, which places batches on its replicas itself).
     Use it with a custom loop (``strategy.run``): Keras 3.15's ``model.fit`` under a
     multi-replica strategy fails on any ``SparseTensor`` input (its first-batch build calls
-    ``strategy.reduce`` on the batch, and ``SparseTensor`` has no ``device``).
+    ``strategy.reduce`` on the batch, and ``SparseTensor`` has no ``device``).  Each
+    pipeline reads a ``loader.shard`` copy that starts at an epoch's start: to resume
+    several workers mid-epoch, give each worker a loader of its own rank and pass
+    ``to_dataset(loader)`` to ``distribute_datasets_from_function`` (see
+    ``examples/tf_multiworker.py``).
     """
     if "input_context" in options or "device" in options:
         raise InvalidInputError(

@@ -9,6 +9,12 @@ numpy SGD over the same global batches (DDP averages the ranks' gradients, so a 
 step is a 1-process step on the union of the two batches); and, after a rank is killed
 mid-epoch and the job relaunched, no row lost or repeated.
 
+The TensorFlow tests do the same with ``examples/tf_multiworker.py``: 2 processes with
+``TF_CONFIG`` training under MultiWorkerMirroredStrategy (a custom ``strategy.run`` loop;
+the replicas' gradients are summed over losses divided by the global batch, so a step is
+again a 1-process step on the union), each worker one ``DataLoader`` rank; the resume test
+also drops the documented tail (rows past the last multiple of the global batch).
+
     make test-distributed
 """
 
