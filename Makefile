@@ -84,7 +84,7 @@ test-backends: test-torch test-jax
 
 # Training on several processes (tests/test_multiworker.py): torchrun launches 2 DDP ranks,
 # and 2 TF_CONFIG processes train with MultiWorkerMirroredStrategy, on loopback over a
-# store on disk and on the moto S3 server; ~2.5 min on 2 cores.  `make test` collects the
+# store on disk and on the moto S3 server; ~2 min on 2 cores.  `make test` collects the
 # same file, whose tests skip where torch or tensorflow is not installed.
 test-distributed: setup
 	$(call pip_framework,$(TORCH_PIN))
