@@ -118,9 +118,14 @@ def train(args: argparse.Namespace) -> tuple[int, list[tuple[int, float]]]:
     opts = json.loads(args.storage_options) if args.storage_options else None
     if index == 0 and args.rows and not opts and not Path(args.store).exists():
         synthetic.build_store(args.store, args.rows, args.cols, density=0.03, noise=0.0)
-    while not opts and not (Path(args.store) / "zarr.json").exists():
-        time.sleep(0.2)  # worker 0 may still be writing it
-    store = sparsestore.open(args.store, storage_options=opts)
+    while True:  # worker 0 may still be writing it: wait for its last commit
+        try:
+            store = sparsestore.open(args.store, storage_options=opts)
+        except sparsestore.errors.SparseStoreError:
+            store = None
+        if store is not None and (opts or not args.rows or store.n_rows >= args.rows):
+            break
+        time.sleep(0.5)
     labels = ("y", "row") if "row" in store.labels else ("y",)
     global_batch = args.batch_size * workers
     tail = store.n_rows % global_batch
