@@ -737,6 +737,17 @@ def _shard(loader: DataLoader, input_context: Any) -> DataLoader:
             "input_context must be a tf.distribute.InputContext (it has num_input_pipelines "
             f"and input_pipeline_id), got {type(input_context).__name__}"
         ) from None
+    if n > 1 and loader.position.batches_consumed:
+        # A shard copy starts at its epoch's start: the position would be dropped silently
+        # (and it counts the loader's own batches, not the pipeline's).
+        raise InvalidInputError(
+            f"the loader is at batch {loader.position.batches_consumed} of epoch "
+            f"{loader.position.epoch} (load_state_dict or a pass in progress), but "
+            f"input_context splits it into {n} pipelines, each a shard copy that starts at "
+            "the epoch's start; to resume mid-epoch build each worker's own loader "
+            "(rank=worker index, world_size=workers), load its state, and pass it to "
+            "to_dataset without input_context"
+        )
     return loader if n == 1 else loader.shard(pid, n)
 
 
@@ -766,7 +777,10 @@ def to_dataset(
 
     * ``input_context``: a ``tf.distribute.InputContext``; the dataset then reads only
       pipeline ``input_pipeline_id`` of ``num_input_pipelines`` (through
-      ``loader.shard``).  ``loader.batch_size`` is the per-replica batch.
+      ``loader.shard``).  ``loader.batch_size`` is the per-replica batch.  A shard copy
+      starts at the epoch's start, so a loader resumed mid-epoch is refused here when
+      there are several pipelines: resume per-worker loaders (``rank=``/``world_size=``)
+      and give each to ``to_dataset`` without ``input_context`` instead.
     * ``sample_shape``: e.g. ``(r, c)``; each row (a flattened ``r x c`` sample) comes out
       as ``[batch, r, c]``, the coordinates computed in graph from the column id.
     * ``prefetch``: host-side ``Dataset.prefetch`` buffer (``None`` or 0: none).
@@ -841,7 +855,11 @@ def distribute(
     (``device`` is left to the strategy, which places batches on its replicas itself).
     Use it with a custom loop (``strategy.run``): Keras 3.15's ``model.fit`` under a
     multi-replica strategy fails on any ``SparseTensor`` input (its first-batch build calls
-    ``strategy.reduce`` on the batch, and ``SparseTensor`` has no ``device``).
+    ``strategy.reduce`` on the batch, and ``SparseTensor`` has no ``device``).  Each
+    pipeline reads a ``loader.shard`` copy that starts at an epoch's start: to resume
+    several workers mid-epoch, give each worker a loader of its own rank and pass
+    ``to_dataset(loader)`` to ``distribute_datasets_from_function`` (see
+    ``examples/tf_multiworker.py``).
     """
     if "input_context" in options or "device" in options:
         raise InvalidInputError(

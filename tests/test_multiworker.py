@@ -9,6 +9,12 @@ numpy SGD over the same global batches (DDP averages the ranks' gradients, so a 
 step is a 1-process step on the union of the two batches); and, after a rank is killed
 mid-epoch and the job relaunched, no row lost or repeated.
 
+The TensorFlow tests do the same with ``examples/tf_multiworker.py``: 2 processes with
+``TF_CONFIG`` training under MultiWorkerMirroredStrategy (a custom ``strategy.run`` loop;
+the replicas' gradients are summed over losses divided by the global batch, so a step is
+again a 1-process step on the union), each worker one ``DataLoader`` rank; the resume test
+also drops the documented tail (rows past the last multiple of the global batch).
+
     make test-distributed
 """
 
@@ -19,6 +25,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -277,4 +284,116 @@ def test_torch_ddp_resumes_after_a_rank_is_killed(local_store, data, tmp_path):
             assert len(got) == len(want)
             for g, e in zip(got, want, strict=True):
                 np.testing.assert_array_equal(g, e)
+    check_model(tmp_path, X, y, batches)
+
+
+# ------------------------------------------------------------------ TensorFlow
+
+
+TF_BATCH_TAIL = 48  # 4096 % (2 * 48) = 64: the last 64 rows are the dropped tail
+SURVIVOR_WAIT = 15  # seconds a worker gets to exit by itself once its peer died
+
+
+def tf_launch(out: Path, store: str, *extra: str, batch: int = BATCH, opts: dict | None = None,
+              check: bool = True) -> tuple[list[subprocess.CompletedProcess], list[bool]]:
+    """Run ``examples/tf_multiworker.py`` as 2 MWMS workers (``TF_CONFIG``, loopback ports).
+
+    Returns each worker's completed process and whether the test had to stop it: once a
+    worker has died, the others get ``SURVIVOR_WAIT`` seconds to exit by themselves.
+    """
+    cluster = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    cmd = [sys.executable, str(ROOT / "examples" / "tf_multiworker.py"), "--store", store,
+           "--out", str(out), "--batch-size", str(batch), "--epochs", str(EPOCHS),
+           "--lr", str(LR), *extra]
+    if opts is not None:
+        cmd += ["--storage-options", json.dumps(opts)]
+    procs = []
+    for i in range(2):
+        tf_config = {"cluster": {"worker": cluster}, "task": {"type": "worker", "index": i}}
+        env = dict(_env(), TF_CONFIG=json.dumps(tf_config))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs: list[str | None] = [None, None]
+    stopped = [False, False]
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):  # one died: the others...
+                deadline = min(deadline, time.monotonic() + SURVIVOR_WAIT)
+            time.sleep(0.2)
+    finally:
+        for i, p in enumerate(procs):
+            if p.poll() is None:
+                p.kill()
+                stopped[i] = True
+            outputs[i] = p.communicate()[0]
+    done = [subprocess.CompletedProcess(cmd, p.returncode, o, "")
+            for p, o in zip(procs, outputs, strict=True)]
+    if check:
+        for i, proc in enumerate(done):
+            assert proc.returncode == 0, f"worker {i}:\n" + proc.stdout[-5000:]
+    return done, stopped
+
+
+def expected_tf_order(rank: int, world: int, n_rows: int, batch: int) -> list[np.ndarray]:
+    """Unshuffled: worker ``r`` reads the ``r``-th contiguous share in consecutive batches."""
+    lo, hi = n_rows * rank // world, n_rows * (rank + 1) // world
+    return [np.arange(s, s + batch) for s in range(lo, hi - batch + 1, batch)]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_tf_multiworker_mirrored_two_workers(where, request, data, tmp_path):
+    pytest.importorskip("tensorflow")
+    X, y = data
+    if where == "local":
+        store, opts = request.getfixturevalue("local_store"), None
+    else:
+        store, opts = request.getfixturevalue("s3_store")
+    tf_launch(tmp_path, store, opts=opts)
+    logs = read_rows_logs(tmp_path, 2)
+    check_every_row_once_per_epoch(logs, EPOCHS, N_ROWS)
+    for r, log in enumerate(logs):
+        want = expected_tf_order(r, 2, N_ROWS, BATCH)
+        for epoch in range(EPOCHS):
+            got = [np.asarray(e["rows"]) for e in log if e["epoch"] == epoch]
+            assert len(got) == len(want)
+            for g, e in zip(got, want, strict=True):
+                np.testing.assert_array_equal(g, e)
+    check_chunk_shares(tmp_path, X, world=2, shards_per_rank=1, epochs=EPOCHS)
+    check_model(tmp_path, X, y, global_batches(logs))
+
+
+def test_tf_multiworker_resumes_after_a_worker_is_killed(local_store, data, tmp_path):
+    pytest.importorskip("tensorflow")
+    X, y = data
+    kept = N_ROWS - N_ROWS % (2 * TF_BATCH_TAIL)  # the rest: the dropped tail, never read
+    steps_per_epoch = kept // 2 // TF_BATCH_TAIL
+    crash = steps_per_epoch + 13  # mid-epoch 1
+    args = ("--shuffle", "--seed", "3", "--checkpoint-every", "1", "--crash-at-step",
+            str(crash))
+    first, stopped = tf_launch(tmp_path, local_store, *args, batch=TF_BATCH_TAIL, check=False)
+    assert first[1].returncode == -9, first[1].stdout[-3000:]  # the worker killed itself
+    # MWMS's heartbeats fail the survivor's next collective (UnavailableError) within a
+    # few seconds; tf_launch stops it after SURVIVOR_WAIT if not.  Both are relaunched.
+    unavailable = "UnavailableError" in first[0].stdout
+    print(f"after worker 1 died, worker 0 {'was stopped' if stopped[0] else 'exited'} "
+          f"(rc={first[0].returncode}{', UnavailableError' if unavailable else ''})")
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["step"] == crash and not (tmp_path / "model.npz").exists()
+    second, _ = tf_launch(tmp_path, local_store, *args, batch=TF_BATCH_TAIL)
+    for proc in second:
+        assert f"resumed at epoch 1, batch {crash - steps_per_epoch}" in proc.stdout
+    logs = read_rows_logs(tmp_path, 2)
+    check_every_row_once_per_epoch(logs, EPOCHS, kept)
+    batches = global_batches(logs)
+    assert len(batches) == EPOCHS * steps_per_epoch
+    # The order is the one an uninterrupted run serves: the loaders' own plan.
+    for r, log in enumerate(logs):
+        loader = sparsestore.DataLoader(local_store, TF_BATCH_TAIL, shuffle=True, seed=3,
+                                        drop_last=True, labels="row", rank=r, world_size=2,
+                                        rows=np.arange(kept))
+        for epoch in range(EPOCHS):
+            want = loader.epoch_rows(epoch).reshape(-1, TF_BATCH_TAIL)
+            got = np.array([e["rows"] for e in log if e["epoch"] == epoch])
+            np.testing.assert_array_equal(got, want)
     check_model(tmp_path, X, y, batches)

@@ -472,6 +472,30 @@ def test_input_context_shards_are_disjoint_and_cover(small_store):
         assert max(batches) - min(batches) <= 1
 
 
+def test_input_context_refuses_a_loader_resumed_mid_epoch(small_store):
+    """A shard copy starts at the epoch's start: splitting a resumed loader into pipelines
+    would silently serve its first batches again, so it is refused."""
+    store, _, _ = small_store
+    loader = sparsestore.DataLoader(store, batch_size=128, labels="y", drop_last=True)
+    state = loader.state_dict()
+    state["batches_consumed"] = 2
+    loader.load_state_dict(state)
+    two = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1,
+                                     num_replicas_in_sync=2)
+    with pytest.raises(InvalidInputError, match="at batch 2 of epoch 0"):
+        sstf.to_dataset(loader, input_context=two)
+    one = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
+                                     num_replicas_in_sync=2)
+    assert len(list(sstf.to_dataset(loader, input_context=one))) == len(loader) - 2
+    # A worker's own loader, resumed and given without input_context, is what works.
+    mine = sparsestore.DataLoader(store, batch_size=128, labels="y", drop_last=True,
+                                  rank=1, world_size=2)
+    state = mine.state_dict()
+    state["batches_consumed"] = 1
+    mine.load_state_dict(state)
+    assert len(list(sstf.to_dataset(mine))) == len(mine) - 1
+
+
 def test_distribute_with_mirrored_strategy_on_cpu(small_store):
     store, X, _ = small_store
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
