@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=200_000)
     args = ap.parse_args(argv)
     d = args.dir or Path(tempfile.mkdtemp())
+    d.mkdir(parents=True, exist_ok=True)
     groups = 50
     layouts = {"default (4 MiB chunks)": {}, "chunk_bytes=131072": {"chunk_bytes": 131072}}
     paths = {}
