@@ -6,7 +6,7 @@ A local S3 server (moto) answers in well under a millisecond; real object storag
 :class:`~benchmarks.latency_proxy.LatencyProxy`, which holds each request for the given
 delay and counts requests per method and the most in flight.  Each pass (sequential, and
 the default shuffle) is timed on a freshly opened store (opening not timed), after one
-warm-up pass.
+warm-up pass; the median of ``--repeats`` passes.
 
 ``python -m benchmarks s3_latency [--rows N] [--delays 0,10,30] [--out DIR]``
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -54,17 +54,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--chunk-bytes", type=int, default=None,
                     help="stored chunk size (default: the library's)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes per case (median)")
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from s3server import S3Server
+    from tests.s3server import S3Server
 
     X = _matrix(args.rows, args.cols, args.density)
     layout = {} if args.chunk_bytes is None else {"chunk_bytes": args.chunk_bytes}
     server = S3Server().start()
     record: dict[str, Any] = {
         "rows": args.rows, "cols": args.cols, "nnz": int(X.nnz), "layout": layout,
-        "batch_size": args.batch_size, "passes": [],
+        "batch_size": args.batch_size, "repeats": args.repeats, "passes": [],
     }
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 _pass(local, shuffle, args.batch_size)
                 record["passes"].append({
                     "where": "local", "delay_ms": None, "shuffle": shuffle,
-                    "rows_per_s": _pass(local, shuffle, args.batch_size)})
+                    "rows_per_s": statistics.median(
+                        _pass(local, shuffle, args.batch_size) for _ in range(args.repeats))})
             for ms in (float(d) for d in args.delays.split(",")):
                 with LatencyProxy(server.endpoint_url, ms / 1000) as proxy:
                     opts = dict(server.storage_options, endpoint_url=proxy.endpoint_url)
@@ -87,10 +88,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     open_counts = proxy.snapshot()
                     for shuffle in (False, True):
                         _pass(store, shuffle, args.batch_size)  # warm-up
-                        fresh = sparsestore.open(url, storage_options=opts)  # not timed
-                        proxy.reset()
-                        rate = _pass(fresh, shuffle, args.batch_size)
-                        counts = proxy.snapshot()
+                        rates = []
+                        for _ in range(args.repeats):
+                            fresh = sparsestore.open(url, storage_options=opts)  # not timed
+                            proxy.reset()
+                            rates.append(_pass(fresh, shuffle, args.batch_size))
+                            counts = proxy.snapshot()
+                        rate = statistics.median(rates)
                         record["passes"].append({
                             "where": "s3", "delay_ms": ms, "shuffle": shuffle,
                             "rows_per_s": rate, "requests": counts["by_method"],
@@ -109,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (out / "s3_latency.json").write_text(json.dumps(record, indent=1))
     lines = [f"# S3 under latency: {args.rows} x {args.cols}, {X.nnz} nnz, "
              f"{record['chunks']} data chunks", "",
+             "Reproduce: `python -m benchmarks s3_latency " + " ".join(argv or []) + "`; median "
+             f"of {args.repeats} passes, each on a freshly opened store through the proxy.", "",
              "| where | delay ms | pass | rows/s | vs 0 ms | requests | max in flight |",
              "|---|---|---|---|---|---|---|"]
     for p in record["passes"]:
