@@ -22,13 +22,10 @@ from .backends import Backend, get_backend
 from .batch import Batch
 from .buffers import BufferPool, release_free_heap
 from .chunks import read_rows, read_slice
-from .errors import (
-    InvalidInputError,
-    LabelError,
-    ShuffleQualityWarning,
-    SparseStoreError,
-)
+from .errors import InvalidInputError, LabelError, ShuffleQualityWarning
 from .indexing import normalize_rows
+from .pickling import PICKLE_VERSION as PICKLE_VERSION  # re-exported: the pickle's layout
+from .pickling import PicklableLoader
 from .position import POSITION_EVENTS, Position, PositionListener, ResumableState
 from .position import STATE_VERSION as STATE_VERSION  # re-exported: the state's schema
 from .reader import BlockReader, ColumnSelection
@@ -41,11 +38,8 @@ from .sampler import (
     mixing_ratio,
     num_batches,
 )
-from .store import SparseStore, reopen_at
+from .store import SparseStore
 from .store import open as open_store
-
-#: Layout of a pickled loader (see :meth:`DataLoader.__getstate__`).
-PICKLE_VERSION = 1
 
 #: Decoded rows a shuffled pass holds at once by default: two units of 256 MiB (see
 #: ``shuffle_buffer_bytes``).
@@ -107,7 +101,7 @@ def _sequential_block_chunks(store: SparseStore) -> int:
     return max(2, -(-SEQUENTIAL_BLOCK_BYTES // max(1, chunk)))
 
 
-class DataLoader(ResumableState):
+class DataLoader(ResumableState, PicklableLoader):
     """Batches of a store for training: shuffled by blocks, sharded by rank, resumable.
 
     ``for batch in loader`` gives scipy CSR batches (``(X, labels...)`` when ``labels`` is
@@ -509,65 +503,6 @@ class DataLoader(ResumableState):
         other._sub_shards = (*self._sub_shards, (index, count))
         other._rank_rows = other._share_rows()
         return other
-
-    # ------------------------------------------------------------ pickling
-    def __getstate__(self) -> dict[str, Any]:
-        """The settings and position, nothing of a pass (threads, caches, buffer pool).
-
-        The store travels as what reopens it (its path, storage options and the commit
-        this handle sees: ``store.reopen_at``'s arguments), reopened in
-        :meth:`__setstate__`, so that a copy whose store cannot be reopened still
-        unpickles and raises when used: a torch worker then reports the error instead of
-        dying before it starts.
-        """
-        lost = self.__dict__.get("_lost")
-        if lost is not None:
-            return lost[1]  # a copy that never reopened its store passes its state on
-        return {
-            "version": PICKLE_VERSION,
-            "store": self._store.__reduce__()[1],
-            "options": dict(self._options, backend=self._backend),
-            "seed": self._seed, "rank": self._rank, "world_size": self._world_size,
-            "sub_shards": self._sub_shards, "epoch": self._epoch,
-            "batches_consumed": self.position.batches_consumed,
-        }
-
-    def reopened(self) -> DataLoader:
-        """What a pickle round trip gives, without one: a copy whose store is opened afresh
-        by path at this handle's commit (a forked process's open connections to object
-        storage belong to its parent), with the settings and the :attr:`position`."""
-        other = type(self).__new__(type(self))
-        other.__setstate__(self.__getstate__())
-        return other
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Rebuild from :meth:`__getstate__`: reopen the store, redo the checks, resume."""
-        if not isinstance(state, dict) or state.get("version") != PICKLE_VERSION:
-            raise InvalidInputError(
-                "not a pickled DataLoader of this sparsestore version; pickle it again"
-            )
-        try:
-            store = reopen_at(*state["store"])
-        except SparseStoreError as exc:  # replaced, restored to an earlier commit, gone
-            self.__dict__["_lost"] = (exc, state)
-            return
-        self.__init__(store, seed=state["seed"], rank=state["rank"],  # type: ignore[misc]
-                      world_size=state["world_size"], **state["options"])
-        self._sub_shards = tuple(state.get("sub_shards", ()))
-        self._rank_rows = self._share_rows()
-        self._move_to(state["epoch"])
-        consumed = _check_int(state["batches_consumed"], "batches_consumed", 0)
-        self._resume = consumed or None
-
-    def __getattr__(self, name: str) -> Any:
-        # Reached only for attributes a loader lacks: those of a copy whose store could
-        # not be reopened, which raise the reopening's error on any use.
-        lost = self.__dict__.get("_lost")
-        if lost is None or not name.startswith("_") or name.startswith("__"):
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        exc = lost[0]
-        raise type(exc)(f"this DataLoader was unpickled, but its store could not be "
-                        f"reopened: {exc}") from exc
 
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Any]:
