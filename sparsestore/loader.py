@@ -39,18 +39,14 @@ from .sampler import (
     num_batches,
 )
 from .sharding import ShardedLoader, _ShareSampler
+from .sizing import BATCHES_POOLED, MemorySizing, _sequential_block_chunks
+from .sizing import SEQUENTIAL_BLOCK_BYTES as SEQUENTIAL_BLOCK_BYTES  # re-exported
 from .store import SparseStore
 from .store import open as open_store
 
 #: Decoded rows a shuffled pass holds at once by default: two units of 256 MiB (see
 #: ``shuffle_buffer_bytes``).
 DEFAULT_SHUFFLE_BUFFER_BYTES = 512 * 2**20
-#: Stored values a sequential block covers at least (two chunks of the default layout), so
-#: stores with small chunks still hand the reader's threads units of a useful size.
-SEQUENTIAL_BLOCK_BYTES = 8 * 2**20
-#: Batches' worth of memory the decode pool may hold beyond a pass's working set: the
-#: batches gathered ahead, the one consumed and the ones an adapter still holds.
-BATCHES_POOLED = 16
 #: What the poor-mixing warning tells users to run: small inner chunks (each random run
 #: decodes ~128 KiB, not 4 MiB) held in 8 MiB shards (few files, one index read per shard).
 SHUFFLE_LAYOUT_COMMAND = "sparsestore convert OLD NEW --chunk-bytes 128KiB --shard-bytes 8MiB"
@@ -60,16 +56,7 @@ SHUFFLE_LAYOUT_COMMAND = "sparsestore convert OLD NEW --chunk-bytes 128KiB --sha
 ACCEPTABLE_MIXING_RATIO = 1.25
 
 
-def _sequential_block_chunks(store: SparseStore) -> int:
-    """Chunks per sequential block: two, or as many as hold ``SEQUENTIAL_BLOCK_BYTES``."""
-    if store.is_dense:
-        return 2
-    arr = store.arrays["data"]
-    chunk = int(arr.chunks[0]) * np.dtype(arr.dtype).itemsize
-    return max(2, -(-SEQUENTIAL_BLOCK_BYTES // max(1, chunk)))
-
-
-class DataLoader(ResumableState, ShardedLoader, PicklableLoader):
+class DataLoader(ResumableState, ShardedLoader, MemorySizing, PicklableLoader):
     """Batches of a store for training: shuffled by blocks, sharded by rank, resumable.
 
     ``for batch in loader`` gives scipy CSR batches (``(X, labels...)`` when ``labels`` is
@@ -206,54 +193,6 @@ class DataLoader(ResumableState, ShardedLoader, PicklableLoader):
             block_chunks=block_chunks, num_workers=num_workers, prefetch=prefetch,
             backend=self._backend,
         )
-
-    def _batch_bytes(self) -> int:
-        """Decoded bytes of an average batch (what a gathered batch takes from the pool)."""
-        st = self._store
-        if st.is_dense:
-            return self._batch_size * st.n_cols * st.arrays["X"].dtype.itemsize
-        arrs = st.arrays
-        entry = arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize
-        per_row = st.nnz / max(1, st.n_rows)
-        return int(self._batch_size * (per_row * entry + 8))
-
-    def _working_set_bytes(self) -> int:
-        """Bytes a pass holds at once: units in flight plus the boundary-chunk caches.
-
-        The idle budget of the decode pool: a whole working set freed at once can wait
-        there for the next units, so a pass allocates nothing new once warm (what is
-        allocated beyond it would be freed and re-faulted, and fragments the heap).
-        Independent of the matrix size, so memory stays flat as the matrix grows.
-        """
-        st = self._store
-        if st.is_dense:
-            arr = st.arrays["X"]
-            chunk = int(np.prod(arr.chunks)) * arr.dtype.itemsize
-        else:
-            arrs = st.arrays
-            itemsize = arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize
-            chunk = int(arrs["data"].chunks[0]) * itemsize
-        caches = (2 * max(1, self._num_workers) + 2) * chunk
-        if self._shuffle and self._buffer_bytes is not None:
-            return max(32 * 2**20, self._buffer_bytes + caches)
-        unit = chunk * self._block_chunks
-        if self._shuffle:
-            unit *= self._buffer_blocks  # its batches are gathered as they are consumed
-        in_flight = self._prefetch + max(1, self._num_workers) + 1
-        return max(32 * 2**20, in_flight * unit + caches)
-
-    def _unit_nnz(self) -> int | None:
-        """Stored values a byte-budgeted shuffle unit holds at most (None: no such units)."""
-        ub = self._unit_bytes
-        if not self._shuffle or ub is None or self._store.is_dense:
-            return None
-        arrs = self._store.arrays
-        return ub // (arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize)
-
-    @property
-    def _unit_bytes(self) -> int | None:
-        """Decoded bytes per shuffled unit: half the budget (one consumed, one ahead)."""
-        return None if self._buffer_bytes is None else max(1, self._buffer_bytes // 2)
 
     # ------------------------------------------------------------ validation
     def _check_labels(self, labels: Any) -> tuple[str, ...]:
