@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from .batch import Batch
 from .buffers import BufferPool, release_free_heap
 from .chunks import read_rows, read_slice
 from .errors import InvalidInputError, LabelError, ShuffleQualityWarning
+from .explicit_samplers import ExplicitSampling
 from .indexing import normalize_rows
 from .pickling import PICKLE_VERSION as PICKLE_VERSION  # re-exported: the pickle's layout
 from .pickling import PicklableLoader
@@ -33,7 +33,6 @@ from .sampler import (
     DEFAULT_MAX_BLOCK_ROWS,
     BlockSampler,
     bounds_from_indptr,
-    explicit_unit,
     fixed_bounds,
     mixing_ratio,
     num_batches,
@@ -56,7 +55,8 @@ SHUFFLE_LAYOUT_COMMAND = "sparsestore convert OLD NEW --chunk-bytes 128KiB --sha
 ACCEPTABLE_MIXING_RATIO = 1.25
 
 
-class DataLoader(ResumableState, ShardedLoader, MemorySizing, PicklableLoader):
+class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
+                 PicklableLoader):
     """Batches of a store for training: shuffled by blocks, sharded by rank, resumable.
 
     ``for batch in loader`` gives scipy CSR batches (``(X, labels...)`` when ``labels`` is
@@ -498,59 +498,6 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, PicklableLoader):
                 yield Batch.concat(carry)
         finally:
             stream.close()
-
-    # ------------------------------------------------------------ torch-style samplers
-    def _global_row_batches(self) -> Iterator[Any]:
-        if self._batch_sampler is not None:
-            yield from self._batch_sampler
-            return
-        it = iter(self._sampler)
-        while True:
-            chunk = list(islice(it, self._batch_size))
-            if not chunk or (self._drop_last and len(chunk) < self._batch_size):
-                return
-            yield chunk
-
-    def _rank_row_batches(self) -> Iterator[np.ndarray]:
-        (r, w), n = self._slot(), self._store.n_rows
-        for j, ids in enumerate(self._global_row_batches()):
-            if j % w != r:
-                continue
-            sel = normalize_rows(np.asarray(ids), n)
-            if isinstance(sel, slice):
-                sel = np.arange(n, dtype=np.int64)[sel]
-            yield np.atleast_1d(np.asarray(sel, dtype=np.int64))
-
-    def _explicit_pass(self, reader: BlockReader, start: int) -> Iterator[Batch]:
-        units = (explicit_unit(i, rows) for i, rows in
-                 enumerate(islice(self._rank_row_batches(), start, None)))
-        stream = reader.stream(units)
-        try:
-            for pieces in stream:
-                yield from pieces
-        finally:
-            stream.close()
-
-    def _explicit_total_batches(self) -> int:
-        src = self._batch_sampler if self._batch_sampler is not None else self._sampler
-        try:
-            n = len(src)  # type: ignore[arg-type]
-        except TypeError:
-            raise InvalidInputError(
-                "the sampler has no len(); give it __len__ to size the epoch"
-            ) from None
-        if self._batch_sampler is not None:
-            return n
-        return num_batches(n, self._batch_size, self._drop_last)
-
-    def _sampler_num_rows(self) -> int:
-        """Rows of this rank's batches of a ``sampler`` (from its length alone)."""
-        n, bs = len(self._sampler), self._batch_size  # type: ignore[arg-type]
-        total = self._explicit_total_batches()
-        r, w = self._slot()
-        mine = range(r, total, w)
-        last = n - (total - 1) * bs if total else 0
-        return sum(bs if j < total - 1 else last for j in mine)
 
     def __repr__(self) -> str:
         if "_lost" in self.__dict__:
