@@ -9,58 +9,48 @@ turns each compact :class:`Batch` into what the framework wants: scipy CSR for `
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from itertools import islice
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from .arguments import _check_int
 from .backends import Backend, get_backend
 from .batch import Batch
 from .buffers import BufferPool, release_free_heap
 from .chunks import read_rows, read_slice
-from .errors import (
-    InvalidInputError,
-    LabelError,
-    ShuffleQualityWarning,
-    SparseStoreError,
-)
+from .errors import InvalidInputError, LabelError, ShuffleQualityWarning
+from .explicit_samplers import ExplicitSampling
 from .indexing import normalize_rows
+from .pickling import PICKLE_VERSION as PICKLE_VERSION  # re-exported: the pickle's layout
+from .pickling import PicklableLoader
+from .position import POSITION_EVENTS, Position, PositionListener, ResumableState
+from .position import STATE_VERSION as STATE_VERSION  # re-exported: the state's schema
 from .reader import BlockReader, ColumnSelection
 from .sampler import (
     DEFAULT_MAX_BLOCK_ROWS,
     BlockSampler,
     bounds_from_indptr,
-    explicit_unit,
     fixed_bounds,
     mixing_ratio,
     num_batches,
 )
+from .sharding import ShardedLoader, _ShareSampler
+from .sizing import BATCHES_POOLED, MemorySizing, _sequential_block_chunks
+from .sizing import SEQUENTIAL_BLOCK_BYTES as SEQUENTIAL_BLOCK_BYTES  # re-exported
 from .storage import is_remote
-from .store import SparseStore, reopen_at
+from .store import SparseStore
 from .store import open as open_store
-
-STATE_VERSION = 1
-#: Layout of a pickled loader (see :meth:`DataLoader.__getstate__`).
-PICKLE_VERSION = 1
 
 #: Decoded rows a shuffled pass holds at once by default: two units of 256 MiB (see
 #: ``shuffle_buffer_bytes``).
 DEFAULT_SHUFFLE_BUFFER_BYTES = 512 * 2**20
-#: Stored values a sequential block covers at least (two chunks of the default layout), so
-#: stores with small chunks still hand the reader's threads units of a useful size.
-SEQUENTIAL_BLOCK_BYTES = 8 * 2**20
 #: On object storage, units (beyond those queued for decoding) whose chunks a pass fetches
 #: ahead, so that its round trips overlap: sequential passes only (a shuffled unit is big
 #: and is decoded one ahead already).
 REMOTE_IO_AHEAD = 4
-#: Batches' worth of memory the decode pool may hold beyond a pass's working set: the
-#: batches gathered ahead, the one consumed and the ones an adapter still holds.
-BATCHES_POOLED = 16
 #: What the poor-mixing warning tells users to run: small inner chunks (each random run
 #: decodes ~128 KiB, not 4 MiB) held in 8 MiB shards (few files, one index read per shard).
 SHUFFLE_LAYOUT_COMMAND = "sparsestore convert OLD NEW --chunk-bytes 128KiB --shard-bytes 8MiB"
@@ -70,79 +60,8 @@ SHUFFLE_LAYOUT_COMMAND = "sparsestore convert OLD NEW --chunk-bytes 128KiB --sha
 ACCEPTABLE_MIXING_RATIO = 1.25
 
 
-@dataclass(frozen=True)
-class Position:
-    """Where a loader is in its stream: the epoch and the batches of it already read.
-
-    ``epoch`` is the epoch of the pass in progress, or of the next pass when none is
-    (a completed pass moves it on by one and ``batches_consumed`` back to 0);
-    ``batches_consumed`` counts the batches this loader has handed out in that epoch,
-    including those an adapter has read ahead of its consumer, or the batches a
-    :meth:`DataLoader.load_state_dict` skips.  The same two numbers as
-    :meth:`DataLoader.state_dict`'s ``epoch`` and ``batches_consumed``.
-    """
-
-    epoch: int
-    batches_consumed: int
-
-
-#: What a position listener is told: ``"set_epoch"`` and ``"load_state_dict"`` (someone
-#: chose the position), ``"epoch_end"`` (a pass ran to its end and moved the epoch on).
-POSITION_EVENTS = ("set_epoch", "load_state_dict", "epoch_end")
-PositionListener = Callable[[str, Position], None]
-
-
-def _share(total: int, rank: int, world_size: int, sub_shards: Sequence[tuple[int, int]],
-           batch_size: int) -> tuple[int, int]:
-    """``[lo, hi)``: the positions of a share in the epoch's row stream of ``total`` rows.
-
-    Rank ``r`` of ``w`` holds ``[total * r // w, total * (r + 1) // w)`` (near-equal
-    pieces); each sub-shard ``(i, n)`` then takes, of the ``B`` batches its parent's share
-    is cut into (the last one maybe short), the rows of batches ``[B * i // n,
-    B * (i + 1) // n)``.  Cutting on the batch grid keeps full batches full: the
-    sub-shards' batches number ``B`` together whatever ``n``, and only the last sub-shard
-    holds the short batch (which ``drop_last`` drops, as the parent would).
-    """
-    lo, hi = total * rank // world_size, total * (rank + 1) // world_size
-    for i, n in sub_shards:
-        batches = -(-(hi - lo) // batch_size)
-        lo, hi = (lo + batch_size * (batches * i // n),
-                  min(hi, lo + batch_size * (batches * (i + 1) // n)))
-    return lo, hi
-
-
-class _ShareSampler(BlockSampler):
-    """The block sampler of a loader's share: its rank's, cut further by :func:`_share`
-    for the loader's sub-shards (all of it without any)."""
-
-    def __init__(self, bounds: np.ndarray, *, sub_shards: Sequence[tuple[int, int]],
-                 batch_size: int, **options: Any) -> None:
-        self.sub_shards, self.batch_size = tuple(sub_shards), batch_size
-        super().__init__(bounds, **options)
-
-    def _rank_range(self) -> tuple[int, int]:
-        return _share(self.total_rows, self.rank, self.world_size, self.sub_shards,
-                      self.batch_size)
-
-
-def _sequential_block_chunks(store: SparseStore) -> int:
-    """Chunks per sequential block: two, or as many as hold ``SEQUENTIAL_BLOCK_BYTES``."""
-    if store.is_dense:
-        return 2
-    arr = store.arrays["data"]
-    chunk = int(arr.chunks[0]) * np.dtype(arr.dtype).itemsize
-    return max(2, -(-SEQUENTIAL_BLOCK_BYTES // max(1, chunk)))
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise InvalidInputError(f"{name} must be an integer, got {value!r}")
-    if int(value) < minimum:
-        raise InvalidInputError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-class DataLoader:
+class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
+                 PicklableLoader):
     """Batches of a store for training: shuffled by blocks, sharded by rank, resumable.
 
     ``for batch in loader`` gives scipy CSR batches (``(X, labels...)`` when ``labels`` is
@@ -280,61 +199,6 @@ class DataLoader:
             backend=self._backend,
         )
 
-    def _share_rows(self) -> int:
-        """Rows of this loader's share per epoch (its rank's, cut by its sub-shards)."""
-        total = self._store.n_rows if self._rows is None else int(self._rows.size)
-        lo, hi = _share(total, self._rank, self._world_size, self._sub_shards,
-                        self._batch_size)
-        return hi - lo
-
-    def _batch_bytes(self) -> int:
-        """Decoded bytes of an average batch (what a gathered batch takes from the pool)."""
-        st = self._store
-        if st.is_dense:
-            return self._batch_size * st.n_cols * st.arrays["X"].dtype.itemsize
-        arrs = st.arrays
-        entry = arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize
-        per_row = st.nnz / max(1, st.n_rows)
-        return int(self._batch_size * (per_row * entry + 8))
-
-    def _working_set_bytes(self) -> int:
-        """Bytes a pass holds at once: units in flight plus the boundary-chunk caches.
-
-        The idle budget of the decode pool: a whole working set freed at once can wait
-        there for the next units, so a pass allocates nothing new once warm (what is
-        allocated beyond it would be freed and re-faulted, and fragments the heap).
-        Independent of the matrix size, so memory stays flat as the matrix grows.
-        """
-        st = self._store
-        if st.is_dense:
-            arr = st.arrays["X"]
-            chunk = int(np.prod(arr.chunks)) * arr.dtype.itemsize
-        else:
-            arrs = st.arrays
-            itemsize = arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize
-            chunk = int(arrs["data"].chunks[0]) * itemsize
-        caches = (2 * max(1, self._num_workers) + 2) * chunk
-        if self._shuffle and self._buffer_bytes is not None:
-            return max(32 * 2**20, self._buffer_bytes + caches)
-        unit = chunk * self._block_chunks
-        if self._shuffle:
-            unit *= self._buffer_blocks  # its batches are gathered as they are consumed
-        in_flight = self._prefetch + max(1, self._num_workers) + 1
-        return max(32 * 2**20, in_flight * unit + caches)
-
-    def _unit_nnz(self) -> int | None:
-        """Stored values a byte-budgeted shuffle unit holds at most (None: no such units)."""
-        ub = self._unit_bytes
-        if not self._shuffle or ub is None or self._store.is_dense:
-            return None
-        arrs = self._store.arrays
-        return ub // (arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize)
-
-    @property
-    def _unit_bytes(self) -> int | None:
-        """Decoded bytes per shuffled unit: half the budget (one consumed, one ahead)."""
-        return None if self._buffer_bytes is None else max(1, self._buffer_bytes // 2)
-
     # ------------------------------------------------------------ validation
     def _check_labels(self, labels: Any) -> tuple[str, ...]:
         if labels is None:
@@ -467,14 +331,6 @@ class DataLoader:
     def _is_explicit(self) -> bool:
         return self._sampler is not None or self._batch_sampler is not None
 
-    def _slot(self) -> tuple[int, int]:
-        """``(r, w)``: with a sampler, this loader reads the sampler's batches ``j`` with
-        ``j % w == r``; each sub-shard ``(i, n)`` deals its parent's batches round-robin."""
-        r, w = self._rank, self._world_size
-        for i, n in self._sub_shards:
-            r, w = r + w * i, w * n
-        return r, w
-
     # ------------------------------------------------------------ epochs
     def __len__(self) -> int:
         if self._is_explicit:
@@ -497,155 +353,6 @@ class DataLoader:
             if s is not None and hasattr(s, "set_epoch"):
                 s.set_epoch(epoch)
 
-    def add_position_listener(self, listener: PositionListener) -> None:
-        """Call ``listener(event, position)`` whenever this loader's position moves.
-
-        ``event`` is one of :data:`POSITION_EVENTS`: ``"set_epoch"`` and
-        ``"load_state_dict"`` after those calls (even one to the epoch the loader already
-        has), ``"epoch_end"`` when a pass has run to its end and the epoch moved on;
-        ``position`` is the new :attr:`position`.  How an adapter that starts passes on its
-        own (a new epoch per ``tf.data`` iterator) learns that its user chose the epoch,
-        without wrapping the loader's methods.  Listeners run in the thread that moved the
-        loader, in the order added; they belong to this object only (copies from
-        :meth:`shard`, :meth:`with_shard` or pickling start without any) and are held
-        strongly, so hold in them nothing that must die before the loader.
-        """
-        if not callable(listener):
-            raise InvalidInputError(f"a position listener must be callable, got {listener!r}")
-        self._listeners.append(listener)
-
-    def remove_position_listener(self, listener: PositionListener) -> None:
-        """Stop calling ``listener`` (added by :meth:`add_position_listener`)."""
-        try:
-            self._listeners.remove(listener)
-        except ValueError:
-            raise InvalidInputError(f"{listener!r} is not a listener of this loader") from None
-
-    def _notify(self, event: str) -> None:
-        if self._listeners:
-            pos = self.position
-            for listener in list(self._listeners):
-                listener(event, pos)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Where the loader is, as a JSON-serialisable dict; :meth:`load_state_dict` resumes it.
-
-        Keys (``STATE_VERSION`` 1; new keys may be added, none removed or changed):
-
-        * ``version`` (int): the layout of this dict, ``1``.
-        * ``epoch`` (int), ``batches_consumed`` (int): the :attr:`position`.
-        * ``seed`` (int): the shuffle seed (restored by :meth:`load_state_dict`).
-        * ``batch_size`` (int), ``shuffle`` (bool), ``drop_last`` (bool), ``world_size``
-          (int): settings the position is only meaningful under; a loader whose settings
-          differ refuses the state.
-        * ``rank`` (int): informational, not checked.
-        * ``sub_shards`` (list of ``[index, count]`` pairs): the :attr:`sub_shards`; a
-          loader reading another sub-shard refuses the state (absent from states saved
-          before sub-shards existed: the ``num_rows`` check stands in).
-        * ``num_rows`` (int, or ``None`` with ``sampler``/``batch_sampler``): the rows of
-          this loader's share per epoch, checked on load (a changed store or row subset
-          is refused).
-        * ``batches_per_epoch`` (int): ``len(loader)``, informational.
-        * ``plan`` (dict or ``None``): what a shuffled epoch's order depends on beyond seed
-          and epoch (the row blocks, the shuffle buffer), checked on load; ``None`` when
-          the order is the rows' own.
-
-        Resuming guarantees that the loaded loader's next pass yields exactly the batches
-        of the epoch that follow the first ``batches_consumed`` ones, in the same order and
-        with the same rows, as the uninterrupted pass would have; later epochs then follow
-        as usual.  Batches read ahead by an adapter (prefetched, not yet trained on) are
-        counted as consumed, so a checkpoint taken mid-epoch skips those on resume.
-        """
-        pos = self.position
-        return {
-            "version": STATE_VERSION,
-            "epoch": pos.epoch,
-            "seed": self._seed,
-            "batches_consumed": pos.batches_consumed,
-            "batch_size": self._batch_size,
-            "shuffle": self._shuffle,
-            "drop_last": self._drop_last,
-            "rank": self._rank,
-            "world_size": self._world_size,
-            "sub_shards": [list(p) for p in self._sub_shards],
-            "num_rows": self._rank_rows if not self._is_explicit else None,
-            "batches_per_epoch": len(self),
-            "plan": self._plan_record(),
-        }
-
-    def _plan_record(self) -> dict[str, Any] | None:
-        """What a shuffled epoch's order depends on beyond the seed and epoch: the blocks
-        (in the rows' positions; a store saved with another chunk size, or block options,
-        cut others) and the shuffle buffer.  Rank-independent, so one rank's checkpoint
-        resumes every rank.  ``None`` when the order is the rows' own (unshuffled, or a
-        torch-style sampler): any blocks then serve the same rows in the same order."""
-        if self._is_explicit or not self._shuffle:
-            return None
-        bs = self._sampler_for_blocks()
-        h = hashlib.sha256()
-        h.update(bs.starts.astype("<i8").tobytes())
-        h.update(bs.ends.astype("<i8").tobytes())
-        return {"blocks": bs.n_blocks, "blocks_digest": h.hexdigest()[:32],
-                "shuffle_buffer_blocks": self._buffer_blocks,
-                "shuffle_buffer_bytes": self._buffer_bytes}
-
-    def _check_plan(self, saved: Any) -> None:
-        """Refuse a state whose epoch was planned over other blocks or another buffer: its
-        ``batches_consumed`` would point into another order (rows served twice, others never)."""
-        mine = self._plan_record()
-        if saved == mine:
-            return
-        if not isinstance(saved, dict):
-            raise InvalidInputError(f"not a DataLoader state: bad 'plan' entry {saved!r}")
-        if mine is not None:
-            for key in ("shuffle_buffer_blocks", "shuffle_buffer_bytes"):
-                if saved.get(key) != mine[key]:
-                    raise InvalidInputError(
-                        f"state was saved with {key}={saved.get(key)!r} but this loader has "
-                        f"{mine[key]!r}; build the loader with the same settings"
-                    )
-        cuts = "no" if mine is None else f"{mine['blocks']} (other)"
-        raise InvalidInputError(
-            f"state was saved for a shuffled epoch over {saved.get('blocks')!r} row blocks, "
-            f"this loader cuts {cuts} blocks: the store was saved again with another chunk "
-            "size (or rows were appended, or block_rows/block_chunks changed), so the epoch's "
-            "order differs and resuming would serve some rows twice and skip others; resume "
-            "over the store the state was saved on, with the same loader settings, or start "
-            "the epoch afresh"
-        )
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`: the next pass yields exactly the remaining batches."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise InvalidInputError(
-                f"not a DataLoader state (expected a dict with version={STATE_VERSION})"
-            )
-        for key in ("batch_size", "shuffle", "drop_last", "world_size"):
-            if state.get(key) != getattr(self, f"_{key}"):
-                raise InvalidInputError(
-                    f"state was saved with {key}={state.get(key)!r} but this loader has "
-                    f"{key}={getattr(self, f'_{key}')!r}; build the loader with the same settings"
-                )
-        if "sub_shards" in state and [tuple(p) for p in state["sub_shards"]] != \
-                list(self._sub_shards):
-            raise InvalidInputError(
-                f"state was saved by sub-shard {state['sub_shards']!r} but this loader reads "
-                f"{[list(p) for p in self._sub_shards]!r}; load it into the same shard(i, n)"
-            )
-        if not self._is_explicit and state.get("num_rows") != self._rank_rows:
-            raise InvalidInputError(
-                f"state was saved for {state.get('num_rows')} rows per rank, this loader has "
-                f"{self._rank_rows}: the store or the row subset changed"
-            )
-        if "plan" in state:  # states saved before it was recorded carry nothing to check
-            self._check_plan(state["plan"])
-        epoch = _check_int(state.get("epoch"), "epoch", 0)
-        self._seed = _check_int(state.get("seed"), "seed", 0)
-        self._block_sampler = None  # re-plan with the restored seed
-        self._move_to(epoch)
-        self._resume = _check_int(state.get("batches_consumed"), "batches_consumed", 0)
-        self._notify("load_state_dict")
-
     def with_shard(self, rank: int, world_size: int) -> DataLoader:
         """A loader with the same settings and seed reading rank ``rank`` of ``world_size``
         (its whole share: no sub-shard), at this loader's epoch, from the epoch's start."""
@@ -654,104 +361,6 @@ class DataLoader:
         other._bounds = self._bounds  # block boundaries do not depend on the shard
         other._epoch = self._epoch
         return other
-
-    def shard(self, index: int, count: int) -> DataLoader:
-        """A copy reading sub-shard ``index`` of ``count`` of this loader's share.
-
-        How one rank's share is split further between readers of its own: torch workers,
-        ``tf.data`` input pipelines, JAX host threads.  The ``count`` sub-shards are
-        disjoint and together read this loader's rows exactly once per epoch; a
-        sub-shard's order is reproducible from the seed and the epoch, like a rank's.
-
-        Rows are split on this loader's batch grid: of the ``B = len(loader)`` batches
-        (without ``drop_last``), sub-shard ``i`` reads the rows of the run
-        ``[B * i // count, B * (i + 1) // count)`` of the epoch's row stream (the rank's
-        blocks in shuffled order, before each shuffle unit is permuted), so the
-        sub-shards' lengths sum to ``len(loader)`` and differ by at most one batch; a
-        sub-shard may be empty when ``count > B``.  Only the last sub-shard can hold a
-        short batch; with ``drop_last`` it drops it, so the sub-shards then read
-        ``len(loader)`` full batches, exactly the rows ``drop_last`` keeps, the dropped
-        ones (fewer than ``batch_size``) being the last of the rank's row stream, which
-        for a shuffled loader are not always those the loader itself drops.  A shuffled
-        sub-shard permutes its own units: its batches hold the same rows as the
-        corresponding part of the stream, mixed in another order than the loader's.
-
-        With ``sampler``/``batch_sampler`` the loader's batches are dealt round-robin
-        instead, as ranks deal them: sub-shard ``i`` reads the loader's batches ``k`` with
-        ``k % count == i``.
-
-        The copy starts at this loader's epoch, at the epoch's start, and moves on
-        independently; ``shard`` composes (``loader.shard(i, n).shard(j, m)``) and the
-        copy's :attr:`sub_shards` records the calls.  ``shard(0, 1)`` is a copy reading
-        the same rows in the same order.
-        """
-        index = _check_int(index, "index", 0)
-        count = _check_int(count, "count", 1)
-        if index >= count:
-            raise InvalidInputError(f"index must be in [0, count={count}), got {index}")
-        other = self.with_shard(self._rank, self._world_size)
-        other._sub_shards = (*self._sub_shards, (index, count))
-        other._rank_rows = other._share_rows()
-        return other
-
-    # ------------------------------------------------------------ pickling
-    def __getstate__(self) -> dict[str, Any]:
-        """The settings and position, nothing of a pass (threads, caches, buffer pool).
-
-        The store travels as what reopens it (its path, storage options and the commit
-        this handle sees: ``store.reopen_at``'s arguments), reopened in
-        :meth:`__setstate__`, so that a copy whose store cannot be reopened still
-        unpickles and raises when used: a torch worker then reports the error instead of
-        dying before it starts.
-        """
-        lost = self.__dict__.get("_lost")
-        if lost is not None:
-            return lost[1]  # a copy that never reopened its store passes its state on
-        return {
-            "version": PICKLE_VERSION,
-            "store": self._store.__reduce__()[1],
-            "options": dict(self._options, backend=self._backend),
-            "seed": self._seed, "rank": self._rank, "world_size": self._world_size,
-            "sub_shards": self._sub_shards, "epoch": self._epoch,
-            "batches_consumed": self.position.batches_consumed,
-        }
-
-    def reopened(self) -> DataLoader:
-        """What a pickle round trip gives, without one: a copy whose store is opened afresh
-        by path at this handle's commit (a forked process's open connections to object
-        storage belong to its parent), with the settings and the :attr:`position`."""
-        other = type(self).__new__(type(self))
-        other.__setstate__(self.__getstate__())
-        return other
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Rebuild from :meth:`__getstate__`: reopen the store, redo the checks, resume."""
-        if not isinstance(state, dict) or state.get("version") != PICKLE_VERSION:
-            raise InvalidInputError(
-                "not a pickled DataLoader of this sparsestore version; pickle it again"
-            )
-        try:
-            store = reopen_at(*state["store"])
-        except SparseStoreError as exc:  # replaced, restored to an earlier commit, gone
-            self.__dict__["_lost"] = (exc, state)
-            return
-        self.__init__(store, seed=state["seed"], rank=state["rank"],  # type: ignore[misc]
-                      world_size=state["world_size"], **state["options"])
-        self._sub_shards = tuple(state.get("sub_shards", ()))
-        self._rank_rows = self._share_rows()
-        self._move_to(state["epoch"])
-        consumed = _check_int(state["batches_consumed"], "batches_consumed", 0)
-        self._resume = consumed or None
-
-    def __getattr__(self, name: str) -> Any:
-        # Reached only for attributes a loader lacks: those of a copy whose store could
-        # not be reopened, which raise the reopening's error on any use.
-        lost = self.__dict__.get("_lost")
-        if lost is None or not name.startswith("_") or name.startswith("__"):
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        exc = lost[0]
-        raise type(exc)(f"this DataLoader was unpickled, but its store could not be "
-                        f"reopened: {exc}") from exc
 
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Any]:
@@ -896,59 +505,6 @@ class DataLoader:
                 yield Batch.concat(carry)
         finally:
             stream.close()
-
-    # ------------------------------------------------------------ torch-style samplers
-    def _global_row_batches(self) -> Iterator[Any]:
-        if self._batch_sampler is not None:
-            yield from self._batch_sampler
-            return
-        it = iter(self._sampler)
-        while True:
-            chunk = list(islice(it, self._batch_size))
-            if not chunk or (self._drop_last and len(chunk) < self._batch_size):
-                return
-            yield chunk
-
-    def _rank_row_batches(self) -> Iterator[np.ndarray]:
-        (r, w), n = self._slot(), self._store.n_rows
-        for j, ids in enumerate(self._global_row_batches()):
-            if j % w != r:
-                continue
-            sel = normalize_rows(np.asarray(ids), n)
-            if isinstance(sel, slice):
-                sel = np.arange(n, dtype=np.int64)[sel]
-            yield np.atleast_1d(np.asarray(sel, dtype=np.int64))
-
-    def _explicit_pass(self, reader: BlockReader, start: int) -> Iterator[Batch]:
-        units = (explicit_unit(i, rows) for i, rows in
-                 enumerate(islice(self._rank_row_batches(), start, None)))
-        stream = reader.stream(units)
-        try:
-            for pieces in stream:
-                yield from pieces
-        finally:
-            stream.close()
-
-    def _explicit_total_batches(self) -> int:
-        src = self._batch_sampler if self._batch_sampler is not None else self._sampler
-        try:
-            n = len(src)  # type: ignore[arg-type]
-        except TypeError:
-            raise InvalidInputError(
-                "the sampler has no len(); give it __len__ to size the epoch"
-            ) from None
-        if self._batch_sampler is not None:
-            return n
-        return num_batches(n, self._batch_size, self._drop_last)
-
-    def _sampler_num_rows(self) -> int:
-        """Rows of this rank's batches of a ``sampler`` (from its length alone)."""
-        n, bs = len(self._sampler), self._batch_size  # type: ignore[arg-type]
-        total = self._explicit_total_batches()
-        r, w = self._slot()
-        mine = range(r, total, w)
-        last = n - (total - 1) * bs if total else 0
-        return sum(bs if j < total - 1 else last for j in mine)
 
     def __repr__(self) -> str:
         if "_lost" in self.__dict__:

@@ -421,9 +421,9 @@ def test_sequential_pass_decodes_each_chunk_once(small_store):
 
 def test_sequential_blocks_hold_a_fixed_byte_size_whatever_the_chunks(tmp_path, monkeypatch):
     """Small chunks do not shrink sequential blocks (and the reader's units) with them."""
-    import sparsestore.loader as loader_mod
+    import sparsestore.sizing as sizing
 
-    monkeypatch.setattr(loader_mod, "SEQUENTIAL_BLOCK_BYTES", 256 * 2**10)
+    monkeypatch.setattr(sizing, "SEQUENTIAL_BLOCK_BYTES", 256 * 2**10)
     rng = np.random.default_rng(0)
     X = sp.random(4_000, 500, density=0.4, format="csr", dtype=np.float32, random_state=rng)
     for chunk_bytes in (16 * 2**10, 4 * 2**20):
@@ -432,7 +432,7 @@ def test_sequential_blocks_hold_a_fixed_byte_size_whatever_the_chunks(tmp_path, 
         bounds, _ = loader._plan_bounds()
         values = np.diff(X.indptr[bounds])  # stored values per block
         chunk = store.arrays["data"].chunks[0]
-        want = max(2 * chunk, loader_mod.SEQUENTIAL_BLOCK_BYTES // 4)
+        want = max(2 * chunk, sizing.SEQUENTIAL_BLOCK_BYTES // 4)
         assert values.size > 1 or want >= X.nnz
         assert (values[:-1] >= want - X.getnnz(axis=1).max()).all(), (chunk_bytes, values)
         check_pass(loader, X)

@@ -1,0 +1,97 @@
+"""Memory sizing: the bytes a loader's pass decodes and holds at once.
+
+How large a sequential block is (:func:`_sequential_block_chunks`), what an average batch
+takes from the decode pool, a pass's working set (the pool's idle budget) and a byte-budgeted
+shuffle unit's size.  :class:`MemorySizing` is the half of
+:class:`~sparsestore.loader.DataLoader` that computes them from its store and settings.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .store import SparseStore
+
+#: Stored values a sequential block covers at least (two chunks of the default layout), so
+#: stores with small chunks still hand the reader's threads units of a useful size.
+SEQUENTIAL_BLOCK_BYTES = 8 * 2**20
+#: Batches' worth of memory the decode pool may hold beyond a pass's working set: the
+#: batches gathered ahead, the one consumed and the ones an adapter still holds.
+BATCHES_POOLED = 16
+
+
+def _sequential_block_chunks(store: SparseStore) -> int:
+    """Chunks per sequential block: two, or as many as hold ``SEQUENTIAL_BLOCK_BYTES``."""
+    if store.is_dense:
+        return 2
+    arr = store.arrays["data"]
+    chunk = int(arr.chunks[0]) * np.dtype(arr.dtype).itemsize
+    return max(2, -(-SEQUENTIAL_BLOCK_BYTES // max(1, chunk)))
+
+
+class MemorySizing:
+    """A loader's memory arithmetic, from its store's layout and its settings."""
+
+    # Supplied by the loader.
+    _store: SparseStore
+    _batch_size: int
+    _shuffle: bool
+    _num_workers: int
+    _prefetch: int
+    _block_chunks: int
+    _buffer_blocks: int | None
+    _buffer_bytes: int | None
+
+    def _batch_bytes(self) -> int:
+        """Decoded bytes of an average batch (what a gathered batch takes from the pool)."""
+        st = self._store
+        if st.is_dense:
+            return self._batch_size * st.n_cols * st.arrays["X"].dtype.itemsize
+        arrs = st.arrays
+        entry = arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize
+        per_row = st.nnz / max(1, st.n_rows)
+        return int(self._batch_size * (per_row * entry + 8))
+
+    def _working_set_bytes(self) -> int:
+        """Bytes a pass holds at once: units in flight plus the boundary-chunk caches.
+
+        The idle budget of the decode pool: a whole working set freed at once can wait
+        there for the next units, so a pass allocates nothing new once warm (what is
+        allocated beyond it would be freed and re-faulted, and fragments the heap).
+        Independent of the matrix size, so memory stays flat as the matrix grows.
+        """
+        st = self._store
+        if st.is_dense:
+            arr = st.arrays["X"]
+            chunk = int(np.prod(arr.chunks)) * arr.dtype.itemsize
+        else:
+            arrs = st.arrays
+            itemsize = arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize
+            chunk = int(arrs["data"].chunks[0]) * itemsize
+        caches = (2 * max(1, self._num_workers) + 2) * chunk
+        if self._shuffle and self._buffer_bytes is not None:
+            return max(32 * 2**20, self._buffer_bytes + caches)
+        unit = chunk * self._block_chunks
+        if self._shuffle:
+            unit *= self._buffer_blocks  # its batches are gathered as they are consumed
+        in_flight = self._prefetch + max(1, self._num_workers) + 1
+        return max(32 * 2**20, in_flight * unit + caches)
+
+    def _unit_nnz(self) -> int | None:
+        """Stored values a byte-budgeted shuffle unit holds at most (None: no such units)."""
+        ub = self._unit_bytes
+        if not self._shuffle or ub is None or self._store.is_dense:
+            return None
+        arrs = self._store.arrays
+        return ub // (arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize)
+
+    @property
+    def _unit_bytes(self) -> int | None:
+        """Decoded bytes per shuffled unit: half the budget (one consumed, one ahead)."""
+        return None if self._buffer_bytes is None else max(1, self._buffer_bytes // 2)
+
+
+__all__ = ["BATCHES_POOLED", "SEQUENTIAL_BLOCK_BYTES", "MemorySizing"]
