@@ -284,13 +284,14 @@ import threading, psutil, numpy as np
 from sparsestore.buffers import release_free_heap
 rss = lambda: psutil.Process().memory_info().rss
 big = np.ones(8 << 20, np.uint8); del big  # raises glibc's dynamic mmap threshold to 8 MiB
+base = rss()
 kept = []
 def work():  # 100 MiB in a thread's arena, all freed but the last block (the heap's top)
     arrs = [np.ones(256 << 10, np.uint8) for _ in range(400)]
     kept.append(arrs.pop())
 t = threading.Thread(target=work); t.start(); t.join()
 before = rss(); released = release_free_heap(); after = rss()
-print(before, after, released)
+print(base, before, after, released)
 """
 
 
@@ -301,9 +302,12 @@ def test_release_free_heap_returns_memory_freed_into_a_thread_arena():
     TensorFlow, imported by other tests, pins glibc's thresholds so the heap never holds it."""
     out = subprocess.run([sys.executable, "-c", _FRAGMENTED_HEAP], capture_output=True,
                          text=True, check=True).stdout.split()
-    before, after, released = int(out[0]), int(out[1]), out[2]
+    base, before, after, released = int(out[0]), int(out[1]), int(out[2]), out[3]
     assert released == "True"
-    assert before - after > 80 * 2**20
+    # Whatever the freed ~100 MiB did meanwhile (glibc may already have returned some),
+    # none of it is resident after the release: the kept 256 KiB block and slack only.
+    assert after - base < 24 * 2**20, (base, before, after)
+    assert before - base > 80 * 2**20 or before - after < 8 * 2**20, (base, before, after)
 
 
 @pytest.mark.parametrize("whole", [True, False])
