@@ -126,6 +126,11 @@ def kill_loop(server, make_job, need: int, rng, max_batches: int = 40) -> dict:
                 kills += 1
                 outcomes[got["outcome"]] = outcomes.get(got["outcome"], 0) + 1
             shutil.rmtree(Path(job["path"]).parent, ignore_errors=True)
+        # Jobs that finished before their kill say how long a job takes now: a window
+        # calibrated while the box was busier would let most kills land after the end.
+        finished = [j["seconds"] for j in jobs if not j["killed"]]
+        if finished:
+            window = min(window, max(finished) * 1.1)
     assert kills >= need, f"only {kills} kills landed mid-write (window {window:.3f}s)"
     return outcomes
 
