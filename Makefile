@@ -83,11 +83,12 @@ test-jax: setup
 test-backends: test-torch test-jax
 
 # Training on several processes (tests/test_multiworker.py): torchrun launches 2 DDP ranks,
-# and 2 TF_CONFIG processes train with MultiWorkerMirroredStrategy, on loopback over a
-# store on disk and on the moto S3 server; ~2 min on 2 cores.  `make test` collects the
-# same file, whose tests skip where torch or tensorflow is not installed.
+# 2 TF_CONFIG processes train with MultiWorkerMirroredStrategy, and 2 jax.distributed
+# processes (gloo) average their gradients, on loopback over a store on disk and on the
+# moto S3 server; ~3 min on 2 cores.  `make test` collects the same file, whose tests
+# skip where torch, tensorflow or jax is not installed.
 test-distributed: setup
-	$(call pip_framework,$(TORCH_PIN))
+	$(call pip_framework,$(TORCH_PIN) $(JAX_PIN))
 	$(BIN)/python -m pytest -m distributed tests/test_multiworker.py $(PYTEST_ARGS)
 
 # The suite into benchmarks/out (git-ignored); `python -m benchmarks suite --out

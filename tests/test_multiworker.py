@@ -15,6 +15,12 @@ the replicas' gradients are summed over losses divided by the global batch, so a
 again a 1-process step on the union), each worker one ``DataLoader`` rank; the resume test
 also drops the documented tail (rows past the last multiple of the global batch).
 
+The JAX tests run ``examples/jax_multiprocess.py`` as 2 ``jax.distributed`` processes (CPU,
+gloo), each reading rank ``jax.process_index()`` of the rows through
+``ssjax.sharded_loader``; every step averages the processes' gradients of their batches'
+mean losses (``process_allgather``), which with equal batches is again a 1-process step on
+the union.  The local store runs with the dropped tail, the S3 one without.
+
     make test-distributed
 """
 
@@ -38,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 N_ROWS, N_COLS, BATCH, EPOCHS, LR = 4096, 2000, 64, 2, 0.5
 CHUNK_BYTES = 65536
 LAUNCH_TIMEOUT = 120  # seconds per launch; a launch takes ~10-25 s on 2 busy cores
+SURVIVOR_WAIT = 15  # seconds a worker gets to exit by itself once its peer died
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
@@ -162,6 +169,29 @@ def _env() -> dict[str, str]:
                OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     env.pop("TF_CONFIG", None)
     return env
+
+
+def wait_together(procs: list[subprocess.Popen]) -> tuple[list[str], list[bool]]:
+    """Wait for processes that train together; returns their outputs and which were killed.
+
+    Each gets ``LAUNCH_TIMEOUT`` seconds; once one has died, the others (blocked in their
+    next collective, or failing it) get ``SURVIVOR_WAIT`` seconds to exit by themselves.
+    """
+    stopped = [False] * len(procs)
+    outputs = []
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):  # one died: the others...
+                deadline = min(deadline, time.monotonic() + SURVIVOR_WAIT)
+            time.sleep(0.2)
+    finally:
+        for i, p in enumerate(procs):
+            if p.poll() is None:
+                p.kill()
+                stopped[i] = True
+            outputs.append(p.communicate()[0])
+    return outputs, stopped
 
 
 # ------------------------------------------------------------------ PyTorch
@@ -291,7 +321,6 @@ def test_torch_ddp_resumes_after_a_rank_is_killed(local_store, data, tmp_path):
 
 
 TF_BATCH_TAIL = 48  # 4096 % (2 * 48) = 64: the last 64 rows are the dropped tail
-SURVIVOR_WAIT = 15  # seconds a worker gets to exit by itself once its peer died
 
 
 def tf_launch(out: Path, store: str, *extra: str, batch: int = BATCH, opts: dict | None = None,
@@ -313,20 +342,7 @@ def tf_launch(out: Path, store: str, *extra: str, batch: int = BATCH, opts: dict
         env = dict(_env(), TF_CONFIG=json.dumps(tf_config))
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
-    outputs: list[str | None] = [None, None]
-    stopped = [False, False]
-    try:
-        deadline = time.monotonic() + LAUNCH_TIMEOUT
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            if any(p.poll() not in (None, 0) for p in procs):  # one died: the others...
-                deadline = min(deadline, time.monotonic() + SURVIVOR_WAIT)
-            time.sleep(0.2)
-    finally:
-        for i, p in enumerate(procs):
-            if p.poll() is None:
-                p.kill()
-                stopped[i] = True
-            outputs[i] = p.communicate()[0]
+    outputs, stopped = wait_together(procs)
     done = [subprocess.CompletedProcess(cmd, p.returncode, o, "")
             for p, o in zip(procs, outputs, strict=True)]
     if check:
@@ -397,3 +413,63 @@ def test_tf_multiworker_resumes_after_a_worker_is_killed(local_store, data, tmp_
             got = np.array([e["rows"] for e in log if e["epoch"] == epoch])
             np.testing.assert_array_equal(got, want)
     check_model(tmp_path, X, y, batches)
+
+
+# ------------------------------------------------------------------ JAX
+
+
+def jax_launch(out: Path, store: str, batch: int = BATCH,
+               opts: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """Run ``examples/jax_multiprocess.py`` as 2 ``jax.distributed`` processes on CPU (gloo),
+    the coordinator on a free loopback port; fails the test unless both exit cleanly.
+
+    A process that dies leaves the other blocked in its next all-gather: it gets
+    ``SURVIVOR_WAIT`` seconds to exit by itself, then is killed.
+    """
+    cmd = [sys.executable, str(ROOT / "examples" / "jax_multiprocess.py"), "--store", store,
+           "--out", str(out), "--label", "y", "--batch-size", str(batch),
+           "--epochs", str(EPOCHS), "--lr", str(LR), "--coordinator",
+           f"127.0.0.1:{free_port()}", "--num-processes", "2"]
+    if opts is not None:
+        cmd += ["--storage-options", json.dumps(opts)]
+    env = dict(_env(), JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([*cmd, "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs, _ = wait_together(procs)
+    for i, (p, o) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"process {i} (rc={p.returncode}):\n" + o[-5000:]
+    return [subprocess.CompletedProcess(cmd, p.returncode, o, "")
+            for p, o in zip(procs, outputs, strict=True)]
+
+
+@pytest.mark.parametrize(("where", "batch"), [("local", TF_BATCH_TAIL), ("s3", BATCH)])
+def test_jax_two_processes(where, batch, request, data, tmp_path):
+    """2 JAX processes, each ``sharded_loader``'s rank ``process_index()``, train one model.
+
+    The local store runs with a batch of 48, so the last ``4096 % 96 = 64`` rows are the
+    dropped tail (never read: equal shares of full batches); the store on S3 with 64, so
+    every row is read.  Each process's loss is its batch's mean and the processes average
+    their gradients: with equal batches a step is one SGD step on the union's mean.
+    """
+    pytest.importorskip("jax")
+    X, y = data
+    if where == "local":
+        store, opts = request.getfixturevalue("local_store"), None
+    else:
+        store, opts = request.getfixturevalue("s3_store")
+    t0 = time.perf_counter()
+    procs = jax_launch(tmp_path, store, batch=batch, opts=opts)
+    print(f"jax launch ({where}, batch {batch}): {time.perf_counter() - t0:.1f} s; "
+          + "; ".join(p.stdout.strip().splitlines()[-1] for p in procs))
+    kept = N_ROWS - N_ROWS % (2 * batch)
+    logs = read_rows_logs(tmp_path, 2)
+    check_every_row_once_per_epoch(logs, EPOCHS, kept)
+    for r, log in enumerate(logs):  # unshuffled: each process its contiguous share, in order
+        want = expected_tf_order(r, 2, kept, batch)
+        for epoch in range(EPOCHS):
+            got = [np.asarray(e["rows"]) for e in log if e["epoch"] == epoch]
+            assert len(got) == len(want)
+            for g, e in zip(got, want, strict=True):
+                np.testing.assert_array_equal(g, e)
+    check_chunk_shares(tmp_path, X, world=2, shards_per_rank=1, epochs=EPOCHS)
+    check_model(tmp_path, X, y, global_batches(logs))
