@@ -82,7 +82,9 @@ def _harness(sstf: Any, tf: Any, loader: Any, batches: list[Any] | None,
                 self._open[pid] = open_pass
             return np.int64(pid)
 
-    plan = sstf._Plan.for_loader(loader)
+    import sparsestore.adapters._tf_plan as tfplan
+
+    plan = tfplan._Plan.for_loader(loader)
     ds = Passes(loader, plan).dataset()
     opts = tf.data.Options()  # as to_dataset sets them
     opts.autotune.enabled = False
@@ -95,6 +97,7 @@ def run(rows: int, rounds: int, work: Path) -> dict[str, Any]:
 
     quiet_tf_retracing(tf)
 
+    import sparsestore.adapters._tf_plan as tfplan
     import sparsestore.adapters.tensorflow as sstf
 
     from sparsestore.loader import DataLoader
@@ -102,7 +105,7 @@ def run(rows: int, rounds: int, work: Path) -> dict[str, Any]:
     store, X, _ = store_with_matrix(work / "dense100.zarr", rows, 30_000, 100)
     loader = DataLoader(store, BATCH_SIZE)
     batches = list(DataLoader(store, BATCH_SIZE).iter_batches())
-    plan = sstf._Plan.for_loader(loader)
+    plan = tfplan._Plan.for_loader(loader)
     # Kept referenced, the pooled (aligned) parts stay out of the pool: reused as they are.
     parts = [plan.wire_parts([b]) for b in batches]
     half = (X.shape[0] // (2 * BATCH_SIZE)) * BATCH_SIZE
