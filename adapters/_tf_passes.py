@@ -25,11 +25,12 @@ import tensorflow as tf
 # fails this import at once rather than changing behaviour (requirements/ pins the version).
 from tensorflow.python.data.ops.from_generator_op import _GeneratorDataset
 
-from sparsestore.adapters._tf_errors import _remember
-from sparsestore.adapters._tf_plan import _Plan
 from sparsestore.batch import Batch
 from sparsestore.loader import DataLoader, Position
 from sparsestore.reader import THREAD_PREFIX
+
+from ._tf_errors import _remember
+from ._tf_plan import _Plan
 
 AUTOTUNE = tf.data.AUTOTUNE
 

@@ -42,12 +42,13 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from sparsestore.adapters._tf_errors import _StoreErrorsDataset, unwrap_error
-from sparsestore.adapters._tf_passes import _Passes
-from sparsestore.adapters._tf_plan import _Plan
 from sparsestore.batch import Batch
 from sparsestore.errors import InvalidInputError
 from sparsestore.loader import DataLoader
+
+from ._tf_errors import _StoreErrorsDataset, unwrap_error
+from ._tf_passes import _Passes
+from ._tf_plan import _Plan
 
 AUTOTUNE = tf.data.AUTOTUNE
 
