@@ -53,18 +53,20 @@ from .common import (
 CASES = ("loader", "tf only", "tf + build", "tf + loader", "stream", "idiom", "2 readers")
 
 
-def _harness(sstf: Any, tf: Any, loader: Any, batches: list[Any] | None,
+def _harness(tf: Any, loader: Any, batches: list[Any] | None,
              parts: list[Any] | None) -> Any:
     """The adapter's dataset with its batches (``batches``) and/or its wire parts
     (``parts``) taken from memory instead of the loader / the builders."""
+    import sparsestore.adapters._tf_passes as tfpasses
+    import sparsestore.adapters._tf_plan as tfplan
 
-    class Passes(sstf._Passes):
+    class Passes(tfpasses._Passes):
         def _start(self, _unused: Any) -> Any:
             if batches is None:
                 gen = self.run()
                 first = next(gen)
                 n = len(self.loader) - self.loader.state_dict()["batches_consumed"] + 1
-                gen = sstf._after(first, gen)
+                gen = tfpasses._after(first, gen)
             else:
                 gen = (b for b in batches)
                 n = len(batches)
@@ -75,14 +77,14 @@ def _harness(sstf: Any, tf: Any, loader: Any, batches: list[Any] | None,
                 def build(group: Any) -> Any:
                     return parts[next(count) % len(parts)]
 
-            open_pass = sstf._OpenPass(gen, build, n, self.loader.num_workers,
-                                       self.plan.bundle)
+            open_pass = tfpasses._OpenPass(gen, build, n, self.loader.num_workers,
+                                           self.plan.bundle)
             with self._lock:
                 pid = next(self._ids)
                 self._open[pid] = open_pass
             return np.int64(pid)
 
-    plan = sstf._Plan.for_loader(loader)
+    plan = tfplan._Plan.for_loader(loader)
     ds = Passes(loader, plan).dataset()
     opts = tf.data.Options()  # as to_dataset sets them
     opts.autotune.enabled = False
@@ -95,6 +97,7 @@ def run(rows: int, rounds: int, work: Path) -> dict[str, Any]:
 
     quiet_tf_retracing(tf)
 
+    import sparsestore.adapters._tf_plan as tfplan
     import sparsestore.adapters.tensorflow as sstf
 
     from sparsestore.loader import DataLoader
@@ -102,7 +105,7 @@ def run(rows: int, rounds: int, work: Path) -> dict[str, Any]:
     store, X, _ = store_with_matrix(work / "dense100.zarr", rows, 30_000, 100)
     loader = DataLoader(store, BATCH_SIZE)
     batches = list(DataLoader(store, BATCH_SIZE).iter_batches())
-    plan = sstf._Plan.for_loader(loader)
+    plan = tfplan._Plan.for_loader(loader)
     # Kept referenced, the pooled (aligned) parts stay out of the pool: reused as they are.
     parts = [plan.wire_parts([b]) for b in batches]
     half = (X.shape[0] // (2 * BATCH_SIZE)) * BATCH_SIZE
@@ -119,11 +122,9 @@ def run(rows: int, rounds: int, work: Path) -> dict[str, Any]:
 
     fns = {
         "loader": loader_pass,
-        "tf only": _graph(tf, _harness(sstf, tf, DataLoader(store, BATCH_SIZE), batches, parts)),
-        "tf + build": _graph(tf, _harness(sstf, tf, DataLoader(store, BATCH_SIZE), batches,
-                                          None)),
-        "tf + loader": _graph(tf, _harness(sstf, tf, DataLoader(store, BATCH_SIZE), None,
-                                           parts)),
+        "tf only": _graph(tf, _harness(tf, DataLoader(store, BATCH_SIZE), batches, parts)),
+        "tf + build": _graph(tf, _harness(tf, DataLoader(store, BATCH_SIZE), batches, None)),
+        "tf + loader": _graph(tf, _harness(tf, DataLoader(store, BATCH_SIZE), None, parts)),
         "stream": _graph(tf, sstf.to_dataset(DataLoader(store, BATCH_SIZE))),
         "idiom": _graph(tf, idiom_dataset(tf, tf.sparse.SparseTensor(*coo_parts(X)))),
         "2 readers": _graph(tf, two_readers()),

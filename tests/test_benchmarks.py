@@ -172,7 +172,7 @@ def test_tf_split_runs_tiny_and_its_harness_gives_the_streams_batches(tmp_path: 
 
     store, _, _ = store_with_matrix(tmp_path / "m.zarr", 3000, 500, 10)
     batches = list(DataLoader(store, 256).iter_batches())
-    harness = bench_tf_split._harness(sstf, tf, DataLoader(store, 256), batches, None)
+    harness = bench_tf_split._harness(tf, DataLoader(store, 256), batches, None)
     stream = sstf.to_dataset(DataLoader(store, 256))
     got, want = list(harness), list(stream)
     assert len(got) == len(want) == len(batches)

@@ -81,6 +81,7 @@ def test_the_wheel_holds_only_sparsestore(tmp_path):
         eps = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"sparsestore"}
-    assert {"sparsestore/adapters/tensorflow.py", "sparsestore/adapters/jax.py",
-            "sparsestore/adapters/torch.py"} <= set(names)
+    assert {"sparsestore/adapters/tensorflow.py", "sparsestore/adapters/_tf_plan.py",
+            "sparsestore/adapters/_tf_passes.py", "sparsestore/adapters/_tf_errors.py",
+            "sparsestore/adapters/jax.py", "sparsestore/adapters/torch.py"} <= set(names)
     assert "tensorflow = sparsestore.adapters.tensorflow:TensorFlowBackend" in eps

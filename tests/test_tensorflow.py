@@ -17,6 +17,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 import scipy.sparse as sp  # noqa: E402
+import sparsestore.adapters._tf_plan as tfplan  # noqa: E402
 import sparsestore.adapters.tensorflow as sstf  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -73,7 +74,7 @@ def test_batches_equal_loader_batches(small_store, shuffle, bs, expand):
     ds = sstf.to_dataset(a, expand=expand)
     # host COO: batches of 1 and 257 rows cross in bundles (70 batches of 1: the last
     # bundle is partial), 5000 rows alone
-    bundle = sstf._Plan.for_loader(a, expand=expand).bundle
+    bundle = tfplan._Plan.for_loader(a, expand=expand).bundle
     assert bundle == (1 if expand == "graph" or bs == 5000 else {1: 32, 257: 12}[bs])
     spec = ds.element_spec
     assert spec[0] == tf.SparseTensorSpec([None, X.shape[1]], tf.float32)
@@ -155,7 +156,7 @@ def test_roundtrip_property(tmp_path_factory, n_rows, n_cols, density, bs, shuff
 def test_compact_parts_cross_the_host_boundary(small_store):
     """expand='graph': ~8 bytes per non-zero (float32 values + int32 column ids) + row_splits."""
     store, _, _ = small_store
-    plan = sstf._Plan.for_loader(sparsestore.DataLoader(store, labels="y"), expand="graph")
+    plan = tfplan._Plan.for_loader(sparsestore.DataLoader(store, labels="y"), expand="graph")
     sig = plan.signature()
     assert [s.dtype for s in sig] == [tf.float32, tf.int32, tf.int64, tf.int64]
     assert [s.shape.as_list() for s in sig[:3]] == [[None]] * 3
@@ -165,7 +166,7 @@ def test_host_coo_parts_are_aligned_and_recycled(small_store):
     """expand='host': int64 COO in 64-byte-aligned buffers that return to the pool when freed."""
     store, X, _ = small_store
     loader = sparsestore.DataLoader(store, batch_size=300)
-    plan = sstf._Plan.for_loader(loader)
+    plan = tfplan._Plan.for_loader(loader)
     sig = plan.signature()
     assert [s.dtype for s in sig] == [tf.int64, tf.float32, tf.int64]
     batch = next(iter(loader.iter_batches()))
@@ -192,10 +193,10 @@ def test_host_pool_keeps_a_bounded_amount_of_idle_memory(small_store):
     HOST_IDLE_BATCHES average batches (it used to grow with the number of sizes seen)."""
     store, X, _ = small_store
     loader = sparsestore.DataLoader(store, batch_size=64, shuffle=True, seed=1)
-    plan = sstf._Plan.for_loader(loader)
+    plan = tfplan._Plan.for_loader(loader)
     pool = plan.buffers
     per_batch = 64 * X.nnz / X.shape[0] * (2 * 8 + 4)
-    assert pool.max_idle_bytes == max(8 * 2**20, int(sstf.HOST_IDLE_BATCHES * per_batch))
+    assert pool.max_idle_bytes == max(8 * 2**20, int(tfplan.HOST_IDLE_BATCHES * per_batch))
     pool.max_idle_bytes = int(4 * per_batch)  # small, so the bound is exercised here
     held = [plan.parts(b) for b in loader.iter_batches()]  # all alive at once, then freed
     sizes = {parts[1].size for parts in held}
@@ -255,7 +256,7 @@ def test_interrupted_pass_still_advances_epoch(small_store):
 def test_dropped_iterator_closes_its_pass(small_store, monkeypatch):
     from sparsestore.reader import THREAD_PREFIX
 
-    monkeypatch.setattr(sstf, "BUNDLE_NNZ", 1)  # one batch per hand-off: the pass stays open
+    monkeypatch.setattr(tfplan, "BUNDLE_NNZ", 1)  # one batch per hand-off: the pass stays open
 
     def decoders() -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
@@ -306,8 +307,8 @@ def test_a_failed_build_ends_the_pass_without_skipping_a_batch(small_store, monk
     """A batch whose parts fail to build is an error, and no later batch takes its place
     (TensorFlow keeps calling after an error: ``ignore_errors`` shows what it would get)."""
     store, X, _ = small_store
-    monkeypatch.setattr(sstf, "BUNDLE_NNZ", 1)  # one batch per hand-off
-    real, calls = sstf._Plan.wire_parts, []
+    monkeypatch.setattr(tfplan, "BUNDLE_NNZ", 1)  # one batch per hand-off
+    real, calls = tfplan._Plan.wire_parts, []
 
     def flaky(self, batches):
         calls.append(1)
@@ -315,7 +316,7 @@ def test_a_failed_build_ends_the_pass_without_skipping_a_batch(small_store, monk
             raise ValueError("simulated build failure")
         return real(self, batches)
 
-    monkeypatch.setattr(sstf._Plan, "wire_parts", flaky)
+    monkeypatch.setattr(tfplan._Plan, "wire_parts", flaky)
     loader, oracle = loader_pair(store, batch_size=300)
     with pytest.raises(tf.errors.OpError, match="simulated build failure"):
         list(sstf.to_dataset(loader))
@@ -435,9 +436,9 @@ def test_bad_arguments_raise_clear_errors(small_store):
     with pytest.raises(InvalidInputError, match="InputContext"):
         sstf.to_dataset(loader, input_context=object())
     with pytest.raises(SparseStoreError, match="label 'z'"):
-        sstf._tf_dtype(np.dtype(object), "label 'z'")
+        tfplan._tf_dtype(np.dtype(object), "label 'z'")
     with pytest.raises(DTypeError, match="numeric"):
-        sstf._tf_dtype(np.dtype("datetime64[s]"), "label 'when'")
+        tfplan._tf_dtype(np.dtype("datetime64[s]"), "label 'when'")
 
 
 # ------------------------------------------------------------------ distribution and devices
@@ -721,7 +722,7 @@ def test_a_failed_build_is_not_taken_for_a_store_error(small_store, monkeypatch)
     def broken(self, batches):
         raise ValueError("simulated build failure")
 
-    monkeypatch.setattr(sstf._Plan, "wire_parts", broken)
+    monkeypatch.setattr(tfplan._Plan, "wire_parts", broken)
     with pytest.raises(tf.errors.OpError, match="simulated build failure") as info:
         list(sstf.to_dataset(sparsestore.DataLoader(store, batch_size=64)))
     assert sstf.unwrap_error(info.value) is None
