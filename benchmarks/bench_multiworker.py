@@ -153,7 +153,10 @@ def measure(out: Path, n: int, warmup: int) -> dict[str, Any]:
                 got = chunks.setdefault(e["rank"], {})
                 for k, v in e["decoded"].items():
                     got[k] = got.get(k, 0) + v
+    steps = sum(es[0]["steps"] for es in timed)
+    input_s = sum(e["data_s"] for es in timed for e in es) / n
     return {"rows_per_s": rows / seconds, "input_share": waited, "epoch_s": seconds / len(timed),
+            "step_ms": 1e3 * seconds / steps, "input_ms": 1e3 * input_s / steps,
             "data_chunks": [chunks.get(r, {}).get("data", 0) for r in range(n)],
             "all_chunks": [sum(chunks.get(r, {}).values()) for r in range(n)]}
 
@@ -170,9 +173,12 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += table(doc["records"])
     lines += ["`rows/s`: global rows of the timed epochs per second (per epoch, the slowest "
               "rank's wall time).  `input share`: fraction of each process's epoch spent "
-              "waiting for its next batch.  `data chunks per rank`: chunks of the `data` array "
-              "each rank decoded in one epoch, and `share`: each rank's chunks over the "
-              "1-process run's (a rank reading half the store: 0.5).", ""]
+              "waiting for its next batch.  `ms/step`: wall time per step (each process "
+              "trains the same per-process batch, so with no overhead from the second process "
+              "it stays the same) and `input ms/step` the part of it spent waiting for the "
+              "batch.  `data chunks per rank`: chunks of the `data` array each rank decoded in "
+              "one epoch, and `share`: each rank's chunks over the 1-process run's (a rank "
+              "reading half the store: 0.5).", ""]
     lines += [f"Target: >= {TARGET}x rows/s from 1 to 2 processes.", ""]
     lines += [f"- {v}" for v in m.get("verdict", [])] + [""]
     return "\n".join(lines)
@@ -239,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "rows/s per round": [round(r["rows_per_s"]) for r in rs],
                 "speed-up": rate / one, "epoch s": statistics.median(r["epoch_s"] for r in rs),
                 "input share": statistics.median(r["input_share"] for r in rs),
+                "ms/step": statistics.median(r["step_ms"] for r in rs),
+                "input ms/step": statistics.median(r["input_ms"] for r in rs),
                 "data chunks per rank": per_rank,
                 "share": [round(c / total, 3) for c in per_rank] if total else None,
                 "launch s": statistics.median(r["launch_s"] for r in rs)})
