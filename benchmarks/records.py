@@ -107,4 +107,4 @@ def to_markdown(doc: dict[str, Any]) -> str:
 
 # benchmark name -> module (under benchmarks) whose ``markdown(doc)`` renders its page;
 # the others get :func:`to_markdown`
-RENDERERS: dict[str, str] = {}
+RENDERERS: dict[str, str] = {"multiworker": "bench_multiworker"}

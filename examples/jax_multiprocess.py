@@ -23,7 +23,8 @@ rows are never read.
 TensorFlow examples: ``rows-rank<i>.jsonl`` (the row ids of each step, from a ``row``
 label when the store has one), ``chunks-<pid>.jsonl`` (the storage chunks each process
 decoded per epoch, ``loader.decoded_chunks``) and ``model.npz`` (the final weights, from
-process 0).  Object storage: ``--storage-options`` (JSON for fsspec).
+process 0); ``epochs-rank<i>.jsonl`` holds each epoch's wall time, input wait, steps and rows
+(for the multi-process benchmark).  Object storage: ``--storage-options`` (JSON for fsspec).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +56,33 @@ def loss_fn(params: dict[str, jax.Array], x: jax.Array, y: jax.Array) -> jax.Arr
 
 
 grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+
+
+class Waited:
+    """Iterate ``it``, adding the seconds spent waiting for each item to ``seconds``: how
+    much of an epoch's wall time the input pipeline took (the rest is the training step)."""
+
+    def __init__(self, it: Any) -> None:
+        self.it, self.seconds = iter(it), 0.0
+
+    def __iter__(self) -> Waited:
+        return self
+
+    def __next__(self) -> Any:
+        t = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+def log_epoch(out: Path, rank: int, epoch: int, seconds: float, data_s: float, steps: int,
+              rows: int) -> None:
+    """Append one epoch's wall time, input wait, steps and rows trained on to
+    ``OUT/epochs-rank<r>.jsonl``: what ``benchmarks/bench_multiworker.py`` reads."""
+    with open(out / f"epochs-rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": epoch, "seconds": seconds, "data_s": data_s,
+                            "steps": steps, "rows": rows}) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,18 +124,22 @@ def main(argv: list[str] | None = None) -> int:
     with open(out / f"rows-rank{index}.jsonl", "w") as rows_log, \
             open(out / f"chunks-{os.getpid()}.jsonl", "w") as chunks_log:
         for epoch in range(args.epochs):  # each pass advances the loader's epoch
-            losses = []
-            for batch, (x, y, *ids) in enumerate(ssjax.prefetch_to_device(loader, size=2), 1):
+            losses, n = [], 0
+            batches = Waited(ssjax.prefetch_to_device(loader, size=2))
+            t_epoch = time.perf_counter()
+            for batch, (x, y, *ids) in enumerate(batches, 1):
                 loss, grads = grad_fn(params, x, y)
                 # every process's gradients, stacked on a new leading axis, then averaged
                 grads = jax.tree.map(lambda g: jnp.mean(g, axis=0),
                                      multihost_utils.process_allgather(grads))
                 params = jax.tree.map(lambda q, g: q - args.lr * g, params, grads)
                 losses.append(loss)
-                step += 1
+                step, n = step + 1, n + y.shape[0]
                 if ids:
                     rows_log.write(json.dumps({"epoch": epoch, "batch": batch, "step": step,
                                                "rows": np.asarray(ids[0]).tolist()}) + "\n")
+            log_epoch(out, index, epoch, time.perf_counter() - t_epoch, batches.seconds,
+                      len(losses), n)
             # the chunks this process decoded in the pass just finished: its share of bytes
             chunks_log.write(json.dumps({"rank": index, "shard": index, "shards": world,
                                          "epoch": epoch,

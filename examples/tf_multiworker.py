@@ -44,7 +44,9 @@ and relaunch all.  Object storage: ``--storage-options`` (JSON for fsspec).
 
 ``OUT`` also receives what the tests check: ``rows-rank<i>.jsonl`` (the row ids of each
 step, from a ``row`` label), ``chunks-<pid>.jsonl`` (the storage chunks each worker decoded
-per complete pass) and ``model.npz`` (the final weights, from worker 0).
+per complete pass) and ``model.npz`` (the final weights, from worker 0);
+``epochs-rank<i>.jsonl`` holds each epoch's wall time, input wait, steps and rows (for the
+multi-process benchmark).
 """
 
 from __future__ import annotations
@@ -98,6 +100,33 @@ class SparseLogReg(keras.layers.Layer):
 
     def call(self, x: Any) -> Any:
         return tf.sparse.sparse_dense_matmul(x, self.w)[:, 0] + self.b
+
+
+class Waited:
+    """Iterate ``it``, adding the seconds spent waiting for each item to ``seconds``: how
+    much of an epoch's wall time the input pipeline took (the rest is the training step)."""
+
+    def __init__(self, it: Any) -> None:
+        self.it, self.seconds = iter(it), 0.0
+
+    def __iter__(self) -> Waited:
+        return self
+
+    def __next__(self) -> Any:
+        t = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+def log_epoch(out: Path, rank: int, epoch: int, seconds: float, data_s: float, steps: int,
+              rows: int) -> None:
+    """Append one epoch's wall time, input wait, steps and rows trained on to
+    ``OUT/epochs-rank<r>.jsonl``: what ``benchmarks/bench_multiworker.py`` reads."""
+    with open(out / f"epochs-rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": epoch, "seconds": seconds, "data_s": data_s,
+                            "steps": steps, "rows": rows}) + "\n")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -207,8 +236,10 @@ def train(args: argparse.Namespace) -> tuple[int, list[tuple[int, float]]]:
     with open(rows_log, "a") as log:
         for epoch in range(first_epoch, args.epochs):
             done = loader.position.batches_consumed
-            total = 0.0
-            for batch in strategy.distribute_datasets_from_function(dataset_fn):
+            total, done0 = 0.0, done
+            batches = Waited(strategy.distribute_datasets_from_function(dataset_fn))
+            t_epoch = time.perf_counter()
+            for batch in batches:
                 loss = train_step(batch)
                 done, step = done + 1, step + 1
                 total += float(loss)
@@ -224,6 +255,8 @@ def train(args: argparse.Namespace) -> tuple[int, list[tuple[int, float]]]:
                         os.kill(os.getpid(), signal.SIGKILL)  # a worker dying mid-epoch
             if done != steps:
                 raise RuntimeError(f"epoch {epoch} ended after {done} of {steps} batches")
+            log_epoch(out, index, epoch, time.perf_counter() - t_epoch, batches.seconds,
+                      done - done0, (done - done0) * args.batch_size)
             losses.append((epoch, total / steps))
     if index == 0:
         w, b = model.get_weights()

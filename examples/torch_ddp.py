@@ -21,7 +21,9 @@ credentials as boto3 does: environment, ``~/.aws``, instance role).
 
 ``OUT`` also receives what the tests check: ``rows-rank<r>.jsonl`` (the row ids of each
 step, from a ``row`` label when the store has one), ``chunks-<pid>.jsonl`` (the storage
-chunks each worker decoded per pass) and ``model.npz`` (the final weights, from rank 0).
+chunks each worker decoded per pass) and ``model.npz`` (the final weights, from rank 0);
+``epochs-rank<r>.jsonl`` holds each epoch's wall time, input wait, steps and rows (for the
+multi-process benchmark).
 """
 
 from __future__ import annotations
@@ -96,6 +98,33 @@ class LogReg(torch.nn.Module):
         return (x @ self.w).squeeze(1) + self.b
 
 
+class Waited:
+    """Iterate ``it``, adding the seconds spent waiting for each item to ``seconds``: how
+    much of an epoch's wall time the input pipeline took (the rest is the training step)."""
+
+    def __init__(self, it: Any) -> None:
+        self.it, self.seconds = iter(it), 0.0
+
+    def __iter__(self) -> Waited:
+        return self
+
+    def __next__(self) -> Any:
+        t = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+def log_epoch(out: Path, rank: int, epoch: int, seconds: float, data_s: float, steps: int,
+              rows: int) -> None:
+    """Append one epoch's wall time, input wait, steps and rows trained on to
+    ``OUT/epochs-rank<r>.jsonl``: what ``benchmarks/bench_multiworker.py`` reads."""
+    with open(out / f"epochs-rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": epoch, "seconds": seconds, "data_s": data_s,
+                            "steps": steps, "rows": rows}) + "\n")
+
+
 def save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary name, then rename: a kill never leaves half a file."""
     tmp = path.with_suffix(".tmp")
@@ -149,8 +178,9 @@ def train(args: argparse.Namespace) -> list[float]:
             if epoch != first_epoch or done == 0:
                 ds.set_epoch(epoch)
                 done = 0
-            total, n = 0.0, 0
-            for x, y, *rest in dl:
+            total, n, steps0 = 0.0, 0, step
+            batches, t_epoch = Waited(dl), time.perf_counter()
+            for x, y, *rest in batches:
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
                 opt.zero_grad()
                 loss.backward()  # DDP: gradients averaged over the ranks here
@@ -169,6 +199,8 @@ def train(args: argparse.Namespace) -> list[float]:
                     dist.barrier()  # every rank is past the checkpoint before going on
                     if step == args.crash_at_step and rank == world - 1:
                         os.kill(os.getpid(), signal.SIGKILL)  # a worker dying mid-epoch
+            log_epoch(out, rank, epoch, time.perf_counter() - t_epoch, batches.seconds,
+                      step - steps0, n)
             losses.append(total / max(1, n))
     if rank == 0:
         m = model.module
