@@ -35,7 +35,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +46,7 @@ import sparsestore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic  # noqa: E402
+from run_log import Waited, log_epoch  # noqa: E402
 
 
 def loss_fn(params: dict[str, jax.Array], x: jax.Array, y: jax.Array) -> jax.Array:
@@ -56,33 +56,6 @@ def loss_fn(params: dict[str, jax.Array], x: jax.Array, y: jax.Array) -> jax.Arr
 
 
 grad_fn = jax.jit(jax.value_and_grad(loss_fn))
-
-
-class Waited:
-    """Iterate ``it``, adding the seconds spent waiting for each item to ``seconds``: how
-    much of an epoch's wall time the input pipeline took (the rest is the training step)."""
-
-    def __init__(self, it: Any) -> None:
-        self.it, self.seconds = iter(it), 0.0
-
-    def __iter__(self) -> Waited:
-        return self
-
-    def __next__(self) -> Any:
-        t = time.perf_counter()
-        try:
-            return next(self.it)
-        finally:
-            self.seconds += time.perf_counter() - t
-
-
-def log_epoch(out: Path, rank: int, epoch: int, seconds: float, data_s: float, steps: int,
-              rows: int) -> None:
-    """Append one epoch's wall time, input wait, steps and rows trained on to
-    ``OUT/epochs-rank<r>.jsonl``: what ``benchmarks/bench_multiworker.py`` reads."""
-    with open(out / f"epochs-rank{rank}.jsonl", "a") as f:
-        f.write(json.dumps({"epoch": epoch, "seconds": seconds, "data_s": data_s,
-                            "steps": steps, "rows": rows}) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
