@@ -129,6 +129,14 @@ def global_batches(logs: list[list[dict]]) -> list[np.ndarray]:
             for i in range(len(logs[0]))]
 
 
+def check_epoch_order(log: list[dict], epoch: int, want: list[np.ndarray]) -> None:
+    """One rank's logged batches of ``epoch`` are exactly ``want``, batch by batch."""
+    got = [np.asarray(e["rows"]) for e in log if e["epoch"] == epoch]
+    assert len(got) == len(want)
+    for g, e in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, e)
+
+
 def check_every_row_once_per_epoch(logs: list[list[dict]], epochs: int, n_rows: int) -> None:
     for epoch in range(epochs):
         rows = np.concatenate([np.asarray(e["rows"], dtype=np.int64)
@@ -274,10 +282,7 @@ def test_torch_ddp_two_ranks(where, request, data, tmp_path):
     for r, log in enumerate(logs):  # unshuffled: the order follows from the sharding alone
         want = expected_torch_order(r, 2, 2, N_ROWS)
         for epoch in range(EPOCHS):
-            got = [np.asarray(e["rows"]) for e in log if e["epoch"] == epoch]
-            assert len(got) == len(want)
-            for g, e in zip(got, want, strict=True):
-                np.testing.assert_array_equal(g, e)
+            check_epoch_order(log, epoch, want)
     check_chunk_shares(tmp_path, X, world=2, shards_per_rank=2, epochs=EPOCHS)
     check_model(tmp_path, X, y, global_batches(logs))
 
@@ -310,10 +315,7 @@ def test_torch_ddp_resumes_after_a_rank_is_killed(local_store, data, tmp_path):
             ds = sstorch.SparseIterableDataset(loader, num_workers=2, rank=r, world_size=2)
             ds.set_epoch(epoch)
             want = [yb.numpy() for _, yb in ds]
-            got = [np.asarray(e["rows"]) for e in log if e["epoch"] == epoch]
-            assert len(got) == len(want)
-            for g, e in zip(got, want, strict=True):
-                np.testing.assert_array_equal(g, e)
+            check_epoch_order(log, epoch, want)
     check_model(tmp_path, X, y, batches)
 
 
@@ -371,10 +373,7 @@ def test_tf_multiworker_mirrored_two_workers(where, request, data, tmp_path):
     for r, log in enumerate(logs):
         want = expected_tf_order(r, 2, N_ROWS, BATCH)
         for epoch in range(EPOCHS):
-            got = [np.asarray(e["rows"]) for e in log if e["epoch"] == epoch]
-            assert len(got) == len(want)
-            for g, e in zip(got, want, strict=True):
-                np.testing.assert_array_equal(g, e)
+            check_epoch_order(log, epoch, want)
     check_chunk_shares(tmp_path, X, world=2, shards_per_rank=1, epochs=EPOCHS)
     check_model(tmp_path, X, y, global_batches(logs))
 
@@ -467,9 +466,6 @@ def test_jax_two_processes(where, batch, request, data, tmp_path):
     for r, log in enumerate(logs):  # unshuffled: each process its contiguous share, in order
         want = expected_tf_order(r, 2, kept, batch)
         for epoch in range(EPOCHS):
-            got = [np.asarray(e["rows"]) for e in log if e["epoch"] == epoch]
-            assert len(got) == len(want)
-            for g, e in zip(got, want, strict=True):
-                np.testing.assert_array_equal(g, e)
+            check_epoch_order(log, epoch, want)
     check_chunk_shares(tmp_path, X, world=2, shards_per_rank=1, epochs=EPOCHS)
     check_model(tmp_path, X, y, global_batches(logs))
