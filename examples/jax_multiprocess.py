@@ -46,7 +46,7 @@ import sparsestore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic  # noqa: E402
-from run_log import Waited, log_epoch  # noqa: E402
+from run_log import Waited, add_training_arguments, log_epoch  # noqa: E402
 
 
 def loss_fn(params: dict[str, jax.Array], x: jax.Array, y: jax.Array) -> jax.Array:
@@ -60,16 +60,8 @@ grad_fn = jax.jit(jax.value_and_grad(loss_fn))
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--store", required=True, help="path or URL (s3://...) of the store")
-    p.add_argument("--storage-options", default=None, help="fsspec options, as JSON")
-    p.add_argument("--rows", type=int, default=0,
-                   help="build a synthetic store of this many rows if --store does not exist")
-    p.add_argument("--cols", type=int, default=2000)
+    add_training_arguments(p, "process", "demo_data/jax_mp")
     p.add_argument("--label", default="y", help="the store's label to fit (0/1)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=256, help="per process")
-    p.add_argument("--lr", type=float, default=0.5)
-    p.add_argument("--out", default="demo_data/jax_mp")
     p.add_argument("--coordinator", required=True, help="HOST:PORT of process 0")
     p.add_argument("--num-processes", type=int, required=True)
     p.add_argument("--process-id", type=int, required=True)

@@ -1,9 +1,10 @@
-"""What the multi-process examples log per epoch, beside their training: shared by
-``torch_ddp.py``, ``tf_multiworker.py`` and ``jax_multiprocess.py``, read by
-``benchmarks/bench_multiworker.py``."""
+"""What the multi-process examples share: their common command-line options and what they
+log per epoch beside their training.  Used by ``torch_ddp.py``, ``tf_multiworker.py`` and
+``jax_multiprocess.py``; the logs are read by ``benchmarks/bench_multiworker.py``."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -35,3 +36,25 @@ def log_epoch(out: Path, rank: int, epoch: int, seconds: float, data_s: float, s
     with open(out / f"epochs-rank{rank}.jsonl", "a") as f:
         f.write(json.dumps({"epoch": epoch, "seconds": seconds, "data_s": data_s,
                             "steps": steps, "rows": rows}) + "\n")
+
+
+def add_training_arguments(p: argparse.ArgumentParser, per: str, out: str) -> None:
+    """The options every multi-process example takes: the store, a synthetic one's size,
+    epochs, the batch size (``per`` process, rank or worker), learning rate, output folder."""
+    p.add_argument("--store", required=True, help="path or URL (s3://...) of the store")
+    p.add_argument("--storage-options", default=None, help="fsspec options, as JSON")
+    p.add_argument("--rows", type=int, default=0,
+                   help="build a synthetic store of this many rows if --store does not exist")
+    p.add_argument("--cols", type=int, default=2000)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=256, help=f"per {per}")
+    p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--out", default=out)
+
+
+def add_resume_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of the examples that shuffle and checkpoint (and, in tests, crash)."""
+    p.add_argument("--shuffle", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps (0: never)")
+    p.add_argument("--crash-at-step", type=int, default=0, help=argparse.SUPPRESS)

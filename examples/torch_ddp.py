@@ -49,7 +49,12 @@ from sparsestore.batch import Batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic  # noqa: E402
-from run_log import Waited, log_epoch  # noqa: E402
+from run_log import (  # noqa: E402
+    Waited,
+    add_resume_arguments,
+    add_training_arguments,
+    log_epoch,
+)
 
 
 class ReportingLoader(sparsestore.DataLoader):
@@ -185,20 +190,9 @@ def train(args: argparse.Namespace) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--store", required=True, help="path or URL (s3://...) of the store")
-    p.add_argument("--storage-options", default=None, help="fsspec options, as JSON")
-    p.add_argument("--rows", type=int, default=0,
-                   help="build a synthetic store of this many rows if --store does not exist")
-    p.add_argument("--cols", type=int, default=2000)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=256, help="per rank")
+    add_training_arguments(p, "rank", "demo_data/ddp")
+    add_resume_arguments(p)
     p.add_argument("--workers", type=int, default=2, help="torch DataLoader workers per rank")
-    p.add_argument("--lr", type=float, default=0.5)
-    p.add_argument("--shuffle", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="demo_data/ddp")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="steps (0: never)")
-    p.add_argument("--crash-at-step", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
