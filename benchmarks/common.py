@@ -58,7 +58,7 @@ class Size:
 
 
 SIZES = {
-    # Issue 3's reference matrix: 200k x 30k, ~100 nnz/row, float32 (~20M nnz).
+    # The suite's reference matrix: 200k x 30k, ~100 nnz/row, float32 (~20M nnz).
     "full": Size("full", 200_000, 30_000, 100, 64, 60.0, 3, scaling_base=50_000),
     "quick": Size("quick", 50_000, 30_000, 100, 64, 10.0, 2, scaling_base=12_500),
     "tiny": Size("tiny", 3_000, 1_000, 20, 8, 1.5, 1, scaling_base=1_000),

@@ -156,9 +156,9 @@ def gather_csr(
 
 
 class DecodedRows(NamedTuple):
-    """A unit's decoded rows as CSR parts (``indptr`` from 0, in ``indices``' dtype when
-    the values fit).  Not a scipy matrix: its constructor may copy the parts (``prune``
-    copies a view of under half its buffer), and batches only slice or gather them."""
+    """A unit's decoded rows as CSR parts (int64 ``indptr`` from 0).  Not a scipy matrix:
+    its constructor may copy the parts (``prune`` copies a view of under half its buffer),
+    and batches only slice or gather them."""
 
     data: np.ndarray
     indices: np.ndarray
@@ -265,6 +265,9 @@ class BlockReader:
             cuts = [0, *range(first or self.piece_rows, n, self.piece_rows), n]
         spans = [(i, j) for i, j in zip(cuts[:-1], cuts[1:], strict=True) if j > i]
         if unit.take is not None:
+            if isinstance(src, DecodedRows) and src.indptr[-1] <= np.iinfo(src.indices.dtype).max:
+                # Once per unit: the row gather's kernel wants indptr in indices' dtype.
+                src = src._replace(indptr=src.indptr.astype(src.indices.dtype))
             return self._gathered(src, labels, unit, spans)
         return [self._piece(src, labels, unit, i, j) for i, j in spans]
 
@@ -348,8 +351,6 @@ class BlockReader:
         finally:
             if ahead is not None:
                 ahead.release()
-        if nnz <= np.iinfo(indices.dtype).max:  # the row gather's kernel wants one dtype
-            ptr = ptr.astype(indices.dtype)
         return DecodedRows(values, indices, ptr), labels
 
     def _piece(
