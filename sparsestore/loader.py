@@ -465,11 +465,9 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
             b = bounds_from_indptr(pieces, n, target, DEFAULT_MAX_BLOCK_ROWS)
         if not (self._shuffle and self._buffer_bytes is not None):
             return b, None  # only a byte-budgeted shuffle sizes its blocks
-        arrs = st.arrays
-        entry = arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize
         at = read_rows(ip, b, name="indptr").astype(np.int64) if b.size > 1 else \
             np.zeros(b.size, np.int64)
-        return b, np.diff(at) * entry + np.diff(b) * 8
+        return b, np.diff(at) * self._entry_bytes() + np.diff(b) * 8
 
     def _block_pass(self, reader: BlockReader, epoch: int, start: int) -> Iterator[Batch]:
         bs, total = self._batch_size, len(self)

@@ -45,15 +45,18 @@ class MemorySizing:
     _buffer_blocks: int | None
     _buffer_bytes: int | None
 
+    def _entry_bytes(self) -> int:
+        """Decoded bytes of one stored value of a sparse store: the value and its column."""
+        arrs = self._store.arrays
+        return int(arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize)
+
     def _batch_bytes(self) -> int:
         """Decoded bytes of an average batch (what a gathered batch takes from the pool)."""
         st = self._store
         if st.is_dense:
             return self._batch_size * st.n_cols * st.arrays["X"].dtype.itemsize
-        arrs = st.arrays
-        entry = arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize
         per_row = st.nnz / max(1, st.n_rows)
-        return int(self._batch_size * (per_row * entry + 8))
+        return int(self._batch_size * (per_row * self._entry_bytes() + 8))
 
     def _working_set_bytes(self) -> int:
         """Bytes a pass holds at once: units in flight plus the boundary-chunk caches.
@@ -68,9 +71,7 @@ class MemorySizing:
             arr = st.arrays["X"]
             chunk = int(np.prod(arr.chunks)) * arr.dtype.itemsize
         else:
-            arrs = st.arrays
-            itemsize = arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize
-            chunk = int(arrs["data"].chunks[0]) * itemsize
+            chunk = int(st.arrays["data"].chunks[0]) * self._entry_bytes()
         caches = (2 * max(1, self._num_workers) + 2) * chunk
         if self._shuffle and self._buffer_bytes is not None:
             return max(32 * 2**20, self._buffer_bytes + caches)
@@ -85,8 +86,7 @@ class MemorySizing:
         ub = self._unit_bytes
         if not self._shuffle or ub is None or self._store.is_dense:
             return None
-        arrs = self._store.arrays
-        return ub // (arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize)
+        return ub // self._entry_bytes()
 
     @property
     def _unit_bytes(self) -> int | None:
