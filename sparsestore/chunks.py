@@ -134,6 +134,11 @@ class ChunkCache:
         """Chunk ``k``'s elements below ``limit`` (the committed length), decoded once."""
         return self._get(k, limit)
 
+    def _part(self, k: int, a: int, b: int, limit: int) -> np.ndarray:
+        """Elements ``[a, b)`` of chunk ``k`` (a sub-range of it)."""
+        lo = k * self.chunk
+        return self._get(k, limit)[a - lo : b - lo]
+
     def read_to(self, start: int, stop: int, out: np.ndarray, limit: int) -> None:
         """Elements ``[start, stop)`` into ``out``: the two boundary chunks (which the
         neighbouring blocks share) through the cache, interior chunks decoded straight
@@ -143,16 +148,16 @@ class ChunkCache:
         c = self.chunk
         k0, k1 = start // c, (stop - 1) // c
         if k0 == k1:
-            out[: stop - start] = self._get(k0, limit)[start - k0 * c : stop - k0 * c]
+            out[: stop - start] = self._part(k0, start, stop, limit)
             return
-        head = self._get(k0, limit)[start - k0 * c :]
+        head = self._part(k0, start, (k0 + 1) * c, limit)
         pos = head.shape[0]
         out[:pos] = head
         for k in range(k0 + 1, k1):
             self.decoder.decode_into(k, out[pos : pos + c], self.pool)
             pos += c
         self._count(k1 - k0 - 1)
-        out[pos : stop - start] = self._get(k1, limit)[: stop - k1 * c]
+        out[pos : stop - start] = self._part(k1, k1 * c, stop, limit)
 
     def read(self, start: int, stop: int, limit: int) -> np.ndarray:
         """Elements ``[start, stop)`` in a new array (from the pool, if any)."""
@@ -169,6 +174,11 @@ class SharedChunkCache(ChunkCache):
     Concurrent requests for a chunk being decoded wait for that decode instead of
     repeating it; the lock only guards the bookkeeping, decodes run in parallel.
     Decoded memory always comes from a pool (its own unless one is given).
+
+    A pass that will come back for a small piece of a chunk long after the chunk has left
+    the cache (a shuffled pass: a row a later unit reads crosses into a chunk an earlier
+    unit decoded) says so with :meth:`keep`; decoding the chunk then copies those pieces
+    out, and the later read takes its copy instead of decoding the chunk again.
     """
 
     def __init__(
@@ -179,6 +189,55 @@ class SharedChunkCache(ChunkCache):
                          pool=pool if pool is not None else BufferPool())
         self._lock = threading.Lock()
         self._inflight: dict[int, Future] = {}
+        self._keep: dict[int, list[tuple[int, int]]] = {}  # chunk -> pieces to copy out
+        self._kept: dict[int, list[tuple[int, int, np.ndarray]]] = {}  # ... copied out
+        self._kept_room = 0  # bytes still allowed for copies
+
+    def keep(self, pieces: dict[int, list[tuple[int, int]]], max_bytes: int) -> None:
+        """When chunk ``k`` is next decoded, copy out its element ranges ``pieces[k]``
+        (absolute ``[a, b)``) for one later read each, within ``max_bytes`` in all."""
+        with self._lock:
+            self._keep = {int(k): list(v) for k, v in pieces.items()}
+            self._kept.clear()
+            self._kept_room = int(max_bytes)
+
+    def kept_bytes(self) -> int:
+        """Bytes of copied-out pieces not read yet."""
+        with self._lock:
+            return sum(int(a.nbytes) for v in self._kept.values() for *_, a in v)
+
+    def _part(self, k: int, a: int, b: int, limit: int) -> np.ndarray:
+        if self._kept:
+            with self._lock:
+                for n, (fa, fb, arr) in enumerate(self._kept.get(k, ())):
+                    if fa <= a and b <= fb:
+                        if b == fb:  # read to its end: the later read is done with it
+                            del self._kept[k][n]
+                            self._kept_room += int(arr.nbytes)
+                        return arr[a - fa : b - fa]
+        out = super()._part(k, a, b, limit)
+        if self._kept:  # a copy made for this very read (its unit decoded the chunk first)
+            with self._lock:
+                left = [p for p in self._kept.get(k, ()) if not (a <= p[0] and p[1] <= b)]
+                for p in self._kept.get(k, ()):
+                    if a <= p[0] and p[1] <= b:
+                        self._kept_room += int(p[2].nbytes)
+                if left:
+                    self._kept[k] = left
+                else:
+                    self._kept.pop(k, None)
+        return out
+
+    def _copy_out(self, k: int, out: np.ndarray) -> None:
+        """Copy the pieces :meth:`keep` asked for out of freshly decoded chunk ``k``."""
+        lo = k * self.chunk
+        for a, b in self._keep.pop(k, ()):
+            if b - lo > out.shape[0]:
+                continue
+            piece = out[a - lo : b - lo]
+            if piece.nbytes <= self._kept_room:
+                self._kept_room -= int(piece.nbytes)
+                self._kept.setdefault(k, []).append((a, b, piece.copy()))
 
     def _count(self, n: int) -> None:
         with self._lock:
@@ -205,6 +264,8 @@ class SharedChunkCache(ChunkCache):
             raise
         with self._lock:
             self.decoded += 1
+            if self._keep:
+                self._copy_out(k, out)
             self._cache[k] = out
             while len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)

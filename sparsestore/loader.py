@@ -476,6 +476,10 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
         # Its first batch is a unit of its own: the pass starts without waiting for a block.
         plan = self._sampler_for_blocks().plan(epoch, head_rows=bs)
         u0, off = plan.locate(start * bs)
+        if self._shuffle and plan.n_units - u0 > 1:
+            spans = [plan.spans(u) for u in range(u0, plan.n_units)]
+            if all(sp is not None for sp in spans):
+                reader.keep_seams(spans)
         emitted = start
         carry: list[Batch] = []
         carried = 0

@@ -6,8 +6,10 @@ units (a :class:`~sparsestore.batch.Batch` holding all rows of the unit).  Every
 :class:`~sparsestore.chunks.SharedChunkCache` per pass: a chunk needed by two neighbouring
 units is decoded by whichever asks first while the other waits for it, so a sequential pass
 decodes every storage chunk exactly once even with several workers.  A shuffled pass reads
-blocks in random order; the chunk two neighbouring blocks share is then usually decoded
-twice (once per block), never more.  ``indptr`` and label chunks are small and cached up to
+blocks in random order; the chunk two neighbouring blocks share is decoded by the earlier
+of their units, which keeps a copy of the piece the later one needs (:meth:`keep_seams`),
+so it too decodes each chunk once (twice at most when two units in flight race for it).
+``indptr`` and label chunks are small and cached up to
 a fixed byte budget, so they are decoded once per pass for stores whose row metadata fits
 in it.
 
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 
 #: Byte budget of the ``indptr`` and of each label cache (row metadata, small per row).
 ROW_META_CACHE_BYTES = 64 * 2**20
+#: Bytes per array of chunk pieces kept for a later unit of the pass (see keep_seams).
+KEPT_PIECE_BYTES = 16 * 2**20
 THREAD_PREFIX = "sparsestore-reader"
 
 
@@ -242,6 +246,55 @@ class BlockReader:
         for lab, c in zip(self._labels, self.label_caches, strict=True):
             out[f"labels/{lab.name}"] = c.decoded
         return out
+
+    def keep_seams(self, spans_by_unit: Sequence[np.ndarray]) -> None:
+        """Before a pass of several units (in this order): where a later unit reads a small
+        piece of a ``data``/``indices`` chunk an earlier unit decodes (the row that crosses
+        a chunk boundary between two blocks of a shuffled pass), the earlier decode copies
+        that piece out for it, so the chunk is decoded once per pass rather than twice."""
+        st = self.store
+        if st.is_dense or len(spans_by_unit) < 2:
+            return
+        unit_of = np.repeat(np.arange(len(spans_by_unit)), [len(sp) for sp in spans_by_unit])
+        rows = np.concatenate([np.asarray(sp, np.int64).reshape(-1, 2) for sp in spans_by_unit])
+        if not rows.size:
+            return
+        at = self._row_pointers(np.unique(rows))
+        lo = at[np.searchsorted(at[:, 0], rows[:, 0]), 1]
+        hi = at[np.searchsorted(at[:, 0], rows[:, 1]), 1]
+        nonempty = hi > lo
+        unit_of, lo, hi = unit_of[nonempty], lo[nonempty], hi[nonempty]
+        if not lo.size:
+            return
+        for name in ("data", "indices"):
+            cache = self.caches[name]
+            c = cache.chunk
+            k0, k1 = lo // c, (hi - 1) // c
+            # The two end pieces of every range (a range's interior chunks are its own).
+            ends = k1 != k0
+            k = np.concatenate([k0, k1[ends]])
+            a = np.concatenate([lo, (k1 * c)[ends]])
+            b = np.concatenate([np.minimum(hi, (k0 + 1) * c), hi[ends]])
+            u = np.concatenate([unit_of, unit_of[ends]])
+            first = np.full(int(k.max()) + 1, len(spans_by_unit), np.int64)
+            np.minimum.at(first, k, u)
+            later = (u > first[k]) & (b - a <= c // 4)
+            pieces: dict[int, list[tuple[int, int]]] = {}
+            for kk, aa, bb in zip(k[later].tolist(), a[later].tolist(), b[later].tolist(),
+                                  strict=True):
+                pieces.setdefault(kk, []).append((aa, bb))
+            cache.keep(pieces, KEPT_PIECE_BYTES)
+
+    def _row_pointers(self, rows: np.ndarray) -> np.ndarray:
+        """``[[row, indptr[row]], ...]`` for sorted ``rows``, through the indptr cache."""
+        c_ptr, limit = self.caches["indptr"], self.store.n_rows + 1
+        c = c_ptr.chunk
+        vals = np.empty(rows.size, np.int64)
+        chunk_of = rows // c
+        for k in np.unique(chunk_of).tolist():
+            sel = chunk_of == k
+            vals[sel] = c_ptr.get(k, limit)[rows[sel] - k * c]
+        return np.stack([rows, vals], axis=1)
 
     # -- one unit
     def decode(self, unit: UnitSpec) -> Iterable[Batch]:

@@ -23,9 +23,11 @@ whole chunks it mostly needs.  An epoch then
 
 A unit is a random draw of blocks from the rank's whole share, so a batch mixes rows of
 about as many blocks as the unit holds (each block one run of consecutive stored rows);
-when the whole share fits one unit the epoch is a true permutation.  Blocks are read whole,
-so the random order costs at most the chunk shared by two neighbouring blocks being decoded
-twice.
+when the whole share fits one unit the epoch is a true permutation.  Two neighbouring
+blocks share the chunk the first one's last row crosses into; when they fall in different
+units that row is read with the later one (:func:`seams_to_later_units`), which takes the
+row's piece of the chunk from a copy the earlier unit kept, so each chunk is still decoded
+once per pass.
 """
 
 from __future__ import annotations
@@ -168,6 +170,18 @@ class EpochPlan:
     def units(self, first: int = 0) -> Iterator[UnitSpec]:
         for u in range(first, self.n_units):
             yield self.unit(u)
+
+    def spans(self, u: int) -> np.ndarray | None:
+        """Unit ``u``'s read spans (global row ranges) from index math alone, or None where
+        that needs the unit expanded (a row subset)."""
+        if self._rows is not None:
+            return None
+        sl = slice(int(self.unit_cuts[u]), int(self.unit_cuts[u + 1]))
+        srt = np.argsort(self._starts[sl], kind="stable")
+        ps, pe = self._starts[sl][srt], self._ends[sl][srt]
+        brk = np.concatenate([[True], ps[1:] != pe[:-1]])
+        last = np.concatenate([brk[1:], [True]])
+        return np.stack([ps[brk], pe[last]], axis=1)
 
     def unit(self, u: int) -> UnitSpec:
         """Expand unit ``u``: spans to read, local gather order and global row ids."""
@@ -313,14 +327,67 @@ class BlockSampler:
             # (prefetch x unit bytes) stay small.
             cuts = np.arange(s.size + 1, dtype=np.int64)
         elif self._row_bytes is not None:
-            cuts = pack_units(self._row_bytes[order] * (e - s), self.unit_bytes)
+            # Each block leaves room for the row its stored left neighbour may hand it
+            # (see seams_to_later_units).
+            left = self._row_bytes[np.maximum(order - 1, 0)] * (order > 0)
+            cuts = pack_units(self._row_bytes[order] * (e - s) + left, self.unit_bytes)
         else:
             cuts = np.append(np.arange(0, s.size, self.buffer_blocks), s.size) if s.size \
                 else np.zeros(1, np.int64)
+        if self.shuffle and cuts.size > 2:
+            room = None
+            if self._row_bytes is not None:
+                room = (self._row_bytes[order], float(self.unit_bytes))  # type: ignore[arg-type]
+            s, e = seams_to_later_units(order, s, e, cuts, room)
         return EpochPlan(
             s, e, rows=self.rows, unit_cuts=cuts, shuffle=self.shuffle,
             seed=self.seed, epoch=epoch, rank=self.rank,
         )
+
+
+def seams_to_later_units(
+    order: np.ndarray, s: np.ndarray, e: np.ndarray, cuts: np.ndarray,
+    room: tuple[np.ndarray, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each block's last row moves to the next stored block when that block is read in a
+    later unit.
+
+    Blocks are cut where ``indptr`` reaches a chunk boundary, so a block's last row is the
+    one that crosses into the next block's first chunk.  Read with its own block in an
+    earlier unit, that row would decode the neighbour's chunk a unit early (and the
+    neighbour's unit would decode it again); read with the later unit, it needs only its
+    head from the chunk the earlier unit decoded, which the reader keeps for it (a row's
+    worth, see :class:`~sparsestore.chunks.SharedChunkCache`).  ``order``: block ids in
+    plan order; ``s``/``e``: their row ranges; ``cuts``: unit boundaries over them;
+    ``room``: each block's bytes per row and the unit byte budget, which a row moves into
+    a unit only while the unit stays within it (or is one block, which may exceed it).
+    """
+    if order.size < 2:
+        return s, e
+    unit = np.repeat(np.arange(cuts.size - 1), np.diff(cuts))
+    where = np.full(int(order.max()) + 2, -1, np.int64)
+    where[order] = np.arange(order.size)
+    right = where[order + 1]  # plan index of each block's stored right neighbour, or -1
+    i = np.flatnonzero(right >= 0)
+    j = right[i]
+    move = (unit[i] < unit[j]) & (e[i] == s[j]) & (e[i] - s[i] > 1)
+    if room is not None:
+        per_row, budget = room
+        i, j = i[move], j[move]
+        used = np.bincount(unit, per_row * (e - s), minlength=cuts.size - 1)
+        srt = np.argsort(unit[j], kind="stable")  # each receiving unit's moves in turn
+        i, j = i[srt], j[srt]
+        add = per_row[i]
+        grown = np.cumsum(add) - add  # bytes moved into earlier receiving units
+        first = np.searchsorted(unit[j], unit[j], side="left")
+        lone = np.diff(cuts)[unit[j]] == 1  # a unit of one block may exceed the budget
+        within = lone | (used[unit[j]] + (grown - grown[first] + add) <= budget)
+        i, j = i[within], j[within]
+        move = np.ones(i.size, bool)
+    s, e = s.copy(), e.copy()
+    e[i[move]] -= 1
+    s[j[move]] -= 1
+    return s, e
 
 
 def mixing_ratio(blocks_per_unit: float, batch_size: int) -> float:
@@ -353,4 +420,5 @@ __all__ = [
     "mixing_ratio",
     "num_batches",
     "pack_units",
+    "seams_to_later_units",
 ]

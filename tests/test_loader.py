@@ -474,13 +474,55 @@ def test_shuffled_pieces_are_gathered_on_several_threads(small_store, monkeypatc
     assert len(set(seen)) >= 2 and len(seen) >= X.shape[0] // 16
 
 
-def test_shuffled_pass_decodes_boundary_chunks_at_most_twice(small_store):
+@pytest.mark.parametrize("units", [{"shuffle_buffer_blocks": 2},
+                                   {"shuffle_buffer_bytes": 3 * 16384}])
+def test_shuffled_pass_of_many_units_decodes_each_chunk_once(small_store, units):
+    # Neighbouring blocks read in different units share the chunk their boundary row
+    # crosses: that row is read with the later unit, from a copy of its piece the earlier
+    # unit kept, so the chunk is not decoded a second time.
+    store, X, labels = small_store
+    n_chunks = {a: -(-X.nnz // store.arrays[a].chunks[0]) for a in ("data", "indices")}
+    loader = DataLoader(store, batch_size=64, shuffle=True, seed=0, block_chunks=1,
+                        num_workers=0, labels="y", **units)
+    for _ in range(2):
+        rows = check_pass(loader, X, labels["y"])
+        np.testing.assert_array_equal(np.sort(rows), np.arange(X.shape[0]))
+        assert loader._sampler_for_blocks().plan(0).n_units > 4
+        for a, n in n_chunks.items():
+            assert loader.decoded_chunks[a] == n, a
+        assert all(c.kept_bytes() == 0 for c in loader._last_reader.caches.values())
+
+
+def test_chunk_cache_keeps_a_piece_for_a_later_read(small_store):
+    from sparsestore.chunks import SharedChunkCache
+
+    store, X, _ = small_store
+    arr = store.arrays["data"]
+    c = int(arr.chunks[0])
+    cache = SharedChunkCache(arr, capacity=1)
+    cache.keep({1: [(c + 3, c + 10)]}, max_bytes=2**20)
+    np.testing.assert_array_equal(cache.read(c, c + 3, X.nnz), X.data[c : c + 3])
+    cache.read(2 * c, 2 * c + 1, X.nnz)  # chunk 1 leaves the cache
+    assert cache.decoded == 2 and cache.kept_bytes() == 7 * X.data.itemsize
+    np.testing.assert_array_equal(cache.read(c + 3, c + 10, X.nnz), X.data[c + 3 : c + 10])
+    assert cache.decoded == 2 and cache.kept_bytes() == 0  # from the copy, which is gone
+    # Over its byte budget nothing is copied: the later read decodes the chunk again.
+    cache.keep({1: [(c + 3, c + 10)]}, max_bytes=4)
+    cache.read(c, c + 3, X.nnz)
+    cache.read(2 * c, 2 * c + 1, X.nnz)
+    assert cache.kept_bytes() == 0
+    np.testing.assert_array_equal(cache.read(c + 3, c + 10, X.nnz), X.data[c + 3 : c + 10])
+    assert cache.decoded == 5
+
+
+def test_shuffled_pass_on_threads_decodes_boundary_chunks_at_most_twice(small_store):
+    # Units decoded side by side may race for a boundary chunk: never more than twice.
     store, X, _ = small_store
     chunk = store.arrays["data"].chunks[0]
     n_chunks = -(-X.nnz // chunk)
     loader = DataLoader(store, batch_size=64, shuffle=True, seed=0, block_chunks=1,
-                        shuffle_buffer_blocks=2)
-    _order(loader)
+                        shuffle_buffer_blocks=2, num_workers=3)
+    check_pass(loader, X)
     n_blocks = loader._sampler_for_blocks().n_blocks
     assert n_chunks <= loader.decoded_chunks["data"] <= n_chunks + n_blocks - 1
 

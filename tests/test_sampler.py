@@ -15,6 +15,8 @@ from sparsestore.sampler import (
     fixed_bounds,
     mixing_ratio,
     num_batches,
+    pack_units,
+    seams_to_later_units,
 )
 
 
@@ -207,17 +209,38 @@ def test_byte_budget_units_cover_every_row_once_within_budget(n, block, budget, 
             nbytes = int(row_bytes[unit.rows].sum())  # oracle: the unit's rows' own bytes
             # Within the budget, unless the unit is one block bigger than it.
             assert nbytes <= budget or plan.blocks_per_unit[u] == 1
-            # Greedy packing: the next unit's first block would not have fit in this one.
-            if u + 1 < plan.n_units:
-                c = int(plan.unit_cuts[u + 1])
-                pos = np.arange(plan._starts[c], plan._ends[c])
-                nxt = pos if rows is None else rows[pos]
-                assert nbytes + int(row_bytes[nxt].sum()) > budget
         per_rank.append(_epoch_rows(s, 1))
     expect = np.arange(n) if rows is None else rows
     np.testing.assert_array_equal(np.sort(np.concatenate(per_rank)), expect)
     sizes = [r.size for r in per_rank]
     assert max(sizes) - min(sizes) <= 1
+
+
+@given(nbytes=st.lists(st.integers(1, 50), max_size=40), budget=st.integers(1, 120))
+def test_pack_units_is_greedy_within_budget(nbytes, budget):
+    b = np.asarray(nbytes, dtype=np.int64)
+    cuts = pack_units(b, budget)
+    assert cuts[0] == 0 and cuts[-1] == b.size and (np.diff(cuts) > 0).all()
+    for u in range(cuts.size - 1):
+        used = int(b[cuts[u] : cuts[u + 1]].sum())
+        assert used <= budget or cuts[u + 1] - cuts[u] == 1  # a lone oversized block
+        if cuts[u + 1] < b.size:  # the next block would not have fit
+            assert used + int(b[cuts[u + 1]]) > budget
+
+
+def test_seam_rows_go_to_the_later_unit():
+    # Blocks 0..5 of 10 rows; units read blocks [3, 0] then [1, 5] then [2, 4].
+    order = np.array([3, 0, 1, 5, 2, 4])
+    s, e = order * 10, order * 10 + 10
+    cuts = np.array([0, 2, 4, 6])
+    s2, e2 = seams_to_later_units(order, s, e, cuts)
+    got = dict(zip(order.tolist(), zip(s2.tolist(), e2.tolist(), strict=True), strict=True))
+    # Block 0 (unit 0) gives its last row to block 1 (unit 1); block 1 (unit 1) to block 2
+    # (unit 2); block 2 keeps its last row (block 3 was read earlier); 3 gives to 4; 4 keeps.
+    assert got == {0: (0, 9), 1: (9, 19), 2: (19, 30), 3: (30, 39), 4: (39, 50), 5: (50, 60)}
+    # A byte budget that leaves no room: nothing moves.
+    s3, e3 = seams_to_later_units(order, s, e, cuts, (np.ones(6), 20.0))
+    assert np.array_equal(s3, s) and np.array_equal(e3, e)
 
 
 def test_share_that_fits_the_budget_is_one_permuted_unit():
@@ -236,7 +259,8 @@ def test_share_that_fits_the_budget_is_one_permuted_unit():
 def test_units_draw_blocks_from_the_whole_share():
     """Consecutive units are random draws over all blocks, not runs of neighbouring blocks."""
     bounds = fixed_bounds(100_000, 100)  # 1000 blocks, 10 blocks per unit
-    s = BlockSampler(bounds, shuffle=True, seed=0, unit_bytes=10 * 100,
+    # 100 bytes a block, plus room for one row (1 byte) from its left neighbour.
+    s = BlockSampler(bounds, shuffle=True, seed=0, unit_bytes=10 * 101,
                      block_bytes=np.full(bounds.size - 1, 100))
     plan = s.plan(0)
     assert plan.n_units == 100 and (plan.blocks_per_unit == 10).all()
