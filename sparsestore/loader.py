@@ -28,7 +28,7 @@ from .pickling import PICKLE_VERSION as PICKLE_VERSION  # re-exported: the pickl
 from .pickling import PicklableLoader
 from .position import POSITION_EVENTS, Position, PositionListener, ResumableState
 from .position import STATE_VERSION as STATE_VERSION  # re-exported: the state's schema
-from .reader import BlockReader, ColumnSelection
+from .reader import BlockReader, ColumnSelection, ResidentUnit
 from .sampler import (
     DEFAULT_MAX_BLOCK_ROWS,
     BlockSampler,
@@ -186,6 +186,8 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
         self._resume: int | None = None
         self._listeners: list[PositionListener] = []
         self._last_reader: BlockReader | None = None
+        # A shuffled share that fits one unit stays decoded between passes (see reader.py).
+        self._resident = ResidentUnit()
         # Decoded chunks and blocks reuse this memory pass after pass (see buffers.py).
         work = self._working_set_bytes()
         self._pool = BufferPool(max_free=4096, max_idle_bytes=work,
@@ -476,6 +478,10 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
         # Its first batch is a unit of its own: the pass starts without waiting for a block.
         plan = self._sampler_for_blocks().plan(epoch, head_rows=bs)
         u0, off = plan.locate(start * bs)
+        if self._shuffle and self._buffer_bytes is not None and plan.n_units == 1:
+            reader.resident = self._resident
+        else:
+            self._resident.clear()
         if self._shuffle and plan.n_units - u0 > 1:
             spans = [plan.spans(u) for u in range(u0, plan.n_units)]
             if all(sp is not None for sp in spans):

@@ -169,6 +169,15 @@ class DecodedRows(NamedTuple):
     indptr: np.ndarray
 
 
+def _narrowed(src: Any) -> Any:
+    """Decoded rows with ``indptr`` in the indices' dtype where it fits (what the row
+    gather's kernel wants; done once per unit, not per batch)."""
+    if isinstance(src, DecodedRows) and src.indptr.dtype != src.indices.dtype and \
+            src.indptr[-1] <= np.iinfo(src.indices.dtype).max:
+        return src._replace(indptr=src.indptr.astype(src.indices.dtype))
+    return src
+
+
 def _concat_ptr(ptrs: Sequence[np.ndarray]) -> np.ndarray:
     if len(ptrs) == 1:
         return ptrs[0]
@@ -182,6 +191,24 @@ def _concat_ptr(ptrs: Sequence[np.ndarray]) -> np.ndarray:
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class ResidentUnit:
+    """A shuffled pass's one unit (the whole share) kept decoded for the next pass.
+
+    When a share fits one shuffle unit, every epoch decodes the same rows and only permutes
+    them differently; the loader keeps that unit (memory its buffer pool would otherwise
+    hold idle between passes) and the next pass over the same rows of the same commit
+    gathers from it instead of decoding again.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] | None = None
+        self.parts: tuple[Any, list[np.ndarray]] | None = None
+
+    def clear(self) -> None:
+        """Drop the kept unit (its buffers go back to the pool)."""
+        self.key = self.parts = None
 
 
 # ------------------------------------------------------------------ reader
@@ -201,8 +228,11 @@ class BlockReader:
         pool: BufferPool | None = None,
         unit_nnz: int | None = None,
         io_ahead: int = 0,
+        resident: ResidentUnit | None = None,
     ) -> None:
         self.store = store
+        # Where a one-unit shuffled pass keeps its decoded rows for the next pass.
+        self.resident = resident
         # Units beyond those submitted for decoding whose chunks are fetched already (object
         # storage: hides the round trips of a pass of many small units).
         self.io_ahead = int(io_ahead)
@@ -309,7 +339,10 @@ class BlockReader:
         """
         if unit.explicit:
             return [self._decode_explicit(unit)]
-        src, labels = self._read_spans(unit.spans)
+        if unit.take is not None and self.resident is not None:
+            src, labels = self._resident_rows(unit)
+        else:
+            src, labels = self._read_spans(unit.spans)
         n = unit.n_rows
         if self.piece_rows is None:
             cuts = [0, n]
@@ -318,11 +351,20 @@ class BlockReader:
             cuts = [0, *range(first or self.piece_rows, n, self.piece_rows), n]
         spans = [(i, j) for i, j in zip(cuts[:-1], cuts[1:], strict=True) if j > i]
         if unit.take is not None:
-            if isinstance(src, DecodedRows) and src.indptr[-1] <= np.iinfo(src.indices.dtype).max:
-                # Once per unit: the row gather's kernel wants indptr in indices' dtype.
-                src = src._replace(indptr=src.indptr.astype(src.indices.dtype))
-            return self._gathered(src, labels, unit, spans)
+            return self._gathered(_narrowed(src), labels, unit, spans)
         return [self._piece(src, labels, unit, i, j) for i, j in spans]
+
+    def _resident_rows(self, unit: UnitSpec) -> tuple[Any, list[np.ndarray]]:
+        """The unit's decoded rows from the loader's kept unit when it holds these rows of
+        this commit, else decoded (and kept in its place)."""
+        res, st = self.resident, self.store
+        assert res is not None
+        key = (st.generation, st.n_rows, st.nnz, unit.spans.tobytes())
+        if res.key != key or res.parts is None:
+            res.clear()  # its buffers back to the pool before this unit takes its own
+            src, labels = self._read_spans(unit.spans)
+            res.key, res.parts = key, (_narrowed(src), labels)
+        return res.parts
 
     def _gathered(self, src: Any, labels: list[np.ndarray], unit: UnitSpec,
                   spans: list[tuple[int, int]]) -> Iterator[Batch]:
@@ -525,4 +567,7 @@ def _meta_capacity(arr: Any) -> int:
     return max(4, ROW_META_CACHE_BYTES // max(1, chunk_bytes))
 
 
-__all__ = ["BlockReader", "ColumnSelection", "SharedChunkCache", "THREAD_PREFIX", "gather_csr"]
+__all__ = [
+    "BlockReader", "ColumnSelection", "ResidentUnit", "SharedChunkCache", "THREAD_PREFIX",
+    "gather_csr",
+]

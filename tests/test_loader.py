@@ -493,6 +493,33 @@ def test_shuffled_pass_of_many_units_decodes_each_chunk_once(small_store, units)
         assert all(c.kept_bytes() == 0 for c in loader._last_reader.caches.values())
 
 
+def test_a_share_that_fits_one_unit_stays_decoded_between_epochs(small_store):
+    # Every epoch permutes the same decoded rows: only the first pass decodes them.
+    store, X, labels = small_store
+    n_chunks = -(-X.nnz // store.arrays["data"].chunks[0])
+    loader = DataLoader(store, batch_size=64, shuffle=True, seed=0, labels="y")
+    assert loader._sampler_for_blocks().plan(0).n_units == 1
+    orders = []
+    for epoch in range(3):
+        orders.append(check_pass(loader, X, labels["y"]))
+        # (a chunk where two threads' shares of the unit meet may be decoded by both)
+        decoded = loader.decoded_chunks.get("data", 0)
+        assert n_chunks <= decoded <= n_chunks + 1 if epoch == 0 else decoded == 0
+    assert not np.array_equal(orders[1], orders[2])
+    it = loader.iter_batches()  # a pass stopped early keeps it too
+    next(it)
+    it.close()
+    check_pass(loader, X, labels["y"])
+    assert loader.decoded_chunks.get("data", 0) == 0
+    # A rank's share changes rows every epoch: decoded each time, still right.
+    ranks = [DataLoader(store, batch_size=64, shuffle=True, seed=0, labels="y", rank=r,
+                        world_size=2) for r in range(2)]
+    for _ in range(2):
+        rows = np.concatenate([check_pass(ld, X, labels["y"]) for ld in ranks])
+        np.testing.assert_array_equal(np.sort(rows), np.arange(X.shape[0]))
+        assert all(ld.decoded_chunks["data"] > 0 for ld in ranks)
+
+
 def test_chunk_cache_keeps_a_piece_for_a_later_read(small_store):
     from sparsestore.chunks import SharedChunkCache
 
