@@ -204,6 +204,29 @@ def test_fancy_indexing_decodes_each_chunk_once(small_store, monkeypatch):
     assert sorted(data_chunks) == list(range(n_chunks))
 
 
+def test_random_rows_hold_one_chunk_per_thread_not_every_chunk_they_touch(tmp_path, rng):
+    """A few rows from every chunk: memory is the rows plus a chunk per decoding thread,
+    not all the chunks at once."""
+    import tracemalloc
+
+    X = sp.random(4000, 2000, density=0.1, format="csr", dtype=np.float32, random_state=rng)
+    store = sparsestore.save(tmp_path / "m.zarr", X, chunk_bytes=32 * 1024)
+    chunk_bytes = store.arrays["data"].chunks[0] * 4
+    n_chunks = -(-X.nnz // store.arrays["data"].chunks[0])
+    assert n_chunks >= 90
+    indptr_chunk = store.arrays["indptr"].chunks[0] * 8  # read whole, whatever the rows
+    rows = np.arange(0, X.shape[0], 97)
+    store[rows]  # warm: open caches, codec objects
+    tracemalloc.start()
+    try:
+        got = store[rows]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_csr_equal(got, X[rows])
+    assert peak - indptr_chunk < 16 * chunk_bytes < n_chunks * chunk_bytes / 5, peak
+
+
 def test_labels_roundtrip_and_slicing(small_store, rng):
     store, X, labels = small_store
     assert set(store.labels) == {"y", "w"}
