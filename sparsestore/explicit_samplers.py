@@ -3,8 +3,9 @@
 :class:`ExplicitSampling` is the half of :class:`~sparsestore.loader.DataLoader` that
 reads batches of row ids by random access instead of blocks: the sampler's batches (a
 ``sampler``'s ids cut into ``batch_size`` runs), those of this loader's slot (ranks and
-sub-shards deal them round-robin), the pass that decodes them, and the epoch's size from
-the sampler's length.  The loader supplies its settings, ``_store`` and ``_slot``.
+sub-shards deal them round-robin), the pass that decodes them (several batches at once, so
+a chunk their rows share is decoded once for all of them), and the epoch's size from the
+sampler's length.  The loader supplies its settings, ``_store`` and ``_slot``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from .errors import InvalidInputError
 from .indexing import normalize_rows
 from .sampler import explicit_unit, num_batches
+from .sizing import SAMPLER_READ_BYTES
 
 if TYPE_CHECKING:
     from .batch import Batch
@@ -34,6 +36,9 @@ class ExplicitSampling:
     _batch_sampler: Iterable[Sequence[int]] | None
     _batch_size: int
     _drop_last: bool
+
+    if TYPE_CHECKING:
+        def _entry_bytes(self) -> int: ...
 
     if TYPE_CHECKING:
         def _slot(self) -> tuple[int, int]: ...
@@ -60,14 +65,24 @@ class ExplicitSampling:
             yield np.atleast_1d(np.asarray(sel, dtype=np.int64))
 
     def _explicit_pass(self, reader: BlockReader, start: int) -> Iterator[Batch]:
-        units = (explicit_unit(i, rows) for i, rows in
-                 enumerate(islice(self._rank_row_batches(), start, None)))
+        batches = islice(self._rank_row_batches(), start, None)
+        units = (explicit_unit(i, group) for i, group in
+                 enumerate(_grouped(batches, self._sampler_read_rows())))
         stream = reader.stream(units)
         try:
             for pieces in stream:
                 yield from pieces
         finally:
             stream.close()
+
+    def _sampler_read_rows(self) -> int:
+        """Rows read together (several batches): about ``SAMPLER_READ_BYTES`` decoded."""
+        st = self._store
+        if st.is_dense:
+            per_row = st.n_cols * st.arrays["X"].dtype.itemsize
+        else:
+            per_row = st.nnz / max(1, st.n_rows) * self._entry_bytes() + 8
+        return max(1, int(SAMPLER_READ_BYTES // max(1.0, per_row)))
 
     def _explicit_total_batches(self) -> int:
         src = self._batch_sampler if self._batch_sampler is not None else self._sampler
@@ -92,3 +107,17 @@ class ExplicitSampling:
 
 
 __all__ = ["ExplicitSampling"]
+
+
+def _grouped(batches: Iterable[np.ndarray], max_rows: int) -> Iterator[list[np.ndarray]]:
+    """Consecutive batches gathered while their rows stay within ``max_rows`` (one at least)."""
+    group: list[np.ndarray] = []
+    n = 0
+    for b in batches:
+        if group and n + b.size > max_rows:
+            yield group
+            group, n = [], 0
+        group.append(b)
+        n += b.size
+    if group:
+        yield group

@@ -380,7 +380,9 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
         epoch = self._epoch
         self._consumed = start
         # A shuffled unit is half the byte budget: one is consumed while one is decoded.
-        ahead = 1 if self._shuffle and self._buffer_bytes is not None else self._prefetch
+        # A sampler's pass reads several batches per unit, sized like a shuffle's.
+        ahead = 1 if self._is_explicit or (self._shuffle and self._buffer_bytes is not None) \
+            else self._prefetch
         reader = BlockReader(
             self._store, label_names=self._label_names, columns=self._columns,
             num_workers=self._num_workers, prefetch=ahead,

@@ -338,7 +338,7 @@ class BlockReader:
         queue.
         """
         if unit.explicit:
-            return [self._decode_explicit(unit)]
+            return self._decode_explicit(unit)
         if unit.take is not None and self.resident is not None:
             src, labels = self._resident_rows(unit)
         else:
@@ -469,31 +469,39 @@ class BlockReader:
             values, indices, ptr = self.columns.apply_csr(values, indices, ptr)
         return Batch(values, indices, ptr, None, labs, rows, self.n_cols)
 
-    def _decode_explicit(self, unit: UnitSpec) -> Batch:
+    def _decode_explicit(self, unit: UnitSpec) -> list[Batch]:
+        """A sampler's batches: the rows of all of them decoded at once (each chunk they
+        touch decoded once for the lot, not once per batch), then gathered batch by batch."""
         st, rows = self.store, unit.rows
+        cuts = unit.cuts if unit.cuts is not None else np.array([0, rows.size])
         uniq, inverse = np.unique(rows, return_inverse=True)
-        same = uniq.size == rows.size and np.array_equal(uniq, rows)
-        labels = tuple(lab.take(rows) for lab in self._labels)
+        inverse = inverse.ravel()
+        labels = tuple(lab.take(uniq) for lab in self._labels)
         if st.is_dense:
             dense = np.asarray(
                 read_rows(st.arrays["X"], uniq, name="X")
             ) if uniq.size else np.empty((0, st.n_cols), st.dtype)
-            if not same:
-                dense = dense[inverse]
             if self.columns is not None:
                 dense = dense[:, self.columns.keep]
-            return Batch(None, None, None, dense, labels, rows, self.n_cols)
-        if uniq.size:
+        elif uniq.size:
             values, indices, ptr = st.take_parts(uniq)
+            src = _narrowed(DecodedRows(values, indices, ptr))
         else:
             idt = st.arrays["indices"].dtype
-            values, indices = np.empty(0, st.dtype), np.empty(0, idt)
-            ptr = np.zeros(1, np.int64)
-        if not same:
-            values, indices, ptr = gather_csr(values, indices, ptr, inverse.ravel(), self.pool)
-        if self.columns is not None:
-            values, indices, ptr = self.columns.apply_csr(values, indices, ptr)
-        return Batch(values, indices, ptr, None, labels, rows, self.n_cols)
+            src = DecodedRows(np.empty(0, st.dtype), np.empty(0, idt), np.zeros(1, np.int64))
+        out = []
+        for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True):
+            take = inverse[a:b]
+            labs = tuple(lab[take] for lab in labels)
+            if st.is_dense:
+                out.append(Batch(None, None, None, dense[take], labs, rows[a:b], self.n_cols))
+                continue
+            values, indices, ptr = gather_csr(src.data, src.indices, src.indptr, take,
+                                              self.pool)
+            if self.columns is not None:
+                values, indices, ptr = self.columns.apply_csr(values, indices, ptr)
+            out.append(Batch(values, indices, ptr, None, labs, rows[a:b], self.n_cols))
+        return out
 
     def _fetch_ahead(self, unit: UnitSpec) -> Prefetch | None:
         """Start fetching the ``data``/``indices`` chunks of ``unit`` from object storage

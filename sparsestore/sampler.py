@@ -91,7 +91,8 @@ class UnitSpec:
     rows of the concatenated spans in emission order (``None``: all of them, in order);
     ``rows`` are the emitted global row ids; ``offset`` is where the unit starts in the
     rank's epoch stream.  ``explicit`` units (torch-style samplers) have
-    no spans: ``rows`` is read by random access.
+    no spans: ``rows`` is read by random access, several batches at once (``cuts``: where
+    each batch starts in ``rows``, and their end).
     """
 
     index: int
@@ -100,15 +101,19 @@ class UnitSpec:
     rows: np.ndarray
     explicit: bool = False
     offset: int = 0  # first row's position in the rank's epoch stream
+    cuts: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:
         return int(self.rows.size)
 
 
-def explicit_unit(index: int, rows: np.ndarray) -> UnitSpec:
-    """A unit of arbitrary (validated) row ids, emitted in the given order."""
-    return UnitSpec(index, np.empty((0, 2), np.int64), None, rows, explicit=True)
+def explicit_unit(index: int, batches: list[np.ndarray]) -> UnitSpec:
+    """A unit of consecutive batches of arbitrary (validated) row ids, read together and
+    emitted batch by batch in the given order."""
+    cuts = np.cumsum([0, *(b.size for b in batches)])
+    rows = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+    return UnitSpec(index, np.empty((0, 2), np.int64), None, rows, explicit=True, cuts=cuts)
 
 
 def pack_units(nbytes: np.ndarray, unit_bytes: int) -> np.ndarray:

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 #: Stored values a sequential block covers at least (two chunks of the default layout), so
 #: stores with small chunks still hand the reader's threads units of a useful size.
 SEQUENTIAL_BLOCK_BYTES = 8 * 2**20
+#: Decoded bytes of the rows a sampler's pass reads at once (several batches): random rows
+#: touch most chunks, so each chunk decoded serves all of them, not one batch.
+SAMPLER_READ_BYTES = 128 * 2**20
 #: Batches' worth of memory the decode pool may hold beyond a pass's working set: the
 #: batches gathered ahead, the one consumed and the ones an adapter still holds.
 BATCHES_POOLED = 16
@@ -44,6 +47,8 @@ class MemorySizing:
     _block_chunks: int
     _buffer_blocks: int | None
     _buffer_bytes: int | None
+    _sampler: object
+    _batch_sampler: object
 
     def _entry_bytes(self) -> int:
         """Decoded bytes of one stored value of a sparse store: the value and its column."""
@@ -75,6 +80,9 @@ class MemorySizing:
         caches = (2 * max(1, self._num_workers) + 2) * chunk
         if self._shuffle and self._buffer_bytes is not None:
             return max(32 * 2**20, self._buffer_bytes + caches)
+        if self._sampler is not None or self._batch_sampler is not None:
+            # One group of batches consumed, one decoded (see explicit_samplers).
+            return max(32 * 2**20, 2 * SAMPLER_READ_BYTES + caches)
         unit = chunk * self._block_chunks
         if self._shuffle:
             unit *= self._buffer_blocks  # its batches are gathered as they are consumed
@@ -94,4 +102,4 @@ class MemorySizing:
         return None if self._buffer_bytes is None else max(1, self._buffer_bytes // 2)
 
 
-__all__ = ["BATCHES_POOLED", "SEQUENTIAL_BLOCK_BYTES", "MemorySizing"]
+__all__ = ["BATCHES_POOLED", "SAMPLER_READ_BYTES", "SEQUENTIAL_BLOCK_BYTES", "MemorySizing"]

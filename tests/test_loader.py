@@ -629,6 +629,34 @@ def test_row_subset(small_store):
         DataLoader(store, rows=[1, 1, 2])
 
 
+@pytest.mark.parametrize("read_bytes", [None, 40_000])
+def test_a_samplers_batches_are_read_together(small_store, monkeypatch, read_bytes):
+    # Random rows touch most chunks: several batches are read at once, so each chunk is
+    # decoded once per group of batches, not once per batch; batches stay in order.
+    import sparsestore.chunks as chunks
+    import sparsestore.explicit_samplers as es
+
+    decoded = []
+    real = chunks.ChunkDecoder.decode_into
+
+    def spy(self, k, out, pool=None):
+        decoded.append(self.name)
+        return real(self, k, out, pool)
+
+    monkeypatch.setattr(chunks.ChunkDecoder, "decode_into", spy)
+    if read_bytes is not None:
+        monkeypatch.setattr(es, "SAMPLER_READ_BYTES", read_bytes)
+    store, X, labels = small_store
+    n_chunks = -(-X.nnz // store.arrays["data"].chunks[0])
+    perm = np.random.default_rng(1).permutation(X.shape[0])
+    ld = DataLoader(store, batch_size=16, sampler=perm, labels="y", num_workers=1)
+    np.testing.assert_array_equal(check_pass(ld, X, labels["y"]), perm)
+    groups = len(list(es._grouped(iter([np.zeros(16)] * len(ld)), ld._sampler_read_rows())))
+    assert len(ld) > 100 and (groups == 1) == (read_bytes is None)
+    assert groups < len(ld) / 5  # per batch, a pass would decode about n_chunks * len(ld)
+    assert n_chunks <= decoded.count("data") <= groups * n_chunks
+
+
 def test_sampler_and_batch_sampler(small_store):
     store, X, labels = small_store
     rng = np.random.default_rng(0)
