@@ -77,6 +77,9 @@ REGISTRY: dict[str, Bench] = {
                                                       "--repeats", "1", "--epochs", "2",
                                                       # TF's 2-worker start-up alone ~40 s
                                                       "--frameworks", "torch,jax")),
+    "peers": Bench("bench_peers", "sparsestore beside annbatch, scDataset and anndata on a "
+                   "single-cell-shaped store (peers in --peer-python)",
+                   ("--rows", "20000", "--repeats", "1")),
     "reliability": Bench("reliability_report", "faults and hostile input, reliability.md",
                          ("--quick",)),
 }
