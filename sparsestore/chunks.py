@@ -24,6 +24,7 @@ from . import zarr_compat as zc
 from .buffers import BufferPool
 from .errors import ChecksumError, CorruptStoreError, SparseStoreError
 from .fetch import RemoteReads
+from .integrity import DamagedChunk, decode_chain
 
 #: Threads that decode the chunks one scattered read (``store[rows]``) touches.
 RANGE_READ_WORKERS = 2
@@ -549,24 +550,18 @@ class ChunkDecoder:
     def _decode_raw(self, k: int, raw: np.ndarray, steps: tuple[str, ...], crc: Any,
                     dest: np.ndarray) -> None:
         """A stored chunk's bytes, checked and decoded into ``dest`` (its whole decoded size)."""
-        want = dest.size
-        for step in steps:
-            if step == "crc32c":
-                if raw.size < 4 or crc(raw[:-4]) != zc.le32(raw[-4:]):
-                    lo, hi = self.bounds(k)
-                    raise locate_checksum_error(self.arr, lo, hi, self.name, chunk_ids=[k])
-                raw = raw[:-4]
-            else:  # blosc, always the last step: straight into ``dest``
-                if zc.blosc_sizes(raw) != (want, raw.size):
-                    raise CorruptStoreError(
-                        f"chunk {k} of array {self.name!r} has a bad Blosc header: the chunk "
-                        "is damaged; restore the store from a copy"
-                    )
-                zc.blosc_decompress(raw, dest)
-                return
-        if raw.size != want:
-            raise CorruptStoreError(f"chunk {k} of array {self.name!r} is not {want} bytes")
-        dest[:] = raw
+        try:
+            decode_chain(raw, steps, dest)
+        except DamagedChunk as exc:
+            if exc.what == "checksum":
+                lo, hi = self.bounds(k)
+                raise locate_checksum_error(self.arr, lo, hi, self.name, chunk_ids=[k]) from None
+            what = {"header": "has a bad Blosc header", "blosc": "does not decompress",
+                    "size": f"is not {dest.size} bytes"}[exc.what]
+            raise CorruptStoreError(
+                f"chunk {k} of array {self.name!r} {what}: the chunk is damaged; restore the "
+                "store from a copy"
+            ) from None
 
     def read(self, k: int, room: int = 0, pool: BufferPool | None = None) -> np.ndarray:
         """Chunk ``k``'s elements in a new array (from ``pool`` if given), ``room`` spare after."""

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import google_crc32c
-import numcodecs.blosc
 import numpy as np
 
+from . import zarr_compat as zc
 from .errors import CorruptStoreError, StoreChangedError
 
 
@@ -252,19 +252,41 @@ def _native() -> str:
     return sys.byteorder
 
 
-def decode_object(raw: np.ndarray, steps: tuple[str, ...]) -> bytes | None:
-    """A whole stored chunk's decoded bytes for a plain chain, or None if undecodable."""
+class DamagedChunk(ValueError):
+    """A stored chunk's bytes that do not decode: ``what`` failed ("checksum", "header",
+    "size" or "blosc"); callers turn it into the error that names the chunk."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+def decode_chain(raw: np.ndarray, steps: tuple[str, ...],
+                 dest: np.ndarray | None = None) -> np.ndarray:
+    """A stored chunk's bytes through a plain codec chain (``steps``: ``"crc32c"`` checked
+    and stripped, then ``"blosc"``), decoded into ``dest`` (``uint8``, the chunk's whole
+    decoded size) when given.  The one decoder of stored chunks: the streaming reads and the
+    manifest's check of a rewritten last chunk both use it.  Raises :class:`DamagedChunk`."""
     for step in steps:
         if step == "crc32c":
             if raw.size < 4 or crc32c(raw[:-4]) != trailing_tag(raw):
-                return None
+                raise DamagedChunk("checksum")
             raw = raw[:-4]
-        else:
-            try:
-                return numcodecs.blosc.decompress(raw)
-            except Exception:  # damaged: the caller reports the chunk
-                return None
-    return raw.tobytes()
+            continue
+        sizes = zc.blosc_sizes(raw)  # blosc: always the last step
+        if sizes is None or sizes[1] != raw.size or (dest is not None and sizes[0] != dest.size):
+            raise DamagedChunk("header")
+        try:
+            out = zc.blosc_decompress(raw, dest)
+        except Exception as exc:  # a damaged stream numcodecs refuses
+            raise DamagedChunk("blosc") from exc
+        return dest if dest is not None else np.frombuffer(out, np.uint8)
+    if dest is None:
+        return raw
+    if raw.size != dest.size:
+        raise DamagedChunk("size")
+    dest[:] = raw
+    return dest
 
 
 def went_back(label: str, since: str) -> StoreChangedError:

@@ -28,10 +28,11 @@ from .errors import (
 from .integrity import (
     EMPTY_OFFSET,
     ArrayManifest,
+    DamagedChunk,
     Manifest,
     array_meta,
     crc32c,
-    decode_object,
+    decode_chain,
     fingerprint,
     inner_tags,
     n_objects,
@@ -119,9 +120,12 @@ class VerifiedStore(WrapperStore):
         if whole and k == am.tags.size - 1 and am.tail is not None and am.steps is not None:
             # An append since this handle opened rewrote the last, partly filled chunk: its
             # committed rows must be the same bytes.
-            dec = decode_object(raw, am.steps)
+            try:
+                dec = decode_chain(raw, am.steps)
+            except DamagedChunk:
+                return "misplaced"
             n = (am.length - k * am.chunk) * am.row_bytes
-            if dec is not None and len(dec) >= n and crc32c(dec[:n]) == am.tail:
+            if dec.size >= n and crc32c(dec[:n]) == am.tail:
                 return "ok"
         return "misplaced"
 

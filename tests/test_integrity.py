@@ -237,3 +237,32 @@ def test_validate_counts_every_chunk(pristine):
                                                       "labels/y", "labels/w"])
     assert report.checked_chunks == n_files
     assert os.path.isdir(path)
+
+
+def test_the_one_chain_decoder_against_numcodecs():
+    import numcodecs
+
+    from sparsestore.integrity import DamagedChunk, crc32c, decode_chain
+
+    values = np.arange(5000, dtype=np.float32) % 7
+    packed = np.frombuffer(numcodecs.Blosc(cname="lz4", clevel=5).encode(values), np.uint8)
+    stored = np.concatenate([packed, np.frombuffer(crc32c(packed).to_bytes(4, "little"),
+                                                   np.uint8)])
+    got = decode_chain(stored, ("crc32c", "blosc"))
+    np.testing.assert_array_equal(got.view(np.float32), values)
+    dest = np.empty(values.nbytes, np.uint8)
+    assert decode_chain(stored, ("crc32c", "blosc"), dest) is dest
+    np.testing.assert_array_equal(dest.view(np.float32), values)
+    np.testing.assert_array_equal(decode_chain(values.view(np.uint8), ()), values.view(np.uint8))
+    bad = stored.copy()
+    bad[20] ^= 1
+    for raw, steps, what, out in [
+        (bad, ("crc32c", "blosc"), "checksum", None),
+        (stored[:3], ("crc32c", "blosc"), "checksum", None),
+        (packed[:-10], ("blosc",), "header", None),
+        (packed, ("blosc",), "header", np.empty(8, np.uint8)),
+        (values.view(np.uint8), (), "size", np.empty(8, np.uint8)),
+    ]:
+        with pytest.raises(DamagedChunk) as info:
+            decode_chain(raw, steps, out)
+        assert info.value.what == what
