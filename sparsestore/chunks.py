@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -138,6 +139,20 @@ class ChunkCache:
         """Chunk ``k``'s elements below ``limit`` (the committed length), decoded once."""
         return self._get(k, limit)
 
+    def wanted(self, ranges: Iterable[tuple[int, int]]) -> list[int]:
+        """Chunks reading elements ``[lo, hi)`` of each range would decode now: those
+        touched and not held (a snapshot: one cached meanwhile is fetched for nothing)."""
+        c = self.chunk
+        ks: set[int] = set()
+        for lo, hi in ranges:
+            if hi > lo:
+                ks.update(k for k in range(lo // c, (hi - 1) // c + 1) if not
+                          self._holds(k, max(lo, k * c), min(hi, (k + 1) * c)))
+        return sorted(ks)
+
+    def _holds(self, k: int, a: int, b: int) -> bool:
+        return k in self._cache
+
     def _part(self, k: int, a: int, b: int, limit: int) -> np.ndarray:
         """Elements ``[a, b)`` of chunk ``k`` (a sub-range of it)."""
         lo = k * self.chunk
@@ -209,6 +224,11 @@ class SharedChunkCache(ChunkCache):
         """Bytes of copied-out pieces not read yet."""
         with self._lock:
             return sum(int(a.nbytes) for v in self._kept.values() for *_, a in v)
+
+    def _holds(self, k: int, a: int, b: int) -> bool:
+        with self._lock:
+            return k in self._cache or any(
+                fa <= a and b <= fb for fa, fb, _ in self._kept.get(k, ()))
 
     def _part(self, k: int, a: int, b: int, limit: int) -> np.ndarray:
         if self._kept:

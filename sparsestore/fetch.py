@@ -221,18 +221,12 @@ def prefetch_chunks(jobs: Sequence[tuple[Any, Iterable[int]]]) -> Prefetch | Non
 def prefetch_unit(caches: Sequence[Any], ranges: Sequence[tuple[int, int]]) -> Prefetch | None:
     """Start reading every chunk that elements ``[lo, hi)`` of each range touch, in each
     :class:`~sparsestore.chunks.ChunkCache` (a unit's ``data`` and ``indices``), except
-    those the cache holds; None for local stores."""
+    those the cache holds (or holds the needed piece of); None for local stores."""
     jobs = []
     for cache in caches:
         if cache.decoder.remote is None:
             return None
-        c = int(cache.chunk)
-        ks = set()
-        for lo, hi in ranges:
-            if hi > lo:
-                ks.update(range(lo // c, (hi - 1) // c + 1))
-        held = set(cache._cache)  # a snapshot: a chunk cached meanwhile is read once more
-        jobs.append((cache.decoder, sorted(ks - held)))
+        jobs.append((cache.decoder, cache.wanted(ranges)))
     return prefetch_chunks(jobs)
 
 
