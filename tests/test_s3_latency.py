@@ -9,6 +9,8 @@ go out together, and opening a store is a handful of requests.
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -126,18 +128,56 @@ def test_a_pass_is_one_get_per_stored_chunk_and_concurrent(s3, stores, layout):
             assert counts["max_in_flight"] >= 4, counts
 
 
-def test_opening_takes_a_handful_of_requests(s3, stores):
+@pytest.mark.parametrize("layout", ["default", "sharded"])
+def test_opening_is_three_round_trips(s3, stores, layout):
+    """The group's zarr.json; then the metadata of the three arrays, of the labels group
+    and of its one array, together; then the indptr chunk(s) holding its first and last
+    entries.  It was 20 requests one after another (38, 19 of them HEAD, before s3fs
+    stopped sending a HEAD per GET): 1 s at 30 ms."""
+    url, _ = stores[layout]
+    with LatencyProxy(s3.endpoint_url, 0.1) as proxy:
+        opts = _through(s3, proxy)
+        sparsestore.open(url, storage_options=opts)  # s3fs's client, made once per options
+        for reopen in (False, True):
+            proxy.reset()
+            store = sparsestore.open(url, storage_options=opts)
+            if reopen:  # how a pickled handle (a dask task, a torch worker) reopens it
+                proxy.reset()
+                store = pickle.loads(pickle.dumps(store))
+            counts, trips = proxy.snapshot(), proxy.round_trips()
+            assert store.shape == (12000, 1500) and len(store.labels) == 1
+            assert trips <= 3, (trips, proxy.log)
+            assert counts["requests"] <= 8, proxy.log
+            assert counts["by_method"].get("HEAD", 0) == 0, proxy.log
+            # Each document read once (zarr asks for some twice): served from memory.
+            assert len(set(proxy.log)) == len(proxy.log), proxy.log
+
+
+def test_metadata_read_ahead_is_forgotten_once_open(s3, stores):
+    """The documents read ahead answer zarr only while the handle opens: a later read of
+    one goes to storage (no stale metadata after another writer's commit)."""
     url, _ = stores["default"]
     with LatencyProxy(s3.endpoint_url, 0.0) as proxy:
         store = sparsestore.open(url, storage_options=_through(s3, proxy))
-        counts = proxy.snapshot()
-    assert store.shape == (12000, 1500)
-    # One existence check, the group's zarr.json, the metadata of the three arrays, of the
-    # labels group and of its one array (the store reads each more than once, 15 GETs in
-    # all) and the first and last indptr chunks.  It was 38 (19 of them HEAD): 26 without
-    # labels.
-    assert counts["requests"] <= 20, proxy.log
-    assert counts["by_method"].get("HEAD", 0) <= 1, proxy.log
+        proxy.reset()
+        store.refresh()
+        assert store.shape == (12000, 1500)
+        assert ("GET", proxy.log[0][1]) == proxy.log[0] and proxy.log[0][1].endswith(
+            "/default.zarr/zarr.json"), proxy.log
+        proxy.reset()
+        from sparsestore import zarr_compat as zc
+
+        assert zc.run_sync(store.group.store.get("zarr.json")) is not None
+        assert proxy.snapshot()["requests"] == 1
+
+
+def test_a_missing_remote_store_is_not_found(s3, stores):
+    from sparsestore.errors import StoreNotFoundError
+
+    url, _ = stores["default"]
+    with pytest.raises(StoreNotFoundError):
+        sparsestore.open(url.replace("default.zarr", "nothing.zarr"),
+                         storage_options=s3.storage_options)
 
 
 def test_user_options_override_the_remote_defaults():
