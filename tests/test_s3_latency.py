@@ -272,3 +272,76 @@ def test_a_sequential_pass_fetches_the_next_units_ahead(s3, X, stores, monkeypat
         assert counts["by_method"]["GET"] <= _stored_objects(store) + 4, proxy.log
         seen[io_ahead] = counts["max_in_flight"]
     assert seen[loader_mod.REMOTE_IO_AHEAD] > seen[0] + 2, seen
+
+
+# ------------------------------------------------------------------ dask
+
+def _dask_objects(store) -> tuple[int, int]:
+    """(objects a column sum reads once: data and indices chunks and shard indexes,
+    indptr chunks, which to_dask's plan reads and the tasks read again)."""
+    n = 0
+    for name in ("data", "indices"):
+        arr = store.arrays[name]
+        n += arr.nchunks
+        if getattr(arr, "shards", None) is not None:
+            n += -(-arr.shape[0] // arr.shards[0])
+    return n, store.arrays["indptr"].nchunks
+
+
+@pytest.mark.dask
+@pytest.mark.parametrize("layout", ["default", "small_chunks", "sharded"])
+def test_dask_column_sum_through_latency_equals_local(s3, X, stores, layout):
+    """A column sum on the threaded scheduler reads each stored object once, a task's
+    chunks requested together: with 2 threads, more than 2 requests in flight (it was one
+    chunk after another per task: 2 in flight, data then indices)."""
+    dask = pytest.importorskip("dask")
+    url, local = stores[layout]
+    with dask.config.set(scheduler="threads", num_workers=2):
+        want = np.asarray(sparsestore.open(local).to_dask().sum(axis=0).compute())
+        with LatencyProxy(s3.endpoint_url, 0.02) as proxy:
+            store = sparsestore.open(url, storage_options=_through(s3, proxy))
+            proxy.reset()
+            got = np.asarray(store.to_dask().sum(axis=0).compute())
+            counts = proxy.snapshot()
+    np.testing.assert_array_equal(got, want)  # the same blocks, summed in the same tree
+    np.testing.assert_allclose(got.ravel(), np.asarray(X.sum(axis=0)).ravel(), rtol=1e-5)
+    once, ptr = _dask_objects(store)
+    by = counts["by_method"]
+    assert by.get("HEAD", 0) == 0, proxy.log
+    assert by["GET"] <= once + 2 * ptr + 2, proxy.log  # 2: a shard index read twice at most
+    if store.arrays["data"].nchunks >= 4:
+        assert counts["max_in_flight"] >= 4, counts
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
+        silence_logs=40,
+    ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+@pytest.mark.dask
+@pytest.mark.parametrize("layout", ["small_chunks", "sharded"])
+def test_dask_column_sum_on_a_cluster_through_latency(s3, X, stores, layout, cluster_client):
+    """On 2 worker processes: each opens the store once (a handful of requests, not one
+    open per array with every document read twice: 224 requests in all at 16 chunks),
+    and reads its chunks together."""
+    url, local = stores[layout]
+    want = np.asarray(sparsestore.open(local).to_dask().sum(axis=0).compute(
+        scheduler="threads"))
+    with LatencyProxy(s3.endpoint_url, 0.02) as proxy:
+        store = sparsestore.open(url, storage_options=_through(s3, proxy))
+        proxy.reset()
+        got = np.asarray(cluster_client.compute(store.to_dask().sum(axis=0), sync=True))
+        counts = proxy.snapshot()
+    np.testing.assert_array_equal(got, want)
+    once, ptr = _dask_objects(store)
+    by = counts["by_method"]
+    assert by.get("HEAD", 0) == 0, proxy.log
+    # Each worker opens the store once (7 requests) and may read a shard index or an
+    # indptr chunk the other also reads.
+    assert by["GET"] <= once + 2 * ptr + 2 * 7 + 4, proxy.log
+    assert counts["max_in_flight"] >= 4, counts
