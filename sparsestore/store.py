@@ -39,7 +39,7 @@ from .integrity import Manifest
 from .labels import Labels
 from .layout import DENSE_ARRAY, META_KEY, Meta
 from .opening import CommittedState, metadata_keys
-from .oserrors import os_errors
+from .oserrors import os_errors, translate
 
 
 class SparseStore(CommittedState):
@@ -455,6 +455,9 @@ def open_group(path: str, mode: str = "r", storage_options: dict[str, Any] | Non
     except SparseStoreError:
         raise
     except Exception as exc:
+        known = translate(exc, "open", path)  # e.g. no credentials for object storage
+        if known is not exc:
+            raise known from exc
         raise NotAStoreError(f"{path} is not a zarr group ({type(exc).__name__}: {exc})") from exc
 
 
