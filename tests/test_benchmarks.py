@@ -327,7 +327,8 @@ def test_s3_dask_bench_runs_tiny_and_its_page_is_generated(tmp_path: Path) -> No
                               "--chunk-bytes", "16384", "--rounds", "1",
                               "--schedulers", "threads", "--out", str(tmp_path)])
     cases = {(r["scheduler"], r["where"]): r for r in doc["records"]}
-    assert set(cases) == {("threads", w) for w in ("local", "s3 0 ms", "s3 30 ms")}
+    assert set(cases) == {("threads", w) for w in ("local", "s3 0 ms", "s3 30 ms")} | {
+        ("fetch only", w) for w in ("s3 0 ms", "s3 30 ms")}
     assert all(cases["threads", w]["requests"] > 0 for w in ("s3 0 ms", "s3 30 ms"))
     assert cases["threads", "s3 30 ms"]["round_trips"] >= 2
     assert page(tmp_path / "s3_dask.json") == (tmp_path / "s3_dask.md").read_text()
