@@ -3,7 +3,10 @@
 ``to_dask(store)`` (also ``store.to_dask()``) decodes each storage chunk once, in its own
 task, and assembles row blocks (:class:`~sparsestore.dask_blocks.CSRBlock`, which dask can
 reduce; ndarrays for dense stores) from the chunks they overlap; tasks carry the store's
-path, never data.  ``from_dask(path, darr)`` writes a 2-D dask array as a new store without
+path, never data.  On object storage, where each request waits tens of milliseconds,
+one task reads a run of storage chunks (:func:`_read_group`: their requests in flight
+together) and each chunk's task takes its piece; a worker opens a store once per commit,
+for every graph over it.  ``from_dask(path, darr)`` writes a 2-D dask array as a new store without
 gathering it.  Not supported: an integer row (``darr[5]``; use ``darr[5:6]``) and ops that
 turn zeros into non-zeros (``darr + 1``).  Timings: ``benchmarks/results/``.
 """
