@@ -326,7 +326,11 @@ def test_s3_dask_bench_runs_tiny_and_its_page_is_generated(tmp_path: Path) -> No
     doc = bench_s3_dask.main(["--rows", "3000", "--cols", "500", "--density", "0.02",
                               "--chunk-bytes", "16384", "--rounds", "1",
                               "--schedulers", "threads", "--out", str(tmp_path)])
-    cases = {(r["scheduler"], r["where"]): r for r in doc["records"]}
+    cases = {(r["scheduler"], r["where"]): r for r in doc["records"] if "scheduler" in r}
+    opens = [r for r in doc["records"] if "open" in r]
+    assert {(r["delay_ms"], r["open"]) for r in opens} == {
+        (ms, w) for ms in (0.0, 30.0) for w in ("first (s3fs client made)", "again")}
+    assert all(r["requests"] <= 8 for r in opens)
     assert set(cases) == {("threads", w) for w in ("local", "s3 0 ms", "s3 30 ms")} | {
         ("fetch only", w) for w in ("s3 0 ms", "s3 30 ms")}
     assert all(cases["threads", w]["requests"] > 0 for w in ("s3 0 ms", "s3 30 ms"))
