@@ -72,6 +72,9 @@ REGISTRY: dict[str, Bench] = {
                  ("--rows", "20000", "--rounds", "1"), out=False),
     "s3_latency": Bench("bench_s3_latency", "S3 passes at 0/10/30 ms per request vs local disk",
                         ("--rows", "20000")),
+    "s3_dask": Bench("bench_s3_dask", "dask column sums from S3 at 0/30 ms per request vs "
+                     "local disk, threaded and 2-worker cluster",
+                     ("--rows", "20000", "--rounds", "1")),
     "multiworker": Bench("bench_multiworker", "training rows/s: 1 vs 2 processes pinned to a "
                          "core each, per framework", ("--rows", "4000", "--cols", "2000",
                                                       "--repeats", "1", "--epochs", "2",

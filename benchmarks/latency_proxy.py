@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import threading
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -104,6 +105,8 @@ class LatencyProxy:
         self.counts: collections.Counter[str] = collections.Counter()
         #: ``(method, target)`` of every request since the last :meth:`reset`.
         self.log: list[tuple[str, str]] = []
+        #: When each request of :attr:`log` arrived (``time.monotonic()``).
+        self.arrived: list[float] = []
         self.in_flight = 0
         self.max_in_flight = 0
         self.port = 0
@@ -174,6 +177,7 @@ class LatencyProxy:
         with self._lock:
             self.counts.clear()
             self.log.clear()
+            self.arrived.clear()
             self.max_in_flight = self.in_flight
 
     def snapshot(self) -> dict[str, Any]:
@@ -183,10 +187,21 @@ class LatencyProxy:
             return {"requests": sum(counts.values()), "by_method": counts,
                     "max_in_flight": self.max_in_flight}
 
+    def round_trips(self, gap: float | None = None) -> int:
+        """Requests since :meth:`reset` that went out one after another: arrivals grouped
+        into waves, a new wave where one comes more than ``gap`` (default: half the delay)
+        after the one before.  Requests sent together arrive within a few milliseconds;
+        one that needed an earlier answer comes at least a delay later."""
+        gap = self.delay / 2 if gap is None else gap
+        with self._lock:
+            times = sorted(self.arrived)
+        return sum(1 for i, t in enumerate(times) if i == 0 or t - times[i - 1] > gap)
+
     def _begin(self, method: str, target: str) -> None:
         with self._lock:
             self.counts[method] += 1
             self.log.append((method, target))
+            self.arrived.append(time.monotonic())
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
 

@@ -1,5 +1,9 @@
 """The ``sparsestore`` command: convert, info, validate, bench, shuffle-check.
 
+A path may be an fsspec URL (``s3://bucket/x.zarr``): ``--storage-options`` passes fsspec's
+options for it (JSON, or ``@FILE`` holding JSON); without them s3fs reads credentials from
+the environment.
+
 Every failure the library reports on purpose (a :class:`~sparsestore.errors.SparseStoreError`,
 raised where bad input is read) and every OS error ends as one line,
 ``sparsestore: error: ...``, on stderr with a non-zero exit status.  Anything else is a
@@ -21,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidInputError, SparseStoreError, StoreExistsError
+from .oserrors import translate
 from .progress import make_bar
 
 PROG = "sparsestore"
@@ -34,6 +39,37 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4MiB, 512KiB, 1048576)")
     value, unit = float(m.group(1)), m.group(2).lower()
     return int(value * 1024 ** " kmgt".index(unit or " "))
+
+
+def parse_storage_options(text: str) -> dict[str, Any]:
+    """``--storage-options``: a JSON object, or ``@FILE`` holding one (keeps secrets out of
+    the command line), as fsspec's options for ``s3://``... URLs."""
+    raw = str(text)
+    if raw.startswith("@"):
+        try:
+            with open(raw[1:]) as fh:
+                raw = fh.read()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {text[1:]!r}: {exc}") from None
+    try:
+        opts = json.loads(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None
+    if not isinstance(opts, dict):
+        raise argparse.ArgumentTypeError(
+            'must be a JSON object, e.g. {"endpoint_url": "http://127.0.0.1:9000"}')
+    return opts
+
+
+STORAGE_HELP = ("fsspec options for s3:// (and other) URLs, as a JSON object or @FILE.json: "
+                'e.g. {"endpoint_url": "...", "key": "...", "secret": "..."}; without '
+                "them s3fs takes credentials as boto3 does (AWS_ACCESS_KEY_ID, "
+                "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ~/.aws, an instance role)")
+
+
+def _add_storage_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-options", type=parse_storage_options, metavar="JSON",
+                        help=STORAGE_HELP)
 
 
 def _human(n: float) -> str:
@@ -66,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="source format: npz, npy, mtx, svmlight, h5ad, zarr (default: from "
                    "the file name)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    _add_storage_options(c)
+    c.add_argument("--source-storage-options", type=parse_storage_options, metavar="JSON",
+                   help="fsspec options for a SRC store URL when they differ from "
+                   "--storage-options (which apply to SRC and DST alike)")
     c.add_argument("--workers", type=int, metavar="N",
                    help="npz shards decompressed in parallel (default: up to 4)")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -111,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Shape, nnz, density, dtype, chunking, bytes and labels.")
     i.add_argument("path", metavar="PATH")
     i.add_argument("--json", action="store_true", help="print JSON")
+    _add_storage_options(i)
     i.add_argument("--plot", metavar="FILE.png",
                    help="draw the nnz-per-row histogram and a density map (streamed)")
     i.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -119,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Check metadata, structure and every chunk's CRC32C.")
     v.add_argument("path", metavar="PATH")
     v.add_argument("--quick", action="store_true", help="metadata and structure only")
+    _add_storage_options(v)
     v.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
     u = sub.add_parser("upgrade", help="add the chunk manifest to a store written before it",
@@ -127,12 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "missing, moved or replaced chunk (needed before appending to it).")
     u.add_argument("path", metavar="PATH")
     u.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _add_storage_options(u)
 
     b = sub.add_parser("bench", help="stream one epoch through the DataLoader",
                        description="Stream one epoch through sparsestore.DataLoader; print "
                        "rows/s, M nnz/s and peak RSS.")
     b.add_argument("path", metavar="PATH")
     b.add_argument("--batch-size", type=int, default=1024, metavar="N")
+    _add_storage_options(b)
     b.add_argument("--shuffle", action="store_true")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", action="store_true", help="print JSON")
@@ -146,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "--speed.")
     q.add_argument("path", metavar="STORE")
     q.add_argument("--label", required=True, metavar="NAME", help="the store label to score")
+    _add_storage_options(q)
     q.add_argument("--batch-size", type=int, default=1024, metavar="N")
     q.add_argument("--seed", type=int, default=0, help="shuffle seed (and the permutation's)")
     q.add_argument("--epoch", type=int, default=0, metavar="E", help="epoch to score")
@@ -192,7 +237,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
             n_features=args.n_features,
             zero_based=zero_based, max_bytes=args.max_bytes, tmp_dir=args.tmp_dir,
             nan_policy=args.nan_policy, shuffle_rows=args.shuffle_rows,
-            source_row_label=args.source_row_label, **memory, **layout,
+            source_row_label=args.source_row_label, storage_options=args.storage_options,
+            source_storage_options=(args.storage_options if args.source_storage_options is None
+                                    else args.source_storage_options),
+            **memory, **layout,
         )
     except StoreExistsError as exc:
         # The library's message names the Python keyword; here the switch is a flag.
@@ -221,7 +269,7 @@ def _json_safe(obj: Any) -> Any:
 def cmd_info(args: argparse.Namespace) -> int:
     from .store import open as open_store
 
-    store = open_store(args.path, mode="r")
+    store = open_store(args.path, mode="r", storage_options=args.storage_options)
     info = store.info()
     if args.plot:
         from .plot import plot_store
@@ -269,7 +317,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"validation is not available in this installation ({exc})"
         ) from None
     # True: validate's own bar, shown on a terminal only.
-    report = validate_store(args.path, deep=not args.quick, progress=not args.quiet)
+    report = validate_store(args.path, deep=not args.quick, progress=not args.quiet,
+                            storage_options=args.storage_options)
     ok = bool(getattr(report, "ok", report))
     summary = report.summary() if hasattr(report, "summary") else str(report)
     print(summary, file=sys.stdout if ok else sys.stderr)
@@ -279,7 +328,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_upgrade(args: argparse.Namespace) -> int:
     from .writer import upgrade
 
-    done = upgrade(args.path, progress=not args.quiet)
+    done = upgrade(args.path, progress=not args.quiet, storage_options=args.storage_options)
     if not done["upgraded"]:
         print(f"{done['path']}: already has a chunk manifest; nothing to do")
     else:
@@ -311,7 +360,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .loader import DataLoader
     from .store import open as open_store
 
-    store = open_store(args.path, mode="r")
+    store = open_store(args.path, mode="r", storage_options=args.storage_options)
     loader = DataLoader(store, batch_size=args.batch_size, shuffle=args.shuffle,
                         seed=args.seed)
     rows = nnz = batches = 0
@@ -344,7 +393,7 @@ def cmd_shuffle_check(args: argparse.Namespace) -> int:
     from .mixing import shuffle_quality
     from .store import open as open_store
 
-    store = open_store(args.path, mode="r")
+    store = open_store(args.path, mode="r", storage_options=args.storage_options)
     extra = {k: v for k, v in (("shuffle_buffer_bytes", args.shuffle_buffer_bytes),
                                ("shuffle_buffer_blocks", args.shuffle_buffer_blocks))
              if v is not None}
@@ -374,10 +423,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except (SparseStoreError, OSError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, (SparseStoreError, OSError)):
+            exc = translate(exc, args.command, " ".join(_paths(args)))
+            if not isinstance(exc, SparseStoreError):
+                raise  # a bug: its traceback
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 1
+
+
+def _paths(args: argparse.Namespace) -> list[str]:
+    """The paths a command names (for an error's message)."""
+    return list(getattr(args, "paths", None) or [getattr(args, "path", "")])
 
 
 if __name__ == "__main__":  # pragma: no cover

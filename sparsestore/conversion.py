@@ -81,18 +81,20 @@ def _normalize_format(fmt: str) -> str:
     return f
 
 
-def store_source(path: str, *, labels: Sequence[str] | None = None) -> Source:
-    """A :class:`Source` copying another store (sparsestore's or an anndata CSR group)."""
+def store_source(path: str, *, labels: Sequence[str] | None = None,
+                 storage_options: dict[str, Any] | None = None) -> Source:
+    """A :class:`Source` copying another store (sparsestore's or an anndata CSR group; a
+    URL is opened with fsspec's ``storage_options``)."""
     from .store import open as open_store
 
-    st = open_store(path, mode="r")
+    st = open_store(path, mode="r", storage_options=storage_options)
     names = list(st.labels) if labels is None else list(labels)
     for n in names:
         if n not in st.labels:
             raise LabelError(f"{path} has no label {n!r}; it has {sorted(st.labels)}")
 
     def blocks() -> Iterator[tuple[Any, dict[str, np.ndarray] | None]]:
-        src = open_store(path, mode="r")
+        src = open_store(path, mode="r", storage_options=storage_options)
         if src.is_dense:
             step = max(1, (32 * 2**20) // max(1, src.n_cols * src.dtype.itemsize))
             bounds: Iterator[tuple[int, int]] = (
@@ -105,7 +107,8 @@ def store_source(path: str, *, labels: Sequence[str] | None = None) -> Source:
             yield src[a:b], labs
 
     return Source(name=path, n_cols=st.n_cols, dtype=st.dtype, blocks=blocks,
-                  n_rows=st.n_rows, labels=names, dense=st.is_dense, store_path=path)
+                  n_rows=st.n_rows, labels=names, dense=st.is_dense, store_path=path,
+                  store_options=storage_options)
 
 
 def _refuse(fmt: str, **given: Any) -> None:
@@ -133,11 +136,14 @@ def open_source(
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     tmp_dir: str | os.PathLike[str] | None = None,
     casting: str = "same_value",
+    storage_options: dict[str, Any] | None = None,
 ) -> Source:
     """Describe ``src`` as a :class:`Source` (format from its name unless ``format=``).
 
     ``casting``: how sources that cast while reading (mtx, svmlight, CSC anndata) cast
-    values to ``dtype`` (see :func:`~sparsestore.canonical.cast_values`).
+    values to ``dtype`` (see :func:`~sparsestore.canonical.cast_values`).  A URL
+    (``s3://``...) must be a store (sparsestore's, or an AnnData zarr's X), opened with
+    fsspec's ``storage_options``; files of the other formats are read from local disk.
     """
     if isinstance(labels, str):
         labels = [labels]
@@ -149,6 +155,20 @@ def open_source(
         raise InvalidInputError(
             f"src must be a path, a glob pattern or a list of paths, got {type(src).__name__}"
         )
+    if storage.is_remote(first):
+        try:
+            fmt = _normalize_format(format) if format is not None else detect_format(first)
+        except FormatError:  # no known ending: a store's URL
+            fmt = "zarr"
+        if fmt != "zarr" or not isinstance(src, (str, os.PathLike)):
+            raise InvalidInputError(
+                f"{first}: only stores (zarr) are read from object storage; copy {fmt} "
+                "files to local disk first, and pass one store URL"
+            )
+        _refuse(fmt, n_features=n_features, zero_based=zero_based, key=key, keys=keys,
+                max_bytes=max_bytes)
+        return store_source(storage.normalize(first), labels=labels,
+                            storage_options=storage_options)
     fmt = _normalize_format(format) if format is not None else detect_format(first)
     if fmt not in ("svmlight",):
         _refuse(fmt, n_features=n_features, zero_based=zero_based)
@@ -233,6 +253,7 @@ def convert(
     casting: str = "same_value",
     shuffle_rows: int | None = None,
     source_row_label: str | None = None,
+    source_storage_options: dict[str, Any] | None = None,
     **layout_options: Any,
 ) -> SparseStore:
     """Convert a file, glob or list of files of any supported format into a new store.
@@ -262,6 +283,11 @@ def convert(
     a budget of a few GiB for a big store.  A source that is not a sparsestore store is first
     written to a temporary store under ``tmp_dir`` (removed afterwards, so ``tmp_dir``
     needs room for one compressed copy).
+
+    Object storage: ``dst`` may be a URL (``s3://bucket/x.zarr``), written with fsspec's
+    ``storage_options``; ``src`` may be the URL of a store, read with
+    ``source_storage_options`` (credentials, ``endpoint_url``; None: fsspec's defaults,
+    such as s3fs's environment variables).
     """
     Layout.from_options(**layout_options)  # name a bad option before reading anything
     check_nan_policy(nan_policy)
@@ -282,7 +308,8 @@ def convert(
     source = open_source(src, format=format, labels=labels, key=key, keys=keys, dtype=dtype,
                          sparse=sparse, workers=workers, executor=executor,
                          n_features=n_features, zero_based=zero_based, max_bytes=max_bytes,
-                         memory_bytes=memory_bytes, tmp_dir=tmp_dir, casting=casting)
+                         memory_bytes=memory_bytes, tmp_dir=tmp_dir, casting=casting,
+                         storage_options=source_storage_options)
     write = dict(dtype=dtype, sparse=sparse, progress=progress, nan_policy=nan_policy,
                  casting=casting)
     if shuffle_rows is None:
@@ -315,7 +342,8 @@ def _convert_shuffled(
                  **write, **layout_options)
     if source.store_path is not None:
         shuffled = shuffled_store_source(source.store_path, seed, labels=source.labels,
-                                         source_row_label=label, memory_bytes=memory_bytes)
+                                         source_row_label=label, memory_bytes=memory_bytes,
+                                         storage_options=source.store_options)
         return write_source(dst, shuffled, **final)
     # Random row access needs a store: write the source to a temporary one first (default
     # layout: only this process reads it, once per output block), then shuffle from it.

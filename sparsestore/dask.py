@@ -3,14 +3,20 @@
 ``to_dask(store)`` (also ``store.to_dask()``) decodes each storage chunk once, in its own
 task, and assembles row blocks (:class:`~sparsestore.dask_blocks.CSRBlock`, which dask can
 reduce; ndarrays for dense stores) from the chunks they overlap; tasks carry the store's
-path, never data.  ``from_dask(path, darr)`` writes a 2-D dask array as a new store without
+path, never data.  On object storage, where each request waits tens of milliseconds,
+one task reads a run of storage chunks (:func:`_read_group`: their requests in flight
+together) and each chunk's task takes its piece; a worker opens a store once per commit,
+for every graph over it.  ``from_dask(path, darr)`` writes a 2-D dask array as a new store without
 gathering it.  Not supported: an integer row (``darr[5]``; use ``darr[5:6]``) and ops that
 turn zeros into non-zeros (``darr + 1``).  Timings: ``benchmarks/results/``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import operator
 import threading
 import uuid
 from collections import OrderedDict, deque
@@ -29,6 +35,7 @@ from .checks import check_column_indices, check_row_pointers
 from .chunks import ChunkDecoder, read_slice
 from .dask_blocks import CSCBlock, CSRBlock, as_blocks
 from .errors import CorruptStoreError, InvalidInputError, ShapeMismatchError, StoreChangedError
+from .fetch import BUDGET_BYTES, prefetch_chunks
 from .layout import DENSE_ARRAY
 
 __all__ = ["CSCBlock", "CSRBlock", "as_blocks", "from_dask", "to_dask"]
@@ -38,6 +45,11 @@ __all__ = ["CSCBlock", "CSRBlock", "as_blocks", "from_dask", "to_dask"]
 _OPEN: OrderedDict[tuple, Any] = OrderedDict()
 _OPEN_LOCK = threading.Lock()
 _OPEN_CAP = 32
+#: Decoded bytes one read task on object storage holds at most (:func:`_group_size`).
+GROUP_BYTES = 32 * 2**20
+# Held while a task reopens a store (one lock per hash of its source): one thread of a
+# worker opens it, the others wait for its arrays instead of opening it again.
+_REOPENING = tuple(threading.Lock() for _ in range(16))
 
 
 class _Chunks(ChunkDecoder):
@@ -66,12 +78,16 @@ class _Source:
         # The commit it reads, which a reopened store is pinned to.
         self.attrs = store.committed_attrs
         self.token = token
+        # Arrays opened for one graph serve every graph over the same commit of the store
+        # (a worker reopens it once, not once per computation): keyed by the commit.
+        self.commit = hashlib.sha256(
+            json.dumps(self.attrs, sort_keys=True, default=str).encode()).hexdigest()
         arrays = store.arrays
         self.expect = {k: (str(a.dtype), tuple(a.chunks)) for k, a in arrays.items()}
 
     def _key(self, name: str) -> tuple:
         opts = json.dumps(self.storage_options, sort_keys=True, default=str)
-        return (self.path, opts, name, self.token)
+        return (self.path, opts, name, self.commit)
 
     def prime(self, arrays: Mapping[str, Any]) -> None:
         """Let tasks in this process use the arrays the caller already has open."""
@@ -82,34 +98,46 @@ class _Source:
             while len(_OPEN) > _OPEN_CAP:
                 _OPEN.popitem(last=False)
 
-    def chunks(self, name: str, need: int) -> _Chunks:
-        """Array ``name`` with its chunk decoder, opened once per process (reopened if it grew)."""
-        key = self._key(name)
+    def _cached(self, key: tuple) -> _Chunks | None:
         with _OPEN_LOCK:
             got = _OPEN.get(key)
             if got is not None:
                 _OPEN.move_to_end(key)
-        if got is None or got.arr.shape[0] < need:
-            from .store import reopen_at
+        return got
 
-            st = reopen_at(self.path, self.storage_options, self.attrs)
-            if st.generation != self.generation:
-                raise StoreChangedError(
-                    f"{self.path} was replaced by another store since this dask array was "
-                    "made; call store.to_dask() again"
-                )
-            arr = st.arrays[name]
-            if (str(arr.dtype), tuple(arr.chunks)) != self.expect[name] or arr.shape[0] < need:
+    def chunks(self, name: str, need: int) -> _Chunks:
+        """Array ``name`` with its chunk decoder, opened once per process (reopened if it grew)."""
+        key = self._key(name)
+        got = self._cached(key)
+        if got is not None and got.arr.shape[0] >= need:
+            return got
+        with _REOPENING[hash(self._key("")) % len(_REOPENING)]:
+            got = self._cached(key)
+            if got is None or got.arr.shape[0] < need:
+                self._reopen(name, need)
+                got = self._cached(key)
+        assert got is not None
+        return got
+
+    def _reopen(self, name: str, need: int) -> None:
+        """Open the store at the pinned commit (once for all its arrays) and keep its arrays."""
+        from .store import reopen_at
+
+        st = reopen_at(self.path, self.storage_options, self.attrs)
+        if st.generation != self.generation:
+            raise StoreChangedError(
+                f"{self.path} was replaced by another store since this dask array was "
+                "made; call store.to_dask() again"
+            )
+        arrays = st.arrays
+        for n, arr in arrays.items():
+            if (str(arr.dtype), tuple(arr.chunks)) != self.expect.get(n) or (
+                    n == name and arr.shape[0] < need):
                 raise CorruptStoreError(
-                    f"{self.path} changed since this dask array was made (array {name!r}); "
+                    f"{self.path} changed since this dask array was made (array {n!r}); "
                     "call store.to_dask() again"
                 )
-            got = _Chunks(arr, name)
-            with _OPEN_LOCK:
-                _OPEN[key] = got
-                while len(_OPEN) > _OPEN_CAP:
-                    _OPEN.popitem(last=False)
-        return got
+        self.prime(arrays)
 
     def array(self, name: str, need: int) -> Any:
         """The zarr array ``name`` (see :meth:`chunks`)."""
@@ -123,6 +151,23 @@ def _read_chunks(
     ("data+indices" when both share a chunk grid), each decoded once, with ``room`` spare
     slots after it for the row block that starts in this chunk and ends past it."""
     return tuple(src.chunks(n, hi).read(k, lo, hi, room) for n in names.split("+"))
+
+
+def _read_group(
+    src: _Source, names: str, spans: tuple[tuple[int, int, int, int], ...]
+) -> list[tuple[np.ndarray, ...]]:
+    """Task: storage chunks ``(k, lo, hi, room)`` of each array in ``names`` (as
+    :func:`_read_chunks` reads one), requested together from object storage
+    (:func:`~sparsestore.fetch.prefetch_chunks`: one round trip for all of them, within the
+    store's byte budget) and decoded as their bytes come."""
+    need = max(hi for _, _, hi, _ in spans)
+    arrays = [src.chunks(n, need) for n in names.split("+")]
+    pending = prefetch_chunks([(a, [k for k, _, _, _ in spans]) for a in arrays])
+    try:
+        return [tuple(a.read(k, lo, hi, room) for a in arrays) for k, lo, hi, room in spans]
+    finally:
+        if pending is not None:
+            pending.release()
 
 
 def _head(piece: tuple[np.ndarray, ...], n: int) -> tuple[np.ndarray, ...]:
@@ -209,38 +254,62 @@ def _plan(store: Any, ptr: _Chunks, chunk_rows: int | None) -> tuple[np.ndarray,
     vals: list[np.ndarray] = []
     ti = 0
     cp = ptr.chunk
-    for s in range(0, n + 1, cp):
-        e = min(s + cp, n + 1)
-        sel = want[np.searchsorted(want, s) : np.searchsorted(want, e)] - s
-        if ti == targets.size and not sel.size:
-            continue  # nothing needed from this chunk
-        seg = ptr.read(s // cp, s, e)
-        starts = seg[: max(0, min(e, n) - s)]  # where rows s .. min(e, n) - 1 start
-        if ti < targets.size and starts.size:
-            # The first row starting at or after each data chunk start.
-            j = int(np.searchsorted(targets, starts[-1], side="right"))
-            found = np.searchsorted(starts, targets[ti:j], side="left")
-            rows.append(s + found)
-            vals.append(seg[found])
-            ti = j
-        rows.append(s + sel)
-        vals.append(seg[sel])
+    # On object storage the next chunks are requested together, a window at a time.
+    window = max(1, min(64, BUDGET_BYTES // max(1, cp * ptr.dtype.itemsize)))
+    ahead, pending = 0, None
+    try:
+        for s in range(0, n + 1, cp):
+            e = min(s + cp, n + 1)
+            sel = want[np.searchsorted(want, s) : np.searchsorted(want, e)] - s
+            if ti == targets.size and not sel.size:
+                continue  # nothing needed from this chunk
+            k = s // cp
+            if ptr.remote is not None and k >= ahead:
+                if pending is not None:
+                    pending.release()
+                ahead = min(k + window, -(-(n + 1) // cp))
+                pending = prefetch_chunks([(ptr, range(k, ahead))])
+            ti = _plan_chunk(ptr.read(k, s, e), s, n, e, sel, targets, ti, rows, vals)
+    finally:
+        if pending is not None:
+            pending.release()
     bounds, first = np.unique(np.concatenate(rows), return_index=True)
     return bounds, np.concatenate(vals).astype(np.int64)[first]
 
 
+def _plan_chunk(seg: np.ndarray, s: int, n: int, e: int, sel: np.ndarray,
+                targets: np.ndarray, ti: int, rows: list, vals: list) -> int:
+    """One ``indptr`` chunk's part of :func:`_plan` (``seg``: entries ``[s, e)``): adds the
+    rows and values it finds; returns the next target's position."""
+    starts = seg[: max(0, min(e, n) - s)]  # where rows s .. min(e, n) - 1 start
+    if ti < targets.size and starts.size:
+        # The first row starting at or after each data chunk start.
+        j = int(np.searchsorted(targets, starts[-1], side="right"))
+        found = np.searchsorted(starts, targets[ti:j], side="left")
+        rows.append(s + found)
+        vals.append(seg[found])
+        ti = j
+    rows.append(s + sel)
+    vals.append(seg[sel])
+    return ti
+
+
 def _chunk_tasks(
     dsk: dict, name: str, src: _Source, names: str, chunk: int, limit: int, ranges: list,
-    join: bool = True,
+    join: bool = True, group: int = 1,
 ) -> list[tuple[tuple, list]]:
     """Per range ``[lo, hi)``: the spans and keys of the chunk tasks covering it.
 
     Adds one task per storage chunk (of every array in ``names``).  With ``join``, a chunk
     in which a range starts and past whose end it runs is decoded with room for the rest
     of that range, and a chunk in which a range ends while the next one starts there is
-    passed to the first range as a small ``_head`` task (see :func:`_join`).
+    passed to the first range as a small ``_head`` task (see :func:`_join`).  With
+    ``group`` > 1 (object storage) every ``group`` consecutive chunks are read by one
+    :func:`_read_group` task, their requests in flight together, and each chunk's task
+    takes its piece of that task's result.
     """
     tag = f"{name}-{names}"
+    groups: dict[int, list[tuple[int, int, int, int]]] = {}
     room: dict[int, int] = {}
     starts: set[int] = set()
     for lo, hi in ranges if join else ():
@@ -259,14 +328,41 @@ def _chunk_tasks(
                 key = (tag, k)
                 a, b = k * chunk, min((k + 1) * chunk, limit)
                 if key not in dsk:
-                    dsk[key] = (_read_chunks, src, names, k, a, b, room.get(k, 0))
+                    if group > 1:
+                        groups.setdefault(k // group, []).append((k, a, b, room.get(k, 0)))
+                        dsk[key] = (operator.getitem, (tag + "-group", k // group),
+                                    len(groups[k // group]) - 1)
+                    else:
+                        dsk[key] = (_read_chunks, src, names, k, a, b, room.get(k, 0))
                 if k > k0 and k in starts:  # shared with the range starting there
                     dsk[(tag + "-head", k)] = (_head, key, min(hi, b) - a)
                     key = (tag + "-head", k)
                 spans.append((a, b))
                 keys.append(key)
         out.append((tuple(spans), keys))
+    for g, spans_g in groups.items():
+        dsk[(tag + "-group", g)] = (_read_group, src, names, tuple(spans_g))
     return out
+
+
+def _group_size(arrays: list[Any], n_chunks: int) -> int:
+    """Storage chunks per read task for arrays read together: 1 on local disk; on object
+    storage enough for every scheduler thread to get a share of the chunks, each task
+    holding at most :data:`GROUP_BYTES` decoded (see :func:`_read_group`)."""
+    if n_chunks <= 1 or any(ChunkDecoder(a).remote is None for a in arrays):
+        return 1
+    per_chunk = sum(int(a.chunks[0]) * np.dtype(a.dtype).itemsize for a in arrays)
+    threads = _scheduler_threads()
+    return max(1, min(-(-n_chunks // threads), GROUP_BYTES // max(1, per_chunk)))
+
+
+def _scheduler_threads() -> int:
+    """Threads the current dask scheduler runs tasks on (a distributed client's, in all)."""
+    client = _client()
+    if client is not None:
+        with contextlib.suppress(Exception):
+            return max(1, sum(client.nthreads().values()))
+    return max(1, int(dask.config.get("num_workers", None) or dask.system.CPU_COUNT))
 
 
 def to_dask(store: Any, chunk_rows: int | None = None) -> da.Array:
@@ -323,14 +419,19 @@ def _sparse_graph(
     rows = [(int(a), int(b) + 1) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     vals = [(int(a), int(b)) for a, b in zip(at[:-1], at[1:], strict=True)]
     cp = int(arrays["indptr"].chunks[0])
-    ptr = _chunk_tasks(dsk, name, src, "indptr", cp, n + 1, rows, join=False)
+    ptr = _chunk_tasks(dsk, name, src, "indptr", cp, n + 1, rows, join=False,
+                       group=_group_size([arrays["indptr"]], -(-(n + 1) // cp)))
     cd, ci = int(arrays["data"].chunks[0]), int(arrays["indices"].chunks[0])
     if cd == ci:  # one task decodes both (the usual layout: equal item sizes)
-        dat = ind = _chunk_tasks(dsk, name, src, "data+indices", cd, nnz, vals)
+        both = [arrays["data"], arrays["indices"]]
+        dat = ind = _chunk_tasks(dsk, name, src, "data+indices", cd, nnz, vals,
+                                 group=_group_size(both, -(-nnz // cd)))
         jd, ji = 0, 1
     else:
-        dat = _chunk_tasks(dsk, name, src, "data", cd, nnz, vals)
-        ind = _chunk_tasks(dsk, name, src, "indices", ci, nnz, vals)
+        dat = _chunk_tasks(dsk, name, src, "data", cd, nnz, vals,
+                           group=_group_size([arrays["data"]], -(-nnz // cd)))
+        ind = _chunk_tasks(dsk, name, src, "indices", ci, nnz, vals,
+                           group=_group_size([arrays["indices"]], -(-nnz // ci)))
         jd = ji = 0
     idx_dtype = np.dtype(arrays["indices"].dtype).str
     for i, ((r0, r1), (lo, hi)) in enumerate(zip(rows, vals, strict=True)):

@@ -113,6 +113,11 @@ class StorageError(SparseStoreError, OSError):
         return str(self.strerror) if self.strerror else super().__str__()
 
 
+class CredentialsError(StorageError, PermissionError):
+    """Object storage was reached without credentials (none passed in ``storage_options``
+    and none found where its client looks: environment, config files, instance role)."""
+
+
 class DiskFullError(StorageError):
     """No space left on the device, or the disk quota is used up (ENOSPC, EDQUOT)."""
 
@@ -160,6 +165,7 @@ __all__ = [
     "UnsafeInputError",
     "FormatError",
     "StorageError",
+    "CredentialsError",
     "DiskFullError",
     "FileTooLargeError",
     "ReadOnlyStorageError",

@@ -160,6 +160,20 @@ class RemoteReads:
                 fut.cancel()
 
 
+def get_many(store: Any, keys: Sequence[str]) -> dict[str, bytes | None]:
+    """Whole objects ``keys`` of a zarr store, requested together on zarr's event loop
+    (one round trip for all of them on object storage); None for an absent key."""
+
+    async def one(key: str) -> bytes | None:
+        buf = await store.get(key, zc.default_buffer_prototype())
+        return None if buf is None else buf.to_bytes()
+
+    async def all_of() -> list[bytes | None]:
+        return await asyncio.gather(*(one(k) for k in keys))
+
+    return dict(zip(keys, zc.run_sync(all_of()), strict=True)) if keys else {}
+
+
 def remote_reads(store: Any) -> RemoteReads | None:
     """The :class:`RemoteReads` of a zarr store that has async reads but no synchronous
     ones (made once per store object), else None."""
@@ -230,5 +244,5 @@ def prefetch_unit(caches: Sequence[Any], ranges: Sequence[tuple[int, int]]) -> P
     return prefetch_chunks(jobs)
 
 
-__all__ = ["BUDGET_BYTES", "MAX_REQUESTS", "Prefetch", "RemoteReads", "Request",
+__all__ = ["BUDGET_BYTES", "MAX_REQUESTS", "Prefetch", "RemoteReads", "Request", "get_many",
            "prefetch_chunks", "prefetch_unit", "remote_reads"]

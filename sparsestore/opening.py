@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from .checks import CheckedRows, check_chunk_size
-from .chunks import read_slice
+from .chunks import ChunkDecoder, read_slice
 from .errors import CorruptStoreError, InvalidInputError, NotAStoreError, StoreChangedError
+from .fetch import prefetch_chunks
 from .integrity import Manifest, went_back
 from .labels import LabelArray, Labels
 from .layout import (
@@ -37,6 +38,48 @@ from .layout import (
     read_meta,
 )
 from .verified import VerifiedStore
+
+
+def metadata_keys(root: Mapping[str, Any]) -> list[str]:
+    """The metadata documents opening a store reads, from its root ``zarr.json`` (parsed):
+    its matrix arrays' (or an AnnData root's ``X`` group and arrays'), and its labels
+    group's and label arrays'.  What a remote open requests all at once
+    (:func:`~sparsestore.storage.preload_metadata`); a key it misses is still read when
+    zarr asks for it, one it names in vain costs one request in the same round trip."""
+    attrs = root.get("attributes")
+    attrs = attrs if isinstance(attrs, Mapping) else {}
+    if attrs.get("encoding-type") == "anndata":
+        return ["X/zarr.json"] + [f"X/{n}/zarr.json" for n in ("data", "indices", "indptr")]
+    meta = attrs.get(META_KEY)
+    meta = meta if isinstance(meta, Mapping) else {}
+    if meta.get("format") == "dense":
+        keys = [f"{DENSE_ARRAY}/zarr.json"]
+    else:
+        keys = [f"{n}/zarr.json" for n in ("data", "indices", "indptr")]
+    labels = meta.get("labels")
+    if isinstance(labels, list) and labels:
+        keys.append(f"{LABELS_GROUP}/zarr.json")
+        keys += [f"{LABELS_GROUP}/{n}/zarr.json" for n in labels
+                 if isinstance(n, str) and n and "/" not in n]
+    return keys
+
+
+def _indptr_ends(indptr: Any, n_rows: int) -> tuple[int, int]:
+    """``indptr[0]`` and ``indptr[n_rows]``; on object storage their chunks are requested
+    together (one round trip, not two)."""
+    dec = ChunkDecoder(indptr, "indptr")
+    if dec.remote is None:
+        return (int(read_slice(indptr, 0, 1, name="indptr")[0]),
+                int(read_slice(indptr, n_rows, n_rows + 1, name="indptr")[0]))
+    last = n_rows // dec.chunk
+    pending = prefetch_chunks([(dec, sorted({0, last}))])
+    try:
+        head = dec.read(0)
+        tail = head if last == 0 else dec.read(last)
+        return int(head[0]), int(tail[n_rows - last * dec.chunk])
+    finally:
+        if pending is not None:
+            pending.release()
 
 
 class CommittedState:
@@ -154,14 +197,13 @@ class CommittedState:
             "data": (self._data, meta.committed_nnz), "indices": (
                 self._indices, meta.committed_nnz), "indptr": (self._indptr, n_rows + 1),
         })
-        end = read_slice(self._indptr, n_rows, n_rows + 1, name="indptr")
-        self._nnz = int(end[0])
+        first, end = _indptr_ends(self._indptr, n_rows)
+        self._nnz = end
         if not 0 <= self._nnz <= min(self._data.shape[0], self._indices.shape[0]):
             raise CorruptStoreError(
                 f"{self.path}: indptr[-1]={self._nnz} but data holds "
                 f"{self._data.shape[0]} and indices {self._indices.shape[0]} values"
             )
-        first = int(read_slice(self._indptr, 0, 1, name="indptr")[0])
         if first != 0:
             raise CorruptStoreError(f"{self.path}: indptr[0]={first}, must be 0")
         if META_KEY in attrs and meta.committed_nnz != self._nnz:

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from .errors import (
+    CredentialsError,
     DiskFullError,
     FileTooLargeError,
     LockFileError,
@@ -96,8 +97,23 @@ def _lock_file(action: str, path: str, exc: OSError) -> StorageError | None:
     return None
 
 
+def _no_credentials(exc: BaseException) -> bool:
+    """Whether ``exc`` is botocore's "no (or partial) credentials" (s3fs lets it through)."""
+    kind = type(exc)
+    return kind.__module__.startswith("botocore") and kind.__name__.endswith(
+        "CredentialsError")
+
+
 def translate(exc: BaseException, action: str, path: str) -> BaseException:
-    """The sparsestore error for ``exc`` (an ``OSError`` we know), else ``exc`` itself."""
+    """The sparsestore error for ``exc`` (an ``OSError`` we know, or missing object storage
+    credentials), else ``exc`` itself."""
+    if _no_credentials(exc):
+        return CredentialsError(
+            errno.EACCES, f"cannot {action} {path}: no credentials for object storage "
+            f"({exc}); pass them in storage_options (key, secret; the command line's "
+            "--storage-options) or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(see the README's Object storage)",
+        )
     if not isinstance(exc, OSError) or isinstance(exc, SparseStoreError):
         return exc
     name = exc.filename

@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import json
 import os
 import re
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -353,15 +354,46 @@ class WriteLock:
             self._fd = None
 
 
-def open_group(path: str, *, mode: str, storage_options: dict[str, Any] | None = None):
+def preload_metadata(store: Any, children: Callable[[dict[str, Any]], list[str]]) -> bool:
+    """Read a remote store's metadata documents ahead, in two round trips: the root's
+    ``zarr.json``, then every key ``children(root document)`` names, all at once; zarr's
+    reads of them are then answered from memory (see
+    :meth:`~sparsestore.verified.VerifiedStore.preload`).  False when there is no root
+    ``zarr.json`` (nothing preloaded)."""
+    from .fetch import get_many
+
+    root = get_many(store, ["zarr.json"])
+    if root["zarr.json"] is None:
+        return False
+    docs: dict[str, bytes | None] = dict(root)
+    try:
+        doc = json.loads(docs["zarr.json"] or b"")
+        wanted = [k for k in children(doc) if k not in docs] if isinstance(doc, dict) else []
+    except ValueError:  # not JSON: zarr refuses it, as it would have anyway
+        wanted = []
+    docs.update(get_many(store, wanted))
+    store.preload(docs)
+    return True
+
+
+def open_group(path: str, *, mode: str, storage_options: dict[str, Any] | None = None,
+               children: Callable[[dict[str, Any]], list[str]] | None = None):
     """Open the zarr group at ``path`` (v2 or v3), raising our errors for missing paths.
 
     Consolidated metadata (``zarr.consolidate_metadata``) is ignored: it is a copy of the
     arrays' metadata that no append updates, so it would name their old shapes; and the
     group's attrs written at a commit then drop that copy instead of keeping it stale.
+    On object storage ``children`` (the root document -> the metadata keys a handle will
+    read) has those read together first (:func:`preload_metadata`): the caller calls the
+    store's ``forget_preloaded()`` once its handle has loaded.  A missing root ``zarr.json``
+    then raises :class:`StoreNotFoundError` unless something else is at ``path``.
     """
     store = zarr_store(path, read_only=(mode == "r"), storage_options=storage_options)
     zmode = "r" if mode == "r" else "r+"
+    if children is not None and is_remote(path) and not preload_metadata(store, children):
+        fs, root = _fs(path, storage_options)
+        if not fs.exists(root):
+            raise StoreNotFoundError(f"no store at {path}")
     try:
         if is_remote(path):
             # zarr probes for a v2 group (.zgroup, .zattrs, .zmetadata) beside zarr.json when

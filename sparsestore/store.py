@@ -38,8 +38,8 @@ from .indexing import normalize_rows, split_key
 from .integrity import Manifest
 from .labels import Labels
 from .layout import DENSE_ARRAY, META_KEY, Meta
-from .opening import CommittedState
-from .oserrors import os_errors
+from .opening import CommittedState, metadata_keys
+from .oserrors import os_errors, translate
 
 
 class SparseStore(CommittedState):
@@ -58,12 +58,16 @@ class SparseStore(CommittedState):
         mode: str = "r",
         storage_options: dict[str, Any] | None = None,
         lock: storage.WriteLock | None = None,
+        pinned: Mapping[str, Any] | None = None,
     ) -> None:
         self._group = group
         self.path = path
         self.mode = mode
         self.storage_options = storage_options
-        self._load()
+        try:
+            self._load(pinned)
+        finally:
+            loaded(group)
         # The writing half of an "r+" handle: the lock, recovery, the arrays being written.
         self._appender = Appender(self, lock) if mode == "r+" else None
 
@@ -99,10 +103,11 @@ class SparseStore(CommittedState):
     def refresh(self) -> SparseStore:
         """Re-read the committed state (see rows appended by another process)."""
         if self.mode == "r":
-            self._group = storage.open_group(
-                self.path, mode="r", storage_options=self.storage_options
-            )
-        self._load()
+            self._group = open_group(self.path, "r", self.storage_options)
+        try:
+            self._load()
+        finally:
+            loaded(self._group)
         return self
 
     # ----------------------------------------------------------- properties
@@ -429,18 +434,30 @@ def _nbytes_stored(arr: Any) -> int:
 
 def open_group(path: str, mode: str = "r", storage_options: dict[str, Any] | None = None) -> Any:
     """The zarr group of the store at normalized ``path``: the one check that a path holds
-    a store, for :func:`open` and :func:`~sparsestore.validate.validate_store` alike."""
-    if not storage.exists(path, storage_options):
+    a store, for :func:`open` and :func:`~sparsestore.validate.validate_store` alike.
+
+    On object storage the metadata a handle loads is requested at once, in two round
+    trips (:func:`~sparsestore.storage.preload_metadata`), and served from memory until
+    :func:`loaded` is called on the group."""
+    remote = storage.is_remote(path)
+    if not remote and not storage.exists(path, storage_options):
         raise_missing(path)
-    if not storage.is_remote(path) and not os.path.isdir(path):
+    if not remote and not os.path.isdir(path):
         raise NotAStoreError(
             f"{path} is a file, not a store directory; to import it use sparsestore.convert"
         )
     try:
-        return storage.open_group(path, mode=mode, storage_options=storage_options)
+        return storage.open_group(path, mode=mode, storage_options=storage_options,
+                                  children=metadata_keys if remote else None)
+    except StoreNotFoundError:
+        raise_missing(path)
+        raise
     except SparseStoreError:
         raise
     except Exception as exc:
+        known = translate(exc, "open", path)  # e.g. no credentials for object storage
+        if known is not exc:
+            raise known from exc
         raise NotAStoreError(f"{path} is not a zarr group ({type(exc).__name__}: {exc})") from exc
 
 
@@ -449,10 +466,14 @@ def open(
     path: str | os.PathLike[str],
     mode: str = "r",
     storage_options: dict[str, Any] | None = None,
+    *,
+    _pinned: Mapping[str, Any] | None = None,
 ) -> SparseStore:
     """Open a store: ``mode="r"`` read-only, ``"r+"`` to append (takes the write lock).
 
     Reads stores written by sparsestore and CSR groups written by anndata (zarr v2 or v3).
+    ``storage_options`` go to fsspec for a URL (``s3://``: s3fs's ``key``, ``secret``,
+    ``endpoint_url``...; see the README's "Object storage").
     """
     if mode not in ("r", "r+"):
         raise InvalidInputError(f"mode must be 'r' or 'r+', got {mode!r}")
@@ -462,7 +483,8 @@ def open(
     try:
         try:
             store = SparseStore(
-                group, path=p, mode=mode, storage_options=storage_options, lock=lock
+                group, path=p, mode=mode, storage_options=storage_options, lock=lock,
+                pinned=_pinned,
             )
         except SparseStoreError:
             raise
@@ -486,6 +508,14 @@ def open(
         raise
 
 
+def loaded(group: Any) -> None:
+    """A handle on ``group`` has loaded: its store reads metadata from storage again
+    (see :func:`open_group`)."""
+    forget = getattr(group.store, "forget_preloaded", None)
+    if forget is not None:
+        forget()
+
+
 def _warn_unverified(store: SparseStore) -> None:
     """Say, once per open, that this store's chunks are not checked, and how to fix it."""
     p = store.path
@@ -505,9 +535,7 @@ def reopen_at(
     path: str, storage_options: dict[str, Any] | None, attrs: Mapping[str, Any]
 ) -> SparseStore:
     """Open ``path`` read-only at the commit described by ``attrs`` (how handles unpickle)."""
-    store = open(path, "r", storage_options)
-    store._load(pinned=attrs)
-    return store
+    return open(path, "r", storage_options, _pinned=attrs)
 
 
 def raise_missing(path: str) -> None:

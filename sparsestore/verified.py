@@ -71,11 +71,27 @@ class VerifiedStore(WrapperStore):
         self.written: dict[str, dict[int, int | None]] = {}
         self._kinds: dict[str, tuple[bool, int]] = {}  # array -> (trailer tag, per object)
         self._offsets: dict[str, dict[int, int]] = {}  # shard key -> inner chunk by offset
+        # Metadata documents read ahead while a handle opens (see preload), shared with the
+        # copies zarr makes of this store.
+        self._preloaded: dict[str, bytes | None] = {}
 
     def _with_store(self, store: Any) -> VerifiedStore:
         out = type(self)(store, self.prefix)
         out.manifest, out.label, out.prefix = self.manifest, self.label, self.prefix
+        out._preloaded = self._preloaded
         return out
+
+    # ------------------------------------------------------------ opening
+    def preload(self, docs: Mapping[str, bytes | None]) -> None:
+        """Answer whole reads of these keys (metadata documents; None: absent) from memory
+        until :meth:`forget_preloaded`, so opening a remote store reads each once, all
+        requested together, instead of one round trip per document as zarr asks for it.
+        Chunk keys are never preloaded: their reads stay checked against the manifest."""
+        self._preloaded.update(docs)
+
+    def forget_preloaded(self) -> None:
+        """Read every key from storage again (called once the handle has loaded)."""
+        self._preloaded.clear()
 
     # ------------------------------------------------------------ manifest
     def install(self, manifest: Manifest | None, prefix: str = "") -> None:
@@ -276,6 +292,9 @@ class VerifiedStore(WrapperStore):
     # ---------------------------------------------------------------- reads
     async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
         prototype = prototype or default_buffer_prototype()
+        if byte_range is None and key in self._preloaded:
+            doc = self._preloaded[key]
+            return None if doc is None else prototype.buffer.from_bytes(doc)
         buf = await self._store.get(key, prototype, byte_range)
         await self._check(key, buf, byte_range)
         return buf
@@ -418,6 +437,7 @@ class VerifiedStore(WrapperStore):
         batch = current_batch()
         if batch is not None and not batch.enter():
             return  # a failed write's straggler after its rollback began: dropped
+        self._preloaded.pop(key, None)
         try:
             meta = await self._meta_of(key)
             await self._store.set(key, value)
@@ -435,6 +455,7 @@ class VerifiedStore(WrapperStore):
             await self.set(key, value)
 
     def set_sync(self, key: str, value: Any) -> None:
+        self._preloaded.pop(key, None)
         meta = self._meta_of_sync(key)
         self._store.set_sync(key, value)
         self._record(key, value.as_numpy_array().view(np.uint8), meta)
@@ -443,6 +464,7 @@ class VerifiedStore(WrapperStore):
         batch = current_batch()
         if batch is not None and not batch.enter():
             return  # as in set()
+        self._preloaded.pop(key, None)
         try:
             meta = await self._meta_of(key)
             await self._store.delete(key)
@@ -452,11 +474,14 @@ class VerifiedStore(WrapperStore):
                 batch.leave()
 
     def delete_sync(self, key: str) -> None:
+        self._preloaded.pop(key, None)
         meta = self._meta_of_sync(key)
         self._store.delete_sync(key)
         self._record(key, None, meta)
 
     async def delete_dir(self, prefix: str) -> None:
+        for key in [k for k in self._preloaded if k.startswith(prefix)]:
+            self._preloaded.pop(key, None)
         await self._store.delete_dir(prefix)
         name = prefix[len(self.prefix):].rstrip("/") if prefix.startswith(self.prefix) else None
         if name is not None:

@@ -311,3 +311,28 @@ def test_records_json_and_its_page(tmp_path: Path) -> None:
     assert set(saved["meta"]) >= {"command", "commit", "machine", "date"}
     md = (tmp_path / "demo.md").read_text()
     assert "## a" in md and "| x | 0.5 |" in md and "| y | 1,234 |" in md
+
+
+@pytest.mark.s3
+@pytest.mark.dask
+def test_s3_dask_bench_runs_tiny_and_its_page_is_generated(tmp_path: Path) -> None:
+    """``python -m benchmarks s3_dask`` at a toy size: every case's record, each S3 case's
+    requests counted, and the page ``report`` would make from the json."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    from benchmarks import bench_s3_dask
+    from benchmarks.report import page
+
+    doc = bench_s3_dask.main(["--rows", "3000", "--cols", "500", "--density", "0.02",
+                              "--chunk-bytes", "16384", "--rounds", "1",
+                              "--schedulers", "threads", "--out", str(tmp_path)])
+    cases = {(r["scheduler"], r["where"]): r for r in doc["records"] if "scheduler" in r}
+    opens = [r for r in doc["records"] if "open" in r]
+    assert {(r["delay_ms"], r["open"]) for r in opens} == {
+        (ms, w) for ms in (0.0, 30.0) for w in ("first (s3fs client made)", "again")}
+    assert all(r["requests"] <= 8 for r in opens)
+    assert set(cases) == {("threads", w) for w in ("local", "s3 0 ms", "s3 30 ms")} | {
+        ("fetch only", w) for w in ("s3 0 ms", "s3 30 ms")}
+    assert all(cases["threads", w]["requests"] > 0 for w in ("s3 0 ms", "s3 30 ms"))
+    assert cases["threads", "s3 30 ms"]["round_trips"] >= 2
+    assert page(tmp_path / "s3_dask.json") == (tmp_path / "s3_dask.md").read_text()

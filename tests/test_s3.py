@@ -198,3 +198,91 @@ def test_sharded_store_has_few_objects(s3, bucket, X):
     assert n_sharded == 4 + 2 * shards + 1
     assert n_plain == 4 + 2 * -(-X.nnz // plain.arrays["data"].chunks[0]) + 1
     assert shards < plain.arrays["data"].nchunks and n_sharded < n_plain
+
+
+# ------------------------------------------------------------------ the command line
+
+def test_cli_convert_info_validate_to_and_from_s3(s3, bucket, X, tmp_path, capsys):
+    """``sparsestore convert`` into S3 and back out, ``info`` and ``validate`` on the URL,
+    options given as JSON (and as @FILE for the source)."""
+    import json
+
+    from sparsestore.cli import main
+
+    opts = json.dumps(s3.storage_options)
+    npz = tmp_path / "x.npz"
+    sp.save_npz(npz, X)
+    url = f"s3://{bucket}/cli.zarr"
+    assert main(["convert", str(npz), url, "--chunk-bytes", "8192", "-q",
+                 "--storage-options", opts]) == 0
+    assert (sparsestore.open(url, storage_options=s3.storage_options)[:] != X).nnz == 0
+    capsys.readouterr()
+    assert main(["info", url, "--json", "--storage-options", opts]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["path"] == url and info["shape"] == list(X.shape) and info["nnz"] == X.nnz
+    assert main(["validate", url, "-q", "--storage-options", opts]) == 0
+    # Out of S3 into a local store, and into another bucket's store, shuffled (the shuffle
+    # reads the source store by row, with the source's options).
+    (tmp_path / "opts.json").write_text(opts)
+    local = tmp_path / "back.zarr"
+    assert main(["convert", url, str(local), "-q",
+                 "--source-storage-options", f"@{tmp_path / 'opts.json'}"]) == 0
+    assert (sparsestore.open(local)[:] != X).nnz == 0
+    other = f"s3://{s3.new_bucket()}/shuffled.zarr"
+    assert main(["convert", url, other, "--shuffle-rows", "4", "-q",
+                 "--storage-options", opts]) == 0
+    shuffled = sparsestore.open(other, storage_options=s3.storage_options)
+    perm = shuffled.labels["source_row"][:]
+    assert (shuffled[:] != X[perm]).nnz == 0
+    # A damaged store fails validation (exit 1, the chunk named); a missing one is an error.
+    key = sorted(k for k in s3.keys(bucket, "cli.zarr/data/c/"))[0]
+    s3.client().delete_object(Bucket=bucket, Key=key)
+    capsys.readouterr()
+    assert main(["validate", url, "-q", "--storage-options", opts]) == 1
+    assert "missing" in capsys.readouterr().err.lower()
+    assert main(["info", f"s3://{bucket}/nothing.zarr", "--storage-options", opts]) == 1
+    assert "no store at" in capsys.readouterr().err
+
+
+def test_cli_refuses_bad_storage_options_and_remote_files(s3, bucket, capsys):
+    import json
+
+    from sparsestore.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["info", f"s3://{bucket}/x.zarr", "--storage-options", "[1, 2]"])
+    assert exc.value.code == 2 and "JSON object" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["info", f"s3://{bucket}/x.zarr", "--storage-options", "{nope"])
+    assert "not JSON" in capsys.readouterr().err
+    assert main(["convert", f"s3://{bucket}/x.npz", f"s3://{bucket}/y.zarr",
+                 "--storage-options", json.dumps(s3.storage_options)]) == 1
+    assert "only stores (zarr)" in capsys.readouterr().err
+
+
+def test_cli_takes_credentials_and_endpoint_from_the_environment(s3, bucket, X, tmp_path):
+    """No options at all: s3fs (botocore) reads AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+    and AWS_ENDPOINT_URL; fsspec reads FSSPEC_S3_* as s3fs's keyword arguments."""
+    import json
+
+    url = f"s3://{bucket}/env.zarr"
+    sparsestore.save(url, X, storage_options=s3.storage_options)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FSSPEC_"))}
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+             "AWS_DEFAULT_REGION": "us-east-1", "PYTHONWARNINGS": "ignore"}
+    for extra in ({"AWS_ENDPOINT_URL": s3.endpoint_url},
+                  {"FSSPEC_S3_ENDPOINT_URL": s3.endpoint_url}):
+        proc = subprocess.run([sys.executable, "-m", "sparsestore", "info", url, "--json"],
+                              capture_output=True, timeout=120,
+                              env={**base, **creds, **extra})
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+        assert json.loads(proc.stdout)["nnz"] == X.nnz
+    # No credentials anywhere (no instance role either): one line saying what to pass.
+    proc = subprocess.run([sys.executable, "-m", "sparsestore", "info", url],
+                          capture_output=True, timeout=120,
+                          env={**base, "HOME": str(tmp_path), "PYTHONWARNINGS": "ignore",
+                               "AWS_EC2_METADATA_DISABLED": "true",
+                               "AWS_ENDPOINT_URL": s3.endpoint_url})
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
+    assert "no credentials for object storage" in err and "--storage-options" in err, err

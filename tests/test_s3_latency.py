@@ -9,6 +9,8 @@ go out together, and opening a store is a handful of requests.
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -131,18 +133,56 @@ def test_a_pass_is_one_get_per_stored_chunk_and_concurrent(s3, stores, layout):
             assert counts["max_in_flight"] >= 4, counts
 
 
-def test_opening_takes_a_handful_of_requests(s3, stores):
+@pytest.mark.parametrize("layout", ["default", "sharded"])
+def test_opening_is_three_round_trips(s3, stores, layout):
+    """The group's zarr.json; then the metadata of the three arrays, of the labels group
+    and of its one array, together; then the indptr chunk(s) holding its first and last
+    entries.  It was 20 requests one after another (38, 19 of them HEAD, before s3fs
+    stopped sending a HEAD per GET): 1 s at 30 ms."""
+    url, _ = stores[layout]
+    with LatencyProxy(s3.endpoint_url, 0.1) as proxy:
+        opts = _through(s3, proxy)
+        sparsestore.open(url, storage_options=opts)  # s3fs's client, made once per options
+        for reopen in (False, True):
+            proxy.reset()
+            store = sparsestore.open(url, storage_options=opts)
+            if reopen:  # how a pickled handle (a dask task, a torch worker) reopens it
+                proxy.reset()
+                store = pickle.loads(pickle.dumps(store))
+            counts, trips = proxy.snapshot(), proxy.round_trips()
+            assert store.shape == (12000, 1500) and len(store.labels) == 1
+            assert trips <= 3, (trips, proxy.log)
+            assert counts["requests"] <= 8, proxy.log
+            assert counts["by_method"].get("HEAD", 0) == 0, proxy.log
+            # Each document read once (zarr asks for some twice): served from memory.
+            assert len(set(proxy.log)) == len(proxy.log), proxy.log
+
+
+def test_metadata_read_ahead_is_forgotten_once_open(s3, stores):
+    """The documents read ahead answer zarr only while the handle opens: a later read of
+    one goes to storage (no stale metadata after another writer's commit)."""
     url, _ = stores["default"]
     with LatencyProxy(s3.endpoint_url, 0.0) as proxy:
         store = sparsestore.open(url, storage_options=_through(s3, proxy))
-        counts = proxy.snapshot()
-    assert store.shape == (12000, 1500)
-    # One existence check, the group's zarr.json, the metadata of the three arrays, of the
-    # labels group and of its one array (the store reads each more than once, 15 GETs in
-    # all) and the first and last indptr chunks.  It was 38 (19 of them HEAD): 26 without
-    # labels.
-    assert counts["requests"] <= 20, proxy.log
-    assert counts["by_method"].get("HEAD", 0) <= 1, proxy.log
+        proxy.reset()
+        store.refresh()
+        assert store.shape == (12000, 1500)
+        assert ("GET", proxy.log[0][1]) == proxy.log[0] and proxy.log[0][1].endswith(
+            "/default.zarr/zarr.json"), proxy.log
+        proxy.reset()
+        from sparsestore import zarr_compat as zc
+
+        assert zc.run_sync(store.group.store.get("zarr.json")) is not None
+        assert proxy.snapshot()["requests"] == 1
+
+
+def test_a_missing_remote_store_is_not_found(s3, stores):
+    from sparsestore.errors import StoreNotFoundError
+
+    url, _ = stores["default"]
+    with pytest.raises(StoreNotFoundError):
+        sparsestore.open(url.replace("default.zarr", "nothing.zarr"),
+                         storage_options=s3.storage_options)
 
 
 def test_user_options_override_the_remote_defaults():
@@ -237,3 +277,76 @@ def test_a_sequential_pass_fetches_the_next_units_ahead(s3, X, stores, monkeypat
         assert counts["by_method"]["GET"] <= _stored_objects(store) + 4, proxy.log
         seen[io_ahead] = counts["max_in_flight"]
     assert seen[loader_mod.REMOTE_IO_AHEAD] > seen[0] + 2, seen
+
+
+# ------------------------------------------------------------------ dask
+
+def _dask_objects(store) -> tuple[int, int]:
+    """(objects a column sum reads once: data and indices chunks and shard indexes,
+    indptr chunks, which to_dask's plan reads and the tasks read again)."""
+    n = 0
+    for name in ("data", "indices"):
+        arr = store.arrays[name]
+        n += arr.nchunks
+        if getattr(arr, "shards", None) is not None:
+            n += -(-arr.shape[0] // arr.shards[0])
+    return n, store.arrays["indptr"].nchunks
+
+
+@pytest.mark.dask
+@pytest.mark.parametrize("layout", ["default", "small_chunks", "sharded"])
+def test_dask_column_sum_through_latency_equals_local(s3, X, stores, layout):
+    """A column sum on the threaded scheduler reads each stored object once, a task's
+    chunks requested together: with 2 threads, more than 2 requests in flight (it was one
+    chunk after another per task: 2 in flight, data then indices)."""
+    dask = pytest.importorskip("dask")
+    url, local = stores[layout]
+    with dask.config.set(scheduler="threads", num_workers=2):
+        want = np.asarray(sparsestore.open(local).to_dask().sum(axis=0).compute())
+        with LatencyProxy(s3.endpoint_url, 0.02) as proxy:
+            store = sparsestore.open(url, storage_options=_through(s3, proxy))
+            proxy.reset()
+            got = np.asarray(store.to_dask().sum(axis=0).compute())
+            counts = proxy.snapshot()
+    np.testing.assert_array_equal(got, want)  # the same blocks, summed in the same tree
+    np.testing.assert_allclose(got.ravel(), np.asarray(X.sum(axis=0)).ravel(), rtol=1e-5)
+    once, ptr = _dask_objects(store)
+    by = counts["by_method"]
+    assert by.get("HEAD", 0) == 0, proxy.log
+    assert by["GET"] <= once + 2 * ptr + 2, proxy.log  # 2: a shard index read twice at most
+    if store.arrays["data"].nchunks >= 4:
+        assert counts["max_in_flight"] >= 4, counts
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
+        silence_logs=40,
+    ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+@pytest.mark.dask
+@pytest.mark.parametrize("layout", ["small_chunks", "sharded"])
+def test_dask_column_sum_on_a_cluster_through_latency(s3, X, stores, layout, cluster_client):
+    """On 2 worker processes: each opens the store once (a handful of requests, not one
+    open per array with every document read twice: 224 requests in all at 16 chunks),
+    and reads its chunks together."""
+    url, local = stores[layout]
+    want = np.asarray(sparsestore.open(local).to_dask().sum(axis=0).compute(
+        scheduler="threads"))
+    with LatencyProxy(s3.endpoint_url, 0.02) as proxy:
+        store = sparsestore.open(url, storage_options=_through(s3, proxy))
+        proxy.reset()
+        got = np.asarray(cluster_client.compute(store.to_dask().sum(axis=0), sync=True))
+        counts = proxy.snapshot()
+    np.testing.assert_array_equal(got, want)
+    once, ptr = _dask_objects(store)
+    by = counts["by_method"]
+    assert by.get("HEAD", 0) == 0, proxy.log
+    # Each worker opens the store once (7 requests) and may read a shard index or an
+    # indptr chunk the other also reads.
+    assert by["GET"] <= once + 2 * ptr + 2 * 7 + 4, proxy.log
+    assert counts["max_in_flight"] >= 4, counts

@@ -54,6 +54,7 @@ class Source:
     close: Callable[[], None] | None = None  # frees temporary files if blocks() never ran
     threads: int = 1  # threads blocks() decodes on; > 1: the writer encodes on one more
     store_path: str | None = None  # a sparsestore store holding these rows (random access)
+    store_options: dict[str, Any] | None = None  # fsspec options of a remote store_path
 
 
 def expand_paths(src: Any, *, what: str = "source") -> list[str]:

@@ -154,8 +154,10 @@ def shuffled_store_source(
     source_row_label: str = DEFAULT_SOURCE_ROW_LABEL,
     memory_bytes: int,
     name: str | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Source:
-    """A :class:`Source` of the store at ``path`` with its rows in the order
+    """A :class:`Source` of the store at ``path`` (fsspec ``storage_options`` for a URL)
+    with its rows in the order
     ``row_permutation(n_rows, seed)``, its labels (all, or ``labels``) permuted alike and
     the permutation recorded as label ``source_row_label`` (int64).
 
@@ -166,7 +168,7 @@ def shuffled_store_source(
     from ..store import open as open_store
 
     seed = check_seed(seed)
-    st = open_store(path, mode="r")
+    st = open_store(path, mode="r", storage_options=storage_options)
     names = list(st.labels) if labels is None else list(labels)
     for k in names:
         if k not in st.labels:
@@ -175,7 +177,7 @@ def shuffled_store_source(
     block_rows, window = plan_blocks(st, names, memory_bytes)
 
     def blocks() -> Iterator[BlockPair]:
-        src = open_store(path, mode="r")
+        src = open_store(path, mode="r", storage_options=storage_options)
         perm = row_permutation(src.n_rows, seed)
         yield from shuffled_blocks(src, perm, names, source_row_label, block_rows, window)
 
