@@ -67,17 +67,23 @@ def measure(n: int, nnz_row: int, chunk_bytes: int, unit_bytes: int, *, batch: i
     tv = batch_tv(stream, labels_of, groups, batch, n_batches)
     perm = np.random.default_rng([seed, 1]).permutation(n)[:need]
     tv_perm = batch_tv(perm, labels_of, groups, batch, n_batches)
-    # Decoded chunks: per unit, the distinct chunks its (sorted, merged) blocks touch.
-    first = indptr_at[plan._starts] // chunk_len
-    last = np.maximum(indptr_at[plan._ends] - 1, indptr_at[plan._starts]) // chunk_len
+    # Decoded chunks, as the reader decodes them: a unit decodes each chunk its blocks touch
+    # once, unless an earlier unit decoded it and this unit needs only a piece of at most a
+    # quarter chunk (the row at a block edge), which that unit kept for it.
+    lo_at = indptr_at[plan._starts]
+    hi_at = indptr_at[plan._ends]
+    seen = np.zeros(-(-n * nnz_row // chunk_len), bool)
     decoded = 0
     for a, b in zip(plan.unit_cuts[:-1], plan.unit_cuts[1:], strict=True):
-        f, la = first[a:b], last[a:b]
-        o = np.argsort(f)
-        f, la = f[o], la[o]
-        # chunks in the union of [f, la] ranges of sorted blocks
-        new_lo = np.maximum(f, np.concatenate([[-1], np.maximum.accumulate(la)[:-1]]) + 1)
-        decoded += int(np.maximum(0, la - new_lo + 1).sum())
+        need: dict[int, int] = {}  # chunk -> elements this unit reads of it
+        for lo, hi in zip(lo_at[a:b].tolist(), hi_at[a:b].tolist(), strict=True):
+            for k in range(lo // chunk_len, (max(hi, lo + 1) - 1) // chunk_len + 1):
+                part = min(hi, (k + 1) * chunk_len) - max(lo, k * chunk_len)
+                need[k] = need.get(k, 0) + part
+        for k, part in need.items():
+            if not seen[k] or part > chunk_len // 4:
+                decoded += 1
+            seen[k] = True
     n_chunks = -(-n * nnz_row // chunk_len)
     total_bytes = int(block_bytes.sum())
     unit_real = max(int(block_bytes[:1].sum()), min(unit_bytes, total_bytes))
