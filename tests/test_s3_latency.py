@@ -72,18 +72,22 @@ def _batches(store, shuffle: bool) -> list[tuple[sp.csr_matrix, np.ndarray]]:
     return [(xb.tocsr(), np.asarray(yb)) for xb, yb in loader]
 
 
-def _stored_objects(store) -> int:
-    """Stored objects a pass reads: every data and indices chunk (inner chunks of shards
-    each one read) plus one index per shard, and the indptr and label chunks."""
+def _value_objects(store) -> int:
+    """Stored objects holding the values: every data and indices chunk (inner chunks of
+    shards each one read) plus one index per shard."""
     n = 0
     for name in ("data", "indices"):
         arr = store.arrays[name]
         n += arr.nchunks
         if getattr(arr, "shards", None) is not None:
             n += -(-arr.shape[0] // arr.shards[0])
-    n += store.arrays["indptr"].nchunks
-    n += store.labels["y"].array.nchunks
     return n
+
+
+def _stored_objects(store) -> int:
+    """Stored objects a pass reads: the values' objects, the indptr and label chunks."""
+    return (_value_objects(store) + store.arrays["indptr"].nchunks
+            + store.labels["y"].array.nchunks)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -284,13 +288,7 @@ def test_a_sequential_pass_fetches_the_next_units_ahead(s3, X, stores, monkeypat
 def _dask_objects(store) -> tuple[int, int]:
     """(objects a column sum reads once: data and indices chunks and shard indexes,
     indptr chunks, which to_dask's plan reads and the tasks read again)."""
-    n = 0
-    for name in ("data", "indices"):
-        arr = store.arrays[name]
-        n += arr.nchunks
-        if getattr(arr, "shards", None) is not None:
-            n += -(-arr.shape[0] // arr.shards[0])
-    return n, store.arrays["indptr"].nchunks
+    return _value_objects(store), store.arrays["indptr"].nchunks
 
 
 @pytest.mark.dask
