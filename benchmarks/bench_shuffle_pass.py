@@ -5,7 +5,11 @@ saved with the default layout and with small chunks; passes alternate between la
 modes (median of ``--repeats``).  With ``--epochs N`` (N > 1) each loader runs N epochs
 and a run's figure is the median of epochs 2..N: training's steady state, where the
 loader's buffer pool is warm (a first pass also pays the page faults of fresh memory).
-Run ``python -m benchmarks shuffle_pass [--dir /tmp/x] [--epochs 4] [--out DIR]``.
+``--singlecell`` adds the single-cell-shaped store of :mod:`benchmarks.bench_shuffle` (three
+shuffle units at the default budget) and ``--tf`` consumes every loader inside TensorFlow's
+graph too (``ds.reduce`` over ``to_dataset``, as Keras does).
+Run ``python -m benchmarks shuffle_pass [--dir /tmp/x] [--epochs 4] [--singlecell] [--tf]
+[--out DIR]``.
 """
 
 from __future__ import annotations
@@ -39,18 +43,44 @@ def make_store(path: Path, n: int, m: int, k: int, groups: int, **layout) -> Non
 def one_pass(store, groups: int, epochs: int = 1, **kw) -> tuple[float, float]:
     """Rows/s through the numpy backend (a first pass, or the median of epochs 2..N of
     one loader) and the mean batch label TV."""
-    loader = DataLoader(store, batch_size=1024, labels="y", **kw)
-    rates, tvs = [], []
+    loader = DataLoader(store, batch_size=1024, **kw)
+    rates, seen = [], []
     for _ in range(epochs):
         t0 = time.perf_counter()
         n = 0
         for _x, y in loader:
             n += y.size
             if y.size == 1024:
-                tvs.append(0.5 * np.abs(np.bincount(y, minlength=groups) / y.size
-                                        - 1 / groups).sum())
+                seen.append(y)
         rates.append(n / (time.perf_counter() - t0))
+    y = np.concatenate(seen)
+    whole = np.bincount(np.asarray(store.labels[kw["labels"]][:]), minlength=groups)
+    whole = whole / whole.sum()
+    tvs = [0.5 * np.abs(np.bincount(b, minlength=groups) / b.size - whole).sum()
+           for b in np.split(y, np.arange(1024, y.size, 1024))]
     return statistics.median(rates[1:] or rates), float(np.mean(tvs))
+
+
+def graph_pass(store, groups: int, epochs: int = 1, **kw) -> tuple[float, float]:
+    """Rows/s of the same loader consumed inside TensorFlow's graph (``ds.reduce`` over
+    ``sparsestore.adapters.tensorflow.to_dataset``: how Keras consumes it), first pass or
+    the median of epochs 2..N; and the numpy loop's TV (the same batches)."""
+    import sparsestore.adapters.tensorflow as sstf
+    import tensorflow as tf
+
+    loader = DataLoader(store, batch_size=1024, **kw)
+    ds = sstf.to_dataset(loader)
+
+    @tf.function
+    def run() -> tf.Tensor:
+        return ds.reduce(tf.constant(0, tf.int64), lambda n, x: n + x.dense_shape[0])
+
+    rates = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        n = int(run())
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates[1:] or rates), float("nan")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,38 +91,64 @@ def main(argv: list[str] | None = None) -> None:
                     help="epochs per loader; above 1, epochs 2..N are timed")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--singlecell", action="store_true",
+                    help="also the single-cell-shaped store of bench_shuffle (100k x 20k, "
+                         "~800 nnz/row, 30 groups), default layout")
+    ap.add_argument("--tf", action="store_true",
+                    help="also consume each loader in TensorFlow's graph (ds.reduce)")
     args = ap.parse_args(argv)
     d = args.dir or Path(tempfile.mkdtemp())
     d.mkdir(parents=True, exist_ok=True)
-    groups = 50
     layouts = {"default (4 MiB chunks)": {}, "chunk_bytes=131072": {"chunk_bytes": 131072}}
-    paths = {}
+    paths, groups_of, label_of = {}, {}, {}
     for i, (name, layout) in enumerate(layouts.items()):
         paths[name] = d / f"s{i}.zarr"
+        groups_of[name], label_of[name] = 50, "y"
         if not paths[name].exists():
-            make_store(paths[name], args.rows, 30_000, 100, groups, **layout)
+            make_store(paths[name], args.rows, 30_000, 100, 50, **layout)
+    if args.singlecell:
+        from .bench_shuffle import LABEL, STORES, write_store
+
+        spec = next(s for s in STORES if s.name == "singlecell")
+        name = f"singlecell ({spec.n_rows // 1000}k x {spec.n_cols // 1000}k, "\
+               f"{spec.nnz_per_row} nnz/row), default layout"
+        paths[name] = d / "singlecell.zarr"
+        groups_of[name], label_of[name] = spec.groups, LABEL
+        if not paths[name].exists():
+            write_store(spec, paths[name])
     modes = {"sequential": dict(shuffle=False), "default shuffle": dict(shuffle=True, seed=0)}
-    runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    ways = {"numpy loop": one_pass}
+    if args.tf:
+        ways["TF in-graph"] = graph_pass
+    runs: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     for _ in range(args.repeats):
         for name, path in paths.items():
             store = sparsestore.open(path)
-            for mode, kw in modes.items():
-                runs.setdefault((name, mode), []).append(
-                    one_pass(store, groups, args.epochs, **kw))
-    perm = np.random.default_rng(1).permutation(args.rows) * groups // args.rows
-    ptv = np.mean([0.5 * np.abs(np.bincount(perm[i:i + 1024], minlength=groups) / 1024
-                                - 1 / groups).sum() for i in range(0, args.rows - 1023, 1024)])
+            for way, fn in ways.items():
+                for mode, kw in modes.items():
+                    if fn is one_pass:
+                        kw = dict(kw, labels=label_of[name])
+                    runs.setdefault((name, way, mode), []).append(
+                        fn(store, groups_of[name], args.epochs, **kw))
     rows = []
-    for name in layouts:
-        seq = statistics.median(r for r, _ in runs[(name, "sequential")])
-        for mode in modes:
-            rate = statistics.median(r for r, _ in runs[(name, mode)])
-            tv = statistics.median(t for _, t in runs[(name, mode)])
-            rows.append(dict(layout=name, mode=mode, rows_per_s=rate, vs_sequential=rate / seq,
-                             tv=tv, tv_over_permutation=tv / ptv, epochs=args.epochs))
-    lines = [f"| layout | loader | rows/s (median of {args.repeats}) | x sequential | TV | "
-             "TV x permutation |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['layout']} | {r['mode']} | {r['rows_per_s']:,.0f} | "
+    for name, path in paths.items():
+        y = np.asarray(sparsestore.open(path).labels[label_of[name]][:])
+        g = groups_of[name]
+        whole = np.bincount(y, minlength=g) / y.size
+        perm = y[np.random.default_rng(1).permutation(y.size)]
+        ptv = np.mean([0.5 * np.abs(np.bincount(perm[i:i + 1024], minlength=g) / 1024
+                                    - whole).sum() for i in range(0, y.size - 1023, 1024)])
+        for way in ways:
+            seq = statistics.median(r for r, _ in runs[(name, way, "sequential")])
+            for mode in modes:
+                rate = statistics.median(r for r, _ in runs[(name, way, mode)])
+                tv = statistics.median(t for _, t in runs[(name, way, mode)])
+                rows.append(dict(store=name, consumer=way, mode=mode, rows_per_s=rate,
+                                 vs_sequential=rate / seq, tv=tv, tv_over_permutation=tv / ptv,
+                                 epochs=args.epochs))
+    lines = [f"| store | consumer | loader | rows/s (median of {args.repeats}) | x sequential "
+             "| TV | TV x permutation |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['store']} | {r['consumer']} | {r['mode']} | {r['rows_per_s']:,.0f} | "
               f"{r['vs_sequential']:.2f} | {r['tv']:.3f} | {r['tv_over_permutation']:.2f} |"
               for r in rows]
     print("\n".join(lines))
