@@ -20,6 +20,7 @@ from jax.experimental import sparse as jsparse  # noqa: E402
 
 import sparsestore  # noqa: E402
 from sparsestore.errors import ChecksumError, InvalidInputError  # noqa: E402
+from sparsestore.reader import THREAD_PREFIX  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,13 +142,14 @@ def test_prefetch_to_device_gives_the_loaders_batches(small_store):
 
 def test_prefetch_stops_its_thread_when_closed(small_store):
     store, _, _ = small_store
-    before = {t.ident for t in threading.enumerate()}
-    it = ssjax.prefetch_to_device(sparsestore.DataLoader(store, 50, labels="y"), size=2)
+    stage = f"{THREAD_PREFIX}-host"
+    # num_workers=0: no decode threads, yet the device puts still run ahead on one thread
+    it = ssjax.prefetch_to_device(sparsestore.DataLoader(store, 50, labels="y",
+                                                         num_workers=0), size=2)
     next(it)
-    assert any(t.name == "sparsestore-jax-prefetch" for t in threading.enumerate())
+    assert [t.name.startswith(stage) for t in threading.enumerate()].count(True) == 1
     it.close()
-    assert not [t for t in threading.enumerate()
-                if t.name == "sparsestore-jax-prefetch" and t.ident not in before]
+    assert not [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
     with pytest.raises(InvalidInputError, match="size"):
         next(ssjax.prefetch_to_device(sparsestore.DataLoader(store, 50), size=0))
 
