@@ -154,29 +154,32 @@ def _backend_of(loader: DataLoader) -> JaxBackend:
 
 
 class _PutAhead:
-    """A JAX backend whose ``host`` step also does the ``device_put`` (on the stage thread,
-    ahead of the consumer); ``wrap`` only builds the ``BCOO``."""
+    """A JAX backend whose ``host`` step also puts the arrays on the device and builds the
+    ``BCOO`` (JAX's arrays and pytrees are thread-agnostic), on the stage thread, ahead of
+    the consumer; ``wrap`` hands it on."""
 
     name = "jax"
 
     def __init__(self, backend: JaxBackend, device: Any) -> None:
         self.backend, self.device = backend, device
 
-    def host(self, batch: Batch, loader: DataLoader) -> HostBatch:
+    def host(self, batch: Batch, loader: DataLoader) -> Any:
         parts = self.backend.host(batch, loader)
-        return parts._replace(arrays=tuple(jax.device_put(parts.arrays, self.device)))
+        return self.backend.assemble(
+            parts._replace(arrays=tuple(jax.device_put(parts.arrays, self.device))))
 
-    def wrap(self, parts: HostBatch, loader: DataLoader) -> Any:
-        return self.backend.assemble(parts)
+    def wrap(self, parts: Any, loader: DataLoader) -> Any:
+        return parts
 
 
 def prefetch_to_device(loader: DataLoader, size: int = 2, device: Any = None) -> Iterator[Any]:
     """One pass of the loader with ``size`` batches already on ``device``, staged by a thread.
 
-    The loader's stage thread (:meth:`~sparsestore.DataLoader.iter_converted`) builds each
-    batch's arrays and ``jax.device_put`` s them (asynchronous on accelerators), keeping at
-    most ``size`` ahead of the consumer, so host work and the transfer overlap the training
-    step; one stage thread even when the loader has ``num_workers=0``.  Batches are those
+    The loader's stage thread (:meth:`~sparsestore.DataLoader.iter_converted`) cuts each
+    batch, builds its arrays, ``jax.device_put`` s them (asynchronous on accelerators) and
+    builds the ``BCOO``, keeping at most ``size`` ahead of the consumer, so host work and
+    the transfer overlap the training step; one stage thread even when the loader has
+    ``num_workers=0``.  Batches are those
     of the loader's JAX backend (a plain ``JaxBackend()`` if it has another one).  Errors
     (e.g. :class:`~sparsestore.errors.ChecksumError`) re-raise in the consumer; closing the
     iterator early stops the thread and closes the pass.

@@ -4,8 +4,9 @@ The loader asks :mod:`sparsestore.sampler` which row blocks this rank reads and 
 order, lets :mod:`sparsestore.reader` decode them in background threads, and cuts batches
 out of the decoded units with numpy slicing.  A backend (:mod:`sparsestore.backends`)
 turns each compact :class:`Batch` into what the framework wants: scipy CSR for ``numpy``,
-``tf.sparse.SparseTensor`` for the TensorFlow adapter; its numpy half (``host``) runs on
-the pass's stage thread (:mod:`sparsestore.engine`), ahead of the consumer.
+``tf.sparse.SparseTensor`` for the TensorFlow adapter; the batches and their numpy half
+(``host``) are made on the pass's stage thread (:mod:`sparsestore.engine`), ahead of the
+consumer, which only runs the framework half (``wrap``).
 """
 
 from __future__ import annotations
@@ -372,13 +373,16 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
                        prefetch: int | None = None, threads: int | None = None
                        ) -> Iterator[Any]:
         """One pass through ``backend`` (default: the loader's): what ``for x in loader``
-        gives.
+        gives, each batch's ``host`` step run off this thread and its ``wrap`` step here.
 
-        Each batch's ``host`` step runs on the pass's stage (:class:`~sparsestore.engine.
-        OrderedMap`: ``threads`` threads, default one, none when ``num_workers=0``),
-        ``prefetch`` batches (default: the loader's) ahead of the consumer, and its
-        ``wrap`` step here, in order.  The position counts the batches handed to the
-        consumer, not those computed ahead; the threads stop with the pass.
+        The pass runs on a stage (:class:`~sparsestore.engine.OrderedMap`) up to
+        ``prefetch`` batches (default: the loader's) ahead of the consumer: with
+        ``threads=1`` (the default) one thread cuts the batches (gathering shuffled rows)
+        and runs ``host`` on each, so the consumer's thread only wraps them; with more, that
+        thread hands the batches to ``threads`` host threads; with ``threads=0`` (the
+        default when ``num_workers=0``) everything runs here, batch by batch.  The
+        position counts the batches handed to the consumer, not those made ahead; the
+        threads stop with the pass.
         """
         be = self._backend if backend is None else get_backend(backend)
         ahead = self._prefetch if prefetch is None else _check_int(prefetch, "prefetch", 1)
@@ -390,12 +394,13 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
 
         def staged(batches: Iterator[Batch]) -> Iterator[Any]:
             stage = OrderedMap(lambda b: host(b, self), batches, ahead=ahead,
-                               threads=threads, name=f"{THREAD_PREFIX}-host")
+                               threads=threads if threads > 1 else 0, feed=threads > 0,
+                               name=f"{THREAD_PREFIX}-host")
             try:
                 for parts in stage:
                     yield wrap(parts, self)
             finally:
-                stage.close()  # joins the stage's threads, then closes the pass
+                stage.close()  # joins the stage's threads, which close the pass
 
         return self._pass(staged)
 
@@ -422,6 +427,10 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
                 self._shuffle and self._buffer_bytes is not None) else 0,
         )
         self._last_reader = reader
+        if not self._is_explicit and start < len(self):
+            # Planned here, in the consumer's thread, whichever thread runs the pass: its
+            # errors and its poor-mixing warning reach the caller's line.
+            self._sampler_for_blocks()
         gen = self._explicit_pass(reader, start) if self._is_explicit else \
             self._block_pass(reader, epoch, start)
         items: Iterator[Any] = gen if convert is None else convert(gen)

@@ -45,25 +45,33 @@ class Source:
         self.closed = True
 
 
-@pytest.mark.parametrize("threads", [0, 1, 3])
-def test_results_come_in_order_whatever_finishes_first(threads):
+MODES = [(0, False), (1, False), (3, False), (0, True), (2, True)]  # (threads, feed)
+
+
+@pytest.mark.parametrize(("threads", "feed"), MODES)
+def test_results_come_in_order_whatever_finishes_first(threads, feed):
     def slow_evens(i: int) -> tuple[int, str]:
         time.sleep(0.01 if i % 2 == 0 else 0)  # later items often finish first
         return i * i, threading.current_thread().name
 
     src = Source(20)
-    got = list(OrderedMap(slow_evens, src, ahead=4, threads=threads, name=NAME))
+    got = list(OrderedMap(slow_evens, src, ahead=4, threads=threads, feed=feed, name=NAME))
     assert [v for v, _ in got] == [i * i for i in range(20)]
     ran_on = {name for _, name in got}
-    if threads:  # fn ran on the stage's threads, the source on the consumer's only
-        assert all(n.startswith(NAME) for n in ran_on)
+    me = threading.current_thread().name
+    if threads:  # fn ran on the stage's worker threads
+        assert ran_on and all(n.startswith(NAME) and "feed" not in n for n in ran_on)
+    elif feed:  # on the feeder
+        assert ran_on == {f"{NAME}-feed"}
     else:
-        assert ran_on == {threading.current_thread().name}
-    assert src.threads == {threading.current_thread().name}
+        assert ran_on == {me}
+    # the source is pulled by one thread: the feeder's, or the consumer's
+    assert src.threads == ({f"{NAME}-feed"} if feed else {me})
     assert src.closed and stage_threads() == []
 
 
-def test_at_most_ahead_items_in_flight():
+@pytest.mark.parametrize("feed", [False, True])
+def test_at_most_ahead_items_in_flight(feed):
     running, peak = 0, 0
     lock = threading.Lock()
     pulled_at_yield: list[int] = []
@@ -79,22 +87,24 @@ def test_at_most_ahead_items_in_flight():
         return i
 
     src = Source(30)
-    stage = OrderedMap(fn, src, ahead=3, threads=3, name=NAME)
+    stage = OrderedMap(fn, src, ahead=3, threads=3, feed=feed, name=NAME)
     for i in stage:
+        time.sleep(0.002)  # a slow consumer: the stage runs as far ahead as it may
         pulled_at_yield.append(len(src.pulled) - i - 1)
     assert peak <= 3
-    # items pulled but not yet handed out: never more than `ahead`
-    assert max(pulled_at_yield) <= 3
+    # items pulled but not yet handed out: `ahead` (one more held by the feeder)
+    assert max(pulled_at_yield) <= 3 + feed
 
 
-def test_a_failing_item_raises_in_its_place_and_stops_the_stage():
+@pytest.mark.parametrize(("threads", "feed"), MODES)
+def test_a_failing_item_raises_in_its_place_and_stops_the_stage(threads, feed):
     def fn(i: int) -> int:
         if i == 5:
             raise ValueError("item 5")
         return i
 
     src = Source(100)
-    stage = OrderedMap(fn, src, ahead=4, threads=2, name=NAME)
+    stage = OrderedMap(fn, src, ahead=4, threads=threads, feed=feed, name=NAME)
     got = []
     with pytest.raises(ValueError, match="item 5"):
         for v in stage:
@@ -102,13 +112,14 @@ def test_a_failing_item_raises_in_its_place_and_stops_the_stage():
     assert got == [0, 1, 2, 3, 4]
     assert src.closed and stage_threads() == []
     assert next(stage, None) is None  # nothing after a failure
-    assert len(src.pulled) <= 5 + 1 + 4  # the failed item and `ahead` after it at most
+    assert len(src.pulled) <= 5 + 1 + 4 + feed  # the failed item, `ahead` after it at most
 
 
-def test_a_failing_source_raises_after_the_items_before_it():
+@pytest.mark.parametrize(("threads", "feed"), MODES)
+def test_a_failing_source_raises_after_the_items_before_it(threads, feed):
     src = Source(100, fail_at=7)
     got = []
-    stage = OrderedMap(lambda i: -i, src, ahead=5, threads=2, name=NAME)
+    stage = OrderedMap(lambda i: -i, src, ahead=5, threads=threads, feed=feed, name=NAME)
     with pytest.raises(KeyError, match="failed at 7"):
         for v in stage:
             got.append(v)
@@ -159,3 +170,24 @@ def test_bad_arguments():
         OrderedMap(lambda i: i, [], ahead=0)
     with pytest.raises(InvalidInputError, match="threads"):
         OrderedMap(lambda i: i, [], threads=-1)
+
+
+def test_a_fed_stage_closes_while_its_feeder_waits_for_room():
+    src = Source(10_000)
+    stage = OrderedMap(lambda i: i, src, ahead=2, threads=0, feed=True, name=NAME)
+    assert next(stage) == 0
+    deadline = time.monotonic() + 10
+    while len(src.pulled) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)
+    assert len(src.pulled) <= 1 + 2 + 1  # the queue is full: the feeder waits
+    stage.close()
+    assert stage_threads() == [] and src.closed
+    assert src.threads == {f"{NAME}-feed"}  # pulled and closed on the feeder only
+
+
+def test_a_stage_closed_before_its_first_item_starts_no_thread():
+    src = Source(5)
+    stage = OrderedMap(lambda i: i, src, ahead=2, threads=2, feed=True, name=NAME)
+    stage.close()
+    assert src.closed and src.pulled == [] and stage_threads() == []

@@ -154,6 +154,27 @@ def test_prefetch_stops_its_thread_when_closed(small_store):
         next(ssjax.prefetch_to_device(sparsestore.DataLoader(store, 50), size=0))
 
 
+def test_device_put_runs_ahead_under_prefetch_and_in_the_consumer_otherwise(small_store,
+                                                                           monkeypatch):
+    store, X, _ = small_store
+    puts: list[str] = []
+    real = jax.device_put
+
+    def spy(x, device=None):
+        puts.append(threading.current_thread().name)
+        return real(x, device)
+
+    monkeypatch.setattr(jax, "device_put", spy)
+    me = threading.current_thread().name
+    plain = list(sparsestore.DataLoader(store, 500, backend="jax"))
+    assert set(puts) == {me} and len(puts) == len(plain)
+    puts.clear()
+    staged = list(ssjax.prefetch_to_device(sparsestore.DataLoader(store, 500), size=2))
+    assert set(puts) == {f"{THREAD_PREFIX}-host-feed"} and len(puts) == len(staged)
+    for a, b in zip(plain, staged, strict=True):
+        np.testing.assert_array_equal(np.asarray(a.todense()), np.asarray(b.todense()))
+
+
 def test_sharded_loader_uses_the_jax_process(small_store, monkeypatch):
     store, _, _ = small_store
     one = ssjax.sharded_loader(store, batch_size=100)

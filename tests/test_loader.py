@@ -738,8 +738,8 @@ class Recording(TwoStepBackend):
         return parts
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_host_runs_on_the_stage_wrap_in_the_consumer(small_store, num_workers):
+@pytest.mark.parametrize(("num_workers", "threads"), [(0, None), (2, None), (2, 3)])
+def test_host_runs_on_the_stage_wrap_in_the_consumer(small_store, num_workers, threads):
     store, X, labels = small_store
     y = labels["y"]
     be = Recording()
@@ -747,7 +747,7 @@ def test_host_runs_on_the_stage_wrap_in_the_consumer(small_store, num_workers):
                         num_workers=num_workers, prefetch=3, backend=be)
     want = [b.rows for b in DataLoader(store, batch_size=300, shuffle=True, seed=4,
                                        labels="y").iter_batches()]
-    got = list(loader)
+    got = list(loader.iter_converted(threads=threads))
     assert len(got) == len(want) == len(be.hosts) == len(be.wraps)
     for ((x, lab), rows), w in zip(got, want, strict=True):
         np.testing.assert_array_equal(rows, w)
@@ -755,8 +755,10 @@ def test_host_runs_on_the_stage_wrap_in_the_consumer(small_store, num_workers):
         np.testing.assert_array_equal(lab, y[w])
     me = threading.current_thread().name
     assert set(be.wraps) == {me}
-    if num_workers:  # off the consumer's thread, on the pass's own stage thread
+    if threads:  # on host threads fed by the pass's stage thread
         assert {h.rsplit("_", 1)[0] for h in be.hosts} == {f"{THREAD_PREFIX}-host"}
+    elif num_workers:  # off the consumer's thread, on the pass's own stage thread
+        assert set(be.hosts) == {f"{THREAD_PREFIX}-host-feed"}
     else:  # num_workers=0: no thread at all
         assert set(be.hosts) == {me}
     assert reader_threads() == []
