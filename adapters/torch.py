@@ -83,11 +83,6 @@ def _ready(a: np.ndarray, what: str, dtype: Any = None) -> np.ndarray:
     return a
 
 
-def _tensor(a: np.ndarray, what: str) -> torch.Tensor:
-    """``a`` as a tensor sharing its memory (a copy only when numpy cannot share it)."""
-    return torch.from_numpy(_ready(a, what))
-
-
 def _host_sparse(values: np.ndarray, indices: np.ndarray, row_splits: np.ndarray,
                  layout: str) -> tuple[np.ndarray, ...]:
     """CSR parts as the arrays of a torch CSR (values, int64 column ids and row pointers)
@@ -113,18 +108,12 @@ def _wrap_sparse(arrays: tuple[np.ndarray, ...], shape: tuple[int, int],
                                    check_invariants=False)
 
 
-def _sparse(values: np.ndarray, indices: np.ndarray, row_splits: np.ndarray,
-            shape: tuple[int, int], layout: str) -> torch.Tensor:
-    """CSR parts as a torch sparse CSR or (coalesced) COO tensor, sharing their memory."""
-    return _wrap_sparse(_host_sparse(values, indices, row_splits, layout), shape, layout)
-
-
 def to_torch(batch: Batch, layout: str = "csr") -> Any:
     """One raw loader batch as a torch tensor (its labels not included)."""
     if batch.dense is not None:
-        return _tensor(batch.dense, "the store")
-    return _sparse(batch.values, batch.indices, batch.row_splits,
-                   (batch.n_rows, batch.n_cols), layout)
+        return torch.from_numpy(_ready(batch.dense, "the store"))
+    return _wrap_sparse(_host_sparse(batch.values, batch.indices, batch.row_splits, layout),
+                        (batch.n_rows, batch.n_cols), layout)
 
 
 class HostBatch(NamedTuple):
@@ -158,10 +147,8 @@ class TorchBackend(TwoStepBackend):
 
     def wrap(self, parts: HostBatch, loader: DataLoader) -> Any:
         """Tensors over the host arrays (no copy): ``x`` or ``(x, labels...)``."""
-        if len(parts.x) == 1:
-            x = torch.from_numpy(parts.x[0])
-        else:
-            x = _wrap_sparse(parts.x, parts.shape, self.layout)
+        x = torch.from_numpy(parts.x[0]) if len(parts.x) == 1 else \
+            _wrap_sparse(parts.x, parts.shape, self.layout)
         if not parts.labels:
             return x
         return (x, *(torch.from_numpy(lab) for lab in parts.labels))
@@ -377,15 +364,15 @@ class SparseMapDataset(tud.Dataset):
         ids = np.asarray(indices, dtype=np.int64)
         labels = tuple(np.asarray(self.store.labels[n][ids]) for n in self.label_names)
         if self.store.is_dense:
-            x = _tensor(np.ascontiguousarray(self.store[ids]), "the store")
+            x = torch.from_numpy(_ready(self.store[ids], "the store"))
         else:
             X = self.store[ids]
-            x = _sparse(X.data, X.indices, X.indptr, (ids.size, int(self.store.n_cols)),
-                        self.layout)
+            x = _wrap_sparse(_host_sparse(X.data, X.indices, X.indptr, self.layout),
+                             (ids.size, int(self.store.n_cols)), self.layout)
         if not labels:
             return x
-        return (x, *(_tensor(lab, f"label {n!r}") for lab, n in zip(labels, self.label_names,
-                                                                     strict=True)))
+        return (x, *(torch.from_numpy(_ready(lab, f"label {n!r}"))
+                     for lab, n in zip(labels, self.label_names, strict=True)))
 
 
 def collate_batches(batch: Any) -> Any:
