@@ -2,10 +2,12 @@
 
 ``DataLoader(store, backend="jax")`` yields ``BCOO`` ``[batch, n_cols]`` matrices (``BCSR``
 with ``JaxBackend(format="bcsr")``; dense ``jax.Array`` for dense stores) and labels as
-``jax.Array``, as ``(x, labels...)`` when the loader has labels.  The COO coordinates are
-written on the host by :func:`sparsestore.kernels.coo_into` (one compiled pass that
-releases the GIL, where numba is installed) and the arrays go to the device in one
-``jax.device_put`` per batch.
+``jax.Array``, as ``(x, labels...)`` when the loader has labels.  The backend's ``host``
+step writes the COO coordinates with :func:`sparsestore.kernels.coo_into` (one compiled
+pass that releases the GIL, where numba is installed) on the loader's stage thread, ahead
+of the consumer; its ``wrap`` step puts the arrays on the device in one ``jax.device_put``
+per batch and builds the ``BCOO``.  :func:`prefetch_to_device` moves the ``device_put``
+onto the stage thread too, so transfers run ahead of the training step.
 
     import sparsestore.adapters.jax as ssjax
     loader = ssjax.sharded_loader(store, batch_size=512, shuffle=True, labels="y")
@@ -22,16 +24,15 @@ two with out-of-bounds entries (``BCOO``'s padding convention: ``todense``, ``@`
 
 from __future__ import annotations
 
-import queue
-import threading
 import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import numpy as np
 from jax.experimental import sparse as jsparse
 
+from sparsestore.backends import TwoStepBackend
 from sparsestore.errors import DTypeError, InvalidInputError
 from sparsestore.kernels import coo_into
 from sparsestore.loader import DataLoader
@@ -39,7 +40,7 @@ from sparsestore.loader import DataLoader
 if TYPE_CHECKING:
     from sparsestore.loader import Batch
 
-__all__ = ["JaxBackend", "prefetch_to_device", "sharded_loader", "to_py_dataset"]
+__all__ = ["HostBatch", "JaxBackend", "prefetch_to_device", "sharded_loader", "to_py_dataset"]
 
 FORMATS = ("bcoo", "bcsr")
 
@@ -64,7 +65,17 @@ def _padded(nse: int) -> int:
     return 1 << (max(1, int(nse)) - 1).bit_length()
 
 
-class JaxBackend:
+class HostBatch(NamedTuple):
+    """What :meth:`JaxBackend.host` gives: the arrays one batch becomes on the device (x's
+    parts, then the labels; numpy, or device arrays once put there) and x's shape."""
+
+    arrays: tuple[Any, ...]
+    shape: tuple[int, int]
+    dense: bool
+    n_labels: int
+
+
+class JaxBackend(TwoStepBackend):
     """``DataLoader(store, backend="jax")``: ``BCOO`` (or ``BCSR``) batches, labels as arrays.
 
     ``format``: ``"bcoo"`` (default) or ``"bcsr"``; ``pad_nnz``: pad the non-zeros to a
@@ -90,19 +101,21 @@ class JaxBackend:
             plan = self._dtypes[loader] = (_jax_dtype(loader.dtype, "the store"), labels)
         return plan
 
-    def host_parts(self, batch: Batch, loader: DataLoader) -> tuple[np.ndarray, ...]:
-        """The numpy arrays one batch becomes on the device (x's parts, then the labels)."""
+    def host(self, batch: Batch, loader: DataLoader) -> HostBatch:
+        """The numpy arrays of one batch in JAX's dtypes (BCOO coordinates by ``coo_into``)."""
         vdt, ldts = self._plan(loader)
         labels = tuple(np.asarray(lab, dtype=dt) for lab, dt in zip(batch.labels, ldts,
                                                                     strict=True))
-        if batch.dense is not None:
-            return (np.asarray(batch.dense, dtype=vdt), *labels)
         n, m = batch.n_rows, batch.n_cols
+        if batch.dense is not None:
+            return HostBatch((np.asarray(batch.dense, dtype=vdt), *labels), (n, m), True,
+                             len(labels))
         idt = _index_dtype(n, m)
         values = np.asarray(batch.values, dtype=vdt)
         if self.format == "bcsr":
-            return (values, np.asarray(batch.indices, dtype=idt),
-                    np.asarray(batch.row_splits, dtype=idt), *labels)
+            x: tuple[np.ndarray, ...] = (values, np.asarray(batch.indices, dtype=idt),
+                                         np.asarray(batch.row_splits, dtype=idt))
+            return HostBatch((*x, *labels), (n, m), False, len(labels))
         nnz = values.size
         size = _padded(nnz) if self.pad_nnz else nnz
         coords = np.empty((size, 2), dtype=idt)
@@ -110,26 +123,26 @@ class JaxBackend:
         if size > nnz:  # BCOO padding: out-of-bounds coordinates with zero values
             coords[nnz:] = (n, m)
             values = np.concatenate([values, np.zeros(size - nnz, dtype=vdt)])
-        return (values, coords, *labels)
+        return HostBatch((values, coords, *labels), (n, m), False, len(labels))
 
-    def assemble(self, parts: tuple[Any, ...], shape: tuple[int, int], dense: bool,
-                 n_labels: int) -> Any:
-        """The framework objects from device arrays: ``x`` or ``(x, labels...)``."""
-        labels = parts[len(parts) - n_labels:]
-        if dense:
-            x = parts[0]
+    def wrap(self, parts: HostBatch, loader: DataLoader) -> Any:
+        """The batch's arrays on ``device`` (one ``device_put``) as ``x`` or ``(x, labels...)``."""
+        return self.assemble(parts._replace(arrays=tuple(jax.device_put(parts.arrays,
+                                                                        self.device))))
+
+    def assemble(self, parts: HostBatch) -> Any:
+        """``x`` or ``(x, labels...)`` from arrays already where they will be used."""
+        arrays, n_labels = parts.arrays, parts.n_labels
+        labels = arrays[len(arrays) - n_labels:]
+        if parts.dense:
+            x = arrays[0]
         elif self.format == "bcsr":
-            x = jsparse.BCSR((parts[0], parts[1], parts[2]), shape=shape,
+            x = jsparse.BCSR((arrays[0], arrays[1], arrays[2]), shape=parts.shape,
                              indices_sorted=True, unique_indices=True)
         else:
-            x = jsparse.BCOO((parts[0], parts[1]), shape=shape, indices_sorted=True,
+            x = jsparse.BCOO((arrays[0], arrays[1]), shape=parts.shape, indices_sorted=True,
                              unique_indices=not self.pad_nnz)
         return (x, *labels) if n_labels else x
-
-    def convert(self, batch: Batch, loader: DataLoader) -> Any:
-        parts = jax.device_put(self.host_parts(batch, loader), self.device)
-        return self.assemble(tuple(parts), (batch.n_rows, batch.n_cols), batch.dense is not None,
-                             len(batch.labels))
 
     def __repr__(self) -> str:
         return f"JaxBackend(format={self.format!r}, pad_nnz={self.pad_nnz}, device={self.device})"
@@ -140,24 +153,35 @@ def _backend_of(loader: DataLoader) -> JaxBackend:
     return backend if isinstance(backend, JaxBackend) else JaxBackend()
 
 
-_DONE = object()
+class _PutAhead:
+    """A JAX backend whose ``host`` step also puts the arrays on the device and builds the
+    ``BCOO`` (JAX's arrays and pytrees are thread-agnostic), on the stage thread, ahead of
+    the consumer; ``wrap`` hands it on."""
 
+    name = "jax"
 
-class _Failure:
-    """An exception raised on the prefetch thread, re-raised on the consumer's."""
+    def __init__(self, backend: JaxBackend, device: Any) -> None:
+        self.backend, self.device = backend, device
 
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
+    def host(self, batch: Batch, loader: DataLoader) -> Any:
+        parts = self.backend.host(batch, loader)
+        return self.backend.assemble(
+            parts._replace(arrays=tuple(jax.device_put(parts.arrays, self.device))))
+
+    def wrap(self, parts: Any, loader: DataLoader) -> Any:
+        return parts
 
 
 def prefetch_to_device(loader: DataLoader, size: int = 2, device: Any = None) -> Iterator[Any]:
     """One pass of the loader with ``size`` batches already on ``device``, staged by a thread.
 
-    A background thread reads the loader's raw batches and ``jax.device_put`` s them
-    (asynchronous on accelerators), keeping at most ``size`` ready ahead of the consumer,
-    so host decoding and the transfer overlap the training step.  Batches are those of the
-    loader's JAX backend (a plain ``JaxBackend()`` if it has another one).  Errors (e.g.
-    :class:`~sparsestore.errors.ChecksumError`) re-raise in the consumer; closing the
+    The loader's stage thread (:meth:`~sparsestore.DataLoader.iter_converted`) cuts each
+    batch, builds its arrays, ``jax.device_put`` s them (asynchronous on accelerators) and
+    builds the ``BCOO``, keeping at most ``size`` ahead of the consumer, so host work and
+    the transfer overlap the training step; one stage thread even when the loader has
+    ``num_workers=0``.  Batches are those
+    of the loader's JAX backend (a plain ``JaxBackend()`` if it has another one).  Errors
+    (e.g. :class:`~sparsestore.errors.ChecksumError`) re-raise in the consumer; closing the
     iterator early stops the thread and closes the pass.
     """
     if not isinstance(loader, DataLoader):
@@ -166,46 +190,7 @@ def prefetch_to_device(loader: DataLoader, size: int = 2, device: Any = None) ->
         raise InvalidInputError(f"size must be a positive int, got {size!r}")
     backend = _backend_of(loader)
     target = device if device is not None else backend.device
-    ready: queue.Queue[Any] = queue.Queue(maxsize=size)
-    stop = threading.Event()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        batches = loader.iter_batches()
-        try:
-            for batch in batches:
-                parts = jax.device_put(backend.host_parts(batch, loader), target)
-                item = backend.assemble(tuple(parts), (batch.n_rows, batch.n_cols),
-                                        batch.dense is not None, len(batch.labels))
-                if not put(item):
-                    return
-            put(_DONE)
-        except BaseException as exc:  # handed to the consumer
-            put(_Failure(exc))
-        finally:
-            batches.close()
-
-    thread = threading.Thread(target=work, name="sparsestore-jax-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = ready.get()
-            if item is _DONE:
-                return
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+    return loader.iter_converted(_PutAhead(backend, target), prefetch=size, threads=1)
 
 
 def sharded_loader(store: Any, backend: Any = "jax", **options: Any) -> DataLoader:

@@ -34,6 +34,7 @@ the store's error back.
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from sparsestore.backends import TwoStepBackend
 from sparsestore.batch import Batch
 from sparsestore.errors import InvalidInputError
 from sparsestore.loader import DataLoader
@@ -241,11 +243,14 @@ def distribute(
 # ------------------------------------------------------------------ backend plugin
 
 
-class TensorFlowBackend:
+class TensorFlowBackend(TwoStepBackend):
     """``DataLoader(store, backend="tensorflow")``: eager ``SparseTensor`` batches.
 
     Iterating the loader then gives what :func:`to_dataset` elements hold, built eagerly
     with the same TensorFlow ops; use :func:`to_dataset` for training input pipelines.
+    ``host`` is the wire format's numpy side (``_Plan.parts``: the COO coordinates by
+    ``coo_into`` into pooled buffers), the very function :func:`to_dataset`'s builder
+    threads run; ``wrap`` turns those arrays into tensors and the ``SparseTensor``.
     """
 
     name = "tensorflow"
@@ -253,24 +258,29 @@ class TensorFlowBackend:
     def __init__(self, sample_shape: Sequence[int] | None = None) -> None:
         self.sample_shape = None if sample_shape is None else tuple(sample_shape)
         self._plans: weakref.WeakKeyDictionary[DataLoader, _Plan] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # The per-loader plans are a cache of this process: a copy rebuilds its own.
         return type(self), (self.sample_shape,)
 
     def _plan(self, loader: DataLoader) -> _Plan:
-        plan = self._plans.get(loader)
-        if plan is None:
-            plan = self._plans[loader] = _Plan.for_loader(loader, self.sample_shape)
+        with self._lock:  # host runs on stage threads: one plan (one buffer pool) per loader
+            plan = self._plans.get(loader)
+            if plan is None:
+                plan = self._plans[loader] = _Plan.for_loader(loader, self.sample_shape)
         return plan
 
-    def convert(self, batch: Batch, loader: DataLoader) -> Any:
+    def host(self, batch: Batch, loader: DataLoader) -> tuple[np.ndarray, ...]:
+        """The batch's wire arrays (``_Plan.parts``), in the plan's signature order."""
+        return self._plan(loader).parts(batch)
+
+    def wrap(self, parts: tuple[np.ndarray, ...], loader: DataLoader) -> Any:
+        """Tensors over the wire arrays, expanded by the plan's TensorFlow ops."""
         plan = self._plan(loader)
-        parts = [
-            tf.convert_to_tensor(a, dtype=spec.dtype)
-            for a, spec in zip(plan.parts(batch), plan.signature(), strict=True)
-        ]
-        return plan.expand(*parts)
+        tensors = [tf.convert_to_tensor(a, dtype=spec.dtype)
+                   for a, spec in zip(parts, plan.signature(), strict=True)]
+        return plan.expand(*tensors)
 
     def __repr__(self) -> str:
         return f"TensorFlowBackend(sample_shape={self.sample_shape})"

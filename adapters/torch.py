@@ -3,7 +3,10 @@
 ``DataLoader(store, backend="torch")`` yields ``torch.sparse_csr_tensor`` batches
 ``[batch, n_cols]`` (``TorchBackend(layout="coo")``: coalesced ``sparse_coo_tensor``; dense
 tensors for dense stores) and labels as tensors, as ``(x, labels...)`` with labels.  The
-tensors share memory with the loader's numpy arrays (``torch.from_numpy``): no copy.
+backend's ``host`` step (on the loader's stage thread, ahead of the consumer) casts the
+index arrays to int64 and writes COO coordinates with :func:`sparsestore.kernels.coo_into`;
+its ``wrap`` step only wraps those arrays (``torch.from_numpy``: the tensors share their
+memory, no copy).
 
 :class:`SparseIterableDataset` plugs a loader into ``torch.utils.data.DataLoader``:
 
@@ -32,13 +35,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.utils.data as tud
 
+from sparsestore.backends import TwoStepBackend
 from sparsestore.errors import DTypeError, InvalidInputError
 from sparsestore.kernels import coo_into
 from sparsestore.loader import DataLoader
@@ -53,6 +57,7 @@ __all__ = ["SparseIterableDataset", "SparseMapDataset", "TorchBackend", "collate
 
 LAYOUTS = ("csr", "coo")
 STATE_VERSION = 1
+_END = object()  # a shard's pass ran out
 
 # torch warns once per process that CSR support is "beta"; the adapter uses only its
 # construction, to_dense, pinning and matmul, which are stable.  Batches crossing from
@@ -67,39 +72,60 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitl
 warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
 
 
-def _tensor(a: np.ndarray, what: str) -> torch.Tensor:
-    """``a`` as a tensor sharing its memory (a copy only when numpy cannot share it)."""
+def _ready(a: np.ndarray, what: str, dtype: Any = None) -> np.ndarray:
+    """``a`` (cast to ``dtype``) as an array ``torch.from_numpy`` takes as it is: numeric,
+    writeable, C-contiguous (a copy only where it is not)."""
+    a = np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype)
     if a.dtype.kind not in "biuf":
         raise DTypeError(f"{what} has dtype {a.dtype}, which torch cannot hold; store it numeric")
     if not a.flags.writeable or not a.flags.c_contiguous:  # from_numpy warns on read-only
         a = np.ascontiguousarray(a).copy()
-    return torch.from_numpy(a)
+    return a
+
+
+def _host_sparse(values: np.ndarray, indices: np.ndarray, row_splits: np.ndarray,
+                 layout: str) -> tuple[np.ndarray, ...]:
+    """CSR parts as the arrays of a torch CSR (values, int64 column ids and row pointers)
+    or COO tensor (values, ``(2, nnz)`` int64 coordinates by ``coo_into``)."""
+    vals = _ready(values, "the store")
+    if layout == "csr":
+        return (vals, _ready(indices, "indices", np.int64), _ready(row_splits, "indptr",
+                                                                   np.int64))
+    coords = np.empty((2, vals.size), dtype=np.int64)
+    coo_into(np.asarray(row_splits, dtype=np.int64), indices, coords.T)
+    return vals, coords
+
+
+def _wrap_sparse(arrays: tuple[np.ndarray, ...], shape: tuple[int, int],
+                 layout: str) -> torch.Tensor:
+    """The tensor over :func:`_host_sparse`'s arrays, sharing their memory."""
+    if layout == "csr":
+        vals, col, crow = (torch.from_numpy(a) for a in arrays)
+        return torch.sparse_csr_tensor(crow, col, vals, size=shape, check_invariants=False)
+    vals, coords = (torch.from_numpy(a) for a in arrays)
+    # Canonical rows (sorted, unique column ids) make row-major COO already coalesced.
+    return torch.sparse_coo_tensor(coords, vals, size=shape, is_coalesced=True,
+                                   check_invariants=False)
 
 
 def to_torch(batch: Batch, layout: str = "csr") -> Any:
     """One raw loader batch as a torch tensor (its labels not included)."""
     if batch.dense is not None:
-        return _tensor(batch.dense, "the store")
-    return _sparse(batch.values, batch.indices, batch.row_splits,
-                   (batch.n_rows, batch.n_cols), layout)
+        return torch.from_numpy(_ready(batch.dense, "the store"))
+    return _wrap_sparse(_host_sparse(batch.values, batch.indices, batch.row_splits, layout),
+                        (batch.n_rows, batch.n_cols), layout)
 
 
-def _sparse(values: np.ndarray, indices: np.ndarray, row_splits: np.ndarray,
-            shape: tuple[int, int], layout: str) -> torch.Tensor:
-    """CSR parts as a torch sparse CSR or (coalesced) COO tensor, sharing their memory."""
-    vals = _tensor(values, "the store")
-    if layout == "csr":
-        crow = torch.from_numpy(np.asarray(row_splits, dtype=np.int64))
-        col = torch.from_numpy(np.asarray(indices, dtype=np.int64))
-        return torch.sparse_csr_tensor(crow, col, vals, size=shape, check_invariants=False)
-    coords = np.empty((2, vals.numel()), dtype=np.int64)
-    coo_into(row_splits, indices, coords.T)
-    # Canonical rows (sorted, unique column ids) make row-major COO already coalesced.
-    return torch.sparse_coo_tensor(torch.from_numpy(coords), vals, size=shape,
-                                   is_coalesced=True, check_invariants=False)
+class HostBatch(NamedTuple):
+    """What :meth:`TorchBackend.host` gives: x's arrays (one dense block, or
+    :func:`_host_sparse`'s), x's shape and the label arrays, all ready for ``from_numpy``."""
+
+    x: tuple[np.ndarray, ...]
+    shape: tuple[int, int]
+    labels: tuple[np.ndarray, ...]
 
 
-class TorchBackend:
+class TorchBackend(TwoStepBackend):
     """``DataLoader(store, backend="torch")``: sparse CSR (or COO) batches, labels as tensors."""
 
     name = "torch"
@@ -109,13 +135,23 @@ class TorchBackend:
             raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.layout = layout
 
-    def convert(self, batch: Batch, loader: DataLoader) -> Any:
-        x = to_torch(batch, self.layout)
-        if not batch.labels:
-            return x
-        labels = tuple(_tensor(np.asarray(lab), f"label {name!r}")
+    def host(self, batch: Batch, loader: DataLoader) -> HostBatch:
+        """The batch's arrays as torch will hold them (int64 indices, COO coordinates)."""
+        if batch.dense is not None:
+            x: tuple[np.ndarray, ...] = (_ready(batch.dense, "the store"),)
+        else:
+            x = _host_sparse(batch.values, batch.indices, batch.row_splits, self.layout)
+        labels = tuple(_ready(lab, f"label {name!r}")
                        for lab, name in zip(batch.labels, loader.label_names, strict=True))
-        return (x, *labels)
+        return HostBatch(x, (batch.n_rows, batch.n_cols), labels)
+
+    def wrap(self, parts: HostBatch, loader: DataLoader) -> Any:
+        """Tensors over the host arrays (no copy): ``x`` or ``(x, labels...)``."""
+        x = torch.from_numpy(parts.x[0]) if len(parts.x) == 1 else \
+            _wrap_sparse(parts.x, parts.shape, self.layout)
+        if not parts.labels:
+            return x
+        return (x, *(torch.from_numpy(lab) for lab in parts.labels))
 
     def __repr__(self) -> str:
         return f"TorchBackend(layout={self.layout!r})"
@@ -237,7 +273,7 @@ class SparseIterableDataset(tud.IterableDataset):
         order = [(seen + i) % k for i in range(k)]
         mine = order[w::t]
         done = _round_robin(self._counts(k), seen) if state is not None else None
-        loaders, streams = [], []
+        streams = []
         try:
             for shard in mine:
                 # A worker reads a fresh copy even of a single shard: a forked worker's
@@ -253,18 +289,18 @@ class SparseIterableDataset(tud.IterableDataset):
                     inner.update(epoch=state["epoch"], seed=state["seed"],
                                  batches_consumed=done[shard])
                     loader.load_state_dict(inner)
-                loaders.append(loader)
-                streams.append(loader.iter_batches())
+                # The backend's host step runs on each shard pass's stage thread.
+                streams.append(loader.iter_converted(self.backend))
             self._seen = seen
             active = list(range(len(streams)))
             while active:
                 for i in list(active):
-                    batch = next(streams[i], None)
-                    if batch is None:
+                    item = next(streams[i], _END)
+                    if item is _END:
                         active.remove(i)
                         continue
                     self._seen += 1
-                    yield self.backend.convert(batch, loaders[i])
+                    yield item
         finally:
             for stream in streams:
                 stream.close()
@@ -328,15 +364,15 @@ class SparseMapDataset(tud.Dataset):
         ids = np.asarray(indices, dtype=np.int64)
         labels = tuple(np.asarray(self.store.labels[n][ids]) for n in self.label_names)
         if self.store.is_dense:
-            x = _tensor(np.ascontiguousarray(self.store[ids]), "the store")
+            x = torch.from_numpy(_ready(self.store[ids], "the store"))
         else:
             X = self.store[ids]
-            x = _sparse(X.data, X.indices, X.indptr, (ids.size, int(self.store.n_cols)),
-                        self.layout)
+            x = _wrap_sparse(_host_sparse(X.data, X.indices, X.indptr, self.layout),
+                             (ids.size, int(self.store.n_cols)), self.layout)
         if not labels:
             return x
-        return (x, *(_tensor(lab, f"label {n!r}") for lab, n in zip(labels, self.label_names,
-                                                                     strict=True)))
+        return (x, *(torch.from_numpy(_ready(lab, f"label {n!r}"))
+                     for lab, n in zip(labels, self.label_names, strict=True)))
 
 
 def collate_batches(batch: Any) -> Any:

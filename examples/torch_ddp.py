@@ -45,7 +45,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import sparsestore
-from sparsestore.batch import Batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic  # noqa: E402
@@ -80,9 +79,10 @@ class ReportingLoader(sparsestore.DataLoader):
         self.report_dir = state.pop("report_dir")
         super().__setstate__(state)
 
-    def iter_batches(self) -> Iterator[Batch]:
+    def iter_converted(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        # What SparseIterableDataset (and ``for x in loader``) iterate: the pass, converted.
         epoch = self.epoch
-        yield from super().iter_batches()
+        yield from super().iter_converted(*args, **kwargs)
         if self.report_dir:
             index, count = self.sub_shards[-1] if self.sub_shards else (0, 1)
             line = {"rank": int(os.environ.get("RANK", 0)), "shard": self.rank * count + index,

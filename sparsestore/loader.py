@@ -4,23 +4,26 @@ The loader asks :mod:`sparsestore.sampler` which row blocks this rank reads and 
 order, lets :mod:`sparsestore.reader` decode them in background threads, and cuts batches
 out of the decoded units with numpy slicing.  A backend (:mod:`sparsestore.backends`)
 turns each compact :class:`Batch` into what the framework wants: scipy CSR for ``numpy``,
-``tf.sparse.SparseTensor`` for the TensorFlow adapter.
+``tf.sparse.SparseTensor`` for the TensorFlow adapter; the batches and their numpy half
+(``host``) are made on the pass's stage thread (:mod:`sparsestore.engine`), ahead of the
+consumer, which only runs the framework half (``wrap``).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from .arguments import _check_int
-from .backends import Backend, get_backend
+from .backends import Backend, ConvertBackend, get_backend, steps
 from .batch import Batch
 from .buffers import BufferPool, release_free_heap
 from .chunks import read_rows, read_slice
+from .engine import OrderedMap
 from .errors import InvalidInputError, LabelError, ShuffleQualityWarning
 from .explicit_samplers import ExplicitSampling
 from .indexing import normalize_rows
@@ -28,7 +31,7 @@ from .pickling import PICKLE_VERSION as PICKLE_VERSION  # re-exported: the pickl
 from .pickling import PicklableLoader
 from .position import POSITION_EVENTS, Position, PositionListener, ResumableState
 from .position import STATE_VERSION as STATE_VERSION  # re-exported: the state's schema
-from .reader import BlockReader, ColumnSelection, ResidentUnit
+from .reader import THREAD_PREFIX, BlockReader, ColumnSelection, ResidentUnit
 from .sampler import (
     DEFAULT_MAX_BLOCK_ROWS,
     BlockSampler,
@@ -121,7 +124,7 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
         block_chunks: int | None = None,
         num_workers: int = 2,
         prefetch: int = 2,
-        backend: str | Backend = "numpy",
+        backend: str | Backend | ConvertBackend = "numpy",
     ) -> None:
         if isinstance(store, (str, os.PathLike)):
             store = open_store(store, mode="r")
@@ -309,7 +312,7 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
         return self._drop_last
 
     @property
-    def backend(self) -> Backend:
+    def backend(self) -> Backend | ConvertBackend:
         return self._backend
 
     @property
@@ -366,15 +369,51 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
 
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Any]:
-        it = self.iter_batches()
-        try:
-            for batch in it:
-                yield self._backend.convert(batch, self)
-        finally:
-            it.close()
+        return self.iter_converted()
+
+    def iter_converted(self, backend: str | Backend | ConvertBackend | None = None, *,
+                       prefetch: int | None = None, threads: int | None = None
+                       ) -> Iterator[Any]:
+        """One pass through ``backend`` (default: the loader's): what ``for x in loader``
+        gives, each batch's ``host`` step run off this thread and its ``wrap`` step here.
+
+        The pass runs on a stage (:class:`~sparsestore.engine.OrderedMap`) up to
+        ``prefetch`` batches (default: the loader's) ahead of the consumer: with
+        ``threads=1`` (the default) one thread cuts the batches (gathering shuffled rows)
+        and runs ``host`` on each, so the consumer's thread only wraps them; with more, that
+        thread hands the batches to ``threads`` host threads; with ``threads=0`` (the
+        default when ``num_workers=0``) everything runs here, batch by batch.  The
+        position counts the batches handed to the consumer, not those made ahead; the
+        threads stop with the pass.
+        """
+        be = self._backend if backend is None else get_backend(backend)
+        ahead = self._prefetch if prefetch is None else _check_int(prefetch, "prefetch", 1)
+        threads = (1 if self._num_workers else 0) if threads is None else \
+            _check_int(threads, "threads", 0)
+        host, wrap = steps(be)
+        if host is None:  # a convert-only backend: wrap the raw batch in the consumer
+            return self._pass(lambda batches: (wrap(b, self) for b in batches))
+
+        def staged(batches: Iterator[Batch]) -> Iterator[Any]:
+            stage = OrderedMap(lambda b: host(b, self), batches, ahead=ahead,
+                               threads=threads if threads > 1 else 0, feed=threads > 0,
+                               name=f"{THREAD_PREFIX}-host")
+            try:
+                for parts in stage:
+                    yield wrap(parts, self)
+            finally:
+                stage.close()  # joins the stage's threads, which close the pass
+
+        return self._pass(staged)
 
     def iter_batches(self) -> Iterator[Batch]:
         """One pass (the rest of the epoch after :meth:`load_state_dict`) of raw batches."""
+        return self._pass(None)
+
+    def _pass(self, convert: Callable[[Iterator[Batch]], Iterator[Any]] | None
+              ) -> Iterator[Any]:
+        """One pass of batches, through ``convert`` when given: the position counts what is
+        handed out here, and the epoch moves on only once all of it was."""
         start = self._resume if self._resume is not None else 0
         self._resume = None
         epoch = self._epoch
@@ -392,14 +431,20 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
                 self._shuffle and self._buffer_bytes is not None) else 0,
         )
         self._last_reader = reader
+        if not self._is_explicit and start < len(self):
+            # Planned here, in the consumer's thread, whichever thread runs the pass: its
+            # errors and its poor-mixing warning reach the caller's line.
+            self._sampler_for_blocks()
         gen = self._explicit_pass(reader, start) if self._is_explicit else \
             self._block_pass(reader, epoch, start)
+        items: Iterator[Any] = gen if convert is None else convert(gen)
         try:
-            for batch in gen:
+            for item in items:
                 self._consumed += 1
-                yield batch
+                yield item
         finally:
-            gen.close()  # joins the pass's threads
+            items.close()  # type: ignore[attr-defined]  # joins the pass's threads
+            gen.close()
             release_free_heap()
         self._epoch = epoch + 1
         self._consumed = 0

@@ -20,6 +20,7 @@ from jax.experimental import sparse as jsparse  # noqa: E402
 
 import sparsestore  # noqa: E402
 from sparsestore.errors import ChecksumError, InvalidInputError  # noqa: E402
+from sparsestore.reader import THREAD_PREFIX  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,15 +142,37 @@ def test_prefetch_to_device_gives_the_loaders_batches(small_store):
 
 def test_prefetch_stops_its_thread_when_closed(small_store):
     store, _, _ = small_store
-    before = {t.ident for t in threading.enumerate()}
-    it = ssjax.prefetch_to_device(sparsestore.DataLoader(store, 50, labels="y"), size=2)
+    stage = f"{THREAD_PREFIX}-host"
+    # num_workers=0: no decode threads, yet the device puts still run ahead on one thread
+    it = ssjax.prefetch_to_device(sparsestore.DataLoader(store, 50, labels="y",
+                                                         num_workers=0), size=2)
     next(it)
-    assert any(t.name == "sparsestore-jax-prefetch" for t in threading.enumerate())
+    assert [t.name.startswith(stage) for t in threading.enumerate()].count(True) == 1
     it.close()
-    assert not [t for t in threading.enumerate()
-                if t.name == "sparsestore-jax-prefetch" and t.ident not in before]
+    assert not [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
     with pytest.raises(InvalidInputError, match="size"):
         next(ssjax.prefetch_to_device(sparsestore.DataLoader(store, 50), size=0))
+
+
+def test_device_put_runs_ahead_under_prefetch_and_in_the_consumer_otherwise(small_store,
+                                                                           monkeypatch):
+    store, X, _ = small_store
+    puts: list[str] = []
+    real = jax.device_put
+
+    def spy(x, device=None):
+        puts.append(threading.current_thread().name)
+        return real(x, device)
+
+    monkeypatch.setattr(jax, "device_put", spy)
+    me = threading.current_thread().name
+    plain = list(sparsestore.DataLoader(store, 500, backend="jax"))
+    assert set(puts) == {me} and len(puts) == len(plain)
+    puts.clear()
+    staged = list(ssjax.prefetch_to_device(sparsestore.DataLoader(store, 500), size=2))
+    assert set(puts) == {f"{THREAD_PREFIX}-host-feed"} and len(puts) == len(staged)
+    for a, b in zip(plain, staged, strict=True):
+        np.testing.assert_array_equal(np.asarray(a.todense()), np.asarray(b.todense()))
 
 
 def test_sharded_loader_uses_the_jax_process(small_store, monkeypatch):

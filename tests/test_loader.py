@@ -8,6 +8,7 @@ import pickle
 import re
 import tempfile
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparsestore
-from sparsestore.backends import NumpyBackend, available_backends, get_backend
+from sparsestore.backends import NumpyBackend, TwoStepBackend, available_backends, get_backend
 from sparsestore.errors import InvalidInputError, LabelError, OutOfRangeError, SparseStoreError
 from sparsestore.loader import Batch, DataLoader, Position
 from sparsestore.reader import THREAD_PREFIX
@@ -809,6 +810,105 @@ def test_backends(small_store):
     out = list(ld)
     assert [n for n, _ in out] == [1000] * 3 and sum(k for _, k in out) == X.nnz
     assert list(DataLoader(store, batch_size=1000, backend=Sizes)) == out
+    with pytest.raises(InvalidInputError, match="host.*wrap.*convert"):
+        DataLoader(store, backend=object())
+
+
+class Recording(TwoStepBackend):
+    """The numpy backend, noting the thread each step ran on; ``host`` fails at ``fail_at``."""
+
+    name = "recording"
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.hosts: list[str] = []
+        self.wraps: list[str] = []
+        self.fail_at = fail_at
+
+    def host(self, batch, loader):
+        self.hosts.append(threading.current_thread().name)
+        if len(self.hosts) - 1 == self.fail_at:
+            raise sparsestore.errors.ChecksumError("host failed")
+        return NumpyBackend().host(batch, loader), batch.rows
+
+    def wrap(self, parts, loader):
+        self.wraps.append(threading.current_thread().name)
+        return parts
+
+
+@pytest.mark.parametrize(("num_workers", "threads"), [(0, None), (2, None), (2, 3)])
+def test_host_runs_on_the_stage_wrap_in_the_consumer(small_store, num_workers, threads):
+    store, X, labels = small_store
+    y = labels["y"]
+    be = Recording()
+    loader = DataLoader(store, batch_size=300, shuffle=True, seed=4, labels="y",
+                        num_workers=num_workers, prefetch=3, backend=be)
+    want = [b.rows for b in DataLoader(store, batch_size=300, shuffle=True, seed=4,
+                                       labels="y").iter_batches()]
+    got = list(loader.iter_converted(threads=threads))
+    assert len(got) == len(want) == len(be.hosts) == len(be.wraps)
+    for ((x, lab), rows), w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(rows, w)
+        assert (x != X[w]).nnz == 0 and x.has_canonical_format
+        np.testing.assert_array_equal(lab, y[w])
+    me = threading.current_thread().name
+    assert set(be.wraps) == {me}
+    if threads:  # on host threads fed by the pass's stage thread
+        assert {h.rsplit("_", 1)[0] for h in be.hosts} == {f"{THREAD_PREFIX}-host"}
+    elif num_workers:  # off the consumer's thread, on the pass's own stage thread
+        assert set(be.hosts) == {f"{THREAD_PREFIX}-host-feed"}
+    else:  # num_workers=0: no thread at all
+        assert set(be.hosts) == {me}
+    assert reader_threads() == []
+
+
+def test_convert_only_backend_converts_in_the_consumer(small_store):
+    store, X, _ = small_store
+    seen: list[str] = []
+
+    class Legacy:  # the one-step contract of earlier releases
+        name = "legacy"
+
+        def convert(self, batch, loader):
+            seen.append(threading.current_thread().name)
+            return batch.to_scipy()
+
+    loader = DataLoader(store, batch_size=256, backend=Legacy())
+    parts = list(loader)
+    assert set(seen) == {threading.current_thread().name} and len(seen) == len(loader)
+    assert (sp.vstack(parts) != X).nnz == 0
+    assert loader.epoch == 1
+
+
+def test_position_counts_batches_handed_out_not_those_computed_ahead(small_store):
+    store, _, _ = small_store
+    loader = DataLoader(store, batch_size=1000, prefetch=8, backend=Recording())
+    it = iter(loader)
+    next(it)
+    # the stage has already pulled the whole (3-batch) pass: the position says 1, and the
+    # epoch has not moved on
+    deadline = time.monotonic() + 10
+    while len(loader.backend.hosts) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert loader.position == Position(0, 1)
+    state = loader.state_dict()
+    it.close()
+    assert loader.epoch == 0 and reader_threads() == []
+    other = DataLoader(store, batch_size=1000)
+    other.load_state_dict(state)
+    assert [b.rows[0] for b in other.iter_batches()] == [1000, 2000]
+    assert len(list(loader)) == 3 and loader.position == Position(1, 0)
+
+
+def test_a_host_failure_reaches_the_consumer_in_order(small_store):
+    store, _, _ = small_store
+    loader = DataLoader(store, batch_size=100, prefetch=4, backend=Recording(fail_at=3))
+    got = []
+    with pytest.raises(sparsestore.errors.ChecksumError, match="host failed"):
+        for item in loader:
+            got.append(item[1][0])
+    assert got == [0, 100, 200]
+    gc.collect()
+    assert reader_threads() == [] and loader.epoch == 0
 
 
 # ------------------------------------------------------------------ resume after a re-layout
