@@ -28,7 +28,9 @@ from .common import dump_json, machine_info
 def run_meta(command: str | None = None, **extra: Any) -> dict[str, Any]:
     """The facts every record file carries: command, commit, machine, date (plus ``extra``)."""
     machine = machine_info()
-    return {"command": command or "python -m " + " ".join(sys.argv),
+    argv = " ".join(sys.argv)  # the benchmarks runner sets argv[0] to its own command
+    return {"command": command or (argv if argv.startswith("python -m ") else
+                                   "python -m " + argv),
             "commit": machine.pop("commit"), "machine": machine,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **extra}
 
