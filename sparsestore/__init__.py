@@ -35,7 +35,7 @@ def __getattr__(name: str):  # lazy: keep ``import sparsestore`` light
 
         return convert
     if name in ("from_dask",):
-        from .dask import from_dask
+        from .dask_write import from_dask
 
         return from_dask
     raise AttributeError(f"module 'sparsestore' has no attribute {name!r}")

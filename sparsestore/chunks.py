@@ -4,19 +4,17 @@
 chunk into a buffer the caller owns and :class:`ChunkEncoder` stores one, both directly for
 the codec chains sparsestore writes and through zarr otherwise; the zarr internals they need
 live in :mod:`sparsestore.zarr_compat`, which turns the direct paths off outside the zarr
-releases it supports.  :class:`ChunkCache` (and :class:`SharedChunkCache`, its thread-safe
-form for the reader's workers) keeps the few chunks shared by neighbouring row blocks so a
-sequential pass decodes each once.  :func:`read_ranges` reads scattered nnz ranges, each
-touched chunk once, through zarr; damage raises :class:`ChecksumError` /
-:class:`CorruptStoreError` naming the chunk on every path.
+releases it supports (the caches that keep decoded chunks are in
+:mod:`sparsestore.chunk_cache`).  :func:`read_ranges` reads scattered nnz ranges, each
+touched chunk decoded once, straight into its output; damage raises
+:class:`ChecksumError` / :class:`CorruptStoreError` naming the chunk on every path.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -93,209 +91,6 @@ def read_rows(arr: Any, rows: np.ndarray, *, name: str | None = None) -> np.ndar
             raise
         ids = np.unique(rows // int(arr.chunks[0]))
         raise locate_checksum_error(arr, 0, 0, name, chunk_ids=ids) from exc
-
-
-class ChunkCache:
-    """A small LRU of decoded whole chunks of one 1-D array.
-
-    Chunks (and :meth:`read` results) live in memory from ``pool`` when one is given, so
-    a pass recycles the same few chunk-sized buffers instead of page-faulting fresh ones.
-    """
-
-    def __init__(
-        self, arr: Any, capacity: int = 4, name: str | None = None,
-        pool: BufferPool | None = None,
-    ) -> None:
-        self.arr = arr
-        self.chunk = int(arr.chunks[0])
-        self.capacity = capacity
-        self.name = name
-        self.pool = pool
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.decoded = 0  # chunks decoded through this cache (for tests and benchmarks)
-        self.decoder = ChunkDecoder(arr, name)
-
-    def _decode(self, k: int, limit: int) -> np.ndarray:
-        """Chunk ``k``, cut at ``limit`` (the committed length)."""
-        lo = k * self.chunk
-        return self.decoder.read(k, pool=self.pool)[: max(0, min(lo + self.chunk, limit) - lo)]
-
-    def _count(self, n: int) -> None:
-        self.decoded += n
-
-    def _get(self, k: int, limit: int) -> np.ndarray:
-        hit = self._cache.get(k)
-        if hit is not None:
-            self._cache.move_to_end(k)
-            return hit
-        out = self._decode(k, limit)
-        self._count(1)
-        self._cache[k] = out
-        while len(self._cache) > self.capacity:
-            self._cache.popitem(last=False)
-        return out
-
-    def get(self, k: int, limit: int) -> np.ndarray:
-        """Chunk ``k``'s elements below ``limit`` (the committed length), decoded once."""
-        return self._get(k, limit)
-
-    def wanted(self, ranges: Iterable[tuple[int, int]]) -> list[int]:
-        """Chunks reading elements ``[lo, hi)`` of each range would decode now: those
-        touched and not held (a snapshot: one cached meanwhile is fetched for nothing)."""
-        c = self.chunk
-        ks: set[int] = set()
-        for lo, hi in ranges:
-            if hi > lo:
-                ks.update(k for k in range(lo // c, (hi - 1) // c + 1) if not
-                          self._holds(k, max(lo, k * c), min(hi, (k + 1) * c)))
-        return sorted(ks)
-
-    def _holds(self, k: int, a: int, b: int) -> bool:
-        return k in self._cache
-
-    def _part(self, k: int, a: int, b: int, limit: int) -> np.ndarray:
-        """Elements ``[a, b)`` of chunk ``k`` (a sub-range of it)."""
-        lo = k * self.chunk
-        return self._get(k, limit)[a - lo : b - lo]
-
-    def read_to(self, start: int, stop: int, out: np.ndarray, limit: int) -> None:
-        """Elements ``[start, stop)`` into ``out``: the two boundary chunks (which the
-        neighbouring blocks share) through the cache, interior chunks decoded straight
-        into ``out`` (no later block needs them, and no intermediate copy)."""
-        if stop <= start:
-            return
-        c = self.chunk
-        k0, k1 = start // c, (stop - 1) // c
-        if k0 == k1:
-            out[: stop - start] = self._part(k0, start, stop, limit)
-            return
-        head = self._part(k0, start, (k0 + 1) * c, limit)
-        pos = head.shape[0]
-        out[:pos] = head
-        for k in range(k0 + 1, k1):
-            self.decoder.decode_into(k, out[pos : pos + c], self.pool)
-            pos += c
-        self._count(k1 - k0 - 1)
-        out[pos : stop - start] = self._part(k1, k1 * c, stop, limit)
-
-    def read(self, start: int, stop: int, limit: int) -> np.ndarray:
-        """Elements ``[start, stop)`` in a new array (from the pool, if any)."""
-        shape = (max(0, stop - start), *self.decoder.tail)
-        out = np.empty(shape, self.arr.dtype) if self.pool is None else self.pool.take(
-            shape, self.arr.dtype)
-        self.read_to(start, stop, out, limit)
-        return out
-
-
-class SharedChunkCache(ChunkCache):
-    """A :class:`ChunkCache` several threads can share; each chunk is decoded by one of them.
-
-    Concurrent requests for a chunk being decoded wait for that decode instead of
-    repeating it; the lock only guards the bookkeeping, decodes run in parallel.
-    Decoded memory always comes from a pool (its own unless one is given).
-
-    A pass that will come back for a small piece of a chunk long after the chunk has left
-    the cache (a shuffled pass: a row a later unit reads crosses into a chunk an earlier
-    unit decoded) says so with :meth:`keep`; decoding the chunk then copies those pieces
-    out, and the later read takes its copy instead of decoding the chunk again.
-    """
-
-    def __init__(
-        self, arr: Any, capacity: int = 4, name: str | None = None,
-        pool: BufferPool | None = None,
-    ) -> None:
-        super().__init__(arr, capacity=capacity, name=name,
-                         pool=pool if pool is not None else BufferPool())
-        self._lock = threading.Lock()
-        self._inflight: dict[int, Future] = {}
-        self._keep: dict[int, list[tuple[int, int]]] = {}  # chunk -> pieces to copy out
-        self._kept: dict[int, list[tuple[int, int, np.ndarray]]] = {}  # ... copied out
-        self._kept_room = 0  # bytes still allowed for copies
-
-    def keep(self, pieces: dict[int, list[tuple[int, int]]], max_bytes: int) -> None:
-        """When chunk ``k`` is next decoded, copy out its element ranges ``pieces[k]``
-        (absolute ``[a, b)``) for one later read each, within ``max_bytes`` in all."""
-        with self._lock:
-            self._keep = {int(k): list(v) for k, v in pieces.items()}
-            self._kept.clear()
-            self._kept_room = int(max_bytes)
-
-    def kept_bytes(self) -> int:
-        """Bytes of copied-out pieces not read yet."""
-        with self._lock:
-            return sum(int(a.nbytes) for v in self._kept.values() for *_, a in v)
-
-    def _holds(self, k: int, a: int, b: int) -> bool:
-        with self._lock:
-            return k in self._cache or any(
-                fa <= a and b <= fb for fa, fb, _ in self._kept.get(k, ()))
-
-    def _part(self, k: int, a: int, b: int, limit: int) -> np.ndarray:
-        if self._kept:
-            with self._lock:
-                for n, (fa, fb, arr) in enumerate(self._kept.get(k, ())):
-                    if fa <= a and b <= fb:
-                        if b == fb:  # read to its end: the later read is done with it
-                            del self._kept[k][n]
-                            self._kept_room += int(arr.nbytes)
-                        return arr[a - fa : b - fa]
-        out = super()._part(k, a, b, limit)
-        if self._kept:  # a copy made for this very read (its unit decoded the chunk first)
-            with self._lock:
-                left = [p for p in self._kept.get(k, ()) if not (a <= p[0] and p[1] <= b)]
-                for p in self._kept.get(k, ()):
-                    if a <= p[0] and p[1] <= b:
-                        self._kept_room += int(p[2].nbytes)
-                if left:
-                    self._kept[k] = left
-                else:
-                    self._kept.pop(k, None)
-        return out
-
-    def _copy_out(self, k: int, out: np.ndarray) -> None:
-        """Copy the pieces :meth:`keep` asked for out of freshly decoded chunk ``k``."""
-        lo = k * self.chunk
-        for a, b in self._keep.pop(k, ()):
-            if b - lo > out.shape[0]:
-                continue
-            piece = out[a - lo : b - lo]
-            if piece.nbytes <= self._kept_room:
-                self._kept_room -= int(piece.nbytes)
-                self._kept.setdefault(k, []).append((a, b, piece.copy()))
-
-    def _count(self, n: int) -> None:
-        with self._lock:
-            self.decoded += n
-
-    def _get(self, k: int, limit: int) -> np.ndarray:
-        with self._lock:
-            hit = self._cache.get(k)
-            if hit is not None:
-                self._cache.move_to_end(k)
-                return hit
-            fut = self._inflight.get(k)
-            owner = fut is None
-            if owner:
-                fut = self._inflight[k] = Future()
-        if not owner:
-            return fut.result()
-        try:
-            out = self._decode(k, limit)
-        except BaseException as exc:
-            with self._lock:
-                del self._inflight[k]
-            fut.set_exception(exc)
-            raise
-        with self._lock:
-            self.decoded += 1
-            if self._keep:
-                self._copy_out(k, out)
-            self._cache[k] = out
-            while len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)
-            del self._inflight[k]
-        fut.set_result(out)
-        return out
 
 
 def read_ranges(

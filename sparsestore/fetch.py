@@ -234,7 +234,7 @@ def prefetch_chunks(jobs: Sequence[tuple[Any, Iterable[int]]]) -> Prefetch | Non
 
 def prefetch_unit(caches: Sequence[Any], ranges: Sequence[tuple[int, int]]) -> Prefetch | None:
     """Start reading every chunk that elements ``[lo, hi)`` of each range touch, in each
-    :class:`~sparsestore.chunks.ChunkCache` (a unit's ``data`` and ``indices``), except
+    :class:`~sparsestore.chunk_cache.ChunkCache` (a unit's ``data`` and ``indices``), except
     those the cache holds (or holds the needed piece of); None for local stores."""
     jobs = []
     for cache in caches:

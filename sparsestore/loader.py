@@ -418,17 +418,16 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
         self._resume = None
         epoch = self._epoch
         self._consumed = start
-        # A shuffled unit is half the byte budget: one is consumed while one is decoded.
-        # A sampler's pass reads several batches per unit, sized like a shuffle's.
-        ahead = 1 if self._is_explicit or (self._shuffle and self._buffer_bytes is not None) \
-            else self._prefetch
+        # A shuffled unit is half the byte budget, a sampler's holds several batches: one
+        # unit is consumed while one is decoded.
+        big = self._is_explicit or (self._shuffle and self._buffer_bytes is not None)
+        ahead = 1 if big else self._prefetch
         reader = BlockReader(
             self._store, label_names=self._label_names, columns=self._columns,
             num_workers=self._num_workers, prefetch=ahead,
             piece_rows=None if self._is_explicit else self._batch_size, pool=self._pool,
             unit_nnz=self._unit_nnz(),
-            io_ahead=REMOTE_IO_AHEAD if is_remote(self._store.path) and not (
-                self._shuffle and self._buffer_bytes is not None) else 0,
+            io_ahead=REMOTE_IO_AHEAD if is_remote(self._store.path) and not big else 0,
         )
         self._last_reader = reader
         if not self._is_explicit and start < len(self):

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .chunks import ChunkCache
+from .chunk_cache import ChunkCache
 from .errors import InvalidInputError
 from .progress import make_bar
 

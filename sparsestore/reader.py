@@ -3,7 +3,7 @@
 The reader turns :class:`~sparsestore.sampler.UnitSpec` s into decoded, already ordered
 units (a :class:`~sparsestore.batch.Batch` holding all rows of the unit).  Every array
 (``data``, ``indices``, ``indptr``, labels) goes through one thread-safe
-:class:`~sparsestore.chunks.SharedChunkCache` per pass: a chunk needed by two neighbouring
+:class:`~sparsestore.chunk_cache.SharedChunkCache` per pass: a chunk needed by two neighbouring
 units is decoded by whichever asks first while the other waits for it, so a sequential pass
 decodes every storage chunk exactly once even with several workers.  A shuffled pass reads
 blocks in random order; the chunk two neighbouring blocks share is decoded by the earlier
@@ -35,7 +35,8 @@ import numpy as np
 from .batch import Batch
 from .buffers import BufferPool
 from .checks import check_row_pointers
-from .chunks import SharedChunkCache, read_rows
+from .chunk_cache import SharedChunkCache
+from .chunks import read_rows
 from .errors import InvalidInputError
 from .fetch import Prefetch, prefetch_unit
 from .indexing import normalize_rows
@@ -357,7 +358,7 @@ class BlockReader:
         if unit.explicit:
             return self._decode_explicit(unit)
         if unit.take is not None and self.resident is not None:
-            src, labels = self._resident_rows(unit)
+            src, labels = self._resident_rows(unit, self.resident)
         else:
             src, labels = self._read_spans(unit.spans)
         n = unit.n_rows
@@ -371,11 +372,10 @@ class BlockReader:
             return self._gathered(_narrowed(src), labels, unit, spans)
         return [self._piece(src, labels, unit, i, j) for i, j in spans]
 
-    def _resident_rows(self, unit: UnitSpec) -> tuple[Any, list[np.ndarray]]:
+    def _resident_rows(self, unit: UnitSpec, res: ResidentUnit) -> tuple[Any, list[np.ndarray]]:
         """The unit's decoded rows from the loader's kept unit when it holds these rows of
         this commit, else decoded (and kept in its place)."""
-        res, st = self.resident, self.store
-        assert res is not None
+        st = self.store
         key = (st.generation, st.n_rows, st.nnz, unit.spans.tobytes())
         if res.key != key or res.parts is None:
             res.clear()  # its buffers back to the pool before this unit takes its own

@@ -362,7 +362,7 @@ def seams_to_later_units(
     earlier unit, that row would decode the neighbour's chunk a unit early (and the
     neighbour's unit would decode it again); read with the later unit, it needs only its
     head from the chunk the earlier unit decoded, which the reader keeps for it (a row's
-    worth, see :class:`~sparsestore.chunks.SharedChunkCache`).  ``order``: block ids in
+    worth, see :class:`~sparsestore.chunk_cache.SharedChunkCache`).  ``order``: block ids in
     plan order; ``s``/``e``: their row ranges; ``cuts``: unit boundaries over them;
     ``room``: each block's bytes per row and the unit byte budget, which a row moves into
     a unit only while the unit stays within it (or is one block, which may exceed it).

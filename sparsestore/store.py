@@ -24,7 +24,8 @@ from . import storage
 from .appender import Appender
 from .buffers import BufferPool
 from .checks import check_column_indices, check_row_pointers
-from .chunks import ChunkCache, ChunkDecoder, read_ranges, read_rows, read_slice
+from .chunk_cache import ChunkCache
+from .chunks import ChunkDecoder, read_ranges, read_rows, read_slice
 from .errors import (
     CorruptStoreError,
     InvalidInputError,

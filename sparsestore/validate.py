@@ -17,7 +17,8 @@ import numpy as np
 from . import storage
 from .blocks import entry_bounds
 from .checks import check_chunk_size
-from .chunks import ChunkCache, read_slice
+from .chunk_cache import ChunkCache
+from .chunks import read_slice
 from .errors import CorruptStoreError, NotAStoreError, SparseStoreError
 from .layout import LABELS_GROUP, MAX_DIM, META_KEY, check_codecs, check_value_dtype
 from .store import SparseStore, open_group
@@ -92,7 +93,7 @@ class _Progress:
 
 
 class _Chunks:
-    """A :class:`~sparsestore.chunks.ChunkCache` that records a damaged chunk (once) and
+    """A :class:`~sparsestore.chunk_cache.ChunkCache` that records a damaged chunk (once) and
     answers None for it instead of raising, and counts each chunk checked once."""
 
     def __init__(self, arr: Any, name: str, report: ValidationReport, bar: _Progress) -> None:

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparsestore
-from sparsestore.chunks import ChunkCache
+from sparsestore.chunk_cache import ChunkCache
 from sparsestore.errors import ChecksumError
 from sparsestore.validate import validate_store
 

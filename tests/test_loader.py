@@ -522,7 +522,7 @@ def test_a_share_that_fits_one_unit_stays_decoded_between_epochs(small_store):
 
 
 def test_chunk_cache_keeps_a_piece_for_a_later_read(small_store):
-    from sparsestore.chunks import SharedChunkCache
+    from sparsestore.chunk_cache import SharedChunkCache
 
     store, X, _ = small_store
     arr = store.arrays["data"]

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 import sparsestore
 from sparsestore.buffers import BufferPool
-from sparsestore.chunks import ChunkCache, ChunkDecoder, read_ranges
+from sparsestore.chunk_cache import ChunkCache
+from sparsestore.chunks import ChunkDecoder, read_ranges
 from sparsestore.errors import ChecksumError, MisplacedChunkError, MissingChunkError
 from sparsestore.verified import VerifiedStore
 

@@ -9,7 +9,8 @@ import scipy.sparse as sp
 
 import sparsestore
 from sparsestore import zarr_compat
-from sparsestore.chunks import ChunkCache, ChunkDecoder, ChunkEncoder, SharedChunkCache
+from sparsestore.chunk_cache import ChunkCache, SharedChunkCache
+from sparsestore.chunks import ChunkDecoder, ChunkEncoder
 from sparsestore.errors import ChecksumError
 
 
