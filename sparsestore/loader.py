@@ -22,7 +22,6 @@ from .arguments import _check_int
 from .backends import Backend, ConvertBackend, get_backend, steps
 from .batch import Batch
 from .buffers import BufferPool, release_free_heap
-from .chunks import read_rows, read_slice
 from .engine import OrderedMap
 from .errors import InvalidInputError, LabelError, ShuffleQualityWarning
 from .explicit_samplers import ExplicitSampling
@@ -33,10 +32,7 @@ from .position import POSITION_EVENTS, Position, PositionListener, ResumableStat
 from .position import STATE_VERSION as STATE_VERSION  # re-exported: the state's schema
 from .reader import THREAD_PREFIX, BlockReader, ColumnSelection, ResidentUnit
 from .sampler import (
-    DEFAULT_MAX_BLOCK_ROWS,
     BlockSampler,
-    bounds_from_indptr,
-    fixed_bounds,
     mixing_ratio,
     num_batches,
 )
@@ -490,32 +486,6 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
             "shuffle_buffer_bytes).",
             ShuffleQualityWarning, stacklevel=4,
         )
-
-    def _plan_bounds(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Block boundaries and, for a byte-budgeted shuffle, each block's decoded bytes
-        (values, indices, row pointers): sequential passes skip reading them."""
-        st = self._store
-        n = st.n_rows
-        if st.is_dense:
-            arr = st.arrays["X"]
-            b = fixed_bounds(n, self._block_rows or max(1, int(arr.chunks[0])))
-            return b, np.diff(b) * st.n_cols * arr.dtype.itemsize
-        ip = st.arrays["indptr"]
-        if self._block_rows is not None:
-            b = fixed_bounds(n, self._block_rows)
-        else:
-            step = int(ip.chunks[0])
-            pieces = (
-                (p, read_slice(ip, p, min(p + step, n + 1), name="indptr"))
-                for p in range(0, n + 1, step)
-            )
-            target = int(st.arrays["data"].chunks[0]) * self._block_chunks
-            b = bounds_from_indptr(pieces, n, target, DEFAULT_MAX_BLOCK_ROWS)
-        if not (self._shuffle and self._buffer_bytes is not None):
-            return b, None  # only a byte-budgeted shuffle sizes its blocks
-        at = read_rows(ip, b, name="indptr").astype(np.int64) if b.size > 1 else \
-            np.zeros(b.size, np.int64)
-        return b, np.diff(at) * self._entry_bytes() + np.diff(b) * 8
 
     def _block_pass(self, reader: BlockReader, epoch: int, start: int) -> Iterator[Batch]:
         bs, total = self._batch_size, len(self)

@@ -1,16 +1,23 @@
 """Memory sizing: the bytes a loader's pass decodes and holds at once.
 
-How large a sequential block is (:func:`_sequential_block_chunks`), what an average batch
-takes from the decode pool, a pass's working set (the pool's idle budget) and a byte-budgeted
-shuffle unit's size.  :class:`MemorySizing` is the half of
-:class:`~sparsestore.loader.DataLoader` that computes them from its store and settings.
+Where the store's row blocks are cut and what each decodes to
+(:meth:`MemorySizing._plan_bounds`), how large a sequential block is
+(:func:`_sequential_block_chunks`), what an average batch takes from the decode pool, a
+pass's working set (the pool's idle budget) and a byte-budgeted shuffle unit's size.
+:class:`MemorySizing` is the half of :class:`~sparsestore.loader.DataLoader` that computes
+them from its store and settings.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .chunks import read_rows, read_slice
+from .reader import ROW_META_CACHE_BYTES
+from .sampler import DEFAULT_MAX_BLOCK_ROWS, bounds_from_indptr, fixed_bounds
 
 if TYPE_CHECKING:
     from .store import SparseStore
@@ -47,6 +54,7 @@ class MemorySizing:
     _block_chunks: int
     _buffer_blocks: int | None
     _buffer_bytes: int | None
+    _block_rows: int | None
     _sampler: object
     _batch_sampler: object
 
@@ -88,6 +96,42 @@ class MemorySizing:
             unit *= self._buffer_blocks  # its batches are gathered as they are consumed
         in_flight = self._prefetch + max(1, self._num_workers) + 1
         return max(32 * 2**20, in_flight * unit + caches)
+
+    def _plan_bounds(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Block boundaries and, for a byte-budgeted shuffle, each block's decoded bytes
+        (values, indices, row pointers): sequential passes skip reading them."""
+        st = self._store
+        n = st.n_rows
+        if st.is_dense:
+            arr = st.arrays["X"]
+            b = fixed_bounds(n, self._block_rows or max(1, int(arr.chunks[0])))
+            return b, np.diff(b) * st.n_cols * arr.dtype.itemsize
+        ip = st.arrays["indptr"]
+        # indptr as streamed for the bounds, kept when small: a byte-budgeted shuffle then
+        # sizes its blocks without reading it again (a round trip on object storage).
+        kept: list[np.ndarray] | None = [] if (n + 1) * 8 <= ROW_META_CACHE_BYTES else None
+        if self._block_rows is not None:
+            b = fixed_bounds(n, self._block_rows)
+        else:
+            step = int(ip.chunks[0])
+
+            def pieces() -> Iterator[tuple[int, np.ndarray]]:
+                for p in range(0, n + 1, step):
+                    piece = read_slice(ip, p, min(p + step, n + 1), name="indptr")
+                    if kept is not None:
+                        kept.append(piece)
+                    yield p, piece
+
+            target = int(st.arrays["data"].chunks[0]) * self._block_chunks
+            b = bounds_from_indptr(pieces(), n, target, DEFAULT_MAX_BLOCK_ROWS)
+        if not (self._shuffle and self._buffer_bytes is not None):
+            return b, None  # only a byte-budgeted shuffle sizes its blocks
+        if kept:
+            at = np.concatenate(kept)[b].astype(np.int64)
+        else:
+            at = read_rows(ip, b, name="indptr").astype(np.int64) if b.size > 1 else \
+                np.zeros(b.size, np.int64)
+        return b, np.diff(at) * self._entry_bytes() + np.diff(b) * 8
 
     def _unit_nnz(self) -> int | None:
         """Stored values a byte-budgeted shuffle unit holds at most (None: no such units)."""

@@ -1101,3 +1101,26 @@ def test_byte_budget_resume_exactly_once_across_ranks(n, bs, budget, world, appe
                                       np.concatenate(ref or [np.zeros(0, np.int64)]))
         everything.extend(got)
     np.testing.assert_array_equal(np.sort(np.concatenate(everything)), np.arange(total))
+
+
+def test_a_shuffles_block_sizes_come_from_the_indptr_read_for_its_bounds(small_store,
+                                                                        monkeypatch):
+    # indptr is streamed once to cut the blocks; a byte-budgeted shuffle sizes the blocks
+    # from what it streamed (no second read, a round trip on object storage), unless the
+    # indptr is too big to keep.
+    import sparsestore.sizing as sizing
+
+    store, X, labels = small_store
+    want = DataLoader(store, batch_size=64, shuffle=True, seed=3)._plan_bounds()
+    reads = []
+    real = sizing.read_rows
+    monkeypatch.setattr(sizing, "read_rows", lambda *a, **k: reads.append(1) or real(*a, **k))
+    got = DataLoader(store, batch_size=64, shuffle=True, seed=3)._plan_bounds()
+    assert not reads
+    monkeypatch.setattr(sizing, "ROW_META_CACHE_BYTES", 0)
+    again = DataLoader(store, batch_size=64, shuffle=True, seed=3)._plan_bounds()
+    assert reads == [1]
+    for b, nbytes in (got, again):
+        np.testing.assert_array_equal(b, want[0])
+        np.testing.assert_array_equal(nbytes, want[1])
+        np.testing.assert_array_equal(nbytes, np.diff(X.indptr[b]) * 8 + np.diff(b) * 8)
