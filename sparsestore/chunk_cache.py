@@ -65,6 +65,13 @@ class ChunkCache:
         """Chunk ``k``'s elements below ``limit`` (the committed length), decoded once."""
         return self._get(k, limit)
 
+    def put(self, chunks: Iterable[np.ndarray]) -> None:
+        """Hold chunks ``0, 1, ...`` decoded elsewhere (each cut at the committed length)."""
+        for k, arr in enumerate(chunks):
+            self._cache[k] = arr
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+
     def wanted(self, ranges: Iterable[tuple[int, int]]) -> list[int]:
         """Chunks reading elements ``[lo, hi)`` of each range would decode now: those
         touched and not held (a snapshot: one cached meanwhile is fetched for nothing)."""

@@ -177,7 +177,8 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
         self._sub_shards: tuple[tuple[int, int], ...] = ()
         self._rank_rows = self._share_rows()
         # (bounds, bytes per block), shared with with_shard() copies; filled lazily
-        self._bounds: list[tuple[np.ndarray, np.ndarray]] = []
+        # (bounds, bytes per block, indptr's chunks), shared with with_shard() copies
+        self._bounds: list[tuple[np.ndarray, np.ndarray | None, list[np.ndarray] | None]] = []
         self._warned = False
         self._block_sampler: BlockSampler | None = None
         self._epoch = 0
@@ -449,7 +450,7 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
         if self._block_sampler is None:
             if not self._bounds:
                 self._bounds.append(self._plan_bounds())
-            bounds, nbytes = self._bounds[0]
+            bounds, nbytes, _ = self._bounds[0]
             self._block_sampler = _ShareSampler(
                 bounds, sub_shards=self._sub_shards, batch_size=self._batch_size,
                 rows=self._rows, shuffle=self._shuffle, seed=self._seed,
@@ -493,6 +494,7 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
             return
         # Its first batch is a unit of its own: the pass starts without waiting for a block.
         plan = self._sampler_for_blocks().plan(epoch, head_rows=bs)
+        reader.seed_row_pointers(self._bounds[0][2])
         u0, off = plan.locate(start * bs)
         if self._shuffle and self._buffer_bytes is not None and plan.n_units == 1:
             reader.resident = self._resident

@@ -295,6 +295,11 @@ class BlockReader:
             out[f"labels/{lab.name}"] = c.decoded
         return out
 
+    def seed_row_pointers(self, chunks: Sequence[np.ndarray] | None) -> None:
+        """Start the ``indptr`` cache with its decoded chunks (the loader's, from planning)."""
+        if chunks and "indptr" in self.caches:
+            self.caches["indptr"].put(chunks)
+
     def keep_seams(self, spans_by_unit: Sequence[np.ndarray]) -> None:
         """Before a pass of several units (in this order): where a later unit reads a small
         piece of a ``data``/``indices`` chunk an earlier unit decodes (the row that crosses

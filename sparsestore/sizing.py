@@ -97,15 +97,17 @@ class MemorySizing:
         in_flight = self._prefetch + max(1, self._num_workers) + 1
         return max(32 * 2**20, in_flight * unit + caches)
 
-    def _plan_bounds(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Block boundaries and, for a byte-budgeted shuffle, each block's decoded bytes
-        (values, indices, row pointers): sequential passes skip reading them."""
+    def _plan_bounds(self) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray] | None]:
+        """Block boundaries; for a byte-budgeted shuffle, each block's decoded bytes
+        (values, indices, row pointers; sequential passes skip them); and ``indptr``'s
+        chunks as streamed to cut them, when small enough to keep (None otherwise): every
+        pass's reader starts with them instead of reading them again."""
         st = self._store
         n = st.n_rows
         if st.is_dense:
             arr = st.arrays["X"]
             b = fixed_bounds(n, self._block_rows or max(1, int(arr.chunks[0])))
-            return b, np.diff(b) * st.n_cols * arr.dtype.itemsize
+            return b, np.diff(b) * st.n_cols * arr.dtype.itemsize, None
         ip = st.arrays["indptr"]
         # indptr as streamed for the bounds, kept when small: a byte-budgeted shuffle then
         # sizes its blocks without reading it again (a round trip on object storage).
@@ -124,14 +126,15 @@ class MemorySizing:
 
             target = int(st.arrays["data"].chunks[0]) * self._block_chunks
             b = bounds_from_indptr(pieces(), n, target, DEFAULT_MAX_BLOCK_ROWS)
+        kept = kept or None
         if not (self._shuffle and self._buffer_bytes is not None):
-            return b, None  # only a byte-budgeted shuffle sizes its blocks
+            return b, None, kept  # only a byte-budgeted shuffle sizes its blocks
         if kept:
             at = np.concatenate(kept)[b].astype(np.int64)
         else:
             at = read_rows(ip, b, name="indptr").astype(np.int64) if b.size > 1 else \
                 np.zeros(b.size, np.int64)
-        return b, np.diff(at) * self._entry_bytes() + np.diff(b) * 8
+        return b, np.diff(at) * self._entry_bytes() + np.diff(b) * 8, kept
 
     def _unit_nnz(self) -> int | None:
         """Stored values a byte-budgeted shuffle unit holds at most (None: no such units)."""
