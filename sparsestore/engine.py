@@ -27,7 +27,7 @@ from .errors import InvalidInputError
 T = TypeVar("T")
 R = TypeVar("R")
 
-__all__ = ["OrderedMap"]
+__all__ = ["OrderedMap", "Tickets"]
 
 # What the feeder queues: (kind, value)
 _VALUE, _FUTURE, _RAISED, _END = "value", "future", "raised", "end"
@@ -201,3 +201,19 @@ class OrderedMap(Generic[T, R]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Tickets:
+    """``range(n)`` handed out one number at a time to whichever thread asks next."""
+
+    def __init__(self, n: int) -> None:
+        self._next = iter(range(n))
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            with self._lock:
+                k = next(self._next, None)
+            if k is None:
+                return
+            yield k

@@ -23,7 +23,6 @@ pass of 20M nnz went from ~140 to ~250-340 M nnz/s on 2 cores).
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +36,7 @@ from .buffers import BufferPool
 from .checks import check_row_pointers
 from .chunk_cache import SharedChunkCache
 from .chunks import read_rows
+from .engine import Tickets
 from .errors import InvalidInputError
 from .fetch import Prefetch, prefetch_unit
 from .indexing import normalize_rows
@@ -169,22 +169,6 @@ class DecodedRows(NamedTuple):
     data: np.ndarray
     indices: np.ndarray
     indptr: np.ndarray
-
-
-class _Ticket:
-    """``range(n)`` handed out one number at a time to whichever thread asks next."""
-
-    def __init__(self, n: int) -> None:
-        self._next = iter(range(n))
-        self._lock = threading.Lock()
-
-    def __iter__(self) -> Iterator[int]:
-        while True:
-            with self._lock:
-                k = next(self._next, None)
-            if k is None:
-                return
-            yield k
 
 
 def _narrowed(src: Any) -> Any:
@@ -462,7 +446,7 @@ class BlockReader:
                 # The threads take the next piece in turn (a shared counter), so the chunk
                 # two consecutive pieces share is asked for twice in quick succession: one
                 # decode, the other a cache hit.
-                order = _Ticket(len(work))
+                order = Tickets(len(work))
                 futs = [ex.submit(fill, order) for _ in range(self.num_workers - 1)]
                 fill(order)
                 for f in futs:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import sparsestore
 from sparsestore.cli import main as cli_main
-from sparsestore.dask import from_dask
+from sparsestore.dask_write import from_dask
 from sparsestore.errors import DTypeError, InvalidInputError, UnsafeInputError
 from sparsestore.validate import validate_store
 
