@@ -73,8 +73,16 @@ def _files(root: Path) -> dict[str, str]:
     return out
 
 
+def _size(path: Path) -> int:
+    """A file's size, 0 when it is gone (another writer thread renamed or deleted it)."""
+    try:
+        return os.lstat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _bytes(root: Path) -> int:
-    return sum(os.lstat(Path(d, n)).st_size for d, _, names in os.walk(root) for n in names)
+    return sum(_size(Path(d, n)) for d, _, names in os.walk(root) for n in names)
 
 
 def _assert_holds(path: Path, X: sp.csr_matrix, labels: dict[str, np.ndarray]) -> None:
@@ -110,7 +118,7 @@ def _limit_space(monkeypatch: pytest.MonkeyPatch, root: Path, free: int) -> None
     def limited(path: Path, value: Any, exclusive: bool = False) -> int:
         path = Path(path)
         if root in path.parents:
-            old = path.stat().st_size if path.exists() else 0
+            old = _size(path)
             if _bytes(root) - old + len(value) > cap:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return put(path, value, exclusive)
