@@ -473,7 +473,8 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None] = print
 
 
 def verdicts(records: list[dict[str, Any]], prep: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 26's two peer targets, read from this run's records."""
+    """The two targets against the peers (shuffle against annbatch's pre-shuffled copy,
+    random access against the backed ``.h5ad``), read from this run's records."""
     by = {r.get("name"): r for r in records if "rows/s" in r}
     out: list[dict[str, Any]] = []
     ss, ab = by.get("ss_shuffle"), by.get("annbatch_preshuffled")
