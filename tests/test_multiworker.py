@@ -91,6 +91,13 @@ def s3_store(data) -> tuple[str, dict]:
         server.stop()
 
 
+def store_at(where: str, request: pytest.FixtureRequest) -> tuple[str, dict | None]:
+    """The test store and its storage options: on local disk (none) or on the S3 server."""
+    if where == "local":
+        return request.getfixturevalue("local_store"), None
+    return request.getfixturevalue("s3_store")
+
+
 def data_chunks(X: sp.csr_matrix) -> int:
     """Chunks of the store's ``data`` array (float32 values, CHUNK_BYTES each)."""
     per_chunk = CHUNK_BYTES // 4
@@ -272,10 +279,7 @@ def check_model(out: Path, X, y, batches) -> None:
 def test_torch_ddp_two_ranks(where, request, data, tmp_path):
     pytest.importorskip("torch")
     X, y = data
-    if where == "local":
-        store, opts = request.getfixturevalue("local_store"), None
-    else:
-        store, opts = request.getfixturevalue("s3_store")
+    store, opts = store_at(where, request)
     torchrun(tmp_path, store, opts=opts)
     logs = read_rows_logs(tmp_path, 2)
     check_every_row_once_per_epoch(logs, EPOCHS, N_ROWS)
@@ -363,10 +367,7 @@ def expected_tf_order(rank: int, world: int, n_rows: int, batch: int) -> list[np
 def test_tf_multiworker_mirrored_two_workers(where, request, data, tmp_path):
     pytest.importorskip("tensorflow")
     X, y = data
-    if where == "local":
-        store, opts = request.getfixturevalue("local_store"), None
-    else:
-        store, opts = request.getfixturevalue("s3_store")
+    store, opts = store_at(where, request)
     tf_launch(tmp_path, store, opts=opts)
     logs = read_rows_logs(tmp_path, 2)
     check_every_row_once_per_epoch(logs, EPOCHS, N_ROWS)
@@ -452,10 +453,7 @@ def test_jax_two_processes(where, batch, request, data, tmp_path):
     """
     pytest.importorskip("jax")
     X, y = data
-    if where == "local":
-        store, opts = request.getfixturevalue("local_store"), None
-    else:
-        store, opts = request.getfixturevalue("s3_store")
+    store, opts = store_at(where, request)
     t0 = time.perf_counter()
     procs = jax_launch(tmp_path, store, batch=batch, opts=opts)
     print(f"jax launch ({where}, batch {batch}): {time.perf_counter() - t0:.1f} s; "
