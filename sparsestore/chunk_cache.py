@@ -175,14 +175,14 @@ class SharedChunkCache(ChunkCache):
         out = super()._part(k, a, b, limit)
         if self._kept:  # a copy made for this very read (its unit decoded the chunk first)
             with self._lock:
-                left = [p for p in self._kept.get(k, ()) if not (a <= p[0] and p[1] <= b)]
-                for p in self._kept.get(k, ()):
-                    if a <= p[0] and p[1] <= b:
-                        self._kept_room += int(p[2].nbytes)
+                left = []
+                for piece in self._kept.pop(k, ()):
+                    if a <= piece[0] and piece[1] <= b:
+                        self._kept_room += int(piece[2].nbytes)
+                    else:
+                        left.append(piece)
                 if left:
                     self._kept[k] = left
-                else:
-                    self._kept.pop(k, None)
         return out
 
     def _copy_out(self, k: int, out: np.ndarray) -> None:
