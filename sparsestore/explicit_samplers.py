@@ -38,7 +38,7 @@ class ExplicitSampling:
     _drop_last: bool
 
     if TYPE_CHECKING:
-        def _entry_bytes(self) -> int: ...
+        def _row_bytes(self) -> float: ...
 
     if TYPE_CHECKING:
         def _slot(self) -> tuple[int, int]: ...
@@ -77,12 +77,7 @@ class ExplicitSampling:
 
     def _sampler_read_rows(self) -> int:
         """Rows read together (several batches): about ``SAMPLER_READ_BYTES`` decoded."""
-        st = self._store
-        if st.is_dense:
-            per_row = st.n_cols * st.arrays["X"].dtype.itemsize
-        else:
-            per_row = st.nnz / max(1, st.n_rows) * self._entry_bytes() + 8
-        return max(1, int(SAMPLER_READ_BYTES // max(1.0, per_row)))
+        return max(1, int(SAMPLER_READ_BYTES // max(1.0, self._row_bytes())))
 
     def _explicit_total_batches(self) -> int:
         src = self._batch_sampler if self._batch_sampler is not None else self._sampler

@@ -63,13 +63,17 @@ class MemorySizing:
         arrs = self._store.arrays
         return int(arrs["data"].dtype.itemsize + arrs["indices"].dtype.itemsize)
 
-    def _batch_bytes(self) -> int:
-        """Decoded bytes of an average batch (what a gathered batch takes from the pool)."""
+    def _row_bytes(self) -> float:
+        """Decoded bytes of an average row: its values, their columns and its row pointer
+        (a dense store's row of values)."""
         st = self._store
         if st.is_dense:
-            return self._batch_size * st.n_cols * st.arrays["X"].dtype.itemsize
-        per_row = st.nnz / max(1, st.n_rows)
-        return int(self._batch_size * (per_row * self._entry_bytes() + 8))
+            return float(st.n_cols * st.arrays["X"].dtype.itemsize)
+        return st.nnz / max(1, st.n_rows) * self._entry_bytes() + 8
+
+    def _batch_bytes(self) -> int:
+        """Decoded bytes of an average batch (what a gathered batch takes from the pool)."""
+        return int(self._batch_size * self._row_bytes())
 
     def _working_set_bytes(self) -> int:
         """Bytes a pass holds at once: units in flight plus the boundary-chunk caches.
