@@ -40,6 +40,17 @@ def range_positions(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, lengths)
 
 
+def chunk_pieces(starts: np.ndarray, ends: np.ndarray, chunk: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Non-empty element ranges ``[s, e)`` cut at chunk boundaries: each piece's chunk,
+    its ``[a, b)`` and the range it came from, ranges in order."""
+    first, last = starts // chunk, (ends - 1) // chunk
+    k = range_positions(first, last + 1)
+    rng = np.repeat(np.arange(starts.size), last - first + 1)
+    return (k, np.maximum(starts[rng], k * chunk), np.minimum(ends[rng], (k + 1) * chunk),
+            rng)
+
+
 def read_slice(arr: Any, start: int, stop: int, *, name: str | None = None) -> np.ndarray:
     """``arr[start:stop]`` as numpy, turning a CRC32C failure into :class:`ChecksumError`."""
     try:
@@ -114,13 +125,7 @@ def read_ranges(
         return out
     c = int(arr.chunks[0])
     s, e, o = starts[nonempty], ends[nonempty], out_at[:-1][nonempty]
-    first, last = s // c, (e - 1) // c
-    # Every range cut at chunk boundaries: piece p lies in chunk k[p].
-    per = last - first + 1
-    k = range_positions(first, last + 1)
-    rng = np.repeat(np.arange(s.size), per)
-    a = np.maximum(s[rng], k * c)
-    b = np.minimum(e[rng], (k + 1) * c)
+    k, a, b, rng = chunk_pieces(s, e, c)
     at = o[rng] + (a - s[rng])
     srt = np.argsort(k, kind="stable")
     k, a, b, at = k[srt], a[srt], b[srt], at[srt]

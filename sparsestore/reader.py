@@ -35,7 +35,7 @@ from .batch import Batch
 from .buffers import BufferPool
 from .checks import check_row_pointers
 from .chunk_cache import SharedChunkCache
-from .chunks import read_rows
+from .chunks import chunk_pieces, read_rows
 from .engine import Tickets
 from .errors import InvalidInputError
 from .fetch import Prefetch, prefetch_unit
@@ -306,13 +306,8 @@ class BlockReader:
         for name in ("data", "indices"):
             cache = self.caches[name]
             c = cache.chunk
-            k0, k1 = lo // c, (hi - 1) // c
-            # The two end pieces of every range (a range's interior chunks are its own).
-            ends = k1 != k0
-            k = np.concatenate([k0, k1[ends]])
-            a = np.concatenate([lo, (k1 * c)[ends]])
-            b = np.concatenate([np.minimum(hi, (k0 + 1) * c), hi[ends]])
-            u = np.concatenate([unit_of, unit_of[ends]])
+            k, a, b, rng = chunk_pieces(lo, hi, c)  # a range's interior chunks are its own
+            u = unit_of[rng]
             first = np.full(int(k.max()) + 1, len(spans_by_unit), np.int64)
             np.minimum.at(first, k, u)
             later = (u > first[k]) & (b - a <= c // 4)
