@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 
 from .buffers import BufferPool
-from .chunks import ChunkDecoder
+from .chunks import ChunkDecoder, RangeGather
 
 
 class ChunkCache:
@@ -105,9 +105,8 @@ class ChunkCache:
         head = self._part(k0, start, (k0 + 1) * c, limit)
         pos = head.shape[0]
         out[:pos] = head
-        for k in range(k0 + 1, k1):
-            self.decoder.decode_into(k, out[pos : pos + c], self.pool)
-            pos += c
+        self.decoder.decode_run(k0 + 1, k1, out[pos : pos + (k1 - k0 - 1) * c], self.pool)
+        pos += (k1 - k0 - 1) * c
         self._count(k1 - k0 - 1)
         out[pos : stop - start] = self._part(k1, k1 * c, stop, limit)
 
@@ -184,6 +183,48 @@ class SharedChunkCache(ChunkCache):
                 if left:
                     self._kept[k] = left
         return out
+
+    def gather_jobs(self, starts: np.ndarray, ends: np.ndarray, out_at: np.ndarray,
+                    out: np.ndarray, limit: int) -> list[Callable[[], None]]:
+        """Jobs (for any threads, in any order) that write elements ``[starts[i], ends[i])``
+        at ``out[out_at[i]:]``, for many short ranges at once (a shuffled unit's blocks).
+
+        A chunk this cache holds (whole, or as a kept piece) is read from here; the others
+        are decoded in runs of neighbours into a pooled stage, one job a run, and every
+        piece of a run is copied out in one call.  A decode copies out the pieces
+        :meth:`keep` asked for, as a cached decode does.
+        """
+        c = self.chunk
+        plan = RangeGather(starts, ends, out_at, c)
+        with self._lock:
+            held = np.fromiter((int(k) in self._cache or int(k) in self._kept
+                                for k in plan.chunk_ids), bool, plan.chunk_ids.size)
+        jobs: list[Callable[[], None]] = []
+        held_js = np.flatnonzero(held)
+        if held_js.size:
+            def from_cache(js: np.ndarray = held_js) -> None:
+                for j in js.tolist():
+                    kk = int(plan.chunk_ids[j])
+                    for p in range(int(plan.edges[j]), int(plan.edges[j + 1])):
+                        a, b, at = int(plan.a[p]), int(plan.b[p]), int(plan.at[p])
+                        out[at : at + b - a] = self._part(kk, a, b, limit)
+            jobs.append(from_cache)
+        most = self.decoder.group_chunks()
+        for js in plan.groups(np.flatnonzero(~held), most, self.decoder.shard_chunks):
+            def decode(js: np.ndarray = js) -> None:
+                ks = plan.chunk_ids[js]
+                stage = self.pool.take((js.size * c, *self.decoder.tail), self.arr.dtype)
+                self.decoder.decode_chunks(ks, stage, self.pool)
+                with self._lock:
+                    self.decoded += js.size
+                    if self._keep:
+                        for slot, kk in enumerate(ks.tolist()):
+                            if kk in self._keep:
+                                i = slot * c
+                                self._copy_out(kk, stage[i : i + min(c, limit - kk * c)])
+                plan.copy(js, stage, out)
+            jobs.append(decode)
+        return jobs
 
     def _copy_out(self, k: int, out: np.ndarray) -> None:
         """Copy the pieces :meth:`keep` asked for out of freshly decoded chunk ``k``."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -104,62 +105,98 @@ def read_rows(arr: Any, rows: np.ndarray, *, name: str | None = None) -> np.ndar
         raise locate_checksum_error(arr, 0, 0, name, chunk_ids=ids) from exc
 
 
+#: Most decoded bytes a gather stages at once: the inner chunks it needs of one shard are
+#: fetched and decoded together (see :meth:`ChunkDecoder.decode_chunks`), then their pieces
+#: are copied out.
+STAGE_BYTES = 8 * 2**20
+
+
+class RangeGather:
+    """Element ranges of one array, written one after another into an output: cut into
+    per-chunk pieces and grouped by chunk, so each touched chunk is decoded once and all
+    its pieces are copied out of it together (ranges may come in any order and repeat)."""
+
+    def __init__(self, starts: np.ndarray, ends: np.ndarray, out_at: np.ndarray,
+                 chunk: int) -> None:
+        starts = np.asarray(starts, dtype=np.int64)
+        ends = np.asarray(ends, dtype=np.int64)
+        out_at = np.asarray(out_at, dtype=np.int64)
+        keep = ends > starts
+        s, e, o = starts[keep], ends[keep], out_at[keep]
+        self.chunk = int(chunk)
+        k, a, b, rng = chunk_pieces(s, e, self.chunk)
+        at = o[rng] + (a - s[rng])
+        srt = np.argsort(k, kind="stable")
+        self.k, self.a, self.b, self.at = k[srt], a[srt], b[srt], at[srt]
+        self.chunk_ids, first = np.unique(self.k, return_index=True)
+        self.edges = np.append(first, self.k.size)
+
+    def groups(self, js: np.ndarray | range, max_chunks: int, per: int = 0
+               ) -> list[np.ndarray]:
+        """``js`` (positions in :attr:`chunk_ids`, ascending) in groups decoded together: at
+        most ``max_chunks`` chunks, all of one shard (``per`` chunks a shard) when sharded,
+        else neighbours in the array."""
+        js = np.asarray(js, dtype=np.int64)
+        if not js.size:
+            return []
+        ids = self.chunk_ids[js]
+        apart = (ids[1:] // per != ids[:-1] // per) if per else (np.diff(ids) != 1)
+        out: list[np.ndarray] = []
+        for grp in np.split(js, np.flatnonzero(apart) + 1):
+            out.extend(grp[i : i + max_chunks] for i in range(0, grp.size, max_chunks))
+        return out
+
+    def copy(self, js: np.ndarray, src: np.ndarray, out: np.ndarray) -> None:
+        """Copy the pieces of chunks ``chunk_ids[js]`` into ``out``; ``src`` holds those
+        chunks decoded, one whole-chunk slot each, in that order."""
+        c = self.chunk
+        for slot, j in enumerate(js.tolist()):
+            base = int(self.chunk_ids[j]) * c - slot * c
+            p = slice(int(self.edges[j]), int(self.edges[j + 1]))
+            # One slice copy a piece (a memcpy): pieces are whole rows' values.
+            for a, b, at in zip(self.a[p].tolist(), self.b[p].tolist(), self.at[p].tolist(),
+                                strict=True):
+                out[at : at + b - a] = src[a - base : b - base]
+
+
 def read_ranges(
     arr: Any, starts: np.ndarray, ends: np.ndarray, *, name: str | None = None,
     workers: int = RANGE_READ_WORKERS,
 ) -> np.ndarray:
     """Concatenation of ``arr[s:e]`` for each range, decoding each touched chunk once.
 
-    Ranges may come in any order and may repeat; output follows their order.  Each touched
-    chunk is decoded on its own (on ``workers`` threads: Blosc and CRC32C run without the
-    GIL) and its pieces copied straight into the output, so memory is the output plus one
-    chunk per thread, however many chunks scattered ranges touch.
+    Ranges may come in any order and may repeat; output follows their order.  Touched
+    chunks are decoded on ``workers`` threads (Blosc and CRC32C run without the GIL), those
+    of one shard together, and their pieces copied straight into the output, so memory is
+    the output plus a chunk (a shard's chunks, at most :data:`STAGE_BYTES`) per thread,
+    however many chunks scattered ranges touch.
     """
     starts = np.asarray(starts, dtype=np.int64)
     ends = np.asarray(ends, dtype=np.int64)
     lens = np.maximum(ends - starts, 0)
     out_at = np.concatenate([[0], np.cumsum(lens)])
     out = np.empty((int(out_at[-1]), *arr.shape[1:]), dtype=arr.dtype)
-    nonempty = lens > 0
-    if not nonempty.any():
+    if not out.shape[0]:
         return out
     c = int(arr.chunks[0])
-    s, e, o = starts[nonempty], ends[nonempty], out_at[:-1][nonempty]
-    k, a, b, rng = chunk_pieces(s, e, c)
-    at = o[rng] + (a - s[rng])
-    srt = np.argsort(k, kind="stable")
-    k, a, b, at = k[srt], a[srt], b[srt], at[srt]
-    chunk_ids, first_piece = np.unique(k, return_index=True)
-    edges = np.append(first_piece, k.size)
+    plan = RangeGather(starts, ends, out_at[:-1], c)
     decoder = ChunkDecoder(arr, name)
-    limit = arr.shape[0]
+    most = decoder.group_chunks()
+    runs = plan.groups(range(plan.chunk_ids.size), most, decoder.shard_chunks)
 
-    def fill(j: int, buf: np.ndarray) -> None:
-        kk = int(chunk_ids[j])
-        lo, hi = kk * c, min((kk + 1) * c, limit)
-        if decoder.is_direct:
-            decoder.decode_into(kk, buf)
-            chunk = buf
-        else:
-            chunk = read_slice(arr, lo, hi, name=name)
-        p = slice(int(edges[j]), int(edges[j + 1]))
-        src = range_positions(a[p] - lo, b[p] - lo)
-        out[range_positions(at[p], at[p] + (b[p] - a[p]))] = chunk[src]
+    def run(mine: list[np.ndarray]) -> None:
+        stage = np.empty((most * c, *arr.shape[1:]), arr.dtype)
+        for js in mine:
+            decoder.decode_chunks(plan.chunk_ids[js], stage[: js.size * c])
+            plan.copy(js, stage, out)
 
-    def run(js: range) -> None:
-        buf = np.empty((c, *arr.shape[1:]), arr.dtype)
-        for j in js:
-            fill(j, buf)
-
-    n = chunk_ids.size
-    w = max(1, min(int(workers), n))
+    w = max(1, min(int(workers), len(runs)))
     if w == 1:
-        run(range(n))
+        run(runs)
         return out
     with ThreadPoolExecutor(max_workers=w - 1, thread_name_prefix="sparsestore-ranges") as ex:
-        cuts = np.linspace(0, n, w + 1).astype(int)
-        futs = [ex.submit(run, range(int(cuts[i]), int(cuts[i + 1]))) for i in range(1, w)]
-        run(range(int(cuts[0]), int(cuts[1])))
+        futs = [ex.submit(run, runs[i::w]) for i in range(1, w)]
+        run(runs[0::w])
         for f in futs:
             f.result()
     return out
@@ -202,12 +239,22 @@ class ChunkDecoder:
         self.tail = tuple(int(d) for d in arr.shape[1:])  # trailing axes (labels may have them)
         self.dtype = np.dtype(arr.dtype)
         self.fill = arr.fill_value
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.tail, dtype=np.int64))
         self.direct = zc.direct_plan(arr)
         self.sharded = None if self.direct is not None else zc.shard_plan(arr)
+        #: Inner chunks a shard holds (0: not sharded, or not decoded here).
+        self.shard_chunks = 0 if self.sharded is None else self.sharded.per
         self._indexes: OrderedDict[int, np.ndarray | None] = OrderedDict()
         self._index_lock = threading.Lock()
         self.index_reads = 0  # shard indexes read (for tests and benchmarks)
         self._scratch = threading.local()  # each thread's buffer for compressed inner chunks
+
+    def group_chunks(self) -> int:
+        """Chunks decoded together by a gather: those of one shard (one fetch), at most
+        :data:`STAGE_BYTES` of them; one where each chunk is an object of its own."""
+        if not self.shard_chunks:
+            return 1
+        return max(1, min(self.shard_chunks, STAGE_BYTES // max(1, self.chunk * self.row_bytes)))
 
     @property
     def is_direct(self) -> bool:
@@ -312,6 +359,71 @@ class ChunkDecoder:
             stored = self._decode_inner(k, dest[:want], pool, fresh=True)
         if not stored:  # never written: zarr's fill value
             out[:n] = self.fill
+
+    def decode_run(self, k0: int, k1: int, out: np.ndarray,
+                   pool: BufferPool | None = None) -> None:
+        """Decode chunks ``k0 .. k1-1`` into ``out`` (room for ``k1 - k0`` whole chunks)."""
+        self.decode_chunks(range(k0, k1), out, pool)
+
+    def decode_chunks(self, ks: Sequence[int], out: np.ndarray,
+                      pool: BufferPool | None = None) -> None:
+        """Decode chunks ``ks`` (ascending) into ``out``, one whole-chunk slot each, in
+        order, as :meth:`decode_into` each.
+
+        In a sharded array the inner chunks of one shard are fetched together (one read
+        for neighbours, one request on object storage) and checked one by one, so small
+        inner chunks cost a decode each, not a read and a lookup each.
+        """
+        c, ks = self.chunk, [int(k) for k in ks]
+        per = self.sharded.per if self.sharded is not None else 0
+        i = 0
+        while i < len(ks):
+            j = i + 1
+            if per:
+                while j < len(ks) and ks[j] // per == ks[i] // per:
+                    j += 1
+            part = out[i * c : j * c]
+            if j - i < 2 or not self._decode_shard_chunks(ks[i:j], part, pool):
+                for n, k in enumerate(ks[i:j]):
+                    self.decode_into(k, part[n * c : (n + 1) * c], pool)
+            i = j
+
+    def _decode_shard_chunks(self, ks: list[int], out: np.ndarray,
+                             pool: BufferPool | None) -> bool:
+        """Inner chunks ``ks`` of one shard into ``out`` by one fetch; False (nothing written)
+        when one is not stored or the fetch fails: the caller then decodes them one by one,
+        which names what is wrong."""
+        plan = self.sharded
+        assert plan is not None
+        s = ks[0] // plan.per
+        key = zc.chunk_key(self.arr, plan.prefix, s)
+        try:
+            index = self._index(s, key, False)
+        except SparseStoreError:
+            return False
+        if index is None:
+            return False
+        ent = index[np.asarray(ks, np.int64) - s * plan.per]
+        offs, sizes = ent[:, 0], ent[:, 1]
+        want = out.nbytes // len(ks)
+        if ((offs == zc.SHARD_EMPTY).any() or (sizes > want + 1024).any()
+                or (offs[1:] < offs[:-1] + sizes[:-1]).any()):
+            return False
+        ranges = list(zip(offs.tolist(), (offs + sizes).tolist(), strict=True))
+        total = ranges[-1][1] - ranges[0][0]
+        scratch = getattr(self._scratch, "run", None)
+        if scratch is None or scratch.size < total:  # per thread, reused fetch after fetch
+            scratch = self._scratch.run = np.empty(max(total, 2 * want), np.uint8)
+        try:
+            raws = zc.fetch_run(plan.store, key, ranges, pool, scratch)
+        except SparseStoreError:
+            return False
+        if raws is None:
+            return False
+        dest = out.reshape(-1).view(np.uint8)
+        for j, raw in enumerate(raws):
+            self._decode_raw(ks[j], raw, plan.steps, plan.crc, dest[j * want : (j + 1) * want])
+        return True
 
     def _decode_inner(self, k: int, dest: np.ndarray, pool: BufferPool | None,
                       fresh: bool) -> bool:

@@ -54,6 +54,13 @@ THREAD_PREFIX = "sparsestore-reader"
 
 # ------------------------------------------------------------------ columns
 
+#: Fewest stored values per decode piece of a unit: 8 MiB of float32 values, so a piece over
+#: small inner chunks decodes a run of them by one read (what 4 MiB chunks hold two of).
+PIECE_NNZ = 2**21
+#: Spans in a unit from which it is read by chunk runs rather than span by span.
+MANY_SPANS = 8
+
+
 @dataclass(frozen=True)
 class ColumnSelection:
     """A validated column subset: ``keep`` (original ids, output order) and the inverse map."""
@@ -393,6 +400,8 @@ class BlockReader:
     def _read_spans(self, spans: np.ndarray) -> tuple[Any, list[np.ndarray]]:
         """Decode the spans (through the caches) and concatenate them, labels included."""
         st = self.store
+        if not st.is_dense and len(spans) >= MANY_SPANS:
+            return self._read_many_spans(np.asarray(spans, np.int64).reshape(-1, 2))
         labels = [
             _cat([cache.read(int(a), int(b), st.n_rows) for a, b in spans])
             for cache in self.label_caches
@@ -411,9 +420,10 @@ class BlockReader:
         cap = self.unit_nnz if self.unit_nnz and nnz <= self.unit_nnz else nnz
         values = self.pool.take(cap, st.dtype)[:nnz]
         indices = self.pool.take(cap, c_ind.arr.dtype)[:nnz]
-        # Pieces of about two data chunks, cut at rows: a big unit (a shuffle's) is decoded
-        # by every worker thread at once instead of by the one that took the unit.
-        piece_nnz = 2 * int(c_val.arr.chunks[0])
+        # Pieces of about two data chunks (at least PIECE_NNZ values: small inner chunks of
+        # shards are read in runs), cut at rows: a big unit (a shuffle's) is decoded by
+        # every worker thread at once instead of by the one that took the unit.
+        piece_nnz = max(PIECE_NNZ, 2 * int(c_val.arr.chunks[0]))
         work: list[tuple[int, np.ndarray]] = []  # (first row, its pointers into the store)
         for (a, _), p in zip(spans, ptrs, strict=True):
             rel = p - p[0]
@@ -450,6 +460,77 @@ class BlockReader:
             if ahead is not None:
                 ahead.release()
         return DecodedRows(values, indices, ptr), labels
+
+    def _read_many_spans(self, spans: np.ndarray) -> tuple[Any, list[np.ndarray]]:
+        """:meth:`_read_spans` for many short spans (a shuffled unit's blocks): each array's
+        touched chunks are decoded once, in runs of neighbours, and every span's pieces
+        copied out together (:meth:`SharedChunkCache.gather_jobs`), not a span at a time."""
+        st = self.store
+        lo_row, hi_row = spans[:, 0], spans[:, 1]
+        lens = hi_row - lo_row
+        row_at = np.cumsum(lens) - lens
+        c_ptr, c_val, c_ind = self.caches["indptr"], self.caches["data"], self.caches["indices"]
+        labels = []
+        for cache in self.label_caches:
+            out = self.pool.take((int(lens.sum()), *cache.decoder.tail), cache.arr.dtype)
+            self._run_jobs(cache.gather_jobs(lo_row, hi_row, row_at, out, st.n_rows))
+            labels.append(out)
+        # Each span's row pointers, its first row's included: [lo, hi] inclusive.
+        p_at = row_at + np.arange(lens.size)
+        got = np.empty(int(lens.sum()) + lens.size, c_ptr.arr.dtype)
+        self._run_jobs(c_ptr.gather_jobs(lo_row, hi_row + 1, p_at, got, st.n_rows + 1))
+        raw = got.astype(np.int64, copy=False)
+        first, last = raw[p_at], raw[p_at + lens]
+        step = np.diff(raw)
+        step[p_at[1:] - 1] = 0  # between spans: not a step of one
+        if raw.size and (raw.min() < 0 or raw.max() > st.nnz or (step < 0).any()):
+            for i in range(lens.size):  # the first damaged span names its row
+                seg = raw[p_at[i] : p_at[i] + lens[i] + 1]
+                check_row_pointers(seg, st.nnz, st.path, int(lo_row[i]))
+        nnz_of = last - first
+        val_at = np.cumsum(nnz_of) - nnz_of
+        # ptr: 0, then each span's pointers past its first, shifted to its place
+        shift = np.repeat(val_at - first, lens + 1)
+        tail = np.ones(raw.size, bool)
+        tail[p_at] = False
+        ptr = np.empty(int(lens.sum()) + 1, np.int64)
+        ptr[0] = 0
+        ptr[1:] = (raw + shift)[tail]
+        nnz = int(ptr[-1])
+        cap = self.unit_nnz if self.unit_nnz and nnz <= self.unit_nnz else nnz
+        values = self.pool.take(cap, st.dtype)[:nnz]
+        indices = self.pool.take(cap, c_ind.arr.dtype)[:nnz]
+        ranges = [(int(a), int(b)) for a, b in zip(first.tolist(), last.tolist(), strict=True)]
+        ahead = prefetch_unit((c_val, c_ind), ranges)
+        try:
+            self._run_jobs(c_val.gather_jobs(first, last, val_at, values, st.nnz)
+                           + c_ind.gather_jobs(first, last, val_at, indices, st.nnz))
+        finally:
+            if ahead is not None:
+                ahead.release()
+        for i in range(lens.size):
+            o, n = int(val_at[i]), int(nnz_of[i])
+            st.check_indices(indices[o : o + n], raw[p_at[i] : p_at[i] + lens[i] + 1],
+                             int(lo_row[i]))
+        return DecodedRows(values, indices, ptr), labels
+
+    def _run_jobs(self, jobs: list[Any]) -> None:
+        """Run jobs on this pass's span threads and the caller's, each taking the next."""
+        ex = self._span_ex
+        if ex is None or len(jobs) < 2:
+            for job in jobs:
+                job()
+            return
+        order = Tickets(len(jobs))
+
+        def work() -> None:
+            for i in order:
+                jobs[i]()
+
+        futs = [ex.submit(work) for _ in range(min(self.num_workers - 1, len(jobs) - 1))]
+        work()
+        for f in futs:
+            f.result()
 
     def _piece(
         self, src: Any, labels: list[np.ndarray], unit: UnitSpec, i: int, j: int

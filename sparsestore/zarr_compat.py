@@ -268,6 +268,26 @@ def fetch_range(store: Any, key: str, start: int, stop: int, pool: BufferPool | 
     return None if got is None else got.as_numpy_array().view(np.uint8)
 
 
+def fetch_run(store: Any, key: str, ranges: list[tuple[int, int]], pool: BufferPool | None,
+              into: np.ndarray | None = None) -> list[np.ndarray] | None:
+    """Byte ranges of one object (ascending, not overlapping), fetched together and each
+    checked against the manifest like a :func:`fetch_range` of it; None if the object is
+    absent.  ``into`` (at least the bytes from the first range's start to the last's end)
+    is scratch memory the caller reuses."""
+    read_run = getattr(store, "read_run", None)
+    if read_run is not None:
+        return read_run(key, ranges, pool, into)
+    if getattr(store, "read_range", None) is not None:  # reads served per range (prefetched)
+        parts = [fetch_range(store, key, a, b, pool) for a, b in ranges]
+        return None if any(p is None for p in parts) else parts  # type: ignore[misc]
+    lo = ranges[0][0]
+    got = store.get_sync(key, byte_range=RangeByteRequest(lo, ranges[-1][1]))
+    if got is None:
+        return None
+    raw = got.as_numpy_array().view(np.uint8)
+    return [raw[a - lo : b - lo] for a, b in ranges]
+
+
 def blosc_codec(arr: Any) -> Any:
     """numcodecs ``Blosc`` built from ``arr``'s Blosc codec configuration (as zarr builds it),
     or None when it has none; :class:`ZarrCompatError` when the configuration is unreadable."""
@@ -297,7 +317,7 @@ __all__ = [
     "OffsetByteRequest", "Plan", "RangeByteRequest", "SHARD_EMPTY", "ShardPlan",
     "SuffixByteRequest", "WrapperStore", "ZarrCompatError", "blosc_codec", "blosc_decompress",
     "blosc_sizes", "buffer_class", "chunk_key", "default_buffer_prototype", "direct_plan",
-    "fetch", "fetch_range", "fetch_suffix", "is_checksum_failure", "key_exists", "le32",
-    "run_async", "run_sync", "shard_plan",
+    "fetch", "fetch_range", "fetch_run", "fetch_suffix", "is_checksum_failure", "key_exists",
+    "le32", "run_async", "run_sync", "shard_plan",
     "store_bytes",
 ]

@@ -225,3 +225,114 @@ def test_shard_encoder_writes_what_zarr_writes(tmp_path, n):
     for a, b in zip(ours, theirs, strict=True):
         assert a.read_bytes() == b.read_bytes(), a.name
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ours"))[:], values)
+
+
+# ------------------------------------------------------------------ inner chunks read together
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(picks=st.lists(st.booleans(), min_size=1, max_size=60), seed=st.integers(0, 99))
+def test_decode_chunks_fetches_each_shard_once_and_equals_zarr(sharded, monkeypatch, picks,
+                                                              seed):
+    """Any ascending choice of inner chunks decodes to zarr's elements, each shard's chosen
+    chunks by one fetch (counted at the store) however far apart they lie in it."""
+    path, _ = sharded
+    store = sparsestore.open(path)
+    arr = store.arrays["data"]
+    oracle = np.asarray(zarr.open_array(str(path / "data"), mode="r")[...])
+    dec = ChunkDecoder(arr, "data")
+    n = -(-arr.shape[0] // dec.chunk)
+    ks = [k for k, p in zip(range(n), picks * (n // len(picks) + 1), strict=False) if p]
+    if not ks:
+        return
+    fetches: list[tuple[str, int]] = []
+    for name in ("read_run", "read_range"):
+        real = getattr(VerifiedStore, name)
+
+        def spy(self, key, *args, _real=real, _name=name, **kw):
+            fetches.append((key, len(args[0]) if _name == "read_run" else 1))
+            return _real(self, key, *args, **kw)
+
+        monkeypatch.setattr(VerifiedStore, name, spy)
+    out = np.empty(len(ks) * dec.chunk, arr.dtype)
+    dec.decode_chunks(ks, out)
+    for slot, k in enumerate(ks):
+        lo, hi = dec.bounds(k)
+        np.testing.assert_array_equal(out[slot * dec.chunk : slot * dec.chunk + hi - lo],
+                                      oracle[lo:hi])
+    per_shard = {}
+    for k in ks:
+        per_shard[f"data/c/{k // dec.sharded.per}"] = per_shard.get(
+            f"data/c/{k // dec.sharded.per}", 0) + 1
+    assert sorted(fetches) == sorted(per_shard.items())
+
+
+def _exchange_inner_chunks(shard: Path, per: int, i: int, j: int) -> None:
+    """Rewrite a shard with inner chunks ``i`` and ``j`` (neighbours, i < j) trading places,
+    bytes and index alike, every CRC32C valid: each is a well-formed chunk in the wrong
+    place, which only the manifest can tell."""
+    raw, index = _index(shard, per)
+    (oi, ni), (oj, nj) = (int(v) for v in index[i]), (int(v) for v in index[j])
+    assert oi + ni == oj
+    body = raw[:oi] + raw[oj : oj + nj] + raw[oi : oi + ni] + raw[oj + nj :]
+    index[i], index[j] = (oi, nj), (oi + nj, ni)
+    _write_index(shard, body, index)
+
+
+def test_exchanged_inner_chunks_are_misplaced_on_every_read_path(copy):
+    path, X = copy
+    _exchange_inner_chunks(path / "data" / "c" / "1", 4, 1, 2)
+    store = sparsestore.open(path)
+    with pytest.raises(MisplacedChunkError, match="array 'data'"):
+        store[:]
+    with pytest.raises(MisplacedChunkError):
+        read_ranges(store.arrays["data"], np.array([4 * 1024]), np.array([8 * 1024]),
+                    name="data")
+    for kw in ({}, {"shuffle": True, "shuffle_buffer_bytes": 3 * 16384}):
+        with pytest.raises(MisplacedChunkError):
+            for _ in sparsestore.DataLoader(store, batch_size=64, **kw):
+                pass
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shuffled_pass_over_small_inner_chunks(sharded, workers):
+    """A shuffled pass of many units over 4 KiB inner chunks (read by the unit's chunks,
+    not span by span): every row once with its own values, and each inner chunk decoded
+    once (one thread; with threads a chunk two running units share may be decoded twice)."""
+    path, X = sharded
+    store = sparsestore.open(path)
+    loader = sparsestore.DataLoader(store, batch_size=64, shuffle=True, seed=2,
+                                    shuffle_buffer_bytes=8 * 16384, num_workers=workers)
+    assert loader._sampler_for_blocks().plan(0).n_units > 4
+    rows, parts = [], []
+    for b in loader.iter_batches():
+        rows.append(b.rows)
+        parts.append(b.to_scipy())
+    rows = np.concatenate(rows)
+    np.testing.assert_array_equal(np.sort(rows), np.arange(X.shape[0]))
+    assert (sp.vstack(parts, format="csr") != X[rows]).nnz == 0
+    if workers == 0:
+        assert loader.decoded_chunks["data"] == -(-X.nnz // store.arrays["data"].chunks[0])
+
+
+def test_sequential_pass_reads_inner_chunks_by_shard(sharded, monkeypatch):
+    """A block's inner chunks are fetched a shard at a time: per shard its index and one
+    read (plus a block's two edge chunks, read through the cache), not a read a chunk."""
+    path, X = sharded
+    store = sparsestore.open(path)
+    reads: list[str] = []
+    real = VerifiedStore._pread
+
+    def spy(self, key, *args, **kw):
+        reads.append(key)
+        return real(self, key, *args, **kw)
+
+    monkeypatch.setattr(VerifiedStore, "_pread", spy)
+    got = sp.vstack([b.to_scipy() for b in sparsestore.DataLoader(
+        store, batch_size=500, block_rows=2000).iter_batches()], format="csr")
+    assert (got != X).nnz == 0
+    arr = store.arrays["data"]
+    inner, shards = -(-X.nnz // arr.chunks[0]), -(-X.nnz // arr.shards[0])
+    data_reads = [k for k in reads if k.startswith("data/")]
+    assert len(data_reads) <= 2 * shards + 2 * 2 < inner + shards, (len(data_reads), inner)
