@@ -42,6 +42,9 @@ from .layout import DENSE_ARRAY, META_KEY, Meta
 from .opening import CommittedState, metadata_keys
 from .oserrors import os_errors, translate
 
+#: Bytes of column indices a whole-range read decodes and checks at a time.
+CHECK_STRETCH = 4 * 2**20
+
 
 class SparseStore(CommittedState):
     """A matrix on disk: ``store[a:b]`` gives scipy CSR (numpy for dense stores).
@@ -201,7 +204,10 @@ class SparseStore(CommittedState):
             return vals, caches[1].read(lo, hi, self._nnz), ptr - lo
         dt, pool = self._indices.dtype, caches[1].pool
         ind = np.empty(hi - lo, dt) if pool is None else pool.take(hi - lo, dt)
-        edges = [lo, *range((lo // c + 1) * c, hi, c), hi]
+        # Checked a stretch at a time while it is in cache: a chunk, or as many small (inner)
+        # chunks as fill 4 MiB of indices, fetched and decoded together.
+        step = c * max(1, CHECK_STRETCH // (c * dt.itemsize))
+        edges = [lo, *range((lo // step + 1) * step, hi, step), hi]
         for p, q in zip(edges[:-1], edges[1:], strict=True):
             caches[1].read_to(p, q, ind[p - lo : q - lo], self._nnz)
             r0 = int(np.searchsorted(ptr, p, "right")) - 1
