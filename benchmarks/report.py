@@ -439,7 +439,7 @@ def scaling_png(run: dict[str, Any], path: Path) -> None:
 # json files of the benchmarks not yet on benchmarks.records' schema, each with the module
 # whose markdown(record) made its page.  Not layout.json: layout.md carries a hand-added
 # second run (commit 6a00cc0) that layout.json lacks, until bench_layout is rerun.
-LEGACY = {"tf_compare": "bench_tf_compare", "tf_split": "bench_tf_split",
+LEGACY = {"tf_compare": "bench_tf_compare",
           "memory": "bench_memory", "shuffle": "bench_shuffle",
           "shuffle_keras": "bench_shuffle_keras", "shuffle_ranks": "bench_shuffle_ranks",
           "layout_shards": "bench_layout", "chunk_floor": "bench_chunk_floor"}

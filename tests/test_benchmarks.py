@@ -11,7 +11,6 @@ import sys
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from benchmarks import run as bench_run
@@ -153,35 +152,6 @@ def test_tf_compare_and_gpu_check_run_tiny(tmp_path: Path, capsys: pytest.Captur
     assert res["bytes_per_nnz"]["coo_host"] > 12
 
 
-def test_tf_split_runs_tiny_and_its_harness_gives_the_streams_batches(tmp_path: Path) -> None:
-    """bench_tf_split end to end at a toy size, and its prebuilt-batch harness (the "tf +
-    build" case) yields what to_dataset yields, so the stages it subtracts are the stream's."""
-    pytest.importorskip("tensorflow")
-    import sparsestore.adapters.tensorflow as sstf
-    import tensorflow as tf
-
-    from benchmarks import bench_tf_split
-    from benchmarks.common import store_with_matrix
-    from sparsestore.loader import DataLoader
-
-    record = bench_tf_split.main(["--rows", "3000", "--rounds", "1", "--out", str(tmp_path)])
-    for per_core in record["result"]["wall_ms"].values():
-        assert set(per_core) == set(bench_tf_split.CASES)
-        assert all(v > 0 for v in per_core.values())
-    assert "| 2 readers |" in (tmp_path / "tf_split.md").read_text()
-
-    store, _, _ = store_with_matrix(tmp_path / "m.zarr", 3000, 500, 10)
-    batches = list(DataLoader(store, 256).iter_batches())
-    harness = bench_tf_split._harness(tf, DataLoader(store, 256), batches, None)
-    stream = sstf.to_dataset(DataLoader(store, 256))
-    got, want = list(harness), list(stream)
-    assert len(got) == len(want) == len(batches)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_array_equal(a.indices.numpy(), b.indices.numpy())
-        np.testing.assert_array_equal(a.values.numpy(), b.values.numpy())
-        np.testing.assert_array_equal(a.dense_shape.numpy(), b.dense_shape.numpy())
-
-
 def test_memory_bench_streams_whole_passes_in_fresh_processes(tmp_path: Path) -> None:
     """bench_memory at a toy size: every pass of each child streams the whole store (its
     batch count is the loader's), and the report lists each size and mode."""
@@ -201,7 +171,7 @@ def test_memory_bench_streams_whole_passes_in_fresh_processes(tmp_path: Path) ->
     assert "| tf | 5,000 |" in md and "| loader | 2,500 |" in md
 
 
-@pytest.mark.parametrize("module", ["bench_tf_compare", "bench_tf_split", "bench_memory",
+@pytest.mark.parametrize("module", ["bench_tf_compare", "bench_memory",
                                     "bench_shuffle_keras"])
 def test_standalone_benchmarks_write_to_a_scratch_folder_by_default(module: str) -> None:
     """Run as the README shows them, they leave the committed results alone: ``--out``
