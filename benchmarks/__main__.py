@@ -56,8 +56,6 @@ REGISTRY: dict[str, Bench] = {
                           ("--rows", "20000", "--repeats", "1")),
     "layout": Bench("bench_layout", "store layouts: write, read, loader pass, random access",
                     ("--rows", "20000", "--rounds", "1")),
-    "chunk_floor": Bench("bench_chunk_floor", "decode cost per chunk size against the codec "
-                         "floor", ("--rows", "20000")),
     "gpu": Bench("gpu_check", "can to_dataset feed a GPU (no GPU visible: says so)",
                  ("--rows", "20000", "--rounds", "1"), out=False),
     "s3_latency": Bench("bench_s3_latency", "S3 passes at 0/10/30 ms per request vs local disk",

@@ -22,14 +22,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .common import (
-    dir_bytes,
-    machine_info,
-    matrix_blocks,
-    reproduce_command,
-    rmtree,
-    save_results,
-)
+from .common import add_out_argument, dir_bytes, matrix_blocks, reproduce_command, rmtree
+from .records import run_meta, write_records
 
 LAYOUTS: dict[str, dict[str, Any]] = {
     "4MiB": {},
@@ -147,44 +141,43 @@ def run_shape(name: str, X: sp.csr_matrix, rounds: int, work: Path) -> dict[str,
     return out
 
 
-def markdown(record: dict[str, Any]) -> str:
-    lines = ["# Store layouts: chunk size and sharding", "",
-             f"`{record['command']}` on {record['machine']['cpu']} "
-             f"({record['machine']['cores']} cores), commit {record['machine']['commit']}; "
-             f"median of {record['rounds']} interleaved rounds, warm page cache.", ""]
-    for name, res in record["shapes"].items():
+NOTE = ("Median of interleaved rounds, warm page cache.  `x`: the layout's figure over the "
+        "default's (4 MiB).  `loader matched`: every layout read in the default layout's loader "
+        "block size, so only the chunk decoding differs.  What these figures decided, and the "
+        "decode floor under small chunks: `design_notes.md`, \"Store layout\".")
+RATIOS = {"write s": "write x", "full read s": "read x", "loader rows/s": "loader x",
+          "loader matched rows/s": "matched x", "random 1024 rows/s": "random x"}
+
+
+def to_records(shapes: dict[str, Any], label: str = "") -> list[dict[str, Any]]:
+    """One row per layout, a table per shape (``label`` added to its heading)."""
+    out = []
+    for name, res in shapes.items():
         rows, cols = res["shape"]
-        lines += [f"## {name}: {rows} x {cols}, {res['nnz'] / rows:.0f} nnz/row", "",
-                  f"loader matched: `block_rows={res['matched_block_rows']}` for every "
-                  "layout (the default layout's block size).", "",
-                  "| layout | files | MB | write s | full read s | loader rows/s "
-                  "| loader matched rows/s | random 1024 rows/s |",
-                  "|---|---|---|---|---|---|---|---|"]
-        base = res["layouts"]["4MiB"]
-        for lay, v in res["layouts"].items():
-            def rel(key: str, v: dict = v, lay: str = lay, base: dict = base) -> str:
-                return "" if lay == "4MiB" else f" ({v[key] / base[key]:.2f}x)"
-            lines.append(
-                f"| {lay} | {v['files']} | {v['bytes'] / 1e6:.0f} | {v['write_s']:.2f}"
-                f"{rel('write_s')} | {v['full_read_s']:.2f}{rel('full_read_s')} | "
-                f"{v['loader_rows_per_s'] / 1e3:.0f}k{rel('loader_rows_per_s')} | "
-                f"{v['loader_matched_rows_per_s'] / 1e3:.0f}k"
-                f"{rel('loader_matched_rows_per_s')} | "
-                f"{v['random_rows_per_s'] / 1e3:.1f}k{rel('random_rows_per_s')} |")
-        lines.append("")
-    return "\n".join(lines)
+        group = (f"{name}: {rows:,} x {cols:,}, {res['nnz'] / rows:.0f} nnz/row{label} "
+                 f"(loader matched: block_rows={res['matched_block_rows']})")
+        recs = [{"group": group, "layout": lay, "files": v["files"], "MB": v["bytes"] / 1e6,
+                 "write s": v["write_s"], "full read s": v["full_read_s"],
+                 "loader rows/s": v["loader_rows_per_s"],
+                 "loader matched rows/s": v["loader_matched_rows_per_s"],
+                 "random 1024 rows/s": v["random_rows_per_s"]}
+                for lay, v in res["layouts"].items()]
+        for r in recs:
+            r.update({x: r[k] / recs[0][k] for k, x in RATIOS.items()})
+        out += recs
+    return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--shapes", default="cell,synthetic")
     p.add_argument("--layouts", default=",".join(LAYOUTS),
                    help="comma-separated layout names (4MiB, the baseline, always runs)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "out"))
+    add_out_argument(p)
     p.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     chosen = {"4MiB", *args.layouts.split(",")}
     for name in list(LAYOUTS):
         if name not in chosen:
@@ -196,12 +189,11 @@ def main() -> None:
         X = cell_matrix(args.rows) if name == "cell" else synthetic_matrix(args.rows)
         shapes[name] = run_shape(name, X, args.rounds, work)
         del X
-    record = {
-        "command": reproduce_command("benchmarks.bench_layout", p, args,
-                                     ["rows", "rounds", "shapes", "layouts"]),
-        "rounds": args.rounds, "machine": machine_info(), "shapes": shapes,
-    }
-    save_results(record, markdown(record), args.out, "layout")
+    meta = run_meta(reproduce_command("benchmarks.bench_layout", p, args,
+                                      ["rows", "rounds", "shapes", "layouts"]),
+                    title="Store layouts: chunk size and sharding", note=NOTE,
+                    rounds=args.rounds)
+    return write_records("layout", to_records(shapes), meta, args.out)
 
 
 if __name__ == "__main__":

@@ -445,16 +445,6 @@ def quiet_tf_retracing(tf: Any) -> None:
     tf.get_logger().addFilter(_NoRetracing())
 
 
-def save_results(record: dict[str, Any], md: str, out: str | Path, stem: str) -> None:
-    """Write ``record`` as ``<stem>.json`` and ``md`` as ``<stem>.md`` into ``out``, and
-    print the markdown."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_json(record, out / f"{stem}.json")
-    (out / f"{stem}.md").write_text(md)
-    print(md)
-
-
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()

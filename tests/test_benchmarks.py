@@ -129,15 +129,17 @@ def test_tf_compare_and_gpu_check_run_tiny(tmp_path: Path, capsys: pytest.Captur
     from benchmarks import bench_tf_compare, gpu_check
 
     work = tmp_path / "not" / "yet"  # --work creates a missing folder
-    record = bench_tf_compare.main(["--tiny", "--out", str(tmp_path), "--work", str(work)])
+    doc = bench_tf_compare.main(["--tiny", "--out", str(tmp_path), "--work", str(work)])
     assert work.is_dir()
-    saved = json.loads((tmp_path / "tf_compare.json").read_text())
-    assert set(saved["matrices"]) == {"dense100", "sparse2"}
-    for r in record["matrices"].values():
-        for way in ("eager", "graph", "keras"):
-            for side in ("seq", "shuffled"):
-                assert math.isfinite(r["ratios"][way][side]) and r["ratios"][way][side] > 0
-        assert all(v > 0 for v in r["cpu_ns_per_nnz"].values())
+    assert json.loads((tmp_path / "tf_compare.json").read_text()) == doc
+    ratios = [r for r in doc["records"] if r["group"] == "ratios"]
+    assert {(r["matrix"], r["stream"]) for r in ratios} == {
+        (m, s) for m in ("dense100", "sparse2") for s in ("seq", "shuffled")}
+    for r in ratios:
+        for way in ("eager loop", "in-graph", "Keras epoch"):
+            assert math.isfinite(r[way]) and r[way] > 0
+    cpu = [r for r in doc["records"] if r["group"] == "cores and CPU"]
+    assert len(cpu) == 2 and all(r["stream CPU ns/nnz"] > 0 for r in cpu)
     md = (tmp_path / "tf_compare.md").read_text()
     assert "python -m benchmarks.bench_tf_compare --tiny" in md and "| sparse2" in md
 
@@ -158,15 +160,18 @@ def test_memory_bench_streams_whole_passes_in_fresh_processes(tmp_path: Path) ->
     pytest.importorskip("tensorflow")
     from benchmarks import bench_memory
 
-    record = bench_memory.main(["--rows", "2500,5000", "--passes", "2", "--every", "2",
-                                "--out", str(tmp_path)])
-    for mode in bench_memory.MODES:
-        for rows in (2500, 5000):
-            got = record["result"][mode][str(rows)]
-            assert got["rows"] == rows
-            assert got["batches_per_pass"] == -(-rows // 1024)
-            assert len(got["peak_growth_mib"]) == len(got["trace_mib"]) == 2
-            assert all(len(t) == -(-got["batches_per_pass"] // 2) for t in got["trace_mib"])
+    doc = bench_memory.main(["--rows", "2500,5000", "--passes", "2", "--every", "2",
+                             "--out", str(tmp_path)])
+    peaks = {(r["mode"], r["rows"]): r for r in doc["records"]
+             if r["group"] == "peak RSS growth per pass"}
+    assert set(peaks) == {(m, n) for m in bench_memory.MODES for n in (2500, 5000)}
+    for (_mode, rows), got in peaks.items():
+        assert got["batches/pass"] == -(-rows // 1024)
+        assert len(got["peak growth MiB"]) == 2
+    traces = [r for r in doc["records"] if r["group"] == "trace"]
+    assert {(r["mode"], r["rows"], r["pass"]) for r in traces} == {
+        (m, 5000, i) for m in bench_memory.MODES for i in (0, 1)}
+    assert all(len(r["MiB above warm"]) == -(-5 // 2) for r in traces)
     md = (tmp_path / "memory.md").read_text()
     assert "| tf | 5,000 |" in md and "| loader | 2,500 |" in md
 
