@@ -52,10 +52,6 @@ class Size:
     scaling: tuple[int, ...] = (1, 4, 16)  # row multipliers of the scaling benchmark
     scaling_base: int = 0  # rows of the x1 scaling matrix
 
-    @property
-    def nnz(self) -> int:
-        return self.n_rows * self.nnz_per_row
-
 
 SIZES = {
     # The suite's reference matrix: 200k x 30k, ~100 nnz/row, float32 (~20M nnz).
@@ -244,12 +240,6 @@ def count_sparse_tensor(x: Any) -> tuple[int, int]:
     if isinstance(x, tuple):
         x = x[0]
     return int(x.dense_shape[0]), int(x.values.shape[0])
-
-
-def count_csr(x: Any) -> tuple[int, int]:
-    if isinstance(x, tuple):
-        x = x[0]
-    return int(x.shape[0]), int(x.nnz)
 
 
 # ------------------------------------------------------------------ RSS
