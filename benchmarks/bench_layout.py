@@ -6,8 +6,8 @@ process, median of ``--rounds``.
 ``python -m benchmarks.bench_layout [--rows N] [--rounds R] [--shapes cell,synthetic]``
 
 Shapes: ``cell`` is single-cell-shaped (20k columns, ~800 nnz/row, Zipf-like column
-popularity, float32 counts); ``synthetic`` is 30k columns x 100 nnz/row uniform
-(:func:`benchmarks.common.matrix_blocks`).
+popularity, float32 counts: :func:`benchmarks.bench_shuffle.zipf_blocks`); ``synthetic`` is
+30k columns x 100 nnz/row uniform (:func:`benchmarks.common.make_matrix`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .common import add_out_argument, dir_bytes, matrix_blocks, reproduce_command, rmtree
+from .bench_shuffle import zipf_blocks
+from .common import add_out_argument, dir_bytes, make_matrix, reproduce_command, rmtree
 from .records import run_meta, write_records
 
 LAYOUTS: dict[str, dict[str, Any]] = {
@@ -35,37 +36,6 @@ LAYOUTS: dict[str, dict[str, Any]] = {
 }
 RANDOM_ROWS = 1024
 RANDOM_DRAWS = 5
-
-
-def cell_matrix(n_rows: int, n_cols: int = 20_000, nnz_per_row: int = 800,
-                seed: int = 7) -> sp.csr_matrix:
-    """A single-cell-shaped count matrix: Poisson row lengths, columns drawn by a Zipf-like
-    popularity (weight ~ 1 / (rank + 20)), values 1 + geometric counts."""
-    rng = np.random.default_rng(seed)
-    w = 1.0 / (np.arange(n_cols) + 20.0)
-    cdf = np.cumsum(w[rng.permutation(n_cols)])
-    cdf /= cdf[-1]
-    blocks = []
-    for start in range(0, n_rows, 8192):
-        rows = min(8192, n_rows - start)
-        lengths = np.minimum(rng.poisson(nnz_per_row * 1.3, rows), n_cols)
-        r = np.repeat(np.arange(rows, dtype=np.int64), lengths)
-        c = np.searchsorted(cdf, rng.random(r.size)).clip(0, n_cols - 1)
-        keys = np.unique(r * n_cols + c)
-        r, c = np.divmod(keys, n_cols)
-        indptr = np.zeros(rows + 1, np.int64)
-        np.cumsum(np.bincount(r, minlength=rows), out=indptr[1:])
-        vals = (1 + rng.geometric(0.4, keys.size)).astype(np.float32)
-        blocks.append(sp.csr_matrix((vals, c.astype(np.int32), indptr), shape=(rows, n_cols)))
-    X = sp.vstack(blocks, format="csr")
-    X.has_canonical_format = True
-    return X
-
-
-def synthetic_matrix(n_rows: int) -> sp.csr_matrix:
-    X = sp.vstack([b for b, _ in matrix_blocks(n_rows, 30_000, 100)], format="csr")
-    X.has_canonical_format = True
-    return X
 
 
 def _timed(fn: Any) -> float:
@@ -186,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     shapes = {}
     for name in args.shapes.split(","):
-        X = cell_matrix(args.rows) if name == "cell" else synthetic_matrix(args.rows)
+        X = (sp.vstack(list(zipf_blocks(args.rows, 20_000, 800)), format="csr")
+             if name == "cell" else make_matrix(args.rows, 30_000, 100))
         shapes[name] = run_shape(name, X, args.rounds, work)
         del X
     meta = run_meta(reproduce_command("benchmarks.bench_layout", p, args,
