@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -36,6 +35,7 @@ from .common import (
     MiB,
     RssSampler,
     add_out_argument,
+    child,
     matrix_blocks,
     reproduce_command,
     rmtree,
@@ -97,13 +97,8 @@ def run(sizes: list[int], passes: int, every: int, modes: list[str],
         sparsestore.write_blocks(path, matrix_blocks(rows, N_COLS, NNZ_PER_ROW),
                                  n_cols=N_COLS, dtype=np.float32, overwrite=True)
         for mode in modes:
-            cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--child", str(path),
-                   "--mode", mode, "--passes", str(passes), "--every", str(every)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                                  cwd=Path(__file__).resolve().parent.parent)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-            out[mode][str(rows)] = json.loads(proc.stdout.strip().splitlines()[-1])
+            out[mode][str(rows)] = child("bench_memory", "--child", path, "--mode", mode,
+                                         "--passes", passes, "--every", every)
             print(f"{mode} {rows:,} rows: peaks {out[mode][str(rows)]['peak_growth_mib']}",
                   flush=True)
         rmtree(path)

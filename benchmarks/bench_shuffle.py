@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ from .common import (
     MiB,
     RssSampler,
     add_out_argument,
+    child,
     csr_from_keys,
     matrix_blocks,
     reproduce_command,
@@ -196,16 +196,6 @@ def quality(path: str, cfg: dict[str, Any]) -> dict[str, Any]:
             "n_blocks": n_blocks}
 
 
-def run_child(path: Path, cfg: dict[str, Any], perm_rows: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.bench_shuffle", "--child", str(path),
-           "--config", json.dumps(cfg), "--perm-rows", str(perm_rows)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                          cwd=Path(__file__).resolve().parent.parent)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def run(specs: list[StoreSpec], buffers: list[int], repeats: int, perm_rows: int,
         work: Path, budgets: list[int] = (), chunk_bytes: int | None = None,
         ) -> list[dict[str, Any]]:
@@ -225,7 +215,8 @@ def run(specs: list[StoreSpec], buffers: list[int], repeats: int, perm_rows: int
                  **quality(str(path), c), "runs": []} for c in cfgs]
         for _ in range(repeats):  # interleaved: a slow spell of the box hits every config
             for c, rec in zip(cfgs, recs, strict=True):
-                rec["runs"].append(run_child(path, c, perm_rows))
+                rec["runs"].append(child("bench_shuffle", "--child", path, "--config",
+                                         json.dumps(c), "--perm-rows", perm_rows))
         for rec in recs:
             runs = rec["runs"]
             rec["timed_rows"] = runs[0]["rows"]

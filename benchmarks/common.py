@@ -19,6 +19,7 @@ import platform
 import resource
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -392,6 +393,17 @@ def machine_info() -> dict[str, Any]:
         "versions": {p: _version(p) for p in pkgs},
         "load_avg": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def child(module: str, *args: Any) -> Any:
+    """``python -m benchmarks.MODULE ARGS`` in a fresh interpreter (its memory and imports its
+    own), from the repository root; returns the JSON its last line of output holds."""
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).resolve().parent.parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def dump_json(obj: Any, path: str | Path) -> None:
