@@ -94,14 +94,9 @@ def _interleaved(folder: Path | None) -> dict[str, Any]:
     got: dict[str, Any] = {}
     recs = {name: doc["records"] for name in ("tf_compare", "shuffle", "shuffle_pass", "memory")
             if (doc := _load(folder, name))}
-    if "tf_compare" in recs:
-        tf: dict[str, Any] = {}
-        for r in recs["tf_compare"]:
-            if r["group"] == "ratios":
-                for way, key in (("eager", "eager loop"), ("graph", "in-graph"),
-                                 ("keras", "Keras epoch")):
-                    tf.setdefault(r["matrix"], {}).setdefault(way, {})[r["stream"]] = r[key]
-        got["tf"] = tf
+    if "tf_compare" in recs:  # the sequential stream's ratios per matrix
+        got["tf"] = {r["matrix"]: r for r in recs["tf_compare"]
+                     if r["group"] == "ratios" and r["stream"] == "seq"}
     if "shuffle" in recs:
         rate = {(r["store"], r["config"]): r["rows/s"] for r in recs["shuffle"]}
         got["shuffle"] = {s: rate[s, "shuffle (default)"] / rate[s, c] for s, c in rate
@@ -109,12 +104,9 @@ def _interleaved(folder: Path | None) -> dict[str, Any]:
     if "shuffle_pass" in recs:
         got["shuffle_steady"] = {(r["store"].split(" (")[0], r["consumer"]): r["vs_sequential"]
                                  for r in recs["shuffle_pass"] if r["mode"] == "default shuffle"}
-    if "memory" in recs:
-        mem: dict[str, Any] = {}
-        for r in recs["memory"]:
-            if r["group"] == "peak RSS growth per pass":
-                mem.setdefault(r["mode"], {})[r["rows"]] = r["peak growth MiB"]
-        got["memory"] = mem
+    if "memory" in recs:  # the TF stream's peaks per pass, by rows
+        got["memory"] = {r["rows"]: r["peak growth MiB"] for r in recs["memory"]
+                         if r["group"] == "peak RSS growth per pass" and r["mode"] == "tf"}
     return got
 
 
@@ -138,10 +130,9 @@ def targets(results: dict[str, dict[str, Any]], folder: Path | None = None
     v = _ratio(g("ss_tf_seq"), g("tf_from_tensor_slices"))
     tf = more.get("tf")
     if tf:
-        inter = "; ".join(f"{k}: eager {_x(t['eager']['seq'])}, in-graph {_x(t['graph']['seq'])}"
-                          f", Keras epoch {_x(t['keras']['seq'])}" for k, t in tf.items())
-        first = next(iter(tf.values()))
-        add("tf_slices", v, first["graph"]["seq"] >= 1.2, "tf_compare " + inter)
+        inter = "; ".join(f"{k}: eager {_x(t['eager loop'])}, in-graph {_x(t['in-graph'])}, "
+                          f"Keras epoch {_x(t['Keras epoch'])}" for k, t in tf.items())
+        add("tf_slices", v, next(iter(tf.values()))["in-graph"] >= 1.2, "tf_compare " + inter)
     else:
         add("tf_slices", v, None if v is None else v >= 1.2)
     v = _ratio(g("ss_tf_seq"), g("tf_from_generator"))
@@ -169,7 +160,7 @@ def targets(results: dict[str, dict[str, Any]], folder: Path | None = None
                      "-", "met" if s >= 0.8 else "NOT met"])
     scal = sorted((r for r in results.values() if r["group"] == "scaling" and ok(r)
                    and not r["name"].startswith("scaling_loader")), key=lambda r: r["rows"])
-    mem = more.get("memory", {}).get("tf")
+    mem = more.get("memory")
     for i, (a, b) in enumerate(zip(scal, scal[1:], strict=False)):
         grow = b["rss_growth_mib"] / max(a["rss_growth_mib"], 1e-9) - 1
         inter = "-"
