@@ -114,7 +114,7 @@ def run_shape(name: str, X: sp.csr_matrix, rounds: int, work: Path) -> dict[str,
 NOTE = ("Median of interleaved rounds, warm page cache.  `x`: the layout's figure over the "
         "default's (4 MiB).  `loader matched`: every layout read in the default layout's loader "
         "block size, so only the chunk decoding differs.  What these figures decided, and the "
-        "decode floor under small chunks: `design_notes.md`, \"Store layout\".")
+        "decode floor under small chunks: `design_notes.md`, \"The store layout\".")
 RATIOS = {"write s": "write x", "full read s": "read x", "loader rows/s": "loader x",
           "loader matched rows/s": "matched x", "random 1024 rows/s": "random x"}
 
