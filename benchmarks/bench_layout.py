@@ -54,25 +54,26 @@ def _loader_pass(store: Any, block_rows: int | None = None) -> int:
     return n
 
 
-def run_shape(name: str, X: sp.csr_matrix, rounds: int, work: Path) -> dict[str, Any]:
+def run_shape(name: str, X: sp.csr_matrix, rounds: int, work: Path,
+              layouts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     import sparsestore
 
-    paths = {lay: work / f"{name}-{i}.zarr" for i, lay in enumerate(LAYOUTS)}
+    paths = {lay: work / f"{name}-{i}.zarr" for i, lay in enumerate(layouts)}
     times: dict[str, dict[str, list[float]]] = {
         lay: {"write": [], "full_read": [], "loader": [], "loader_matched": [], "random": []}
-        for lay in LAYOUTS}
+        for lay in layouts}
     # The loader cuts blocks of 2 chunks of ``data``: with small chunks its units shrink
     # too.  "matched" reads every layout in the default layout's block size (2 x 4 MiB of
     # values), so only the chunk decoding differs.
     matched = max(1, int(2 * 2**20 * X.shape[0] / max(1, X.nnz)))
     rng = np.random.default_rng(0)
-    order = list(LAYOUTS)
+    order = list(layouts)
     for r in range(rounds):
         rot = order[r % len(order):] + order[: r % len(order)]  # rotate who goes first
         for lay in rot:
             rmtree(paths[lay])
             times[lay]["write"].append(
-                _timed(lambda lay=lay: sparsestore.save(paths[lay], X, **LAYOUTS[lay])))
+                _timed(lambda lay=lay: sparsestore.save(paths[lay], X, **layouts[lay])))
         for lay in rot:
             store = sparsestore.open(paths[lay])
             times[lay]["full_read"].append(_timed(lambda store=store: store[:]))
@@ -97,7 +98,7 @@ def run_shape(name: str, X: sp.csr_matrix, rounds: int, work: Path) -> dict[str,
     for lay in order:
         t = {k: statistics.median(v) for k, v in times[lay].items()}
         out["layouts"][lay] = {
-            "options": LAYOUTS[lay],
+            "options": layouts[lay],
             "bytes": dir_bytes(paths[lay]),
             "files": sum(1 for p in paths[lay].rglob("*") if p.is_file()),
             "write_s": t["write"],
@@ -149,16 +150,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     args = p.parse_args(argv)
     chosen = {"4MiB", *args.layouts.split(",")}
-    for name in list(LAYOUTS):
-        if name not in chosen:
-            del LAYOUTS[name]
+    layouts = {name: opts for name, opts in LAYOUTS.items() if name in chosen}
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_layout_"))
     work.mkdir(parents=True, exist_ok=True)
     shapes = {}
     for name in args.shapes.split(","):
         X = (sp.vstack(list(zipf_blocks(args.rows, 20_000, 800)), format="csr")
              if name == "cell" else make_matrix(args.rows, 30_000, 100))
-        shapes[name] = run_shape(name, X, args.rounds, work)
+        shapes[name] = run_shape(name, X, args.rounds, work, layouts)
         del X
     meta = run_meta(reproduce_command("benchmarks.bench_layout", p, args,
                                       ["rows", "rounds", "shapes", "layouts"]),

@@ -176,7 +176,8 @@ def test_memory_bench_streams_whole_passes_in_fresh_processes(tmp_path: Path) ->
     assert "| tf | 5,000 |" in md and "| loader | 2,500 |" in md
 
 
-@pytest.mark.parametrize("module", ["bench_tf_compare", "bench_memory"])
+@pytest.mark.parametrize("module", ["bench_tf_compare", "bench_memory", "bench_shuffle",
+                                    "bench_layout"])
 def test_standalone_benchmarks_write_to_a_scratch_folder_by_default(module: str) -> None:
     """Run as the README shows them, they leave the committed results alone: ``--out``
     defaults to benchmarks/out, which git ignores."""
@@ -246,6 +247,53 @@ def test_records_json_and_its_page(tmp_path: Path) -> None:
     assert set(saved["meta"]) >= {"command", "commit", "machine", "date"}
     md = (tmp_path / "demo.md").read_text()
     assert "## a" in md and "| x | 0.5 |" in md and "| y | 1,234 |" in md
+
+
+def test_shuffle_and_layout_run_tiny_and_their_pages_are_generated(tmp_path: Path) -> None:
+    """bench_shuffle (one small label-sorted store, a fresh process per pass) and bench_layout
+    at toy sizes: the records, and the page ``report`` makes from the json they wrote."""
+    from benchmarks import bench_layout, bench_shuffle
+    from benchmarks.report import page
+
+    doc = bench_shuffle.main(["--quick", "--stores", "synthetic", "--repeats", "1",
+                              "--buffers", "", "--budgets", "", "--perm-rows", "1024",
+                              "--out", str(tmp_path)])
+    by = {r["config"]: r for r in doc["records"]}
+    assert set(by) == {"sequential", "shuffle (default)", "permutation (sampler=)"}
+    assert by["shuffle (default)"]["x perm"] < 1.2 < 5 < by["sequential"]["x perm"]
+    assert by["sequential"]["rows timed"] == 20_000
+    assert by["permutation (sampler=)"]["rows timed"] == 1024
+    assert all(r["rows/s"] > 0 for r in by.values())
+    assert page(tmp_path / "shuffle.json") == (tmp_path / "shuffle.md").read_text()
+
+    doc = bench_layout.main(["--rows", "2000", "--rounds", "1", "--layouts", "128KiB",
+                             "--out", str(tmp_path)])
+    rows = {(r["group"].split(":")[0], r["layout"]): r for r in doc["records"]}
+    assert set(rows) == {(s, lay) for s in ("cell", "synthetic") for lay in ("4MiB", "128KiB")}
+    for shape in ("cell", "synthetic"):
+        assert rows[shape, "4MiB"]["loader x"] == 1
+        assert rows[shape, "128KiB"]["files"] > rows[shape, "4MiB"]["files"]
+    assert page(tmp_path / "layout.json") == (tmp_path / "layout.md").read_text()
+
+
+@pytest.mark.s3
+def test_s3_latency_bench_runs_tiny_and_its_page_is_generated(tmp_path: Path) -> None:
+    """``python -m benchmarks s3_latency`` at a toy size: a record per place, delay and pass,
+    each S3 pass's requests counted, and the page ``report`` makes from the json."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    from benchmarks import bench_s3_latency
+    from benchmarks.report import page
+
+    doc = bench_s3_latency.main(["--rows", "3000", "--cols", "500", "--density", "0.02",
+                                 "--repeats", "1", "--delays", "0,10", "--out", str(tmp_path)])
+    got = {(r["where"], r["delay ms"], r["pass"]): r for r in doc["records"]}
+    passes = ("sequential", "shuffled")
+    assert set(got) == {("local", None, p) for p in passes} | {
+        ("s3", ms, p) for ms in (0.0, 10.0) for p in passes}
+    assert all(r["requests"] > 0 and r["rows/s"] > 0 for k, r in got.items() if k[0] == "s3")
+    assert got["s3", 0.0, "sequential"]["vs 0 ms"] == 1
+    assert page(tmp_path / "s3_latency.json") == (tmp_path / "s3_latency.md").read_text()
 
 
 @pytest.mark.s3
