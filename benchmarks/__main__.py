@@ -2,8 +2,8 @@
 
 * ``list``: the registered benchmarks, one line each.
 * ``NAME [args...]``: that benchmark's own ``main`` with ``args`` (``NAME --help`` shows them).
-  A benchmark that takes ``--out`` writes to ``benchmarks/out`` (git-ignored) unless
-  ``--out`` is given: ``--out benchmarks/results`` replaces the committed results on purpose.
+  Results go to ``benchmarks/out`` (git-ignored) unless ``--out`` is given:
+  ``--out benchmarks/results`` replaces the committed results on purpose.
 * ``all [--quick]``: every benchmark in turn (``--quick``: each at its quick size), into
   ``benchmarks/out``; one that fails is reported and the rest still run.
 * ``report [--results DIR] [--readme README.md]``: regenerate every ``.md`` in ``DIR``
@@ -20,8 +20,6 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from .common import SCRATCH_OUT
-
 
 @dataclass(frozen=True)
 class Bench:
@@ -30,7 +28,6 @@ class Bench:
     module: str
     description: str
     quick: tuple[str, ...] = ()
-    out: bool = True  # takes --out (defaulted to benchmarks/out here)
     in_all: bool = True  # run by ``all`` (False: needs an argument the runner cannot give)
 
 
@@ -39,37 +36,24 @@ REGISTRY: dict[str, Bench] = {
                    ("--quick",)),
     "tf_compare": Bench("bench_tf_compare", "TF ratios: eager loop, in-graph, Keras epoch",
                         ("--quick",)),
-    "tf_split": Bench("bench_tf_split", "TF CPU per pipeline stage, 1 and 2 cores",
-                      ("--rows", "20000", "--rounds", "2")),
     "memory": Bench("bench_memory", "RSS over many passes at two matrix sizes",
                     ("--rows", "20000,80000", "--passes", "3")),
     "backends": Bench("bench_backends", "JAX and PyTorch backends vs their in-memory idioms",
                       ("--rows", "20000", "--rounds", "1")),
     "integrity": Bench("bench_integrity", "what the chunk manifest costs readers",
                        ("--rows", "20000", "--rounds", "2")),
-    "kernels": Bench("bench_kernels", "COO build per batch: numba vs numpy, 1 and 2 threads",
-                     ("--rows", "20000", "--rounds", "2"), out=False),
     "convert": Bench("bench_convert", "convert .npz shards: 2 workers vs 1, peak RSS",
-                     ("--rows", "20000", "--reps", "2", "--rss-reps", "1", "--wait", "0"),
-                     out=False),
+                     ("--rows", "20000", "--reps", "2", "--rss-reps", "1", "--wait", "0")),
     "dask": Bench("bench_dask", "dask column sums interleaved (needs a suite's --work folder)",
-                  out=False, in_all=False),
+                  in_all=False),
     "shuffle": Bench("bench_shuffle", "shuffle quality and cost on label-sorted stores",
                      ("--quick", "--repeats", "1")),
-    "shuffle_keras": Bench("bench_shuffle_keras", "Keras accuracy: default shuffle vs a true one",
-                           ("--quick", "--repeats", "1", "--epochs", "2")),
-    "shuffle_ranks": Bench("bench_shuffle_ranks", "per-rank shuffle quality (index math)",
-                           ("--quick",)),
-    "shuffle_design": Bench("bench_shuffle_design", "shuffle quality vs chunk size and budget "
-                            "(index math)"),
     "shuffle_pass": Bench("bench_shuffle_pass", "real passes: default shuffle vs sequential",
                           ("--rows", "20000", "--repeats", "1")),
     "layout": Bench("bench_layout", "store layouts: write, read, loader pass, random access",
                     ("--rows", "20000", "--rounds", "1")),
-    "chunk_floor": Bench("bench_chunk_floor", "decode cost per chunk size against the codec "
-                         "floor", ("--rows", "20000")),
     "gpu": Bench("gpu_check", "can to_dataset feed a GPU (no GPU visible: says so)",
-                 ("--rows", "20000", "--rounds", "1"), out=False),
+                 ("--rows", "20000", "--rounds", "1")),
     "s3_latency": Bench("bench_s3_latency", "S3 passes at 0/10/30 ms per request vs local disk",
                         ("--rows", "20000")),
     "s3_dask": Bench("bench_s3_dask", "dask column sums from S3 at 0/30 ms per request vs "
@@ -89,11 +73,8 @@ REGISTRY: dict[str, Bench] = {
 
 
 def run(name: str, args: list[str]) -> Any:
-    """Call benchmark ``name``'s ``main`` with ``args`` (``--out`` defaulted to scratch)."""
-    b = REGISTRY[name]
-    if b.out and not any(a == "--out" or a.startswith("--out=") for a in args):
-        args = [*args, "--out", str(SCRATCH_OUT)]
-    main = importlib.import_module(f"benchmarks.{b.module}").main
+    """Call benchmark ``name``'s ``main`` with ``args``."""
+    main = importlib.import_module(f"benchmarks.{REGISTRY[name].module}").main
     argv0 = sys.argv
     sys.argv = [f"python -m benchmarks {name}", *args]  # for a main that reads sys.argv
     try:

@@ -148,33 +148,21 @@ def _anndata_case(ctx: Ctx, kind: str, random: bool) -> dict[str, Any]:
             handle.close()
 
 
-_AD = ("anndata.io.sparse_dataset over the CSR group anndata.io.write_elem wrote ({}, "
-       "anndata's default chunking); {} batches of 1024 rows read with ds[...], tocoo per batch "
-       "in a from_generator, SparseTensor in Dataset.map")
+def _register_anndata(kind: str, random: bool) -> None:
+    fmt, order = ("zarr", "zarr") if kind == "zarr" else ("h5", "HDF5")
+    how = "random batches" if random else "sequential"
+    case(f"anndata_{fmt}_{'random' if random else 'seq'}", "stream",
+         f"anndata sparse_dataset, {order}, {how} (disk)",
+         f"anndata.io.sparse_dataset over the CSR group anndata.io.write_elem wrote "
+         f"({'zarr' if kind == 'zarr' else 'HDF5 via h5py'}, anndata's default chunking); "
+         f"{'random (sorted random row ids)' if random else 'sequential'} batches of 1024 rows "
+         "read with ds[...], tocoo per batch in a from_generator, SparseTensor in Dataset.map",
+         baseline=True, needs=AD_NEEDS)(lambda ctx: _anndata_case(ctx, kind, random))
 
 
-@case("anndata_zarr_seq", "stream", "anndata sparse_dataset, zarr, sequential (disk)",
-      _AD.format("zarr", "sequential"), baseline=True, needs=AD_NEEDS)
-def anndata_zarr_seq(ctx: Ctx) -> dict[str, Any]:
-    return _anndata_case(ctx, "zarr", random=False)
-
-
-@case("anndata_zarr_random", "stream", "anndata sparse_dataset, zarr, random batches (disk)",
-      _AD.format("zarr", "random (sorted random row ids)"), baseline=True, needs=AD_NEEDS)
-def anndata_zarr_random(ctx: Ctx) -> dict[str, Any]:
-    return _anndata_case(ctx, "zarr", random=True)
-
-
-@case("anndata_h5_seq", "stream", "anndata sparse_dataset, HDF5, sequential (disk)",
-      _AD.format("HDF5 via h5py", "sequential"), baseline=True, needs=AD_NEEDS)
-def anndata_h5_seq(ctx: Ctx) -> dict[str, Any]:
-    return _anndata_case(ctx, "h5", random=False)
-
-
-@case("anndata_h5_random", "stream", "anndata sparse_dataset, HDF5, random batches (disk)",
-      _AD.format("HDF5 via h5py", "random (sorted random row ids)"), baseline=True, needs=AD_NEEDS)
-def anndata_h5_random(ctx: Ctx) -> dict[str, Any]:
-    return _anndata_case(ctx, "h5", random=True)
+for _kind in ("zarr", "h5"):
+    for _random in (False, True):
+        _register_anndata(_kind, _random)
 
 
 def shard_paths(ctx: Ctx) -> list[str]:

@@ -28,15 +28,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from .baselines import shard_paths
-from .common import Ctx, MiB, RssSampler, case, make_matrix, need, rmtree
+from .common import Ctx, MiB, RssSampler, case, child, make_matrix, need, rmtree
 
 
 def _convert(ctx: Ctx, workers: int) -> dict[str, Any]:
@@ -164,15 +162,8 @@ def _rss_child(shards: str, dst: str, workers: int) -> dict[str, Any]:
 
 def _rss(shards: Path, dst: Path, workers: int, reps: int) -> list[float]:
     """Peak RSS growth (MiB) of ``reps`` conversions, each in a fresh interpreter."""
-    out = []
-    for _ in range(reps):
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.bench_convert", "--child", str(shards),
-             str(dst), str(workers)],
-            capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent.parent)
-        out.append(json.loads(proc.stdout.strip().splitlines()[-1])["rss_growth"] / MiB)
-    return out
+    return [child("bench_convert", "--child", shards, dst, workers)["rss_growth"] / MiB
+            for _ in range(reps)]
 
 
 def _control() -> float:

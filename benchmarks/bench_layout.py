@@ -6,8 +6,8 @@ process, median of ``--rounds``.
 ``python -m benchmarks.bench_layout [--rows N] [--rounds R] [--shapes cell,synthetic]``
 
 Shapes: ``cell`` is single-cell-shaped (20k columns, ~800 nnz/row, Zipf-like column
-popularity, float32 counts); ``synthetic`` is 30k columns x 100 nnz/row uniform
-(:func:`benchmarks.common.matrix_blocks`).
+popularity, float32 counts: :func:`benchmarks.bench_shuffle.zipf_blocks`); ``synthetic`` is
+30k columns x 100 nnz/row uniform (:func:`benchmarks.common.make_matrix`).
 """
 
 from __future__ import annotations
@@ -22,14 +22,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .common import (
-    dir_bytes,
-    machine_info,
-    matrix_blocks,
-    reproduce_command,
-    rmtree,
-    save_results,
-)
+from .bench_shuffle import zipf_blocks
+from .common import add_out_argument, dir_bytes, make_matrix, reproduce_command, rmtree
+from .records import run_meta, write_records
 
 LAYOUTS: dict[str, dict[str, Any]] = {
     "4MiB": {},
@@ -41,37 +36,6 @@ LAYOUTS: dict[str, dict[str, Any]] = {
 }
 RANDOM_ROWS = 1024
 RANDOM_DRAWS = 5
-
-
-def cell_matrix(n_rows: int, n_cols: int = 20_000, nnz_per_row: int = 800,
-                seed: int = 7) -> sp.csr_matrix:
-    """A single-cell-shaped count matrix: Poisson row lengths, columns drawn by a Zipf-like
-    popularity (weight ~ 1 / (rank + 20)), values 1 + geometric counts."""
-    rng = np.random.default_rng(seed)
-    w = 1.0 / (np.arange(n_cols) + 20.0)
-    cdf = np.cumsum(w[rng.permutation(n_cols)])
-    cdf /= cdf[-1]
-    blocks = []
-    for start in range(0, n_rows, 8192):
-        rows = min(8192, n_rows - start)
-        lengths = np.minimum(rng.poisson(nnz_per_row * 1.3, rows), n_cols)
-        r = np.repeat(np.arange(rows, dtype=np.int64), lengths)
-        c = np.searchsorted(cdf, rng.random(r.size)).clip(0, n_cols - 1)
-        keys = np.unique(r * n_cols + c)
-        r, c = np.divmod(keys, n_cols)
-        indptr = np.zeros(rows + 1, np.int64)
-        np.cumsum(np.bincount(r, minlength=rows), out=indptr[1:])
-        vals = (1 + rng.geometric(0.4, keys.size)).astype(np.float32)
-        blocks.append(sp.csr_matrix((vals, c.astype(np.int32), indptr), shape=(rows, n_cols)))
-    X = sp.vstack(blocks, format="csr")
-    X.has_canonical_format = True
-    return X
-
-
-def synthetic_matrix(n_rows: int) -> sp.csr_matrix:
-    X = sp.vstack([b for b, _ in matrix_blocks(n_rows, 30_000, 100)], format="csr")
-    X.has_canonical_format = True
-    return X
 
 
 def _timed(fn: Any) -> float:
@@ -90,25 +54,26 @@ def _loader_pass(store: Any, block_rows: int | None = None) -> int:
     return n
 
 
-def run_shape(name: str, X: sp.csr_matrix, rounds: int, work: Path) -> dict[str, Any]:
+def run_shape(name: str, X: sp.csr_matrix, rounds: int, work: Path,
+              layouts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     import sparsestore
 
-    paths = {lay: work / f"{name}-{i}.zarr" for i, lay in enumerate(LAYOUTS)}
+    paths = {lay: work / f"{name}-{i}.zarr" for i, lay in enumerate(layouts)}
     times: dict[str, dict[str, list[float]]] = {
         lay: {"write": [], "full_read": [], "loader": [], "loader_matched": [], "random": []}
-        for lay in LAYOUTS}
+        for lay in layouts}
     # The loader cuts blocks of 2 chunks of ``data``: with small chunks its units shrink
     # too.  "matched" reads every layout in the default layout's block size (2 x 4 MiB of
     # values), so only the chunk decoding differs.
     matched = max(1, int(2 * 2**20 * X.shape[0] / max(1, X.nnz)))
     rng = np.random.default_rng(0)
-    order = list(LAYOUTS)
+    order = list(layouts)
     for r in range(rounds):
         rot = order[r % len(order):] + order[: r % len(order)]  # rotate who goes first
         for lay in rot:
             rmtree(paths[lay])
             times[lay]["write"].append(
-                _timed(lambda lay=lay: sparsestore.save(paths[lay], X, **LAYOUTS[lay])))
+                _timed(lambda lay=lay: sparsestore.save(paths[lay], X, **layouts[lay])))
         for lay in rot:
             store = sparsestore.open(paths[lay])
             times[lay]["full_read"].append(_timed(lambda store=store: store[:]))
@@ -133,7 +98,7 @@ def run_shape(name: str, X: sp.csr_matrix, rounds: int, work: Path) -> dict[str,
     for lay in order:
         t = {k: statistics.median(v) for k, v in times[lay].items()}
         out["layouts"][lay] = {
-            "options": LAYOUTS[lay],
+            "options": layouts[lay],
             "bytes": dir_bytes(paths[lay]),
             "files": sum(1 for p in paths[lay].rglob("*") if p.is_file()),
             "write_s": t["write"],
@@ -147,61 +112,58 @@ def run_shape(name: str, X: sp.csr_matrix, rounds: int, work: Path) -> dict[str,
     return out
 
 
-def markdown(record: dict[str, Any]) -> str:
-    lines = ["# Store layouts: chunk size and sharding", "",
-             f"`{record['command']}` on {record['machine']['cpu']} "
-             f"({record['machine']['cores']} cores), commit {record['machine']['commit']}; "
-             f"median of {record['rounds']} interleaved rounds, warm page cache.", ""]
-    for name, res in record["shapes"].items():
+NOTE = ("Median of interleaved rounds, warm page cache.  `x`: the layout's figure over the "
+        "default's (4 MiB).  `loader matched`: every layout read in the default layout's loader "
+        "block size, so only the chunk decoding differs.  What these figures decided, and the "
+        "decode floor under small chunks: `design_notes.md`, \"The store layout\".")
+RATIOS = {"write s": "write x", "full read s": "read x", "loader rows/s": "loader x",
+          "loader matched rows/s": "matched x", "random 1024 rows/s": "random x"}
+
+
+def to_records(shapes: dict[str, Any], label: str = "") -> list[dict[str, Any]]:
+    """One row per layout, a table per shape (``label`` added to its heading)."""
+    out = []
+    for name, res in shapes.items():
         rows, cols = res["shape"]
-        lines += [f"## {name}: {rows} x {cols}, {res['nnz'] / rows:.0f} nnz/row", "",
-                  f"loader matched: `block_rows={res['matched_block_rows']}` for every "
-                  "layout (the default layout's block size).", "",
-                  "| layout | files | MB | write s | full read s | loader rows/s "
-                  "| loader matched rows/s | random 1024 rows/s |",
-                  "|---|---|---|---|---|---|---|---|"]
-        base = res["layouts"]["4MiB"]
-        for lay, v in res["layouts"].items():
-            def rel(key: str, v: dict = v, lay: str = lay, base: dict = base) -> str:
-                return "" if lay == "4MiB" else f" ({v[key] / base[key]:.2f}x)"
-            lines.append(
-                f"| {lay} | {v['files']} | {v['bytes'] / 1e6:.0f} | {v['write_s']:.2f}"
-                f"{rel('write_s')} | {v['full_read_s']:.2f}{rel('full_read_s')} | "
-                f"{v['loader_rows_per_s'] / 1e3:.0f}k{rel('loader_rows_per_s')} | "
-                f"{v['loader_matched_rows_per_s'] / 1e3:.0f}k"
-                f"{rel('loader_matched_rows_per_s')} | "
-                f"{v['random_rows_per_s'] / 1e3:.1f}k{rel('random_rows_per_s')} |")
-        lines.append("")
-    return "\n".join(lines)
+        group = (f"{name}: {rows:,} x {cols:,}, {res['nnz'] / rows:.0f} nnz/row{label} "
+                 f"(loader matched: block_rows={res['matched_block_rows']})")
+        recs = [{"group": group, "layout": lay, "files": v["files"], "MB": v["bytes"] / 1e6,
+                 "write s": v["write_s"], "full read s": v["full_read_s"],
+                 "loader rows/s": v["loader_rows_per_s"],
+                 "loader matched rows/s": v["loader_matched_rows_per_s"],
+                 "random 1024 rows/s": v["random_rows_per_s"]}
+                for lay, v in res["layouts"].items()]
+        for r in recs:
+            r.update({x: r[k] / recs[0][k] for k, x in RATIOS.items()})
+        out += recs
+    return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--shapes", default="cell,synthetic")
     p.add_argument("--layouts", default=",".join(LAYOUTS),
                    help="comma-separated layout names (4MiB, the baseline, always runs)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "out"))
+    add_out_argument(p)
     p.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     chosen = {"4MiB", *args.layouts.split(",")}
-    for name in list(LAYOUTS):
-        if name not in chosen:
-            del LAYOUTS[name]
+    layouts = {name: opts for name, opts in LAYOUTS.items() if name in chosen}
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_layout_"))
     work.mkdir(parents=True, exist_ok=True)
     shapes = {}
     for name in args.shapes.split(","):
-        X = cell_matrix(args.rows) if name == "cell" else synthetic_matrix(args.rows)
-        shapes[name] = run_shape(name, X, args.rounds, work)
+        X = (sp.vstack(list(zipf_blocks(args.rows, 20_000, 800)), format="csr")
+             if name == "cell" else make_matrix(args.rows, 30_000, 100))
+        shapes[name] = run_shape(name, X, args.rounds, work, layouts)
         del X
-    record = {
-        "command": reproduce_command("benchmarks.bench_layout", p, args,
-                                     ["rows", "rounds", "shapes", "layouts"]),
-        "rounds": args.rounds, "machine": machine_info(), "shapes": shapes,
-    }
-    save_results(record, markdown(record), args.out, "layout")
+    meta = run_meta(reproduce_command("benchmarks.bench_layout", p, args,
+                                      ["rows", "rounds", "shapes", "layouts"]),
+                    title="Store layouts: chunk size and sharding", note=NOTE,
+                    rounds=args.rounds)
+    return write_records("layout", to_records(shapes), meta, args.out)
 
 
 if __name__ == "__main__":

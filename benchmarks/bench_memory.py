@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -37,13 +35,13 @@ from .common import (
     MiB,
     RssSampler,
     add_out_argument,
-    machine_info,
+    child,
     matrix_blocks,
     reproduce_command,
     rmtree,
     rss_bytes,
-    save_results,
 )
+from .records import run_meta, write_records
 
 N_COLS, NNZ_PER_ROW = 30_000, 100
 MODES = ("tf", "loader")
@@ -99,52 +97,39 @@ def run(sizes: list[int], passes: int, every: int, modes: list[str],
         sparsestore.write_blocks(path, matrix_blocks(rows, N_COLS, NNZ_PER_ROW),
                                  n_cols=N_COLS, dtype=np.float32, overwrite=True)
         for mode in modes:
-            cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--child", str(path),
-                   "--mode", mode, "--passes", str(passes), "--every", str(every)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                                  cwd=Path(__file__).resolve().parent.parent)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-            out[mode][str(rows)] = json.loads(proc.stdout.strip().splitlines()[-1])
+            out[mode][str(rows)] = child("bench_memory", "--child", path, "--mode", mode,
+                                         "--passes", passes, "--every", every)
             print(f"{mode} {rows:,} rows: peaks {out[mode][str(rows)]['peak_growth_mib']}",
                   flush=True)
         rmtree(path)
     return out
 
 
-def markdown(record: dict[str, Any]) -> str:
-    m, r = record["machine"], record["result"]
-    lines = [
-        "# RSS over many passes, at two matrix sizes: is RSS flat?",
-        "",
-        f"Reproduce: `{record['command']}`",
-        "",
-        f"{m['cpu']}, {m['cores']} usable cores, commit {m['commit']}.  Synthetic matrix, "
-        f"{N_COLS:,} columns, ~{NNZ_PER_ROW} nnz/row, float32, batch {BATCH_SIZE}; each "
-        "size and mode in a fresh subprocess.  Growth is RSS above the process's RSS after "
-        "the first batch of a first iterator (imports, TensorFlow's runtime, traced "
-        "functions: paid once per process), peak sampled every 5 ms.",
-        "",
-        "| mode | rows | nnz | batches/pass | warm RSS MiB | peak growth per pass, MiB | "
-        "max of first half / max of second half |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for mode, per_size in r.items():
+NOTE = ("Synthetic matrix, 30,000 columns, ~100 nnz/row, float32, batch 1024; each size and "
+        "mode in a fresh subprocess.  Growth is RSS above the process's RSS after the first "
+        "batch of a first iterator (imports, TensorFlow's runtime, traced functions: paid "
+        "once per process), peak sampled every 5 ms; `first half` / `second half`: the "
+        "largest peak of each half of the passes.  The trace is of the largest size's passes, "
+        "MiB above warm every `every` batches.")
+
+
+def to_records(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per mode and size its peaks per pass; per mode the largest size's RSS traces."""
+    out: list[dict[str, Any]] = []
+    for mode, per_size in result.items():
         for rows, s in per_size.items():
             p = s["peak_growth_mib"]
             half = max(1, len(p) // 2)
-            lines.append(
-                f"| {mode} | {int(rows):,} | {s['nnz']:,} | {s['batches_per_pass']} | "
-                f"{s['warm_rss_mib']:.0f} | {' '.join(f'{v:.0f}' for v in p)} | "
-                f"{max(p[:half]):.0f} / {max(p[half:] or p):.0f} |")
-    lines += ["", f"Trace of the largest size's passes (MiB above warm, every "
-                  f"{next(iter(next(iter(r.values())).values()))['every']} batches):", ""]
-    for mode, per_size in r.items():
+            out.append({"group": "peak RSS growth per pass", "mode": mode, "rows": int(rows),
+                        "nnz": s["nnz"], "batches/pass": s["batches_per_pass"],
+                        "warm RSS MiB": s["warm_rss_mib"], "peak growth MiB": p,
+                        "first half": max(p[:half]), "second half": max(p[half:] or p)})
+    for mode, per_size in result.items():
         rows, s = max(per_size.items(), key=lambda kv: int(kv[0]))
-        for i, t in enumerate(s["trace_mib"]):
-            lines.append(f"- {mode}, {int(rows):,} rows, pass {i}: "
-                         + " ".join(f"{v:.0f}" for v in t))
-    return "\n".join(lines) + "\n"
+        out += [{"group": "trace", "mode": mode, "rows": int(rows), "pass": i,
+                 "every": s["every"], "MiB above warm": tr}
+                for i, tr in enumerate(s["trace_mib"])]
+    return out
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -158,22 +143,19 @@ def main(argv: list[str]) -> dict[str, Any]:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.child:
         res = _child(args.child, args.mode, args.passes, args.every)
         print(json.dumps(res))
         return res
     sizes = [int(s) for s in args.rows.split(",")]
     modes = [s for s in args.modes.split(",") if s]
-    record: dict[str, Any] = {
-        "command": reproduce_command("benchmarks.bench_memory", p, args,
-                                     ("rows", "passes", "every", "modes")),
-        "machine": machine_info(),
-    }
+    command = reproduce_command("benchmarks.bench_memory", p, args,
+                                ("rows", "passes", "every", "modes"))
     with tempfile.TemporaryDirectory() as tmp:
-        record["result"] = run(sizes, args.passes, args.every, modes, Path(tmp))
-    save_results(record, markdown(record), args.out, "memory")
-    return record
+        result = run(sizes, args.passes, args.every, modes, Path(tmp))
+    meta = run_meta(command, title="RSS over many passes, at two matrix sizes: is RSS flat?",
+                    note=NOTE)
+    return write_records("memory", to_records(result), meta, args.out)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import SCRATCH_OUT, dir_bytes, matrix_blocks
+from .common import add_out_argument, dir_bytes, matrix_blocks
 from .records import header, run_meta, table, write_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,8 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--work", type=Path, default=None,
                     help="folder for the store and runs (default: a temporary one)")
     ap.add_argument("--note", default="", help="a line for the page (e.g. the box's load)")
-    ap.add_argument("--out", type=Path, default=SCRATCH_OUT,
-                    help="results folder (default: benchmarks/out)")
+    add_out_argument(ap)
     args = ap.parse_args(argv)
     args.cores = [int(c) for c in args.cores.split(",")]
     if args.epochs < 2:

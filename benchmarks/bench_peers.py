@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import SCRATCH_OUT, MiB, RssSampler, add_out_argument, dir_bytes, rmtree
+from .common import MiB, RssSampler, _version, add_out_argument, dir_bytes, rmtree
 
 BATCH = 1024
 N_COLS = 20_000
@@ -268,16 +268,8 @@ def _child_prepare(kind: str, work: Path) -> dict[str, Any]:
 
 
 def _peer_versions() -> dict[str, Any]:
-    from importlib.metadata import version
-
-    out: dict[str, Any] = {"python": platform.python_version()}
-    for p in ("annbatch", "anndata", "scDataset", "zarr", "zarrs", "numpy", "scipy", "h5py",
-              "torch"):
-        try:
-            out[p] = version(p)
-        except Exception:  # noqa: BLE001 -- reported as missing
-            out[p] = "not installed"
-    return out
+    return {"python": platform.python_version(), **{p: _version(p) for p in (
+        "annbatch", "anndata", "scDataset", "zarr", "zarrs", "numpy", "scipy", "h5py", "torch")}}
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -537,8 +529,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     command = reproduce_command("benchmarks peers", p, args, ("rows", "repeats",
                                                               "random_rows", "configs"))
-    if Path(args.out).resolve() != SCRATCH_OUT.resolve():
-        command += f" --out {os.path.relpath(Path(args.out).resolve(), ROOT)}"
     tmp = None if args.work else tempfile.mkdtemp(prefix="ssbench-peers-")
     work = Path(args.work or tmp)
     work.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ import numpy as np
 import sparsestore
 
 from .bench_s3_latency import _matrix
+from .common import add_out_argument, reproduce_command
 from .latency_proxy import LatencyProxy
 from .records import run_meta, write_records
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--delays", default="0,30", help="ms added per request")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     ap.add_argument("--schedulers", default="threads,cluster")
-    ap.add_argument("--out", default="benchmarks/out")
+    add_out_argument(ap)
     args = ap.parse_args(argv)
     from distributed import Client, LocalCluster
 
@@ -194,9 +195,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "'fetch only': every data and indices object requested at once and nothing "
             "decoded (vs_local against the threaded local sum), the floor this server and "
             "proxy leave any reader.")
-    meta = run_meta("python -m benchmarks s3_dask " + " ".join(
-        a for a in (argv or []) if not a.startswith("--out") and a != args.out),
-        title="Dask column sums from S3 under latency", note=note)
+    meta = run_meta(reproduce_command("benchmarks s3_dask", ap, args,
+                                      ("rows", "cols", "density", "chunk_bytes", "shard_bytes",
+                                       "delays", "rounds", "schedulers")),
+                    title="Dask column sums from S3 under latency", note=note)
     return write_records("s3_dask", records, meta, args.out)
 
 

@@ -14,7 +14,6 @@ warm-up pass; the median of ``--repeats`` passes.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -26,7 +25,9 @@ import scipy.sparse as sp
 
 import sparsestore
 
+from .common import add_out_argument, reproduce_command
 from .latency_proxy import LatencyProxy
+from .records import run_meta, write_records
 
 
 def _matrix(rows: int, cols: int, density: float) -> sp.csr_matrix:
@@ -45,6 +46,11 @@ def _pass(store: Any, shuffle: bool, batch_size: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+NOTE = ("Median of the passes, each on a freshly opened store through the proxy (opening not "
+        "timed), after a warm-up pass; `requests`: the GETs of the last timed pass, `vs 0 "
+        "ms`: rows/s over the same pass at 0 ms.")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=100_000)
@@ -55,78 +61,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--chunk-bytes", type=int, default=None,
                     help="stored chunk size (default: the library's)")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per case (median)")
-    ap.add_argument("--out", default="benchmarks/out")
+    add_out_argument(ap)
     args = ap.parse_args(argv)
     from tests.s3server import S3Server
 
     X = _matrix(args.rows, args.cols, args.density)
     layout = {} if args.chunk_bytes is None else {"chunk_bytes": args.chunk_bytes}
     server = S3Server().start()
-    record: dict[str, Any] = {
-        "rows": args.rows, "cols": args.cols, "nnz": int(X.nnz), "layout": layout,
-        "batch_size": args.batch_size, "repeats": args.repeats, "passes": [],
-    }
+    records: list[dict[str, Any]] = []
+
+    def add(where: str, ms: float | None, shuffle: bool, store: Any,
+            proxy: Any = None) -> None:
+        _pass(store, shuffle, args.batch_size)  # warm-up
+        rates, counts = [], {}
+        for _ in range(args.repeats):
+            if proxy is not None:
+                store = sparsestore.open(url, storage_options=opts)  # not timed
+                proxy.reset()
+            rates.append(_pass(store, shuffle, args.batch_size))
+            if proxy is not None:
+                counts = proxy.snapshot()
+        records.append({"group": "", "where": where, "delay ms": ms,
+                        "pass": "shuffled" if shuffle else "sequential",
+                        "rows/s": statistics.median(rates),
+                        "requests": counts.get("requests"),
+                        "max in flight": counts.get("max_in_flight")})
+
     try:
         with tempfile.TemporaryDirectory() as tmp:
             local = sparsestore.save(Path(tmp) / "x.zarr", X, **layout)
-            record["chunks"] = int(local.arrays["data"].nchunks)
+            chunks = int(local.arrays["data"].nchunks)
             url = f"s3://{server.new_bucket()}/x.zarr"
             sparsestore.save(url, X, storage_options=server.storage_options, **layout)
             for shuffle in (False, True):
-                _pass(local, shuffle, args.batch_size)
-                record["passes"].append({
-                    "where": "local", "delay_ms": None, "shuffle": shuffle,
-                    "rows_per_s": statistics.median(
-                        _pass(local, shuffle, args.batch_size) for _ in range(args.repeats))})
+                add("local", None, shuffle, local)
             for ms in (float(d) for d in args.delays.split(",")):
                 with LatencyProxy(server.endpoint_url, ms / 1000) as proxy:
                     opts = dict(server.storage_options, endpoint_url=proxy.endpoint_url)
-                    proxy.reset()
-                    t = time.perf_counter()
                     store = sparsestore.open(url, storage_options=opts)
-                    open_s = time.perf_counter() - t
-                    open_counts = proxy.snapshot()
                     for shuffle in (False, True):
-                        _pass(store, shuffle, args.batch_size)  # warm-up
-                        rates = []
-                        for _ in range(args.repeats):
-                            fresh = sparsestore.open(url, storage_options=opts)  # not timed
-                            proxy.reset()
-                            rates.append(_pass(fresh, shuffle, args.batch_size))
-                            counts = proxy.snapshot()
-                        rate = statistics.median(rates)
-                        record["passes"].append({
-                            "where": "s3", "delay_ms": ms, "shuffle": shuffle,
-                            "rows_per_s": rate, "requests": counts["by_method"],
-                            "max_in_flight": counts["max_in_flight"],
-                            "open_s": open_s, "open_requests": open_counts["by_method"],
-                        })
+                        add("s3", ms, shuffle, store, proxy)
     finally:
         server.stop()
-    for shuffle in (False, True):
-        base = [p for p in record["passes"] if p["where"] == "s3" and p["shuffle"] == shuffle]
-        zero = next((p["rows_per_s"] for p in base if p["delay_ms"] == 0), None)
-        for p in base:
-            p["vs_0ms"] = None if not zero else p["rows_per_s"] / zero
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "s3_latency.json").write_text(json.dumps(record, indent=1))
-    lines = [f"# S3 under latency: {args.rows} x {args.cols}, {X.nnz} nnz, "
-             f"{record['chunks']} data chunks", "",
-             "Reproduce: `python -m benchmarks s3_latency " + " ".join(argv or []) + "`; median "
-             f"of {args.repeats} passes, each on a freshly opened store through the proxy.", "",
-             "| where | delay ms | pass | rows/s | vs 0 ms | requests | max in flight |",
-             "|---|---|---|---|---|---|---|"]
-    for p in record["passes"]:
-        vs = p.get("vs_0ms")
-        lines.append(
-            f"| {p['where']} | {'' if p['delay_ms'] is None else int(p['delay_ms'])} | "
-            f"{'shuffled' if p['shuffle'] else 'sequential'} | {p['rows_per_s']:,.0f} | "
-            f"{'' if vs is None else f'{vs:.2f}'} | {p.get('requests', '')} | "
-            f"{p.get('max_in_flight', '')} |")
-    (out / "s3_latency.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return record
+    zero = {r["pass"]: r["rows/s"] for r in records if r["delay ms"] == 0}
+    for r in records:
+        r["vs 0 ms"] = r["rows/s"] / zero[r["pass"]] if r["where"] == "s3" and zero else None
+    meta = run_meta(reproduce_command("benchmarks s3_latency", ap, args,
+                                      ("rows", "cols", "density", "delays", "batch_size",
+                                       "chunk_bytes", "repeats")),
+                    title=f"S3 under latency: {args.rows:,} x {args.cols:,}, {X.nnz:,} nnz, "
+                          f"{chunks} data chunks", note=NOTE)
+    return write_records("s3_latency", records, meta, args.out)
 
 
 if __name__ == "__main__":

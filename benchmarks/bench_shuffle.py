@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,14 +44,15 @@ from .common import (
     SEED,
     MiB,
     RssSampler,
+    add_out_argument,
+    child,
     csr_from_keys,
-    machine_info,
     matrix_blocks,
     reproduce_command,
     rmtree,
-    save_results,
     stream,
 )
+from .records import run_meta, write_records
 
 LABEL = "group"
 GEN_ROWS = 8192  # rows generated per block: memory stays bounded whatever the store size
@@ -197,16 +196,6 @@ def quality(path: str, cfg: dict[str, Any]) -> dict[str, Any]:
             "n_blocks": n_blocks}
 
 
-def run_child(path: Path, cfg: dict[str, Any], perm_rows: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.bench_shuffle", "--child", str(path),
-           "--config", json.dumps(cfg), "--perm-rows", str(perm_rows)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                          cwd=Path(__file__).resolve().parent.parent)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def run(specs: list[StoreSpec], buffers: list[int], repeats: int, perm_rows: int,
         work: Path, budgets: list[int] = (), chunk_bytes: int | None = None,
         ) -> list[dict[str, Any]]:
@@ -226,7 +215,8 @@ def run(specs: list[StoreSpec], buffers: list[int], repeats: int, perm_rows: int
                  **quality(str(path), c), "runs": []} for c in cfgs]
         for _ in range(repeats):  # interleaved: a slow spell of the box hits every config
             for c, rec in zip(cfgs, recs, strict=True):
-                rec["runs"].append(run_child(path, c, perm_rows))
+                rec["runs"].append(child("bench_shuffle", "--child", path, "--config",
+                                         json.dumps(c), "--perm-rows", perm_rows))
         for rec in recs:
             runs = rec["runs"]
             rec["timed_rows"] = runs[0]["rows"]
@@ -240,45 +230,30 @@ def run(specs: list[StoreSpec], buffers: list[int], repeats: int, perm_rows: int
     return records
 
 
-def markdown(record: dict[str, Any]) -> str:
-    m = record["machine"]
-    lines = [
-        "# Shuffle quality on label-sorted stores",
-        "",
-        f"Reproduce: `{record['command']}`",
-        "",
-        f"{m['cpu']}, {m['cores']} usable cores, commit {m['commit']}.  Batch "
-        f"{BATCH_SIZE}; each store's rows sorted by a label of uneven groups.  TV: mean "
-        "total-variation distance between a batch's label histogram and all rows', over "
-        "one epoch from index math; `x perm`: TV over a true permutation's TV on the same "
-        "rows (1 is perfect mixing).  Speed and RSS: one pass per config in a fresh "
-        f"subprocess after a one-batch warm-up, median of {record['repeats']}, configs "
-        "interleaved; peak RSS is the subprocess's during the pass (psutil, sampled every "
-        "5 ms; imports included), growth is above its RSS when the pass began.  The permutation "
-        f"(`sampler=`) reads rows at random and was timed on its first {record['perm_rows']:,} "
-        "rows only.  `blocks`: row blocks the loader cuts the store into (a shuffle buffer "
-        "of that many blocks or more holds the whole store).  Load average when the run "
-        f"began: {', '.join(str(x) for x in m['load_avg'])} (a box shared with other work: "
-        "speeds are noisy, quality figures are not).",
-        "",
-        "| store | config | blocks | TV | x perm | labels/batch | rows timed | rows/s (min-max) | "
-        "M nnz/s | peak RSS MiB | RSS growth MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in record["results"]:
-        store = (f"{r['store']} ({r['rows']:,} x {r['cols']:,}, {r['nnz_per_row']:.0f} "
-                 f"nnz/row, {r['groups']} groups)")
-        blocks = "-" if r["n_blocks"] is None else str(r["n_blocks"])
-        rps = [run["rows_per_s"] for run in r["runs"]]
-        lines.append(
-            f"| {store} | {r['config']} | {blocks} | {r['tv']:.3f} | {r['ratio']:.2f} | "
-            f"{r['distinct']:.1f} | {r['timed_rows']:,} | {r['rows_per_s']:,.0f} "
-            f"({min(rps):,.0f}-{max(rps):,.0f}) | "
-            f"{r['mnnz_per_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['rss_growth_mib']:.0f} |")
-    lines += ["", "A true permutation's TV per store: " + ", ".join(
-        f"{r['store']} {r['tv_permutation']:.3f}" for r in record["results"]
-        if r["permutation"]) + "."]
-    return "\n".join(lines) + "\n"
+NOTE = ("Batch 1024; each store's rows sorted by a label of uneven groups.  TV: mean "
+        "total-variation distance between a batch's label histogram and all rows', over one "
+        "epoch from index math; `x perm`: TV over a true permutation's TV on the same rows (1 "
+        "is perfect mixing; `perm TV` is that permutation's).  Speed and RSS: one pass per "
+        "config in a fresh subprocess after a one-batch warm-up, median (and range) of the "
+        "runs, configs interleaved; peak RSS is the subprocess's during the pass (psutil, "
+        "sampled every 5 ms; imports included), growth is above its RSS when the pass began.  "
+        "The permutation (`sampler=`) reads rows at random and is timed on its first rows "
+        "only (`rows timed`).  `blocks`: row blocks the loader cuts the store into.  Speeds "
+        "are noisy on a shared box; quality figures are not.")
+
+
+def to_records(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per store and config, a table per store."""
+    return [{"group": f"{r['store']}: {r['rows']:,} x {r['cols']:,}, {r['nnz_per_row']:.0f} "
+                      f"nnz/row, {r['groups']} groups",
+             "store": r["store"], "config": r["config"], "blocks": r["n_blocks"], "TV": r["tv"],
+             "x perm": r["ratio"], "perm TV": r["tv_permutation"],
+             "labels/batch": r["distinct"], "rows timed": r["timed_rows"],
+             "rows/s": r["rows_per_s"],
+             "rows/s range": [min(x["rows_per_s"] for x in r["runs"]),
+                              max(x["rows_per_s"] for x in r["runs"])],
+             "M nnz/s": r["mnnz_per_s"], "peak RSS MiB": r["peak_rss_mib"],
+             "RSS growth MiB": r["rss_growth_mib"]} for r in results]
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -294,7 +269,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=3, help="passes per config (median)")
     p.add_argument("--perm-rows", "--perm_rows", type=int, default=20_000,
                    help="rows the permutation is timed on (default 20000; 2000 with --quick)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    add_out_argument(p)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -310,23 +285,18 @@ def main(argv: list[str]) -> dict[str, Any]:
              for s in STORES if s.name in names]
     buffers = [int(k) for k in args.buffers.split(",") if k]
     budgets = [parse_size(b) for b in args.budgets.split(",") if b]
-    record: dict[str, Any] = {
-        "command": reproduce_command("benchmarks.bench_shuffle", p, args,
-                                     ("stores", "buffers", "budgets", "chunk_bytes",
-                                      "repeats", "perm_rows"))
-        + (" --quick" if args.quick else ""),
-        "machine": machine_info(),
-        "quick": args.quick, "repeats": args.repeats, "perm_rows": perm_rows,
-        "batch_size": BATCH_SIZE,
-    }
+    command = reproduce_command("benchmarks.bench_shuffle", p, args,
+                                ("stores", "buffers", "budgets", "chunk_bytes", "repeats",
+                                 "perm_rows")) + (" --quick" if args.quick else "")
     with tempfile.TemporaryDirectory() as tmp:
-        record["results"] = run(specs, buffers, args.repeats, perm_rows, Path(tmp), budgets,
-                                args.chunk_bytes)
+        results = run(specs, buffers, args.repeats, perm_rows, Path(tmp), budgets,
+                      args.chunk_bytes)
+    meta = run_meta(command, title="Shuffle quality on label-sorted stores", note=NOTE,
+                    quick=args.quick, repeats=args.repeats, perm_rows=perm_rows,
+                    batch_size=BATCH_SIZE)
     name = "shuffle" if args.chunk_bytes is None else f"shuffle_chunk{args.chunk_bytes >> 10}k"
-    save_results(record, markdown(record), args.out, name)
-    return record
+    return write_records(name, to_records(results), meta, args.out)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     main(sys.argv[1:])

@@ -1,15 +1,14 @@
 """Real passes: default shuffle against a sequential pass, rows/s and batch label quality.
 
-A synthetic 200k x 30k store with 100 nnz per row and rows sorted into 50 label groups is
-saved with the default layout and with small chunks; passes alternate between layouts and
-modes (median of ``--repeats``).  With ``--epochs N`` (N > 1) each loader runs N epochs
-and a run's figure is the median of epochs 2..N: training's steady state, where the
-loader's buffer pool is warm (a first pass also pays the page faults of fresh memory).
-``--singlecell`` adds the single-cell-shaped store of :mod:`benchmarks.bench_shuffle` (three
-shuffle units at the default budget) and ``--tf`` consumes every loader inside TensorFlow's
-graph too (``ds.reduce`` over ``to_dataset``, as Keras does).
-Run ``python -m benchmarks shuffle_pass [--dir /tmp/x] [--epochs 4] [--singlecell] [--tf]
-[--out DIR]``.
+:mod:`benchmarks.bench_shuffle`'s synthetic store (200k x 30k, ~100 nnz per row, rows sorted
+into 50 label groups) is saved with the default layout and with small chunks; passes
+alternate between layouts and modes (median of ``--repeats``).  With ``--epochs N`` (N > 1)
+each loader runs N epochs and a run's figure is the median of epochs 2..N: training's steady
+state, where the loader's buffer pool is warm (a first pass also pays the page faults of
+fresh memory).  ``--singlecell`` adds bench_shuffle's single-cell-shaped store (three shuffle
+units at the default budget) and ``--tf`` consumes every loader inside TensorFlow's graph too
+(``ds.reduce`` over ``to_dataset``, as Keras does).  Run ``python -m benchmarks shuffle_pass
+[--dir /tmp/x] [--epochs 4] [--singlecell] [--tf] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -22,24 +21,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 import sparsestore
 from sparsestore.loader import DataLoader
 
+from .bench_shuffle import LABEL, STORES, StoreSpec, write_store
+from .common import add_out_argument
 from .records import run_meta, write_records
-
-
-def make_store(path: Path, n: int, m: int, k: int, groups: int, **layout) -> None:
-    rng = np.random.default_rng(0)
-    cols = np.sort(rng.integers(0, m, size=(n, k), dtype=np.int32), axis=1)
-    keep = np.ones((n, k), bool)
-    keep[:, 1:] = cols[:, 1:] != cols[:, :-1]  # unique columns per row
-    indptr = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int64)
-    X = sp.csr_matrix((rng.random(int(indptr[-1]), dtype=np.float32), cols[keep], indptr),
-                      shape=(n, m))
-    y = (np.arange(n) * groups // n).astype(np.int32)
-    sparsestore.save(path, X, labels={"y": y}, **layout)
 
 
 def mean_tv(labels: np.ndarray, whole: np.ndarray) -> float:
@@ -94,7 +82,7 @@ def graph_pass(store, groups: int, epochs: int = 1, **kw) -> tuple[float, float]
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
+    add_out_argument(ap)
     ap.add_argument("--epochs", type=int, default=1,
                     help="epochs per loader; above 1, epochs 2..N are timed")
     ap.add_argument("--repeats", type=int, default=3)
@@ -108,23 +96,18 @@ def main(argv: list[str] | None = None) -> None:
     load0 = os.getloadavg()
     d = args.dir or Path(tempfile.mkdtemp())
     d.mkdir(parents=True, exist_ok=True)
-    layouts = {"default (4 MiB chunks)": {}, "chunk_bytes=131072": {"chunk_bytes": 131072}}
-    paths, groups_of, label_of = {}, {}, {}
-    for i, (name, layout) in enumerate(layouts.items()):
-        paths[name] = d / f"s{i}.zarr"
-        groups_of[name], label_of[name] = 50, "y"
-        if not paths[name].exists():
-            make_store(paths[name], args.rows, 30_000, 100, 50, **layout)
+    synthetic = StoreSpec("synthetic", args.rows, 30_000, 100, 50, False)
+    singlecell = next(s for s in STORES if s.name == "singlecell")
+    stores = {"default (4 MiB chunks)": (synthetic, {}),
+              "chunk_bytes=131072": (synthetic, {"chunk_bytes": 131072})}
     if args.singlecell:
-        from .bench_shuffle import LABEL, STORES, write_store
-
-        spec = next(s for s in STORES if s.name == "singlecell")
-        name = f"singlecell ({spec.n_rows // 1000}k x {spec.n_cols // 1000}k, "\
-               f"{spec.nnz_per_row} nnz/row), default layout"
-        paths[name] = d / "singlecell.zarr"
-        groups_of[name], label_of[name] = spec.groups, LABEL
+        stores[f"singlecell ({singlecell.n_rows // 1000}k x {singlecell.n_cols // 1000}k, "
+               f"{singlecell.nnz_per_row} nnz/row), default layout"] = (singlecell, {})
+    paths, groups_of = {}, {}
+    for i, (name, (spec, layout)) in enumerate(stores.items()):
+        paths[name], groups_of[name] = d / f"s{i}.zarr", spec.groups
         if not paths[name].exists():
-            write_store(spec, paths[name])
+            write_store(spec, paths[name], **layout)
     modes = {"sequential": dict(shuffle=False), "default shuffle": dict(shuffle=True, seed=0)}
     ways = {"numpy loop": one_pass}
     if args.tf:
@@ -136,12 +119,12 @@ def main(argv: list[str] | None = None) -> None:
             for way, fn in ways.items():
                 for mode, kw in modes.items():
                     if fn is one_pass:
-                        kw = dict(kw, labels=label_of[name])
+                        kw = dict(kw, labels=LABEL)
                     runs.setdefault((name, way, mode), []).append(
                         fn(store, groups_of[name], args.epochs, **kw))
     rows = []
     for name, path in paths.items():
-        y = np.asarray(sparsestore.open(path).labels[label_of[name]][:])
+        y = np.asarray(sparsestore.open(path).labels[LABEL][:])
         g = groups_of[name]
         whole = np.bincount(y, minlength=g) / y.size
         ptv = mean_tv(y[np.random.default_rng(1).permutation(y.size)], whole)
@@ -153,12 +136,6 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(dict(store=name, consumer=way, mode=mode, rows_per_s=rate,
                                  vs_sequential=rate / seq, tv=tv, tv_over_permutation=tv / ptv,
                                  epochs=args.epochs))
-    lines = [f"| store | consumer | loader | rows/s (median of {args.repeats}) | x sequential "
-             "| TV | TV x permutation |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['store']} | {r['consumer']} | {r['mode']} | {r['rows_per_s']:,.0f} | "
-              f"{r['vs_sequential']:.2f} | {r['tv']:.3f} | {r['tv_over_permutation']:.2f} |"
-              for r in rows]
-    print("\n".join(lines))
     steady = "the median of epochs 2-" + str(args.epochs) + " of one loader (training's " \
         "steady state: the pool warm, a one-unit share kept decoded)" if args.epochs > 1 \
         else "a loader's first pass"
@@ -172,8 +149,7 @@ def main(argv: list[str] | None = None) -> None:
              f"(how Keras consumes it).  TV: mean total-variation distance between a batch's "
              f"label histogram and the store's (numpy loop's batches).  Load average at the "
              f"start: {', '.join(f'{x:.2f}' for x in load0)}.")
-    write_records("shuffle_pass", [{"group": "", **r} for r in rows], meta, args.out,
-                  echo=False)
+    write_records("shuffle_pass", [{"group": "", **r} for r in rows], meta, args.out)
 
 
 if __name__ == "__main__":

@@ -45,12 +45,11 @@ from .common import (
     add_out_argument,
     coo_parts,
     idiom_dataset,
-    machine_info,
     quiet_tf_retracing,
     rmtree,
-    save_results,
     store_with_matrix,
 )
+from .records import run_meta, write_records
 
 # name -> (rows, cols, nnz per row) per mode
 MATRICES: dict[str, dict[str, tuple[int, int, int]]] = {
@@ -61,6 +60,7 @@ MATRICES: dict[str, dict[str, tuple[int, int, int]]] = {
 ROUNDS = {"full": 9, "quick": 3, "tiny": 1}
 KERAS_ROUNDS = {"full": 5, "quick": 2, "tiny": 1}
 SIDES = ("idiom", "seq", "shuffled")
+WAYS = {"eager loop": "eager", "in-graph": "graph", "Keras epoch": "keras"}
 
 
 # ------------------------------------------------------------------ affinity
@@ -235,69 +235,40 @@ def bench_matrix(name: str, shape: tuple[int, int, int], work: Path, rounds: int
     return res
 
 
-# ------------------------------------------------------------------ report
+# ------------------------------------------------------------------ records
 
 
-def _section(intro: str, *columns: str) -> list[str]:
-    """A paragraph, then the header of a table with ``columns``."""
-    return ["", intro, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+NOTE = ("Batch 1024.  Ratio = idiom seconds / sparsestore seconds (> 1: sparsestore faster); "
+        "the idiom is `from_tensor_slices(SparseTensor).batch(1024)` (with labels for Keras), "
+        "the shuffled stream is compared with the same sequential idiom.  Medians of rounds "
+        "interleaved in one process.  Cores: the in-graph pass with the whole process pinned "
+        "to {0} vs {0, 1}, alternating; CPU: `time.process_time`, all threads, 2 cores.  Per "
+        "pass / per batch: a straight line through in-graph passes over the first tenth of "
+        "the rows and over all of them (sequential stream); the fixed cost is paid once per "
+        "Keras epoch.")
 
 
-def markdown(record: dict[str, Any]) -> str:
-    m = record["machine"]
-    lines = [
-        "# TensorFlow ratios: eager loop, in-graph loop, Keras epoch",
-        "",
-        f"Reproduce: `{record['command']}`",
-        "",
-        f"{m['cpu']}, {m['cores']} usable cores, TensorFlow {m['versions']['tensorflow-cpu']}, "
-        f"Keras {m['versions']['keras']}, commit {m['commit']}, load average "
-        f"{m['load_avg']} at start.  Batch {BATCH_SIZE}.  Ratio = idiom seconds / "
-        "sparsestore seconds (> 1: sparsestore faster); the idiom is "
-        "`from_tensor_slices(SparseTensor).batch(1024)` (with labels for Keras), the "
-        "shuffled stream is compared with the same sequential idiom.  Medians of rounds "
-        "interleaved in one process.",
-        "",
-        "| matrix | nnz | stream | eager loop | in-graph (`reduce`) | Keras epoch (Dense 1) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, r in record["matrices"].items():
-        desc = f"{name}: {r['shape'][0]:,} x {r['shape'][1]:,}, {r['nnz_per_row']:.1f}/row"
-        for side in ("seq", "shuffled"):
-            rat = [f"{r['ratios'][w][side]:.2f}x" for w in ("eager", "graph", "keras")]
-            lines.append(f"| {desc} | {r['nnz']:,} | {side} | " + " | ".join(rat) + " |")
-    lines += _section("Seconds per pass (medians; idiom / sequential / shuffled):",
-                      "matrix", "eager", "in-graph", "Keras")
-    for name, r in record["matrices"].items():
-        cells = [" / ".join(f"{r['seconds'][w][s]:.3f}" for s in SIDES)
-                 for w in ("eager", "graph", "keras")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += _section(
-        "1 -> 2 core scaling (in-graph pass, whole process pinned to {0} vs {0, 1}, "
-        "alternating in the same run) and CPU time per non-zero (`time.process_time`, all "
-        "threads, 2 cores, in-graph pass):",
-        "matrix", "stream 1->2 cores", "idiom 1->2 cores", "stream CPU ns/nnz",
-        "idiom CPU ns/nnz", "stream CPU ns/nnz, eager loop")
-    for name, r in record["matrices"].items():
-        cs = r["core_scaling"]
-        sc = (f"{cs['stream']:.2f}x | {cs['idiom']:.2f}x" if "stream" in cs
-              else "skipped | skipped")
-        c = r["cpu_ns_per_nnz"]
-        lines.append(f"| {name} | {sc} | {c['seq_graph']:.1f} | {c['idiom_graph']:.1f} | "
-                     f"{c['seq_eager']:.1f} |")
-    lines += _section(
-        "In-graph pass time split into a fixed cost per pass (making the iterator, opening "
-        "the pass: paid once per Keras epoch) and a cost per batch, from passes over the "
-        "first tenth of the rows and over all of them (sequential stream):",
-        "matrix", "idiom ms/batch", "stream ms/batch", "per-batch ratio", "idiom ms/pass",
-        "stream ms/pass")
-    for name, r in record["matrices"].items():
-        pp = r["per_pass"]
-        a, b = pp["idiom"]["batch_ms"], pp["seq"]["batch_ms"]
-        ratio = f"{a / b:.2f}x" if a > 0 and b > 0 else "n/a (too few batches)"
-        lines.append(f"| {name} | {a:.3f} | {b:.3f} | {ratio} | "
-                     f"{pp['idiom']['fixed_ms']:.1f} | {pp['seq']['fixed_ms']:.1f} |")
-    return "\n".join(lines) + "\n"
+def to_records(matrices: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The page's rows from :func:`bench_matrix`'s results, one table per ``group``."""
+    out: list[dict[str, Any]] = []
+    for name, r in matrices.items():
+        m = {"matrix": name, "shape": f"{r['shape'][0]:,} x {r['shape'][1]:,}",
+             "nnz/row": r["nnz_per_row"]}
+        out += [{"group": "ratios", **m, "stream": side,
+                 **{w: r["ratios"][k][side] for w, k in WAYS.items()}}
+                for side in ("seq", "shuffled")]
+        out += [{"group": "seconds per pass", "matrix": name, "pass": w,
+                 **{s: r["seconds"][k][s] for s in SIDES}} for w, k in WAYS.items()]
+        cs, c, pp = r["core_scaling"], r["cpu_ns_per_nnz"], r["per_pass"]
+        out.append({"group": "cores and CPU", "matrix": name,
+                    "stream 1->2 cores": cs.get("stream"), "idiom 1->2 cores": cs.get("idiom"),
+                    "stream CPU ns/nnz": c["seq_graph"], "idiom CPU ns/nnz": c["idiom_graph"],
+                    "stream CPU ns/nnz, eager loop": c["seq_eager"]})
+        out.append({"group": "per pass and per batch", "matrix": name,
+                    **{f"{side} ms/{k}": pp[s][key] for k, key in (("batch", "batch_ms"),
+                                                                   ("pass", "fixed_ms"))
+                       for side, s in (("idiom", "idiom"), ("stream", "seq"))}})
+    return out
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -312,27 +283,18 @@ def main(argv: list[str]) -> dict[str, Any]:
     args = p.parse_args(argv)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     rounds = args.rounds or ROUNDS[mode]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    t0 = time.perf_counter()
-    record: dict[str, Any] = {
-        "command": "python -m benchmarks.bench_tf_compare"
-                   + ("" if mode == "full" else f" --{mode}")
-                   + (f" --rounds {args.rounds}" if args.rounds else ""),
-        "mode": mode,
-        "machine": machine_info(),
-        "batch_size": BATCH_SIZE,
-        "matrices": {},
-    }
+    command = ("python -m benchmarks.bench_tf_compare" + ("" if mode == "full" else f" --{mode}")
+               + (f" --rounds {args.rounds}" if args.rounds else ""))
     if args.work is not None:
         Path(args.work).mkdir(parents=True, exist_ok=True)
+    matrices: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for name, shape in MATRICES[mode].items():
-            record["matrices"][name] = bench_matrix(name, shape, Path(tmp), rounds,
-                                                    min(rounds, KERAS_ROUNDS[mode]))
-    record["seconds_total"] = time.perf_counter() - t0
-    save_results(record, markdown(record), args.out, "tf_compare")
-    print(f"({record['seconds_total']:.0f} s)")
-    return record
+            matrices[name] = bench_matrix(name, shape, Path(tmp), rounds,
+                                          min(rounds, KERAS_ROUNDS[mode]))
+    meta = run_meta(command, title="TensorFlow ratios: eager loop, in-graph loop, Keras epoch",
+                    note=NOTE, mode=mode, batch_size=BATCH_SIZE)
+    return write_records("tf_compare", to_records(matrices), meta, args.out)
 
 
 if __name__ == "__main__":

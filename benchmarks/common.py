@@ -19,6 +19,7 @@ import platform
 import resource
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -51,10 +52,6 @@ class Size:
     keras_reps: int  # timed Keras epochs per variant (after one warm-up epoch)
     scaling: tuple[int, ...] = (1, 4, 16)  # row multipliers of the scaling benchmark
     scaling_base: int = 0  # rows of the x1 scaling matrix
-
-    @property
-    def nnz(self) -> int:
-        return self.n_rows * self.nnz_per_row
 
 
 SIZES = {
@@ -246,12 +243,6 @@ def count_sparse_tensor(x: Any) -> tuple[int, int]:
     return int(x.dense_shape[0]), int(x.values.shape[0])
 
 
-def count_csr(x: Any) -> tuple[int, int]:
-    if isinstance(x, tuple):
-        x = x[0]
-    return int(x.shape[0]), int(x.nnz)
-
-
 # ------------------------------------------------------------------ RSS
 
 
@@ -404,6 +395,17 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def child(module: str, *args: Any) -> Any:
+    """``python -m benchmarks.MODULE ARGS`` in a fresh interpreter (its memory and imports its
+    own), from the repository root; returns the JSON its last line of output holds."""
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).resolve().parent.parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def dump_json(obj: Any, path: str | Path) -> None:
     Path(path).write_text(json.dumps(obj, indent=1, default=_json_default))
 
@@ -443,16 +445,6 @@ def quiet_tf_retracing(tf: Any) -> None:
             return "tf.function retracing" not in record.getMessage()
 
     tf.get_logger().addFilter(_NoRetracing())
-
-
-def save_results(record: dict[str, Any], md: str, out: str | Path, stem: str) -> None:
-    """Write ``record`` as ``<stem>.json`` and ``md`` as ``<stem>.md`` into ``out``, and
-    print the markdown."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_json(record, out / f"{stem}.json")
-    (out / f"{stem}.md").write_text(md)
-    print(md)
 
 
 def _json_default(o: Any) -> Any:

@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .bench_convert import make_shards
 from .common import (
     CASES,
-    SCRATCH_OUT,
     SIZES,
     Ctx,
-    MiB,
     add_out_argument,
     dump_json,
     machine_info,
@@ -37,8 +36,6 @@ from .common import (
     rmtree,
     run_case,
 )
-
-DEFAULT_OUT = SCRATCH_OUT
 
 
 def _load_cases() -> None:
@@ -77,17 +74,9 @@ def setup(ctx: Ctx, log: Any = print) -> None:
     sparsestore.write_blocks(ctx.paths["store"], matrix_blocks(s.n_rows, s.n_cols,
                              s.nnz_per_row), n_cols=s.n_cols, dtype=np.float32, overwrite=True)
 
-    shards = work / "shards"
-    rmtree(shards)
-    shards.mkdir()
-    bounds = np.linspace(0, s.n_rows, s.n_shards + 1).astype(int)
-    biggest = 0
-    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        part = X[a:b]
-        sp.save_npz(shards / f"shard_{i:04d}.npz", part, compressed=True)
-        biggest = max(biggest, part.data.nbytes + part.indices.nbytes + part.indptr.nbytes)
-    ctx.paths["shards"] = str(shards)
-    ctx.meta["shard_max_bytes"] = int(biggest)
+    ctx.paths["shards"] = str(work / "shards")
+    ctx.meta["shard_max_bytes"] = make_shards(work / "shards", s.n_rows, s.n_cols,
+                                              s.nnz_per_row, s.n_shards, X=X)["shard_max_bytes"]
 
     try:
         import anndata as ad
@@ -267,5 +256,3 @@ def _summary(r: dict[str, Any]) -> str:
 if __name__ == "__main__":
     main()
     sys.exit(0)
-
-__all__ = ["MiB", "main", "setup"]

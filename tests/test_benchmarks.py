@@ -11,7 +11,6 @@ import sys
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from benchmarks import run as bench_run
@@ -130,15 +129,17 @@ def test_tf_compare_and_gpu_check_run_tiny(tmp_path: Path, capsys: pytest.Captur
     from benchmarks import bench_tf_compare, gpu_check
 
     work = tmp_path / "not" / "yet"  # --work creates a missing folder
-    record = bench_tf_compare.main(["--tiny", "--out", str(tmp_path), "--work", str(work)])
+    doc = bench_tf_compare.main(["--tiny", "--out", str(tmp_path), "--work", str(work)])
     assert work.is_dir()
-    saved = json.loads((tmp_path / "tf_compare.json").read_text())
-    assert set(saved["matrices"]) == {"dense100", "sparse2"}
-    for r in record["matrices"].values():
-        for way in ("eager", "graph", "keras"):
-            for side in ("seq", "shuffled"):
-                assert math.isfinite(r["ratios"][way][side]) and r["ratios"][way][side] > 0
-        assert all(v > 0 for v in r["cpu_ns_per_nnz"].values())
+    assert json.loads((tmp_path / "tf_compare.json").read_text()) == doc
+    ratios = [r for r in doc["records"] if r["group"] == "ratios"]
+    assert {(r["matrix"], r["stream"]) for r in ratios} == {
+        (m, s) for m in ("dense100", "sparse2") for s in ("seq", "shuffled")}
+    for r in ratios:
+        for way in ("eager loop", "in-graph", "Keras epoch"):
+            assert math.isfinite(r[way]) and r[way] > 0
+    cpu = [r for r in doc["records"] if r["group"] == "cores and CPU"]
+    assert len(cpu) == 2 and all(r["stream CPU ns/nnz"] > 0 for r in cpu)
     md = (tmp_path / "tf_compare.md").read_text()
     assert "python -m benchmarks.bench_tf_compare --tiny" in md and "| sparse2" in md
 
@@ -153,56 +154,30 @@ def test_tf_compare_and_gpu_check_run_tiny(tmp_path: Path, capsys: pytest.Captur
     assert res["bytes_per_nnz"]["coo_host"] > 12
 
 
-def test_tf_split_runs_tiny_and_its_harness_gives_the_streams_batches(tmp_path: Path) -> None:
-    """bench_tf_split end to end at a toy size, and its prebuilt-batch harness (the "tf +
-    build" case) yields what to_dataset yields, so the stages it subtracts are the stream's."""
-    pytest.importorskip("tensorflow")
-    import sparsestore.adapters.tensorflow as sstf
-    import tensorflow as tf
-
-    from benchmarks import bench_tf_split
-    from benchmarks.common import store_with_matrix
-    from sparsestore.loader import DataLoader
-
-    record = bench_tf_split.main(["--rows", "3000", "--rounds", "1", "--out", str(tmp_path)])
-    for per_core in record["result"]["wall_ms"].values():
-        assert set(per_core) == set(bench_tf_split.CASES)
-        assert all(v > 0 for v in per_core.values())
-    assert "| 2 readers |" in (tmp_path / "tf_split.md").read_text()
-
-    store, _, _ = store_with_matrix(tmp_path / "m.zarr", 3000, 500, 10)
-    batches = list(DataLoader(store, 256).iter_batches())
-    harness = bench_tf_split._harness(tf, DataLoader(store, 256), batches, None)
-    stream = sstf.to_dataset(DataLoader(store, 256))
-    got, want = list(harness), list(stream)
-    assert len(got) == len(want) == len(batches)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_array_equal(a.indices.numpy(), b.indices.numpy())
-        np.testing.assert_array_equal(a.values.numpy(), b.values.numpy())
-        np.testing.assert_array_equal(a.dense_shape.numpy(), b.dense_shape.numpy())
-
-
 def test_memory_bench_streams_whole_passes_in_fresh_processes(tmp_path: Path) -> None:
     """bench_memory at a toy size: every pass of each child streams the whole store (its
     batch count is the loader's), and the report lists each size and mode."""
     pytest.importorskip("tensorflow")
     from benchmarks import bench_memory
 
-    record = bench_memory.main(["--rows", "2500,5000", "--passes", "2", "--every", "2",
-                                "--out", str(tmp_path)])
-    for mode in bench_memory.MODES:
-        for rows in (2500, 5000):
-            got = record["result"][mode][str(rows)]
-            assert got["rows"] == rows
-            assert got["batches_per_pass"] == -(-rows // 1024)
-            assert len(got["peak_growth_mib"]) == len(got["trace_mib"]) == 2
-            assert all(len(t) == -(-got["batches_per_pass"] // 2) for t in got["trace_mib"])
+    doc = bench_memory.main(["--rows", "2500,5000", "--passes", "2", "--every", "2",
+                             "--out", str(tmp_path)])
+    peaks = {(r["mode"], r["rows"]): r for r in doc["records"]
+             if r["group"] == "peak RSS growth per pass"}
+    assert set(peaks) == {(m, n) for m in bench_memory.MODES for n in (2500, 5000)}
+    for (_mode, rows), got in peaks.items():
+        assert got["batches/pass"] == -(-rows // 1024)
+        assert len(got["peak growth MiB"]) == 2
+    traces = [r for r in doc["records"] if r["group"] == "trace"]
+    assert {(r["mode"], r["rows"], r["pass"]) for r in traces} == {
+        (m, 5000, i) for m in bench_memory.MODES for i in (0, 1)}
+    assert all(len(r["MiB above warm"]) == -(-5 // 2) for r in traces)
     md = (tmp_path / "memory.md").read_text()
     assert "| tf | 5,000 |" in md and "| loader | 2,500 |" in md
 
 
-@pytest.mark.parametrize("module", ["bench_tf_compare", "bench_tf_split", "bench_memory",
-                                    "bench_shuffle_keras"])
+@pytest.mark.parametrize("module", ["bench_tf_compare", "bench_memory", "bench_shuffle",
+                                    "bench_layout"])
 def test_standalone_benchmarks_write_to_a_scratch_folder_by_default(module: str) -> None:
     """Run as the README shows them, they leave the committed results alone: ``--out``
     defaults to benchmarks/out, which git ignores."""
@@ -226,45 +201,6 @@ def test_bench_dask_explains_a_work_folder_without_a_suite_setup(tmp_path: Path)
         bench_dask.main([str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="WORK"):
         bench_dask.main([])
-
-
-def test_shuffle_keras_bench_trains_each_order_quick(tmp_path: Path) -> None:
-    """bench_shuffle_keras --quick on three orders: each trains 2 epochs in its own process
-    and is scored on the held-out rows; the default shuffle of this small store mixes like
-    the idiom's full shuffle, storage order does not, and the report states the target."""
-    pytest.importorskip("tensorflow")
-    from benchmarks import bench_shuffle_keras
-
-    record = bench_shuffle_keras.main(["--quick", "--repeats", "1", "--epochs", "2",
-                                       "--configs", "sequential,default,idiom",
-                                       "--out", str(tmp_path)])
-    by = {r["config"]: r for r in record["results"]}
-    assert set(by) == {"sequential", "shuffle (default)", "in-memory idiom (tf.data shuffle)"}
-    for r in by.values():
-        assert len(r["accuracy"]) == 2 and all(0 < a <= 1 for a in r["accuracy"])
-        assert r["epoch_s"] > 0 and r["first_epoch_s"] > 0
-    perm = record["tv_permutation"]
-    assert by["shuffle (default)"]["n_units"] == 1
-    assert by["shuffle (default)"]["tv"] < 1.1 * perm
-    assert by["in-memory idiom (tf.data shuffle)"]["tv"] < 1.1 * perm
-    assert by["sequential"]["tv"] > 5 * perm
-    assert set(record["verdict"]) >= {"gap_first_epoch", "gap_last_epoch", "met"}
-    md = (tmp_path / "shuffle_keras.md").read_text()
-    assert "| shuffle (default) | 1 |" in md and "Target:" in md
-    assert json.loads((tmp_path / "shuffle_keras.json").read_text())["quick"] is True
-
-
-def test_shuffle_ranks_bench_scores_each_rank_against_the_store(tmp_path: Path) -> None:
-    """Its TV is a batch's distance to the whole store's labels: one rank of a store that
-    fits the shuffle budget mixes like a permutation; with ranks it is scored per rank."""
-    from benchmarks import bench_shuffle_ranks as bsr
-
-    record = bsr.main(["--quick", "--worlds", "1,2", "--out", str(tmp_path)])
-    assert (tmp_path / "shuffle_ranks.json").exists() and (tmp_path / "shuffle_ranks.md").exists()
-    for rec in record["results"]:
-        ranks = {(r["world_size"], r["rank"]): r for r in rec["ranks"]}
-        assert set(ranks) == {(1, 0), (2, 0), (2, 1)}
-        assert ranks[1, 0]["ratio"] < 1.2
 
 
 def test_one_entry_point_lists_and_dispatches(capsys: pytest.CaptureFixture) -> None:
@@ -311,6 +247,53 @@ def test_records_json_and_its_page(tmp_path: Path) -> None:
     assert set(saved["meta"]) >= {"command", "commit", "machine", "date"}
     md = (tmp_path / "demo.md").read_text()
     assert "## a" in md and "| x | 0.5 |" in md and "| y | 1,234 |" in md
+
+
+def test_shuffle_and_layout_run_tiny_and_their_pages_are_generated(tmp_path: Path) -> None:
+    """bench_shuffle (one small label-sorted store, a fresh process per pass) and bench_layout
+    at toy sizes: the records, and the page ``report`` makes from the json they wrote."""
+    from benchmarks import bench_layout, bench_shuffle
+    from benchmarks.report import page
+
+    doc = bench_shuffle.main(["--quick", "--stores", "synthetic", "--repeats", "1",
+                              "--buffers", "", "--budgets", "", "--perm-rows", "1024",
+                              "--out", str(tmp_path)])
+    by = {r["config"]: r for r in doc["records"]}
+    assert set(by) == {"sequential", "shuffle (default)", "permutation (sampler=)"}
+    assert by["shuffle (default)"]["x perm"] < 1.2 < 5 < by["sequential"]["x perm"]
+    assert by["sequential"]["rows timed"] == 20_000
+    assert by["permutation (sampler=)"]["rows timed"] == 1024
+    assert all(r["rows/s"] > 0 for r in by.values())
+    assert page(tmp_path / "shuffle.json") == (tmp_path / "shuffle.md").read_text()
+
+    doc = bench_layout.main(["--rows", "2000", "--rounds", "1", "--layouts", "128KiB",
+                             "--out", str(tmp_path)])
+    rows = {(r["group"].split(":")[0], r["layout"]): r for r in doc["records"]}
+    assert set(rows) == {(s, lay) for s in ("cell", "synthetic") for lay in ("4MiB", "128KiB")}
+    for shape in ("cell", "synthetic"):
+        assert rows[shape, "4MiB"]["loader x"] == 1
+        assert rows[shape, "128KiB"]["files"] > rows[shape, "4MiB"]["files"]
+    assert page(tmp_path / "layout.json") == (tmp_path / "layout.md").read_text()
+
+
+@pytest.mark.s3
+def test_s3_latency_bench_runs_tiny_and_its_page_is_generated(tmp_path: Path) -> None:
+    """``python -m benchmarks s3_latency`` at a toy size: a record per place, delay and pass,
+    each S3 pass's requests counted, and the page ``report`` makes from the json."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    from benchmarks import bench_s3_latency
+    from benchmarks.report import page
+
+    doc = bench_s3_latency.main(["--rows", "3000", "--cols", "500", "--density", "0.02",
+                                 "--repeats", "1", "--delays", "0,10", "--out", str(tmp_path)])
+    got = {(r["where"], r["delay ms"], r["pass"]): r for r in doc["records"]}
+    passes = ("sequential", "shuffled")
+    assert set(got) == {("local", None, p) for p in passes} | {
+        ("s3", ms, p) for ms in (0.0, 10.0) for p in passes}
+    assert all(r["requests"] > 0 and r["rows/s"] > 0 for k, r in got.items() if k[0] == "s3")
+    assert got["s3", 0.0, "sequential"]["vs 0 ms"] == 1
+    assert page(tmp_path / "s3_latency.json") == (tmp_path / "s3_latency.md").read_text()
 
 
 @pytest.mark.s3
