@@ -36,7 +36,7 @@ from .buffers import BufferPool
 from .checks import check_row_pointers
 from .chunk_cache import SharedChunkCache
 from .chunks import chunk_pieces, read_rows
-from .engine import Tickets
+from .engine import OrderedMap, Tickets
 from .errors import InvalidInputError
 from .fetch import Prefetch, prefetch_unit
 from .indexing import normalize_rows
@@ -609,49 +609,40 @@ class BlockReader:
 
     # -- a pass
     def stream(self, units: Iterable[UnitSpec]) -> Iterator[Iterable[Batch]]:
-        """Decoded units in order, ``prefetch`` ahead, on ``num_workers`` threads.
+        """Decoded units in order, ``prefetch`` ahead, on ``num_workers`` threads (an
+        :class:`~sparsestore.engine.OrderedMap`).
 
         A generator: closing it (``break``, an exception, garbage collection) cancels the
         queued work and joins the threads before returning.
         """
-        if self.num_workers == 0:
-            for unit in units:
-                yield self.decode(unit)
-            return
-        ex = ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix=THREAD_PREFIX)
         if self.num_workers > 1:  # the other threads' share of one big unit's pieces
             self._span_ex = ThreadPoolExecutor(max_workers=self.num_workers - 1,
                                                thread_name_prefix=THREAD_PREFIX)
-        pending: deque[Future] = deque()
-        # Units whose chunks are already being fetched (object storage only), waiting for
-        # a thread to decode them: their round trips overlap the units decoded before.
-        fetching: deque[tuple[UnitSpec, Prefetch | None]] = deque()
-        upcoming = iter(units)
+        stage = OrderedMap(lambda job: self._decode_fetched(*job), self._fetching(units),
+                           ahead=self.prefetch, threads=self.num_workers, name=THREAD_PREFIX)
         try:
-            while True:
-                while len(fetching) <= self.io_ahead:
-                    unit = next(upcoming, None)
-                    if unit is None:
-                        break
-                    fetching.append((unit, self._fetch_ahead(unit) if self.io_ahead else None))
-                if not fetching:
-                    break
-                pending.append(ex.submit(self._decode_fetched, *fetching.popleft()))
-                if len(pending) > self.prefetch:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+            yield from stage
         finally:
-            for fut in pending:
-                fut.cancel()
-            pending.clear()
-            for _, ahead in fetching:
-                if ahead is not None:
-                    ahead.release()
-            ex.shutdown(wait=True, cancel_futures=True)
+            stage.close()
             if self._span_ex is not None:
                 self._span_ex.shutdown(wait=True, cancel_futures=True)
                 self._span_ex = None
+
+    def _fetching(self, units: Iterable[UnitSpec]) -> Iterator[tuple[UnitSpec, Prefetch | None]]:
+        """Units with their chunks' fetches started ``io_ahead`` units before they are
+        decoded (object storage: their round trips overlap the units decoded before)."""
+        fetching: deque[tuple[UnitSpec, Prefetch | None]] = deque()
+        try:
+            for unit in units:
+                fetching.append((unit, self._fetch_ahead(unit) if self.io_ahead else None))
+                if len(fetching) > self.io_ahead:
+                    yield fetching.popleft()
+            while fetching:
+                yield fetching.popleft()
+        finally:
+            for _, ahead in fetching:
+                if ahead is not None:
+                    ahead.release()
 
 
 def _meta_capacity(arr: Any) -> int:
