@@ -349,10 +349,7 @@ class SparseMapDataset(tud.Dataset):
         if layout not in LAYOUTS:
             raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.store, self.layout = store, layout
-        self.label_names = () if labels is None else (
-            (labels,) if isinstance(labels, str) else tuple(labels))
-        for name in self.label_names:
-            store.labels[name]  # raises LabelError naming the known labels
+        self.label_names = store.labels.select(labels)
 
     def __len__(self) -> int:
         return int(self.store.n_rows)
