@@ -2,20 +2,18 @@
 
 :class:`_Passes` is the loader's passes as a dataset: TensorFlow's generator source with
 ``tf.numpy_function`` calls that open a pass, take its next wire parts and close it;
-:class:`_OpenPass` is one pass in progress, its feeder and builder threads building the
-plan's wire parts (:mod:`._tf_plan`) ahead of TensorFlow; :class:`_Moves` counts the calls
-that move a loader (``set_epoch``, ``load_state_dict``), so an abandoned pass does not
-advance an epoch somebody already set.
+:class:`_OpenPass` is one pass in progress, its stage's feeder and builder threads
+building the plan's wire parts (:mod:`._tf_plan`) ahead of TensorFlow; :class:`_Moves`
+counts the calls that move a loader (``set_epoch``, ``load_state_dict``), so an abandoned
+pass does not advance an epoch somebody already set.
 """
 
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -26,6 +24,7 @@ import tensorflow as tf
 from tensorflow.python.data.ops.from_generator_op import _GeneratorDataset
 
 from sparsestore.batch import Batch
+from sparsestore.engine import OrderedMap
 from sparsestore.loader import DataLoader, Position
 from sparsestore.reader import THREAD_PREFIX
 
@@ -196,61 +195,53 @@ def _after(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:
         rest.close()  # type: ignore[attr-defined]
 
 
-_END = object()  # the feeder's last queue item: the loader's pass ran to its end
+_END = object()  # the stage's end: the loader's pass ran to its end
+
+
+class _Groups:
+    """The pass's batches, ``bundle`` at a time; closing it closes the pass (even one
+    never started, which a generator's ``close`` would not)."""
+
+    def __init__(self, batches: Iterator[Batch], bundle: int) -> None:
+        self.batches, self.bundle = batches, bundle
+
+    def __iter__(self) -> _Groups:
+        return self
+
+    def __next__(self) -> list[Batch]:
+        group = list(itertools.islice(self.batches, self.bundle))
+        if not group:
+            raise StopIteration
+        return group
+
+    def close(self) -> None:
+        self.batches.close()  # type: ignore[attr-defined]
 
 
 class _OpenPass:
     """One pass in progress: its batches' wire parts built ahead, handed over in order.
 
-    A feeder thread runs the loader's pass (cutting batches, gathering shuffled rows),
-    groups ``bundle`` consecutive batches and hands each group to ``workers`` builder
-    threads that turn it into the plan's wire parts (the COO coordinates, in
-    :func:`~sparsestore.kernels.coo_into`, which releases the GIL), so the thread
-    TensorFlow calls through ``numpy_function`` only takes finished parts: its GIL-held
-    share per hand-off is small and the same whatever the batches hold.  At most
-    ``2 * workers + 1`` groups are read ahead of TensorFlow.  ``workers=0`` (a loader with
-    ``num_workers=0``) does everything in the calling thread.  The last group waits for
-    the loader's pass to end, which is where the loader books it as complete (its next
-    epoch).
+    An :class:`~sparsestore.engine.OrderedMap` runs it: its feeder thread runs the loader's
+    pass (cutting batches, gathering shuffled rows), groups ``bundle`` consecutive batches
+    and hands each group to ``workers`` builder threads that turn it into the plan's wire
+    parts (the COO coordinates, in :func:`~sparsestore.kernels.coo_into`, which releases
+    the GIL), so the thread TensorFlow calls through ``numpy_function`` only takes finished
+    parts: its GIL-held share per hand-off is small and the same whatever the batches
+    hold.  At most ``2 * workers + 1`` groups are read ahead of TensorFlow.  ``workers=0``
+    (a loader with ``num_workers=0``) does everything in the calling thread.  The last
+    group waits for the loader's pass to end, which is where the loader books it as
+    complete (its next epoch).
     """
 
     def __init__(self, batches: Iterator[Batch], build: Any, n: int, workers: int,
                  bundle: int = 1, error: BaseException | None = None) -> None:
-        self.batches, self.build, self.left, self.bundle = batches, build, n, bundle
+        self.left = n
         self._error = error  # the pass failed to start: the first next() raises it
-        if error is not None:
-            workers = 0
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._slots = threading.Semaphore(2 * workers + 1)
-        self._stop = threading.Event()
-        self._pool: ThreadPoolExecutor | None = None
-        self._feeder: threading.Thread | None = None
-        if workers and n:
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"{THREAD_PREFIX}-build")
-            self._feeder = threading.Thread(
-                target=self._feed, name=f"{THREAD_PREFIX}-feed", daemon=True)
-            self._feeder.start()
-
-    def _groups(self) -> Iterator[list[Batch]]:
-        while group := list(itertools.islice(self.batches, self.bundle)):
-            yield group
-
-    def _feed(self) -> None:
-        """Read the pass, submitting each group's build; queue a failure where it happened."""
-        assert self._pool is not None
-        try:
-            for group in self._groups():
-                while not self._slots.acquire(timeout=0.05):
-                    if self._stop.is_set():
-                        return
-                if self._stop.is_set():
-                    return
-                self._queue.put((len(group), self._pool.submit(self.build, group)))
-            self._queue.put(_END)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, in order
-            self._queue.put(exc)
-        finally:
-            self.batches.close()  # type: ignore[attr-defined]
+        staged = workers if n and error is None else 0
+        self._stage = OrderedMap(lambda group: (len(group), build(group)),
+                                 _Groups(batches, bundle), ahead=2 * staged + 1,
+                                 threads=staged, feed=staged > 0,
+                                 name=f"{THREAD_PREFIX}-build")
 
     def _take(self) -> Any:
         """``(batch count, wire parts)`` of the next group, or ``_END`` once the pass is
@@ -259,17 +250,7 @@ class _OpenPass:
         try:
             if self._error is not None:
                 raise self._error
-            if self._feeder is None:
-                group = next(self._groups(), None)
-                return _END if group is None else (len(group), self.build(group))
-            item = self._queue.get()
-            if item is _END:
-                return item
-            if isinstance(item, BaseException):
-                raise item
-            self._slots.release()
-            count, built = item
-            return count, built.result()
+            return next(self._stage, _END)
         except BaseException as exc:
             # A failure ends the pass: TensorFlow, which may call again after an error
             # (prefetch, ignore_errors), then gets the end of the sequence, never a later
@@ -293,15 +274,6 @@ class _OpenPass:
         return got[1]
 
     def close(self) -> None:
-        """Stop the feeder and the builders (TensorFlow finalized the pass)."""
-        self._stop.set()
-        if self._feeder is not None:
-            self._feeder.join()
-        else:
-            self.batches.close()  # type: ignore[attr-defined]
-        if self._pool is not None:
-            while not self._queue.empty():
-                item = self._queue.get_nowait()
-                if isinstance(item, tuple):
-                    item[1].cancel()
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the feeder and the builders and close the pass (TensorFlow finalized it)."""
+        self._stage.close()
+

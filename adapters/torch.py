@@ -23,10 +23,10 @@ memory, no copy).
 Each torch worker reads its own disjoint share of the loader's (rank's) rows
 (``loader.shard(worker, k)``), so workers never overlap and together read every row of
 the rank once.  Any start method works (``fork``, ``spawn``, ``forkserver``, Python
-3.14's default on Linux): the dataset pickles, its loader carrying
-the store by path at its pinned commit and its settings, never its threads; a worker whose
-store was replaced or restored to an earlier commit raises ``StoreChangedError``.  Pin
-memory only where an accelerator exists (elsewhere torch warns it has nothing to pin).
+3.14's default on Linux): the dataset pickles, its loader carrying the store by path at
+its pinned commit and its settings, never its threads; a worker whose store was replaced
+or restored to an earlier commit raises ``StoreChangedError``.  Pin memory only where an
+accelerator exists (elsewhere torch warns it has nothing to pin).
 :class:`SparseMapDataset` is a map-style view (``__getitems__`` reads a whole batch of row
 ids at once) for torch samplers; it pickles too.
 """
@@ -34,6 +34,7 @@ ids at once) for torch samplers; it pickles too.
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -46,6 +47,7 @@ from sparsestore.backends import TwoStepBackend
 from sparsestore.errors import DTypeError, InvalidInputError
 from sparsestore.kernels import coo_into
 from sparsestore.loader import DataLoader
+from sparsestore.sharding import taken_in_turn
 from sparsestore.storage import is_remote
 
 if TYPE_CHECKING:
@@ -65,17 +67,15 @@ _END = object()  # a shard's pass ran out
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled",
                         module="torch.multiprocessing.reductions")
-# Once JAX is imported it warns at every os.fork() that a forked child calling JAX may
-# deadlock.  SparseIterableDataset's torch workers (when forked) run only numpy and torch,
-# so a process that uses both frameworks (a notebook, README.md's examples) sees it for
-# nothing.
+# JAX, once imported, warns at every os.fork() that a forked child calling JAX may deadlock;
+# the torch workers forked here run only numpy and torch.
 warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
 
 
 def _ready(a: np.ndarray, what: str, dtype: Any = None) -> np.ndarray:
     """``a`` (cast to ``dtype``) as an array ``torch.from_numpy`` takes as it is: numeric,
     writeable, C-contiguous (a copy only where it is not)."""
-    a = np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype)
+    a = np.asarray(a, dtype=dtype)
     if a.dtype.kind not in "biuf":
         raise DTypeError(f"{what} has dtype {a.dtype}, which torch cannot hold; store it numeric")
     if not a.flags.writeable or not a.flags.c_contiguous:  # from_numpy warns on read-only
@@ -83,26 +83,37 @@ def _ready(a: np.ndarray, what: str, dtype: Any = None) -> np.ndarray:
     return a
 
 
-def _host_sparse(values: np.ndarray, indices: np.ndarray, row_splits: np.ndarray,
-                 layout: str) -> tuple[np.ndarray, ...]:
-    """CSR parts as the arrays of a torch CSR (values, int64 column ids and row pointers)
-    or COO tensor (values, ``(2, nnz)`` int64 coordinates by ``coo_into``)."""
+def _layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def _host_x(dense: Any, values: Any, indices: Any, row_splits: Any,
+            layout: str) -> tuple[np.ndarray, ...]:
+    """x's arrays as torch holds them: a dense block, or a CSR tensor's values, int64
+    column ids and row pointers, or a COO tensor's values and ``(2, nnz)`` int64
+    coordinates (by ``coo_into``)."""
+    if dense is not None:
+        return (_ready(dense, "the store"),)
     vals = _ready(values, "the store")
     if layout == "csr":
-        return (vals, _ready(indices, "indices", np.int64), _ready(row_splits, "indptr",
-                                                                   np.int64))
+        return vals, _ready(indices, "indices", np.int64), _ready(row_splits, "indptr", np.int64)
     coords = np.empty((2, vals.size), dtype=np.int64)
     coo_into(np.asarray(row_splits, dtype=np.int64), indices, coords.T)
     return vals, coords
 
 
-def _wrap_sparse(arrays: tuple[np.ndarray, ...], shape: tuple[int, int],
-                 layout: str) -> torch.Tensor:
-    """The tensor over :func:`_host_sparse`'s arrays, sharing their memory."""
+def _wrap_x(arrays: tuple[np.ndarray, ...], shape: tuple[int, int],
+            layout: str) -> torch.Tensor:
+    """The tensor over :func:`_host_x`'s arrays, sharing their memory."""
+    tensors = [torch.from_numpy(a) for a in arrays]
+    if len(tensors) == 1:
+        return tensors[0]
     if layout == "csr":
-        vals, col, crow = (torch.from_numpy(a) for a in arrays)
+        vals, col, crow = tensors
         return torch.sparse_csr_tensor(crow, col, vals, size=shape, check_invariants=False)
-    vals, coords = (torch.from_numpy(a) for a in arrays)
+    vals, coords = tensors
     # Canonical rows (sorted, unique column ids) make row-major COO already coalesced.
     return torch.sparse_coo_tensor(coords, vals, size=shape, is_coalesced=True,
                                    check_invariants=False)
@@ -110,15 +121,13 @@ def _wrap_sparse(arrays: tuple[np.ndarray, ...], shape: tuple[int, int],
 
 def to_torch(batch: Batch, layout: str = "csr") -> Any:
     """One raw loader batch as a torch tensor (its labels not included)."""
-    if batch.dense is not None:
-        return torch.from_numpy(_ready(batch.dense, "the store"))
-    return _wrap_sparse(_host_sparse(batch.values, batch.indices, batch.row_splits, layout),
-                        (batch.n_rows, batch.n_cols), layout)
+    return _wrap_x(_host_x(batch.dense, batch.values, batch.indices, batch.row_splits, layout),
+                   (batch.n_rows, batch.n_cols), layout)
 
 
 class HostBatch(NamedTuple):
-    """What :meth:`TorchBackend.host` gives: x's arrays (one dense block, or
-    :func:`_host_sparse`'s), x's shape and the label arrays, all ready for ``from_numpy``."""
+    """What :meth:`TorchBackend.host` gives: x's arrays (:func:`_host_x`), x's shape and
+    the label arrays, all ready for ``from_numpy``."""
 
     x: tuple[np.ndarray, ...]
     shape: tuple[int, int]
@@ -131,35 +140,22 @@ class TorchBackend(TwoStepBackend):
     name = "torch"
 
     def __init__(self, layout: str = "csr") -> None:
-        if layout not in LAYOUTS:
-            raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        self.layout = layout
+        self.layout = _layout(layout)
 
     def host(self, batch: Batch, loader: DataLoader) -> HostBatch:
         """The batch's arrays as torch will hold them (int64 indices, COO coordinates)."""
-        if batch.dense is not None:
-            x: tuple[np.ndarray, ...] = (_ready(batch.dense, "the store"),)
-        else:
-            x = _host_sparse(batch.values, batch.indices, batch.row_splits, self.layout)
+        x = _host_x(batch.dense, batch.values, batch.indices, batch.row_splits, self.layout)
         labels = tuple(_ready(lab, f"label {name!r}")
                        for lab, name in zip(batch.labels, loader.label_names, strict=True))
         return HostBatch(x, (batch.n_rows, batch.n_cols), labels)
 
     def wrap(self, parts: HostBatch, loader: DataLoader) -> Any:
         """Tensors over the host arrays (no copy): ``x`` or ``(x, labels...)``."""
-        x = torch.from_numpy(parts.x[0]) if len(parts.x) == 1 else \
-            _wrap_sparse(parts.x, parts.shape, self.layout)
-        if not parts.labels:
-            return x
-        return (x, *(torch.from_numpy(lab) for lab in parts.labels))
+        x = _wrap_x(parts.x, parts.shape, self.layout)
+        return (x, *map(torch.from_numpy, parts.labels)) if parts.labels else x
 
     def __repr__(self) -> str:
         return f"TorchBackend(layout={self.layout!r})"
-
-
-def _torch_backend(loader: DataLoader) -> TorchBackend:
-    backend = loader.backend
-    return backend if isinstance(backend, TorchBackend) else TorchBackend()
 
 
 def distributed_shard(loader: DataLoader, rank: int | None = None,
@@ -184,22 +180,6 @@ def distributed_shard(loader: DataLoader, rank: int | None = None,
     return loader.with_shard(int(rank), int(world_size))
 
 
-def _round_robin(counts: Sequence[int], seen: int) -> list[int]:
-    """Batches each worker had delivered after ``seen`` batches of torch's round-robin."""
-    done = [0] * len(counts)
-    left = seen
-    while left > 0:
-        active = [w for w, n in enumerate(counts) if done[w] < n]
-        if not active:
-            break
-        for w in active:
-            if left == 0:
-                break
-            done[w] += 1
-            left -= 1
-    return done
-
-
 class SparseIterableDataset(tud.IterableDataset):
     """A loader as a torch ``IterableDataset``: use ``DataLoader(ds, batch_size=None)``.
 
@@ -211,11 +191,11 @@ class SparseIterableDataset(tud.IterableDataset):
     cuts the rank's rows into ``k`` shards (``loader.shard``); give torch's ``DataLoader``
     the same ``num_workers`` so each worker reads one.  ``len(ds)`` is ``len(loader)``,
     which the ``k`` shards' batches add up to, and what torch delivers whatever its
-    ``num_workers``: a process holding
-    several shards (torch run with fewer workers, or none, as Keras's default is) reads
-    them in turn, without workers in the order ``k`` workers would deliver them.  Worker
-    copies start the epoch at the dataset's position (:meth:`load_state_dict`), whatever
-    pass the loader itself has in progress, under every start method alike.
+    ``num_workers``: a process holding several shards (torch run with fewer workers, or
+    none, as Keras's default is) reads them in turn, without workers in the order ``k``
+    workers would deliver them.  Worker copies start the epoch at the dataset's position
+    (:meth:`load_state_dict`), whatever pass the loader itself has in progress, under
+    every start method alike.
 
     Under ``torch.distributed`` (``torchrun``) a loader built without ``rank`` /
     ``world_size`` is sharded by the process group's rank and size, as torch's
@@ -228,18 +208,16 @@ class SparseIterableDataset(tud.IterableDataset):
                  num_workers: int = 0, *, rank: int | None = None,
                  world_size: int | None = None) -> None:
         if not isinstance(loader, DataLoader):
-            raise InvalidInputError(
-                f"expected a sparsestore.DataLoader, got {type(loader).__name__}"
-            )
+            raise InvalidInputError("expected a sparsestore.DataLoader, got "
+                                    f"{type(loader).__name__}")
         super().__init__()
         self.loader = distributed_shard(loader, rank, world_size)
-        self.backend = TorchBackend(layout) if layout else _torch_backend(loader)
+        own = loader.backend
+        self.backend = TorchBackend(layout) if layout else \
+            own if isinstance(own, TorchBackend) else TorchBackend()
         self.num_workers = int(num_workers)
         self._seen = 0
         self._resume: dict[str, Any] | None = None
-
-    def _counts(self, k: int) -> list[int]:
-        return [len(self.loader.shard(w, k)) for w in range(k)]
 
     def __len__(self) -> int:
         return len(self.loader)  # loader.shard cuts on the batch grid: the shards add up
@@ -265,14 +243,12 @@ class SparseIterableDataset(tud.IterableDataset):
             seen = int(state["batches_seen"])
             if info is None:
                 self._resume = None  # used up here; worker copies drop theirs with them
-        # The rows are cut into k shards whatever torch runs, so len(self) holds for any
-        # torch num_workers.  torch takes batches from workers 0, 1, ... in turn: after
-        # `seen` batches the next one is shard seen % k's, so the shards are dealt to the
-        # workers in that rotated order; a worker (or the main process) holding several
-        # reads them in turn, which with no workers gives the order k workers deliver.
-        order = [(seen + i) % k for i in range(k)]
-        mine = order[w::t]
-        done = _round_robin(self._counts(k), seen) if state is not None else None
+        # k shards whatever torch runs (so len(self) holds), dealt to the workers from
+        # shard seen % k on: torch takes a batch from workers 0, 1, ... in turn.  A process
+        # holding several reads them in turn too, in the order k workers deliver them.
+        mine = [(seen + i) % k for i in range(k)][w::t]
+        done = None if state is None else \
+            taken_in_turn([len(self.loader.shard(i, k)) for i in range(k)], seen)
         streams = []
         try:
             for shard in mine:
@@ -280,25 +256,21 @@ class SparseIterableDataset(tud.IterableDataset):
                 # loader would start its epoch afresh, a pickled one where its pass had got to.
                 loader = self.loader if k == 1 and info is None else self.loader.shard(shard, k)
                 if info is not None and is_remote(loader.store.path):
-                    # A forked worker inherits the parent's open connections to object
-                    # storage, bound to an event loop that did not survive the fork:
-                    # reopen the store by path (at its pinned commit), as spawn does.
+                    # A forked worker's inherited connections to object storage belong to
+                    # the parent's event loop: reopen by path at the pinned commit, as spawn.
                     loader = loader.reopened()
                 if done is not None:
                     inner = loader.state_dict()
                     inner.update(epoch=state["epoch"], seed=state["seed"],
                                  batches_consumed=done[shard])
                     loader.load_state_dict(inner)
-                # The backend's host step runs on each shard pass's stage thread.
-                streams.append(loader.iter_converted(self.backend))
+                streams.append(loader.iter_converted(self.backend))  # host on its stage
             self._seen = seen
-            active = list(range(len(streams)))
-            while active:
-                for i in list(active):
-                    item = next(streams[i], _END)
-                    if item is _END:
-                        active.remove(i)
-                        continue
+            turn = deque(streams)  # one batch from each shard in turn, until it runs out
+            while turn:
+                stream = turn.popleft()
+                if (item := next(stream, _END)) is not _END:
+                    turn.append(stream)
                     self._seen += 1
                     yield item
         finally:
@@ -346,13 +318,8 @@ class SparseMapDataset(tud.Dataset):
 
     def __init__(self, store: SparseStore, labels: str | Sequence[str] | None = None,
                  layout: str = "csr") -> None:
-        if layout not in LAYOUTS:
-            raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        self.store, self.layout = store, layout
-        self.label_names = () if labels is None else (
-            (labels,) if isinstance(labels, str) else tuple(labels))
-        for name in self.label_names:
-            store.labels[name]  # raises LabelError naming the known labels
+        self.store, self.layout = store, _layout(layout)
+        self.label_names = store.labels.select(labels)
 
     def __len__(self) -> int:
         return int(self.store.n_rows)
@@ -362,17 +329,14 @@ class SparseMapDataset(tud.Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> Any:
         ids = np.asarray(indices, dtype=np.int64)
-        labels = tuple(np.asarray(self.store.labels[n][ids]) for n in self.label_names)
-        if self.store.is_dense:
-            x = torch.from_numpy(_ready(self.store[ids], "the store"))
-        else:
-            X = self.store[ids]
-            x = _wrap_sparse(_host_sparse(X.data, X.indices, X.indptr, self.layout),
-                             (ids.size, int(self.store.n_cols)), self.layout)
-        if not labels:
-            return x
-        return (x, *(torch.from_numpy(_ready(lab, f"label {n!r}"))
-                     for lab, n in zip(labels, self.label_names, strict=True)))
+        labels = [torch.from_numpy(_ready(self.store.labels[n][ids], f"label {n!r}"))
+                  for n in self.label_names]
+        X = self.store[ids]
+        parts = (X, None, None, None) if self.store.is_dense else \
+            (None, X.data, X.indices, X.indptr)
+        x = _wrap_x(_host_x(*parts, self.layout), (ids.size, int(self.store.n_cols)),
+                    self.layout)
+        return (x, *labels) if labels else x
 
 
 def collate_batches(batch: Any) -> Any:

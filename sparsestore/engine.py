@@ -11,6 +11,10 @@ step on one (see :meth:`sparsestore.loader.DataLoader.iter_converted`).
 The iterator is only ever advanced by one thread, so one that is not thread-safe (a
 generator, a pass of the reader) is safe here: the consumer's, or with ``feed=True`` the
 stage's own feeder thread, which then takes the iterator's work off the consumer too.
+
+:class:`OrderedStreams` is the same stage for items that each give many elements (an npz
+shard's units, inflated in order): the streams run ahead on threads, their elements
+handed out in order, the memory ahead bounded in bytes rather than in items.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from .errors import InvalidInputError
 T = TypeVar("T")
 R = TypeVar("R")
 
-__all__ = ["OrderedMap", "Tickets"]
+__all__ = ["OrderedMap", "OrderedStreams", "Tickets"]
 
 # What the feeder queues: (kind, value)
 _VALUE, _FUTURE, _RAISED, _END = "value", "future", "raised", "end"
@@ -88,7 +92,11 @@ class OrderedMap(Generic[T, R]):
             except Exception as exc:  # noqa: BLE001 - raised in order, in __next__
                 self._exhausted, self._failure = True, exc
             else:
-                self._pending.append(self._executor.submit(self._fn, item))
+                self._pending.append(self._submit(item))
+
+    def _submit(self, item: T) -> Future[R]:
+        assert self._executor is not None
+        return self._executor.submit(self._fn, item)
 
     def _next_pulled(self) -> R:
         if self._executor is None:
@@ -201,6 +209,166 @@ class OrderedMap(Generic[T, R]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Stopped(Exception):
+    """The stage closed while a stream waited for room."""
+
+
+class _Stream:
+    """One item's stream on a worker: the elements it made and the consumer has not taken
+    (each with the bytes reserved for it), and whether it ended."""
+
+    __slots__ = ("done", "elements", "item", "seq")
+
+    def __init__(self, seq: int, item: Any) -> None:
+        self.seq, self.item = seq, item
+        self.elements: deque[tuple[Any, int]] = deque()
+        self.done = False
+
+
+def _reserve_nothing(nbytes: int) -> None:
+    """The ``reserve`` of a stream run in the consumer's thread: nothing is made ahead."""
+
+
+class OrderedStreams(OrderedMap[T, tuple[int, Any]]):
+    """``(k, element)`` for each element of each stream ``fn(item, reserve)``, ``k`` the
+    item's position in ``items``: every element of a stream before the next stream's.
+
+    ``threads`` worker threads run the streams of up to ``ahead`` items ahead of the
+    consumer, within ``budget`` bytes: a stream calls ``reserve(nbytes)`` before it makes
+    an element that size, and waits there while the bytes made and not yet taken would
+    pass the budget; a stream starts only while the budget has room too.  The first
+    ``free`` streams not yet taken may always start, and make an element when they have
+    none waiting, so that an element bigger than the budget cannot stall the consumer.
+    Memory: the budget, an element per thread beyond it, and the one the consumer holds.
+    A stream's exception reaches the consumer after its elements before it.  ``threads=0``
+    runs each stream in the consumer's thread, an element at a time (``reserve`` then does
+    nothing).  :meth:`close` wakes the waiting streams, joins the threads and closes the
+    stream in progress.
+    """
+
+    def __init__(self, fn: Callable[[Any, Callable[[int], None]], Iterable[Any]],
+                 items: Iterable[Any], *, budget: int, free: int = 1, ahead: int = 2,
+                 threads: int = 1, name: str = "sparsestore-streams") -> None:
+        super().__init__(self._run, items, ahead=ahead, threads=threads, name=name)
+        self._stream = fn
+        self._budget, self._free = _count(budget, "budget", 0), _count(free, "free", 1)
+        self._cv = threading.Condition()
+        self._used = 0  # bytes reserved by the streams and not yet taken by the consumer
+        self._seq = 0  # items pulled so far
+        self._taken = 0  # streams the consumer has taken to their end
+        self._streams: deque[_Stream] = deque()  # pulled, in order, beside _pending
+        self._inline: tuple[int, Iterator[Any]] | None = None
+        self._stopping = False
+
+    def _submit(self, item: Any) -> Future[Any]:
+        stream = _Stream(self._seq, item)
+        self._seq += 1
+        self._streams.append(stream)
+        return super()._submit(stream)  # type: ignore[arg-type]
+
+    # -- on a worker
+    def _first(self, stream: _Stream) -> bool:
+        """Whether ``stream`` is among the first ``free`` not yet taken (cv held)."""
+        return stream.seq - self._taken < self._free
+
+    def _wait_for(self, ready: Callable[[], bool]) -> None:
+        """Wait (cv held) until ``ready()``; raise :class:`_Stopped` if the stage closes."""
+        while not self._stopping and not ready():
+            self._cv.wait()
+        if self._stopping:
+            raise _Stopped
+
+    def _run(self, stream: _Stream) -> None:  # type: ignore[override]
+        """Make ``stream``'s elements within the budget; its exception is the future's."""
+        reserved = 0
+
+        def reserve(nbytes: int) -> None:
+            nonlocal reserved
+            with self._cv:
+                self._wait_for(lambda: self._used + nbytes <= self._budget or (
+                    not stream.elements and self._first(stream)))
+                self._used += nbytes
+                reserved += nbytes
+
+        elements: Any = None
+        try:
+            with self._cv:
+                self._wait_for(lambda: self._used < self._budget or self._first(stream))
+            elements = self._stream(stream.item, reserve)
+            for element in elements:
+                with self._cv:
+                    stream.elements.append((element, reserved))
+                    reserved = 0
+                    self._cv.notify_all()
+                del element  # not pinned here once taken
+        except _Stopped:
+            pass
+        finally:
+            close = getattr(elements, "close", None)
+            if close is not None:
+                close()
+            with self._cv:
+                self._used -= reserved  # reserved for an element that never came
+                stream.done = True
+                self._cv.notify_all()
+
+    # -- in the consumer
+    def _next_pulled(self) -> tuple[int, Any]:  # type: ignore[override]
+        if self._executor is None:
+            return self._next_inline()
+        while True:
+            self._fill()
+            if not self._pending:
+                failure, self._failure = self._failure, None
+                if failure is not None:
+                    raise failure
+                raise StopIteration
+            head = self._streams[0]
+            with self._cv:
+                while not head.elements and not head.done:
+                    self._cv.wait()
+                if head.elements:
+                    element, nbytes = head.elements.popleft()
+                    self._used -= nbytes
+                    self._cv.notify_all()
+                    return head.seq, element
+                self._streams.popleft()
+                self._taken += 1
+                self._cv.notify_all()  # a new head may pass the budget
+            self._pending.popleft().result()  # the stream's exception, after its elements
+
+    def _next_inline(self) -> tuple[int, Any]:
+        while True:
+            if self._inline is None:
+                item = next(self._items)
+                self._inline = (self._seq, iter(self._stream(item, _reserve_nothing)))
+                self._seq += 1
+            k, elements = self._inline
+            try:
+                return k, next(elements)
+            except StopIteration:
+                self._inline = None
+                close = getattr(elements, "close", None)
+                if close is not None:
+                    close()
+
+    def close(self) -> None:
+        """Wake the streams waiting for room, then as :meth:`OrderedMap.close`; the stream
+        in progress in the consumer's thread is closed too."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        super().close()
+        with self._cv:
+            self._streams.clear()
+        if self._inline is not None:
+            elements = self._inline[1]
+            self._inline = None
+            close = getattr(elements, "close", None)
+            if close is not None:
+                close()
 
 
 class Tickets:

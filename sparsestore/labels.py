@@ -103,6 +103,20 @@ class Labels(Mapping[str, LabelArray]):
     def __len__(self) -> int:
         return len(self._arrays)
 
+    def select(self, labels: Any) -> tuple[str, ...]:
+        """``labels`` (``None``, a name or names) as the names a reader yields, each one this
+        store holds and none twice (a :class:`LabelError` otherwise)."""
+        if labels is None:
+            return ()
+        names = (labels,) if isinstance(labels, str) else tuple(labels)
+        for name in names:
+            if not isinstance(name, str):
+                raise LabelError(f"label names must be strings, got {name!r}")
+            self[name]  # raises LabelError naming the known labels
+        if len(set(names)) != len(names):
+            raise LabelError(f"labels lists a name twice: {list(names)}")
+        return names
+
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in self._arrays.items())
         return f"Labels({inner})"

@@ -23,7 +23,7 @@ from .backends import Backend, ConvertBackend, get_backend, steps
 from .batch import Batch
 from .buffers import BufferPool, release_free_heap
 from .engine import OrderedMap
-from .errors import InvalidInputError, LabelError, ShuffleQualityWarning
+from .errors import InvalidInputError, ShuffleQualityWarning
 from .explicit_samplers import ExplicitSampling
 from .indexing import normalize_rows
 from .pickling import PICKLE_VERSION as PICKLE_VERSION  # re-exported: the pickle's layout
@@ -170,7 +170,7 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
         if seed is None:
             seed = int(np.random.SeedSequence().entropy) % 2**63 if shuffle else 0
         self._seed = _check_int(seed, "seed", 0)
-        self._label_names = self._check_labels(labels)
+        self._label_names = store.labels.select(labels)
         self._rows = self._check_rows(rows)
         self._columns = ColumnSelection.build(columns, store.n_cols)
         self._backend = get_backend(backend)
@@ -202,18 +202,6 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
         )
 
     # ------------------------------------------------------------ validation
-    def _check_labels(self, labels: Any) -> tuple[str, ...]:
-        if labels is None:
-            return ()
-        names = (labels,) if isinstance(labels, str) else tuple(labels)
-        for name in names:
-            if not isinstance(name, str):
-                raise LabelError(f"label names must be strings, got {name!r}")
-            self._store.labels[name]  # raises LabelError naming the known labels
-        if len(set(names)) != len(names):
-            raise LabelError(f"labels lists a name twice: {list(names)}")
-        return names
-
     def _check_rows(self, rows: Any) -> np.ndarray | None:
         if rows is None:
             return None

@@ -4,8 +4,9 @@
 stream, and each sub-shard (:meth:`ShardedLoader.shard`) a run of its parent's batches;
 :class:`_ShareSampler` is the block sampler it cuts.  With ``sampler``/``batch_sampler``
 ranks and sub-shards deal the sampler's batches round-robin instead
-(:meth:`ShardedLoader._slot`).  The loader supplies its settings, ``_rows``, ``_store``
-and ``with_shard``.
+(:meth:`ShardedLoader._slot`).  :func:`taken_in_turn` is where sub-shards read in turn
+stand after some batches (a resumed torch worker split).  The loader supplies its
+settings, ``_rows``, ``_store`` and ``with_shard``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,20 @@ def _share(total: int, rank: int, world_size: int, sub_shards: Sequence[tuple[in
         lo, hi = (lo + batch_size * (batches * i // n),
                   min(hi, lo + batch_size * (batches * (i + 1) // n)))
     return lo, hi
+
+
+def taken_in_turn(counts: Sequence[int], seen: int) -> list[int]:
+    """How many batches of each sub-shard (``counts`` each) were read after ``seen`` were
+    taken one from each sub-shard in turn, those run out skipped: where sub-shards read
+    round-robin (torch's workers) stand when resumed after ``seen`` batches."""
+    done = [0] * len(counts)
+    for r in range(max(counts, default=0)):
+        for w, n in enumerate(counts):
+            if seen == 0:
+                return done
+            if n > r:
+                done[w], seen = done[w] + 1, seen - 1
+    return done
 
 
 class _ShareSampler(BlockSampler):
@@ -128,4 +143,4 @@ class ShardedLoader:
         return other
 
 
-__all__ = ["ShardedLoader"]
+__all__ = ["ShardedLoader", "taken_in_turn"]

@@ -1,15 +1,16 @@
-"""The ordered look-ahead stage (sparsestore.engine.OrderedMap): order, bounds, errors,
-cancellation and thread lifetimes."""
+"""The ordered look-ahead stages (sparsestore.engine.OrderedMap, OrderedStreams): order,
+bounds, errors, cancellation and thread lifetimes."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from sparsestore.engine import OrderedMap
+from sparsestore.engine import OrderedMap, OrderedStreams
 from sparsestore.errors import InvalidInputError
 
 NAME = "test-stage"
@@ -191,3 +192,139 @@ def test_a_stage_closed_before_its_first_item_starts_no_thread():
     stage = OrderedMap(lambda i: i, src, ahead=2, threads=2, feed=True, name=NAME)
     stage.close()
     assert src.closed and src.pulled == [] and stage_threads() == []
+
+
+# ------------------------------------------------------------------ OrderedStreams
+
+class Streams:
+    """Streams of ``sizes[k]`` elements each (element ``(k, j)``), reserving ``nbytes``
+    before each; records which streams started, finished and were closed, on which
+    thread, and the bytes reserved and not yet taken."""
+
+    def __init__(self, sizes: list[int], nbytes: int = 10, fail: tuple[int, int] | None = None,
+                 delay: float = 0.0) -> None:
+        self.sizes, self.nbytes, self.fail, self.delay = sizes, nbytes, fail, delay
+        self.lock = threading.Lock()
+        self.started: list[int] = []
+        self.closed: set[int] = set()
+        self.threads: set[str] = set()
+        self.outstanding = 0  # reserved, not yet taken
+        self.most = 0
+
+    def __call__(self, k: int, reserve) -> Iterator[tuple[int, int]]:
+        with self.lock:
+            self.started.append(k)
+            self.threads.add(threading.current_thread().name)
+        try:
+            for j in range(self.sizes[k]):
+                reserve(self.nbytes)
+                with self.lock:
+                    self.outstanding += self.nbytes
+                    self.most = max(self.most, self.outstanding)
+                if (k, j) == self.fail:
+                    raise ValueError(f"stream {k} failed at {j}")
+                time.sleep(self.delay if k % 2 == 0 else 0)  # even streams are slow
+                yield k, j
+        finally:
+            with self.lock:
+                self.closed.add(k)
+
+    def took(self) -> None:
+        with self.lock:
+            self.outstanding -= self.nbytes
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_streams_come_whole_and_in_order_whatever_finishes_first(threads):
+    sizes = [3, 0, 5, 1, 4, 2]
+    fn = Streams(sizes, delay=0.002)
+    got = list(OrderedStreams(fn, range(len(sizes)), budget=10**6, ahead=4, threads=threads,
+                              name=NAME))
+    assert got == [(k, (k, j)) for k, n in enumerate(sizes) for j in range(n)]
+    if threads:
+        assert fn.threads and all(t.startswith(NAME) for t in fn.threads)
+    else:
+        assert fn.threads == {threading.current_thread().name}
+    assert fn.closed == set(range(len(sizes))) and stage_threads() == []
+
+
+def test_streams_stay_within_the_byte_budget():
+    fn = Streams([20] * 6, nbytes=10)
+    stage = OrderedStreams(fn, range(6), budget=100, ahead=6, threads=3, name=NAME)
+    for _ in stage:
+        time.sleep(0.002)  # a slow consumer: the streams run as far ahead as they may
+        fn.took()
+    # an element made beyond the budget by a stream with none waiting, at most one each
+    assert 100 // 2 < fn.most <= 100 + 3 * 10
+    assert stage_threads() == []
+
+
+def test_an_element_bigger_than_the_budget_does_not_stall_the_consumer():
+    fn = Streams([3, 3, 3], nbytes=1000)
+    stage = OrderedStreams(fn, range(3), budget=10, ahead=3, threads=2, name=NAME)
+    got: list = []
+    t = threading.Thread(target=lambda: got.extend(stage))
+    t.start()
+    t.join(10)
+    stalled = t.is_alive()
+    stage.close()  # wakes a stalled stream, so that a failure does not hang the run
+    assert not stalled, "the head stream could not make its oversized element"
+    assert [v for _, v in got] == [(k, j) for k in range(3) for j in range(3)]
+
+
+def test_the_first_free_streams_start_whatever_the_budget():
+    release = threading.Event()
+    running: list[int] = []
+    peak = 0
+
+    def fn(k: int, reserve) -> Iterator[int]:
+        nonlocal peak
+        running.append(k)
+        peak = max(peak, len(running))
+        release.wait(5)
+        running.remove(k)
+        yield k
+
+    stage = OrderedStreams(fn, range(6), budget=0, free=2, ahead=6, threads=4, name=NAME)
+    threading.Timer(0.2, release.set).start()
+    assert [v for _, v in stage] == list(range(6))
+    assert peak == 2  # four threads, a budget of nothing: the first two only
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_a_failing_stream_raises_after_its_elements_and_stops_the_stage(threads):
+    fn = Streams([3, 4, 3, 3], fail=(1, 2))
+    stage = OrderedStreams(fn, range(4), budget=10**6, ahead=4, threads=threads, name=NAME)
+    got = []
+    with pytest.raises(ValueError, match="stream 1 failed at 2"):
+        for _, v in stage:
+            got.append(v)
+    assert got == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    assert next(stage, None) is None
+    assert stage_threads() == [] and fn.closed == set(fn.started)
+
+
+def test_close_wakes_the_streams_waiting_for_room_and_joins_them():
+    fn = Streams([1000] * 4, nbytes=10)
+    stage = OrderedStreams(fn, range(4), budget=50, ahead=4, threads=3, name=NAME)
+    assert next(stage) == (0, (0, 0))
+    deadline = time.monotonic() + 10
+    while fn.outstanding < 40 and time.monotonic() < deadline:  # the others fill the budget
+        time.sleep(0.005)
+    stage.close()
+    assert stage_threads() == []
+    assert fn.closed == set(fn.started) and 0 in fn.started and 3 not in fn.started
+    with pytest.raises(StopIteration):
+        next(stage)
+
+
+def test_a_failing_item_source_raises_after_the_streams_before_it():
+    src = Source(10, fail_at=2)
+    fn = Streams([2] * 10)
+    stage = OrderedStreams(fn, src, budget=10**6, ahead=4, threads=2, name=NAME)
+    got = []
+    with pytest.raises(KeyError, match="failed at 2"):
+        for _, v in stage:
+            got.append(v)
+    assert got == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert src.closed and stage_threads() == []

@@ -455,13 +455,38 @@ def test_npz_streamed_pieces_carry_their_labels(tmp_path):
 
 
 def _units_reader(paths, workers, unit_nnz, lookahead_bytes):
-    from sparsestore.ingest.npz import shard_items
-    from sparsestore.ingest.prefetch import Reader
+    """The npz source's shard reader over ``paths`` (units, not blocks), and the bytes each
+    shard's stream reserved before each of its units, in order."""
+    import threading
+
+    from sparsestore.engine import OrderedStreams
+    from sparsestore.ingest.npz import THREAD_NAME, shard_items
+
+    reserved: dict[int, list[int]] = {}
+    lock = threading.Lock()
 
     def produce(i, reserve):
-        return shard_items(paths[i], NpzOptions(), None, unit_nnz, reserve)
+        with lock:
+            reserved[i] = []
 
-    return Reader(len(paths), produce, workers=workers, lookahead_bytes=lookahead_bytes)
+        def counted(nbytes):
+            reserve(nbytes)
+            with lock:
+                reserved[i].append(nbytes)
+
+        return shard_items(paths[i], NpzOptions(), None, unit_nnz, counted)
+
+    reader = OrderedStreams(produce, range(len(paths)), budget=lookahead_bytes,
+                            ahead=len(paths), threads=workers, name=THREAD_NAME)
+    return reader, reserved, lock
+
+
+def _npz_threads():
+    import threading
+
+    from sparsestore.ingest.npz import THREAD_NAME
+
+    return [t for t in threading.enumerate() if t.name.startswith(THREAD_NAME)]
 
 
 def test_npz_reader_bounds_the_bytes_ahead_of_the_writer(tmp_path):
@@ -470,38 +495,49 @@ def test_npz_reader_bounds_the_bytes_ahead_of_the_writer(tmp_path):
     mats = [rand(200, 40, density=0.25, seed=i) for i in range(6)]
     paths = [str(p) for p in save_shards(tmp_path, mats)]
     budget = 3000
-    loader = _units_reader(paths, 3, 100, budget)
+    reader, reserved, lock = _units_reader(paths, 3, 100, budget)
+    taken: dict[int, int] = {}  # shard -> units taken
+
+    def ahead() -> int:
+        """Bytes reserved for units made and not yet taken (and all shards started?)."""
+        with lock:
+            made = sum(sum(r) for r in reserved.values())
+            return made - sum(sum(reserved[i][:n]) for i, n in taken.items()), \
+                len(reserved) == len(paths)
+
     most, units, order = 0, [], []
-    for i, (kind, (unit, _)) in loader:
+    for i, (kind, (unit, _)) in reader:
         assert kind == "unit"
         order.append(i)
+        taken[i] = taken.get(i, 0) + 1
         # A slow writer: wait until the workers have filled half the budget (or started
         # every shard), then a little longer so that running past it would show.
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            with loader.cv:
-                if loader.ahead > budget // 2 or loader.next >= loader.n:
-                    break
+            now, started_all = ahead()
+            if now > budget // 2 or started_all:
+                break
             time.sleep(0.001)
         time.sleep(0.002)
-        with loader.cv:
-            most = max(most, loader.ahead)
+        most = max(most, ahead()[0])
         units.append(unit)
     size = max(u.data.nbytes + u.indices.nbytes + 8 * (u.shape[0] + 1) for u in units)
     assert budget // 2 < most <= budget + 2 * size
     assert order == sorted(order) and set(order) == set(range(len(paths)))
     assert (sp.vstack(units) != sp.vstack(mats)).nnz == 0
-    assert not any(t.is_alive() for t in loader.threads)
+    assert not _npz_threads()
 
 
 def test_npz_reader_closed_early_stops_its_workers(tmp_path):
     paths = [str(p) for p in save_shards(tmp_path, [rand(100, 20, seed=i) for i in range(8)])]
-    loader = _units_reader(paths, 2, 10, 500)
-    next(loader)
-    loader.close()
-    assert not any(t.is_alive() for t in loader.threads)
+    reader, reserved, _ = _units_reader(paths, 2, 10, 500)
+    next(reader)
+    assert _npz_threads()
+    reader.close()
+    assert not _npz_threads()
+    assert len(reserved) <= 2  # two threads: the shards queued behind them were cancelled
     with pytest.raises(StopIteration):
-        next(loader)
+        next(reader)
 
 
 @pytest.mark.parametrize("bad", ["corrupt", "truncated", "crc"])

@@ -195,6 +195,24 @@ def test_ranks_disjoint_and_covering(small_store, shuffle, world):
     assert max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.parametrize("counts", [[3, 1, 2], [0, 4], [2, 2, 2], [5], []])
+def test_taken_in_turn_is_where_sub_shards_read_in_turn_stand(counts):
+    from collections import deque
+
+    from sparsestore.sharding import taken_in_turn
+
+    turn, order = deque(iter([w] * n) for w, n in enumerate(counts)), []
+    while turn:  # one batch from each sub-shard in turn, until each runs out
+        it = turn.popleft()
+        w = next(it, None)
+        if w is not None:
+            order.append(w)
+            turn.append(it)
+    for seen in range(len(order) + 3):
+        want = [order[:seen].count(w) for w in range(len(counts))]
+        assert taken_in_turn(counts, seen) == want, seen
+
+
 def test_drop_last_per_rank(small_store):
     store, _, _ = small_store  # 3000 rows, 7 ranks -> 428 or 429 rows each
     for r in range(7):

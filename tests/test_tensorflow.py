@@ -268,7 +268,7 @@ def test_dropped_iterator_closes_its_pass(small_store, monkeypatch):
     next(it)
     names = {t.name.rsplit("_", 1)[0] for t in decoders()}
     # the loader's decoders, the adapter's feeder and its COO builders (same prefix)
-    assert {f"{THREAD_PREFIX}-feed", f"{THREAD_PREFIX}-build"} <= names, names
+    assert {f"{THREAD_PREFIX}-build-feed", f"{THREAD_PREFIX}-build"} <= names, names
     del it
     deadline = time.monotonic() + 10
     while decoders() and time.monotonic() < deadline:
@@ -325,6 +325,34 @@ def test_a_failed_build_ends_the_pass_without_skipping_a_batch(small_store, monk
     assert len(got) == 2
     for x, batch in zip(got, oracle.iter_batches(), strict=False):
         check_sparse(x, X[batch.rows])
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_wire_parts_are_built_on_the_loaders_threads_in_order(small_store, monkeypatch,
+                                                             workers):
+    """``num_workers=0`` builds each batch's parts in TensorFlow's calling thread, more on
+    builder threads of the pass; either way the batches come in the loader's order."""
+    from sparsestore.reader import THREAD_PREFIX
+
+    store, X, _ = small_store
+    monkeypatch.setattr(tfplan, "BUNDLE_NNZ", 1)  # one batch per hand-off
+    real, built_on = tfplan._Plan.wire_parts, set()
+
+    def spy(self, batches):
+        built_on.add(threading.current_thread().name.rsplit("_", 1)[0])
+        return real(self, batches)
+
+    monkeypatch.setattr(tfplan._Plan, "wire_parts", spy)
+    loader, oracle = loader_pair(store, batch_size=150, shuffle=True, seed=3,
+                                 num_workers=workers)
+    got = list(sstf.to_dataset(loader))
+    for x, batch in zip(got, oracle.iter_batches(), strict=True):
+        check_sparse(x, X[batch.rows])
+    if workers:
+        assert built_on == {f"{THREAD_PREFIX}-build"}
+    else:
+        assert built_on and not any(n.startswith(THREAD_PREFIX) for n in built_on)
+    assert loader.epoch == 1
 
 
 def test_a_loader_with_no_batches_gives_an_empty_dataset(small_store):

@@ -21,6 +21,7 @@ import sparsestore  # noqa: E402
 from sparsestore.errors import (  # noqa: E402
     ChecksumError,
     InvalidInputError,
+    LabelError,
     StoreChangedError,
 )
 
@@ -299,6 +300,13 @@ def test_bad_arguments(small_store):
         sstorch.TorchBackend(layout="bsr")
     with pytest.raises(InvalidInputError, match="DataLoader"):
         sstorch.SparseIterableDataset(store)
+    with pytest.raises(InvalidInputError, match="layout"):
+        sstorch.SparseMapDataset(store, layout="bsr")
+    # the map view takes label names as the loader does
+    for bad, match in (("nope", "no label named 'nope'"), (["y", "y"], "twice"),
+                       ([3], "must be strings")):
+        with pytest.raises(LabelError, match=match):
+            sstorch.SparseMapDataset(store, labels=bad)
 
 
 @pytest.mark.parametrize("ctx", ["fork", "spawn", "forkserver"])

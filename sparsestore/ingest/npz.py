@@ -19,16 +19,16 @@ CSR shards (``save_npz``'s default format, or CSR parts) stored or deflated are 
 a unit of rows (``DEFAULT_UNIT_BYTES`` of values) at a time, so no shard is ever whole in
 memory.  Other shards are loaded whole by :func:`load_shard` (``np.load(allow_pickle=False)``,
 ``scipy.sparse.load_npz``); it is picklable, so with ``executor=`` (a thread or process pool,
-a dask ``client.get_executor()``...) every shard is loaded whole there.  Either way a
-:class:`~.prefetch.Reader` runs ``workers`` threads ahead of the writer within
-``lookahead_bytes`` of decoded data.
+a dask ``client.get_executor()``...) every shard is loaded whole there.  Either way the
+shards run on an :class:`~sparsestore.engine.OrderedStreams`: ``workers`` threads ahead of
+the writer within ``lookahead_bytes`` of decoded data, handed over in order.
 """
 
 from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +38,7 @@ import scipy.sparse as sp
 
 from ..blocks import MAX_BLOCK_ROWS, coo_row_blocks, csr_views
 from ..canonical import check_row_count, native_matrix
+from ..engine import OrderedStreams
 from ..errors import FormatError, InvalidInputError, SparseStoreError
 from .base import (
     DEFAULT_BLOCK_NNZ,
@@ -48,13 +49,22 @@ from .base import (
     write_source,
 )
 from .inflate import csr_units
-from .prefetch import DEFAULT_LOOKAHEAD_BYTES, Reader, Reserve, no_reserve
 from .zipsafe import DEFAULT_MAX_BYTES, READ_ERRORS, Shard, as_format_error, opened
 
+# Decompressed bytes read ahead of the writer (besides the unit it is on): the writer takes
+# data in bursts (a chunk of values and one of indices at a time), faster than one thread
+# inflates it.  With ``executor=``, ``workers - 1`` whole shards ahead at least.
+DEFAULT_LOOKAHEAD_BYTES = 16 * 2**20
 # Bytes of values per block cut from a unit for the writer (views): about half a default
 # chunk, above the quarter chunk below which the writer joins blocks by copying.
 DEFAULT_PIECE_BYTES = 2 * 2**20
 _SCIPY_FORMATS = ("csr", "csc", "coo", "bsr", "dia")
+
+Reserve = Callable[[int], None]
+
+
+def _no_reserve(nbytes: int) -> None:
+    """A ``reserve`` that reserves nothing (a shard read in the consuming thread)."""
 
 
 @dataclass(frozen=True)
@@ -262,7 +272,7 @@ def _streamable(shard: Shard, kind: str, opts: NpzOptions) -> bool:
 
 
 def shard_items(path: str, opts: NpzOptions, shape: tuple[int, int] | None = None,
-                unit_nnz: int | None = None, reserve: Reserve = no_reserve
+                unit_nnz: int | None = None, reserve: Reserve = _no_reserve
                 ) -> Iterator[tuple[str, Any]]:
     """One shard as ``("unit", (rows, labels))`` items -- a CSR shard streamed in units
     (see :func:`~.inflate.csr_units`) -- or, for other kinds, one ``("whole", parts)`` item
@@ -287,6 +297,9 @@ def shard_items(path: str, opts: NpzOptions, shape: tuple[int, int] | None = Non
 
 
 # ------------------------------------------------------------------ the source
+
+THREAD_NAME = "sparsestore-npz"  # the shard readers' threads
+
 
 def _default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
@@ -340,13 +353,18 @@ def npz_source(
         reserve(infos[i].nbytes)
         yield "whole", executor.submit(load_shard, paths[i], opts).result()  # type: ignore[union-attr]
 
+    # Shards start while the bytes ahead fit the budget, however many that is.
+    budget, ahead = max(0, int(lookahead_bytes)), max(1, len(paths))
+
     def blocks() -> Iterator[tuple[Any, dict[str, np.ndarray] | None]]:
-        if executor is None:
-            reader = Reader(len(paths), streamed, workers=n_workers,
-                            lookahead_bytes=lookahead_bytes)
+        if executor is None:  # workers=1: each shard read in this thread when its turn comes
+            reader = OrderedStreams(streamed, range(len(paths)), budget=budget, ahead=ahead,
+                                    threads=n_workers if n_workers > 1 else 0,
+                                    name=THREAD_NAME)
         else:  # whole shards, loaded by the caller's executor; our threads only wait
-            reader = Reader(len(paths), loaded, workers=max(2, n_workers),
-                            lookahead_bytes=lookahead_bytes, free=n_workers)
+            reader = OrderedStreams(loaded, range(len(paths)), budget=budget, ahead=ahead,
+                                    free=n_workers, threads=max(2, n_workers),
+                                    name=THREAD_NAME)
         try:
             for i, (kind, value) in reader:
                 if kind == "unit":
