@@ -6,7 +6,8 @@ alternate between layouts and modes (median of ``--repeats``).  With ``--epochs 
 each loader runs N epochs and a run's figure is the median of epochs 2..N: training's steady
 state, where the loader's buffer pool is warm (a first pass also pays the page faults of
 fresh memory).  ``--singlecell`` adds bench_shuffle's single-cell-shaped store (three shuffle
-units at the default budget) and ``--tf`` consumes every loader inside TensorFlow's graph too
+units at the default budget), in the default layout and in 128 KiB chunks in 8 MiB shards
+(units of ~40-row runs), and ``--tf`` consumes every loader inside TensorFlow's graph too
 (``ds.reduce`` over ``to_dataset``, as Keras does).  Run ``python -m benchmarks shuffle_pass
 [--dir /tmp/x] [--epochs 4] [--singlecell] [--tf] [--out DIR]``.
 """
@@ -101,8 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     stores = {"default (4 MiB chunks)": (synthetic, {}),
               "chunk_bytes=131072": (synthetic, {"chunk_bytes": 131072})}
     if args.singlecell:
-        stores[f"singlecell ({singlecell.n_rows // 1000}k x {singlecell.n_cols // 1000}k, "
-               f"{singlecell.nnz_per_row} nnz/row), default layout"] = (singlecell, {})
+        shape = (f"singlecell ({singlecell.n_rows // 1000}k x {singlecell.n_cols // 1000}k, "
+                 f"{singlecell.nnz_per_row} nnz/row)")
+        stores[f"{shape}, default layout"] = (singlecell, {})
+        stores[f"{shape}, 128 KiB chunks in 8 MiB shards"] = (
+            singlecell, {"chunk_bytes": 2**17, "shard_bytes": 8 * 2**20})
     paths, groups_of = {}, {}
     for i, (name, (spec, layout)) in enumerate(stores.items()):
         paths[name], groups_of[name] = d / f"s{i}.zarr", spec.groups
