@@ -48,8 +48,9 @@ class Layout:
     uncompressed streams well: big enough to amortise decode calls, small enough to
     shuffle at fine grain).  ``shard_bytes`` turns on zarr's sharding codec so a store on
     object storage is a few large objects rather than many small ones.  Small inner chunks
-    in shards read random rows faster but stream, read whole and write slower than 4 MiB
-    chunks (benchmarks/results/layout.md), so they are not the default.
+    in shards shuffle at fine grain and read random rows faster, but stream, read whole and
+    write slower than 4 MiB chunks (benchmarks/results/layout.md), so they are not the
+    default.
     """
 
     compressor: Compressor = "lz4"
