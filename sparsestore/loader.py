@@ -30,7 +30,8 @@ from .pickling import PICKLE_VERSION as PICKLE_VERSION  # re-exported: the pickl
 from .pickling import PicklableLoader
 from .position import POSITION_EVENTS, Position, PositionListener, ResumableState
 from .position import STATE_VERSION as STATE_VERSION  # re-exported: the state's schema
-from .reader import THREAD_PREFIX, BlockReader, ColumnSelection, ResidentUnit
+from .reader import THREAD_PREFIX, BlockReader, ResidentUnit
+from .rows import ColumnSelection
 from .sampler import (
     BlockSampler,
     mixing_ratio,

@@ -17,8 +17,7 @@ Memory is bounded by ``prefetch`` units in flight (plus the one being consumed),
 the size of the matrix; threads are joined when iteration stops, however it stops.  Chunks
 are decoded (:class:`~sparsestore.chunks.ChunkDecoder`) and units assembled into memory
 from a :class:`~sparsestore.buffers.BufferPool` the loader keeps across passes, so a pass
-reuses the same few blocks instead of page-faulting fresh ones (measured: a sequential
-pass of 20M nnz went from ~140 to ~250-340 M nnz/s on 2 cores).
+reuses the same few blocks instead of page-faulting fresh ones.
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,9 +35,8 @@ from .checks import check_row_pointers
 from .chunk_cache import SharedChunkCache
 from .chunks import chunk_pieces, read_rows
 from .engine import OrderedMap, Tickets
-from .errors import InvalidInputError
 from .fetch import Prefetch, prefetch_unit
-from .indexing import normalize_rows
+from .rows import ColumnSelection, DecodedRows, cat_parts, concat_ptr, gather_csr, narrowed
 from .sampler import UnitSpec
 
 if TYPE_CHECKING:
@@ -52,154 +49,11 @@ KEPT_PIECE_BYTES = 16 * 2**20
 THREAD_PREFIX = "sparsestore-reader"
 
 
-# ------------------------------------------------------------------ columns
-
 #: Fewest stored values per decode piece of a unit: 8 MiB of float32 values, so a piece over
 #: small inner chunks decodes a run of them by one read (what 4 MiB chunks hold two of).
 PIECE_NNZ = 2**21
 #: Spans in a unit from which it is read by chunk runs rather than span by span.
 MANY_SPANS = 8
-
-
-@dataclass(frozen=True)
-class ColumnSelection:
-    """A validated column subset: ``keep`` (original ids, output order) and the inverse map."""
-
-    keep: np.ndarray
-    colmap: np.ndarray  # original column -> output column, -1 when dropped
-    monotone: bool  # output order follows original order (no re-sort needed)
-
-    @property
-    def n_cols(self) -> int:
-        return int(self.keep.size)
-
-    @classmethod
-    def build(cls, columns: Any, n_cols: int) -> ColumnSelection | None:
-        """From a slice, integer array or boolean mask; ``None`` means all columns."""
-        if columns is None:
-            return None
-        if isinstance(columns, slice):
-            keep = np.arange(n_cols, dtype=np.int64)[columns]
-        else:
-            arr = np.asarray(columns)
-            if arr.ndim != 1 and not (arr.dtype == bool or arr.size == 0):
-                raise InvalidInputError(
-                    "columns must be a slice, a 1-D integer array or a boolean mask; got "
-                    f"{arr.dtype} array of shape {arr.shape}"
-                )
-            keep = np.asarray(normalize_rows(arr, n_cols, axis="column"), dtype=np.int64)
-        if np.unique(keep).size != keep.size:
-            raise InvalidInputError(
-                "columns contains duplicates; pass each column once (duplicate feature columns "
-                "would only repeat data)"
-            )
-        cdt = np.int32 if n_cols < 2**31 else np.int64
-        colmap = np.full(n_cols, -1, dtype=cdt)
-        colmap[keep] = np.arange(keep.size, dtype=cdt)
-        monotone = bool(keep.size < 2 or (np.diff(keep) > 0).all())
-        return cls(keep, colmap, monotone)
-
-    def apply_csr(
-        self, values: np.ndarray, indices: np.ndarray, ptr: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Keep only the selected columns, re-indexed and canonical within each row."""
-        mapped = self.colmap[indices]
-        keep = mapped >= 0
-        cs = np.zeros(keep.size + 1, dtype=np.int64)
-        np.cumsum(keep, out=cs[1:])
-        new_ptr = cs[ptr]
-        new_ind = mapped[keep].astype(indices.dtype, copy=False)
-        new_val = values[keep]
-        if not self.monotone and new_ind.size:
-            row = np.repeat(np.arange(ptr.size - 1, dtype=np.int64), np.diff(new_ptr))
-            order = np.lexsort((new_ind, row))
-            new_ind, new_val = new_ind[order], new_val[order]
-        return new_val, new_ind, new_ptr
-
-
-try:  # scipy's compiled kernel behind ``csr[rows]``, with output arrays we provide
-    from scipy.sparse._sparsetools import csr_row_index as _csr_row_index
-except ImportError:  # pragma: no cover - another scipy layout: the numpy gather below
-    _csr_row_index = None
-
-
-def gather_csr(
-    values: np.ndarray, indices: np.ndarray, ptr: np.ndarray, take: np.ndarray,
-    pool: BufferPool | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows ``take`` (any order, repeats allowed) of a CSR, into memory from ``pool``.
-
-    scipy's own row-gather kernel (what ``csr[rows]`` runs: one copy per row) writes
-    straight into pooled output: ``csr[rows]`` itself would allocate fresh arrays per
-    batch, and on a shuffled pass those page faults cost more than the gather.  ``ptr`` in
-    ``indices``' dtype saves the kernel a conversion per call.  Without that kernel, a
-    numpy gather (positions by one cumulative sum, then ``np.take``, ~4x slower) does the
-    same.
-    """
-    pool = pool if pool is not None else BufferPool(max_free=0)
-    take = np.asarray(take, dtype=np.int64)
-    starts = ptr[take].astype(np.int64, copy=False)
-    lens = ptr[take + 1] - starts
-    new_ptr = np.zeros(take.size + 1, np.int64)
-    np.cumsum(lens, out=new_ptr[1:])
-    total = int(new_ptr[-1])
-    out_v = pool.take(total, values.dtype)
-    out_i = pool.take(total, indices.dtype)
-    if total == 0:
-        return out_v, out_i, new_ptr
-    idt = indices.dtype
-    if _csr_row_index is not None and idt in (np.int32, np.int64) and \
-            int(ptr[-1]) <= np.iinfo(idt).max:
-        try:
-            _csr_row_index(take.size, take.astype(idt, copy=False),
-                           ptr.astype(idt, copy=False), indices, values, out_i, out_v)
-            return out_v, out_i, new_ptr
-        except (TypeError, ValueError):  # a dtype the kernel lacks: numpy below
-            pass
-    pos = pool.take(total, np.int64)
-    nz = lens > 0
-    s, n, o = starts[nz], lens[nz], new_ptr[:-1][nz]
-    pos[:] = 1
-    pos[0] = s[0]
-    pos[o[1:]] = s[1:] - (s[:-1] + n[:-1] - 1)  # jump from the last value of a run
-    np.cumsum(pos, out=pos)
-    np.take(values, pos, out=out_v, mode="clip")  # "clip": positions are valid; unbuffered
-    np.take(indices, pos, out=out_i, mode="clip")
-    return out_v, out_i, new_ptr
-
-
-class DecodedRows(NamedTuple):
-    """A unit's decoded rows as CSR parts (int64 ``indptr`` from 0).  Not a scipy matrix:
-    its constructor may copy the parts (``prune`` copies a view of under half its buffer),
-    and batches only slice or gather them."""
-
-    data: np.ndarray
-    indices: np.ndarray
-    indptr: np.ndarray
-
-
-def _narrowed(src: Any) -> Any:
-    """Decoded rows with ``indptr`` in the indices' dtype where it fits (what the row
-    gather's kernel wants; done once per unit, not per batch)."""
-    if isinstance(src, DecodedRows) and src.indptr.dtype != src.indices.dtype and \
-            src.indptr[-1] <= np.iinfo(src.indices.dtype).max:
-        return src._replace(indptr=src.indptr.astype(src.indices.dtype))
-    return src
-
-
-def _concat_ptr(ptrs: Sequence[np.ndarray]) -> np.ndarray:
-    if len(ptrs) == 1:
-        return ptrs[0]
-    out = [np.zeros(1, np.int64)]
-    off = 0
-    for p in ptrs:
-        out.append(p[1:] + off)
-        off += int(p[-1])
-    return np.concatenate(out)
-
-
-def _cat(parts: list[np.ndarray]) -> np.ndarray:
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class ResidentUnit:
@@ -360,7 +214,7 @@ class BlockReader:
             cuts = [0, *range(first or self.piece_rows, n, self.piece_rows), n]
         spans = [(i, j) for i, j in zip(cuts[:-1], cuts[1:], strict=True) if j > i]
         if unit.take is not None:
-            return self._gathered(_narrowed(src), labels, unit, spans)
+            return self._gathered(narrowed(src), labels, unit, spans)
         return [self._piece(src, labels, unit, i, j) for i, j in spans]
 
     def _resident_rows(self, unit: UnitSpec, res: ResidentUnit) -> tuple[Any, list[np.ndarray]]:
@@ -371,7 +225,7 @@ class BlockReader:
         if res.key != key or res.parts is None:
             res.clear()  # its buffers back to the pool before this unit takes its own
             src, labels = self._read_spans(unit.spans)
-            res.key, res.parts = key, (_narrowed(src), labels)
+            res.key, res.parts = key, (narrowed(src), labels)
         return res.parts
 
     def _gathered(self, src: Any, labels: list[np.ndarray], unit: UnitSpec,
@@ -403,16 +257,16 @@ class BlockReader:
         if not st.is_dense and len(spans) >= MANY_SPANS:
             return self._read_many_spans(np.asarray(spans, np.int64).reshape(-1, 2))
         labels = [
-            _cat([cache.read(int(a), int(b), st.n_rows) for a, b in spans])
+            cat_parts([cache.read(int(a), int(b), st.n_rows) for a, b in spans])
             for cache in self.label_caches
         ]
         if st.is_dense:
-            return _cat([st.read_dense(int(a), int(b)) for a, b in spans]), labels
+            return cat_parts([st.read_dense(int(a), int(b)) for a, b in spans]), labels
         c_ptr, c_val, c_ind = self.caches["indptr"], self.caches["data"], self.caches["indices"]
         ptrs = [check_row_pointers(
             c_ptr.read(int(a), int(b) + 1, st.n_rows + 1).astype(np.int64, copy=False),
             st.nnz, st.path, int(a)) for a, b in spans]
-        ptr = _concat_ptr([p - p[0] for p in ptrs])
+        ptr = concat_ptr([p - p[0] for p in ptrs])
         nnz = int(ptr[-1])
         # Decoded into pooled memory (reused pass after pass: fresh unit-sized arrays cost
         # more in page faults than the copies); the pool takes it back when the unit's
@@ -569,7 +423,7 @@ class BlockReader:
                 dense = dense[:, self.columns.keep]
         elif uniq.size:
             values, indices, ptr = st.take_parts(uniq)
-            src = _narrowed(DecodedRows(values, indices, ptr))
+            src = narrowed(DecodedRows(values, indices, ptr))
         else:
             idt = st.arrays["indices"].dtype
             src = DecodedRows(np.empty(0, st.dtype), np.empty(0, idt), np.zeros(1, np.int64))
@@ -650,7 +504,4 @@ def _meta_capacity(arr: Any) -> int:
     return max(4, ROW_META_CACHE_BYTES // max(1, chunk_bytes))
 
 
-__all__ = [
-    "BlockReader", "ColumnSelection", "ResidentUnit", "SharedChunkCache", "THREAD_PREFIX",
-    "gather_csr",
-]
+__all__ = ["BlockReader", "ResidentUnit", "SharedChunkCache", "THREAD_PREFIX"]

@@ -42,6 +42,7 @@ from .integrity import (
     trailing_tag,
     went_back,
 )
+from .localfiles import pread, pread_each
 from .storage import current_batch
 from .zarr_compat import (
     OffsetByteRequest,
@@ -339,26 +340,8 @@ class VerifiedStore(WrapperStore):
 
     def _pread(self, key: str, start: int | None, stop: int,
                pool: BufferPool | None, into: np.ndarray | None = None) -> np.ndarray | None:
-        """Bytes ``[start, stop)`` of an object on local disk (its last ``stop`` bytes when
-        ``start`` is None) by one ``preadv`` into ``into`` (when it is large enough) or
-        ``pool`` memory; None when the object is absent."""
-        try:
-            fd = os.open(self._local + key, os.O_RDONLY)  # type: ignore[operator]
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return None
-        try:
-            if start is None:
-                size = os.fstat(fd).st_size
-                start, stop = max(0, size - stop), size
-            n = max(0, stop - start)
-            if into is not None and into.size >= n:
-                buf = into
-            else:
-                buf = np.empty(n, np.uint8) if pool is None else pool.take(n, np.uint8)
-            got = os.preadv(fd, [buf[:n]], start) if n else 0
-            return buf[:got]
-        finally:
-            os.close(fd)
+        """:func:`~sparsestore.localfiles.pread` of an object of this local store."""
+        return pread(self._local + key, start, stop, pool, into)  # type: ignore[operator]
 
     @property
     def _local(self) -> str | None:
@@ -398,7 +381,7 @@ class VerifiedStore(WrapperStore):
         lo, hi = ranges[0][0], ranges[-1][1]
         payload = sum(b - a for a, b in ranges)
         if self._local is not None and hi - lo > 2 * payload:
-            parts = self._pread_each(key, ranges, into)
+            parts = pread_each(self._local + key, ranges, into)
         else:
             if self._local is not None:
                 raw = self._pread(key, lo, hi, pool, into)
@@ -426,26 +409,6 @@ class VerifiedStore(WrapperStore):
                 continue
             self.check_sync(key, part, RangeByteRequest(a, b))
         return parts
-
-    def _pread_each(self, key: str, ranges: list[tuple[int, int]],
-                    into: np.ndarray | None) -> list[np.ndarray] | None:
-        """Byte ranges of a local object, one ``preadv`` each through one open file, side by
-        side in ``into`` (when large enough); None when the object is absent."""
-        try:
-            fd = os.open(self._local + key, os.O_RDONLY)  # type: ignore[operator]
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return None
-        try:
-            total = sum(b - a for a, b in ranges)
-            buf = into if into is not None and into.size >= total else np.empty(total, np.uint8)
-            parts, at = [], 0
-            for a, b in ranges:
-                got = os.preadv(fd, [buf[at : at + b - a]], a)
-                parts.append(buf[at : at + got])
-                at += b - a
-            return parts
-        finally:
-            os.close(fd)
 
     # --------------------------------------------------------------- writes
     def _record(self, key: str, raw: np.ndarray | None, meta_json: bytes | None) -> None:

@@ -22,7 +22,7 @@ from sparsestore import reader
 from sparsestore.buffers import ALIGN, BufferPool, size_class
 from sparsestore.chunks import ChunkDecoder
 from sparsestore.errors import ChecksumError, CorruptStoreError, MissingChunkError
-from sparsestore.reader import gather_csr
+from sparsestore.rows import gather_csr
 
 # ------------------------------------------------------------------ BufferPool
 
