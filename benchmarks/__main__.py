@@ -48,6 +48,12 @@ REGISTRY: dict[str, Bench] = {
                   in_all=False),
     "shuffle": Bench("bench_shuffle", "shuffle quality and cost on label-sorted stores",
                      ("--quick", "--repeats", "1")),
+    "shuffle_keras": Bench("bench_shuffle_keras", "Keras accuracy: default shuffle vs a true one",
+                           ("--quick", "--repeats", "1", "--epochs", "2")),
+    "shuffle_ranks": Bench("bench_shuffle_ranks", "per-rank shuffle quality (index math)",
+                           ("--quick",)),
+    "shuffle_design": Bench("bench_shuffle_design", "shuffle quality vs chunk size and budget "
+                            "(index math)"),
     "shuffle_pass": Bench("bench_shuffle_pass", "real passes: default shuffle vs sequential",
                           ("--rows", "20000", "--repeats", "1")),
     "layout": Bench("bench_layout", "store layouts: write, read, loader pass, random access",

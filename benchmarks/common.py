@@ -453,3 +453,13 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def save_results(record: dict[str, Any], md: str, out: str | Path, stem: str) -> None:
+    """Write ``record`` as ``<stem>.json`` and ``md`` as ``<stem>.md`` into ``out``, and print
+    the markdown (the benchmarks whose pages are not on :mod:`benchmarks.records`' schema)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_json(record, out / f"{stem}.json")
+    (out / f"{stem}.md").write_text(md)
+    print(md)

@@ -177,7 +177,7 @@ def test_memory_bench_streams_whole_passes_in_fresh_processes(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("module", ["bench_tf_compare", "bench_memory", "bench_shuffle",
-                                    "bench_layout"])
+                                    "bench_layout", "bench_shuffle_keras"])
 def test_standalone_benchmarks_write_to_a_scratch_folder_by_default(module: str) -> None:
     """Run as the README shows them, they leave the committed results alone: ``--out``
     defaults to benchmarks/out, which git ignores."""
@@ -201,6 +201,45 @@ def test_bench_dask_explains_a_work_folder_without_a_suite_setup(tmp_path: Path)
         bench_dask.main([str(tmp_path / "missing")])
     with pytest.raises(SystemExit, match="WORK"):
         bench_dask.main([])
+
+
+def test_shuffle_keras_bench_trains_each_order_quick(tmp_path: Path) -> None:
+    """bench_shuffle_keras --quick on three orders: each trains 2 epochs in its own process
+    and is scored on the held-out rows; the default shuffle of this small store mixes like
+    the idiom's full shuffle, storage order does not, and the report states the target."""
+    pytest.importorskip("tensorflow")
+    from benchmarks import bench_shuffle_keras
+
+    record = bench_shuffle_keras.main(["--quick", "--repeats", "1", "--epochs", "2",
+                                       "--configs", "sequential,default,idiom",
+                                       "--out", str(tmp_path)])
+    by = {r["config"]: r for r in record["results"]}
+    assert set(by) == {"sequential", "shuffle (default)", "in-memory idiom (tf.data shuffle)"}
+    for r in by.values():
+        assert len(r["accuracy"]) == 2 and all(0 < a <= 1 for a in r["accuracy"])
+        assert r["epoch_s"] > 0 and r["first_epoch_s"] > 0
+    perm = record["tv_permutation"]
+    assert by["shuffle (default)"]["n_units"] == 1
+    assert by["shuffle (default)"]["tv"] < 1.1 * perm
+    assert by["in-memory idiom (tf.data shuffle)"]["tv"] < 1.1 * perm
+    assert by["sequential"]["tv"] > 5 * perm
+    assert set(record["verdict"]) >= {"gap_first_epoch", "gap_last_epoch", "met"}
+    md = (tmp_path / "shuffle_keras.md").read_text()
+    assert "| shuffle (default) | 1 |" in md and "Target:" in md
+    assert json.loads((tmp_path / "shuffle_keras.json").read_text())["quick"] is True
+
+
+def test_shuffle_ranks_bench_scores_each_rank_against_the_store(tmp_path: Path) -> None:
+    """Its TV is a batch's distance to the whole store's labels: one rank of a store that
+    fits the shuffle budget mixes like a permutation; with ranks it is scored per rank."""
+    from benchmarks import bench_shuffle_ranks as bsr
+
+    record = bsr.main(["--quick", "--worlds", "1,2", "--out", str(tmp_path)])
+    assert (tmp_path / "shuffle_ranks.json").exists() and (tmp_path / "shuffle_ranks.md").exists()
+    for rec in record["results"]:
+        ranks = {(r["world_size"], r["rank"]): r for r in rec["ranks"]}
+        assert set(ranks) == {(1, 0), (2, 0), (2, 1)}
+        assert ranks[1, 0]["ratio"] < 1.2
 
 
 def test_one_entry_point_lists_and_dispatches(capsys: pytest.CaptureFixture) -> None:
