@@ -213,7 +213,9 @@ class SharedChunkCache(ChunkCache):
         for js in plan.groups(np.flatnonzero(~held), most, self.decoder.shard_chunks):
             def decode(js: np.ndarray = js) -> None:
                 ks = plan.chunk_ids[js]
-                stage = self.pool.take((js.size * c, *self.decoder.tail), self.arr.dtype)
+                # One size for every group: the pool hands the same blocks back pass after pass.
+                whole = self.pool.take((most * c, *self.decoder.tail), self.arr.dtype)
+                stage = whole[: js.size * c]
                 self.decoder.decode_chunks(ks, stage, self.pool)
                 with self._lock:
                     self.decoded += js.size
