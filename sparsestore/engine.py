@@ -24,7 +24,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 from .errors import InvalidInputError
 
@@ -98,15 +98,19 @@ class OrderedMap(Generic[T, R]):
         assert self._executor is not None
         return self._executor.submit(self._fn, item)
 
+    def _finish(self) -> NoReturn:
+        """Nothing left in flight: raise the iterator's failure, or the end."""
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+        raise StopIteration
+
     def _next_pulled(self) -> R:
         if self._executor is None:
             return self._fn(next(self._items))
         self._fill()
         if not self._pending:
-            failure, self._failure = self._failure, None
-            if failure is not None:
-                raise failure
-            raise StopIteration
+            self._finish()
         head = self._pending.popleft()
         self._fill()  # keep `ahead` items working while the consumer waits and works
         return head.result()
@@ -321,10 +325,7 @@ class OrderedStreams(OrderedMap[T, tuple[int, Any]]):
         while True:
             self._fill()
             if not self._pending:
-                failure, self._failure = self._failure, None
-                if failure is not None:
-                    raise failure
-                raise StopIteration
+                self._finish()
             head = self._streams[0]
             with self._cv:
                 while not head.elements and not head.done:
