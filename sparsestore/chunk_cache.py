@@ -105,7 +105,8 @@ class ChunkCache:
         head = self._part(k0, start, (k0 + 1) * c, limit)
         pos = head.shape[0]
         out[:pos] = head
-        self.decoder.decode_run(k0 + 1, k1, out[pos : pos + (k1 - k0 - 1) * c], self.pool)
+        self.decoder.decode_chunks(range(k0 + 1, k1), out[pos : pos + (k1 - k0 - 1) * c],
+                                   self.pool)
         pos += (k1 - k0 - 1) * c
         self._count(k1 - k0 - 1)
         out[pos : stop - start] = self._part(k1, k1 * c, stop, limit)
@@ -190,8 +191,8 @@ class SharedChunkCache(ChunkCache):
         at ``out[out_at[i]:]``, for many short ranges at once (a shuffled unit's blocks).
 
         A chunk this cache holds (whole, or as a kept piece) is read from here; the others
-        are decoded in runs of neighbours into a pooled stage, one job a run, and every
-        piece of a run is copied out in one call.  A decode copies out the pieces
+        are decoded into a pooled stage, one job a chunk or (sharded) a shard's chunks
+        fetched together, and their pieces copied out.  A decode copies out the pieces
         :meth:`keep` asked for, as a cached decode does.
         """
         c = self.chunk
@@ -210,7 +211,7 @@ class SharedChunkCache(ChunkCache):
                         out[at : at + b - a] = self._part(kk, a, b, limit)
             jobs.append(from_cache)
         most = self.decoder.group_chunks()
-        for js in plan.groups(np.flatnonzero(~held), most, self.decoder.shard_chunks):
+        for js in plan.groups(np.flatnonzero(~held), most, self.decoder.chunks_per_object):
             def decode(js: np.ndarray = js) -> None:
                 ks = plan.chunk_ids[js]
                 # One size for every group: the pool hands the same blocks back pass after pass.

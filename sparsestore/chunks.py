@@ -131,18 +131,15 @@ class RangeGather:
         self.chunk_ids, first = np.unique(self.k, return_index=True)
         self.edges = np.append(first, self.k.size)
 
-    def groups(self, js: np.ndarray | range, max_chunks: int, per: int = 0
-               ) -> list[np.ndarray]:
+    def groups(self, js: np.ndarray | range, max_chunks: int, per: int) -> list[np.ndarray]:
         """``js`` (positions in :attr:`chunk_ids`, ascending) in groups decoded together: at
-        most ``max_chunks`` chunks, all of one shard (``per`` chunks a shard) when sharded,
-        else neighbours in the array."""
+        most ``max_chunks`` chunks of one stored object (``per`` chunks an object)."""
         js = np.asarray(js, dtype=np.int64)
         if not js.size:
             return []
-        ids = self.chunk_ids[js]
-        apart = (ids[1:] // per != ids[:-1] // per) if per else (np.diff(ids) != 1)
+        obj = self.chunk_ids[js] // per
         out: list[np.ndarray] = []
-        for grp in np.split(js, np.flatnonzero(apart) + 1):
+        for grp in np.split(js, np.flatnonzero(obj[1:] != obj[:-1]) + 1):
             out.extend(grp[i : i + max_chunks] for i in range(0, grp.size, max_chunks))
         return out
 
@@ -182,7 +179,7 @@ def read_ranges(
     plan = RangeGather(starts, ends, out_at[:-1], c)
     decoder = ChunkDecoder(arr, name)
     most = decoder.group_chunks()
-    runs = plan.groups(range(plan.chunk_ids.size), most, decoder.shard_chunks)
+    runs = plan.groups(range(plan.chunk_ids.size), most, decoder.chunks_per_object)
 
     def run(mine: list[np.ndarray]) -> None:
         stage = np.empty((most * c, *arr.shape[1:]), arr.dtype)
@@ -242,19 +239,18 @@ class ChunkDecoder:
         self.row_bytes = self.dtype.itemsize * int(np.prod(self.tail, dtype=np.int64))
         self.direct = zc.direct_plan(arr)
         self.sharded = None if self.direct is not None else zc.shard_plan(arr)
-        #: Inner chunks a shard holds (0: not sharded, or not decoded here).
-        self.shard_chunks = 0 if self.sharded is None else self.sharded.per
+        #: Chunks one stored object holds, fetched together: a shard's inner chunks, else 1.
+        self.chunks_per_object = 1 if self.sharded is None else self.sharded.per
         self._indexes: OrderedDict[int, np.ndarray | None] = OrderedDict()
         self._index_lock = threading.Lock()
         self.index_reads = 0  # shard indexes read (for tests and benchmarks)
         self._scratch = threading.local()  # each thread's buffer for compressed inner chunks
 
     def group_chunks(self) -> int:
-        """Chunks decoded together by a gather: those of one shard (one fetch), at most
-        :data:`STAGE_BYTES` of them; one where each chunk is an object of its own."""
-        if not self.shard_chunks:
-            return 1
-        return max(1, min(self.shard_chunks, STAGE_BYTES // max(1, self.chunk * self.row_bytes)))
+        """Chunks decoded together by a gather: those of one stored object (one fetch), at
+        most :data:`STAGE_BYTES` of them."""
+        stage = STAGE_BYTES // max(1, self.chunk * self.row_bytes)
+        return max(1, min(self.chunks_per_object, stage))
 
     @property
     def is_direct(self) -> bool:
@@ -360,11 +356,6 @@ class ChunkDecoder:
         if not stored:  # never written: zarr's fill value
             out[:n] = self.fill
 
-    def decode_run(self, k0: int, k1: int, out: np.ndarray,
-                   pool: BufferPool | None = None) -> None:
-        """Decode chunks ``k0 .. k1-1`` into ``out`` (room for ``k1 - k0`` whole chunks)."""
-        self.decode_chunks(range(k0, k1), out, pool)
-
     def decode_chunks(self, ks: Sequence[int], out: np.ndarray,
                       pool: BufferPool | None = None) -> None:
         """Decode chunks ``ks`` (ascending) into ``out``, one whole-chunk slot each, in
@@ -374,14 +365,12 @@ class ChunkDecoder:
         for neighbours, one request on object storage) and checked one by one, so small
         inner chunks cost a decode each, not a read and a lookup each.
         """
-        c, ks = self.chunk, [int(k) for k in ks]
-        per = self.sharded.per if self.sharded is not None else 0
+        c, ks, per = self.chunk, [int(k) for k in ks], self.chunks_per_object
         i = 0
         while i < len(ks):
             j = i + 1
-            if per:
-                while j < len(ks) and ks[j] // per == ks[i] // per:
-                    j += 1
+            while j < len(ks) and ks[j] // per == ks[i] // per:
+                j += 1
             part = out[i * c : j * c]
             if j - i < 2 or not self._decode_shard_chunks(ks[i:j], part, pool):
                 for n, k in enumerate(ks[i:j]):
@@ -390,9 +379,9 @@ class ChunkDecoder:
 
     def _decode_shard_chunks(self, ks: list[int], out: np.ndarray,
                              pool: BufferPool | None) -> bool:
-        """Inner chunks ``ks`` of one shard into ``out`` by one fetch; False (nothing written)
-        when one is not stored or the fetch fails: the caller then decodes them one by one,
-        which names what is wrong."""
+        """Inner chunks ``ks`` of one shard into ``out`` by one fetch; False when one is not
+        stored, or the fetch or a decode fails: the caller then decodes them one by one
+        (rewriting ``out``), which reads a stale kept index afresh or names what is wrong."""
         plan = self.sharded
         assert plan is not None
         s = ks[0] // plan.per
@@ -421,8 +410,12 @@ class ChunkDecoder:
         if raws is None:
             return False
         dest = out.reshape(-1).view(np.uint8)
-        for j, raw in enumerate(raws):
-            self._decode_raw(ks[j], raw, plan.steps, plan.crc, dest[j * want : (j + 1) * want])
+        try:
+            for j, raw in enumerate(raws):
+                self._decode_raw(ks[j], raw, plan.steps, plan.crc,
+                                 dest[j * want : (j + 1) * want])
+        except SparseStoreError:
+            return False  # one by one, a kept index that went stale is read afresh
         return True
 
     def _decode_inner(self, k: int, dest: np.ndarray, pool: BufferPool | None,

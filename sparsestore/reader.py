@@ -22,8 +22,9 @@ reuses the same few blocks instead of page-faulting fresh ones.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -287,29 +288,19 @@ class BlockReader:
                 work.append((int(a) + i, p[i : j + 1]))
         offs = np.cumsum([0] + [int(q[-1] - q[0]) for _, q in work])
 
-        def fill(items: Iterable[int]) -> None:
-            for k in items:
-                first, q = work[k]
-                lo, hi, o = int(q[0]), int(q[-1]), int(offs[k])
-                c_val.read_to(lo, hi, values[o : o + hi - lo], st.nnz)
-                c_ind.read_to(lo, hi, indices[o : o + hi - lo], st.nnz)
-                st.check_indices(indices[o : o + hi - lo], q, first)
+        def fill(k: int) -> None:
+            first, q = work[k]
+            lo, hi, o = int(q[0]), int(q[-1]), int(offs[k])
+            c_val.read_to(lo, hi, values[o : o + hi - lo], st.nnz)
+            c_ind.read_to(lo, hi, indices[o : o + hi - lo], st.nnz)
+            st.check_indices(indices[o : o + hi - lo], q, first)
 
         # On object storage, every chunk the unit needs is requested at once (none locally).
         ahead = prefetch_unit((c_val, c_ind), [(int(q[0]), int(q[-1])) for _, q in work])
         try:
-            ex = self._span_ex
-            if ex is None or len(work) < 2:
-                fill(range(len(work)))
-            else:
-                # The threads take the next piece in turn (a shared counter), so the chunk
-                # two consecutive pieces share is asked for twice in quick succession: one
-                # decode, the other a cache hit.
-                order = Tickets(len(work))
-                futs = [ex.submit(fill, order) for _ in range(self.num_workers - 1)]
-                fill(order)
-                for f in futs:
-                    f.result()
+            # The threads take the next piece in turn, so the chunk two consecutive pieces
+            # share is asked for twice in quick succession: one decode, the other a cache hit.
+            self._run_jobs([functools.partial(fill, k) for k in range(len(work))])
         finally:
             if ahead is not None:
                 ahead.release()
@@ -317,8 +308,9 @@ class BlockReader:
 
     def _read_many_spans(self, spans: np.ndarray) -> tuple[Any, list[np.ndarray]]:
         """:meth:`_read_spans` for many short spans (a shuffled unit's blocks): each array's
-        touched chunks are decoded once, in runs of neighbours, and every span's pieces
-        copied out together (:meth:`SharedChunkCache.gather_jobs`), not a span at a time."""
+        touched chunks are decoded once, those of one shard together, and every span's
+        pieces copied out of them (:meth:`SharedChunkCache.gather_jobs`), not a span at a
+        time."""
         st = self.store
         lo_row, hi_row = spans[:, 0], spans[:, 1]
         lens = hi_row - lo_row
@@ -368,8 +360,9 @@ class BlockReader:
                              int(lo_row[i]))
         return DecodedRows(values, indices, ptr), labels
 
-    def _run_jobs(self, jobs: list[Any]) -> None:
-        """Run jobs on this pass's span threads and the caller's, each taking the next."""
+    def _run_jobs(self, jobs: list[Callable[[], None]]) -> None:
+        """Run jobs, in order, on this pass's span threads and the caller's: each thread
+        takes the next job not yet taken (a shared counter)."""
         ex = self._span_ex
         if ex is None or len(jobs) < 2:
             for job in jobs:
