@@ -1,5 +1,6 @@
-"""Positional reads of a local store's objects: a byte range (or an object's end) by one
-``preadv`` into memory the caller reuses, or several ranges through one open file."""
+"""Reads of a local store's objects: a whole object into pooled memory, a byte range (or an
+object's end) by one ``preadv`` into memory the caller reuses, or several ranges through
+one open file."""
 
 from __future__ import annotations
 
@@ -11,9 +12,21 @@ import numpy as np
 if TYPE_CHECKING:
     from .buffers import BufferPool
 
-__all__ = ["pread", "pread_each"]
+__all__ = ["pread", "pread_each", "read_whole"]
 
 _ABSENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+def read_whole(path: str, pool: BufferPool) -> np.ndarray | None:
+    """A whole file's bytes in ``pool`` memory; None when the file is absent."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            size = f.seek(0, 2)
+            f.seek(0)
+            buf = pool.take(size, np.uint8)
+            return buf[: f.readinto(buf)]
+    except _ABSENT:
+        return None
 
 
 def pread(path: str, start: int | None, stop: int, pool: BufferPool | None,

@@ -42,7 +42,7 @@ from .integrity import (
     trailing_tag,
     went_back,
 )
-from .localfiles import pread, pread_each
+from .localfiles import pread, pread_each, read_whole
 from .storage import current_batch
 from .zarr_compat import (
     OffsetByteRequest,
@@ -322,17 +322,9 @@ class VerifiedStore(WrapperStore):
         None only for objects the manifest does not cover (never-written chunks of stores
         without a manifest, or beyond the committed rows): those read as the fill value.
         """
-        root = self.root
         raw: np.ndarray | None
-        if pool is not None and root is not None:
-            try:
-                with open(root / key, "rb", buffering=0) as f:
-                    size = f.seek(0, 2)
-                    f.seek(0)
-                    buf = pool.take(size, np.uint8)
-                    raw = buf[: f.readinto(buf)]
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-                raw = None
+        if pool is not None and self._local is not None:
+            raw = read_whole(self._local + key, pool)
         else:
             raw = _as_np(self._store.get_sync(key))
         self.check_sync(key, raw)
