@@ -24,7 +24,7 @@ from . import zarr_compat as zc
 from .buffers import BufferPool
 from .errors import ChecksumError, CorruptStoreError, SparseStoreError
 from .fetch import RemoteReads
-from .integrity import DamagedChunk, decode_chain
+from .integrity import DamagedChunk, decode_chain, decode_many
 
 #: Threads that decode the chunks one scattered read (``store[rows]``) touches.
 RANGE_READ_WORKERS = 2
@@ -409,14 +409,9 @@ class ChunkDecoder:
             return False
         if raws is None:
             return False
-        dest = out.reshape(-1).view(np.uint8)
-        try:
-            for j, raw in enumerate(raws):
-                self._decode_raw(ks[j], raw, plan.steps, plan.crc,
-                                 dest[j * want : (j + 1) * want])
-        except SparseStoreError:
-            return False  # one by one, a kept index that went stale is read afresh
-        return True
+        # On failure, one by one: a kept index that went stale is read afresh, and damage
+        # is named.
+        return decode_many(raws, plan.steps, out.reshape(-1).view(np.uint8))
 
     def _decode_inner(self, k: int, dest: np.ndarray, pool: BufferPool | None,
                       fresh: bool) -> bool:

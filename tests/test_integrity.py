@@ -266,3 +266,37 @@ def test_the_one_chain_decoder_against_numcodecs():
         with pytest.raises(DamagedChunk) as info:
             decode_chain(raw, steps, out)
         assert info.value.what == what
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 6), flip=st.integers(-1, 5), at=st.integers(0, 10**6))
+def test_decode_many_equals_the_chain_decoder_and_refuses_damage(n, flip, at):
+    import numcodecs
+
+    from sparsestore.integrity import crc32c, decode_chain, decode_many
+
+    rng = np.random.default_rng(at)
+    chunks = [rng.poisson(2, 4096).astype(np.int32) for _ in range(n)]
+    stored = []
+    for c in chunks:
+        packed = np.frombuffer(numcodecs.Blosc(cname="lz4", clevel=5, shuffle=1).encode(c),
+                               np.uint8)
+        stored.append(np.concatenate([packed, np.frombuffer(
+            crc32c(packed).to_bytes(4, "little"), np.uint8)]))
+    if 0 <= flip < n:  # one byte of one stored chunk flipped: the batch refuses it
+        stored[flip] = stored[flip].copy()
+        stored[flip][at % stored[flip].size] ^= 1 << (at % 8)
+    dest = np.zeros(n * 4096 * 4, np.uint8)
+    ok = decode_many(stored, ("crc32c", "blosc"), dest)
+    assert ok == (not 0 <= flip < n)
+    if ok:
+        np.testing.assert_array_equal(dest.view(np.int32), np.concatenate(chunks))
+        # the general branch (no CRC step) agrees with the chain decoder chunk by chunk
+        bare = [s[:-4] for s in stored]
+        other = np.zeros_like(dest)
+        assert decode_many(bare, ("blosc",), other)
+        for j, s in enumerate(bare):
+            np.testing.assert_array_equal(other[j * 16384 : (j + 1) * 16384],
+                                          decode_chain(s, ("blosc",)))
+    # a chunk that decodes to another size than its slot is refused
+    assert not decode_many(stored[:1], ("crc32c", "blosc"), np.zeros(4096 * 4 + 8, np.uint8))
