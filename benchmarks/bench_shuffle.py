@@ -287,7 +287,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     budgets = [parse_size(b) for b in args.budgets.split(",") if b]
     command = reproduce_command("benchmarks.bench_shuffle", p, args,
                                 ("stores", "buffers", "budgets", "chunk_bytes", "repeats",
-                                 "perm_rows")) + (" --quick" if args.quick else "")
+                                 "perm_rows", "quick"))
     with tempfile.TemporaryDirectory() as tmp:
         results = run(specs, buffers, args.repeats, perm_rows, Path(tmp), budgets,
                       args.chunk_bytes)

@@ -412,9 +412,11 @@ def dump_json(obj: Any, path: str | Path) -> None:
 
 def reproduce_command(module: str, parser: Any, args: Any, options: Iterable[str]) -> str:
     """``python -m module`` with each of ``options`` (argparse ``dest`` names) that differs
-    from ``parser``'s default, so a result file says exactly how it was made."""
-    given = [f"--{name} {getattr(args, name)}" for name in options
-             if getattr(args, name) != parser.get_default(name)]
+    from ``parser``'s default (a flag alone when it is ``True``), so a result file says
+    exactly how it was made."""
+    given = [f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
+             for name in options
+             if (value := getattr(args, name)) != parser.get_default(name)]
     return " ".join([f"python -m {module}", *given])
 
 
@@ -453,13 +455,3 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def save_results(record: dict[str, Any], md: str, out: str | Path, stem: str) -> None:
-    """Write ``record`` as ``<stem>.json`` and ``md`` as ``<stem>.md`` into ``out``, and print
-    the markdown (the benchmarks whose pages are not on :mod:`benchmarks.records`' schema)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_json(record, out / f"{stem}.json")
-    (out / f"{stem}.md").write_text(md)
-    print(md)
