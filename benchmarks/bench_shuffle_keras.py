@@ -43,7 +43,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,7 +57,7 @@ import scipy.sparse as sp
 
 from sparsestore.cli import parse_size
 
-from .common import SEED, add_out_argument, reproduce_command
+from .common import SEED, add_out_argument, child, csr_from_keys, reproduce_command, write_timed
 from .records import run_meta, write_records
 
 LABEL = "y"
@@ -110,14 +109,8 @@ def sorted_blocks(spec: Spec) -> Iterator[tuple[sp.csr_matrix, dict[str, np.ndar
         cols = rng.integers(0, spec.n_cols, rid.size)
         pick = rng.integers(0, spec.class_cols, int(from_class.sum()))
         cols[from_class] = prefs[yb[rid[from_class]], pick]
-        keys = np.unique(rid * spec.n_cols + cols)
-        r, c = np.divmod(keys, spec.n_cols)
-        indptr = np.zeros(rows + 1, dtype=np.int64)
-        np.cumsum(np.bincount(r, minlength=rows), out=indptr[1:])
-        values = (1 + rng.geometric(0.5, keys.size)).astype(np.float32)
-        X = sp.csr_matrix((values, c.astype(np.int32), indptr), shape=(rows, spec.n_cols))
-        X.has_canonical_format = True
-        yield X, {LABEL: yb}
+        yield csr_from_keys(np.unique(rid * spec.n_cols + cols), rows, spec.n_cols, rng), \
+            {LABEL: yb}
 
 
 def split(n_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,16 +123,9 @@ def split(n_rows: int) -> tuple[np.ndarray, np.ndarray]:
 
 def write_store(spec: Spec, path: Path) -> dict[str, Any]:
     """Write the store at ``path``; returns its facts."""
-    import sparsestore
-
     layout = {} if spec.chunk_bytes is None else {"chunk_bytes": spec.chunk_bytes}
-    t0 = time.perf_counter()
-    store = sparsestore.write_blocks(path, sorted_blocks(spec), n_cols=spec.n_cols,
-                                     dtype=np.float32, overwrite=True, **layout)
-    return {"rows": store.n_rows, "cols": store.n_cols, "nnz": store.nnz,
-            "nnz_per_row": store.nnz / store.n_rows, "classes": spec.classes,
-            "class_rows": class_sizes(spec).tolist(), "write_s": time.perf_counter() - t0,
-            "chunks": {k: list(v) for k, v in store.info()["chunks"].items()}}
+    return {**write_timed(path, sorted_blocks(spec), spec.n_cols, **layout),
+            "classes": spec.classes, "class_rows": class_sizes(spec).tolist()}
 
 
 # ------------------------------------------------------------------ configs
@@ -280,15 +266,6 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_child(job: dict[str, Any]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.bench_shuffle_keras", "--child", json.dumps(job)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                          cwd=Path(__file__).resolve().parent.parent)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 # ------------------------------------------------------------------ the run
 
 
@@ -306,7 +283,7 @@ def run(spec: Spec, cfgs: list[dict[str, Any]], epochs: int, repeats: int, work:
         for c, rec in zip(cfgs, recs, strict=True):
             job = {"path": str(path), "config": c, "seed": SEED + r, "epochs": epochs,
                    "rows": spec.n_rows, "cols": spec.n_cols, "classes": spec.classes}
-            res = run_child(job)
+            res = child("bench_shuffle_keras", "--child", json.dumps(job))
             rec["runs"].append(res)
             print(f"  run {r + 1} {c['name']}: accuracy "
                   f"{', '.join(f'{a:.4f}' for a in res['accuracy'])}, epoch s "

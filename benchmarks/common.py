@@ -184,6 +184,20 @@ def store_with_matrix(
     return store, X, y
 
 
+def write_timed(path: str | Path, blocks: Iterable[Any], n_cols: int, **layout: Any
+                ) -> dict[str, Any]:
+    """Write a float32 store of ``blocks`` (with ``layout`` options) at ``path``; returns its
+    facts: shape, nnz, write time and chunks."""
+    import sparsestore
+
+    t0 = time.perf_counter()
+    store = sparsestore.write_blocks(path, blocks, n_cols=n_cols, dtype=np.float32,
+                                     overwrite=True, **layout)
+    return {"rows": store.n_rows, "cols": store.n_cols, "nnz": store.nnz,
+            "nnz_per_row": store.nnz / store.n_rows, "write_s": time.perf_counter() - t0,
+            "chunks": {k: list(v) for k, v in store.info()["chunks"].items()}}
+
+
 def idiom_dataset(tf: Any, st: Any, y: Any = None, batch_size: int = BATCH_SIZE) -> Any:
     """The in-memory TensorFlow idiom the ratios compare against: the whole matrix as one
     ``SparseTensor`` ``st`` (with labels ``y``), ``from_tensor_slices(...).batch``."""
@@ -391,8 +405,13 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "commit": commit,
         "versions": {p: _version(p) for p in pkgs},
-        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        "load_avg": load_avg(),
     }
+
+
+def load_avg() -> list[float]:
+    """The 1, 5 and 15 minute load averages, rounded (a shared box's noise, for the record)."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def child(module: str, *args: Any) -> Any:
