@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import add_out_argument, dir_bytes, matrix_blocks
+from .common import add_out_argument, dir_bytes, load_avg, matrix_blocks
 from .records import header, run_meta, table, write_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     build_store(store, args.rows, args.cols, args.nnz_per_row)
     store_mib = dir_bytes(store) / 2**20
     print(f"store {store}: {store_mib:.0f} MiB, {time.perf_counter() - t0:.1f} s", flush=True)
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_avg()
     runs: dict[tuple[str, int], list[dict]] = {}
     try:
         for rep in range(args.repeats):
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     batch_size=args.batch_size, epochs=args.epochs, repeats=args.repeats,
                     pinned=shutil.which("taskset") is not None, store_mib=store_mib,
                     load_before=load_before,
-                    load_after=[round(x, 2) for x in os.getloadavg()], skipped=skipped)
+                    load_after=load_avg(), skipped=skipped)
     if args.note:
         meta["note"] = args.note
     return write_records("multiworker", records, meta, args.out, markdown)

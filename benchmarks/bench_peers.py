@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import MiB, RssSampler, _version, add_out_argument, dir_bytes, rmtree
+from .common import MiB, RssSampler, _version, add_out_argument, dir_bytes, load_avg, rmtree
 
 BATCH = 1024
 N_COLS = 20_000
@@ -359,17 +359,13 @@ def _write_inputs(work: Path, n_rows: int, log: Callable[[str], None]) -> dict[s
             "chunks": store.info()["chunks"]}
 
 
-def _load_avg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def run(args: argparse.Namespace, work: Path, log: Callable[[str], None] = print
         ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     inputs = _write_inputs(work, args.rows, log)
     labels = inputs["labels"]
     n = args.rows
     peer = args.peer_python
-    facts: dict[str, Any] = {"load_avg_start": _load_avg()}
+    facts: dict[str, Any] = {"load_avg_start": load_avg()}
     names = [c for c in args.configs.split(",") if c]
     if Path(peer).exists():
         facts["peer_versions"], _, _ = _run_child(peer, "versions", work, args.random_rows,
@@ -424,7 +420,7 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None] = print
                 mix[c] = m
             log(f"  round {rep + 1} {c}: {r['rows_per_s']:,.0f} rows/s, TV {mix[c]['tv']:.3f}, "
                 f"peak RSS {r['peak_rss_mib']:.0f} MiB")
-    facts["load_avg_end"] = _load_avg()
+    facts["load_avg_end"] = load_avg()
 
     # a true permutation of all rows, cut into the same batches (the best a shuffle can do)
     from sparsestore.mixing import batch_mixing

@@ -28,7 +28,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ from .common import (
     reproduce_command,
     rmtree,
     stream,
+    write_timed,
 )
 from .records import run_meta, write_records
 
@@ -107,8 +107,6 @@ def zipf_blocks(n_rows: int, n_cols: int, nnz_per_row: int, seed: int = SEED
 def write_store(spec: StoreSpec, path: Path, **layout: Any) -> dict[str, Any]:
     """Write ``spec`` at ``path`` with its group labels (and ``layout`` options); returns
     its facts."""
-    import sparsestore
-
     y = group_labels(spec.n_rows, spec.groups)
     if spec.zipf:
         mats: Iterator[sp.csr_matrix] = zipf_blocks(spec.n_rows, spec.n_cols, spec.nnz_per_row)
@@ -122,13 +120,7 @@ def write_store(spec: StoreSpec, path: Path, **layout: Any) -> dict[str, Any]:
             yield X, {LABEL: y[start:start + X.shape[0]]}
             start += X.shape[0]
 
-    t0 = time.perf_counter()
-    store = sparsestore.write_blocks(path, blocks(), n_cols=spec.n_cols, dtype=np.float32,
-                                     overwrite=True, **layout)
-    return {"rows": store.n_rows, "cols": store.n_cols, "nnz": store.nnz,
-            "nnz_per_row": store.nnz / store.n_rows, "groups": spec.groups,
-            "write_s": time.perf_counter() - t0,
-            "chunks": {k: list(v) for k, v in store.info()["chunks"].items()}}
+    return {**write_timed(path, blocks(), spec.n_cols, **layout), "groups": spec.groups}
 
 
 # ------------------------------------------------------------------ configs
@@ -287,7 +279,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     budgets = [parse_size(b) for b in args.budgets.split(",") if b]
     command = reproduce_command("benchmarks.bench_shuffle", p, args,
                                 ("stores", "buffers", "budgets", "chunk_bytes", "repeats",
-                                 "perm_rows")) + (" --quick" if args.quick else "")
+                                 "perm_rows", "quick"))
     with tempfile.TemporaryDirectory() as tmp:
         results = run(specs, buffers, args.repeats, perm_rows, Path(tmp), budgets,
                       args.chunk_bytes)

@@ -8,21 +8,23 @@ distance between each batch's label histogram and the store's, against a seeded
 permutation's.  It also counts the chunks each unit decodes (decoded bytes per useful
 byte) and the memory a pass holds (two units: the one consumed and the one decoded ahead).
 
-Run ``python -m benchmarks.bench_shuffle_design [--out benchmarks/results]``.
+Run ``python -m benchmarks.bench_shuffle_design [--out DIR]``; writes ``shuffle_design.json``
+and ``shuffle_design.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
 from sparsestore.blocks import entry_bounds
 from sparsestore.sampler import BlockSampler, mixing_ratio
 
-MiB = 2**20
+from .common import MiB, add_out_argument, reproduce_command
+from .records import run_meta, write_records
+
 SHAPES = [(200_000, 20), (200_000, 800), (1_000_000, 20), (1_000_000, 100),
           (1_000_000, 2000), (10_000_000, 30), (10_000_000, 100)]
 CHUNKS = [4 * MiB, MiB, 256 * 1024, 128 * 1024]
@@ -101,9 +103,36 @@ def _size(b: int) -> str:
     return f"{b // MiB} MiB" if b >= MiB else f"{b // 1024} KiB"
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+FORMATS = {k: "{:.2f}" for k in ("TV x", "pred.", "decode x", "worst TV x", "worst decode x")}
+FORMATS.update({k: "{:.0f}" for k in ("blocks/unit", "memory MiB", "memory MiB (at most)")})
+
+
+def to_records(results: list[dict]) -> list[dict]:
+    """The worst case of each chunk size and budget over the shapes, then a table per shape."""
+    out = []
+    for c in CHUNKS:
+        for b in BUDGETS:
+            sub = [r for r in results if r["chunk"] == c and r["budget"] == b]
+            out.append({"group": "Summary: worst case over the shapes below", "chunk": _size(c),
+                        "budget/unit": _size(b), "worst TV x": max(r["ratio"] for r in sub),
+                        "worst decode x": max(r["decoded_per_useful"] for r in sub),
+                        "memory MiB (at most)": max(r["memory"] for r in sub) / MiB})
+    for r in results:
+        gb = r["rows"] * r["nnz_row"] * ENTRY_BYTES / 1e9
+        out.append({"group": f"{r['rows'] / 1e6:g}M rows x {r['nnz_row']} nnz/row "
+                             f"({gb:.2f} GB decoded)",
+                    "chunk": _size(r["chunk"]), "budget/unit": _size(r["budget"]),
+                    "blocks": r["blocks"], "blocks/unit": r["blocks_per_unit"],
+                    "units": r["units"], "TV x": r["ratio"], "pred.": r["predicted"],
+                    "decode x": r["decoded_per_useful"], "memory MiB": r["memory"] / MiB,
+                    "TV": r["tv"], "perm TV": r["tv_perm"]})
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_shuffle_design",
+                                 description=__doc__.splitlines()[0])
+    add_out_argument(ap)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--groups", type=int, default=50)
     ap.add_argument("--batches", type=int, default=100, help="batches measured per case")
@@ -113,50 +142,21 @@ def main(argv: list[str] | None = None) -> None:
         measure(n, k, c, b, batch=args.batch, groups=args.groups, n_batches=args.batches)
         for n, k in SHAPES for c in CHUNKS for b in BUDGETS
     ]
-    lines = [
-        "# Shuffle design: chunk size x buffer budget -> batch label quality",
-        "",
-        f"Index math only (`python -m benchmarks.bench_shuffle_design`, "
-        f"{time.perf_counter() - t0:.0f} s): rows sorted into {args.groups} equal label groups, "
-        f"batch {args.batch}, float32 values + int32 indices, one data chunk per block, the "
-        "first units of epoch 0 on one rank. `TV x` is the mean batch TV over a seeded "
-        f"permutation's (first {args.batches} batches; within 1.25x reads as 'like a "
-        "permutation'); `pred.` is `sampler.mixing_ratio` of the median blocks per unit "
-        "(what the loader's warning uses). `decode x`: chunks decoded per pass over chunks "
-        "in the store. `memory`: two units (consumed + decoded ahead; one when the share is one "
-        "unit) plus the chunk caches (6 data+indices chunks).",
-        "",
-    ]
-    lines += ["## Summary: worst case over the shapes above", "",
-              "| chunk | budget/unit | worst TV x | worst decode x | memory (at most) |",
-              "|---|---|---|---|---|"]
-    for c in CHUNKS:
-        for b in BUDGETS:
-            sub = [r for r in results if r["chunk"] == c and r["budget"] == b]
-            lines.append(
-                f"| {_size(c)} | {_size(b)} | {max(r['ratio'] for r in sub):.2f} | "
-                f"{max(r['decoded_per_useful'] for r in sub):.2f} | "
-                f"{max(r['memory'] for r in sub) / MiB:.0f} MiB |"
-            )
-    lines.append("")
-    for n, k in SHAPES:
-        sub = [r for r in results if r["rows"] == n and r["nnz_row"] == k]
-        gb = n * k * ENTRY_BYTES / 1e9
-        lines += [f"## {n / 1e6:g}M rows x {k} nnz/row ({gb:.2f} GB decoded)", "",
-                  "| chunk | budget/unit | blocks | blocks/unit | units | TV x | pred. | "
-                  "decode x | memory |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in sub:
-            lines.append(
-                f"| {_size(r['chunk'])} | {_size(r['budget'])} | {r['blocks']} | "
-                f"{r['blocks_per_unit']:.0f} | {r['units']} | {r['ratio']:.2f} | "
-                f"{r['predicted']:.2f} | {r['decoded_per_useful']:.2f} | "
-                f"{r['memory'] / MiB:.0f} MiB |"
-            )
-        lines.append("")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "shuffle_design.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    note = (f"Index math only ({time.perf_counter() - t0:.0f} s): rows sorted into "
+            f"{args.groups} equal label groups, batch {args.batch}, float32 values + int32 "
+            "indices, one data chunk per block, the first units of epoch 0 on one rank. `TV x` "
+            f"is the mean batch TV over a seeded permutation's (first {args.batches} batches; "
+            "within 1.25x reads as 'like a permutation'); `pred.` is `sampler.mixing_ratio` of "
+            "the median blocks per unit (what the loader's warning uses). `decode x`: chunks "
+            "decoded per pass over chunks in the store. `memory`: two units (consumed + decoded "
+            "ahead; one when the share is one unit) plus the chunk caches (6 data+indices "
+            "chunks).")
+    meta = run_meta(reproduce_command("benchmarks.bench_shuffle_design", ap, args,
+                                      ("batch", "groups", "batches")),
+                    title="Shuffle design: chunk size x buffer budget -> batch label quality",
+                    note=note, formats=FORMATS, batch_size=args.batch, groups=args.groups,
+                    batches=args.batches)
+    return write_records("shuffle_design", to_records(results), meta, args.out)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,7 +57,8 @@ import scipy.sparse as sp
 
 from sparsestore.cli import parse_size
 
-from .common import SEED, add_out_argument, machine_info, reproduce_command, save_results
+from .common import SEED, add_out_argument, child, csr_from_keys, reproduce_command, write_timed
+from .records import run_meta, write_records
 
 LABEL = "y"
 BATCH = 256
@@ -109,14 +109,8 @@ def sorted_blocks(spec: Spec) -> Iterator[tuple[sp.csr_matrix, dict[str, np.ndar
         cols = rng.integers(0, spec.n_cols, rid.size)
         pick = rng.integers(0, spec.class_cols, int(from_class.sum()))
         cols[from_class] = prefs[yb[rid[from_class]], pick]
-        keys = np.unique(rid * spec.n_cols + cols)
-        r, c = np.divmod(keys, spec.n_cols)
-        indptr = np.zeros(rows + 1, dtype=np.int64)
-        np.cumsum(np.bincount(r, minlength=rows), out=indptr[1:])
-        values = (1 + rng.geometric(0.5, keys.size)).astype(np.float32)
-        X = sp.csr_matrix((values, c.astype(np.int32), indptr), shape=(rows, spec.n_cols))
-        X.has_canonical_format = True
-        yield X, {LABEL: yb}
+        yield csr_from_keys(np.unique(rid * spec.n_cols + cols), rows, spec.n_cols, rng), \
+            {LABEL: yb}
 
 
 def split(n_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,16 +123,9 @@ def split(n_rows: int) -> tuple[np.ndarray, np.ndarray]:
 
 def write_store(spec: Spec, path: Path) -> dict[str, Any]:
     """Write the store at ``path``; returns its facts."""
-    import sparsestore
-
     layout = {} if spec.chunk_bytes is None else {"chunk_bytes": spec.chunk_bytes}
-    t0 = time.perf_counter()
-    store = sparsestore.write_blocks(path, sorted_blocks(spec), n_cols=spec.n_cols,
-                                     dtype=np.float32, overwrite=True, **layout)
-    return {"rows": store.n_rows, "cols": store.n_cols, "nnz": store.nnz,
-            "nnz_per_row": store.nnz / store.n_rows, "classes": spec.classes,
-            "class_rows": class_sizes(spec).tolist(), "write_s": time.perf_counter() - t0,
-            "chunks": {k: list(v) for k, v in store.info()["chunks"].items()}}
+    return {**write_timed(path, sorted_blocks(spec), spec.n_cols, **layout),
+            "classes": spec.classes, "class_rows": class_sizes(spec).tolist()}
 
 
 # ------------------------------------------------------------------ configs
@@ -279,15 +266,6 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_child(job: dict[str, Any]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.bench_shuffle_keras", "--child", json.dumps(job)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                          cwd=Path(__file__).resolve().parent.parent)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 # ------------------------------------------------------------------ the run
 
 
@@ -305,7 +283,7 @@ def run(spec: Spec, cfgs: list[dict[str, Any]], epochs: int, repeats: int, work:
         for c, rec in zip(cfgs, recs, strict=True):
             job = {"path": str(path), "config": c, "seed": SEED + r, "epochs": epochs,
                    "rows": spec.n_rows, "cols": spec.n_cols, "classes": spec.classes}
-            res = run_child(job)
+            res = child("bench_shuffle_keras", "--child", json.dumps(job))
             rec["runs"].append(res)
             print(f"  run {r + 1} {c['name']}: accuracy "
                   f"{', '.join(f'{a:.4f}' for a in res['accuracy'])}, epoch s "
@@ -336,62 +314,72 @@ def verdict(recs: list[dict[str, Any]]) -> dict[str, Any]:
             "met": all(g >= -TARGET for g in gaps)}
 
 
-def markdown(record: dict[str, Any]) -> str:
-    m, f, s = record["machine"], record["store"], record["spec"]
-    epochs = record["epochs"]
-    v = record["verdict"]
-    lines = [
-        "# Training on a label-sorted store: loader shuffles against a full in-memory shuffle",
-        "",
-        f"Reproduce: `{record['command']}`",
-        "",
-        f"{m['cpu']}, {m['cores']} usable cores, commit {m['commit']}, TensorFlow "
-        f"{m['versions'].get('tensorflow-cpu')}, Keras {m['versions'].get('keras')}.  Load "
-        f"average when the run began: {', '.join(str(x) for x in m['load_avg'])} (a box shared "
-        "with other work: times are noisy, accuracy and TV are not).",
-        "",
+TITLE = "Training on a label-sorted store: loader shuffles against a full in-memory shuffle"
+FORMATS = {"TV": "{:.3f}", "x perm": "{:.2f}", "labels/batch": "{:.1f}", "accuracy": "{:.4f}",
+           "accuracy min": "{:.4f}", "accuracy max": "{:.4f}", "1st epoch s": "{:.2f}",
+           "mean epoch s": "{:.2f}", "epoch s": "{:.2f}", "load s": "{:.1f}", "seed": "{}"}
+
+
+def note(meta: dict[str, Any]) -> str:
+    """What the page's table shows and how it was made, from the run's facts in ``meta``."""
+    m, f, s = meta["machine"], meta["store"], meta["spec"]
+    return (
+        f"TensorFlow {m['versions'].get('tensorflow-cpu')}, Keras {m['versions'].get('keras')}"
+        f".  Load average when the run began: {', '.join(str(x) for x in m['load_avg'])} (a "
+        "box shared with other work: times are noisy, accuracy and TV are not).\n\n"
         f"Store: {f['rows']:,} x {f['cols']:,}, {f['nnz_per_row']:.1f} nnz/row, float32, "
         f"{f['classes']} classes stored one after another ({min(f['class_rows']):,} to "
         f"{max(f['class_rows']):,} rows each); {s['signal']:.0%} of a row's entries come "
         f"from its class's {s['class_cols']} preferred columns.  "
         f"Chunks: {f['chunks']}.  A random {TEST_FRACTION:.0%} of the rows is held out "
         "(`rows=`); training rows are in storage order.  Model: one softmax `Dense` on "
-        f"`keras.Input(sparse=True)`, Adam 1e-3, batch {BATCH}, {epochs} epochs; "
-        f"{record['repeats']} runs per config (seeds {SEED}+run, each a fresh process, "
-        "configs interleaved): accuracy is the median held-out accuracy after each epoch "
-        "(min-max in brackets), epoch time the median over runs of Keras's mean `fit` epoch "
-        "(evaluation excluded; the first epoch's apart: it decodes a shuffle's first unit "
+        f"`keras.Input(sparse=True)`, Adam 1e-3, batch {meta['batch_size']}, {meta['epochs']} "
+        f"epochs; {meta['repeats']} runs per config (seeds {SEED}+run, each a fresh process, "
+        "configs interleaved): `accuracy` is the median held-out accuracy after each epoch "
+        "(`min`, `max`: over the runs), epoch time the median over runs of Keras's mean `fit` "
+        "epoch (evaluation excluded; the first epoch's apart: it decodes a shuffle's first unit "
         "before its first batch).  TV: mean total-variation distance between each batch's "
         "label histogram and all training rows' over the epochs (a true permutation's: "
-        f"{record['tv_permutation']:.3f}; storage order's: {record['tv_sequential']:.3f}); "
-        "units: how many parts a shuffled epoch is cut into (1: a true permutation; "
-        "\"warns\": the loader raises its poor-mixing `ShuffleQualityWarning`).",
-        "",
-        "| order | units | TV | x perm | labels/batch | "
-        + " | ".join(f"accuracy after {e + 1}" for e in range(epochs))
-        + " | 1st epoch s | mean epoch s |",
-        "|---|---|---|---|---|" + "---|" * epochs + "---|---|",
-    ]
-    for r in record["results"]:
-        units = "-" if r.get("n_units") is None else str(r["n_units"])
-        if r.get("warned"):
-            units += " (warns)"
-        ratio = r["tv"] / record["tv_permutation"]
-        accs = " | ".join(f"{a:.4f} ({lo:.4f}-{hi:.4f})" for a, (lo, hi)
-                          in zip(r["accuracy"], r["accuracy_range"], strict=True))
-        lines.append(f"| {r['config']} | {units} | {r['tv']:.3f} | {ratio:.2f} | "
-                     f"{r['distinct']:.1f} | {accs} | {r['first_epoch_s']:.2f} | "
-                     f"{r['epoch_s']:.2f} |")
-    idiom = next((r for r in record["results"] if r["idiom"]), None)
-    if idiom is not None:
-        lines += ["", f"The idiom's loading (store to one `SparseTensor`, outside the epochs): "
-                  f"{idiom['load_s']:.1f} s."]
-    if v:
-        lines += ["", f"Target: default shuffle's held-out accuracy within {v['target']} of the "
-                  f"in-memory fully shuffled idiom's: {'met' if v['met'] else 'NOT met'} "
-                  f"(default minus idiom: {v['gap_first_epoch']:+.4f} after 1 epoch, "
-                  f"{v['gap_last_epoch']:+.4f} after {epochs})."]
-    return "\n".join(lines) + "\n"
+        f"{meta['tv_permutation']:.3f}; storage order's: {meta['tv_sequential']:.3f}); "
+        "units: how many parts a shuffled epoch is cut into (1: a true permutation); `warns`: "
+        "the loader raises its poor-mixing `ShuffleQualityWarning`.  `runs`: each run's "
+        "figures.")
+
+
+def footer(meta: dict[str, Any], recs: list[dict[str, Any]]) -> str:
+    """The idiom's loading time and the verdict against the target."""
+    lines = [f"The idiom's loading (store to one `SparseTensor`, outside the epochs): "
+             f"{r['load_s']:.1f} s." for r in recs if r["idiom"]]
+    if v := meta["verdict"]:
+        lines.append(f"Target: default shuffle's held-out accuracy within {v['target']} of the "
+                     f"in-memory fully shuffled idiom's: {'met' if v['met'] else 'NOT met'} "
+                     f"(default minus idiom: {v['gap_first_epoch']:+.4f} after 1 epoch, "
+                     f"{v['gap_last_epoch']:+.4f} after {meta['epochs']}).")
+    return "\n\n".join(lines)
+
+
+def to_records(recs: list[dict[str, Any]], tv_perm: float) -> list[dict[str, Any]]:
+    """A row per order (medians over the runs), then a row per run."""
+    out = [{"order": r["config"], "units": r.get("n_units"), "warns": r.get("warned"),
+            "blocks": r.get("n_blocks"), "TV": r["tv"], "x perm": r["tv"] / tv_perm,
+            "labels/batch": r["distinct"], "accuracy": r["accuracy"],
+            "accuracy min": [lo for lo, _ in r["accuracy_range"]],
+            "accuracy max": [hi for _, hi in r["accuracy_range"]],
+            "1st epoch s": r["first_epoch_s"], "mean epoch s": r["epoch_s"]} for r in recs]
+    return out + [{"group": "runs", "order": r["config"], "seed": x["seed"],
+                   "accuracy": x["accuracy"], "epoch s": x["epoch_s"], "TV": x.get("tv"),
+                   "labels/batch": x.get("distinct"), "load s": x.get("load_s")}
+                  for r in recs for x in r["runs"]]
+
+
+def to_doc_parts(recs: list[dict[str, Any]], meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Fill ``meta``'s page text and figures from the configs' results; returns the records."""
+    ref = next((r for r in recs if not r["idiom"]), None)
+    meta["tv_permutation"] = ref["tv_permutation"] if ref else float("nan")
+    meta["tv_sequential"] = ref["tv_sequential"] if ref else float("nan")
+    meta["verdict"] = verdict(recs)
+    meta.update(title=TITLE, note=note(meta), footer=footer(meta, recs), formats=FORMATS)
+    return to_records(recs, meta["tv_permutation"])
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -427,25 +415,17 @@ def main(argv: list[str]) -> dict[str, Any]:
     words = [w for w in args.configs.split(",") if w]
     if words:
         cfgs = [c for c in cfgs if any(w in c["name"] for w in words)]
-    record: dict[str, Any] = {
-        "command": reproduce_command("benchmarks.bench_shuffle_keras", p, args,
-                                     ("rows", "epochs", "repeats", "budgets", "buffers",
-                                      "configs", "chunk_bytes"))
-        + (" --quick" if args.quick else ""),
-        "machine": machine_info(), "quick": args.quick, "epochs": args.epochs,
-        "repeats": args.repeats, "batch_size": BATCH, "spec": asdict(spec),
-    }
+    meta = run_meta(reproduce_command("benchmarks.bench_shuffle_keras", p, args,
+                                      ("rows", "epochs", "repeats", "budgets", "buffers",
+                                       "configs", "chunk_bytes", "quick")),
+                    quick=args.quick, epochs=args.epochs, repeats=args.repeats,
+                    batch_size=BATCH, spec=asdict(spec))
     with tempfile.TemporaryDirectory() as tmp:
-        facts, recs = run(spec, cfgs, args.epochs, args.repeats, Path(tmp))
-    record["store"], record["results"] = facts, recs
-    ref = next((r for r in recs if not r["idiom"]), None)
-    record["tv_permutation"] = ref["tv_permutation"] if ref else float("nan")
-    record["tv_sequential"] = ref["tv_sequential"] if ref else float("nan")
-    record["verdict"] = verdict(recs)
+        meta["store"], recs = run(spec, cfgs, args.epochs, args.repeats, Path(tmp))
+    records = to_doc_parts(recs, meta)
     stem = "shuffle_keras" if args.chunk_bytes is None else \
         f"shuffle_keras_chunk{args.chunk_bytes >> 10}k"
-    save_results(record, markdown(record), args.out, stem)
-    return record
+    return write_records(stem, records, meta, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from .bench_shuffle import BATCH_SIZE, STORES, StoreSpec, write_store
-from .common import machine_info, reproduce_command, save_results
+from .common import add_out_argument, reproduce_command
+from .records import run_meta, write_records
 
 LAYOUTS = {"4 MiB chunks (default)": {},
            "1 MiB chunks, 16 MiB shards": {"chunk_bytes": 2**20, "shard_bytes": 16 * 2**20},
@@ -51,28 +52,15 @@ def measure(path: Path, worlds: list[int]) -> list[dict[str, Any]]:
                 loader = sparsestore.DataLoader(store, BATCH_SIZE, shuffle=True, seed=0,
                                                 rank=r, world_size=w)
                 m = mix(loader.epoch_rows(0))
-            out.append({"world_size": w, "rank": r, "tv_vs_store": m.tv,
-                        "tv_permutation": perm_tv, "ratio": m.tv / perm_tv,
-                        "labels_per_batch": m.distinct})
+            out.append({"world": w, "rank": r, "TV": m.tv, "x perm": m.tv / perm_tv,
+                        "labels/batch": m.distinct, "perm TV": perm_tv})
     return out
 
 
-def markdown(record: dict[str, Any]) -> str:
-    lines = [
-        "# Per-rank shuffle quality", "",
-        f"Reproduce: `{record['command']}`", "",
-        "Mean batch label TV of each rank's batches against the whole store's label "
-        "histogram, over a true permutation's; default `shuffle=True` (byte budget), batch "
-        f"{BATCH_SIZE}, epoch 0.  Index math only.", "",
-        "| store | layout | world | rank | TV | x perm | labels/batch |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for rec in record["results"]:
-        for r in rec["ranks"]:
-            lines.append(f"| {rec['store']} | {rec['layout']} | {r['world_size']} | "
-                         f"{r['rank']} | {r['tv_vs_store']:.3f} | {r['ratio']:.2f} | "
-                         f"{r['labels_per_batch']:.1f} |")
-    return "\n".join(lines) + "\n"
+NOTE = ("Mean batch label TV of each rank's batches against the whole store's label "
+        "histogram, over a true permutation's (`perm TV`); default `shuffle=True` (byte "
+        f"budget), batch {BATCH_SIZE}, epoch 0.  Index math only.")
+FORMATS = {"TV": "{:.3f}", "x perm": "{:.2f}", "perm TV": "{:.3f}", "labels/batch": "{:.1f}"}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -80,27 +68,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a tenth of the rows")
     p.add_argument("--worlds", default="1,2,3", help="world sizes to score")
-    p.add_argument("--out", default=str(Path(__file__).parent / "out"),
-                   help="results folder (benchmarks/results to replace the committed ones)")
+    add_out_argument(p)
     args = p.parse_args(argv)
     base = next(s for s in STORES if s.name == "tall")
     div = 10 if args.quick else 1
     spec = StoreSpec(base.name, base.n_rows // div, base.n_cols, base.nnz_per_row,
                      base.groups, base.zipf)
     worlds = [int(w) for w in args.worlds.split(",") if w]
-    record: dict[str, Any] = {
-        "command": reproduce_command("benchmarks.bench_shuffle_ranks", p, args, ("worlds",))
-        + (" --quick" if args.quick else ""),
-        "machine": machine_info(), "results": [],
-    }
+    records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, layout in LAYOUTS.items():
-            path = Path(tmp) / f"{len(record['results'])}.zarr"
-            facts = write_store(spec, path, **layout)
-            record["results"].append({"store": f"{spec.name} ({facts['rows']:,} rows)",
-                                      "layout": name, "ranks": measure(path, worlds)})
-    save_results(record, markdown(record), args.out, "shuffle_ranks")
-    return record
+        for i, (name, layout) in enumerate(LAYOUTS.items()):
+            facts = write_store(spec, Path(tmp) / f"{i}.zarr", **layout)
+            records += [{"store": f"{spec.name} ({facts['rows']:,} rows)", "layout": name, **r}
+                        for r in measure(Path(tmp) / f"{i}.zarr", worlds)]
+    meta = run_meta(reproduce_command("benchmarks.bench_shuffle_ranks", p, args,
+                                      ("worlds", "quick")),
+                    title="Per-rank shuffle quality", note=NOTE, formats=FORMATS,
+                    quick=args.quick, batch_size=BATCH_SIZE)
+    return write_records("shuffle_ranks", records, meta, args.out)
 
 
 if __name__ == "__main__":

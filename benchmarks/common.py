@@ -184,6 +184,20 @@ def store_with_matrix(
     return store, X, y
 
 
+def write_timed(path: str | Path, blocks: Iterable[Any], n_cols: int, **layout: Any
+                ) -> dict[str, Any]:
+    """Write a float32 store of ``blocks`` (with ``layout`` options) at ``path``; returns its
+    facts: shape, nnz, write time and chunks."""
+    import sparsestore
+
+    t0 = time.perf_counter()
+    store = sparsestore.write_blocks(path, blocks, n_cols=n_cols, dtype=np.float32,
+                                     overwrite=True, **layout)
+    return {"rows": store.n_rows, "cols": store.n_cols, "nnz": store.nnz,
+            "nnz_per_row": store.nnz / store.n_rows, "write_s": time.perf_counter() - t0,
+            "chunks": {k: list(v) for k, v in store.info()["chunks"].items()}}
+
+
 def idiom_dataset(tf: Any, st: Any, y: Any = None, batch_size: int = BATCH_SIZE) -> Any:
     """The in-memory TensorFlow idiom the ratios compare against: the whole matrix as one
     ``SparseTensor`` ``st`` (with labels ``y``), ``from_tensor_slices(...).batch``."""
@@ -391,8 +405,13 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "commit": commit,
         "versions": {p: _version(p) for p in pkgs},
-        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        "load_avg": load_avg(),
     }
+
+
+def load_avg() -> list[float]:
+    """The 1, 5 and 15 minute load averages, rounded (a shared box's noise, for the record)."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def child(module: str, *args: Any) -> Any:
@@ -412,9 +431,11 @@ def dump_json(obj: Any, path: str | Path) -> None:
 
 def reproduce_command(module: str, parser: Any, args: Any, options: Iterable[str]) -> str:
     """``python -m module`` with each of ``options`` (argparse ``dest`` names) that differs
-    from ``parser``'s default, so a result file says exactly how it was made."""
-    given = [f"--{name} {getattr(args, name)}" for name in options
-             if getattr(args, name) != parser.get_default(name)]
+    from ``parser``'s default (a flag alone when it is ``True``), so a result file says
+    exactly how it was made."""
+    given = [f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
+             for name in options
+             if (value := getattr(args, name)) != parser.get_default(name)]
     return " ".join([f"python -m {module}", *given])
 
 
@@ -453,13 +474,3 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def save_results(record: dict[str, Any], md: str, out: str | Path, stem: str) -> None:
-    """Write ``record`` as ``<stem>.json`` and ``md`` as ``<stem>.md`` into ``out``, and print
-    the markdown (the benchmarks whose pages are not on :mod:`benchmarks.records`' schema)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_json(record, out / f"{stem}.json")
-    (out / f"{stem}.md").write_text(md)
-    print(md)

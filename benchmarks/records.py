@@ -10,6 +10,8 @@ every table from the json alone.
 
 A record is one flat dict (values are numbers, strings, booleans or lists of them); records
 with the same ``group`` form one table, its columns the keys in order of first appearance.
+``meta`` may name a ``title``, a ``note`` (before the tables), a ``footer`` (after them) and
+``formats``: column -> format spec of its numbers (else :func:`fmt`'s).
 """
 
 from __future__ import annotations
@@ -56,8 +58,11 @@ def is_records(doc: Any) -> bool:
     return isinstance(doc, dict) and {"benchmark", "meta", "records"} <= set(doc)
 
 
-def fmt(x: Any) -> str:
-    """A table cell: thousands separators, 3 significant decimals for small floats."""
+def fmt(x: Any, spec: str | None = None) -> str:
+    """A table cell: thousands separators, 3 significant decimals for small floats (a number
+    by ``spec``, e.g. ``"{:.2f}"``, where given)."""
+    if spec and isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x):
+        return spec.format(x)
     if isinstance(x, bool) or x is None:
         return "-" if x is None else ("yes" if x else "no")
     if isinstance(x, float):
@@ -67,16 +72,18 @@ def fmt(x: Any) -> str:
     if isinstance(x, int):
         return f"{x:,}"
     if isinstance(x, list):
-        return " ".join(fmt(v) for v in x)
+        return " ".join(fmt(v, spec) for v in x)
     return str(x)
 
 
-def table(rows: list[dict[str, Any]], skip: tuple[str, ...] = ("group",)) -> list[str]:
+def table(rows: list[dict[str, Any]], skip: tuple[str, ...] = ("group",),
+          formats: dict[str, str] | None = None) -> list[str]:
+    formats = formats or {}
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols and k not in skip]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    out += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    out += ["| " + " | ".join(fmt(r.get(c), formats.get(c)) for c in cols) + " |" for r in rows]
     return out + [""]
 
 
@@ -103,7 +110,9 @@ def to_markdown(doc: dict[str, Any]) -> str:
     for g, rows in groups.items():
         if g:
             lines += [f"## {g}", ""]
-        lines += table(rows)
+        lines += table(rows, formats=doc["meta"].get("formats"))
+    if doc["meta"].get("footer"):
+        lines += [doc["meta"]["footer"], ""]
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import MiB
+from .records import table
 
 TARGETS_DOC = {
     "read": "full read of the store >= 5x faster than load_npz of the compressed npz",
@@ -205,9 +206,7 @@ def targets_table(doc: dict[str, Any], folder: Path | None) -> list[str]:
 
 
 def _table(header: list[str], body: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(row) + " |" for row in body]
-    return out + [""]
+    return table([dict(zip(header, row, strict=True)) for row in body])
 
 
 def as_run(doc: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from .common import (
     Ctx,
     add_out_argument,
     dump_json,
+    load_avg,
     machine_info,
     make_matrix,
     matrix_blocks,
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "meta": ctx.meta,
         "isolated": bool(args.isolate),
         "machine": machine,
-        "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+        "load_avg_end": load_avg(),
         "results": results,
         "notes": [],
     }

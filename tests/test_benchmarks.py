@@ -209,37 +209,42 @@ def test_shuffle_keras_bench_trains_each_order_quick(tmp_path: Path) -> None:
     the idiom's full shuffle, storage order does not, and the report states the target."""
     pytest.importorskip("tensorflow")
     from benchmarks import bench_shuffle_keras
+    from benchmarks.report import page
 
-    record = bench_shuffle_keras.main(["--quick", "--repeats", "1", "--epochs", "2",
-                                       "--configs", "sequential,default,idiom",
-                                       "--out", str(tmp_path)])
-    by = {r["config"]: r for r in record["results"]}
+    doc = bench_shuffle_keras.main(["--quick", "--repeats", "1", "--epochs", "2",
+                                    "--configs", "sequential,default,idiom",
+                                    "--out", str(tmp_path)])
+    by = {r["order"]: r for r in doc["records"] if "group" not in r}
     assert set(by) == {"sequential", "shuffle (default)", "in-memory idiom (tf.data shuffle)"}
     for r in by.values():
         assert len(r["accuracy"]) == 2 and all(0 < a <= 1 for a in r["accuracy"])
-        assert r["epoch_s"] > 0 and r["first_epoch_s"] > 0
-    perm = record["tv_permutation"]
-    assert by["shuffle (default)"]["n_units"] == 1
-    assert by["shuffle (default)"]["tv"] < 1.1 * perm
-    assert by["in-memory idiom (tf.data shuffle)"]["tv"] < 1.1 * perm
-    assert by["sequential"]["tv"] > 5 * perm
-    assert set(record["verdict"]) >= {"gap_first_epoch", "gap_last_epoch", "met"}
+        assert r["mean epoch s"] > 0 and r["1st epoch s"] > 0
+    assert len([r for r in doc["records"] if r.get("group") == "runs"]) == 3
+    meta = doc["meta"]
+    perm = meta["tv_permutation"]
+    assert by["shuffle (default)"]["units"] == 1
+    assert by["shuffle (default)"]["TV"] < 1.1 * perm
+    assert by["in-memory idiom (tf.data shuffle)"]["TV"] < 1.1 * perm
+    assert by["sequential"]["TV"] > 5 * perm
+    assert set(meta["verdict"]) >= {"gap_first_epoch", "gap_last_epoch", "met"}
     md = (tmp_path / "shuffle_keras.md").read_text()
-    assert "| shuffle (default) | 1 |" in md and "Target:" in md
-    assert json.loads((tmp_path / "shuffle_keras.json").read_text())["quick"] is True
+    assert "| shuffle (default) | 1 | no |" in md and "Target:" in md
+    assert page(tmp_path / "shuffle_keras.json") == md
+    assert json.loads((tmp_path / "shuffle_keras.json").read_text())["meta"]["quick"] is True
 
 
 def test_shuffle_ranks_bench_scores_each_rank_against_the_store(tmp_path: Path) -> None:
     """Its TV is a batch's distance to the whole store's labels: one rank of a store that
     fits the shuffle budget mixes like a permutation; with ranks it is scored per rank."""
     from benchmarks import bench_shuffle_ranks as bsr
+    from benchmarks.report import page
 
-    record = bsr.main(["--quick", "--worlds", "1,2", "--out", str(tmp_path)])
-    assert (tmp_path / "shuffle_ranks.json").exists() and (tmp_path / "shuffle_ranks.md").exists()
-    for rec in record["results"]:
-        ranks = {(r["world_size"], r["rank"]): r for r in rec["ranks"]}
+    doc = bsr.main(["--quick", "--worlds", "1,2", "--out", str(tmp_path)])
+    assert page(tmp_path / "shuffle_ranks.json") == (tmp_path / "shuffle_ranks.md").read_text()
+    for layout in bsr.LAYOUTS:
+        ranks = {(r["world"], r["rank"]): r for r in doc["records"] if r["layout"] == layout}
         assert set(ranks) == {(1, 0), (2, 0), (2, 1)}
-        assert ranks[1, 0]["ratio"] < 1.2
+        assert ranks[1, 0]["x perm"] < 1.2
 
 
 def test_one_entry_point_lists_and_dispatches(capsys: pytest.CaptureFixture) -> None:
