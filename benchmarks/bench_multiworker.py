@@ -86,8 +86,9 @@ def commands(fw: str, n: int, store: Path, out: Path, args: argparse.Namespace
              ) -> list[tuple[list[str], dict[str, str]]]:
     """One ``(argv, env)`` per process of framework ``fw`` with ``n`` processes, each
     pinned to its own core when ``taskset`` is there."""
-    common = ["--store", str(store), "--out", str(out), "--batch-size", str(args.batch_size),
-              "--epochs", str(args.epochs), "--lr", "0.1"]
+    common = ["--store", str(store), "--out", str(out), "--batch-size", str(args.batch),
+              "--epochs", str(args.epochs), "--lr", "0.1",
+              *(["--memory-input"] if args.input == "memory" else [])]
     pin = shutil.which("taskset")
     port = free_port()
     cluster = [f"127.0.0.1:{free_port()}" for _ in range(n)]
@@ -169,7 +170,8 @@ def markdown(doc: dict[str, Any]) -> str:
     m = doc["meta"]
     lines = header(doc, "Multi-process training: 1 vs 2 processes, one core each")
     lines += [f"Store: {m['rows']:,} x {m['cols']:,} float32, ~{m['nnz_per_row']} nnz/row "
-              f"({m['store_mib']:.0f} MiB on disk); per-process batch {m['batch_size']}, "
+              f"({m['store_mib']:.0f} MiB on disk); per-process batch {m['batch_size']} "
+              "(each a table), "
               f"{m['epochs']} epochs of which the first is warm-up (not timed); medians of "
               f"{m['repeats']} interleaved rounds; pinned with taskset: {m['pinned']}.  "
               f"Load average before {m['load_before']}, after {m['load_after']}.", ""]
@@ -182,7 +184,11 @@ def markdown(doc: dict[str, Any]) -> str:
               "batch.  `data chunks per rank`: chunks of the `data` array each rank decoded in "
               "one epoch, and `share`: each rank's chunks over the 1-process run's (a rank "
               "reading half the store: 0.5; a chunk across the boundary between two ranks' "
-              "rows is decoded by both, which shows on a store of few chunks).", ""]
+              "rows is decoded by both, which shows on a store of few chunks).  `input`: "
+              "`store`, batches read through the loader; `memory`, the first 4 batches served "
+              "again and again from memory (`--memory-input` of the examples), so the "
+              "speed-up there is what the framework's step and collectives allow on these "
+              "cores with no loader at all.", ""]
     lines += [f"Target: >= {TARGET}x rows/s from 1 to 2 processes.", ""]
     lines += [f"- {v}" for v in verdict(doc["records"])]
     if m.get("skipped"):
@@ -191,24 +197,35 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def verdict(records: list[dict[str, Any]]) -> list[str]:
-    """Per framework: the speed-up against the target, and what grew in a step from 1 to 2
-    processes: the wait for the batch (the loader) or the rest (model, gradient exchange)."""
-    by = {(r["framework"], r["processes"]): r for r in records}
+    """Per batch size and framework: the speed-up from the store against the target, what
+    grew in a step from 1 to 2 processes (the wait for the batch, or the rest: model,
+    gradient exchange), and the speed-up the same training reaches with its batches from
+    memory: the ceiling the framework sets on these cores, without the loader."""
+    by = {(r.get("group", ""), r["framework"], r.get("input", "store"), r["processes"]): r
+          for r in records}
     out = []
-    for fw in dict.fromkeys(r["framework"] for r in records):
-        one, two = by[fw, 1], by[fw, 2]
+    for g, fw in dict.fromkeys((r.get("group", ""), r["framework"]) for r in records):
+        if (g, fw, "store", 2) not in by:
+            continue
+        one, two = by[g, fw, "store", 1], by[g, fw, "store", 2]
         d_step = two["ms/step"] - one["ms/step"]
         d_input = two["input ms/step"] - one["input ms/step"]
-        line = (f"{fw}: {two['speed-up']:.2f}x from 1 to 2 processes, target {TARGET}x "
-                f"{'met' if two['speed-up'] >= TARGET else 'NOT met'}; a step of the same "
-                f"per-process batch took {one['ms/step']:.1f} -> {two['ms/step']:.1f} ms, the "
-                f"wait for the batch {one['input ms/step']:.1f} -> "
-                f"{two['input ms/step']:.1f} ms")
+        line = (f"{g + ', ' if g else ''}{fw}: {two['speed-up']:.2f}x from 1 to 2 processes, "
+                f"target {TARGET}x {'met' if two['speed-up'] >= TARGET else 'NOT met'}; a "
+                f"step of the same per-process batch took {one['ms/step']:.1f} -> "
+                f"{two['ms/step']:.1f} ms, the wait for the batch {one['input ms/step']:.1f} "
+                f"-> {two['input ms/step']:.1f} ms")
         if d_step > 0.1 * one["ms/step"]:
             line += (": the growth is mostly the wait for the batch (the input pipeline and "
                      "whatever shares its core)" if d_input > d_step / 2
                      else ": the growth is outside the loader (the model step, the gradient "
                      "exchange between the processes, CPU contention)")
+        mem = by.get((g, fw, "memory", 2))
+        if mem is not None:
+            bound = mem["speed-up"]
+            line += (f".  With its batches from memory the same training reaches {bound:.2f}x"
+                     + (": the loader is not what holds it back" if two["speed-up"]
+                        >= 0.9 * bound else ": the loader costs the difference"))
         out.append(line)
     return out
 
@@ -219,7 +236,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--cols", type=int, default=30_000)
     ap.add_argument("--nnz-per-row", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=1024, help="per process")
+    ap.add_argument("--batch-size", default="1024",
+                    help="per process; several, comma-separated, each its own table")
+    ap.add_argument("--inputs", default="store,memory",
+                    help="store: batches from the store through the loader; memory: the "
+                    "first batches again and again from memory (the framework's ceiling)")
     ap.add_argument("--epochs", type=int, default=3, help="per launch; the first is warm-up")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved 1/2-process rounds")
     ap.add_argument("--frameworks", default="torch,tf,jax")
@@ -230,6 +251,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_out_argument(ap)
     args = ap.parse_args(argv)
     args.cores = [int(c) for c in args.cores.split(",")]
+    sizes = [int(b) for b in str(args.batch_size).split(",")]
+    inputs = [i for i in args.inputs.split(",") if i]
+    if set(inputs) - {"store", "memory"}:
+        ap.error("--inputs takes store and/or memory")
     if args.epochs < 2:
         ap.error("--epochs must be >= 2 (the first is not timed)")
     fws = [f for f in args.frameworks.split(",")
@@ -246,44 +271,48 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     store_mib = dir_bytes(store) / 2**20
     print(f"store {store}: {store_mib:.0f} MiB, {time.perf_counter() - t0:.1f} s", flush=True)
     load_before = load_avg()
-    runs: dict[tuple[str, int], list[dict]] = {}
+    runs: dict[tuple[int, str, str, int], list[dict]] = {}
+    cases = [(b, fw, i) for b in sizes for fw in fws for i in inputs]
     try:
         for rep in range(args.repeats):
-            for fw in fws:
+            for args.batch, fw, args.input in cases:
                 for n in ((1, 2) if rep % 2 == 0 else (2, 1)):
                     out = args.work / f"run_{fw}_{n}"
                     wall = launch(fw, n, store, out, args)
                     got = {**measure(out, n, warmup=1), "launch_s": wall}
-                    runs.setdefault((fw, n), []).append(got)
-                    print(f"round {rep} {fw} x{n}: {got['rows_per_s']:,.0f} rows/s, input "
-                          f"{got['input_share']:.0%}, launch {wall:.1f} s", flush=True)
+                    runs.setdefault((args.batch, fw, args.input, n), []).append(got)
+                    print(f"round {rep} batch {args.batch} {fw} {args.input} x{n}: "
+                          f"{got['rows_per_s']:,.0f} rows/s, input {got['input_share']:.0%}, "
+                          f"launch {wall:.1f} s", flush=True)
     finally:
         if tmp is not None:
             tmp.cleanup()
     records = []
-    for fw in fws:
-        one = statistics.median(r["rows_per_s"] for r in runs[fw, 1])
-        total = runs[fw, 1][0]["data_chunks"][0]
+    for b, fw, inp in cases:
+        one = statistics.median(r["rows_per_s"] for r in runs[b, fw, inp, 1])
+        total = runs[b, fw, inp, 1][0]["data_chunks"][0]
         for n in (1, 2):
-            rs = runs[fw, n]
+            rs = runs[b, fw, inp, n]
             rate = statistics.median(r["rows_per_s"] for r in rs)
-            per_rank = rs[0]["data_chunks"]
+            per_rank = rs[0]["data_chunks"] if inp == "store" else None
             records.append({
-                "group": "", "framework": fw, "processes": n, "rows/s": rate,
+                "group": f"per-process batch {b}", "framework": fw, "input": inp,
+                "processes": n, "rows/s": rate,
                 "rows/s per round": [round(r["rows_per_s"]) for r in rs],
                 "speed-up": rate / one, "epoch s": statistics.median(r["epoch_s"] for r in rs),
                 "input share": statistics.median(r["input_share"] for r in rs),
                 "ms/step": statistics.median(r["step_ms"] for r in rs),
                 "input ms/step": statistics.median(r["input_ms"] for r in rs),
                 "data chunks per rank": per_rank,
-                "share": [round(c / total, 3) for c in per_rank] if total else None,
+                "share": [round(c / total, 3) for c in per_rank] if per_rank and total
+                else None,
                 "launch s": statistics.median(r["launch_s"] for r in rs)})
     shown = list(argv if argv is not None else sys.argv[1:])
     if "--note" in shown:  # the note is on the page already
         del shown[shown.index("--note"):shown.index("--note") + 2]
     meta = run_meta("python -m benchmarks multiworker " + " ".join(shown),
                     rows=args.rows, cols=args.cols, nnz_per_row=args.nnz_per_row,
-                    batch_size=args.batch_size, epochs=args.epochs, repeats=args.repeats,
+                    batch_size=sizes, epochs=args.epochs, repeats=args.repeats,
                     pinned=shutil.which("taskset") is not None, store_mib=store_mib,
                     load_before=load_before,
                     load_after=load_avg(), skipped=skipped)

@@ -46,7 +46,7 @@ import sparsestore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic  # noqa: E402
-from run_log import Waited, add_training_arguments, log_epoch  # noqa: E402
+from run_log import MemoryInput, Waited, add_training_arguments, log_epoch  # noqa: E402
 
 
 def loss_fn(params: dict[str, jax.Array], x: jax.Array, y: jax.Array) -> jax.Array:
@@ -84,13 +84,14 @@ def main(argv: list[str] | None = None) -> int:
                                   batch_size=args.batch_size, labels=labels, drop_last=True,
                                   rows=rows)
     params = {"w": jnp.zeros(store.n_cols, jnp.float32), "b": jnp.zeros((), jnp.float32)}
-    step = 0
+    step, memory = 0, MemoryInput()
     t0 = time.perf_counter()
     with open(out / f"rows-rank{index}.jsonl", "w") as rows_log, \
             open(out / f"chunks-{os.getpid()}.jsonl", "w") as chunks_log:
         for epoch in range(args.epochs):  # each pass advances the loader's epoch
             losses, n = [], 0
-            batches = Waited(ssjax.prefetch_to_device(loader, size=2))
+            source = ssjax.prefetch_to_device(loader, size=2)
+            batches = Waited(memory(source, len(loader)) if args.memory_input else source)
             t_epoch = time.perf_counter()
             for batch, (x, y, *ids) in enumerate(batches, 1):
                 loss, grads = grad_fn(params, x, y)

@@ -5,8 +5,10 @@ log per epoch beside their training.  Used by ``torch_ddp.py``, ``tf_multiworker
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,24 @@ class Waited:
             return next(self.it)
         finally:
             self.seconds += time.perf_counter() - t
+
+
+class MemoryInput:
+    """``--memory-input``: the first ``keep`` batches of the first pass, held in memory and
+    served again and again for every step.  The same training with the store and the
+    loader out of the way: what the framework's step and collectives alone allow, measured
+    beside the loader by ``benchmarks/bench_multiworker.py``."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep, self.held = keep, None
+
+    def __call__(self, batches: Iterable[Any], steps: int) -> Iterator[Any]:
+        if self.held is None:
+            it = iter(batches)
+            self.held = list(itertools.islice(it, self.keep))
+            getattr(it, "close", lambda: None)()  # the pass stops here
+        held = self.held
+        return (held[i % len(held)] for i in range(steps))
 
 
 def log_epoch(out: Path, rank: int, epoch: int, seconds: float, data_s: float, steps: int,
@@ -50,6 +70,9 @@ def add_training_arguments(p: argparse.ArgumentParser, per: str, out: str) -> No
     p.add_argument("--batch-size", type=int, default=256, help=f"per {per}")
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--out", default=out)
+    p.add_argument("--memory-input", action="store_true",
+                   help="train on the first batches again and again from memory (the "
+                   "framework's own ceiling, without the loader)")
 
 
 def add_resume_arguments(p: argparse.ArgumentParser) -> None:

@@ -174,7 +174,9 @@ def train(args: argparse.Namespace) -> tuple[int, list[tuple[int, float]]]:
     def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
         # One input pipeline per worker, this one's: the loader is already its share.
         assert (ctx.input_pipeline_id, ctx.num_input_pipelines) == (index, workers)
-        return sstf.to_dataset(loader, prefetch=2)
+        ds = sstf.to_dataset(loader, prefetch=2)
+        # --memory-input: the first batches again and again, from tf.data's cache
+        return ds.take(4).cache().repeat().take(steps) if args.memory_input else ds
 
     ckpt_dir = out / "checkpoint"
     rows_log = out / f"rows-rank{index}.jsonl"
@@ -214,7 +216,7 @@ def train(args: argparse.Namespace) -> tuple[int, list[tuple[int, float]]]:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     with open(rows_log, "a") as log:
         for epoch in range(first_epoch, args.epochs):
-            done = loader.position.batches_consumed
+            done = 0 if args.memory_input else loader.position.batches_consumed
             total, done0 = 0.0, done
             batches = Waited(strategy.distribute_datasets_from_function(dataset_fn))
             t_epoch = time.perf_counter()

@@ -49,6 +49,7 @@ import sparsestore
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic  # noqa: E402
 from run_log import (  # noqa: E402
+    MemoryInput,
     Waited,
     add_resume_arguments,
     add_training_arguments,
@@ -151,14 +152,15 @@ def train(args: argparse.Namespace) -> list[float]:
         step = 0
         rows_log.unlink(missing_ok=True)
 
-    losses = []
+    losses, memory = [], MemoryInput()
     with open(rows_log, "a") as log:
         for epoch in range(first_epoch, args.epochs):
             if epoch != first_epoch or done == 0:
                 ds.set_epoch(epoch)
                 done = 0
             total, n, steps0 = 0.0, 0, step
-            batches, t_epoch = Waited(dl), time.perf_counter()
+            source = memory(dl, len(dl)) if args.memory_input else dl
+            batches, t_epoch = Waited(source), time.perf_counter()
             for x, y, *rest in batches:
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
                 opt.zero_grad()

@@ -363,3 +363,44 @@ def test_s3_dask_bench_runs_tiny_and_its_page_is_generated(tmp_path: Path) -> No
     assert all(cases["threads", w]["requests"] > 0 for w in ("s3 0 ms", "s3 30 ms"))
     assert cases["threads", "s3 30 ms"]["round_trips"] >= 2
     assert page(tmp_path / "s3_dask.json") == (tmp_path / "s3_dask.md").read_text()
+
+
+def test_multiworker_verdict_weighs_the_store_against_the_memory_ceiling() -> None:
+    from benchmarks.bench_multiworker import verdict
+
+    def rec(inp: str, n: int, speed: float, ms: float = 5.0, wait: float = 0.5) -> dict:
+        return {"group": "per-process batch 64", "framework": "torch", "input": inp,
+                "processes": n, "speed-up": speed, "ms/step": ms, "input ms/step": wait}
+
+    near = verdict([rec("store", 1, 1.0), rec("store", 2, 1.2, 8.0), rec("memory", 1, 1.0),
+                    rec("memory", 2, 1.25, 8.0, 0.0)])
+    assert len(near) == 1 and "1.20x" in near[0] and "NOT met" in near[0]
+    assert "1.25x" in near[0] and "not what holds it back" in near[0]
+    far = verdict([rec("store", 1, 1.0), rec("store", 2, 0.6, 12.0, 6.0),
+                   rec("memory", 1, 1.0), rec("memory", 2, 1.8, 5.5, 0.0)])
+    assert "the loader costs the difference" in far[0] and "wait for the batch" in far[0]
+    # records written before the memory ceiling existed (no input, no group) still read
+    old = [{k: v for k, v in r.items() if k not in ("group", "input")}
+           for r in (rec("store", 1, 1.0), rec("store", 2, 1.8))]
+    assert verdict(old) == [verdict(old)[0]] and " met;" in verdict(old)[0]
+
+
+def test_memory_input_serves_the_first_batches_again_and_stops_the_pass() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from run_log import MemoryInput
+
+    closed = []
+
+    def batches(tag: str):
+        try:
+            for i in range(100):
+                yield (tag, i)
+        finally:
+            closed.append(tag)
+
+    memory = MemoryInput(keep=2)
+    assert list(memory(batches("first"), 5)) == [("first", i) for i in (0, 1, 0, 1, 0)]
+    assert closed == ["first"]  # the pass that gave them was stopped, not left running
+    # later epochs never read again: what was held is served
+    assert list(memory(batches("second"), 3)) == [("first", i) for i in (0, 1, 0)]
+    assert closed == ["first"]
