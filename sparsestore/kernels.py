@@ -4,21 +4,118 @@
 caller's buffer.  With numba installed (the ``tf`` extra brings it) this is one compiled
 pass that releases the GIL, so several adapter threads build batches at once; without it,
 numpy does the same in two passes holding the GIL for part of the time.  Both give the same
-bytes; ``ACCELERATED`` says which one runs.
+bytes.
 
 ``index_scan`` sums up a CSR block's column indices for the read-side check
-(:func:`sparsestore.checks.check_column_indices`) in one pass: numba fuses it, numpy
-takes three.
+(:func:`sparsestore.checks.check_column_indices`) in numpy: a pass checks each row once
+per handle, and a compiled scan would save less than loading numba costs.
+
+numba and its cached machine code take most of a second to load, which a fresh process
+would otherwise pay in its import and its first batch.  So ``coo_into``'s kernel loads on
+a background thread the first time a large batch wants it, for that batch's array types;
+until it is there the numpy version runs.  ``ACCELERATED`` says whether numba will be used at all
+(installed, and not switched off by ``SPARSESTORE_NO_NUMBA=1``); :func:`warm` loads the
+kernels ahead and says whether they load.
 """
 
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import os
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ACCELERATED", "coo_into", "index_scan"]
+__all__ = ["ACCELERATED", "coo_into", "index_scan", "warm"]
+
+ACCELERATED: bool = (not os.environ.get("SPARSESTORE_NO_NUMBA")
+                     and importlib.util.find_spec("numba") is not None)
+MIN_COMPILED = 1 << 16  # elements: below this numpy is about as fast, and numba is not loaded
+JOIN_AT_EXIT_S = 10.0  # a load still running at exit finishes before the interpreter ends
+
+
+def _kind(a: np.ndarray) -> tuple[str, int, str, bool, bool]:
+    """What numba's type of ``a`` depends on: dtype, dimensions, layout as numba classifies
+    it (C before F), writeable, aligned."""
+    f = a.flags
+    layout = "C" if f.c_contiguous else "F" if f.f_contiguous else "A"
+    return a.dtype.str, a.ndim, layout, bool(f.writeable), bool(f.aligned)
+
+
+class _Lazy:
+    """A numba kernel that loads on a background thread, one set of argument types at a
+    time; :meth:`ready` hands it out only for types already loaded, so no caller ever waits
+    for a compile or a cache load."""
+
+    def __init__(self, define: Callable[[Any], Any]) -> None:
+        self._define = define
+        self._fn: Any = None
+        self._ready: set[tuple] = set()
+        self.failed = False
+        self.eager = False  # tests: load in the caller instead, so the compiled path runs
+        self._reset()
+        _ALL.append(self)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: list[tuple] = []
+        self._queued: set[tuple] = set()
+        self._thread: threading.Thread | None = None
+
+    def ready(self, *arrays: np.ndarray) -> Any:
+        """The compiled kernel when it is loaded for these arrays' types, else None (having
+        started that load in the background)."""
+        key = tuple(_kind(a) for a in arrays)
+        if key in self._ready:
+            return self._fn
+        if not ACCELERATED or self.failed:
+            return None
+        if self.eager:
+            self._load(key)
+            return self._fn if key in self._ready else None
+        with self._lock:
+            if key not in self._queued:
+                self._queued.add(key)
+                self._queue.append(key)
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, daemon=True,
+                                                    name="sparsestore-numba")
+                    self._thread.start()
+        return None
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._thread = None
+                    return
+                key = self._queue.pop(0)
+            self._load(key)
+
+    def _load(self, key: tuple) -> None:
+        try:
+            import numba
+
+            if self._fn is None:
+                self._fn = self._define(numba)
+            self._fn.compile(tuple(
+                numba.types.Array(numba.from_dtype(np.dtype(dt)), nd, layout,
+                                  readonly=not writeable, aligned=aligned)
+                for dt, nd, layout, writeable, aligned in key))
+            self._ready.add(key)
+        except Exception:  # a numba that does not import or compile: numpy from now on
+            self.failed = True
+
+    def join(self, timeout: float | None) -> None:
+        t = self._thread
+        if t is not None:
+            t.join(timeout)
+
+
+_ALL: list[_Lazy] = []
 
 
 def _numpy_coo_into(row_splits: np.ndarray, indices: np.ndarray, coords: np.ndarray) -> None:
@@ -27,16 +124,7 @@ def _numpy_coo_into(row_splits: np.ndarray, indices: np.ndarray, coords: np.ndar
     coords[:, 1] = indices
 
 
-def _compiled() -> Any:
-    """numba's one-pass kernel, or ``None`` where numba is missing, too old for this numpy,
-    or switched off (``SPARSESTORE_NO_NUMBA=1``)."""
-    if os.environ.get("SPARSESTORE_NO_NUMBA"):
-        return None
-    try:
-        import numba
-    except ImportError:  # not installed, or built for another numpy
-        return None
-
+def _define_coo(numba: Any) -> Any:
     @numba.njit(nogil=True, cache=True)
     def coo_kernel(row_splits: Any, indices: Any, coords: Any) -> None:  # pragma: no cover
         base = row_splits[0]
@@ -48,8 +136,7 @@ def _compiled() -> Any:
     return coo_kernel
 
 
-_KERNEL = _compiled()
-ACCELERATED: bool = _KERNEL is not None
+_COO = _Lazy(_define_coo)
 
 
 def coo_into(row_splits: np.ndarray, indices: np.ndarray, coords: np.ndarray) -> None:
@@ -68,52 +155,12 @@ def coo_into(row_splits: np.ndarray, indices: np.ndarray, coords: np.ndarray) ->
         )
     if nnz == 0:
         return
-    if _KERNEL is None:
-        _numpy_coo_into(row_splits - row_splits[0], indices, coords)
+    splits = np.asarray(row_splits, dtype=np.int64)
+    kernel = _COO.ready(splits, indices, coords) if nnz >= MIN_COMPILED or _COO.eager else None
+    if kernel is None:
+        _numpy_coo_into(splits - splits[0], indices, coords)
     else:
-        _KERNEL(np.asarray(row_splits, dtype=np.int64), indices, coords)
-
-
-def _numpy_index_scan(indices: np.ndarray, ptr: np.ndarray) -> tuple[int, int, int]:
-    n = indices.size
-    descents = int(np.count_nonzero(indices[1:] <= indices[:-1]))
-    if descents:  # those where a (non-empty) row starts are allowed
-        starts = ptr[1:-1] - ptr[0]
-        starts = starts[(starts > 0) & (starts < n) & (ptr[2:] > ptr[1:-1])]
-        descents -= int(np.count_nonzero(indices[starts] <= indices[starts - 1]))
-    return int(indices.min()), int(indices.max()), descents
-
-
-def _compiled_scan() -> Any:
-    """numba's fused :func:`index_scan`, or ``None`` (as for :func:`_compiled`)."""
-    if os.environ.get("SPARSESTORE_NO_NUMBA"):
-        return None
-    try:
-        import numba
-    except ImportError:
-        return None
-
-    @numba.njit(nogil=True, cache=True)
-    def scan_kernel(indices: Any, ptr: Any) -> Any:  # pragma: no cover
-        n = indices.shape[0]
-        lo = hi = indices[0]
-        descents = 0
-        for k in range(1, n):
-            v = indices[k]
-            lo = min(lo, v)
-            hi = max(hi, v)
-            descents += v <= indices[k - 1]
-        base = ptr[0]
-        for r in range(1, ptr.shape[0] - 1):
-            s = ptr[r] - base
-            if 0 < s < n and ptr[r + 1] > ptr[r]:
-                descents -= indices[s] <= indices[s - 1]
-        return lo, hi, descents
-
-    return scan_kernel
-
-
-_SCAN = _compiled_scan()
+        kernel(splits, indices, coords)
 
 
 def index_scan(indices: np.ndarray, ptr: np.ndarray) -> tuple[int, int, int]:
@@ -124,8 +171,40 @@ def index_scan(indices: np.ndarray, ptr: np.ndarray) -> tuple[int, int, int]:
     sorted, unique indices in ``[0, n_cols)`` exactly when ``descents == 0``,
     ``min >= 0`` and ``max < n_cols``.
     """
-    if _SCAN is None:
-        return _numpy_index_scan(indices, ptr)
-    lo, hi, descents = _SCAN(indices, ptr)
-    return int(lo), int(hi), int(descents)
+    n = indices.size
+    descents = int(np.count_nonzero(indices[1:] <= indices[:-1]))
+    if descents:  # those where a (non-empty) row starts are allowed
+        starts = ptr[1:-1] - ptr[0]
+        starts = starts[(starts > 0) & (starts < n) & (ptr[2:] > ptr[1:-1])]
+        descents -= int(np.count_nonzero(indices[starts] <= indices[starts - 1]))
+    return int(indices.min()), int(indices.max()), descents
 
+
+def warm(wait: bool = False, timeout: float = 120.0) -> bool:
+    """Start loading the compiled ``coo_into`` for the usual types (int32 and int64
+    indices, int64 and int32 coordinates) and, with ``wait``, wait for it; whether the
+    compiled kernel is (or, without ``wait``, may become) the one in use."""
+    splits = np.zeros(2, np.int64)
+    for dt in (np.int32, np.int64):
+        ind = np.zeros(1, dt)
+        for cdt in (np.int64, np.int32):
+            _COO.ready(splits, ind, np.zeros((1, 2), cdt))
+    if wait:
+        for k in _ALL:
+            k.join(timeout)
+    return ACCELERATED and not any(k.failed for k in _ALL) and (
+        not wait or all(k._ready for k in _ALL))
+
+
+def _after_fork_in_child() -> None:
+    for k in _ALL:  # the loading thread stayed in the parent; loaded types carry over
+        k._reset()
+
+
+def _join_at_exit() -> None:
+    for k in _ALL:  # never leave numba half-loaded while the interpreter shuts down
+        k.join(JOIN_AT_EXIT_S)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_join_at_exit)

@@ -20,9 +20,12 @@ from sparsestore import kernels
 def path(request, monkeypatch):
     """Run the test on numba's kernel (where installed) and on the numpy fallback."""
     if request.param == "numpy":
-        monkeypatch.setattr(kernels, "_KERNEL", None)
+        monkeypatch.setattr(kernels, "ACCELERATED", False)
     elif not kernels.ACCELERATED:
         pytest.skip("numba is not installed")
+    else:  # loaded in the caller, so the compiled kernel is the one that runs
+        for k in kernels._ALL:
+            monkeypatch.setattr(k, "eager", True)
     return request.param
 
 
@@ -82,6 +85,40 @@ def test_numba_installed_means_the_compiled_kernel_runs():
     """A numba that fails to import (e.g. built for another numpy) would silently leave the
     slow path on; where numba is installed the kernel must be the one in use."""
     assert kernels.ACCELERATED
+    assert kernels.warm(wait=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
+def test_a_fresh_process_does_not_wait_for_numba():
+    """The first large call runs numpy while numba loads on a background thread; once that
+    is done the compiled kernel serves the same types, and a forked child loads its own."""
+    code = """
+import os, numpy as np
+from sparsestore import kernels
+ind = np.arange(1 << 17, dtype=np.int32); ptr = np.array([0, 5, ind.size], np.int64)
+want = np.stack([np.repeat([0, 1], [5, ind.size - 5]), ind], 1)
+assert 'numba' not in __import__('sys').modules
+coords = np.zeros((ind.size, 2), np.int64)
+kernels.coo_into(ptr, ind, coords)
+assert (coords == want).all()
+assert kernels._COO.ready(ptr, ind, coords) is None
+kernels._COO.join(120)
+assert kernels._COO.ready(ptr, ind, coords) is not None
+coords[:] = 0
+kernels.coo_into(ptr, ind, coords)
+assert (coords == want).all()
+pid = os.fork()
+if pid == 0:
+    coords[:] = 0
+    kernels.coo_into(ptr, ind, coords)
+    os._exit(0 if kernels._COO._thread is None and (coords == want).all() else 1)
+assert os.waitpid(pid, 0)[1] == 0
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env={k: v for k, v in os.environ.items()
+                                           if k != "SPARSESTORE_NO_NUMBA"})
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_the_switch_turns_numba_off():
