@@ -208,7 +208,7 @@ class _Plan:
         return coords, values, np.int64(batch.n_rows)
 
     def _coords_into(self, batch: Batch, coords: np.ndarray) -> None:
-        coo_into(batch.row_splits, batch.indices, coords)
+        coo_into(batch.row_splits, batch.indices, coords, wait=True)
         if len(self.tail) > 1:  # row-major unravel of the flat column id, as tf.unravel_index
             for j, sub in enumerate(np.unravel_index(batch.indices, self.tail), start=1):
                 coords[:, j] = sub

@@ -28,6 +28,9 @@ import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from . import _warm  # noqa: F401  (numba loads on its own thread while JAX imports)
+
+# isort: split
 import jax
 import numpy as np
 from jax.experimental import sparse as jsparse
@@ -119,7 +122,7 @@ class JaxBackend(TwoStepBackend):
         nnz = values.size
         size = _padded(nnz) if self.pad_nnz else nnz
         coords = np.empty((size, 2), dtype=idt)
-        coo_into(batch.row_splits, batch.indices, coords[:nnz])
+        coo_into(batch.row_splits, batch.indices, coords[:nnz], wait=True)
         if size > nnz:  # BCOO padding: out-of-bounds coordinates with zero values
             coords[nnz:] = (n, m)
             values = np.concatenate([values, np.zeros(size - nnz, dtype=vdt)])

@@ -41,6 +41,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from . import _warm  # noqa: F401  (numba loads on its own thread while TensorFlow imports)
+
+# isort: split
 import tensorflow as tf
 
 from sparsestore.backends import TwoStepBackend

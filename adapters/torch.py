@@ -100,7 +100,7 @@ def _host_x(dense: Any, values: Any, indices: Any, row_splits: Any,
     if layout == "csr":
         return vals, _ready(indices, "indices", np.int64), _ready(row_splits, "indptr", np.int64)
     coords = np.empty((2, vals.size), dtype=np.int64)
-    coo_into(np.asarray(row_splits, dtype=np.int64), indices, coords.T)
+    coo_into(np.asarray(row_splits, dtype=np.int64), indices, coords.T, wait=True)
     return vals, coords
 
 

@@ -13,9 +13,10 @@ per handle, and a compiled scan would save less than loading numba costs.
 numba and its cached machine code take most of a second to load, which a fresh process
 would otherwise pay in its import and its first batch.  So ``coo_into``'s kernel loads on
 a background thread the first time a large batch wants it, for that batch's array types;
-until it is there the numpy version runs.  ``ACCELERATED`` says whether numba will be used at all
-(installed, and not switched off by ``SPARSESTORE_NO_NUMBA=1``); :func:`warm` loads the
-kernels ahead and says whether they load.
+until it is there the numpy version runs, unless the caller asks to wait for it (the
+framework adapters, which start loading it while their framework imports).
+``ACCELERATED`` says whether numba will be used at all (installed, and not switched off by
+``SPARSESTORE_NO_NUMBA=1``); :func:`warm` loads the kernel ahead and says whether it loads.
 """
 
 from __future__ import annotations
@@ -61,19 +62,21 @@ class _Lazy:
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
+        self._loading = threading.Lock()  # one load at a time; a waiting caller queues here
         self._queue: list[tuple] = []
         self._queued: set[tuple] = set()
         self._thread: threading.Thread | None = None
 
-    def ready(self, *arrays: np.ndarray) -> Any:
+    def ready(self, *arrays: np.ndarray, wait: bool = False) -> Any:
         """The compiled kernel when it is loaded for these arrays' types, else None (having
-        started that load in the background)."""
+        started that load in the background); with ``wait`` (or ``eager``), loaded here
+        first."""
         key = tuple(_kind(a) for a in arrays)
         if key in self._ready:
             return self._fn
         if not ACCELERATED or self.failed:
             return None
-        if self.eager:
+        if wait or self.eager:
             self._load(key)
             return self._fn if key in self._ready else None
         with self._lock:
@@ -96,6 +99,11 @@ class _Lazy:
             self._load(key)
 
     def _load(self, key: tuple) -> None:
+        with self._loading:
+            if key not in self._ready:
+                self._load_now(key)
+
+    def _load_now(self, key: tuple) -> None:
         try:
             import numba
 
@@ -139,13 +147,16 @@ def _define_coo(numba: Any) -> Any:
 _COO = _Lazy(_define_coo)
 
 
-def coo_into(row_splits: np.ndarray, indices: np.ndarray, coords: np.ndarray) -> None:
+def coo_into(row_splits: np.ndarray, indices: np.ndarray, coords: np.ndarray,
+             wait: bool = False) -> None:
     """Write ``coords[k] = (row of value k, indices[k])`` for a CSR batch.
 
     ``row_splits`` (int64, ``n_rows + 1``, may start above 0: the batch's values are then
     ``indices[0:row_splits[-1] - row_splits[0]]``), ``coords`` an int64 ``(nnz, >= 2)``
     array (only its first two columns are written; an int32 one where every row and
-    column id fits, as JAX's 32-bit sparse indices want).
+    column id fits, as JAX's 32-bit sparse indices want).  ``wait``: a large batch waits
+    for the compiled kernel rather than run numpy while it loads (the adapters, which
+    build every batch with it and start loading it when they are imported).
     """
     nnz = int(row_splits[-1] - row_splits[0]) if row_splits.size else 0
     if coords.shape[0] != nnz or indices.shape[0] != nnz or coords.ndim != 2:
@@ -156,7 +167,8 @@ def coo_into(row_splits: np.ndarray, indices: np.ndarray, coords: np.ndarray) ->
     if nnz == 0:
         return
     splits = np.asarray(row_splits, dtype=np.int64)
-    kernel = _COO.ready(splits, indices, coords) if nnz >= MIN_COMPILED or _COO.eager else None
+    kernel = (_COO.ready(splits, indices, coords, wait=wait)
+              if nnz >= MIN_COMPILED or _COO.eager else None)
     if kernel is None:
         _numpy_coo_into(splits - splits[0], indices, coords)
     else:
