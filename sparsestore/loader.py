@@ -58,6 +58,8 @@ SHUFFLE_LAYOUT_COMMAND = "sparsestore convert OLD NEW --chunk-bytes 128KiB --sha
 #: Batches mixing like a permutation need about ``batch_size / 1.56`` distinct runs of
 #: stored rows each: label error within this factor of a true permutation's.
 ACCEPTABLE_MIXING_RATIO = 1.25
+MIXING_RATIO_ADVISED = 1.15  # the budget the warning advises aims below the warning's bar
+SMALL_BLOCK_BYTES = 2**20  # blocks of small (inner) chunks: rewriting the store cannot help
 
 
 class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
@@ -465,15 +467,22 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
             return
         self._warned = True
         mib = 2**20
+        # The budget whose units would hold enough blocks (units grow with the budget).
+        need = k
+        while mixing_ratio(need, self._batch_size) > MIXING_RATIO_ADVISED and need < 2**40:
+            need *= 1.25
+        enough = f"shuffle_buffer_bytes={-(-int(self._buffer_bytes * need / k) // mib)}MiB"
+        fix = (f"raise the budget: {enough} (the store's chunks are already small)"
+               if per_block <= SMALL_BLOCK_BYTES else
+               f"rewrite the store with small chunks: `{SHUFFLE_LAYOUT_COMMAND}`, or raise "
+               f"the budget ({enough})")
         warnings.warn(
             f"shuffle=True mixes poorly on this store: a {self._unit_bytes / mib:.0f} MiB "
             f"shuffle unit (shuffle_buffer_bytes={self._buffer_bytes}) holds about {k:.0f} of "
             f"its {per_block / mib:.1f} MiB chunk-sized blocks, so a batch of "
             f"{self._batch_size} rows draws from few runs of neighbouring rows; on rows "
             f"stored sorted (by label, say) its label mix is about {ratio:.1f}x further from "
-            "the whole store's than a true permutation's. Rewrite the store with small "
-            f"chunks: `{SHUFFLE_LAYOUT_COMMAND}` (or raise "
-            "shuffle_buffer_bytes).",
+            f"the whole store's than a true permutation's. To mix like one, {fix}.",
             ShuffleQualityWarning, stacklevel=4,
         )
 

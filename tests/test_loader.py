@@ -1041,7 +1041,10 @@ def test_shuffle_units_respect_the_byte_budget(tmp_path):
     np.testing.assert_array_equal(np.sort(order), np.arange(y.size))
 
 
-def test_poor_mixing_warns_once_naming_the_fix(tmp_path):
+def test_poor_mixing_warns_once_naming_the_fix(tmp_path, monkeypatch):
+    import warnings
+
+    import sparsestore.loader as loader_mod
     from sparsestore.cli import build_parser
     from sparsestore.errors import ShuffleQualityWarning
 
@@ -1049,18 +1052,29 @@ def test_poor_mixing_warns_once_naming_the_fix(tmp_path):
     # A unit of ~one 16 KiB-chunk block: batches of 256 rows draw from a couple of runs.
     loader = DataLoader(store, batch_size=256, shuffle=True, seed=0,
                         shuffle_buffer_bytes=64 * 1024)
-    from sparsestore.loader import SHUFFLE_LAYOUT_COMMAND
-
-    with pytest.warns(ShuffleQualityWarning, match=re.escape(SHUFFLE_LAYOUT_COMMAND)) as rec:
+    with pytest.warns(ShuffleQualityWarning, match="shuffle_buffer_bytes=") as rec:
         list(loader.iter_batches())
         list(loader.iter_batches())
-    assert sum(issubclass(w.category, ShuffleQualityWarning) for w in rec) == 1
-    # The command the warning names is one the CLI accepts.
-    args = build_parser().parse_args(SHUFFLE_LAYOUT_COMMAND.split()[1:])
+    got = [w for w in rec if issubclass(w.category, ShuffleQualityWarning)]
+    assert len(got) == 1
+    # Its chunks are already small, so the fix is a budget, not a rewrite; and the budget
+    # it names mixes well.
+    text = str(got[0].message)
+    assert "already small" in text and "convert" not in text
+    advised = int(re.search(r"shuffle_buffer_bytes=(\d+)MiB", text).group(1)) * 2**20
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ShuffleQualityWarning)
+        list(DataLoader(store, batch_size=256, shuffle=True, seed=0,
+                        shuffle_buffer_bytes=advised).iter_batches())
+    # A store of large chunks is told the rewrite, by a command the CLI accepts.
+    monkeypatch.setattr(loader_mod, "SMALL_BLOCK_BYTES", 0)
+    command = loader_mod.SHUFFLE_LAYOUT_COMMAND
+    with pytest.warns(ShuffleQualityWarning, match=re.escape(command)):
+        list(DataLoader(store, batch_size=256, shuffle=True, seed=0,
+                        shuffle_buffer_bytes=64 * 1024).iter_batches())
+    args = build_parser().parse_args(command.split()[1:])
     assert (args.chunk_bytes, args.shard_bytes) == (128 * 1024, 8 * 2**20)
     # Default budget, store fits: no warning.
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error", ShuffleQualityWarning)
         list(DataLoader(store, batch_size=256, shuffle=True, seed=0).iter_batches())
