@@ -291,29 +291,15 @@ def decode_chain(raw: np.ndarray, steps: tuple[str, ...],
 
 def decode_many(raws: list[np.ndarray], steps: tuple[str, ...], dest: np.ndarray) -> bool:
     """Stored chunks ``raws`` through :func:`decode_chain`, chunk ``j`` into the ``j``-th of
-    ``len(raws)`` equal slots of ``dest`` (``uint8``); False at the first chunk that does
-    not decode (the caller decodes them one by one to name it).  Small inner chunks of a
-    shard come here by the hundred, so the usual chain (CRC32C after Blosc) is checked
-    without the per-step dispatch."""
+    ``len(raws)`` equal slots of ``dest`` (``uint8``): a shard's inner chunks fetched
+    together.  False at the first chunk that does not decode; the caller then decodes them
+    one by one, which names it."""
     want = dest.size // max(1, len(raws))
-    if steps != ("crc32c", "blosc"):
-        try:
-            for j, raw in enumerate(raws):
-                decode_chain(raw, steps, dest[j * want : (j + 1) * want])
-        except DamagedChunk:
-            return False
-        return True
-    value, decompress, head = google_crc32c.value, zc.blosc_decompress, zc.BLOSC_HEADER
-    for j, raw in enumerate(raws):
-        n = raw.size - 4
-        if (n < head or value(raw[:n]) != int.from_bytes(raw[n:], "little")
-                or int.from_bytes(raw[zc.BLOSC_NBYTES], "little") != want
-                or int.from_bytes(raw[zc.BLOSC_CBYTES], "little") != n):
-            return False
-        try:
-            decompress(raw[:n], dest[j * want : (j + 1) * want])
-        except Exception:  # a damaged stream numcodecs refuses
-            return False
+    try:
+        for j, raw in enumerate(raws):
+            decode_chain(raw, steps, dest[j * want : (j + 1) * want])
+    except DamagedChunk:
+        return False
     return True
 
 

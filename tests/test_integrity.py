@@ -291,7 +291,7 @@ def test_decode_many_equals_the_chain_decoder_and_refuses_damage(n, flip, at):
     assert ok == (not 0 <= flip < n)
     if ok:
         np.testing.assert_array_equal(dest.view(np.int32), np.concatenate(chunks))
-        # the general branch (no CRC step) agrees with the chain decoder chunk by chunk
+        # a chain without the CRC step agrees with the chain decoder chunk by chunk
         bare = [s[:-4] for s in stored]
         other = np.zeros_like(dest)
         assert decode_many(bare, ("blosc",), other)
