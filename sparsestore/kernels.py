@@ -58,7 +58,6 @@ class _Lazy:
         self.failed = False
         self.eager = False  # tests: load in the caller instead, so the compiled path runs
         self._reset()
-        _ALL.append(self)
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
@@ -121,9 +120,6 @@ class _Lazy:
         t = self._thread
         if t is not None:
             t.join(timeout)
-
-
-_ALL: list[_Lazy] = []
 
 
 def _numpy_coo_into(row_splits: np.ndarray, indices: np.ndarray, coords: np.ndarray) -> None:
@@ -202,21 +198,11 @@ def warm(wait: bool = False, timeout: float = 120.0) -> bool:
         for cdt in (np.int64, np.int32):
             _COO.ready(splits, ind, np.zeros((1, 2), cdt))
     if wait:
-        for k in _ALL:
-            k.join(timeout)
-    return ACCELERATED and not any(k.failed for k in _ALL) and (
-        not wait or all(k._ready for k in _ALL))
+        _COO.join(timeout)
+    return ACCELERATED and not _COO.failed and (not wait or bool(_COO._ready))
 
 
-def _after_fork_in_child() -> None:
-    for k in _ALL:  # the loading thread stayed in the parent; loaded types carry over
-        k._reset()
-
-
-def _join_at_exit() -> None:
-    for k in _ALL:  # never leave numba half-loaded while the interpreter shuts down
-        k.join(JOIN_AT_EXIT_S)
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(_join_at_exit)
+# The loading thread stays in the parent of a fork (types loaded there carry over), and a
+# load still running at exit finishes: numba is never left half-loaded at shutdown.
+os.register_at_fork(after_in_child=_COO._reset)
+atexit.register(_COO.join, JOIN_AT_EXIT_S)
