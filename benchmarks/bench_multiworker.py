@@ -82,13 +82,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def commands(fw: str, n: int, store: Path, out: Path, args: argparse.Namespace
-             ) -> list[tuple[list[str], dict[str, str]]]:
-    """One ``(argv, env)`` per process of framework ``fw`` with ``n`` processes, each
-    pinned to its own core when ``taskset`` is there."""
-    common = ["--store", str(store), "--out", str(out), "--batch-size", str(args.batch),
+def commands(fw: str, n: int, store: Path, out: Path, args: argparse.Namespace, batch: int,
+             source: str) -> list[tuple[list[str], dict[str, str]]]:
+    """One ``(argv, env)`` per process of framework ``fw`` with ``n`` processes of
+    ``batch`` rows a step, each pinned to its own core when ``taskset`` is there;
+    ``source`` "memory" trains from the first batches held in memory."""
+    common = ["--store", str(store), "--out", str(out), "--batch-size", str(batch),
               "--epochs", str(args.epochs), "--lr", "0.1",
-              *(["--memory-input"] if args.input == "memory" else [])]
+              *(["--memory-input"] if source == "memory" else [])]
     pin = shutil.which("taskset")
     port = free_port()
     cluster = [f"127.0.0.1:{free_port()}" for _ in range(n)]
@@ -112,13 +113,15 @@ def commands(fw: str, n: int, store: Path, out: Path, args: argparse.Namespace
     return procs
 
 
-def launch(fw: str, n: int, store: Path, out: Path, args: argparse.Namespace) -> float:
+def launch(fw: str, n: int, store: Path, out: Path, args: argparse.Namespace, batch: int,
+           source: str) -> float:
     """Run the ``n`` processes to the end (all fail if one does); returns the wall time."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     t0 = time.perf_counter()
     procs = [subprocess.Popen(a, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for a, e in commands(fw, n, store, out, args)]
+                              text=True)
+             for a, e in commands(fw, n, store, out, args, batch, source)]
     deadline = t0 + LAUNCH_TIMEOUT
     while any(p.poll() is None for p in procs) and time.perf_counter() < deadline:
         if any(p.poll() not in (None, 0) for p in procs):
@@ -275,13 +278,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cases = [(b, fw, i) for b in sizes for fw in fws for i in inputs]
     try:
         for rep in range(args.repeats):
-            for args.batch, fw, args.input in cases:
+            for batch, fw, source in cases:
                 for n in ((1, 2) if rep % 2 == 0 else (2, 1)):
                     out = args.work / f"run_{fw}_{n}"
-                    wall = launch(fw, n, store, out, args)
+                    wall = launch(fw, n, store, out, args, batch, source)
                     got = {**measure(out, n, warmup=1), "launch_s": wall}
-                    runs.setdefault((args.batch, fw, args.input, n), []).append(got)
-                    print(f"round {rep} batch {args.batch} {fw} {args.input} x{n}: "
+                    runs.setdefault((batch, fw, source, n), []).append(got)
+                    print(f"round {rep} batch {batch} {fw} {source} x{n}: "
                           f"{got['rows_per_s']:,.0f} rows/s, input {got['input_share']:.0%}, "
                           f"launch {wall:.1f} s", flush=True)
     finally:
