@@ -481,8 +481,10 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
             f"shuffle unit (shuffle_buffer_bytes={self._buffer_bytes}) holds about {k:.0f} of "
             f"its {per_block / mib:.1f} MiB chunk-sized blocks, so a batch of "
             f"{self._batch_size} rows draws from few runs of neighbouring rows; on rows "
-            f"stored sorted (by label, say) its label mix is about {ratio:.1f}x further from "
-            f"the whole store's than a true permutation's. To mix like one, {fix}.",
+            f"stored sorted by a label of about {k:.0f} groups (the worst case), its label "
+            f"mix is about {ratio:.1f}x further from the whole store's than a true "
+            f"permutation's (labels of far fewer groups mix better: `sparsestore "
+            f"shuffle-check STORE --label NAME` measures yours). To mix like one, {fix}.",
             ShuffleQualityWarning, stacklevel=4,
         )
 

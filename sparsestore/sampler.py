@@ -17,13 +17,18 @@ whole chunks it mostly needs.  An epoch then
 2. deals that row stream to ranks as ``world_size`` contiguous, near-equal pieces (sizes
    differ by at most one row; the block at a cut is split between two ranks, so a rank's
    piece is its dealt blocks give or take the few at its edges),
-3. groups each rank's blocks, in that random order, into *units* of as many blocks as fit
-   ``unit_bytes`` decoded bytes (or of a fixed ``buffer_blocks`` blocks) and permutes all
-   rows inside a unit (the bounded shuffle buffer).
+3. deals each rank's blocks into as few *units* as hold them within ``unit_bytes``
+   decoded bytes (or of at most ``buffer_blocks`` blocks), stratified like the ranks: the
+   share's blocks in stored order go ``n_units`` at a time, one to each unit at random.
+   Units go in random order, and all rows inside a unit are permuted (the bounded shuffle
+   buffer).
 
-A unit is a random draw of blocks from the rank's whole share, so a batch mixes rows of
-about as many blocks as the unit holds (each block one run of consecutive stored rows);
-when the whole share fits one unit the epoch is a true permutation.  Two neighbouring
+Each unit samples the rank's whole share evenly, so on a store sorted by a label of far
+fewer groups than a unit holds blocks, every unit holds every label in about its share
+and a batch mixes like a permutation's.  A label of about as many groups as a unit holds
+blocks (or more) is the worst case: a batch then mixes rows of about as many runs of
+consecutive stored rows as the unit holds blocks (:func:`mixing_ratio`).  When the whole
+share fits one unit the epoch is a true permutation.  Two neighbouring
 blocks share the chunk the first one's last row crosses into; when they fall in different
 units that row is read with the later one (:func:`seams_to_later_units`), which takes the
 row's piece of the chunk from a copy the earlier unit kept, so each chunk is still decoded
@@ -114,24 +119,6 @@ def explicit_unit(index: int, batches: list[np.ndarray]) -> UnitSpec:
     cuts = np.cumsum([0, *(b.size for b in batches)])
     rows = np.concatenate(batches) if batches else np.zeros(0, np.int64)
     return UnitSpec(index, np.empty((0, 2), np.int64), None, rows, explicit=True, cuts=cuts)
-
-
-def pack_units(nbytes: np.ndarray, unit_bytes: int) -> np.ndarray:
-    """Unit boundaries over consecutive blocks: each unit takes blocks while their summed
-    ``nbytes`` stay within ``unit_bytes`` (a block bigger than that is a unit of its own).
-
-    Returns ``[0, ..., n_blocks]`` block indices.
-    """
-    cuts = [0]
-    acc = 0
-    for i, b in enumerate(np.asarray(nbytes, dtype=np.int64).tolist()):
-        if acc and acc + b > unit_bytes:
-            cuts.append(i)
-            acc = 0
-        acc += b
-    if nbytes.size:
-        cuts.append(int(nbytes.size))
-    return np.asarray(cuts, dtype=np.int64)
 
 
 class EpochPlan:
@@ -303,6 +290,53 @@ class BlockSampler:
         dealt = np.argsort(rng.random((strata, w)), axis=1).ravel()[:n]
         return np.lexsort((rng.random(n), dealt))
 
+    def _deal_units(
+        self, epoch: int, order: np.ndarray, s: np.ndarray, e: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's blocks regrouped into units, each a stratified sample of the share.
+
+        As few units as hold the share within the budget; the share's blocks, in stored
+        order, are dealt ``n_units`` at a time, one to each unit at random, so each unit
+        spans the whole share (on a store sorted by label, every label in about its share).
+        A block over half the budget is a unit of its own.  Units go in random order.
+        Returns the blocks in plan order and the unit cuts.
+        """
+        n = int(order.size)
+        if n == 0:
+            return order, s, e, np.zeros(1, np.int64)
+        stored = np.argsort(order, kind="stable")  # plan positions in stored order
+        if self._row_bytes is not None:
+            # Each block leaves room for the row its stored left neighbour may hand it
+            # (see seams_to_later_units).
+            left = self._row_bytes[np.maximum(order - 1, 0)] * (order > 0)
+            nbytes = (self._row_bytes[order] * (e - s) + left)[stored]
+            lone = nbytes > self.unit_bytes / 2
+            dealt, nbytes = stored[~lone], nbytes[~lone]
+            stored = np.concatenate([dealt, stored[lone]])
+            n_units = int(np.ceil(nbytes.sum() / self.unit_bytes))
+        else:
+            dealt, nbytes = stored, None
+            n_units = -(-n // self.buffer_blocks)
+        k = int(dealt.size)
+        n_units = min(max(1, n_units), k)
+        unit_of = np.zeros(0, np.int64)
+        rng = np.random.default_rng([self.seed, int(epoch), self.rank, n_units])
+        while k:
+            rng = np.random.default_rng([self.seed, int(epoch), self.rank, n_units])
+            unit_of = np.argsort(rng.random((-(-k // n_units), n_units)), axis=1).ravel()[:k]
+            if nbytes is None or n_units >= k:
+                break
+            used = np.bincount(unit_of, nbytes, minlength=n_units)
+            if used.max() <= self.unit_bytes:
+                break
+            n_units = min(k, max(n_units + 1, int(np.ceil(n_units * used.max()
+                                                          / self.unit_bytes))))
+        unit_of = np.concatenate([unit_of, n_units + np.arange(n - k)])  # lone blocks last
+        place = rng.permutation(n_units + n - k)[unit_of]  # each block's unit, in plan order
+        new = stored[np.lexsort((rng.random(n), place))]
+        cuts = np.concatenate([[0], np.cumsum(np.bincount(place))])
+        return order[new], s[new], e[new], cuts.astype(np.int64)
+
     def plan(self, epoch: int, head_rows: int | None = None) -> EpochPlan:
         """This rank's units for ``epoch``: reproducible from ``(seed, epoch)``.
 
@@ -331,14 +365,8 @@ class BlockSampler:
             # Without shuffling a unit is one block: no buffer to mix, and units in flight
             # (prefetch x unit bytes) stay small.
             cuts = np.arange(s.size + 1, dtype=np.int64)
-        elif self._row_bytes is not None:
-            # Each block leaves room for the row its stored left neighbour may hand it
-            # (see seams_to_later_units).
-            left = self._row_bytes[np.maximum(order - 1, 0)] * (order > 0)
-            cuts = pack_units(self._row_bytes[order] * (e - s) + left, self.unit_bytes)
         else:
-            cuts = np.append(np.arange(0, s.size, self.buffer_blocks), s.size) if s.size \
-                else np.zeros(1, np.int64)
+            order, s, e, cuts = self._deal_units(epoch, order, s, e)
         if self.shuffle and cuts.size > 2:
             room = None
             if self._row_bytes is not None:
@@ -396,12 +424,14 @@ def seams_to_later_units(
 
 
 def mixing_ratio(blocks_per_unit: float, batch_size: int) -> float:
-    """Expected batch label error over a true permutation's, for rows sorted by label.
+    """Expected batch label error over a true permutation's, for rows sorted by a label
+    of about as many groups as a unit holds blocks or more (the worst case).
 
     A batch of ``B`` rows drawn from a unit of ``k`` blocks holds about
     ``m = k (1 - (1 - 1/k)^B)`` distinct blocks (runs of neighbouring rows, which share a
     label on a sorted store) and behaves like a sample of ``m`` rows: its total-variation
-    distance is about ``sqrt(B / m)`` times a permutation's.
+    distance is about ``sqrt(B / m)`` times a permutation's.  Labels of far fewer groups
+    mix better, because units are stratified over the store.
     """
     k, b = max(1.0, float(blocks_per_unit)), max(1, int(batch_size))
     m = k * -np.expm1(b * np.log1p(-1.0 / k)) if k > 1 else 1.0
@@ -424,6 +454,5 @@ __all__ = [
     "fixed_bounds",
     "mixing_ratio",
     "num_batches",
-    "pack_units",
     "seams_to_later_units",
 ]

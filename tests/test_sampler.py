@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparsestore.errors import InvalidInputError
+from sparsestore.mixing import batch_mixing
 from sparsestore.sampler import (
     BlockSampler,
     bounds_from_indptr,
@@ -15,7 +16,6 @@ from sparsestore.sampler import (
     fixed_bounds,
     mixing_ratio,
     num_batches,
-    pack_units,
     seams_to_later_units,
 )
 
@@ -216,18 +216,6 @@ def test_byte_budget_units_cover_every_row_once_within_budget(n, block, budget, 
     assert max(sizes) - min(sizes) <= 1
 
 
-@given(nbytes=st.lists(st.integers(1, 50), max_size=40), budget=st.integers(1, 120))
-def test_pack_units_is_greedy_within_budget(nbytes, budget):
-    b = np.asarray(nbytes, dtype=np.int64)
-    cuts = pack_units(b, budget)
-    assert cuts[0] == 0 and cuts[-1] == b.size and (np.diff(cuts) > 0).all()
-    for u in range(cuts.size - 1):
-        used = int(b[cuts[u] : cuts[u + 1]].sum())
-        assert used <= budget or cuts[u + 1] - cuts[u] == 1  # a lone oversized block
-        if cuts[u + 1] < b.size:  # the next block would not have fit
-            assert used + int(b[cuts[u + 1]]) > budget
-
-
 def test_seam_rows_go_to_the_later_unit():
     # Blocks 0..5 of 10 rows; units read blocks [3, 0] then [1, 5] then [2, 4].
     order = np.array([3, 0, 1, 5, 2, 4])
@@ -257,7 +245,7 @@ def test_share_that_fits_the_budget_is_one_permuted_unit():
 
 
 def test_units_draw_blocks_from_the_whole_share():
-    """Consecutive units are random draws over all blocks, not runs of neighbouring blocks."""
+    """Each unit's blocks spread over all blocks, not runs of neighbouring blocks."""
     bounds = fixed_bounds(100_000, 100)  # 1000 blocks, 10 blocks per unit
     # 100 bytes a block, plus room for one row (1 byte) from its left neighbour.
     s = BlockSampler(bounds, shuffle=True, seed=0, unit_bytes=10 * 101,
@@ -268,6 +256,60 @@ def test_units_draw_blocks_from_the_whole_share():
     # Ten blocks drawn at random from 1000 span most of the rows; neighbours would span
     # about 1000 rows.
     assert np.median(spreads) > 50_000
+
+
+@pytest.mark.parametrize("budget_blocks", [7, 10, 33])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_units_are_dealt_one_block_per_stratum(budget_blocks, seed):
+    """Taken in stored order, each run of ``n_units`` blocks gives one block to every unit
+    (the last run one to as many units as it has blocks)."""
+    block, n_blocks = 100, 1000
+    bounds = fixed_bounds(block * n_blocks, block)
+    s = BlockSampler(bounds, shuffle=True, seed=seed, unit_bytes=budget_blocks * 101,
+                     block_bytes=np.full(n_blocks, 100))
+    plan = s.plan(2)
+    unit_of = np.full(n_blocks, -1)
+    for u in range(plan.n_units):
+        # A block's rows, but for the last one, which may go to its neighbour's unit.
+        blocks = np.flatnonzero(np.bincount(plan.unit(u).rows // block) > 1)
+        assert (unit_of[blocks] == -1).all()
+        unit_of[blocks] = u
+    n_units = plan.n_units
+    assert n_units == -(-n_blocks // budget_blocks) and (unit_of >= 0).all()
+    for start in range(0, n_blocks, n_units):
+        run = unit_of[start : start + n_units]
+        assert np.unique(run).size == run.size
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_units_hold_every_label_in_its_share(seed):
+    """On a label-sorted store, each unit's count of a label is the label's share of the
+    unit give or take the two blocks at the label's ends (an oracle from the label sizes);
+    so batches mix about like a permutation's, where units of randomly drawn blocks do not.
+    """
+    block = 200
+    sizes = np.random.default_rng(7).integers(4_000, 12_000, size=12)
+    labels = np.repeat(np.arange(sizes.size), sizes)
+    bounds = fixed_bounds(labels.size, block)
+    n_blocks = bounds.size - 1
+    s = BlockSampler(bounds, shuffle=True, seed=seed, unit_bytes=60 * block,
+                     block_bytes=np.diff(bounds) * 1.0)
+    plan = s.plan(0)
+    assert plan.n_units > 5
+    for u in range(plan.n_units):
+        rows = plan.unit(u).rows
+        got = np.bincount(labels[rows], minlength=sizes.size)
+        want = sizes * rows.size / labels.size
+        assert np.abs(got - want).max() <= 2 * block + 2 * block * rows.size / labels.size
+    stream = _epoch_rows(s, 0)
+    B = 256
+    n = stream.size // B * B
+    mine = batch_mixing(stream[:n].reshape(-1, B), labels).tv
+    perm = np.random.default_rng(seed).permutation(labels.size)[:n]
+    best = batch_mixing(perm.reshape(-1, B), labels).tv
+    # Units of 60 blocks drawn at random: about mixing_ratio(60, 256) ~ 2.2x.
+    assert mine / best < 1.3 < mixing_ratio(60, B)
+    assert n_blocks > 60 * 5
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
