@@ -32,7 +32,9 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "128KiB/8MiB shards": {"chunk_bytes": 2**17, "shard_bytes": 8 * 2**20},
     "64KiB/16MiB shards": {"chunk_bytes": 2**16, "shard_bytes": 16 * 2**20},
     "256KiB/16MiB shards": {"chunk_bytes": 2**18, "shard_bytes": 16 * 2**20},
+    "512KiB/16MiB shards": {"chunk_bytes": 2**19, "shard_bytes": 16 * 2**20},
     "1MiB/16MiB shards": {"chunk_bytes": 2**20, "shard_bytes": 16 * 2**20},
+    "1MiB": {"chunk_bytes": 2**20},
 }
 RANDOM_ROWS = 1024
 RANDOM_DRAWS = 5
