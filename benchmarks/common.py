@@ -418,14 +418,17 @@ def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def child(module: str, *args: Any, timeout: float | None = None) -> Any:
+def child(module: str, *args: Any, timeout: float | None = None, python: str = sys.executable,
+          env: dict[str, str] | None = None) -> Any:
     """``python -m benchmarks.MODULE ARGS`` in a fresh interpreter (its memory and imports its
-    own), from the repository root; returns the JSON its last line of output holds.  Raises
-    ``RuntimeError`` (the exit status and the end of stderr) if it fails, and
-    ``subprocess.TimeoutExpired`` past ``timeout`` seconds."""
-    cmd = [sys.executable, "-m", f"benchmarks.{module}", *map(str, args)]
+    own; ``python``, with ``env`` added to the environment), from the repository root;
+    returns the JSON its last line of output holds.  Raises ``RuntimeError`` (the exit status
+    and the end of stderr) if it fails, and ``subprocess.TimeoutExpired`` past ``timeout``
+    seconds."""
+    cmd = [python, "-m", f"benchmarks.{module}", *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout,
-                          cwd=Path(__file__).resolve().parent.parent)
+                          cwd=Path(__file__).resolve().parent.parent,
+                          env=None if env is None else {**os.environ, **env})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
