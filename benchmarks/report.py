@@ -58,6 +58,11 @@ def _status_note(r: dict[str, Any]) -> str:
     return ""
 
 
+def _speed(r: dict[str, Any]) -> list[str]:
+    """The M nnz/s and rows/s cells."""
+    return [_f(mnnz_s(r)), _f(rows_s(r), 0)] if ok(r) else ["-", "-"]
+
+
 def _rss(r: dict[str, Any], isolated: bool) -> tuple[str, str]:
     if not ok(r):
         return "-", "-"
@@ -262,9 +267,8 @@ def markdown(doc: dict[str, Any], folder: Path | None = None) -> str:
     for r in stream:
         g, p = _rss(r, iso)
         vs = _ratio(r, best) if best is not None else None
-        body.append([r["label"], _f(mnnz_s(r)) if ok(r) else "-",
-                     _f(rows_s(r), 0) if ok(r) else "-", g, p,
-                     "-" if vs is None else f"{vs:.2f}x", _status_note(r)])
+        body.append([r["label"], *_speed(r), g, p, "-" if vs is None else f"{vs:.2f}x",
+                     _status_note(r)])
     lines += _table(["case", "M nnz/s", "rows/s", "RSS growth MiB", "process peak MiB",
                      "vs best baseline", "note"], body)
     z, zs = results.get("raw_zarr"), results.get("raw_zarrs")
@@ -322,9 +326,8 @@ def markdown(doc: dict[str, Any], folder: Path | None = None) -> str:
         if not rs:
             continue
         lines += [f"## {title}", ""]
-        body = [[r["label"], _f(mnnz_s(r)) if ok(r) else "-", _f(rows_s(r), 0) if ok(r) else "-",
-                 _f(r["seconds"], 3) if ok(r) else "-", *_rss(r, iso), _status_note(r)]
-                for r in rs]
+        body = [[r["label"], *_speed(r), _f(r["seconds"], 3) if ok(r) else "-", *_rss(r, iso),
+                 _status_note(r)] for r in rs]
         lines += _table(["case", "M nnz/s", "rows/s", "seconds", "RSS growth MiB",
                          "process peak MiB", "note"], body)
 
@@ -336,8 +339,7 @@ def markdown(doc: dict[str, Any], folder: Path | None = None) -> str:
                   "The RSS target compares the `to tf.data` rows; the DataLoader-only rows show "
                   "how much of the memory is the loader's own working set.", ""]
         body = [[r["label"], f"{r.get('store_rows', 0):,}", f"{r.get('store_nnz', 0):,}",
-                 _f(mnnz_s(r)) if ok(r) else "-", _f(rows_s(r), 0) if ok(r) else "-",
-                 *_rss(r, iso), _status_note(r)] for r in rs]
+                 *_speed(r), *_rss(r, iso), _status_note(r)] for r in rs]
         lines += _table(["case", "rows", "nnz", "M nnz/s", "rows/s", "RSS growth MiB",
                          "process peak MiB", "note"], body)
 
