@@ -89,11 +89,15 @@ def _perm(n_rows: int) -> np.ndarray:
     return np.random.default_rng(PERM_SEED).permutation(n_rows)
 
 
-def _sorted_batches(n_rows: int, limit: int) -> Iterator[np.ndarray]:
-    """Sorted 1024-row batches of the first ``limit`` rows of the random permutation."""
+def _take(X: Any, labels: Any, n_rows: int, limit: int) -> Iterator[tuple[np.ndarray, int]]:
+    """``X[rows]`` and ``labels[rows]`` for sorted 1024-row batches of the first ``limit``
+    rows of the random permutation: ``(rows, nnz)`` per batch."""
     perm = _perm(n_rows)[:limit]
     for i in range(0, perm.size, BATCH):
-        yield np.sort(perm[i:i + BATCH])
+        rows = np.sort(perm[i:i + BATCH])
+        nnz = X[rows].nnz
+        labels[rows]
+        yield rows, nnz
 
 
 # ------------------------------------------------------------------ one timed pass
@@ -138,16 +142,8 @@ def _child_sparsestore(name: str, work: Path, random_rows: int) -> dict[str, Any
             it.close()
 
     if name in ("ss_take", "ss_take_shards"):
-        def make() -> Any:
-            return sparsestore.open(str(path))
-
-        def take(store: Any) -> Iterator[tuple[np.ndarray, int]]:
-            lab = store.labels[LABEL]
-            for rows in _sorted_batches(store.n_rows, random_rows):
-                X = store[rows]
-                lab[rows]
-                yield rows, X.nnz
-        return _timed(make, take, warm)
+        return _timed(lambda: sparsestore.open(str(path)), lambda s: _take(
+            s, s.labels[LABEL], s.n_rows, random_rows), warm)
 
     def make_loader() -> Any:
         store = sparsestore.open(str(path))
@@ -201,13 +197,8 @@ def _child_peer(name: str, work: Path, random_rows: int) -> dict[str, Any]:
             a.X[np.arange(0, a.n_obs, max(1, a.n_obs // BATCH))[:BATCH]]
             a.file.close()
 
-        def take(a: Any) -> Iterator[tuple[np.ndarray, int]]:
-            lab = a.obs[LABEL].to_numpy()
-            for rows in _sorted_batches(a.n_obs, random_rows):
-                X = a.X[rows]
-                lab[rows]
-                yield rows, X.nnz
-        return _timed(lambda: ad.read_h5ad(h5ad, backed="r"), take, warm)
+        return _timed(lambda: ad.read_h5ad(h5ad, backed="r"), lambda a: _take(
+            a.X, a.obs[LABEL].to_numpy(), a.n_obs, random_rows), warm)
 
     if name in ANNBATCH:
         _zarrs()
