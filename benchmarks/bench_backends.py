@@ -47,18 +47,19 @@ def synthetic(n_rows: int, n_cols: int, per_row: int, seed: int = 0) -> sp.csr_m
                      random_state=rng)
 
 
-def timed_pass(make: Callable[[], Iterator[Any]], rows_of: Callable[[Any], int],
-               sync: Callable[[Any], None], budget: float) -> tuple[int, float]:
-    """Rows delivered by one pass (cut at ``budget`` seconds) and the seconds taken."""
+def timed_pass(make: Callable[[], Iterator[Any]], sync: Callable[[Any], Any] | None,
+               budget: float) -> tuple[int, float]:
+    """Rows delivered by one pass (cut at ``budget`` seconds) and the seconds taken, the
+    last batch waited for by ``sync`` (a framework that computes asynchronously)."""
     it = make()
     rows, last = 0, None
     t0 = time.perf_counter()
     for item in it:
-        rows += rows_of(item)
+        rows += int(item.shape[0])
         last = item
         if time.perf_counter() - t0 > budget:
             break
-    if last is not None:
+    if last is not None and sync is not None:
         sync(last)
     dt = time.perf_counter() - t0
     close = getattr(it, "close", None)
@@ -68,7 +69,7 @@ def timed_pass(make: Callable[[], Iterator[Any]], rows_of: Callable[[Any], int],
 
 
 def jax_cases(store: sparsestore.SparseStore, X: sp.csr_matrix) -> dict[str, tuple]:
-    """JAX cases: (iterator factory, rows of an element, wait-for-device)."""
+    """JAX cases: (iterator factory, wait-for-device)."""
     import jax
     from jax.experimental import sparse as jsparse
 
@@ -94,22 +95,19 @@ def jax_cases(store: sparsestore.SparseStore, X: sp.csr_matrix) -> dict[str, tup
     seq = sparsestore.DataLoader(store, BATCH, backend="jax")
     shuf = sparsestore.DataLoader(store, BATCH, shuffle=True, seed=0, backend="jax")
 
-    def rows(x: Any) -> int:
-        return int(x.shape[0])
-
     def sync(x: Any) -> None:
         jax.block_until_ready(x.data)
 
     return {
-        "jax_in_memory_bcoo_slice": (in_memory, rows, sync),
-        "jax_in_memory_csr_hand_slices": (scipy_slices, rows, sync),
-        "jax_ours_sequential": (lambda: iter(seq), rows, sync),
-        "jax_ours_shuffled": (lambda: iter(shuf), rows, sync),
+        "jax_in_memory_bcoo_slice": (in_memory, sync),
+        "jax_in_memory_csr_hand_slices": (scipy_slices, sync),
+        "jax_ours_sequential": (seq.__iter__, sync),
+        "jax_ours_shuffled": (shuf.__iter__, sync),
     }
 
 
 def torch_cases(store: sparsestore.SparseStore, X: sp.csr_matrix) -> dict[str, tuple]:
-    """PyTorch cases: (iterator factory, rows of an element, no-op sync)."""
+    """PyTorch cases: (iterator factory, no sync)."""
     import sparsestore.adapters.torch as sstorch
     import torch
 
@@ -146,21 +144,12 @@ def torch_cases(store: sparsestore.SparseStore, X: sp.csr_matrix) -> dict[str, t
         return torch.utils.data.DataLoader(sstorch.SparseIterableDataset(loader),
                                            batch_size=None)
 
-    dl = {"seq": mem_loader(False), "shuf": mem_loader(True), "oseq": ours(False),
-          "oshuf": ours(True)}
-
-    def rows(x: Any) -> int:
-        return int(x.shape[0])
-
-    def sync(x: Any) -> None:
-        return None
-
     return {
-        "torch_in_memory_index_select": (lambda: iter(dl["seq"]), rows, sync),
-        "torch_in_memory_index_select_shuffled": (lambda: iter(dl["shuf"]), rows, sync),
-        "torch_in_memory_csr_hand_slices": (csr_slices, rows, sync),
-        "torch_ours_sequential": (lambda: iter(dl["oseq"]), rows, sync),
-        "torch_ours_shuffled": (lambda: iter(dl["oshuf"]), rows, sync),
+        "torch_in_memory_index_select": (mem_loader(False).__iter__, None),
+        "torch_in_memory_index_select_shuffled": (mem_loader(True).__iter__, None),
+        "torch_in_memory_csr_hand_slices": (csr_slices, None),
+        "torch_ours_sequential": (ours(False).__iter__, None),
+        "torch_ours_shuffled": (ours(True).__iter__, None),
     }
 
 
@@ -189,12 +178,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         store = sparsestore.save(Path(tmp) / "bench.zarr", X)
         cases = {**jax_cases(store, X), **torch_cases(store, X)}
-        for make, rows_of, sync in cases.values():  # warm up: compile, fault in, open files
-            timed_pass(make, rows_of, sync, budget=0.5)
+        for make, sync in cases.values():  # warm up: compile, fault in, open files
+            timed_pass(make, sync, budget=0.5)
         runs: dict[str, list[tuple[int, float]]] = {k: [] for k in cases}
         for _ in range(args.rounds):
-            for name, (make, rows_of, sync) in cases.items():
-                runs[name].append(timed_pass(make, rows_of, sync, args.budget))
+            for name, (make, sync) in cases.items():
+                runs[name].append(timed_pass(make, sync, args.budget))
     nnz_per_row = X.nnz / X.shape[0]
     results = {}
     for name, rs in runs.items():

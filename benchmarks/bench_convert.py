@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .baselines import shard_paths
-from .common import Ctx, MiB, RssSampler, case, child, make_matrix, need, rmtree
+from .common import Ctx, MiB, RssSampler, case, child, load_avg, make_matrix, need, rmtree
 
 
 def _convert(ctx: Ctx, workers: int) -> dict[str, Any]:
@@ -249,23 +249,15 @@ def main(argv: list[str] | None = None) -> int:
         pairs.append((got[1][0], got[2][0]))
         print(f"pair {len(pairs)}: workers=1 {got[1][0]:.3f} s (cpu {got[1][1]:.2f}), "
               f"workers=2 {got[2][0]:.3f} s (cpu {got[2][1]:.2f}), ratio "
-              f"{got[1][0] / got[2][0]:.2f}, load {_load()}{'  (noisy)' if noisy else ''}")
+              f"{got[1][0] / got[2][0]:.2f}, load {load_avg()}{'  (noisy)' if noisy else ''}")
     t1 = statistics.median(a for a, _ in pairs)
     t2 = statistics.median(b for _, b in pairs)
     ratio = statistics.median(a / b for a, b in pairs)
     print(f"{args.shards} shards: median workers=1 {t1:.3f} s, workers=2 {t2:.3f} s; speed-up "
           f"{t1 / t2:.2f}x (median of pair ratios {ratio:.2f}x; criterion >= 1.6x: "
           f"{'met' if ratio >= 1.6 else 'NOT met'}); two-thread control (numpy sorts) "
-          f"{statistics.median(controls):.2f}x; load average {_load()}")
+          f"{statistics.median(controls):.2f}x; load average {load_avg()}")
     return 0
-
-
-def _load() -> str:
-    """The 1/5/15-minute load averages (the machine is shared: read ratios against them)."""
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 if __name__ == "__main__":

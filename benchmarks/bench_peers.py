@@ -38,11 +38,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import MiB, RssSampler, _version, add_out_argument, dir_bytes, load_avg, rmtree
+from .common import MiB, RssSampler, _version, add_out_argument, child, dir_bytes, load_avg
 
 BATCH = 1024
 N_COLS = 20_000
@@ -91,11 +89,15 @@ def _perm(n_rows: int) -> np.ndarray:
     return np.random.default_rng(PERM_SEED).permutation(n_rows)
 
 
-def _sorted_batches(n_rows: int, limit: int) -> Iterator[np.ndarray]:
-    """Sorted 1024-row batches of the first ``limit`` rows of the random permutation."""
+def _take(X: Any, labels: Any, n_rows: int, limit: int) -> Iterator[tuple[np.ndarray, int]]:
+    """``X[rows]`` and ``labels[rows]`` for sorted 1024-row batches of the first ``limit``
+    rows of the random permutation: ``(rows, nnz)`` per batch."""
     perm = _perm(n_rows)[:limit]
     for i in range(0, perm.size, BATCH):
-        yield np.sort(perm[i:i + BATCH])
+        rows = np.sort(perm[i:i + BATCH])
+        nnz = X[rows].nnz
+        labels[rows]
+        yield rows, nnz
 
 
 # ------------------------------------------------------------------ one timed pass
@@ -140,16 +142,8 @@ def _child_sparsestore(name: str, work: Path, random_rows: int) -> dict[str, Any
             it.close()
 
     if name in ("ss_take", "ss_take_shards"):
-        def make() -> Any:
-            return sparsestore.open(str(path))
-
-        def take(store: Any) -> Iterator[tuple[np.ndarray, int]]:
-            lab = store.labels[LABEL]
-            for rows in _sorted_batches(store.n_rows, random_rows):
-                X = store[rows]
-                lab[rows]
-                yield rows, X.nnz
-        return _timed(make, take, warm)
+        return _timed(lambda: sparsestore.open(str(path)), lambda s: _take(
+            s, s.labels[LABEL], s.n_rows, random_rows), warm)
 
     def make_loader() -> Any:
         store = sparsestore.open(str(path))
@@ -203,13 +197,8 @@ def _child_peer(name: str, work: Path, random_rows: int) -> dict[str, Any]:
             a.X[np.arange(0, a.n_obs, max(1, a.n_obs // BATCH))[:BATCH]]
             a.file.close()
 
-        def take(a: Any) -> Iterator[tuple[np.ndarray, int]]:
-            lab = a.obs[LABEL].to_numpy()
-            for rows in _sorted_batches(a.n_obs, random_rows):
-                X = a.X[rows]
-                lab[rows]
-                yield rows, X.nnz
-        return _timed(lambda: ad.read_h5ad(h5ad, backed="r"), take, warm)
+        return _timed(lambda: ad.read_h5ad(h5ad, backed="r"), lambda a: _take(
+            a.X, a.obs[LABEL].to_numpy(), a.n_obs, random_rows), warm)
 
     if name in ANNBATCH:
         _zarrs()
@@ -255,7 +244,7 @@ def _child_prepare(kind: str, work: Path) -> dict[str, Any]:
     from annbatch import DatasetCollection
 
     out = work / f"annbatch_{kind}.zarr"
-    rmtree(out)
+    shutil.rmtree(out, ignore_errors=True)
     gc.collect()
     with RssSampler() as rss:
         t0 = time.perf_counter()
@@ -273,7 +262,8 @@ def _peer_versions() -> dict[str, Any]:
 
 
 def child_main(args: argparse.Namespace) -> None:
-    """The subprocess side: one pass (or one preparation) written to ``--result``."""
+    """The subprocess side: one pass (or one preparation), its result printed as JSON and
+    the row ids it yielded saved beside the stores."""
     work = Path(args.work)
     if args.child == "versions":
         res: dict[str, Any] = _peer_versions()
@@ -284,29 +274,26 @@ def child_main(args: argparse.Namespace) -> None:
         fn = _child_sparsestore if side == "sparsestore" else _child_peer
         res = fn(args.child, work, args.random_rows)
         rows = res.pop("batch_rows")
-        np.savez(Path(args.result).with_suffix(".npz"),
+        np.savez(work / f"{args.child}.npz",
                  rows=np.concatenate(rows) if rows else np.zeros(0, np.int64),
                  sizes=np.array([r.size for r in rows], dtype=np.int64))
-    Path(args.result).write_text(json.dumps(res))
+    print(json.dumps(res))
 
 
 # ------------------------------------------------------------------ the parent
 
-def _run_child(python: str, name: str, work: Path, random_rows: int, tmp: Path,
-               timeout: float) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
-    result = tmp / f"{name}.json"
-    for f in (result, result.with_suffix(".npz")):
-        f.unlink(missing_ok=True)
-    cmd = [python, "-m", "benchmarks.bench_peers", "--child", name, "--work", str(work),
-           "--result", str(result), "--random-rows", str(random_rows)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=timeout, check=False)
-    if proc.returncode != 0 or not result.exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-        raise RuntimeError(f"{name}: exit {proc.returncode}: " + " / ".join(tail))
-    res = json.loads(result.read_text())
-    npz = result.with_suffix(".npz")
+def _run_child(python: str, name: str, work: Path, random_rows: int, timeout: float
+               ) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
+    """One child run of ``name`` in ``python``: its result, and the row ids it yielded with
+    its batch sizes (None for a child that yields no rows)."""
+    npz = work / f"{name}.npz"
+    npz.unlink(missing_ok=True)
+    try:
+        res = child("bench_peers", "--child", name, "--work", work, "--random-rows",
+                    random_rows, timeout=timeout, python=python,
+                    env={"PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"})
+    except RuntimeError as exc:  # the end of its stderr, for the page
+        raise RuntimeError(f"{name}: " + " / ".join(str(exc).strip().splitlines()[-6:])) from None
     if not npz.exists():
         return res, None, None
     with np.load(npz) as z:
@@ -369,7 +356,7 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None] = print
     names = [c for c in args.configs.split(",") if c]
     if Path(peer).exists():
         facts["peer_versions"], _, _ = _run_child(peer, "versions", work, args.random_rows,
-                                                  work, 300)
+                                                  300)
     else:  # the sparsestore side still runs; the page says why the peers are missing
         log(f"no peer interpreter at {peer}: the peer configs are skipped")
         facts["peer_versions"] = {"python": f"missing ({peer})"}
@@ -386,7 +373,7 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None] = print
              ("unshuffled", "annbatch copy in storage order (`add_adatas(shuffle=False)`)"))
     for kind, what in steps if Path(peer).exists() else ():
         try:
-            r, _, _ = _run_child(peer, f"prepare_{kind}", work, args.random_rows, work,
+            r, _, _ = _run_child(peer, f"prepare_{kind}", work, args.random_rows,
                                  args.timeout)
             prep.append({"group": "preparation", "step": what, "seconds": r["seconds"],
                          "peak RSS MiB": r["peak_rss_mib"], "disk MiB": r["disk_mib"],
@@ -405,8 +392,7 @@ def run(args: argparse.Namespace, work: Path, log: Callable[[str], None] = print
                 continue
             python = sys.executable if CONFIGS[c][0] == "sparsestore" else peer
             try:
-                r, rows, sizes = _run_child(python, c, work, args.random_rows, work,
-                                            args.timeout)
+                r, rows, sizes = _run_child(python, c, work, args.random_rows, args.timeout)
             except Exception as exc:  # noqa: BLE001 -- a peer that fails is reported
                 errors[c] = str(exc)[:400]
                 log(f"  {c}: FAILED {errors[c]}")
@@ -514,7 +500,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "the command)")
     add_out_argument(p)
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         child_main(args)

@@ -46,6 +46,7 @@ from .common import (
     coo_parts,
     idiom_dataset,
     quiet_tf_retracing,
+    reproduce_command,
     rmtree,
     store_with_matrix,
 )
@@ -129,8 +130,9 @@ def _interleaved(fns: dict[str, Any], rounds: int) -> dict[str, dict[str, list[f
     return out
 
 
-def _med(d: dict[str, list[float]]) -> dict[str, float]:
-    return {k: statistics.median(v) for k, v in d.items()}
+def _med(d: dict[str, list[float]], key: str | None = None) -> dict[str, float]:
+    """The median of each list of ``d`` (of ``d[k][key]`` with ``key``)."""
+    return {k: statistics.median(v if key is None else v[key]) for k, v in d.items()}
 
 
 # ------------------------------------------------------------------ one matrix
@@ -176,8 +178,7 @@ def bench_matrix(name: str, shape: tuple[int, int, int], work: Path, rounds: int
     }
     for way, (make, n) in ways.items():
         t = _interleaved(make(), n)
-        res["seconds"][way] = {k: _med({"w": v["wall"]})["w"] for k, v in t.items()}
-        res["cpu_seconds"][way] = {k: _med({"c": v["cpu"]})["c"] for k, v in t.items()}
+        res["seconds"][way], res["cpu_seconds"][way] = _med(t, "wall"), _med(t, "cpu")
         log(f"  {way:6s} " + "  ".join(
             f"{k} {s:.3f} s" for k, s in res["seconds"][way].items()))
     res["ratios"] = {
@@ -221,7 +222,7 @@ def bench_matrix(name: str, shape: tuple[int, int, int], work: Path, rounds: int
     rows = slice(0, n_short * BATCH_SIZE)
     part = {"idiom": _graph(tf, idiom_dataset(tf, tf.sparse.SparseTensor(*coo_parts(X[rows])))),
             "seq": _graph(tf, sstf.to_dataset(DataLoader(store, BATCH_SIZE, rows=rows)))}
-    t_short = {k: _med({"w": v["wall"]})["w"] for k, v in _interleaved(part, rounds).items()}
+    t_short = _med(_interleaved(part, rounds), "wall")
     pp: dict[str, dict[str, float]] = {}
     for side in ("idiom", "seq"):
         per_batch = (res["seconds"]["graph"][side] - t_short[side]) / (n_long - n_short)
@@ -283,8 +284,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     args = p.parse_args(argv)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     rounds = args.rounds or ROUNDS[mode]
-    command = ("python -m benchmarks.bench_tf_compare" + ("" if mode == "full" else f" --{mode}")
-               + (f" --rounds {args.rounds}" if args.rounds else ""))
+    command = reproduce_command("benchmarks.bench_tf_compare", p, args, ("quick", "tiny", "rounds"))
     if args.work is not None:
         Path(args.work).mkdir(parents=True, exist_ok=True)
     matrices: dict[str, Any] = {}

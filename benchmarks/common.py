@@ -319,6 +319,12 @@ class Case:
     ours: bool = False  # a sparsestore streaming path
     needs: tuple[str, ...] = ()  # modules imported before RSS is measured (not charged)
 
+    def record(self, **status: Any) -> dict[str, Any]:
+        """The start of this case's result record (its identity), then ``status``."""
+        return {"name": self.name, "group": self.group, "label": self.label,
+                "description": self.description, "baseline": self.baseline, "ours": self.ours,
+                **status}
+
 
 CASES: dict[str, Case] = {}
 BASE_NEEDS = ("numpy", "scipy.sparse", "zarr", "sparsestore")
@@ -343,9 +349,7 @@ def case(name: str, group: str, label: str, description: str, *, baseline: bool 
 def run_case(name: str, ctx: Ctx) -> dict[str, Any]:
     """Run one registered case here, with RSS measured around it; never raises."""
     c = CASES[name]
-    out: dict[str, Any] = {"name": name, "group": c.group, "label": c.label,
-                           "description": c.description, "baseline": c.baseline,
-                           "ours": c.ours}
+    out = c.record()
     for mod in c.needs:  # library imports are not the case's memory
         with contextlib.suppress(ImportError):  # else the case skips itself, naming it
             importlib.import_module(mod)
@@ -414,19 +418,28 @@ def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def child(module: str, *args: Any) -> Any:
+def child(module: str, *args: Any, timeout: float | None = None, python: str = sys.executable,
+          env: dict[str, str] | None = None) -> Any:
     """``python -m benchmarks.MODULE ARGS`` in a fresh interpreter (its memory and imports its
-    own), from the repository root; returns the JSON its last line of output holds."""
-    cmd = [sys.executable, "-m", f"benchmarks.{module}", *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                          cwd=Path(__file__).resolve().parent.parent)
+    own; ``python``, with ``env`` added to the environment), from the repository root;
+    returns the JSON its last line of output holds.  Raises ``RuntimeError`` (the exit status
+    and the end of stderr) if it fails, and ``subprocess.TimeoutExpired`` past ``timeout``
+    seconds."""
+    cmd = [python, "-m", f"benchmarks.{module}", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout,
+                          cwd=Path(__file__).resolve().parent.parent,
+                          env=None if env is None else {**os.environ, **env})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def dump_json(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(obj, indent=1, default=_json_default))
+def dump_json(obj: Any, path: str | Path | None = None, indent: int | None = 1) -> str:
+    """``obj`` as JSON (numpy scalars and paths included), written to ``path`` if given."""
+    text = json.dumps(obj, indent=indent, default=_json_default)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
 
 
 def reproduce_command(module: str, parser: Any, args: Any, options: Iterable[str]) -> str:

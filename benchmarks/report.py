@@ -58,6 +58,11 @@ def _status_note(r: dict[str, Any]) -> str:
     return ""
 
 
+def _speed(r: dict[str, Any]) -> list[str]:
+    """The M nnz/s and rows/s cells."""
+    return [_f(mnnz_s(r)), _f(rows_s(r), 0)] if ok(r) else ["-", "-"]
+
+
 def _rss(r: dict[str, Any], isolated: bool) -> tuple[str, str]:
     if not ok(r):
         return "-", "-"
@@ -123,14 +128,16 @@ def targets(results: dict[str, dict[str, Any]], folder: Path | None = None
     more = _interleaved(folder)
     rows: list[list[str]] = []
 
-    def add(key: str, suite: float | None, good: bool | None, inter: str = "-",
-            fmt: str = "{:.2f}x") -> None:
+    def add(key: str, suite: float | None, good: bool | None = None, inter: str = "-",
+            least: float | None = None) -> None:
+        """A target's row (``key`` of TARGETS_DOC, else the target's own words); with
+        ``least``, met when ``suite`` reaches it."""
+        if least is not None and suite is not None:
+            good = suite >= least
         verdict = "n/a" if good is None else ("met" if good else "NOT met")
-        rows.append([TARGETS_DOC[key], "-" if suite is None else fmt.format(suite), inter,
-                     verdict])
+        rows.append([TARGETS_DOC.get(key, key), _x(suite), inter, verdict])
 
-    r = _ratio(g("read_store_default"), g("read_npz"))
-    add("read", r, None if r is None else r >= 5)
+    add("read", _ratio(g("read_store_default"), g("read_npz")), least=5)
     v = _ratio(g("ss_tf_seq"), g("tf_from_tensor_slices"))
     tf = more.get("tf")
     if tf:
@@ -138,9 +145,8 @@ def targets(results: dict[str, dict[str, Any]], folder: Path | None = None
                           f"Keras epoch {_x(t['Keras epoch'])}" for k, t in tf.items())
         add("tf_slices", v, next(iter(tf.values()))["in-graph"] >= 1.2, "tf_compare " + inter)
     else:
-        add("tf_slices", v, None if v is None else v >= 1.2)
-    v = _ratio(g("ss_tf_seq"), g("tf_from_generator"))
-    add("tf_gen", v, None if v is None else v >= 2.5)
+        add("tf_slices", v, least=1.2)
+    add("tf_gen", _ratio(g("ss_tf_seq"), g("tf_from_generator")), least=2.5)
     k = g("keras_fit")
     v = k["stream_over_cached"] if ok(k) else None
     add("keras", v, None if v is None else v <= 1.1)
@@ -158,11 +164,10 @@ def targets(results: dict[str, dict[str, Any]], folder: Path | None = None
             good = min(x for (st, _), x in steady.items() if "default" in st) >= 0.8
         add("shuffle", v, good, text)
     else:
-        add("shuffle", v, None if v is None else v >= 0.8)
+        add("shuffle", v, least=0.8)
     if ok(k):
-        s = k["shuffled_over_sequential_throughput"]
-        rows.append(["... same in Keras fit (sequential / shuffled epoch time)", f"{s:.2f}x",
-                     "-", "met" if s >= 0.8 else "NOT met"])
+        add("... same in Keras fit (sequential / shuffled epoch time)",
+            k["shuffled_over_sequential_throughput"], least=0.8)
     scal = sorted((r for r in results.values() if r["group"] == "scaling" and ok(r)
                    and not r["name"].startswith("scaling_loader")), key=lambda r: r["rows"])
     mem = more.get("memory")
@@ -177,23 +182,20 @@ def targets(results: dict[str, dict[str, Any]], folder: Path | None = None
                      f"{b['rss_growth_mib']:.0f} MiB)", inter,
                      "met" if grow <= 0.10 else "NOT met"])
     if not scal:
-        add("rss", None, None)
-    v = _ratio(g("convert_w2"), g("convert_w1"))
-    add("convert", v, None if v is None else v >= 1.6)
+        add("rss", None)
+    add("convert", _ratio(g("convert_w2"), g("convert_w1")), least=1.6)
     c = g("convert_w2")
     if ok(c) and c.get("shard_max_bytes"):
         rows.append(["convert peak RSS growth vs one shard decompressed",
                      f"{c['rss_growth_mib'] * MiB / c['shard_max_bytes']:.1f}x "
                      f"({c['rss_growth_mib']:.0f} MiB vs {c['shard_max_bytes'] / MiB:.1f} MiB)",
                      "-", "info"])
-    v = _ratio(g("dask_colsum_store"), g("dask_colsum_scipy"), rows_s)
-    add("dask_scipy", v, None if v is None else v >= 0.5)
+    add("dask_scipy", _ratio(g("dask_colsum_store"), g("dask_colsum_scipy"), rows_s), least=0.5)
     v = _ratio(g("dask_colsum_store"), g("dask_colsum_scipy_load"), rows_s)
     if v is not None:
-        rows.append(["... dask column sums vs scipy load_npz + sum (same disk)", f"{v:.2f}x",
-                     "-", "met" if v >= 0.5 else "NOT met"])
-    v = _ratio(g("dask_colsum_store"), g("dask_colsum_anndata"), rows_s)
-    add("dask_anndata", v, None if v is None else v >= 3)
+        add("... dask column sums vs scipy load_npz + sum (same disk)", v, least=0.5)
+    add("dask_anndata", _ratio(g("dask_colsum_store"), g("dask_colsum_anndata"), rows_s),
+        least=3)
     return rows
 
 
@@ -262,9 +264,8 @@ def markdown(doc: dict[str, Any], folder: Path | None = None) -> str:
     for r in stream:
         g, p = _rss(r, iso)
         vs = _ratio(r, best) if best is not None else None
-        body.append([r["label"], _f(mnnz_s(r)) if ok(r) else "-",
-                     _f(rows_s(r), 0) if ok(r) else "-", g, p,
-                     "-" if vs is None else f"{vs:.2f}x", _status_note(r)])
+        body.append([r["label"], *_speed(r), g, p, "-" if vs is None else f"{vs:.2f}x",
+                     _status_note(r)])
     lines += _table(["case", "M nnz/s", "rows/s", "RSS growth MiB", "process peak MiB",
                      "vs best baseline", "note"], body)
     z, zs = results.get("raw_zarr"), results.get("raw_zarrs")
@@ -322,9 +323,8 @@ def markdown(doc: dict[str, Any], folder: Path | None = None) -> str:
         if not rs:
             continue
         lines += [f"## {title}", ""]
-        body = [[r["label"], _f(mnnz_s(r)) if ok(r) else "-", _f(rows_s(r), 0) if ok(r) else "-",
-                 _f(r["seconds"], 3) if ok(r) else "-", *_rss(r, iso), _status_note(r)]
-                for r in rs]
+        body = [[r["label"], *_speed(r), _f(r["seconds"], 3) if ok(r) else "-", *_rss(r, iso),
+                 _status_note(r)] for r in rs]
         lines += _table(["case", "M nnz/s", "rows/s", "seconds", "RSS growth MiB",
                          "process peak MiB", "note"], body)
 
@@ -336,8 +336,7 @@ def markdown(doc: dict[str, Any], folder: Path | None = None) -> str:
                   "The RSS target compares the `to tf.data` rows; the DataLoader-only rows show "
                   "how much of the memory is the loader's own working set.", ""]
         body = [[r["label"], f"{r.get('store_rows', 0):,}", f"{r.get('store_nnz', 0):,}",
-                 _f(mnnz_s(r)) if ok(r) else "-", _f(rows_s(r), 0) if ok(r) else "-",
-                 *_rss(r, iso), _status_note(r)] for r in rs]
+                 *_speed(r), *_rss(r, iso), _status_note(r)] for r in rs]
         lines += _table(["case", "rows", "nnz", "M nnz/s", "rows/s", "RSS growth MiB",
                          "process peak MiB", "note"], body)
 

@@ -28,6 +28,7 @@ from .common import (
     SIZES,
     Ctx,
     add_out_argument,
+    child,
     dump_json,
     load_avg,
     machine_info,
@@ -110,25 +111,13 @@ def setup(ctx: Ctx, log: Any = print) -> None:
 
 def run_isolated(name: str, ctx_file: Path, timeout: float) -> dict[str, Any]:
     """Run one case in a fresh interpreter; its result comes back as JSON."""
-    c = CASES[name]
-    with tempfile.TemporaryDirectory(prefix="ssbench-") as tmp:
-        res_file = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "benchmarks.run", "--child", name, "--ctx", str(ctx_file),
-               "--result", str(res_file)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                  cwd=Path(__file__).resolve().parent.parent)
-        except subprocess.TimeoutExpired:
-            return _failed(c, f"timed out after {timeout:.0f} s")
-        if res_file.exists():
-            return json.loads(res_file.read_text())
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return _failed(c, f"subprocess exited {proc.returncode}: {' / '.join(tail)}")
-
-
-def _failed(c: Any, reason: str) -> dict[str, Any]:
-    return {"name": c.name, "group": c.group, "label": c.label, "description": c.description,
-            "baseline": c.baseline, "ours": c.ours, "status": "error", "reason": reason}
+    try:
+        return child("run", "--child", name, "--ctx", ctx_file, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        reason = f"timed out after {timeout:.0f} s"
+    except RuntimeError as exc:  # its exit status, or the end of its stderr
+        reason = " / ".join(str(exc).strip().splitlines()[-3:])
+    return CASES[name].record(status="error", reason=reason)
 
 
 def select(patterns: str | None) -> list[str]:
@@ -160,7 +149,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ctx", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.size = args.size or "full"
     if args.isolate is None:
@@ -175,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.child:
         ctx = Ctx.from_json(json.loads(args.ctx.read_text()))
         res = run_case(args.child, ctx)
-        dump_json(res, args.result)
+        print(dump_json(res, indent=None))
         return res
     if args.list:
         for n in select(args.cases):
@@ -184,12 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     names = select(args.cases)
     size = SIZES[args.size]
-    tmp = None
-    if args.work is None:
-        tmp = tempfile.mkdtemp(prefix="sparsestore-bench-")
-        work = Path(tmp)
-    else:
-        work = args.work
+    tmp = None if args.work else tempfile.mkdtemp(prefix="sparsestore-bench-")
+    work = Path(args.work or tmp)
     ctx = Ctx(work=str(work), size=size)
     machine = machine_info()
     t_start = time.perf_counter()
