@@ -26,6 +26,7 @@ from .engine import OrderedMap
 from .errors import InvalidInputError, ShuffleQualityWarning
 from .explicit_samplers import ExplicitSampling
 from .indexing import normalize_rows
+from .mixing import ratio_to_permutation
 from .pickling import PICKLE_VERSION as PICKLE_VERSION  # re-exported: the pickle's layout
 from .pickling import PicklableLoader
 from .position import POSITION_EVENTS, Position, PositionListener, ResumableState
@@ -58,6 +59,7 @@ SHUFFLE_LAYOUT_COMMAND = "sparsestore convert OLD NEW --chunk-bytes 128KiB --sha
 #: Batches mixing like a permutation need about ``batch_size / 1.56`` distinct runs of
 #: stored rows each: label error within this factor of a true permutation's.
 ACCEPTABLE_MIXING_RATIO = 1.25
+MIXING_CHECK_BATCHES = 100  # batches of the first units scored by the store's labels
 MIXING_RATIO_ADVISED = 1.15  # the budget the warning advises aims below the warning's bar
 SMALL_BLOCK_BYTES = 2**20  # blocks of small (inner) chunks: rewriting the store cannot help
 
@@ -465,6 +467,9 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
         ratio = mixing_ratio(k, self._batch_size)
         if ratio <= ACCEPTABLE_MIXING_RATIO:
             return
+        measured = self._label_mixing(bs)
+        if measured and max(measured.values()) <= ACCEPTABLE_MIXING_RATIO:
+            return  # the store's own labels mix like a permutation: no worst case to fear
         self._warned = True
         mib = 2**20
         # The budget whose units would hold enough blocks (units grow with the budget).
@@ -476,17 +481,47 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
                if per_block <= SMALL_BLOCK_BYTES else
                f"rewrite the store with small chunks: `{SHUFFLE_LAYOUT_COMMAND}`, or raise "
                f"the budget ({enough})")
+        if measured:
+            name, worst = max(measured.items(), key=lambda kv: kv[1])
+            mix = (f"by the store's label {name!r}, a batch's label mix is {worst:.1f}x "
+                   f"further from the whole store's than a true permutation's")
+        else:
+            mix = (f"on rows stored sorted by a label of about {k:.0f} groups (the worst "
+                   f"case), a batch's label mix is about {ratio:.1f}x further from the whole "
+                   f"store's than a true permutation's (labels of far fewer groups mix "
+                   f"better: `sparsestore shuffle-check STORE --label NAME` measures yours)")
         warnings.warn(
             f"shuffle=True mixes poorly on this store: a {self._unit_bytes / mib:.0f} MiB "
             f"shuffle unit (shuffle_buffer_bytes={self._buffer_bytes}) holds about {k:.0f} of "
             f"its {per_block / mib:.1f} MiB chunk-sized blocks, so a batch of "
-            f"{self._batch_size} rows draws from few runs of neighbouring rows; on rows "
-            f"stored sorted by a label of about {k:.0f} groups (the worst case), its label "
-            f"mix is about {ratio:.1f}x further from the whole store's than a true "
-            f"permutation's (labels of far fewer groups mix better: `sparsestore "
-            f"shuffle-check STORE --label NAME` measures yours). To mix like one, {fix}.",
+            f"{self._batch_size} rows draws from few runs of neighbouring rows; {mix}. "
+            f"To mix like one, {fix}.",
             ShuffleQualityWarning, stacklevel=4,
         )
+
+    def _label_mixing(self, bs: BlockSampler) -> dict[str, float]:
+        """Each scorable store label's batch mix over a permutation's, on the first
+        :data:`MIXING_CHECK_BATCHES` batches of this epoch's plan (index math, and those
+        rows of each label read)."""
+        labels = self._store.labels
+        if not len(labels):
+            return {}
+        plan = bs.plan(self._epoch)
+        want = MIXING_CHECK_BATCHES * self._batch_size
+        parts, have = [], 0
+        for u in range(plan.n_units):
+            parts.append(plan.unit(u).rows)
+            have += parts[-1].size
+            if have >= want:
+                break
+        rows = np.concatenate(parts)[:want] if parts else np.zeros(0, np.int64)
+        out = {}
+        for name in labels:
+            r = ratio_to_permutation(labels[name], rows, self._batch_size,
+                                     population=self._rows, seed=self._seed)
+            if r is not None:
+                out[name] = r
+        return out
 
     def _block_pass(self, reader: BlockReader, epoch: int, start: int) -> Iterator[Batch]:
         bs, total = self._batch_size, len(self)

@@ -162,6 +162,46 @@ def batch_mixing(
     return Mixing(tv / nb if nb else 0.0, distinct / nb if nb else 0.0, nb, int(rows.size))
 
 
+#: Labels of more distinct values than this are not scored by :func:`ratio_to_permutation`
+#: (a regression target, an id): a batch could not hold a fair share of each anyway.
+MAX_SCORED_LABELS = 4096
+
+
+def ratio_to_permutation(
+    label: Any, rows: np.ndarray, batch_size: int, population: np.ndarray | None = None,
+    seed: int = 0,
+) -> float | None:
+    """Mean batch TV of ``rows`` (serving order, cut into full batches of ``batch_size``)
+    over that of as many rows drawn by a seeded permutation of ``population`` (default: all
+    rows), both against the label mix of the permutation's rows; reads only those rows of
+    ``label`` (a store label, or an array).  None where the label cannot say: not one value
+    per row, fewer than 2 or more than :data:`MAX_SCORED_LABELS` values, no full batch."""
+    nb = rows.size // max(1, batch_size)
+    if nb == 0:
+        return None
+    n = nb * batch_size
+    pop_size = len(label) if population is None else population.size
+    pick = np.random.default_rng(seed).permutation(pop_size)[:n]
+    drawn = pick if population is None else population[pick]
+    want = np.concatenate([rows[:n], drawn]).astype(np.int64, copy=False)
+    take = getattr(label, "take", None)
+    values = take(want) if callable(take) else np.asarray(label)[want]
+    if values.ndim == 2 and values.shape[1] == 1:
+        values = values[:, 0]
+    if values.ndim != 1:
+        return None
+    uniq, codes = np.unique(values, return_inverse=True)
+    k = int(uniq.size)
+    if not 2 <= k <= MAX_SCORED_LABELS or drawn.size < n:
+        return None
+    codes = codes.reshape(-1).astype(np.int64, copy=False)
+    reference = np.bincount(codes[n:], minlength=k) / n
+    sizes = np.full(nb, batch_size, dtype=np.int64)
+    mine = _score(codes[:n], sizes, k, reference)[0]
+    best = _score(codes[n:], sizes, k, reference)[0]
+    return mine / best if best > 0 else None
+
+
 # ------------------------------------------------------------------ a loader's quality
 
 def _loader_labels(loader: DataLoader, label: Any) -> np.ndarray:

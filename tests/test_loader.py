@@ -1080,6 +1080,46 @@ def test_poor_mixing_warns_once_naming_the_fix(tmp_path, monkeypatch):
         list(DataLoader(store, batch_size=256, shuffle=True, seed=0).iter_batches())
 
 
+def test_poor_mixing_warning_judges_by_the_stores_own_labels(tmp_path):
+    """Units hold every label of few groups in its share, so a store whose labels mix
+    like a permutation is not warned even where the worst case (a label of about as many
+    groups as a unit has blocks) would be; a label of many groups still is, by name."""
+    import warnings
+
+    from sparsestore.errors import ShuffleQualityWarning
+    from sparsestore.loader import ACCEPTABLE_MIXING_RATIO
+    from sparsestore.sampler import mixing_ratio
+
+    n, bs = 20_000, 256
+    X = sp.random(n, 50, density=0.1, format="csr", dtype=np.float32,
+                  random_state=np.random.default_rng(0))
+    y = (np.arange(n) * 3 // n).astype(np.int64)
+    donor = (np.arange(n) * 300 // n).astype(np.int64)
+    kw = dict(batch_size=bs, shuffle=True, seed=0, shuffle_buffer_bytes=640 * 1024,
+              drop_last=True)
+    store = sparsestore.save(tmp_path / "y.zarr", X, labels={"y": y}, chunk_bytes=4096)
+    loader = DataLoader(store, labels="y", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ShuffleQualityWarning)
+        plan = loader._sampler_for_blocks().plan(0)
+        got = [lab for _, lab in loader]
+    blocks = float(np.median(plan.blocks_per_unit))
+    assert plan.n_units > 1 and mixing_ratio(blocks, bs) > ACCEPTABLE_MIXING_RATIO
+
+    def over_permutation(labels, groups, batches):
+        perm = labels[np.random.default_rng(1).permutation(n)]
+        best = _mean_tv([perm[i:i + bs] for i in range(0, n - bs + 1, bs)], groups)
+        return _mean_tv(batches, groups) / best
+
+    assert over_permutation(y, 3, got) <= ACCEPTABLE_MIXING_RATIO
+    both = sparsestore.save(tmp_path / "both.zarr", X, labels={"y": y, "donor": donor},
+                            chunk_bytes=4096)
+    loader = DataLoader(both, labels="donor", **kw)
+    with pytest.warns(ShuffleQualityWarning, match="label 'donor'"):
+        got = [lab for _, lab in loader]
+    assert over_permutation(donor, 300, got) > ACCEPTABLE_MIXING_RATIO
+
+
 def test_resume_refused_with_another_byte_budget(small_store):
     store, _, _ = small_store
     kw = dict(batch_size=100, shuffle=True, seed=5, shuffle_buffer_bytes=40_000)

@@ -16,7 +16,13 @@ from sparsestore import mixing
 from sparsestore.cli import main
 from sparsestore.errors import InvalidInputError, LabelError
 from sparsestore.loader import DataLoader
-from sparsestore.mixing import batch_mixing, label_codes, shuffle_quality
+from sparsestore.mixing import (
+    MAX_SCORED_LABELS,
+    batch_mixing,
+    label_codes,
+    ratio_to_permutation,
+    shuffle_quality,
+)
 
 N_ROWS, N_GROUPS = 6000, 12
 
@@ -283,3 +289,36 @@ def test_batches_against_every_row_of_the_labels():
     assert batch_mixing(blocks, codes, against_all_labels=True).tv == pytest.approx(0.75)
     assert batch_mixing(blocks.T.reshape(4, 8), codes,
                         against_all_labels=True).tv == pytest.approx(0.0)
+
+
+def test_ratio_to_permutation_against_hand_computed_tv():
+    # 4 labels in 4 sorted runs; batches of 4 rows.
+    labels = np.repeat(np.arange(4), 8)
+    rows = np.arange(32)  # storage order: every batch one label, TV 0.75 each
+    pick = np.random.default_rng(3).permutation(32)
+    codes = labels[pick]
+    best = np.mean([0.5 * np.abs(np.bincount(codes[i:i + 4], minlength=4) / 4 - 0.25).sum()
+                    for i in range(0, 32, 4)])  # reference: the drawn rows' mix, uniform
+    assert ratio_to_permutation(labels, rows, 4, seed=3) == pytest.approx(0.75 / best)
+    # Served in the permutation's own order: exactly 1.
+    assert ratio_to_permutation(labels, pick, 4, seed=3) == pytest.approx(1.0)
+    # Drawn from a population (a rows= subset): the permutation is of those rows.
+    half = np.arange(0, 32, 2)
+    got = ratio_to_permutation(labels, half, 4, population=half, seed=3)
+    drawn = labels[half[np.random.default_rng(3).permutation(16)]]
+    ref = np.bincount(drawn, minlength=4) / 16
+    best = np.mean([0.5 * np.abs(np.bincount(drawn[i:i + 4], minlength=4) / 4 - ref).sum()
+                    for i in range(0, 16, 4)])
+    mine = np.mean([0.5 * np.abs(np.bincount(labels[half][i:i + 4], minlength=4) / 4
+                                 - ref).sum() for i in range(0, 16, 4)])
+    assert got == pytest.approx(mine / best)
+
+
+def test_ratio_to_permutation_declines_labels_it_cannot_score():
+    rows = np.arange(100)
+    assert ratio_to_permutation(np.zeros(100), rows, 10) is None  # one value
+    assert ratio_to_permutation(np.arange(100.0) / 7, rows, 10) is not None
+    many = np.arange(MAX_SCORED_LABELS + 1, dtype=np.float64)
+    assert ratio_to_permutation(many, np.arange(many.size), many.size) is None
+    assert ratio_to_permutation(np.zeros((100, 2)), rows, 10) is None  # not one per row
+    assert ratio_to_permutation(np.arange(100) % 3, rows[:5], 10) is None  # no full batch
