@@ -443,16 +443,19 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
         if self._block_sampler is None:
             if not self._bounds:
                 self._bounds.append(self._plan_bounds())
-            bounds, nbytes, _ = self._bounds[0]
-            self._block_sampler = _ShareSampler(
-                bounds, sub_shards=self._sub_shards, batch_size=self._batch_size,
-                rows=self._rows, shuffle=self._shuffle, seed=self._seed,
-                buffer_blocks=self._buffer_blocks or 1,
-                unit_bytes=None if nbytes is None else self._unit_bytes,
-                block_bytes=nbytes, rank=self._rank, world_size=self._world_size,
-            )
+            self._block_sampler = self._share_sampler(self._unit_bytes)
             self._warn_if_poorly_mixed(self._block_sampler)
         return self._block_sampler
+
+    def _share_sampler(self, unit_bytes: int | None) -> _ShareSampler:
+        bounds, nbytes, _ = self._bounds[0]
+        return _ShareSampler(
+            bounds, sub_shards=self._sub_shards, batch_size=self._batch_size,
+            rows=self._rows, shuffle=self._shuffle, seed=self._seed,
+            buffer_blocks=self._buffer_blocks or 1,
+            unit_bytes=None if nbytes is None else unit_bytes,
+            block_bytes=nbytes, rank=self._rank, world_size=self._world_size,
+        )
 
     def _warn_if_poorly_mixed(self, bs: BlockSampler) -> None:
         """Warn once when a shuffled unit holds too few blocks to mix like a permutation."""
@@ -472,11 +475,22 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
             return  # the store's own labels mix like a permutation: no worst case to fear
         self._warned = True
         mib = 2**20
-        # The budget whose units would hold enough blocks (units grow with the budget).
-        need = k
-        while mixing_ratio(need, self._batch_size) > MIXING_RATIO_ADVISED and need < 2**40:
-            need *= 1.25
-        enough = f"shuffle_buffer_bytes={-(-int(self._buffer_bytes * need / k) // mib)}MiB"
+        if measured:
+            # The budget (doubled until) under which the store's labels mix well, by the
+            # same scoring; a share that fits one unit is a permutation.
+            budget = int(self._buffer_bytes)
+            while budget // 2 < share:
+                budget *= 2
+                again = self._label_mixing(self._share_sampler(budget // 2))
+                if again and max(again.values()) <= MIXING_RATIO_ADVISED:
+                    break
+        else:
+            # The budget whose units would hold enough blocks (units grow with the budget).
+            need = k
+            while mixing_ratio(need, self._batch_size) > MIXING_RATIO_ADVISED and need < 2**40:
+                need *= 1.25
+            budget = int(self._buffer_bytes * need / k)
+        enough = f"shuffle_buffer_bytes={-(-budget // mib)}MiB"
         fix = (f"raise the budget: {enough} (the store's chunks are already small)"
                if per_block <= SMALL_BLOCK_BYTES else
                f"rewrite the store with small chunks: `{SHUFFLE_LAYOUT_COMMAND}`, or raise "

@@ -1115,9 +1115,21 @@ def test_poor_mixing_warning_judges_by_the_stores_own_labels(tmp_path):
     both = sparsestore.save(tmp_path / "both.zarr", X, labels={"y": y, "donor": donor},
                             chunk_bytes=4096)
     loader = DataLoader(both, labels="donor", **kw)
-    with pytest.warns(ShuffleQualityWarning, match="label 'donor'"):
+    with pytest.warns(ShuffleQualityWarning, match="label 'donor'") as rec:
         got = [lab for _, lab in loader]
     assert over_permutation(donor, 300, got) > ACCEPTABLE_MIXING_RATIO
+    # The budget it names is one under which that label mixes well.
+    text = str(next(w for w in rec if w.category is ShuffleQualityWarning).message)
+    advised = int(re.search(r"shuffle_buffer_bytes=(\d+)MiB", text).group(1)) * 2**20
+    loader = DataLoader(both, labels="donor", **dict(kw, shuffle_buffer_bytes=advised))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ShuffleQualityWarning)
+        got = [lab for _, lab in loader]
+    assert over_permutation(donor, 300, got) <= ACCEPTABLE_MIXING_RATIO
+    # With no label to score, the warning is the worst case, and says so.
+    bare = sparsestore.save(tmp_path / "bare.zarr", X, chunk_bytes=4096)
+    with pytest.warns(ShuffleQualityWarning, match="the worst case"):
+        list(DataLoader(bare, **kw).iter_batches())
 
 
 def test_resume_refused_with_another_byte_budget(small_store):
