@@ -60,6 +60,7 @@ SHUFFLE_LAYOUT_COMMAND = "sparsestore convert OLD NEW --chunk-bytes 128KiB --sha
 #: stored rows each: label error within this factor of a true permutation's.
 ACCEPTABLE_MIXING_RATIO = 1.25
 MIXING_CHECK_BATCHES = 100  # batches of the first units scored by the store's labels
+MIXING_CHECK_LABEL_BYTES = 128 * 2**20  # bigger labels are not read for the check
 MIXING_RATIO_ADVISED = 1.15  # the budget the warning advises aims below the warning's bar
 SMALL_BLOCK_BYTES = 2**20  # blocks of small (inner) chunks: rewriting the store cannot help
 
@@ -470,7 +471,8 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
         ratio = mixing_ratio(k, self._batch_size)
         if ratio <= ACCEPTABLE_MIXING_RATIO:
             return
-        measured = self._label_mixing(bs)
+        labels = self._mixing_labels()
+        measured = self._label_mixing(bs, labels)
         if measured and max(measured.values()) <= ACCEPTABLE_MIXING_RATIO:
             return  # the store's own labels mix like a permutation: no worst case to fear
         self._warned = True
@@ -481,7 +483,7 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
             budget = int(self._buffer_bytes)
             while budget // 2 < share:
                 budget *= 2
-                again = self._label_mixing(self._share_sampler(budget // 2))
+                again = self._label_mixing(self._share_sampler(budget // 2), labels)
                 if again and max(again.values()) <= MIXING_RATIO_ADVISED:
                     break
         else:
@@ -513,12 +515,21 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
             ShuffleQualityWarning, stacklevel=4,
         )
 
-    def _label_mixing(self, bs: BlockSampler) -> dict[str, float]:
-        """Each scorable store label's batch mix over a permutation's, on the first
-        :data:`MIXING_CHECK_BATCHES` batches of this epoch's plan (index math, and those
-        rows of each label read)."""
-        labels = self._store.labels
-        if not len(labels):
+    def _mixing_labels(self) -> dict[str, np.ndarray]:
+        """The store labels the poor-mixing check scores: one value per row, at most
+        :data:`MIXING_CHECK_LABEL_BYTES` each (read whole, once)."""
+        out = {}
+        for name, lab in self._store.labels.items():
+            one_per_row = lab.ndim == 1 or (lab.ndim == 2 and lab.shape[1] == 1)
+            if one_per_row and len(lab) * lab.dtype.itemsize <= MIXING_CHECK_LABEL_BYTES:
+                out[name] = np.asarray(lab).reshape(-1)
+        return out
+
+    def _label_mixing(self, bs: BlockSampler, labels: dict[str, np.ndarray]
+                      ) -> dict[str, float]:
+        """Each of ``labels``' batch mix over a permutation's, on the first
+        :data:`MIXING_CHECK_BATCHES` batches of this epoch's plan (index math)."""
+        if not labels:
             return {}
         plan = bs.plan(self._epoch)
         want = MIXING_CHECK_BATCHES * self._batch_size
@@ -530,8 +541,8 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
                 break
         rows = np.concatenate(parts)[:want] if parts else np.zeros(0, np.int64)
         out = {}
-        for name in labels:
-            r = ratio_to_permutation(labels[name], rows, self._batch_size,
+        for name, values in labels.items():
+            r = ratio_to_permutation(values, rows, self._batch_size,
                                      population=self._rows, seed=self._seed)
             if r is not None:
                 out[name] = r

@@ -173,9 +173,9 @@ def ratio_to_permutation(
 ) -> float | None:
     """Mean batch TV of ``rows`` (serving order, cut into full batches of ``batch_size``)
     over that of as many rows drawn by a seeded permutation of ``population`` (default: all
-    rows), both against the label mix of the permutation's rows; reads only those rows of
-    ``label`` (a store label, or an array).  None where the label cannot say: not one value
-    per row, fewer than 2 or more than :data:`MAX_SCORED_LABELS` values, no full batch."""
+    rows), both against the label mix of the permutation's rows (``label``: one value per
+    row, as an array).  None where the label cannot say: not one value per row, fewer than
+    2 or more than :data:`MAX_SCORED_LABELS` values, no full batch."""
     nb = rows.size // max(1, batch_size)
     if nb == 0:
         return None
@@ -184,8 +184,7 @@ def ratio_to_permutation(
     pick = np.random.default_rng(seed).permutation(pop_size)[:n]
     drawn = pick if population is None else population[pick]
     want = np.concatenate([rows[:n], drawn]).astype(np.int64, copy=False)
-    take = getattr(label, "take", None)
-    values = take(want) if callable(take) else np.asarray(label)[want]
+    values = np.asarray(label)[want]
     if values.ndim == 2 and values.shape[1] == 1:
         values = values[:, 0]
     if values.ndim != 1:

@@ -1080,7 +1080,7 @@ def test_poor_mixing_warns_once_naming_the_fix(tmp_path, monkeypatch):
         list(DataLoader(store, batch_size=256, shuffle=True, seed=0).iter_batches())
 
 
-def test_poor_mixing_warning_judges_by_the_stores_own_labels(tmp_path):
+def test_poor_mixing_warning_judges_by_the_stores_own_labels(tmp_path, monkeypatch):
     """Units hold every label of few groups in its share, so a store whose labels mix
     like a permutation is not warned even where the worst case (a label of about as many
     groups as a unit has blocks) would be; a label of many groups still is, by name."""
@@ -1126,10 +1126,16 @@ def test_poor_mixing_warning_judges_by_the_stores_own_labels(tmp_path):
         warnings.simplefilter("error", ShuffleQualityWarning)
         got = [lab for _, lab in loader]
     assert over_permutation(donor, 300, got) <= ACCEPTABLE_MIXING_RATIO
-    # With no label to score, the warning is the worst case, and says so.
+    # With no label to score, the warning is the worst case, and says so; so too where
+    # the labels are too big to read for the check.
     bare = sparsestore.save(tmp_path / "bare.zarr", X, chunk_bytes=4096)
     with pytest.warns(ShuffleQualityWarning, match="the worst case"):
         list(DataLoader(bare, **kw).iter_batches())
+    import sparsestore.loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "MIXING_CHECK_LABEL_BYTES", y.nbytes - 1)
+    with pytest.warns(ShuffleQualityWarning, match="the worst case"):
+        list(DataLoader(store, **kw).iter_batches())
 
 
 def test_resume_refused_with_another_byte_budget(small_store):
