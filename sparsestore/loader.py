@@ -12,7 +12,6 @@ consumer, which only runs the framework half (``wrap``).
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -23,10 +22,10 @@ from .backends import Backend, ConvertBackend, get_backend, steps
 from .batch import Batch
 from .buffers import BufferPool, release_free_heap
 from .engine import OrderedMap
-from .errors import InvalidInputError, ShuffleQualityWarning
+from .errors import InvalidInputError
 from .explicit_samplers import ExplicitSampling
 from .indexing import normalize_rows
-from .mixing import ratio_to_permutation
+from .mixing_check import MixingCheck
 from .pickling import PICKLE_VERSION as PICKLE_VERSION  # re-exported: the pickle's layout
 from .pickling import PicklableLoader
 from .position import POSITION_EVENTS, Position, PositionListener, ResumableState
@@ -35,7 +34,6 @@ from .reader import THREAD_PREFIX, BlockReader, ResidentUnit
 from .rows import ColumnSelection
 from .sampler import (
     BlockSampler,
-    mixing_ratio,
     num_batches,
 )
 from .sharding import ShardedLoader, _ShareSampler
@@ -52,28 +50,17 @@ DEFAULT_SHUFFLE_BUFFER_BYTES = 512 * 2**20
 #: ahead, so that its round trips overlap: sequential passes only (a shuffled unit is big
 #: and is decoded one ahead already).
 REMOTE_IO_AHEAD = 4
-#: What the poor-mixing warning tells users to run: small inner chunks (each random run
-#: decodes ~128 KiB, not 4 MiB) held in 8 MiB shards (few files, one index read per shard).
-SHUFFLE_LAYOUT_COMMAND = "sparsestore convert OLD NEW --chunk-bytes 128KiB --shard-bytes 8MiB"
-
-#: Batches mixing like a permutation need about ``batch_size / 1.56`` distinct runs of
-#: stored rows each: label error within this factor of a true permutation's.
-ACCEPTABLE_MIXING_RATIO = 1.25
-MIXING_CHECK_BATCHES = 100  # batches of the first units scored by the store's labels
-MIXING_CHECK_LABEL_BYTES = 128 * 2**20  # bigger labels are not read for the check
-MIXING_RATIO_ADVISED = 1.15  # the budget the warning advises aims below the warning's bar
-SMALL_BLOCK_BYTES = 2**20  # blocks of small (inner) chunks: rewriting the store cannot help
 
 
-class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
+class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling, MixingCheck,
                  PicklableLoader):
     """Batches of a store for training: shuffled by blocks, sharded by rank, resumable.
 
     ``for batch in loader`` gives scipy CSR batches (``(X, labels...)`` when ``labels`` is
     given; ndarrays for dense stores) through the ``backend``; :meth:`iter_batches` gives
     the raw :class:`Batch` es adapters build on.  ``shuffle=True`` permutes row blocks
-    (one storage chunk each) and then all rows inside a unit of randomly drawn blocks,
-    reading each block whole (see :mod:`sparsestore.sampler`).
+    (one storage chunk each) and then all rows inside a unit of blocks dealt evenly across
+    the share, reading each block whole (see :mod:`sparsestore.sampler`).
 
     ``shuffle_buffer_bytes`` bounds the decoded rows (values, indices and row pointers) a
     shuffled pass holds at once: a unit is half of it, since the pass holds the unit being
@@ -457,96 +444,6 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling,
             unit_bytes=None if nbytes is None else unit_bytes,
             block_bytes=nbytes, rank=self._rank, world_size=self._world_size,
         )
-
-    def _warn_if_poorly_mixed(self, bs: BlockSampler) -> None:
-        """Warn once when a shuffled unit holds too few blocks to mix like a permutation."""
-        nbytes = self._bounds[0][1]
-        if self._warned or nbytes is None or bs.n_rows == 0:
-            return
-        share = float(nbytes.sum()) * bs.n_rows / max(1, self._store.n_rows)
-        if share <= self._unit_bytes or bs.n_blocks == 0:
-            return  # one unit: the rank's share is permuted whole
-        per_block = float(nbytes.sum()) / max(1, nbytes.size)
-        k = max(1.0, self._unit_bytes / per_block)
-        ratio = mixing_ratio(k, self._batch_size)
-        if ratio <= ACCEPTABLE_MIXING_RATIO:
-            return
-        labels = self._mixing_labels()
-        measured = self._label_mixing(bs, labels)
-        if measured and max(measured.values()) <= ACCEPTABLE_MIXING_RATIO:
-            return  # the store's own labels mix like a permutation: no worst case to fear
-        self._warned = True
-        mib = 2**20
-        if measured:
-            # The budget (doubled until) under which the store's labels mix well, by the
-            # same scoring; a share that fits one unit is a permutation.
-            budget = int(self._buffer_bytes)
-            while budget // 2 < share:
-                budget *= 2
-                again = self._label_mixing(self._share_sampler(budget // 2), labels)
-                if again and max(again.values()) <= MIXING_RATIO_ADVISED:
-                    break
-        else:
-            # The budget whose units would hold enough blocks (units grow with the budget).
-            need = k
-            while mixing_ratio(need, self._batch_size) > MIXING_RATIO_ADVISED and need < 2**40:
-                need *= 1.25
-            budget = int(self._buffer_bytes * need / k)
-        enough = f"shuffle_buffer_bytes={-(-budget // mib)}MiB"
-        fix = (f"raise the budget: {enough} (the store's chunks are already small)"
-               if per_block <= SMALL_BLOCK_BYTES else
-               f"rewrite the store with small chunks: `{SHUFFLE_LAYOUT_COMMAND}`, or raise "
-               f"the budget ({enough})")
-        if measured:
-            name, worst = max(measured.items(), key=lambda kv: kv[1])
-            mix = (f"by the store's label {name!r}, a batch's label mix is {worst:.1f}x "
-                   f"further from the whole store's than a true permutation's")
-        else:
-            mix = (f"on rows stored sorted by a label of about {k:.0f} groups (the worst "
-                   f"case), a batch's label mix is about {ratio:.1f}x further from the whole "
-                   f"store's than a true permutation's (labels of far fewer groups mix "
-                   f"better: `sparsestore shuffle-check STORE --label NAME` measures yours)")
-        warnings.warn(
-            f"shuffle=True mixes poorly on this store: a {self._unit_bytes / mib:.0f} MiB "
-            f"shuffle unit (shuffle_buffer_bytes={self._buffer_bytes}) holds about {k:.0f} of "
-            f"its {per_block / mib:.1f} MiB chunk-sized blocks, so a batch of "
-            f"{self._batch_size} rows draws from few runs of neighbouring rows; {mix}. "
-            f"To mix like one, {fix}.",
-            ShuffleQualityWarning, stacklevel=4,
-        )
-
-    def _mixing_labels(self) -> dict[str, np.ndarray]:
-        """The store labels the poor-mixing check scores: one value per row, at most
-        :data:`MIXING_CHECK_LABEL_BYTES` each (read whole, once)."""
-        out = {}
-        for name, lab in self._store.labels.items():
-            one_per_row = lab.ndim == 1 or (lab.ndim == 2 and lab.shape[1] == 1)
-            if one_per_row and len(lab) * lab.dtype.itemsize <= MIXING_CHECK_LABEL_BYTES:
-                out[name] = np.asarray(lab).reshape(-1)
-        return out
-
-    def _label_mixing(self, bs: BlockSampler, labels: dict[str, np.ndarray]
-                      ) -> dict[str, float]:
-        """Each of ``labels``' batch mix over a permutation's, on the first
-        :data:`MIXING_CHECK_BATCHES` batches of this epoch's plan (index math)."""
-        if not labels:
-            return {}
-        plan = bs.plan(self._epoch)
-        want = MIXING_CHECK_BATCHES * self._batch_size
-        parts, have = [], 0
-        for u in range(plan.n_units):
-            parts.append(plan.unit(u).rows)
-            have += parts[-1].size
-            if have >= want:
-                break
-        rows = np.concatenate(parts)[:want] if parts else np.zeros(0, np.int64)
-        out = {}
-        for name, values in labels.items():
-            r = ratio_to_permutation(values, rows, self._batch_size,
-                                     population=self._rows, seed=self._seed)
-            if r is not None:
-                out[name] = r
-        return out
 
     def _block_pass(self, reader: BlockReader, epoch: int, start: int) -> Iterator[Batch]:
         bs, total = self._batch_size, len(self)

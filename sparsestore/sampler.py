@@ -319,10 +319,11 @@ class BlockSampler:
             n_units = -(-n // self.buffer_blocks)
         k = int(dealt.size)
         n_units = min(max(1, n_units), k)
-        unit_of = np.zeros(0, np.int64)
-        rng = np.random.default_rng([self.seed, int(epoch), self.rank, n_units])
-        while k:
+        while True:
             rng = np.random.default_rng([self.seed, int(epoch), self.rank, n_units])
+            if not k:  # every block a unit of its own
+                unit_of = np.zeros(0, np.int64)
+                break
             unit_of = np.argsort(rng.random((-(-k // n_units), n_units)), axis=1).ravel()[:k]
             if nbytes is None or n_units >= k:
                 break

@@ -1044,7 +1044,7 @@ def test_shuffle_units_respect_the_byte_budget(tmp_path):
 def test_poor_mixing_warns_once_naming_the_fix(tmp_path, monkeypatch):
     import warnings
 
-    import sparsestore.loader as loader_mod
+    import sparsestore.mixing_check as mixing_check
     from sparsestore.cli import build_parser
     from sparsestore.errors import ShuffleQualityWarning
 
@@ -1067,8 +1067,8 @@ def test_poor_mixing_warns_once_naming_the_fix(tmp_path, monkeypatch):
         list(DataLoader(store, batch_size=256, shuffle=True, seed=0,
                         shuffle_buffer_bytes=advised).iter_batches())
     # A store of large chunks is told the rewrite, by a command the CLI accepts.
-    monkeypatch.setattr(loader_mod, "SMALL_BLOCK_BYTES", 0)
-    command = loader_mod.SHUFFLE_LAYOUT_COMMAND
+    monkeypatch.setattr(mixing_check, "SMALL_BLOCK_BYTES", 0)
+    command = mixing_check.SHUFFLE_LAYOUT_COMMAND
     with pytest.warns(ShuffleQualityWarning, match=re.escape(command)):
         list(DataLoader(store, batch_size=256, shuffle=True, seed=0,
                         shuffle_buffer_bytes=64 * 1024).iter_batches())
@@ -1086,8 +1086,9 @@ def test_poor_mixing_warning_judges_by_the_stores_own_labels(tmp_path, monkeypat
     groups as a unit has blocks) would be; a label of many groups still is, by name."""
     import warnings
 
+    import sparsestore.mixing_check as mixing_check
     from sparsestore.errors import ShuffleQualityWarning
-    from sparsestore.loader import ACCEPTABLE_MIXING_RATIO
+    from sparsestore.mixing_check import ACCEPTABLE_MIXING_RATIO
     from sparsestore.sampler import mixing_ratio
 
     n, bs = 20_000, 256
@@ -1131,9 +1132,7 @@ def test_poor_mixing_warning_judges_by_the_stores_own_labels(tmp_path, monkeypat
     bare = sparsestore.save(tmp_path / "bare.zarr", X, chunk_bytes=4096)
     with pytest.warns(ShuffleQualityWarning, match="the worst case"):
         list(DataLoader(bare, **kw).iter_batches())
-    import sparsestore.loader as loader_mod
-
-    monkeypatch.setattr(loader_mod, "MIXING_CHECK_LABEL_BYTES", y.nbytes - 1)
+    monkeypatch.setattr(mixing_check, "MIXING_CHECK_LABEL_BYTES", y.nbytes - 1)
     with pytest.warns(ShuffleQualityWarning, match="the worst case"):
         list(DataLoader(store, **kw).iter_batches())
 
