@@ -1,14 +1,16 @@
 """Per-rank shuffle quality: each rank's batches against the whole store's label mix.
 
-``python -m benchmarks.bench_shuffle_ranks [--quick] [--out DIR]``
+``python -m benchmarks.bench_shuffle_ranks [--quick] [--stores tall,singlecell] [--out DIR]``
 
-A rank's share of a shuffled epoch is the blocks dealt to it, one of every ``world_size``
-neighbouring blocks, so its label mix follows the store's at block granularity: with few,
-large blocks (4 MiB chunks) a rank still misses the labels of the blocks it was not dealt.
-This writes bench_shuffle's label-sorted ``tall`` store with the
-default chunks and with small chunks in shards, and reports the mean batch total-variation
-distance to the whole store's label histogram, per rank, for ``world_size`` 1-3, beside a
-true permutation's.  Index math only (``DataLoader.epoch_rows``): no data is decoded.
+A store that fits one shuffle unit is one permutation of all its rows, each rank reading
+its slice.  On a bigger store a rank's share is the blocks dealt to it, one of every
+``world_size`` neighbouring blocks, so its label mix follows the store's at block
+granularity: with few, large blocks (4 MiB chunks) a unit of the share still misses the
+labels of the blocks it was not dealt.  This writes bench_shuffle's label-sorted stores
+with the default chunks and with small chunks in shards, and reports the mean batch
+total-variation distance to the whole store's label histogram, per rank, for
+``world_size`` 1-3, beside a true permutation's.  Index math only
+(``DataLoader.epoch_rows``): no data is decoded.
 """
 
 from __future__ import annotations
@@ -68,21 +70,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a tenth of the rows")
     p.add_argument("--worlds", default="1,2,3", help="world sizes to score")
+    p.add_argument("--stores", default="tall,singlecell",
+                   help="bench_shuffle stores: tall fits one unit, singlecell does not")
     add_out_argument(p)
     args = p.parse_args(argv)
-    base = next(s for s in STORES if s.name == "tall")
     div = 10 if args.quick else 1
-    spec = StoreSpec(base.name, base.n_rows // div, base.n_cols, base.nnz_per_row,
-                     base.groups, base.zipf)
     worlds = [int(w) for w in args.worlds.split(",") if w]
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, layout) in enumerate(LAYOUTS.items()):
-            facts = write_store(spec, Path(tmp) / f"{i}.zarr", **layout)
-            records += [{"store": f"{spec.name} ({facts['rows']:,} rows)", "layout": name, **r}
-                        for r in measure(Path(tmp) / f"{i}.zarr", worlds)]
+        for base in (s for s in STORES if s.name in args.stores.split(",")):
+            spec = StoreSpec(base.name, base.n_rows // div, base.n_cols, base.nnz_per_row,
+                             base.groups, base.zipf)
+            for i, (name, layout) in enumerate(LAYOUTS.items()):
+                path = Path(tmp) / f"{spec.name}{i}.zarr"
+                facts = write_store(spec, path, **layout)
+                records += [{"store": f"{spec.name} ({facts['rows']:,} rows)", "layout": name,
+                             **r} for r in measure(path, worlds)]
     meta = run_meta(reproduce_command("benchmarks.bench_shuffle_ranks", p, args,
-                                      ("worlds", "quick")),
+                                      ("worlds", "stores", "quick")),
                     title="Per-rank shuffle quality", note=NOTE, formats=FORMATS,
                     quick=args.quick, batch_size=BATCH_SIZE)
     return write_records("shuffle_ranks", records, meta, args.out)

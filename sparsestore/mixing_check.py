@@ -61,11 +61,13 @@ class MixingCheck:
             return
         # Blocks have bytes only under a byte budget, so both sizes are set.
         unit_bytes, buffer_bytes = self._unit_bytes, self._buffer_bytes
-        share = float(nbytes.sum()) * bs.n_rows / max(1, self._store.n_rows)
-        if share <= unit_bytes or bs.n_blocks == 0:
-            return  # one unit: the rank's share is permuted whole
+        whole = float(nbytes.sum()) * bs.total_rows / max(1, self._store.n_rows)
+        share = whole * bs.n_rows / max(1, bs.total_rows)
+        if bs.fits_one_unit() or bs.n_blocks == 0:
+            return  # every share is its slice of one permutation of the whole
         per_block = float(nbytes.sum()) / max(1, nbytes.size)
-        k = max(1.0, unit_bytes / per_block)
+        # A share that fits one unit is permuted whole, but holds only its dealt blocks.
+        k = max(1.0, min(unit_bytes, share) / per_block)
         ratio = mixing_ratio(k, self._batch_size)
         if ratio <= ACCEPTABLE_MIXING_RATIO:
             return
@@ -80,9 +82,9 @@ class MixingCheck:
             mix = (f"by the store's label {name!r}, a batch's label mix is {worst:.1f}x "
                    f"further from the whole store's than a true permutation's")
             # The budget (doubled until) under which the store's labels mix well, by the
-            # same scoring; a share that fits one unit is a permutation.
+            # same scoring; a store that fits one unit is a permutation on every share.
             budget = int(buffer_bytes)
-            while budget // 2 < share:
+            while budget // 2 < whole:
                 budget *= 2
                 again = self._label_mixing(self._share_sampler(budget // 2), labels)
                 if again and max(again.values()) <= MIXING_RATIO_ADVISED:

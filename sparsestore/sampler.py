@@ -28,7 +28,10 @@ fewer groups than a unit holds blocks, every unit holds every label in about its
 and a batch mixes like a permutation's.  A label of about as many groups as a unit holds
 blocks (or more) is the worst case: a batch then mixes rows of about as many runs of
 consecutive stored rows as the unit holds blocks (:func:`mixing_ratio`).  When the whole
-share fits one unit the epoch is a true permutation.  Two neighbouring
+store fits one unit the epoch is a true permutation, on every rank: a share of it (a
+rank's, a worker's) is its slice of one permutation of the whole store, and each share
+decodes every block once per pass.  (A share of a larger store that fits one unit is
+permuted whole, but holds only its dealt blocks.)  Two neighbouring
 blocks share the chunk the first one's last row crosses into; when they fall in different
 units that row is read with the later one (:func:`seams_to_later_units`), which takes the
 row's piece of the chunk from a copy the earlier unit kept, so each chunk is still decoded
@@ -135,9 +138,13 @@ class EpochPlan:
         seed: int,
         epoch: int,
         rank: int,
+        pick: tuple[int, int] | None = None,
     ) -> None:
         self._starts, self._ends = starts, ends  # position-space ranges, plan order
         self._rows = rows
+        #: ``(lo, hi)``: the one unit reads every block and emits rows ``[lo, hi)`` of one
+        #: permutation of them all, the same on every rank (a share of a small store).
+        self._pick = pick
         #: block index where each unit starts, plus the number of blocks
         self.unit_cuts = np.asarray(unit_cuts, dtype=np.int64)
         self._shuffle = shuffle
@@ -146,6 +153,8 @@ class EpochPlan:
         cum = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
         #: first row offset (within this rank's epoch stream) of each unit, plus the total
         self.unit_offsets = cum[self.unit_cuts] if self.n_units else np.zeros(1, np.int64)
+        if pick is not None:
+            self.unit_offsets = np.array([0, pick[1] - pick[0]], np.int64)
         self.n_rows = int(self.unit_offsets[-1])
 
     @property
@@ -197,6 +206,11 @@ class EpochPlan:
             span_off = np.concatenate([[0], np.cumsum(span_b - span_a)[:-1]])
             row_span = np.repeat(span_of_range, pe - ps)
             local = span_off[row_span] + (g - span_a[row_span])
+        if self._pick is not None:
+            lo, hi = self._pick
+            perm = np.random.default_rng([self._seed, self._epoch]).permutation(g.size)[lo:hi]
+            take = perm if local is None else local[perm]
+            return UnitSpec(u, spans, take, g[perm])
         if self._shuffle:
             rng = np.random.default_rng([self._seed, self._epoch, self._rank, u])
             perm = rng.permutation(g.size)
@@ -273,6 +287,13 @@ class BlockSampler:
         n, r, w = self.total_rows, self.rank, self.world_size
         return n * r // w, n * (r + 1) // w
 
+    def fits_one_unit(self) -> bool:
+        """Whether every block (of every rank) fits one shuffle unit."""
+        if self._row_bytes is None:
+            return self.n_blocks <= self.buffer_blocks
+        total = float((self._row_bytes * (self.ends - self.starts)).sum())
+        return total <= self.unit_bytes  # type: ignore[operator]
+
     def block_order(self, epoch: int) -> np.ndarray:
         """Permutation of blocks for ``epoch`` (identity without shuffle); rank-independent.
 
@@ -346,9 +367,17 @@ class BlockSampler:
         those rows' chunks rather than of the whole block (the chunk they share with the
         rest of the block is still decoded once, through the reader's cache).
         """
+        lo, hi = self._rank_range()
+        if self.shuffle and hi > lo and self.fits_one_unit():
+            # A store that fits one unit: each share's rows are its slice of one
+            # permutation of the whole store, which each share decodes.
+            return EpochPlan(
+                self.starts, self.ends, rows=self.rows,
+                unit_cuts=np.array([0, self.n_blocks], np.int64), shuffle=True,
+                seed=self.seed, epoch=epoch, rank=self.rank, pick=(lo, hi),
+            )
         order = self.block_order(epoch)
         s, e = self.starts[order], self.ends[order]
-        lo, hi = self._rank_range()
         if hi > lo:
             cum = np.concatenate([[0], np.cumsum(e - s)])
             i0 = int(np.searchsorted(cum, lo, side="right")) - 1

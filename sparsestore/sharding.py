@@ -122,7 +122,9 @@ class ShardedLoader:
         ones (fewer than ``batch_size``) being the last of the rank's row stream, which
         for a shuffled loader are not always those the loader itself drops.  A shuffled
         sub-shard permutes its own units: its batches hold the same rows as the
-        corresponding part of the stream, mixed in another order than the loader's.
+        corresponding part of the stream, mixed in another order than the loader's.  On
+        a store that fits one shuffle unit the stream is one permutation of the whole
+        store, so the sub-shards' batches are exactly the loader's, dealt in runs.
 
         With ``sampler``/``batch_sampler`` the loader's batches are dealt round-robin
         instead, as ranks deal them: sub-shard ``i`` reads the loader's batches ``k`` with

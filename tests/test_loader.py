@@ -530,13 +530,16 @@ def test_a_share_that_fits_one_unit_stays_decoded_between_epochs(small_store):
     it.close()
     check_pass(loader, X, labels["y"])
     assert loader.decoded_chunks.get("data", 0) == 0
-    # A rank's share changes rows every epoch: decoded each time, still right.
+    # A rank's share of a store that fits one unit is its slice of one permutation of the
+    # whole store: each rank decodes the whole store once, then keeps it.
     ranks = [DataLoader(store, batch_size=64, shuffle=True, seed=0, labels="y", rank=r,
                         world_size=2) for r in range(2)]
-    for _ in range(2):
-        rows = np.concatenate([check_pass(ld, X, labels["y"]) for ld in ranks])
-        np.testing.assert_array_equal(np.sort(rows), np.arange(X.shape[0]))
-        assert all(ld.decoded_chunks["data"] > 0 for ld in ranks)
+    for epoch in range(2):
+        rows = [check_pass(ld, X, labels["y"]) for ld in ranks]
+        np.testing.assert_array_equal(np.sort(np.concatenate(rows)), np.arange(X.shape[0]))
+        for ld in ranks:
+            decoded = ld.decoded_chunks.get("data", 0)
+            assert n_chunks <= decoded <= n_chunks + 1 if epoch == 0 else decoded == 0
 
 
 def test_chunk_cache_keeps_a_piece_for_a_later_read(small_store):
@@ -1024,6 +1027,36 @@ def test_default_shuffle_mixes_like_a_permutation_when_the_store_fits(tmp_path):
     assert got <= 1.25 * want, (got, want)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_share_of_a_store_that_fits_mixes_like_a_permutation(tmp_path, world):
+    """A store that fits one unit is one permutation of all its rows; each rank (and each
+    sub-shard) reads its slice of it, not its few dealt blocks permuted."""
+    from sparsestore.sampler import mixing_ratio
+
+    groups, bs = 100, 256
+    store, X, y = _sorted_label_store(tmp_path, groups=groups, chunk_bytes=65536)
+    n = y.size
+    blocks = store.arrays["data"].nchunks
+    # Dealt blocks alone would mix far worse than a permutation.
+    assert mixing_ratio(blocks / world, bs) > 2
+    kw = dict(batch_size=bs, shuffle=True, seed=3, labels="y")
+    whole = DataLoader(store, **kw).epoch_rows(1)
+    ranks = [DataLoader(store, rank=r, world_size=world, **kw) for r in range(world)]
+    ranks[0].set_epoch(1)
+    rows = [ld.epoch_rows(1) for ld in ranks]
+    np.testing.assert_array_equal(np.concatenate(rows), whole)
+    subs = [DataLoader(store, **kw).shard(i, world).epoch_rows(1) for i in range(world)]
+    np.testing.assert_array_equal(np.concatenate(subs), whole)
+    perm = y[np.random.default_rng(0).permutation(n)]
+    best = _mean_tv([perm[i:i + bs] for i in range(0, n - bs + 1, bs)], groups)
+    for ld in ranks:
+        got = check_pass(ld, X, y)  # the batches read hold these rows, values exact
+        full = got[: got.size // bs * bs].reshape(-1, bs)
+        assert _mean_tv(list(y[full]), groups) <= 1.25 * best
+    np.testing.assert_array_equal(np.sort(np.concatenate(
+        [ld.epoch_rows(0) for ld in ranks])), np.arange(n))
+
+
 def test_shuffle_units_respect_the_byte_budget(tmp_path):
     store, X, y = _sorted_label_store(tmp_path)
     budget = 64 * 1024
@@ -1135,6 +1168,16 @@ def test_poor_mixing_warning_judges_by_the_stores_own_labels(tmp_path, monkeypat
     monkeypatch.setattr(mixing_check, "MIXING_CHECK_LABEL_BYTES", y.nbytes - 1)
     with pytest.warns(ShuffleQualityWarning, match="the worst case"):
         list(DataLoader(store, **kw).iter_batches())
+    # A rank's share that fits one unit is permuted whole but holds only its dealt
+    # blocks: on a store bigger than a unit it can still mix poorly, and is warned.
+    monkeypatch.undo()
+    decoded = X.nnz * 8 + n * 8
+    ranked = DataLoader(both, labels="donor", rank=1, world_size=4,
+                        **dict(kw, shuffle_buffer_bytes=decoded))
+    with pytest.warns(ShuffleQualityWarning, match="label 'donor'"):
+        got = [lab for _, lab in ranked]
+    assert ranked._sampler_for_blocks().plan(0).n_units == 1
+    assert over_permutation(donor, 300, got) > ACCEPTABLE_MIXING_RATIO
 
 
 def test_resume_refused_with_another_byte_budget(small_store):
