@@ -30,9 +30,10 @@ class ChunkCache:
 
     def __init__(
         self, arr: Any, capacity: int = 4, name: str | None = None,
-        pool: BufferPool | None = None,
+        pool: BufferPool | None = None, workers: int = 1,
     ) -> None:
         self.arr = arr
+        self.workers = workers  # threads decoding a read's interior shards (see read_to)
         self.chunk = int(arr.chunks[0])
         self.capacity = capacity
         self.name = name
@@ -106,7 +107,7 @@ class ChunkCache:
         pos = head.shape[0]
         out[:pos] = head
         self.decoder.decode_chunks(range(k0 + 1, k1), out[pos : pos + (k1 - k0 - 1) * c],
-                                   self.pool)
+                                   self.pool, self.workers)
         pos += (k1 - k0 - 1) * c
         self._count(k1 - k0 - 1)
         out[pos : stop - start] = self._part(k1, k1 * c, stop, limit)

@@ -357,25 +357,41 @@ class ChunkDecoder:
             out[:n] = self.fill
 
     def decode_chunks(self, ks: Sequence[int], out: np.ndarray,
-                      pool: BufferPool | None = None) -> None:
+                      pool: BufferPool | None = None, workers: int = 1) -> None:
         """Decode chunks ``ks`` (ascending) into ``out``, one whole-chunk slot each, in
         order, as :meth:`decode_into` each.
 
         In a sharded array the inner chunks of one shard are fetched together (one read
         for neighbours, one request on object storage) and checked one by one, so small
-        inner chunks cost a decode each, not a read and a lookup each.
+        inner chunks cost a decode each, not a read and a lookup each.  ``workers`` > 1
+        (a caller on no thread pool of its own) decodes several shards at once: an inner
+        chunk is too small for Blosc to split across its own threads.
         """
         c, ks, per = self.chunk, [int(k) for k in ks], self.chunks_per_object
-        i = 0
+        runs, i = [], 0
         while i < len(ks):
             j = i + 1
             while j < len(ks) and ks[j] // per == ks[i] // per:
                 j += 1
-            part = out[i * c : j * c]
-            if j - i < 2 or not self._decode_shard_chunks(ks[i:j], part, pool):
-                for n, k in enumerate(ks[i:j]):
-                    self.decode_into(k, part[n * c : (n + 1) * c], pool)
+            runs.append((i, j))
             i = j
+
+        def decode(mine: list[tuple[int, int]]) -> None:
+            for i, j in mine:
+                part = out[i * c : j * c]
+                if j - i < 2 or not self._decode_shard_chunks(ks[i:j], part, pool):
+                    for n, k in enumerate(ks[i:j]):
+                        self.decode_into(k, part[n * c : (n + 1) * c], pool)
+
+        w = max(1, min(int(workers), len(runs))) if self.sharded is not None else 1
+        if w == 1:
+            decode(runs)
+            return
+        with ThreadPoolExecutor(max_workers=w - 1, thread_name_prefix="sparsestore-shards") as ex:
+            futs = [ex.submit(decode, runs[i::w]) for i in range(1, w)]
+            decode(runs[0::w])
+            for f in futs:
+                f.result()
 
     def _decode_shard_chunks(self, ks: list[int], out: np.ndarray,
                              pool: BufferPool | None) -> bool:

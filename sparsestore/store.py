@@ -25,6 +25,7 @@ from .appender import Appender
 from .buffers import BufferPool
 from .checks import check_column_indices, check_row_pointers
 from .chunk_cache import ChunkCache
+from .chunks import RANGE_READ_WORKERS as READ_WORKERS
 from .chunks import ChunkDecoder, read_ranges, read_rows, read_slice
 from .errors import (
     CorruptStoreError,
@@ -192,8 +193,8 @@ class SparseStore(CommittedState):
             # Several chunks: decoded here straight into the result (faster than zarr's
             # pipeline), each indices chunk checked while it is still in cache.
             pool = self._read_pool
-            caches = (ChunkCache(self._data, 2, "data", pool),
-                      ChunkCache(self._indices, 2, "indices", pool))
+            caches = (ChunkCache(self._data, 2, "data", pool, READ_WORKERS),
+                      ChunkCache(self._indices, 2, "indices", pool, READ_WORKERS))
         if caches is None:
             vals = read_slice(self._data, lo, hi, name="data")
             ind = read_slice(self._indices, lo, hi, name="indices")

@@ -280,6 +280,36 @@ def _exchange_inner_chunks(shard: Path, per: int, i: int, j: int) -> None:
     _write_index(shard, body, index)
 
 
+@pytest.mark.parametrize("shard", [1, 2, 3])
+def test_a_whole_read_decodes_shards_in_parallel_and_still_names_damage(copy, monkeypatch,
+                                                                          shard):
+    """``store[a:b]`` decodes interior shards on two threads: the result equals scipy, and
+    damage in any shard (whichever thread decodes it) is the error, never zeros."""
+    import threading
+
+    path, X = copy
+    store = sparsestore.open(path)
+    assert store.arrays["data"].shape[0] > 4 * store.arrays["data"].shards[0]
+    threads = set()
+    real = ChunkDecoder._decode_shard_chunks
+
+    def spy(self, *args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChunkDecoder, "_decode_shard_chunks", spy)
+    assert (store[:] != X).nnz == 0 and (store[100:3900] != X[100:3900]).nnz == 0
+    assert len(threads) == 2, threads
+    raw, index = _index(path / "data" / "c" / str(shard), 4)
+    index[1] = np.iinfo(np.uint64).max  # inner chunk 1 of the shard: never stored
+    _write_index(path / "data" / "c" / str(shard), raw, index)
+    with pytest.raises(MissingChunkError, match=f"chunk {4 * shard + 1} of array 'data'"):
+        sparsestore.open(path)[:]
+    shutil.copyfile(path / "indices" / "c" / "0", path / "indices" / "c" / str(shard))
+    with pytest.raises((ChecksumError, MisplacedChunkError, MissingChunkError)):
+        sparsestore.open(path)[:]
+
+
 def test_exchanged_inner_chunks_are_misplaced_on_every_read_path(copy):
     path, X = copy
     _exchange_inner_chunks(path / "data" / "c" / "1", 4, 1, 2)
