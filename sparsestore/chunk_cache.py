@@ -145,6 +145,8 @@ class SharedChunkCache(ChunkCache):
         self._keep: dict[int, list[tuple[int, int]]] = {}  # chunk -> pieces to copy out
         self._kept: dict[int, list[tuple[int, int, np.ndarray]]] = {}  # ... copied out
         self._kept_room = 0  # bytes still allowed for copies
+        #: chunk -> (unit order, done) of each gather's decode of it not finished yet
+        self._decoding: dict[int, list[tuple[int, threading.Event]]] = {}
 
     def keep(self, pieces: dict[int, list[tuple[int, int]]], max_bytes: int) -> None:
         """When chunk ``k`` is next decoded, copy out its element ranges ``pieces[k]``
@@ -187,7 +189,7 @@ class SharedChunkCache(ChunkCache):
         return out
 
     def gather_jobs(self, starts: np.ndarray, ends: np.ndarray, out_at: np.ndarray,
-                    out: np.ndarray, limit: int) -> list[Callable[[], None]]:
+                    out: np.ndarray, limit: int, order: int = 0) -> list[Callable[[], None]]:
         """Jobs (for any threads, in any order) that write elements ``[starts[i], ends[i])``
         at ``out[out_at[i]:]``, for many short ranges at once (a shuffled unit's blocks).
 
@@ -195,26 +197,32 @@ class SharedChunkCache(ChunkCache):
         are decoded into a pooled stage, one job a chunk or (sharded) a shard's chunks
         fetched together, and their pieces copied out.  A decode copies out the pieces
         :meth:`keep` asked for, as a cached decode does.
+
+        ``order``: the unit's place in the pass.  A chunk of which this read wants only
+        pieces :meth:`keep` awaits (the head of a row whose chunk an earlier unit decodes,
+        perhaps at this moment on other threads) is read last, from the copy, after the
+        decodes of it by earlier units' gathers end: units in flight at once still decode
+        it once.  Those waits only go to earlier units, whose jobs never wait on later
+        ones.  The caller calls :meth:`release` with the jobs once they have run or failed.
         """
         c = self.chunk
         plan = RangeGather(starts, ends, out_at, c)
         with self._lock:
             held = np.fromiter((int(k) in self._cache or int(k) in self._kept
                                 for k in plan.chunk_ids), bool, plan.chunk_ids.size)
+            awaited = ~held & np.fromiter(
+                (self._awaits(int(k), plan, j) for j, k in enumerate(plan.chunk_ids)),
+                bool, plan.chunk_ids.size)
         jobs: list[Callable[[], None]] = []
         held_js = np.flatnonzero(held)
         if held_js.size:
-            def from_cache(js: np.ndarray = held_js) -> None:
-                for j in js.tolist():
-                    kk = int(plan.chunk_ids[j])
-                    for p in range(int(plan.edges[j]), int(plan.edges[j + 1])):
-                        a, b, at = int(plan.a[p]), int(plan.b[p]), int(plan.at[p])
-                        out[at : at + b - a] = self._part(kk, a, b, limit)
-            jobs.append(from_cache)
+            jobs.append(lambda: self._copy_parts(plan, held_js, out, limit))
         most = self.decoder.group_chunks()
-        for js in plan.groups(np.flatnonzero(~held), most, self.decoder.chunks_per_object):
-            def decode(js: np.ndarray = js) -> None:
-                ks = plan.chunk_ids[js]
+        for js in plan.groups(np.flatnonzero(~held & ~awaited), most,
+                              self.decoder.chunks_per_object):
+            ks = plan.chunk_ids[js].tolist()
+
+            def decode(js: np.ndarray = js, ks: list[int] = ks) -> None:
                 # One size for every group: the pool hands the same blocks back pass after pass.
                 whole = self.pool.take((most * c, *self.decoder.tail), self.arr.dtype)
                 stage = whole[: js.size * c]
@@ -222,13 +230,53 @@ class SharedChunkCache(ChunkCache):
                 with self._lock:
                     self.decoded += js.size
                     if self._keep:
-                        for slot, kk in enumerate(ks.tolist()):
+                        for slot, kk in enumerate(ks):
                             if kk in self._keep:
                                 i = slot * c
                                 self._copy_out(kk, stage[i : i + min(c, limit - kk * c)])
                 plan.copy(js, stage, out)
-            jobs.append(decode)
+
+            jobs.append(_Decode(self, decode, ks, order))
+        awaited_js = np.flatnonzero(awaited)
+        if awaited_js.size:
+            def from_copies(js: np.ndarray = awaited_js) -> None:
+                for j in js.tolist():
+                    with self._lock:
+                        earlier = [done for o, done in self._decoding.get(
+                            int(plan.chunk_ids[j]), ()) if o < order]
+                    for done in earlier:
+                        done.wait()
+                self._copy_parts(plan, js, out, limit)
+            jobs.append(from_copies)
         return jobs
+
+    @staticmethod
+    def release(jobs: list[Callable[[], None]]) -> None:
+        """Mark the decodes of :meth:`gather_jobs`' ``jobs`` as over, run or not (after a
+        failure or a cancel), so later units stop waiting for them."""
+        for job in jobs:
+            if isinstance(job, _Decode):
+                job.finish()
+
+    def _awaits(self, k: int, plan: RangeGather, j: int) -> bool:
+        """Whether :meth:`keep` awaits every piece of chunk ``k`` that ``plan`` reads."""
+        want = self._keep.get(k)
+        if not want:
+            return False
+        return all(any(fa <= a and b <= fb for fa, fb in want)
+                   for a, b in zip(plan.a[plan.edges[j] : plan.edges[j + 1]].tolist(),
+                                   plan.b[plan.edges[j] : plan.edges[j + 1]].tolist(),
+                                   strict=True))
+
+    def _copy_parts(self, plan: RangeGather, js: np.ndarray, out: np.ndarray,
+                    limit: int) -> None:
+        """Write ``plan``'s pieces of chunks ``chunk_ids[js]`` from this cache (a kept copy,
+        a cached chunk, or a decode through the cache)."""
+        for j in js.tolist():
+            kk = int(plan.chunk_ids[j])
+            for p in range(int(plan.edges[j]), int(plan.edges[j + 1])):
+                a, b, at = int(plan.a[p]), int(plan.b[p]), int(plan.at[p])
+                out[at : at + b - a] = self._part(kk, a, b, limit)
 
     def _copy_out(self, k: int, out: np.ndarray) -> None:
         """Copy the pieces :meth:`keep` asked for out of freshly decoded chunk ``k``."""
@@ -274,6 +322,38 @@ class SharedChunkCache(ChunkCache):
             del self._inflight[k]
         fut.set_result(out)
         return out
+
+
+class _Decode:
+    """A gather's decode of some chunks: registered as under way for them from its
+    creation until it has run (or is released), for later units to wait on."""
+
+    def __init__(self, cache: SharedChunkCache, run: Callable[[], None], ks: list[int],
+                 order: int) -> None:
+        self._cache, self._run, self._ks = cache, run, ks
+        self._entry = (order, threading.Event())
+        with cache._lock:
+            for k in ks:
+                cache._decoding.setdefault(k, []).append(self._entry)
+
+    def __call__(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.finish()
+
+    def finish(self) -> None:
+        if self._entry[1].is_set():
+            return
+        cache = self._cache
+        with cache._lock:
+            for k in self._ks:
+                left = [e for e in cache._decoding.get(k, ()) if e is not self._entry]
+                if left:
+                    cache._decoding[k] = left
+                else:
+                    cache._decoding.pop(k, None)
+        self._entry[1].set()
 
 
 __all__ = ["ChunkCache", "SharedChunkCache"]

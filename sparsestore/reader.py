@@ -206,7 +206,7 @@ class BlockReader:
         if unit.take is not None and self.resident is not None:
             src, labels = self._resident_rows(unit, self.resident)
         else:
-            src, labels = self._read_spans(unit.spans)
+            src, labels = self._read_spans(unit.spans, unit.index)
         n = unit.n_rows
         if self.piece_rows is None:
             cuts = [0, n]
@@ -225,7 +225,7 @@ class BlockReader:
         key = (st.generation, st.n_rows, st.nnz, unit.spans.tobytes())
         if res.key != key or res.parts is None:
             res.clear()  # its buffers back to the pool before this unit takes its own
-            src, labels = self._read_spans(unit.spans)
+            src, labels = self._read_spans(unit.spans, unit.index)
             res.key, res.parts = key, (narrowed(src), labels)
         return res.parts
 
@@ -252,11 +252,12 @@ class BlockReader:
             for fut in ahead.values():
                 fut.cancel()
 
-    def _read_spans(self, spans: np.ndarray) -> tuple[Any, list[np.ndarray]]:
-        """Decode the spans (through the caches) and concatenate them, labels included."""
+    def _read_spans(self, spans: np.ndarray, order: int = 0) -> tuple[Any, list[np.ndarray]]:
+        """Decode the spans (through the caches) and concatenate them, labels included;
+        ``order``: the unit's place in the pass."""
         st = self.store
         if not st.is_dense and len(spans) >= MANY_SPANS:
-            return self._read_many_spans(np.asarray(spans, np.int64).reshape(-1, 2))
+            return self._read_many_spans(np.asarray(spans, np.int64).reshape(-1, 2), order)
         labels = [
             cat_parts([cache.read(int(a), int(b), st.n_rows) for a, b in spans])
             for cache in self.label_caches
@@ -306,11 +307,11 @@ class BlockReader:
                 ahead.release()
         return DecodedRows(values, indices, ptr), labels
 
-    def _read_many_spans(self, spans: np.ndarray) -> tuple[Any, list[np.ndarray]]:
+    def _read_many_spans(self, spans: np.ndarray, order: int) -> tuple[Any, list[np.ndarray]]:
         """:meth:`_read_spans` for many short spans (a shuffled unit's blocks): each array's
         touched chunks are decoded once, those of one shard together, and every span's
         pieces copied out of them (:meth:`SharedChunkCache.gather_jobs`), not a span at a
-        time."""
+        time.  ``order``: the unit's place in the pass."""
         st = self.store
         lo_row, hi_row = spans[:, 0], spans[:, 1]
         lens = hi_row - lo_row
@@ -348,10 +349,13 @@ class BlockReader:
         indices = self.pool.take(cap, c_ind.arr.dtype)[:nnz]
         ranges = [(int(a), int(b)) for a, b in zip(first.tolist(), last.tolist(), strict=True)]
         ahead = prefetch_unit((c_val, c_ind), ranges)
+        jobs: list[Callable[[], None]] = []
         try:
-            self._run_jobs(c_val.gather_jobs(first, last, val_at, values, st.nnz)
-                           + c_ind.gather_jobs(first, last, val_at, indices, st.nnz))
+            jobs = (c_val.gather_jobs(first, last, val_at, values, st.nnz, order)
+                    + c_ind.gather_jobs(first, last, val_at, indices, st.nnz, order))
+            self._run_jobs(jobs)
         finally:
+            SharedChunkCache.release(jobs)
             if ahead is not None:
                 ahead.release()
         for i in range(lens.size):

@@ -1057,6 +1057,70 @@ def test_every_share_of_a_store_that_fits_mixes_like_a_permutation(tmp_path, wor
         [ld.epoch_rows(0) for ld in ranks])), np.arange(n))
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_units_decoded_at_once_still_decode_each_chunk_once(tmp_path, monkeypatch, workers):
+    """Units of many blocks, two or more in flight on different threads: the later one
+    reads its seam rows from the copy the earlier one keeps, waiting for that decode when
+    it is under way, so no chunk is decoded twice in a pass."""
+    import time
+
+    from sparsestore.chunks import ChunkDecoder
+    from sparsestore.reader import MANY_SPANS
+
+    store, X, y = _sorted_label_store(tmp_path, chunk_bytes=2048)
+    real = ChunkDecoder.decode_chunks
+
+    def slow(self, *args, **kwargs):  # decodes take long enough for units to overlap
+        time.sleep(0.001)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChunkDecoder, "decode_chunks", slow)
+    n_chunks = {a: -(-X.nnz // store.arrays[a].chunks[0]) for a in ("data", "indices")}
+    loader = DataLoader(store, batch_size=64, shuffle=True, seed=0, num_workers=workers,
+                        labels="y", shuffle_buffer_bytes=640 * 1024)
+    plan = loader._sampler_for_blocks().plan(0)
+    assert plan.n_units >= 3 and plan.blocks_per_unit.min() > 2 * MANY_SPANS
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        rows = check_pass(loader, X, y)
+        np.testing.assert_array_equal(np.sort(rows), np.arange(X.shape[0]))
+        for a, n in n_chunks.items():
+            assert loader.decoded_chunks[a] == n, (a, epoch)
+
+
+def test_a_damaged_chunk_fails_a_pass_of_units_in_flight_without_hanging(tmp_path):
+    """A unit that fails while a later one waits for its decodes releases that wait: the
+    pass raises the damage, every time, and its threads end."""
+    import threading
+
+    from sparsestore.errors import SparseStoreError
+
+    store, X, y = _sorted_label_store(tmp_path, chunk_bytes=2048)
+    kw = dict(batch_size=64, shuffle=True, seed=0, num_workers=2,
+              shuffle_buffer_bytes=640 * 1024)
+    n_chunks = store.arrays["data"].nchunks
+    for k in (1, n_chunks // 3, n_chunks // 2, n_chunks - 2):
+        chunk = tmp_path / "sorted.zarr" / "data" / "c" / str(k)
+        good = chunk.read_bytes()
+        chunk.write_bytes(good[:20] + bytes([good[20] ^ 0x5A]) + good[21:])
+        failed = []
+
+        def run(kw=kw, failed=failed) -> None:
+            try:
+                for _ in DataLoader(sparsestore.open(store.path), **kw):
+                    pass
+            except SparseStoreError as exc:
+                failed.append(exc)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), f"the pass hung with chunk {k} damaged"
+        assert failed, k
+        chunk.write_bytes(good)
+        assert not [t for t in threading.enumerate() if t.name.startswith("sparsestore-reader")]
+
+
 def test_shuffle_units_respect_the_byte_budget(tmp_path):
     store, X, y = _sorted_label_store(tmp_path)
     budget = 64 * 1024
