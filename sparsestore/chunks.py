@@ -187,16 +187,22 @@ def read_ranges(
             decoder.decode_chunks(plan.chunk_ids[js], stage[: js.size * c])
             plan.copy(js, stage, out)
 
-    w = max(1, min(int(workers), len(runs)))
+    on_threads(run, runs, workers, "sparsestore-ranges")
+    return out
+
+
+def on_threads(run: Any, items: list[Any], workers: int, name: str) -> None:
+    """``run`` on ``workers`` shares of ``items`` (dealt in turn): the caller's thread takes
+    one, short-lived threads the others; the first failure is raised."""
+    w = max(1, min(int(workers), len(items)))
     if w == 1:
-        run(runs)
-        return out
-    with ThreadPoolExecutor(max_workers=w - 1, thread_name_prefix="sparsestore-ranges") as ex:
-        futs = [ex.submit(run, runs[i::w]) for i in range(1, w)]
-        run(runs[0::w])
+        run(items)
+        return
+    with ThreadPoolExecutor(max_workers=w - 1, thread_name_prefix=name) as ex:
+        futs = [ex.submit(run, items[i::w]) for i in range(1, w)]
+        run(items[0::w])
         for f in futs:
             f.result()
-    return out
 
 
 # ------------------------------------------------------------------ direct chunk decoding
@@ -383,15 +389,7 @@ class ChunkDecoder:
                     for n, k in enumerate(ks[i:j]):
                         self.decode_into(k, part[n * c : (n + 1) * c], pool)
 
-        w = max(1, min(int(workers), len(runs))) if self.sharded is not None else 1
-        if w == 1:
-            decode(runs)
-            return
-        with ThreadPoolExecutor(max_workers=w - 1, thread_name_prefix="sparsestore-shards") as ex:
-            futs = [ex.submit(decode, runs[i::w]) for i in range(1, w)]
-            decode(runs[0::w])
-            for f in futs:
-                f.result()
+        on_threads(decode, runs, workers if self.sharded is not None else 1, "sparsestore-shards")
 
     def _decode_shard_chunks(self, ks: list[int], out: np.ndarray,
                              pool: BufferPool | None) -> bool:
