@@ -114,7 +114,9 @@ def test_a_pass_is_one_get_per_stored_chunk_and_concurrent(s3, stores, layout):
     url, _ = stores[layout]
     with LatencyProxy(s3.endpoint_url, 0.02) as proxy:
         store = sparsestore.open(url, storage_options=_through(s3, proxy))
-        objects = _stored_objects(store)
+        # Without labels= a pass reads no label chunk; a shuffled first pass's poor-mixing
+        # check reads each label whole, once.
+        objects = _value_objects(store) + store.arrays["indptr"].nchunks
         assert store.arrays["data"].nchunks >= 4  # several chunks, so there is a point
         decoded = store.nnz * 8 + store.n_rows * 8
         for shuffle in (False, True):
@@ -130,11 +132,10 @@ def test_a_pass_is_one_get_per_stored_chunk_and_concurrent(s3, stores, layout):
             by = counts["by_method"]
             assert by.get("HEAD", 0) == 0, proxy.log  # no HEAD before each GET
             # At most one GET per stored chunk, plus a few (units decoded side by side may
-            # race for a chunk they share): never a second GET per chunk, an index per
-            # inner chunk, or the chunk a later unit needs one row of.  A shuffled first
-            # pass also reads the labels once more, whole, for the poor-mixing check.
+            # race for a chunk they share; 5 seen on the 2-core CI box): never a second GET
+            # per chunk, an index per inner chunk, or the chunk a later unit needs one row of.
             check = store.labels["y"].array.nchunks if shuffle else 0
-            assert by["GET"] <= objects + check + 4, proxy.log
+            assert by["GET"] <= objects + check + 5, proxy.log
             # The chunks of a unit were requested together, not one after the other.
             assert counts["max_in_flight"] >= 4, counts
 
