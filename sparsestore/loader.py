@@ -182,9 +182,11 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling, 
         # A shuffled share that fits one unit stays decoded between passes (see reader.py).
         self._resident = ResidentUnit()
         # Decoded chunks and blocks reuse this memory pass after pass (see buffers.py).
-        work = self._working_set_bytes()
-        self._pool = BufferPool(max_free=4096, max_idle_bytes=work,
-                                max_bytes=work + BATCHES_POOLED * self._batch_bytes())
+        # All of it may wait idle between passes: a pass ends with everything it held idle,
+        # and releasing the excess (oldest first: a shuffled unit's blocks) only made the
+        # next pass allocate and page-fault it again.
+        pooled = self._working_set_bytes() + BATCHES_POOLED * self._batch_bytes()
+        self._pool = BufferPool(max_free=4096, max_bytes=pooled)
         self._options = dict(
             batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, labels=labels,
             sampler=sampler, batch_sampler=batch_sampler, rows=rows, columns=columns,

@@ -78,9 +78,10 @@ class MemorySizing:
     def _working_set_bytes(self) -> int:
         """Bytes a pass holds at once: units in flight plus the boundary-chunk caches.
 
-        The idle budget of the decode pool: a whole working set freed at once can wait
-        there for the next units, so a pass allocates nothing new once warm (what is
-        allocated beyond it would be freed and re-faulted, and fragments the heap).
+        With :data:`BATCHES_POOLED` batches, the decode pool's bound: a whole working set
+        freed at once can wait there for the next units, so a pass allocates nothing new
+        once warm (what is allocated beyond it would be freed and re-faulted, and
+        fragments the heap).
         Independent of the matrix size, so memory stays flat as the matrix grows.
         """
         st = self._store

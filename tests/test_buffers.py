@@ -355,3 +355,39 @@ def test_release_free_heap_trims_first_then_only_after_rss_grew(monkeypatch):
     assert not buffers.release_free_heap()
     rss[0] += 1
     assert buffers.release_free_heap() and trims == [0, 0, 0]
+
+
+def test_shuffled_passes_keep_their_unit_buffers(tmp_path):
+    """A pass ends with everything it held idle in the pool; the pool must keep it rather
+    than release the oldest blocks (a shuffled unit's) and page-fault them in again in
+    every later pass."""
+    n_rows, per_row = 300_000, 40
+    rng = np.random.default_rng(0)
+    indices = np.tile(np.arange(0, 2000, 2000 // per_row, dtype=np.int32), n_rows)
+    X = sp.csr_matrix((rng.random(n_rows * per_row, dtype=np.float32), indices,
+                       np.arange(0, n_rows * per_row + 1, per_row)), shape=(n_rows, 2000))
+    store = sparsestore.save(tmp_path / "u.zarr", X)  # 96 MB decoded: three 32 MiB units
+    loader = sparsestore.DataLoader(store, batch_size=4096, shuffle=True, seed=0,
+                                    shuffle_buffer_bytes=64 * 2**20)
+    unit_bytes = loader._unit_nnz() * 4  # a unit's values (or indices) array
+    pool, fresh = loader._pool, []
+    take = pool.take
+
+    def counting_take(shape, dtype):
+        made = pool.allocated
+        out = take(shape, dtype)
+        if pool.allocated > made:
+            fresh.append(out.nbytes)
+        return out
+
+    pool.take = counting_take
+    for epoch in range(3):
+        fresh.clear()
+        loader.set_epoch(epoch)
+        seen = np.sort(np.concatenate([b.rows for b in loader.iter_batches()]))
+        np.testing.assert_array_equal(seen, np.arange(n_rows))
+        if epoch == 0:
+            assert sum(n >= unit_bytes for n in fresh) >= 4  # two units in flight
+        else:
+            assert not [n for n in fresh if n >= unit_bytes], fresh
+
