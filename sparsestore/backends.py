@@ -26,8 +26,6 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import scipy.sparse as sp
-
 from .errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -105,10 +103,7 @@ class NumpyBackend(TwoStepBackend):
         if batch.dense is not None:
             x: Any = batch.dense
         else:
-            x = sp.csr_matrix(
-                (batch.values, batch.indices, batch.row_splits), shape=(batch.n_rows, batch.n_cols)
-            )
-            x.has_canonical_format = True  # the reader guarantees sorted, unique indices
+            x = batch.to_scipy()
         if loader.label_names:
             return (x, *batch.labels)
         return x

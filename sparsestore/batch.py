@@ -34,13 +34,25 @@ class Batch:
         return int(self.dense.size if self.dense is not None else self.values.size)
 
     def to_scipy(self) -> sp.csr_matrix:
-        """The batch as a scipy CSR matrix (canonical)."""
+        """The batch as a scipy CSR matrix (canonical) over the batch's own arrays.
+
+        Not built by ``csr_matrix((data, indices, indptr))``: its check copies any part
+        that is a view of under half its buffer, which every batch cut from a decoded
+        block is, into fresh memory, batch after batch.  A kept batch keeps its block
+        alive instead (the blocks a pass's batches share are those batches' rows).
+        Index arrays come out as scipy's constructor makes them: int32 where every index
+        fits, else int64.
+        """
         if self.dense is not None:
             return sp.csr_matrix(self.dense)
-        out = sp.csr_matrix(
-            (self.values, self.indices, self.row_splits), shape=(self.n_rows, self.n_cols)
-        )
-        out.has_canonical_format = True
+        values, indices, ptr = self.values, self.indices, self.row_splits
+        n_rows, n_cols = self.n_rows, self.n_cols
+        idt = np.int32 if max(n_rows, n_cols, values.size) < 2**31 else np.int64
+        out = sp.csr_matrix((n_rows, n_cols), dtype=values.dtype)
+        out.indptr = ptr.astype(idt, copy=False)
+        out.indices = indices.astype(idt, copy=False)
+        out.data = values
+        out.has_canonical_format = True  # the reader guarantees sorted, unique indices
         return out
 
     def slice(self, start: int, stop: int) -> Batch:

@@ -391,3 +391,24 @@ def test_shuffled_passes_keep_their_unit_buffers(tmp_path):
         else:
             assert not [n for n in fresh if n >= unit_bytes], fresh
 
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_a_scipy_batch_is_built_over_the_batch_arrays(index_dtype):
+    """scipy's own constructor copies a part that is a view of under half its buffer (a
+    batch cut from a decoded block always is); the batch's matrix must be the same one,
+    index dtypes included, over the batch's memory."""
+    from sparsestore.batch import Batch
+
+    X = sp.random(40, 30, density=0.2, format="csr", dtype=np.float32, random_state=5)
+    X[3] = 0  # an empty row
+    X.eliminate_zeros()
+    block_v = np.concatenate([X.data, np.ones(5 * X.nnz, np.float32)])
+    block_i = np.concatenate([X.indices, np.zeros(5 * X.nnz, np.int32)]).astype(index_dtype)
+    v, i, p = block_v[: X.nnz], block_i[: X.nnz], X.indptr.astype(np.int64)
+    got = Batch(v, i, p, None, (), np.arange(40), 30).to_scipy()
+    want = sp.csr_matrix((v, i, p), shape=(40, 30))
+    assert got.shape == want.shape and (got != X).nnz == 0
+    assert got.indices.dtype == want.indices.dtype and got.indptr.dtype == want.indptr.dtype
+    assert got.data.dtype == np.float32 and got.has_canonical_format
+    assert np.shares_memory(got.data, block_v) and not np.shares_memory(want.data, block_v)
+    np.testing.assert_array_equal(got @ np.arange(30.0), X @ np.arange(30.0))
