@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from .buffers import BufferPool
+
 
 @dataclass(frozen=True, eq=False)
 class Batch:
@@ -68,17 +70,26 @@ class Batch:
         )
 
     @staticmethod
-    def concat(parts: Sequence[Batch]) -> Batch:
-        """Rows of several batches, one after the other."""
+    def concat(parts: Sequence[Batch], pool: BufferPool | None = None) -> Batch:
+        """Rows of several batches, one after the other; values and indices (or the dense
+        block) into ``pool`` memory where one is given (fresh arrays page-fault)."""
         if len(parts) == 1:
             return parts[0]
         first = parts[0]
+
+        def joined(arrays: list[np.ndarray]) -> np.ndarray:
+            if pool is None:
+                return np.concatenate(arrays)
+            out = pool.take((sum(a.shape[0] for a in arrays), *arrays[0].shape[1:]),
+                            arrays[0].dtype)
+            return np.concatenate(arrays, out=out)
+
         labels = tuple(
             np.concatenate([p.labels[i] for p in parts]) for i in range(len(first.labels))
         )
         rows = np.concatenate([p.rows for p in parts])
         if first.dense is not None:
-            dense = np.concatenate([p.dense for p in parts])
+            dense = joined([p.dense for p in parts])
             return Batch(None, None, None, dense, labels, rows, first.n_cols)
         splits = [np.zeros(1, np.int64)]
         off = 0
@@ -86,8 +97,7 @@ class Batch:
             splits.append(p.row_splits[1:] + off)
             off += int(p.row_splits[-1])
         return Batch(
-            np.concatenate([p.values for p in parts]),
-            np.concatenate([p.indices for p in parts]),
+            joined([p.values for p in parts]), joined([p.indices for p in parts]),
             np.concatenate(splits), None, labels, rows, first.n_cols,
         )
 

@@ -482,12 +482,12 @@ class DataLoader(ResumableState, ShardedLoader, MemorySizing, ExplicitSampling, 
                         carried += n
                         if carried == bs:
                             emitted += 1
-                            yield Batch.concat(carry)
+                            yield Batch.concat(carry, self._pool)
                             carry, carried = [], 0
                     if emitted >= total:
                         return
             if carried and emitted < total:
-                yield Batch.concat(carry)
+                yield Batch.concat(carry, self._pool)
         finally:
             stream.close()
 

@@ -412,3 +412,27 @@ def test_a_scipy_batch_is_built_over_the_batch_arrays(index_dtype):
     assert got.data.dtype == np.float32 and got.has_canonical_format
     assert np.shares_memory(got.data, block_v) and not np.shares_memory(want.data, block_v)
     np.testing.assert_array_equal(got @ np.arange(30.0), X @ np.arange(30.0))
+
+
+def test_batches_joined_across_blocks_come_from_the_pool():
+    """A batch that straddles two decoded blocks is joined into pooled memory (equal to
+    numpy's own concatenation), dense and sparse alike."""
+    from sparsestore.batch import Batch
+
+    X = sp.random(30, 12, density=0.3, format="csr", dtype=np.float32, random_state=2)
+    whole = Batch(X.data, X.indices, X.indptr.astype(np.int64), None,
+                  (np.arange(30) % 4,), np.arange(30), 12)
+    pool = BufferPool()
+    for cuts in ([0, 7, 30], [0, 1, 2, 29, 30]):
+        parts = [whole.slice(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        made = pool.allocated
+        got = Batch.concat(parts, pool)
+        assert pool.allocated - made == 2  # values and indices
+        assert (got.to_scipy() != X).nnz == 0
+        np.testing.assert_array_equal(got.labels[0], np.arange(30) % 4)
+        np.testing.assert_array_equal(got.rows, np.arange(30))
+        np.testing.assert_array_equal(got.values, Batch.concat(parts).values)
+    dense = Batch(None, None, None, X.toarray(), (), np.arange(30), 12)
+    got = Batch.concat([dense.slice(0, 11), dense.slice(11, 30)], pool)
+    np.testing.assert_array_equal(got.dense, X.toarray())
+    assert got.dense.base is not None  # a pooled view, not a fresh array
