@@ -24,6 +24,7 @@ import tensorflow as tf
 from tensorflow.python.data.ops.from_generator_op import _GeneratorDataset
 
 from sparsestore.batch import Batch
+from sparsestore.buffers import restore_mmap_threshold
 from sparsestore.engine import OrderedMap
 from sparsestore.loader import DataLoader, Position
 from sparsestore.reader import THREAD_PREFIX
@@ -117,6 +118,9 @@ class _Passes:
         Its first batch is read here so that its length is known: the rest of the epoch
         after a ``load_state_dict``, else ``len(loader)``.
         """
+        # TensorFlow pinned glibc's mmap threshold when it built the dataset: without this,
+        # every chunk's Blosc scratch is a fresh mmap, page-faulted in (see buffers.py).
+        restore_mmap_threshold()
         gen = self.run()
         error: BaseException | None = None
         try:

@@ -145,16 +145,44 @@ class BufferPool:
 
 
 @functools.cache
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows)."""
-    name = ctypes.util.find_library("c")
+def _glibc(name: str, argtypes: tuple[Any, ...]) -> Any:
+    """glibc's function ``name`` (returning int), or None where the C library has none
+    (musl, macOS, Windows)."""
+    lib = ctypes.util.find_library("c")
     try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
+        fn = getattr(ctypes.CDLL(lib), name) if lib else None
     except (AttributeError, OSError):
         return None
-    if trim is not None:
-        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+    if fn is not None:
+        fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
+    return fn
+
+
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None."""
+    return _glibc("malloc_trim", (ctypes.c_size_t,))
+
+
+#: glibc's ``M_MMAP_THRESHOLD`` option, and the threshold set back: above Blosc's scratch
+#: (about two of a chunk's blocks: 1 MiB for the 512 KiB blocks of a 4 MiB chunk).
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 4 * 2**20
+
+
+def restore_mmap_threshold() -> bool:
+    """Serve ``malloc`` requests below 4 MiB from the C heap; a no-op without glibc.
+    Returns whether it was set.
+
+    glibc raises its mmap threshold (up to 32 MiB) as a program frees large blocks,
+    unless the program sets it.  TensorFlow pins it at 128 KiB when it builds a dataset
+    (its guard against heap fragmentation under Python 3.11): every larger ``malloc`` is
+    then a fresh ``mmap``, faulted in page by page and unmapped on ``free``, and Blosc
+    allocates its scratch on every chunk it decompresses.  Requests of 4 MiB and more
+    (large tensors) stay mapped as TensorFlow wants.  The TensorFlow adapter calls this
+    as each pass starts.
+    """
+    mallopt = _glibc("mallopt", (ctypes.c_int, ctypes.c_int))
+    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -198,4 +226,4 @@ def release_free_heap(force: bool = False) -> bool:
         return True
 
 
-__all__ = ["ALIGN", "BufferPool", "release_free_heap", "size_class"]
+__all__ = ["ALIGN", "BufferPool", "release_free_heap", "restore_mmap_threshold", "size_class"]

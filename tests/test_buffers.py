@@ -436,3 +436,35 @@ def test_batches_joined_across_blocks_come_from_the_pool():
     got = Batch.concat([dense.slice(0, 11), dense.slice(11, 30)], pool)
     np.testing.assert_array_equal(got.dense, X.toarray())
     assert got.dense.base is not None  # a pooled view, not a fresh array
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc and RUSAGE_THREAD")
+def test_restore_mmap_threshold_undoes_a_pinned_threshold():
+    """With the mmap threshold pinned at 128 KiB (as TensorFlow pins it), glibc maps every
+    larger request afresh; restore_mmap_threshold serves them from the heap again."""
+    from sparsestore import buffers
+
+    if buffers._malloc_trim() is None:
+        pytest.skip("not glibc")
+    code = """
+import ctypes, resource, threading, numpy as np
+from sparsestore import buffers
+def faults():
+    got = []
+    def work():
+        a = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        for _ in range(100):
+            x = np.empty(260 * 1024 // 8); x.fill(1.0); del x
+        got.append((resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - a) / 100)
+    t = threading.Thread(target=work); t.start(); t.join()
+    return got[0]
+ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD, as TensorFlow pins it
+pinned = faults()
+assert buffers.restore_mmap_threshold()
+print(pinned, faults())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pinned, restored = (float(v) for v in out.stdout.split())
+    assert pinned > 40 and restored < 8, (pinned, restored)
