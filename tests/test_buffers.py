@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -447,24 +448,16 @@ def test_restore_mmap_threshold_undoes_a_pinned_threshold():
     if buffers._malloc_trim() is None:
         pytest.skip("not glibc")
     code = """
-import ctypes, resource, threading, numpy as np
+import ctypes
+from page_faults import faults_per_alloc
 from sparsestore import buffers
-def faults():
-    got = []
-    def work():
-        a = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-        for _ in range(100):
-            x = np.empty(260 * 1024 // 8); x.fill(1.0); del x
-        got.append((resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - a) / 100)
-    t = threading.Thread(target=work); t.start(); t.join()
-    return got[0]
 ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD, as TensorFlow pins it
-pinned = faults()
+pinned = faults_per_alloc()
 assert buffers.restore_mmap_threshold()
-print(pinned, faults())
+print(pinned, faults_per_alloc())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, cwd=Path(__file__).parent)
     assert out.returncode == 0, out.stderr[-2000:]
     pinned, restored = (float(v) for v in out.stdout.split())
     assert pinned > 40 and restored < 8, (pinned, restored)

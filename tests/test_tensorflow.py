@@ -205,32 +205,13 @@ def test_host_pool_keeps_a_bounded_amount_of_idle_memory(small_store):
     assert 0 < pool.idle_bytes() <= pool.max_idle_bytes
 
 
-def _faults_per_alloc(nbytes: int = 260 * 1024, n: int = 100) -> float:
-    """Page faults per ``malloc``-and-touch of ``nbytes`` on a fresh thread (its own
-    arena): ~nbytes / 4096 when each is a fresh mmap, ~0 when served from the C heap."""
-    import resource
-
-    got = []
-
-    def work() -> None:
-        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-        for _ in range(n):
-            x = np.empty(nbytes // 8)
-            x.fill(1.0)
-            del x
-        got.append((resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before) / n)
-
-    t = threading.Thread(target=work)
-    t.start()
-    t.join()
-    return got[0]
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc and RUSAGE_THREAD")
 def test_a_pass_serves_blosc_sized_allocations_from_the_heap_again(small_store):
-    """Building the dataset pins glibc's mmap threshold at 128 KiB (TensorFlow sets a malloc
-    option): every larger malloc, such as Blosc's scratch on each chunk, would be a fresh
-    mmap faulted in page by page.  A pass restores glibc's own 32 MiB ceiling."""
+    """Building the dataset pins glibc's mmap threshold at 128 KiB (TensorFlow sets
+    M_MMAP_THRESHOLD): every larger malloc, such as Blosc's scratch on each chunk, would be
+    a fresh mmap faulted in page by page.  A pass sets the threshold back to 4 MiB."""
+    from page_faults import faults_per_alloc
+
     from sparsestore import buffers
 
     if buffers._malloc_trim() is None:
@@ -238,7 +219,7 @@ def test_a_pass_serves_blosc_sized_allocations_from_the_heap_again(small_store):
     store, _, _ = small_store
     ds = sstf.to_dataset(sparsestore.DataLoader(store, batch_size=64))
     next(iter(ds))
-    assert _faults_per_alloc() < 8  # a fresh mmap each time: 65
+    assert faults_per_alloc() < 8  # a fresh mmap each time: 65
 
 
 # ------------------------------------------------------------------ epochs
