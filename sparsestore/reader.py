@@ -126,11 +126,11 @@ class BlockReader:
             self.caches["data"] = SharedChunkCache(arrs["data"], cap, "data", pool)
             self.caches["indices"] = SharedChunkCache(arrs["indices"], cap, "indices", pool)
             self.caches["indptr"] = SharedChunkCache(
-                arrs["indptr"], _meta_capacity(arrs["indptr"]), "indptr", pool
+                arrs["indptr"], meta_capacity(arrs["indptr"]), "indptr", pool
             )
         self._labels = [store.labels[n] for n in self.label_names]
         self.label_caches = [
-            SharedChunkCache(lab.array, _meta_capacity(lab.array), f"labels/{lab.name}", self.pool)
+            SharedChunkCache(lab.array, meta_capacity(lab.array), f"labels/{lab.name}", self.pool)
             for lab in self._labels
         ]
 
@@ -496,9 +496,11 @@ class BlockReader:
                     ahead.release()
 
 
-def _meta_capacity(arr: Any) -> int:
+def meta_capacity(arr: Any) -> int:
+    """Chunks a row-metadata cache (row pointers, labels) holds: as many as fit in
+    ``ROW_META_CACHE_BYTES``, and at least four."""
     chunk_bytes = int(np.prod(arr.chunks)) * np.dtype(arr.dtype).itemsize
     return max(4, ROW_META_CACHE_BYTES // max(1, chunk_bytes))
 
 
-__all__ = ["BlockReader", "ResidentUnit", "SharedChunkCache", "THREAD_PREFIX"]
+__all__ = ["BlockReader", "ResidentUnit", "SharedChunkCache", "THREAD_PREFIX", "meta_capacity"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .chunks import read_rows, read_slice
-from .reader import ROW_META_CACHE_BYTES
+from .reader import ROW_META_CACHE_BYTES, meta_capacity
 from .sampler import DEFAULT_MAX_BLOCK_ROWS, bounds_from_indptr, fixed_bounds
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ class MemorySizing:
     _block_rows: int | None
     _sampler: object
     _batch_sampler: object
+    _label_names: tuple[str, ...]
 
     def _entry_bytes(self) -> int:
         """Decoded bytes of one stored value of a sparse store: the value and its column."""
@@ -76,7 +77,8 @@ class MemorySizing:
         return int(self._batch_size * self._row_bytes())
 
     def _working_set_bytes(self) -> int:
-        """Bytes a pass holds at once: units in flight plus the boundary-chunk caches.
+        """Bytes a pass holds at once: units in flight plus what its caches and decoding
+        threads hold (:meth:`_cache_bytes`).
 
         With :data:`BATCHES_POOLED` batches, the decode pool's bound: a whole working set
         freed at once can wait there for the next units, so a pass allocates nothing new
@@ -84,23 +86,46 @@ class MemorySizing:
         fragments the heap).
         Independent of the matrix size, so memory stays flat as the matrix grows.
         """
-        st = self._store
-        if st.is_dense:
-            arr = st.arrays["X"]
-            chunk = int(np.prod(arr.chunks)) * arr.dtype.itemsize
-        else:
-            chunk = int(st.arrays["data"].chunks[0]) * self._entry_bytes()
-        caches = (2 * max(1, self._num_workers) + 2) * chunk
+        caches = self._cache_bytes()
         if self._shuffle and self._buffer_bytes is not None:
             return max(32 * 2**20, self._buffer_bytes + caches)
         if self._sampler is not None or self._batch_sampler is not None:
             # One group of batches consumed, one decoded (see explicit_samplers).
             return max(32 * 2**20, 2 * SAMPLER_READ_BYTES + caches)
-        unit = chunk * self._block_chunks
+        unit = self._chunk_bytes() * self._block_chunks
         if self._shuffle:
             unit *= self._buffer_blocks  # its batches are gathered as they are consumed
         in_flight = self._prefetch + max(1, self._num_workers) + 1
         return max(32 * 2**20, in_flight * unit + caches)
+
+    def _chunk_bytes(self) -> int:
+        """Decoded bytes of one chunk of rows' values (a sparse store's: with their columns)."""
+        st = self._store
+        if st.is_dense:
+            arr = st.arrays["X"]
+            return int(np.prod(arr.chunks)) * arr.dtype.itemsize
+        return int(st.arrays["data"].chunks[0]) * self._entry_bytes()
+
+    def _cache_bytes(self) -> int:
+        """Decoded chunks a pass's caches hold at most (two boundary chunks per decoding
+        thread, and slack; row pointers' and labels' chunks up to their caches' room), and
+        a compressed chunk per decoding thread and the consumer's: all of it pool memory."""
+        st = self._store
+        threads = max(1, self._num_workers)
+        chunk = self._chunk_bytes()
+        # The largest compressed chunk: at most its decoded bytes (Blosc stores what does
+        # not compress as it is), one array's.
+        stored = chunk if st.is_dense else int(st.arrays["data"].chunks[0]) * max(
+            st.arrays["data"].dtype.itemsize, st.arrays["indices"].dtype.itemsize)
+        metas = [] if st.is_dense else [st.arrays["indptr"]]
+        metas += [st.labels[name].array for name in self._label_names]
+        meta = 0
+        for arr in metas:
+            rows = int(arr.chunks[0])
+            row_bytes = int(np.prod(arr.chunks[1:], dtype=np.int64)) * arr.dtype.itemsize
+            n_chunks = -(-int(arr.shape[0]) // max(1, rows))
+            meta += min(meta_capacity(arr), n_chunks) * rows * row_bytes
+        return (2 * threads + 2) * chunk + meta + (threads + 1) * stored
 
     def _plan_bounds(self) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray] | None]:
         """Block boundaries; for a byte-budgeted shuffle, each block's decoded bytes

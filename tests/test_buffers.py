@@ -361,17 +361,21 @@ def test_release_free_heap_trims_first_then_only_after_rss_grew(monkeypatch):
 def test_shuffled_passes_keep_their_unit_buffers(tmp_path):
     """A pass ends with everything it held idle in the pool; the pool must keep it rather
     than release the oldest blocks (a shuffled unit's) and page-fault them in again in
-    every later pass."""
+    every later pass.  Its bound must cover all a pass holds at once, the caches of row
+    pointers and labels and the compressed chunks being decoded included: a pass that
+    outgrows it sheds idle blocks, unit blocks among them, as it goes."""
     n_rows, per_row = 300_000, 40
     rng = np.random.default_rng(0)
     indices = np.tile(np.arange(0, 2000, 2000 // per_row, dtype=np.int32), n_rows)
     X = sp.csr_matrix((rng.random(n_rows * per_row, dtype=np.float32), indices,
                        np.arange(0, n_rows * per_row + 1, per_row)), shape=(n_rows, 2000))
-    store = sparsestore.save(tmp_path / "u.zarr", X)  # 96 MB decoded: three 32 MiB units
+    # 96 MB decoded: three 32 MiB units
+    store = sparsestore.save(tmp_path / "u.zarr", X, labels={
+        "y": np.arange(n_rows) // 1000, "w": rng.random(n_rows)})
     loader = sparsestore.DataLoader(store, batch_size=4096, shuffle=True, seed=0,
-                                    shuffle_buffer_bytes=64 * 2**20)
+                                    shuffle_buffer_bytes=64 * 2**20, labels=["y", "w"])
     unit_bytes = loader._unit_nnz() * 4  # a unit's values (or indices) array
-    pool, fresh = loader._pool, []
+    pool, fresh, peak = loader._pool, [], [0]
     take = pool.take
 
     def counting_take(shape, dtype):
@@ -379,6 +383,7 @@ def test_shuffled_passes_keep_their_unit_buffers(tmp_path):
         out = take(shape, dtype)
         if pool.allocated > made:
             fresh.append(out.nbytes)
+        peak[0] = max(peak[0], pool._in_use)
         return out
 
     pool.take = counting_take
@@ -387,6 +392,7 @@ def test_shuffled_passes_keep_their_unit_buffers(tmp_path):
         loader.set_epoch(epoch)
         seen = np.sort(np.concatenate([b.rows for b in loader.iter_batches()]))
         np.testing.assert_array_equal(seen, np.arange(n_rows))
+        assert peak[0] <= pool.max_bytes
         if epoch == 0:
             assert sum(n >= unit_bytes for n in fresh) >= 4  # two units in flight
         else:
@@ -461,3 +467,4 @@ print(pinned, faults_per_alloc())
     assert out.returncode == 0, out.stderr[-2000:]
     pinned, restored = (float(v) for v in out.stdout.split())
     assert pinned > 40 and restored < 8, (pinned, restored)
+
