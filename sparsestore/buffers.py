@@ -14,7 +14,6 @@ of it) any more, so callers never "give back" and a batch a user keeps stays val
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import math
 import os
@@ -148,13 +147,14 @@ class BufferPool:
 def _glibc(name: str, argtypes: tuple[Any, ...]) -> Any:
     """glibc's function ``name`` (returning int), or None where the C library has none
     (musl, macOS, Windows)."""
-    lib = ctypes.util.find_library("c")
     try:
-        fn = getattr(ctypes.CDLL(lib), name) if lib else None
-    except (AttributeError, OSError):
+        # The symbols the process has loaded, libc's among them: no ``find_library``,
+        # which runs ``ldconfig`` and fails while the interpreter shuts down (a pass
+        # closed then still trims).
+        fn = getattr(ctypes.CDLL(None), name)
+    except (AttributeError, OSError, TypeError):
         return None
-    if fn is not None:
-        fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
+    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
     return fn
 
 

@@ -468,3 +468,20 @@ print(pinned, faults_per_alloc())
     pinned, restored = (float(v) for v in out.stdout.split())
     assert pinned > 40 and restored < 8, (pinned, restored)
 
+
+def test_a_pass_left_open_at_exit_closes_quietly(tmp_path):
+    """A pass the program never finished is closed while the interpreter shuts down; its
+    heap upkeep must not need imports then (a traceback at every such exit)."""
+    script = tmp_path / "left_open.py"
+    script.write_text(
+        "import numpy as np, scipy.sparse as sp, sparsestore\n"
+        "X = sp.random(2000, 50, density=0.1, format='csr', random_state=0, dtype=np.float32)\n"
+        f"s = sparsestore.save({str(tmp_path / 'a.zarr')!r}, X)\n"
+        "it = iter(sparsestore.DataLoader(s, batch_size=10, shuffle=True, seed=0)"
+        ".iter_batches())\n"
+        "print(next(it).n_rows)\n")
+    done = subprocess.run([sys.executable, "-W", "ignore", str(script)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "10", done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, \
+        done.stderr
