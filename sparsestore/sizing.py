@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .chunks import read_rows, read_slice
+from .chunks import ChunkDecoder, read_rows, read_slice
 from .reader import ROW_META_CACHE_BYTES, meta_capacity
 from .sampler import DEFAULT_MAX_BLOCK_ROWS, bounds_from_indptr, fixed_bounds
 
@@ -109,14 +109,20 @@ class MemorySizing:
     def _cache_bytes(self) -> int:
         """Decoded chunks a pass's caches hold at most (two boundary chunks per decoding
         thread, and slack; row pointers' and labels' chunks up to their caches' room), and
-        a compressed chunk per decoding thread and the consumer's: all of it pool memory."""
+        what each decoding thread and the consumer's hold while they decode: a compressed
+        chunk and the chunks of one stored object (a shard's, up to ``STAGE_BYTES``) that a
+        shuffled unit's gather decodes together.  All of it is pool memory."""
         st = self._store
         threads = max(1, self._num_workers)
         chunk = self._chunk_bytes()
-        # The largest compressed chunk: at most its decoded bytes (Blosc stores what does
-        # not compress as it is), one array's.
-        stored = chunk if st.is_dense else int(st.arrays["data"].chunks[0]) * max(
-            st.arrays["data"].dtype.itemsize, st.arrays["indices"].dtype.itemsize)
+        values = ["X"] if st.is_dense else ["data", "indices"]
+        # Per array: a compressed chunk (at most its decoded bytes: Blosc stores what does
+        # not compress as it is) and a gather's stage.
+        stored = stage = 0
+        for name in values:
+            dec = ChunkDecoder(st.arrays[name], name)
+            one = dec.chunk * dec.row_bytes
+            stored, stage = max(stored, one), max(stage, dec.group_chunks() * one)
         metas = [] if st.is_dense else [st.arrays["indptr"]]
         metas += [st.labels[name].array for name in self._label_names]
         meta = 0
@@ -125,7 +131,7 @@ class MemorySizing:
             row_bytes = int(np.prod(arr.chunks[1:], dtype=np.int64)) * arr.dtype.itemsize
             n_chunks = -(-int(arr.shape[0]) // max(1, rows))
             meta += min(meta_capacity(arr), n_chunks) * rows * row_bytes
-        return (2 * threads + 2) * chunk + meta + (threads + 1) * stored
+        return (2 * threads + 2) * chunk + meta + (threads + 1) * (stored + stage)
 
     def _plan_bounds(self) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray] | None]:
         """Block boundaries; for a byte-budgeted shuffle, each block's decoded bytes

@@ -358,12 +358,15 @@ def test_release_free_heap_trims_first_then_only_after_rss_grew(monkeypatch):
     assert buffers.release_free_heap() and trims == [0, 0, 0]
 
 
-def test_shuffled_passes_keep_their_unit_buffers(tmp_path):
+@pytest.mark.parametrize("layout", [{}, {"chunk_bytes": 2**17, "shard_bytes": 8 * 2**20}],
+                         ids=["chunks", "shards"])
+def test_shuffled_passes_keep_their_unit_buffers(tmp_path, layout):
     """A pass ends with everything it held idle in the pool; the pool must keep it rather
     than release the oldest blocks (a shuffled unit's) and page-fault them in again in
     every later pass.  Its bound must cover all a pass holds at once, the caches of row
-    pointers and labels and the compressed chunks being decoded included: a pass that
-    outgrows it sheds idle blocks, unit blocks among them, as it goes."""
+    pointers and labels, the compressed chunks being decoded and the shards a gather
+    decodes together included: a pass that outgrows it sheds idle blocks, unit blocks
+    among them, as it goes."""
     n_rows, per_row = 300_000, 40
     rng = np.random.default_rng(0)
     indices = np.tile(np.arange(0, 2000, 2000 // per_row, dtype=np.int32), n_rows)
@@ -371,8 +374,9 @@ def test_shuffled_passes_keep_their_unit_buffers(tmp_path):
                        np.arange(0, n_rows * per_row + 1, per_row)), shape=(n_rows, 2000))
     # 96 MB decoded: three 32 MiB units
     store = sparsestore.save(tmp_path / "u.zarr", X, labels={
-        "y": np.arange(n_rows) // 1000, "w": rng.random(n_rows)})
-    loader = sparsestore.DataLoader(store, batch_size=4096, shuffle=True, seed=0,
+        "y": np.arange(n_rows) // 1000, "w": rng.random(n_rows)}, **layout)
+    # Small batches: the pool's allowance for batches held leaves no room to spare.
+    loader = sparsestore.DataLoader(store, batch_size=512, shuffle=True, seed=0,
                                     shuffle_buffer_bytes=64 * 2**20, labels=["y", "w"])
     unit_bytes = loader._unit_nnz() * 4  # a unit's values (or indices) array
     pool, fresh, peak = loader._pool, [], [0]
