@@ -142,6 +142,12 @@ class BufferPool:
             self._drain()
             return self._idle
 
+    def in_use_bytes(self) -> int:
+        """Bytes of the blocks handed out and not yet returned."""
+        with self._lock:
+            self._drain()
+            return self._in_use
+
 
 @functools.cache
 def _glibc(name: str, argtypes: tuple[Any, ...]) -> Any:

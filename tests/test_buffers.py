@@ -92,8 +92,13 @@ def test_pool_keeps_in_use_plus_idle_within_max_bytes():
     assert pool.idle_bytes() >= 2 << 20  # nothing in use: two 1 MiB blocks wait
     held = [pool.take(600_000, np.uint8) for _ in range(3)]  # other sizes: fresh blocks
     assert pool.idle_bytes() + sum(a.nbytes for a in held) <= (3 << 20) + 4 * 70_000
+    block = size_class(600_000) + ALIGN
+    assert pool.in_use_bytes() == 3 * block
+    part = held[0][:10]
     del held
-    assert pool.idle_bytes() <= 3 << 20
+    assert pool.in_use_bytes() == block  # a view keeps its block in use
+    del part
+    assert pool.in_use_bytes() == 0 and pool.idle_bytes() <= 3 << 20
 
 
 @pytest.mark.filterwarnings("ignore::sparsestore.errors.ShuffleQualityWarning")
@@ -387,7 +392,7 @@ def test_shuffled_passes_keep_their_unit_buffers(tmp_path, layout):
         out = take(shape, dtype)
         if pool.allocated > made:
             fresh.append(out.nbytes)
-        peak[0] = max(peak[0], pool._in_use)
+        peak[0] = max(peak[0], pool.in_use_bytes())
         return out
 
     pool.take = counting_take
