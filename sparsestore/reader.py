@@ -114,11 +114,7 @@ class BlockReader:
         self.prefetch = max(1, int(prefetch))
         self.n_cols = store.n_cols if columns is None else columns.n_cols
         self._span_ex: ThreadPoolExecutor | None = None  # set while a pass streams
-        # Units are decoded in order by ``num_workers`` threads and each caches only its two
-        # boundary chunks, so a chunk shared by units u and u+1 is still cached when u+1 asks
-        # for it with room for two chunks per running unit (plus slack).  Every cached chunk
-        # is resident memory, so no more than that.
-        cap = 2 * max(1, self.num_workers) + 2
+        cap = boundary_capacity(self.num_workers)
         self.caches: dict[str, SharedChunkCache] = {}
         if not store.is_dense:
             arrs = store.arrays
@@ -126,11 +122,11 @@ class BlockReader:
             self.caches["data"] = SharedChunkCache(arrs["data"], cap, "data", pool)
             self.caches["indices"] = SharedChunkCache(arrs["indices"], cap, "indices", pool)
             self.caches["indptr"] = SharedChunkCache(
-                arrs["indptr"], meta_capacity(arrs["indptr"]), "indptr", pool
+                arrs["indptr"], _meta_capacity(arrs["indptr"]), "indptr", pool
             )
         self._labels = [store.labels[n] for n in self.label_names]
         self.label_caches = [
-            SharedChunkCache(lab.array, meta_capacity(lab.array), f"labels/{lab.name}", self.pool)
+            SharedChunkCache(lab.array, _meta_capacity(lab.array), f"labels/{lab.name}", self.pool)
             for lab in self._labels
         ]
 
@@ -496,11 +492,33 @@ class BlockReader:
                     ahead.release()
 
 
-def meta_capacity(arr: Any) -> int:
+def boundary_capacity(num_workers: int) -> int:
+    """Chunks a ``data`` / ``indices`` cache holds.
+
+    Units are decoded in order by ``num_workers`` threads and each caches only its two
+    boundary chunks, so a chunk shared by units u and u+1 is still cached when u+1 asks
+    for it with room for two chunks per running unit (plus slack).  Every cached chunk is
+    resident memory, so no more than that.
+    """
+    return 2 * max(1, int(num_workers)) + 2
+
+
+def _chunk_nbytes(arr: Any) -> int:
+    return int(np.prod(arr.chunks)) * np.dtype(arr.dtype).itemsize
+
+
+def _meta_capacity(arr: Any) -> int:
     """Chunks a row-metadata cache (row pointers, labels) holds: as many as fit in
     ``ROW_META_CACHE_BYTES``, and at least four."""
-    chunk_bytes = int(np.prod(arr.chunks)) * np.dtype(arr.dtype).itemsize
-    return max(4, ROW_META_CACHE_BYTES // max(1, chunk_bytes))
+    return max(4, ROW_META_CACHE_BYTES // max(1, _chunk_nbytes(arr)))
 
 
-__all__ = ["BlockReader", "ResidentUnit", "SharedChunkCache", "THREAD_PREFIX", "meta_capacity"]
+def meta_cache_bytes(arr: Any) -> int:
+    """Decoded bytes a row-metadata cache of ``arr`` holds at most: its capacity, or all
+    of the array's chunks when it has fewer."""
+    n_chunks = -(-int(arr.shape[0]) // max(1, int(arr.chunks[0])))
+    return min(_meta_capacity(arr), n_chunks) * _chunk_nbytes(arr)
+
+
+__all__ = ["BlockReader", "ResidentUnit", "SharedChunkCache", "THREAD_PREFIX", "boundary_capacity",
+           "meta_cache_bytes"]

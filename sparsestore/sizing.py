@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .chunks import ChunkDecoder, read_rows, read_slice
-from .reader import ROW_META_CACHE_BYTES, meta_capacity
+from .reader import ROW_META_CACHE_BYTES, boundary_capacity, meta_cache_bytes
 from .sampler import DEFAULT_MAX_BLOCK_ROWS, bounds_from_indptr, fixed_bounds
 
 if TYPE_CHECKING:
@@ -125,13 +125,8 @@ class MemorySizing:
             stored, stage = max(stored, one), max(stage, dec.group_chunks() * one)
         metas = [] if st.is_dense else [st.arrays["indptr"]]
         metas += [st.labels[name].array for name in self._label_names]
-        meta = 0
-        for arr in metas:
-            rows = int(arr.chunks[0])
-            row_bytes = int(np.prod(arr.chunks[1:], dtype=np.int64)) * arr.dtype.itemsize
-            n_chunks = -(-int(arr.shape[0]) // max(1, rows))
-            meta += min(meta_capacity(arr), n_chunks) * rows * row_bytes
-        return (2 * threads + 2) * chunk + meta + (threads + 1) * (stored + stage)
+        meta = sum(meta_cache_bytes(arr) for arr in metas)
+        return boundary_capacity(threads) * chunk + meta + (threads + 1) * (stored + stage)
 
     def _plan_bounds(self) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray] | None]:
         """Block boundaries; for a byte-budgeted shuffle, each block's decoded bytes
